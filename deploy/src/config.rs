@@ -1,0 +1,461 @@
+//! `rack.toml`: the one file an operator edits on a rack.
+//!
+//! Every field is documented, every table has a `Default` that works on one
+//! machine, and unknown keys are rejected so that a typo never silently turns
+//! into a default. [`RackConfig::load`] parses *and* validates; its errors
+//! name the offending field so `fieldrack` can exit 64 with a useful message.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{validate_rack_name, Role};
+
+/// The name of the file holding the admin API bearer token, beside `rack.toml`.
+pub const API_TOKEN_FILE: &str = "api-token";
+
+/// A whole `rack.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RackConfig {
+    /// The rack's name, unique in its fleet (`[a-z0-9-]`, at most 32 chars).
+    pub rack: String,
+    /// `rack` runs appliances and stores volumes; `witness` only votes and relays.
+    #[serde(default)]
+    pub role: Role,
+    /// Failure domain: copies of data go to distinct sites when possible.
+    #[serde(default = "default_site")]
+    pub site: String,
+    /// Which fleet this rack belongs to, and the key that signs its members.
+    pub fleet: FleetRef,
+    /// Local state directory (sled store). Relative paths are relative to
+    /// the directory holding `rack.toml`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The rack's libp2p identity key (protobuf encoding, mode 0600).
+    #[serde(default = "default_identity_key")]
+    pub identity_key: PathBuf,
+    /// The rack's fleet certificate, signed by the fleet key.
+    #[serde(default = "default_certificate")]
+    pub certificate: PathBuf,
+    /// The libp2p mesh: listen addresses, bootstrap peers, discovery.
+    #[serde(default)]
+    pub mesh: MeshConfig,
+    /// SWIM failure-detector timings.
+    #[serde(default)]
+    pub membership: MembershipConfig,
+    /// The admin HTTP API.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Where the rack's power telemetry comes from.
+    #[serde(default)]
+    pub power: PowerConfig,
+    /// What this rack can host; gossiped to the fleet.
+    #[serde(default)]
+    pub capacity: Capacity,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[fleet]`: the fleet this rack trusts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetRef {
+    /// Fleet name; part of every certificate, so two fleets never mix.
+    pub name: String,
+    /// The fleet's ed25519 public key, base64 (standard, padded).
+    pub public_key: String,
+}
+
+/// `[mesh]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// libp2p listen multiaddrs (QUIC), e.g. `/ip4/0.0.0.0/udp/7400/quic-v1`.
+    pub listen: Vec<String>,
+    /// Static peers for routed radio links where multicast does not reach.
+    /// May end in `/p2p/<peer id>`.
+    pub bootstrap: Vec<String>,
+    /// Discover fleet peers on the local segment with mDNS (DNS-SD).
+    pub mdns: bool,
+    /// A peer that has not presented a valid fleet certificate this long
+    /// after connecting is disconnected.
+    pub admission_timeout_ms: u64,
+    /// Upper bound on established connections (all peers).
+    pub max_connections: u32,
+    /// Upper bound on connections per peer.
+    pub max_connections_per_peer: u32,
+    /// QUIC idle timeout: how long a silent link (a radio fade) is tolerated
+    /// before the connection is dropped. libp2p's default of 10 s is too short.
+    pub idle_timeout_ms: u64,
+    /// First reconnect delay; doubles per failure up to `reconnect_max_ms`.
+    pub reconnect_initial_ms: u64,
+    /// Cap on the reconnect delay.
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["/ip4/0.0.0.0/udp/7400/quic-v1".into()],
+            bootstrap: Vec::new(),
+            mdns: true,
+            admission_timeout_ms: 3_000,
+            max_connections: 256,
+            max_connections_per_peer: 2,
+            idle_timeout_ms: 30_000,
+            reconnect_initial_ms: 500,
+            reconnect_max_ms: 30_000,
+        }
+    }
+}
+
+/// `[membership]`: SWIM timings. Defaults detect a SIGKILLed rack as dead
+/// within about 7 s (probe cycle + indirect probes + suspicion).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MembershipConfig {
+    /// Period of the probe round (one direct probe per round).
+    pub probe_interval_ms: u64,
+    /// Wait this long for a direct ack before asking others to probe.
+    pub probe_timeout_ms: u64,
+    /// How many other racks are asked to probe indirectly.
+    pub indirect_probes: usize,
+    /// How long a suspect rack has to refute before it is declared dead.
+    pub suspect_timeout_ms: u64,
+    /// How many gossip updates ride on each message.
+    pub max_piggyback: usize,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        Self {
+            probe_interval_ms: 1_000,
+            probe_timeout_ms: 500,
+            indirect_probes: 3,
+            suspect_timeout_ms: 4_000,
+            max_piggyback: 16,
+        }
+    }
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// `host:port` of the admin HTTP API.
+    pub listen: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7480".into(),
+        }
+    }
+}
+
+/// `[power]`: where power telemetry comes from. At most one of `nut`,
+/// `file`, `command` may be set; none means "grid, healthy".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PowerConfig {
+    /// Network UPS Tools server (`upsd`).
+    pub nut: Option<NutConfig>,
+    /// A JSON file written by a generator controller, re-read every poll.
+    pub file: Option<PathBuf>,
+    /// A command printing the same JSON on stdout, run every poll.
+    pub command: Option<Vec<String>>,
+    /// How often telemetry is read.
+    pub poll_interval_ms: u64,
+    /// The rack is `dying` when battery runtime falls below this.
+    pub dying_runtime_s: u64,
+}
+
+impl Default for PowerConfig {
+    fn default() -> Self {
+        Self {
+            nut: None,
+            file: None,
+            command: None,
+            poll_interval_ms: 2_000,
+            dying_runtime_s: 300,
+        }
+    }
+}
+
+/// `[power.nut]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NutConfig {
+    /// `host:port` of upsd; port 3493 is NUT's.
+    #[serde(default = "default_nut_addr")]
+    pub addr: String,
+    /// The UPS name as configured in `ups.conf`.
+    pub ups: String,
+    /// Optional upsd credentials (only needed if upsd requires them).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password for `username`.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// `[capacity]`: zero means "detect from this machine".
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Capacity {
+    /// CPU cores offered to appliances.
+    pub cpus: u32,
+    /// Memory offered to appliances, MiB.
+    pub memory_mb: u64,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `plain` (human) or `json` (one object per line).
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `mesh=debug,info`; `RUST_LOG` wins.
+    pub level: Option<String>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+fn default_site() -> String {
+    "default".into()
+}
+fn default_data_dir() -> PathBuf {
+    "data".into()
+}
+fn default_identity_key() -> PathBuf {
+    "identity.key".into()
+}
+fn default_certificate() -> PathBuf {
+    "rack.cert".into()
+}
+fn default_nut_addr() -> String {
+    "127.0.0.1:3493".into()
+}
+
+/// Why a `rack.toml` was refused. Always names the field.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TOML syntax or type error (the message names the key and line).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, which names the key.
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("{path}: invalid `{field}`: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Dotted field name, e.g. `mesh.listen[0]`.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl RackConfig {
+    /// Parse and validate `text`; `path` is only used in messages.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] or [`ConfigError::Invalid`], naming the field.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: RackConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        config
+            .validate()
+            .map_err(|(field, reason)| ConfigError::Invalid {
+                path: path.to_owned(),
+                field,
+                reason,
+            })?;
+        Ok(config)
+    }
+
+    /// Read, parse and validate a `rack.toml`, and make its relative paths
+    /// absolute (relative to the file's directory).
+    ///
+    /// # Errors
+    /// See [`ConfigError`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        let dir = config_dir(path);
+        for p in [
+            &mut config.data_dir,
+            &mut config.identity_key,
+            &mut config.certificate,
+        ] {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        if let Some(file) = config.power.file.as_mut() {
+            if file.is_relative() {
+                *file = dir.join(&*file);
+            }
+        }
+        Ok(config)
+    }
+
+    /// The parsed API listen address (validated by [`RackConfig::parse`]).
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api
+            .listen
+            .parse()
+            .expect("validated by RackConfig::parse")
+    }
+
+    /// Serialize back to TOML (used by provisioning).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("RackConfig always serializes")
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |field: &str, reason: String| Err((field.to_string(), reason));
+        if let Err(e) = validate_rack_name(&self.rack) {
+            return bad("rack", e.to_string());
+        }
+        if self.site.is_empty() {
+            return bad("site", "must not be empty".into());
+        }
+        if self.fleet.name.is_empty() {
+            return bad("fleet.name", "must not be empty".into());
+        }
+        if let Err(e) = crate::cert::decode_public_key(&self.fleet.public_key) {
+            return bad("fleet.public_key", e.to_string());
+        }
+        if self.mesh.listen.is_empty() {
+            return bad(
+                "mesh.listen",
+                "at least one listen address is needed".into(),
+            );
+        }
+        for (i, a) in self.mesh.listen.iter().enumerate() {
+            if let Err(e) = crate::parse_quic_multiaddr(a) {
+                return bad(&format!("mesh.listen[{i}]"), e);
+            }
+        }
+        for (i, a) in self.mesh.bootstrap.iter().enumerate() {
+            if let Err(e) = crate::parse_quic_multiaddr(a) {
+                return bad(&format!("mesh.bootstrap[{i}]"), e);
+            }
+        }
+        for (field, v) in [
+            ("mesh.admission_timeout_ms", self.mesh.admission_timeout_ms),
+            ("mesh.idle_timeout_ms", self.mesh.idle_timeout_ms),
+            ("mesh.reconnect_initial_ms", self.mesh.reconnect_initial_ms),
+            ("mesh.reconnect_max_ms", self.mesh.reconnect_max_ms),
+            (
+                "membership.probe_interval_ms",
+                self.membership.probe_interval_ms,
+            ),
+            (
+                "membership.probe_timeout_ms",
+                self.membership.probe_timeout_ms,
+            ),
+            (
+                "membership.suspect_timeout_ms",
+                self.membership.suspect_timeout_ms,
+            ),
+            ("power.poll_interval_ms", self.power.poll_interval_ms),
+        ] {
+            if v == 0 {
+                return bad(field, "must be greater than 0".into());
+            }
+        }
+        if self.mesh.max_connections == 0 {
+            return bad("mesh.max_connections", "must be greater than 0".into());
+        }
+        if self.mesh.max_connections_per_peer == 0 {
+            return bad(
+                "mesh.max_connections_per_peer",
+                "must be greater than 0".into(),
+            );
+        }
+        if self.mesh.reconnect_max_ms < self.mesh.reconnect_initial_ms {
+            return bad(
+                "mesh.reconnect_max_ms",
+                "must be at least mesh.reconnect_initial_ms".into(),
+            );
+        }
+        if self.membership.probe_timeout_ms >= self.membership.probe_interval_ms {
+            return bad(
+                "membership.probe_timeout_ms",
+                "must be shorter than membership.probe_interval_ms".into(),
+            );
+        }
+        if self.membership.max_piggyback == 0 {
+            return bad("membership.max_piggyback", "must be greater than 0".into());
+        }
+        if let Err(e) = self.api.listen.parse::<SocketAddr>() {
+            return bad("api.listen", format!("expected host:port ({e})"));
+        }
+        let sources = [
+            self.power.nut.is_some(),
+            self.power.file.is_some(),
+            self.power.command.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() > 1 {
+            return bad(
+                "power",
+                "set at most one of power.nut, power.file, power.command".into(),
+            );
+        }
+        if let Some(nut) = &self.power.nut {
+            if nut.ups.is_empty() {
+                return bad("power.nut.ups", "must not be empty".into());
+            }
+            if nut.addr.is_empty() {
+                return bad("power.nut.addr", "must not be empty".into());
+            }
+        }
+        if let Some(cmd) = &self.power.command {
+            if cmd.is_empty() {
+                return bad("power.command", "must name a program".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The directory holding a config file (`.` for a bare file name).
+pub fn config_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}

@@ -1,0 +1,22 @@
+//! The fleet mesh: racks that find each other, trust only their own fleet,
+//! and know within seconds which racks are alive.
+//!
+//! Layout:
+//! - [`admission`]: sans-IO fleet admission (certificate checks, deadlines, revocations).
+//! - [`membership`]: sans-IO SWIM failure detector with gossip.
+//! - [`backoff`]: reconnect schedule.
+//! - [`protocol`]: what racks say to each other.
+//! - [`discovery`]: mDNS (DNS-SD) announcements and browsing.
+//! - [`node`]: the swarm actor that carries out what the state machines decide.
+
+pub mod admission;
+pub mod backoff;
+pub mod discovery;
+pub mod membership;
+pub mod node;
+pub mod protocol;
+
+pub use node::{
+    start, MeshError, MeshEvent, MeshHandle, MeshSettings, MeshStatus, PeerStatus, StartError,
+};
+pub use protocol::RackInfo;

@@ -1,0 +1,793 @@
+//! Unit tests: override rules, refutation, timers, probing, bounds, and
+//! hostile input. Whole-fleet behaviour is in `tests/membership_sim.rs`.
+
+use super::*;
+use proptest::prelude::*;
+use rand::SeedableRng;
+
+fn peer(i: u8) -> PeerId {
+    let mut secret = [i; 32];
+    secret[0] = 0xA5;
+    libp2p::identity::Keypair::ed25519_from_bytes(secret)
+        .expect("32 bytes are a valid ed25519 secret")
+        .public()
+        .to_peer_id()
+}
+
+fn node(i: u8, now: Instant) -> Membership<String> {
+    Membership::new(
+        peer(i),
+        0,
+        format!("rack-{i}"),
+        Config::default(),
+        StdRng::seed_from_u64(u64::from(i)),
+        now,
+    )
+}
+
+fn up(id: PeerId, state: State, incarnation: u64) -> Update<String> {
+    Update {
+        id,
+        state,
+        incarnation,
+        meta_version: 0,
+        meta: None,
+    }
+}
+
+/// Delivers `updates` on an Ack with a seq nobody waits for.
+fn gossip(
+    m: &mut Membership<String>,
+    now: Instant,
+    from: PeerId,
+    updates: Vec<Update<String>>,
+) -> Vec<Output<String>> {
+    m.handle(
+        now,
+        Input::Received {
+            from,
+            msg: Message::Ack {
+                seq: u64::MAX,
+                updates,
+            },
+        },
+    )
+}
+
+fn sends(out: &[Output<String>]) -> Vec<(PeerId, Message<String>)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send { to, msg } => Some((*to, msg.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn changes(out: &[Output<String>]) -> Vec<(PeerId, Option<State>, State)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Changed { id, from, to } => Some((*id, *from, *to)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn updates_of(msg: &Message<String>) -> &[Update<String>] {
+    match msg {
+        Message::Ping { updates, .. }
+        | Message::Ack { updates, .. }
+        | Message::PingReq { updates, .. } => updates,
+    }
+}
+
+fn state(m: &Membership<String>, id: &PeerId) -> Option<State> {
+    m.member(id).map(|m| m.state)
+}
+
+const TICK: Duration = Duration::from_millis(100);
+
+/// Ticks until a probe `Ping` goes out; returns (time, target, seq).
+fn tick_until_probe(m: &mut Membership<String>, now: &mut Instant) -> (PeerId, u64) {
+    for _ in 0..50 {
+        *now += TICK;
+        let out = m.handle(*now, Input::Tick);
+        for (to, msg) in sends(&out) {
+            if let Message::Ping { seq, .. } = msg {
+                if m.probe.as_ref().is_some_and(|p| p.seq == seq) {
+                    return (to, seq);
+                }
+            }
+        }
+    }
+    panic!("no probe within 5 s");
+}
+
+#[test]
+fn override_rules() {
+    use State::*;
+    // Alive(i) overrides anything with a lower incarnation, nothing else.
+    for cur in [Alive, Suspect, Dead] {
+        assert!(overrides(cur, 3, Alive, 4), "Alive(4) over {cur:?}(3)");
+        assert!(!overrides(cur, 4, Alive, 4), "Alive(4) not over {cur:?}(4)");
+        assert!(!overrides(cur, 5, Alive, 4));
+    }
+    // Suspect(i) overrides Alive(j<=i) and Suspect(j<i), never Dead.
+    assert!(overrides(Alive, 4, Suspect, 4));
+    assert!(overrides(Alive, 3, Suspect, 4));
+    assert!(!overrides(Alive, 5, Suspect, 4));
+    assert!(overrides(Suspect, 3, Suspect, 4));
+    assert!(!overrides(Suspect, 4, Suspect, 4));
+    assert!(!overrides(Dead, 3, Suspect, 4));
+    // Dead(i) overrides Alive(j<=i), Suspect(j<=i), Dead(j<i).
+    assert!(overrides(Alive, 4, Dead, 4));
+    assert!(overrides(Suspect, 4, Dead, 4));
+    assert!(!overrides(Suspect, 5, Dead, 4));
+    assert!(overrides(Dead, 3, Dead, 4));
+    assert!(!overrides(Dead, 4, Dead, 4));
+}
+
+#[test]
+fn gossip_applies_override_rules() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let (a, x) = (peer(1), peer(2));
+    let steps = [
+        (Alive, 5, Some(Alive)),
+        (Suspect, 4, Some(Alive)),
+        (Suspect, 5, Some(Suspect)),
+        (Alive, 5, Some(Suspect)),
+        (Alive, 6, Some(Alive)),
+        (Dead, 6, Some(Dead)),
+        (Alive, 6, Some(Dead)),
+        (Suspect, 7, Some(Dead)),
+        // A restarted rack comes back with a higher incarnation.
+        (Alive, 7, Some(Alive)),
+    ];
+    use State::*;
+    for (i, (s, inc, want)) in steps.into_iter().enumerate() {
+        gossip(&mut m, t0, a, vec![up(x, s, inc)]);
+        assert_eq!(state(&m, &x), want, "step {i}: {s:?}({inc})");
+    }
+    assert_eq!(m.member(&x).map(|m| m.incarnation), Some(7));
+}
+
+#[test]
+fn suspect_or_dead_about_strangers_is_ignored() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let out = gossip(
+        &mut m,
+        t0,
+        peer(1),
+        vec![up(peer(2), State::Suspect, 1), up(peer(3), State::Dead, 9)],
+    );
+    assert!(m.member(&peer(2)).is_none());
+    assert!(m.member(&peer(3)).is_none());
+    // The sender itself is now known.
+    assert_eq!(changes(&out), vec![(peer(1), None, State::Alive)]);
+}
+
+#[test]
+fn refutes_suspicion_about_itself() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let a = peer(1);
+    // Suspect at our incarnation, on a Ping: the Ack carries Alive(self, 1).
+    let out = m.handle(
+        t0,
+        Input::Received {
+            from: a,
+            msg: Message::Ping {
+                seq: 9,
+                updates: vec![up(peer(0), State::Suspect, 0)],
+            },
+        },
+    );
+    assert_eq!(m.local_incarnation(), 1);
+    let s = sends(&out);
+    assert_eq!(s.len(), 1);
+    let (to, msg) = &s[0];
+    assert_eq!(*to, a);
+    assert!(matches!(msg, Message::Ack { seq: 9, .. }));
+    assert!(updates_of(msg).iter().any(|u| u.id == peer(0)
+        && u.state == State::Alive
+        && u.incarnation == 1
+        && u.meta.is_some()));
+
+    // Dead at a higher incarnation, on an Ack: bump past it and ping the sender.
+    let out = gossip(&mut m, t0, a, vec![up(peer(0), State::Dead, 5)]);
+    assert_eq!(m.local_incarnation(), 6);
+    let s = sends(&out);
+    assert_eq!(s.len(), 1, "{out:?}");
+    assert!(matches!(s[0].1, Message::Ping { .. }));
+    assert!(updates_of(&s[0].1)
+        .iter()
+        .any(|u| u.id == peer(0) && u.state == State::Alive && u.incarnation == 6));
+
+    // Old news does not bump.
+    gossip(&mut m, t0, a, vec![up(peer(0), State::Suspect, 3)]);
+    assert_eq!(m.local_incarnation(), 6);
+}
+
+#[test]
+fn suspicion_times_out_into_death() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let (a, x) = (peer(1), peer(2));
+    gossip(&mut m, t0, a, vec![up(x, State::Alive, 0)]);
+    let heard = t0 + Duration::from_millis(50);
+    let out = gossip(&mut m, heard, a, vec![up(x, State::Suspect, 0)]);
+    assert_eq!(changes(&out), vec![(x, Some(State::Alive), State::Suspect)]);
+    let timeout = Config::default().suspect_timeout;
+
+    let out = m.handle(heard + timeout - TICK, Input::Tick);
+    assert!(changes(&out).is_empty());
+    assert_eq!(state(&m, &x), Some(State::Suspect));
+
+    let out = m.handle(heard + timeout, Input::Tick);
+    assert_eq!(changes(&out), vec![(x, Some(State::Suspect), State::Dead)]);
+    assert_eq!(m.member(&x).map(|m| m.since), Some(heard + timeout));
+
+    // The death is gossiped on the next message to someone else.
+    let out = m.handle(
+        heard + timeout,
+        Input::Received {
+            from: a,
+            msg: Message::Ping {
+                seq: 1,
+                updates: vec![],
+            },
+        },
+    );
+    let s = sends(&out);
+    assert!(updates_of(&s[0].1)
+        .iter()
+        .any(|u| u.id == x && u.state == State::Dead));
+}
+
+#[test]
+fn refutation_in_time_prevents_death() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let (a, x) = (peer(1), peer(2));
+    gossip(
+        &mut m,
+        t0,
+        a,
+        vec![up(x, State::Alive, 0), up(x, State::Suspect, 0)],
+    );
+    gossip(
+        &mut m,
+        t0 + Duration::from_secs(1),
+        x,
+        vec![up(x, State::Alive, 1)],
+    );
+    let out = m.handle(t0 + Duration::from_secs(10), Input::Tick);
+    assert!(!changes(&out).iter().any(|c| c.2 == State::Dead));
+    assert_eq!(state(&m, &x), Some(State::Alive));
+}
+
+#[test]
+fn failed_probe_with_single_member_goes_straight_to_suspicion() {
+    let mut now = Instant::now();
+    let mut m = node(0, now);
+    let b = peer(1);
+    m.handle(now, Input::Discovered { id: b });
+    let (target, _) = tick_until_probe(&mut m, &mut now);
+    assert_eq!(target, b);
+    let mut suspected = None;
+    for _ in 0..6 {
+        now += TICK;
+        let out = m.handle(now, Input::Tick);
+        assert!(!sends(&out)
+            .iter()
+            .any(|(_, msg)| matches!(msg, Message::PingReq { .. })));
+        if changes(&out).contains(&(b, Some(State::Alive), State::Suspect)) {
+            suspected = Some(now);
+            break;
+        }
+    }
+    assert!(
+        suspected.is_some(),
+        "single member not suspected at probe timeout"
+    );
+}
+
+/// Sets up 0 with members 1 and 2, runs a probe to the target without a
+/// direct ack, and returns (now, target, the other, seq) right after the
+/// PingReq went out.
+fn probe_into_indirect_phase() -> (Membership<String>, Instant, PeerId, PeerId, u64) {
+    let mut now = Instant::now();
+    let mut m = node(0, now);
+    m.handle(now, Input::Discovered { id: peer(1) });
+    m.handle(now, Input::Discovered { id: peer(2) });
+    let (target, seq) = tick_until_probe(&mut m, &mut now);
+    let other = if target == peer(1) { peer(2) } else { peer(1) };
+    for _ in 0..5 {
+        now += TICK;
+        let out = m.handle(now, Input::Tick);
+        let reqs: Vec<_> = sends(&out)
+            .into_iter()
+            .filter(|(_, msg)| matches!(msg, Message::PingReq { .. }))
+            .collect();
+        if !reqs.is_empty() {
+            assert_eq!(reqs.len(), 1);
+            assert_eq!(reqs[0].0, other);
+            assert!(
+                matches!(reqs[0].1, Message::PingReq { seq: s, target: t, .. } if s == seq && t == target)
+            );
+            return (m, now, target, other, seq);
+        }
+    }
+    panic!("no PingReq after the probe timeout");
+}
+
+#[test]
+fn indirect_ack_prevents_suspicion() {
+    let (mut m, mut now, target, other, seq) = probe_into_indirect_phase();
+    now += Duration::from_millis(30);
+    m.handle(
+        now,
+        Input::Received {
+            from: other,
+            msg: Message::Ack {
+                seq,
+                updates: vec![],
+            },
+        },
+    );
+    assert_eq!(m.member(&target).and_then(|m| m.last_seen), Some(now));
+    // Through the end of this round and well into the next (which probes
+    // the other member, unanswered here): the target is never suspected.
+    for _ in 0..20 {
+        now += TICK;
+        let out = m.handle(now, Input::Tick);
+        assert!(!changes(&out).iter().any(|c| c.0 == target), "{out:?}");
+    }
+    assert_eq!(state(&m, &target), Some(State::Alive));
+}
+
+#[test]
+fn no_ack_at_all_means_suspicion_at_round_end() {
+    let (mut m, mut now, target, other, seq) = probe_into_indirect_phase();
+    // An ack with the right seq from someone we did not ask does not count.
+    m.handle(
+        now,
+        Input::Received {
+            from: peer(7),
+            msg: Message::Ack {
+                seq,
+                updates: vec![],
+            },
+        },
+    );
+    let mut suspected = false;
+    for _ in 0..6 {
+        now += TICK;
+        let out = m.handle(now, Input::Tick);
+        if changes(&out).contains(&(target, Some(State::Alive), State::Suspect)) {
+            suspected = true;
+            break;
+        }
+    }
+    assert!(suspected);
+    assert_eq!(state(&m, &other), Some(State::Alive));
+}
+
+#[test]
+fn direct_ack_records_rtt() {
+    let mut now = Instant::now();
+    let mut m = node(0, now);
+    m.handle(now, Input::Discovered { id: peer(1) });
+    let (target, seq) = tick_until_probe(&mut m, &mut now);
+    let later = now + Duration::from_millis(42);
+    m.handle(
+        later,
+        Input::Received {
+            from: target,
+            msg: Message::Ack {
+                seq,
+                updates: vec![],
+            },
+        },
+    );
+    let member = m.member(&target).expect("member");
+    assert_eq!(member.rtt, Some(Duration::from_millis(42)));
+    assert_eq!(member.last_seen, Some(later));
+}
+
+#[test]
+fn relays_indirect_probes() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let (req, target) = (peer(1), peer(2));
+    m.handle(t0, Input::Discovered { id: target });
+    let out = m.handle(
+        t0,
+        Input::Received {
+            from: req,
+            msg: Message::PingReq {
+                seq: 77,
+                target,
+                updates: vec![],
+            },
+        },
+    );
+    let s = sends(&out);
+    assert_eq!(s.len(), 1);
+    let Message::Ping { seq, .. } = s[0].1 else {
+        panic!("expected a ping, got {s:?}");
+    };
+    assert_eq!(s[0].0, target);
+    let out = m.handle(
+        t0,
+        Input::Received {
+            from: target,
+            msg: Message::Ack {
+                seq,
+                updates: vec![],
+            },
+        },
+    );
+    let s = sends(&out);
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].0, req);
+    assert!(matches!(s[0].1, Message::Ack { seq: 77, .. }));
+    // A second ack for the same seq is not forwarded twice.
+    let out = m.handle(
+        t0,
+        Input::Received {
+            from: target,
+            msg: Message::Ack {
+                seq,
+                updates: vec![],
+            },
+        },
+    );
+    assert!(sends(&out).is_empty());
+}
+
+#[test]
+fn buddy_system_puts_the_suspicion_first() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let (a, x) = (peer(1), peer(2));
+    gossip(
+        &mut m,
+        t0,
+        a,
+        vec![up(x, State::Alive, 3), up(x, State::Suspect, 3)],
+    );
+    let out = m.handle(
+        t0,
+        Input::Received {
+            from: x,
+            msg: Message::Ping {
+                seq: 1,
+                updates: vec![],
+            },
+        },
+    );
+    let s = sends(&out);
+    assert_eq!(updates_of(&s[0].1)[0], up(x, State::Suspect, 3));
+}
+
+#[test]
+fn discovery_introduces_us_and_pokes_the_dead() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let b = peer(1);
+    let out = m.handle(t0, Input::Discovered { id: b });
+    assert_eq!(changes(&out), vec![(b, None, State::Alive)]);
+    let s = sends(&out);
+    assert_eq!(s.len(), 1);
+    assert!(updates_of(&s[0].1)
+        .iter()
+        .any(|u| u.id == peer(0) && u.meta.as_deref() == Some("rack-0")));
+
+    gossip(&mut m, t0, peer(2), vec![up(b, State::Dead, 0)]);
+    let out = m.handle(t0, Input::Discovered { id: b });
+    let s = sends(&out);
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].0, b);
+    assert_eq!(updates_of(&s[0].1)[0], up(b, State::Dead, 0));
+}
+
+#[test]
+fn revoked_members_stay_gone() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let (a, x) = (peer(1), peer(2));
+    m.handle(t0, Input::Discovered { id: x });
+    assert!(m.handle(t0, Input::Revoked { id: x }).is_empty());
+    assert!(m.member(&x).is_none());
+    assert!(m.handle(t0, Input::Discovered { id: x }).is_empty());
+    let out = m.handle(
+        t0,
+        Input::Received {
+            from: x,
+            msg: Message::Ping {
+                seq: 1,
+                updates: vec![up(a, State::Alive, 0)],
+            },
+        },
+    );
+    assert!(out.is_empty());
+    gossip(&mut m, t0, a, vec![up(x, State::Alive, 99)]);
+    assert!(m.member(&x).is_none());
+    assert!(m.members().all(|mem| mem.id != x));
+}
+
+#[test]
+fn meta_spreads_and_highest_version_wins() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let a = peer(1);
+    m.handle(t0, Input::Discovered { id: a });
+    let before = m.local_meta_version();
+    m.handle(t0, Input::SetMeta("rack-0 v2".into()));
+    assert_eq!(m.local_meta_version(), before + 1);
+    let out = m.handle(
+        t0,
+        Input::Received {
+            from: a,
+            msg: Message::Ping {
+                seq: 1,
+                updates: vec![],
+            },
+        },
+    );
+    let s = sends(&out);
+    assert!(updates_of(&s[0].1).iter().any(|u| u.id == peer(0)
+        && u.meta.as_deref() == Some("rack-0 v2")
+        && u.meta_version == before + 1));
+
+    let with_meta = |v: u64, s: &str| Update {
+        id: a,
+        state: State::Alive,
+        incarnation: 0,
+        meta_version: v,
+        meta: Some(s.to_string()),
+    };
+    let out = gossip(&mut m, t0, a, vec![with_meta(5, "five")]);
+    assert!(out.contains(&Output::MetaChanged { id: a }));
+    gossip(&mut m, t0, a, vec![with_meta(4, "four")]);
+    assert_eq!(
+        m.member(&a).and_then(|m| m.meta.clone()).as_deref(),
+        Some("five")
+    );
+    // Meta rides on Suspect/Dead records too.
+    gossip(
+        &mut m,
+        t0,
+        peer(2),
+        vec![Update {
+            state: State::Suspect,
+            ..with_meta(6, "six")
+        }],
+    );
+    assert_eq!(
+        m.member(&a).and_then(|m| m.meta.clone()).as_deref(),
+        Some("six")
+    );
+}
+
+#[test]
+fn restart_meta_version_beats_the_previous_run() {
+    let t0 = Instant::now();
+    let mut old = node(0, t0);
+    for i in 0..1000 {
+        old.handle(t0, Input::SetMeta(format!("v{i}")));
+    }
+    let new: Membership<String> = Membership::new(
+        peer(0),
+        old.local_incarnation() + 1,
+        "fresh".into(),
+        Config::default(),
+        StdRng::seed_from_u64(1),
+        t0,
+    );
+    assert!(new.local_meta_version() > old.local_meta_version());
+}
+
+#[test]
+fn a_previous_runs_meta_version_is_outversioned() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let v = m.local_meta_version();
+    gossip(
+        &mut m,
+        t0,
+        peer(1),
+        vec![Update {
+            id: peer(0),
+            state: State::Alive,
+            incarnation: 0,
+            meta_version: v + 10,
+            meta: Some("old run".into()),
+        }],
+    );
+    assert_eq!(m.local_meta_version(), v + 11);
+}
+
+#[test]
+fn hostile_messages_are_harmless() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let a = peer(1);
+    // PingReq about ourselves, the requester, and a stranger: nothing sent.
+    for target in [peer(0), a, peer(9)] {
+        let out = m.handle(
+            t0,
+            Input::Received {
+                from: a,
+                msg: Message::PingReq {
+                    seq: u64::MAX,
+                    target,
+                    updates: vec![],
+                },
+            },
+        );
+        assert!(sends(&out).is_empty(), "{target}: {out:?}");
+    }
+    // Acks for unknown seqs, messages from ourselves.
+    let out = m.handle(
+        t0,
+        Input::Received {
+            from: a,
+            msg: Message::Ack {
+                seq: 12345,
+                updates: vec![],
+            },
+        },
+    );
+    assert!(sends(&out).is_empty());
+    assert!(m
+        .handle(
+            t0,
+            Input::Received {
+                from: peer(0),
+                msg: Message::Ping {
+                    seq: 0,
+                    updates: vec![]
+                }
+            }
+        )
+        .is_empty());
+    // Saturated incarnations and versions do not overflow.
+    gossip(
+        &mut m,
+        t0,
+        a,
+        vec![
+            Update {
+                id: peer(0),
+                state: State::Dead,
+                incarnation: u64::MAX,
+                meta_version: u64::MAX,
+                meta: Some("x".into()),
+            },
+            up(peer(2), State::Alive, u64::MAX),
+            up(peer(2), State::Dead, u64::MAX),
+        ],
+    );
+    assert_eq!(m.local_incarnation(), u64::MAX);
+    assert_eq!(state(&m, &peer(2)), Some(State::Dead));
+    m.handle(t0 + Duration::from_secs(3600), Input::Tick);
+}
+
+#[test]
+fn table_pending_and_queue_are_bounded() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let ids: Vec<PeerId> = (0..MAX_MEMBERS + 100).map(|_| PeerId::random()).collect();
+    for chunk in ids.chunks(200) {
+        let updates = chunk.iter().map(|id| up(*id, State::Alive, 1)).collect();
+        gossip(&mut m, t0, ids[0], updates);
+    }
+    assert_eq!(m.members().count(), MAX_MEMBERS);
+    assert!(m.queue.len() <= MAX_BROADCASTS);
+
+    let target = ids[1];
+    for seq in 0..(MAX_PENDING as u64 * 3) {
+        m.handle(
+            t0,
+            Input::Received {
+                from: ids[0],
+                msg: Message::PingReq {
+                    seq,
+                    target,
+                    updates: vec![],
+                },
+            },
+        );
+    }
+    assert!(m.pending.len() <= MAX_PENDING);
+    // Pending relays expire.
+    m.handle(t0 + Duration::from_secs(5), Input::Tick);
+    assert!(m.pending.is_empty());
+}
+
+fn arb_state() -> impl Strategy<Value = State> {
+    prop_oneof![Just(State::Alive), Just(State::Suspect), Just(State::Dead)]
+}
+
+fn arb_update() -> impl Strategy<Value = Update<String>> {
+    (
+        0u8..6,
+        arb_state(),
+        prop_oneof![0u64..4, Just(u64::MAX)],
+        0u64..4,
+        proptest::option::of("[a-c]"),
+    )
+        .prop_map(|(i, state, incarnation, meta_version, meta)| Update {
+            id: peer(i),
+            state,
+            incarnation,
+            meta_version,
+            meta,
+        })
+}
+
+fn arb_input() -> impl Strategy<Value = (u64, Input<String>)> {
+    let msg = (
+        0u8..3,
+        prop_oneof![0u64..8, Just(u64::MAX)],
+        0u8..6,
+        proptest::collection::vec(arb_update(), 0..5),
+    )
+        .prop_map(|(kind, seq, target, updates)| match kind {
+            0 => Message::Ping { seq, updates },
+            1 => Message::Ack { seq, updates },
+            _ => Message::PingReq {
+                seq,
+                target: peer(target),
+                updates,
+            },
+        });
+    let input = prop_oneof![
+        4 => Just(Input::Tick),
+        6 => (0u8..6, msg).prop_map(|(from, msg)| Input::Received { from: peer(from), msg }),
+        1 => (0u8..6).prop_map(|i| Input::Discovered { id: peer(i) }),
+        1 => (1u8..6).prop_map(|i| Input::Revoked { id: peer(i) }),
+        1 => "[a-c]".prop_map(Input::SetMeta),
+    ];
+    (0u64..700, input)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Arbitrary input sequences never panic and keep the table's invariants.
+    #[test]
+    fn arbitrary_inputs_keep_invariants(inputs in proptest::collection::vec(arb_input(), 0..200)) {
+        let mut now = Instant::now();
+        let mut m = node(0, now);
+        let mut revoked = BTreeSet::new();
+        let mut last_inc = m.local_incarnation();
+        for (advance_ms, input) in inputs {
+            now += Duration::from_millis(advance_ms);
+            if let Input::Revoked { id } = &input {
+                revoked.insert(*id);
+            }
+            let out = m.handle(now, input);
+            for o in &out {
+                if let Output::Send { to, msg } = o {
+                    prop_assert!(to != &peer(0));
+                    prop_assert!(!revoked.contains(to));
+                    prop_assert!(updates_of(msg).len() <= Config::default().max_piggyback + 2);
+                }
+            }
+            prop_assert!(m.local_incarnation() >= last_inc);
+            last_inc = m.local_incarnation();
+            prop_assert!(m.member(&peer(0)).is_none());
+            for id in &revoked {
+                prop_assert!(m.member(id).is_none());
+            }
+            for mem in m.members() {
+                prop_assert_eq!(m.members.get(&mem.id).map(|e| e.suspect_deadline.is_some()), Some(mem.state == State::Suspect));
+            }
+            prop_assert!(m.pending.len() <= MAX_PENDING);
+        }
+    }
+}

@@ -1,0 +1,1113 @@
+//! The swarm actor: one task owns the libp2p swarm, the admission and
+//! membership state machines, and carries out what they decide.
+//!
+//! Data flow: swarm events and timer ticks go into [`Admission`] and
+//! [`Membership`]; their outputs (send this, disconnect that, state changed)
+//! come back here and are turned into libp2p calls and [`MeshEvent`]s. The
+//! rest of the agent talks to the actor through a [`MeshHandle`] (bounded
+//! channel, oneshot replies).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use deploy::cert::CertError;
+use deploy::{Certificate, Revocation};
+use futures::StreamExt;
+use libp2p::identity::{ed25519, Keypair};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{connection_limits, identify, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::{Admission, RevokeOutcome};
+use crate::backoff::Backoff;
+use crate::discovery::{self, Discovered};
+use crate::membership::{self, Input, Membership, Message, Output, State};
+use crate::protocol::{
+    AdmitRequest, AdmitResponse, RackInfo, Rpc, RpcReply, ADMIT_PROTOCOL,
+    MAX_REVOCATIONS_PER_MESSAGE, RPC_PROTOCOL,
+};
+
+/// Commands queued to the actor. Small: callers are the API and the agent,
+/// a handful of requests per second.
+pub const COMMAND_QUEUE: usize = 64;
+/// Events buffered for slow subscribers (they then see `Lagged`).
+pub const EVENT_QUEUE: usize = 256;
+/// mDNS sightings queued before being dropped (announcements repeat).
+pub const DISCOVERY_QUEUE: usize = 64;
+/// Inbound SWIM pings whose ack we still owe. An ack not sent within
+/// [`PENDING_ACK_TTL`] is useless to the prober anyway.
+pub const MAX_PENDING_ACKS: usize = 1024;
+/// See [`MAX_PENDING_ACKS`].
+pub const PENDING_ACK_TTL: Duration = Duration::from_secs(5);
+/// Addresses remembered per peer: a rack has a few radios, not dozens.
+pub const MAX_ADDRS_PER_PEER: usize = 8;
+/// How often the actor's timers run (SWIM ticks, admission deadlines, redials).
+pub const TICK: Duration = Duration::from_millis(100);
+/// A refused peer gets this long to read the reason before we hang up.
+pub const REJECT_LINGER: Duration = Duration::from_millis(300);
+
+/// Everything the mesh needs to run.
+#[derive(Debug, Clone)]
+pub struct MeshSettings {
+    /// The rack's libp2p identity.
+    pub keypair: Keypair,
+    /// Its fleet certificate.
+    pub certificate: Certificate,
+    /// The fleet's public key.
+    pub fleet_key: ed25519::PublicKey,
+    /// The fleet's name.
+    pub fleet_name: String,
+    /// This rack's name.
+    pub rack: String,
+    /// QUIC listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Static peers.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Announce and browse with mDNS.
+    pub mdns: bool,
+    /// How long a peer has to present its certificate.
+    pub admission_timeout: Duration,
+    /// Connection limits.
+    pub max_connections: u32,
+    /// Connection limits per peer.
+    pub max_connections_per_peer: u32,
+    /// QUIC idle timeout.
+    pub idle_timeout: Duration,
+    /// Reconnect backoff bounds.
+    pub reconnect_initial: Duration,
+    /// Reconnect backoff bounds.
+    pub reconnect_max: Duration,
+    /// SWIM timings.
+    pub membership: membership::Config,
+    /// Our incarnation (persisted by the agent, grows on every start).
+    pub incarnation: u64,
+    /// What we gossip about ourselves.
+    pub meta: RackInfo,
+    /// Revocations already known (from the local store).
+    pub revocations: Vec<Revocation>,
+    /// Seed for the membership RNG and jitter.
+    pub seed: u64,
+}
+
+/// Something the rest of the agent may want to react to.
+#[derive(Debug, Clone)]
+pub enum MeshEvent {
+    /// A peer's membership state changed.
+    StateChanged {
+        /// The peer.
+        peer: PeerId,
+        /// Its rack name, if known.
+        rack: Option<String>,
+        /// Previous state (None: newly learned).
+        from: Option<State>,
+        /// New state.
+        to: State,
+    },
+    /// A revocation we had not seen before: persist it.
+    Revoked(Revocation),
+    /// A peer was refused admission.
+    Rejected {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One peer as seen from here.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    /// Its PeerId.
+    pub peer_id: PeerId,
+    /// Its rack name (from its certificate or gossip).
+    pub rack: Option<String>,
+    /// SWIM state.
+    pub state: State,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// Round trip of the last direct probe (or libp2p ping).
+    pub rtt: Option<Duration>,
+    /// Time since we last heard from it directly.
+    pub last_seen: Option<Duration>,
+    /// Time in the current state.
+    pub since: Duration,
+    /// Whether a connection is open right now.
+    pub connected: bool,
+    /// What it gossips about itself.
+    pub meta: Option<RackInfo>,
+}
+
+/// A snapshot of the mesh.
+#[derive(Debug, Clone)]
+pub struct MeshStatus {
+    /// Our PeerId.
+    pub peer_id: PeerId,
+    /// Our incarnation.
+    pub incarnation: u64,
+    /// Where we listen.
+    pub listen_addrs: Vec<Multiaddr>,
+    /// Every peer we know of.
+    pub peers: Vec<PeerStatus>,
+    /// Revocations we know of.
+    pub revocations: Vec<Revocation>,
+}
+
+/// Counters for `/metrics`. Atomics so the API reads them without a round
+/// trip through the actor.
+#[derive(Debug, Default)]
+pub struct MeshStats {
+    /// Peers admitted (certificate verified).
+    pub admitted_total: AtomicU64,
+    /// Peers refused (bad, foreign, stolen, expired or revoked certificate).
+    pub rejected_total: AtomicU64,
+    /// Peers disconnected for not presenting a certificate in time.
+    pub admission_timeouts_total: AtomicU64,
+    /// Rack messages sent to admitted peers.
+    pub rpc_sent_total: AtomicU64,
+    /// Rack messages received from admitted peers.
+    pub rpc_received_total: AtomicU64,
+    /// Rack messages received from peers not admitted (dropped unread).
+    pub rpc_dropped_unadmitted_total: AtomicU64,
+    /// Dial attempts.
+    pub dials_total: AtomicU64,
+    /// Membership state transitions.
+    pub transitions_total: AtomicU64,
+    /// Revocations learned.
+    pub revocations_total: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+enum Command {
+    Status(oneshot::Sender<MeshStatus>),
+    SetMeta(Box<RackInfo>),
+    Revoke(Box<Revocation>, oneshot::Sender<Result<bool, CertError>>),
+}
+
+/// Why the mesh could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The QUIC transport or behaviour could not be built.
+    #[error("building the swarm: {0}")]
+    Build(String),
+    /// A listen address could not be bound.
+    #[error("listening on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// mDNS could not start.
+    #[error(transparent)]
+    Discovery(#[from] discovery::DiscoveryError),
+}
+
+/// Why a request to the mesh actor failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MeshError {
+    /// The actor has stopped (shutdown in progress).
+    #[error("the mesh has stopped")]
+    Stopped,
+    /// The revocation is not valid for this fleet.
+    #[error("revocation refused: {0}")]
+    BadRevocation(#[from] CertError),
+}
+
+/// A cloneable handle to the mesh actor.
+#[derive(Clone)]
+pub struct MeshHandle {
+    tx: mpsc::Sender<Command>,
+    events: broadcast::Sender<MeshEvent>,
+    /// Counters for metrics.
+    pub stats: Arc<MeshStats>,
+    /// Our PeerId.
+    pub peer_id: PeerId,
+}
+
+impl MeshHandle {
+    /// A snapshot of the mesh.
+    ///
+    /// # Errors
+    /// [`MeshError::Stopped`] once the actor has stopped.
+    pub async fn status(&self) -> Result<MeshStatus, MeshError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Status(tx))
+            .await
+            .map_err(|_| MeshError::Stopped)?;
+        rx.await.map_err(|_| MeshError::Stopped)
+    }
+
+    /// Replace what we gossip about ourselves.
+    ///
+    /// # Errors
+    /// [`MeshError::Stopped`].
+    pub async fn set_meta(&self, meta: RackInfo) -> Result<(), MeshError> {
+        self.tx
+            .send(Command::SetMeta(Box::new(meta)))
+            .await
+            .map_err(|_| MeshError::Stopped)
+    }
+
+    /// Apply and spread a revocation. Returns true if it was new.
+    ///
+    /// # Errors
+    /// [`MeshError::BadRevocation`] if not signed by our fleet.
+    pub async fn revoke(&self, rev: Revocation) -> Result<bool, MeshError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Revoke(Box::new(rev), tx))
+            .await
+            .map_err(|_| MeshError::Stopped)?;
+        Ok(rx.await.map_err(|_| MeshError::Stopped)??)
+    }
+
+    /// Subscribe to mesh events.
+    pub fn subscribe(&self) -> broadcast::Receiver<MeshEvent> {
+        self.events.subscribe()
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    limits: connection_limits::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    admit: request_response::cbor::Behaviour<AdmitRequest, AdmitResponse>,
+    rpc: request_response::cbor::Behaviour<Rpc, RpcReply>,
+}
+
+/// Start the mesh: bind, start discovery, spawn the actor.
+///
+/// # Errors
+/// [`StartError`] if the swarm cannot be built or an address cannot be bound.
+pub async fn start(
+    settings: MeshSettings,
+    cancel: CancellationToken,
+) -> Result<(MeshHandle, tokio::task::JoinHandle<()>), StartError> {
+    let mut swarm = build_swarm(&settings)?;
+    for addr in &settings.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| StartError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    // Wait for the listeners so the caller knows the real ports (port 0).
+    let mut listen_addrs = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while listen_addrs.len() < settings.listen.len() {
+        match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
+            Ok(SwarmEvent::NewListenAddr { address, .. }) => listen_addrs.push(address),
+            Ok(SwarmEvent::ListenerError { error, .. })
+            | Ok(SwarmEvent::ListenerClosed {
+                reason: Err(error), ..
+            }) => {
+                return Err(StartError::Listen {
+                    addr: settings.listen[0].clone(),
+                    reason: error.to_string(),
+                })
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    let (disc_tx, disc_rx) = mpsc::channel(DISCOVERY_QUEUE);
+    if settings.mdns {
+        let port = listen_addrs
+            .iter()
+            .find_map(|a| {
+                a.iter().find_map(|p| {
+                    if let Protocol::Udp(port) = p {
+                        Some(port)
+                    } else {
+                        None
+                    }
+                })
+            })
+            .unwrap_or(0);
+        discovery::spawn(
+            &settings.fleet_name,
+            &settings.rack,
+            *swarm.local_peer_id(),
+            port,
+            disc_tx,
+            cancel.child_token(),
+        )?;
+    }
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (events, _) = broadcast::channel(EVENT_QUEUE);
+    let stats = Arc::new(MeshStats::default());
+    let peer_id = *swarm.local_peer_id();
+    let handle = MeshHandle {
+        tx,
+        events: events.clone(),
+        stats: stats.clone(),
+        peer_id,
+    };
+    let actor = Actor::new(settings, swarm, listen_addrs, rx, disc_rx, events, stats);
+    let task = tokio::spawn(actor.run(cancel));
+    Ok((handle, task))
+}
+
+fn build_swarm(s: &MeshSettings) -> Result<Swarm<Behaviour>, StartError> {
+    let idle_ms = u32::try_from(s.idle_timeout.as_millis()).unwrap_or(u32::MAX);
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(s.max_connections))
+        .with_max_established_per_peer(Some(s.max_connections_per_peer))
+        .with_max_pending_incoming(Some(64))
+        .with_max_pending_outgoing(Some(64));
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(s.keypair.clone())
+        .with_tokio()
+        .with_quic_config(|mut c| {
+            c.max_idle_timeout = idle_ms;
+            c.keep_alive_interval = Duration::from_secs(2).min(s.idle_timeout / 2);
+            c
+        })
+        .with_behaviour(|key| Behaviour {
+            limits: connection_limits::Behaviour::new(limits),
+            identify: identify::Behaviour::new(
+                identify::Config::new("/fieldrack/id/1".into(), key.public())
+                    .with_agent_version(format!("fieldrack/{}", env!("CARGO_PKG_VERSION")))
+                    .with_interval(Duration::from_secs(60)),
+            ),
+            // Pings close a connection that stopped carrying packets (a
+            // SIGKILLed peer) within a few seconds, so requests stop being
+            // routed onto it; liveness itself is SWIM's job.
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(Duration::from_secs(2))
+                    .with_timeout(Duration::from_secs(3)),
+            ),
+            admit: request_response::cbor::Behaviour::new(
+                [(StreamProtocol::new(ADMIT_PROTOCOL), ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(5)),
+            ),
+            rpc: request_response::cbor::Behaviour::new(
+                [(StreamProtocol::new(RPC_PROTOCOL), ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(5))
+                    .with_max_concurrent_streams(256),
+            ),
+        })
+        .map_err(|e| StartError::Build(e.to_string()))?
+        // Keep-alive is SWIM's and ping's business; never drop a quiet but
+        // healthy link to a fellow rack.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .build();
+    Ok(swarm)
+}
+
+struct Actor {
+    settings: MeshSettings,
+    swarm: Swarm<Behaviour>,
+    listen_addrs: Vec<Multiaddr>,
+    commands: mpsc::Receiver<Command>,
+    discovered: mpsc::Receiver<Discovered>,
+    events: broadcast::Sender<MeshEvent>,
+    stats: Arc<MeshStats>,
+    admission: Admission,
+    membership: Membership<RackInfo>,
+    rng: StdRng,
+    /// Open connections per peer, oldest first.
+    connections: HashMap<PeerId, Vec<ConnectionId>>,
+    /// Remote addresses we are connected to (to skip bootstrap redials).
+    connected_addrs: HashMap<ConnectionId, Multiaddr>,
+    /// Where each known fleet peer can be dialled.
+    addresses: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Rack names learned from certificates (kept after disconnect).
+    rack_names: HashMap<PeerId, String>,
+    /// Latest libp2p ping RTT per peer.
+    ping_rtt: HashMap<PeerId, Duration>,
+    /// Reconnect schedule per bootstrap address.
+    bootstrap_backoff: Vec<(Multiaddr, Backoff)>,
+    /// Reconnect schedule per known peer.
+    peer_backoff: HashMap<PeerId, Backoff>,
+    /// Ack channels for inbound pings: (peer, seq) -> (channel, when).
+    pending_acks: HashMap<(PeerId, u64), (ResponseChannel<RpcReply>, Instant)>,
+    /// Refused peers to hang up on once they had time to read why.
+    to_disconnect: Vec<(PeerId, Instant)>,
+}
+
+impl Actor {
+    fn new(
+        settings: MeshSettings,
+        swarm: Swarm<Behaviour>,
+        listen_addrs: Vec<Multiaddr>,
+        commands: mpsc::Receiver<Command>,
+        discovered: mpsc::Receiver<Discovered>,
+        events: broadcast::Sender<MeshEvent>,
+        stats: Arc<MeshStats>,
+    ) -> Self {
+        let now = Instant::now();
+        let mut admission = Admission::new(
+            settings.fleet_key.clone(),
+            settings.fleet_name.clone(),
+            settings.admission_timeout,
+        );
+        for rev in &settings.revocations {
+            if let Err(e) = admission.revoke(rev) {
+                tracing::warn!(error = %e, "ignoring a stored revocation that does not verify");
+            }
+        }
+        let local = *swarm.local_peer_id();
+        let membership = Membership::new(
+            local,
+            settings.incarnation,
+            settings.meta.clone(),
+            settings.membership.clone(),
+            StdRng::seed_from_u64(settings.seed),
+            now,
+        );
+        let bootstrap_backoff = settings
+            .bootstrap
+            .iter()
+            .map(|a| {
+                (
+                    a.clone(),
+                    Backoff::new(settings.reconnect_initial, settings.reconnect_max, now),
+                )
+            })
+            .collect();
+        Self {
+            rng: StdRng::seed_from_u64(settings.seed ^ 0x5eed),
+            settings,
+            swarm,
+            listen_addrs,
+            commands,
+            discovered,
+            events,
+            stats,
+            admission,
+            membership,
+            connections: HashMap::new(),
+            connected_addrs: HashMap::new(),
+            addresses: HashMap::new(),
+            rack_names: HashMap::new(),
+            ping_rtt: HashMap::new(),
+            bootstrap_backoff,
+            peer_backoff: HashMap::new(),
+            pending_acks: HashMap::new(),
+            to_disconnect: Vec::new(),
+        }
+    }
+
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                Some(cmd) = self.commands.recv() => self.on_command(cmd),
+                Some(found) = self.discovered.recv() => self.on_discovered(found),
+                _ = tick.tick() => self.on_tick(),
+                ev = self.swarm.select_next_some() => self.on_swarm(ev),
+            }
+        }
+        tracing::info!("mesh stopping");
+    }
+
+    fn unix_now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    fn jitter(&mut self) -> f64 {
+        self.rng.gen_range(0.5..1.5)
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::SetMeta(meta) => {
+                let out = self
+                    .membership
+                    .handle(Instant::now(), Input::SetMeta(*meta));
+                self.apply(out);
+            }
+            Command::Revoke(rev, reply) => {
+                let res = self.apply_revocation(&rev, None);
+                let _ = reply.send(res);
+            }
+        }
+    }
+
+    /// Apply a revocation from the API (`from` None) or a peer. New ones
+    /// are announced (to be persisted) and passed on to every admitted peer.
+    fn apply_revocation(
+        &mut self,
+        rev: &Revocation,
+        from: Option<PeerId>,
+    ) -> Result<bool, CertError> {
+        match self.admission.revoke(rev)? {
+            RevokeOutcome::Known => Ok(false),
+            RevokeOutcome::New(body) => {
+                inc(&self.stats.revocations_total);
+                let peer: PeerId = body.peer_id.parse().expect("verified");
+                tracing::warn!(rack = %body.rack, %peer, reason = %body.reason, "rack revoked");
+                let _ = self.events.send(MeshEvent::Revoked(rev.clone()));
+                let out = self
+                    .membership
+                    .handle(Instant::now(), Input::Revoked { id: peer });
+                self.apply(out);
+                if self.swarm.is_connected(&peer) {
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+                self.addresses.remove(&peer);
+                self.peer_backoff.remove(&peer);
+                let targets: Vec<PeerId> = self
+                    .admission
+                    .admitted_peers()
+                    .map(|(p, _)| *p)
+                    .filter(|p| Some(*p) != from)
+                    .collect();
+                for t in targets {
+                    self.send_rpc(t, Rpc::Revocations(vec![rev.clone()]));
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    fn on_discovered(&mut self, found: Discovered) {
+        if self.admission.is_revoked(&found.peer) {
+            return;
+        }
+        self.remember_addrs(found.peer, found.addrs);
+        let now = Instant::now();
+        self.peer_backoff.entry(found.peer).or_insert_with(|| {
+            Backoff::new(
+                self.settings.reconnect_initial,
+                self.settings.reconnect_max,
+                now,
+            )
+        });
+    }
+
+    fn remember_addrs(&mut self, peer: PeerId, addrs: impl IntoIterator<Item = Multiaddr>) {
+        let book = self.addresses.entry(peer).or_default();
+        for a in addrs {
+            let a = strip_p2p(a);
+            let dialable = a.iter().next().is_some_and(|p| match p {
+                Protocol::Ip4(ip) => !ip.is_unspecified(),
+                Protocol::Ip6(ip) => !ip.is_unspecified(),
+                _ => true,
+            });
+            if dialable && !book.contains(&a) {
+                if book.len() >= MAX_ADDRS_PER_PEER {
+                    book.remove(0);
+                }
+                book.push(a);
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let out = self.membership.handle(now, Input::Tick);
+        self.apply(out);
+        for peer in self.admission.expired(now) {
+            inc(&self.stats.admission_timeouts_total);
+            tracing::warn!(%peer, "no fleet certificate within the admission timeout: disconnecting");
+            let _ = self.events.send(MeshEvent::Rejected {
+                peer,
+                reason: "admission timeout".into(),
+            });
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let due: Vec<PeerId> = self
+            .to_disconnect
+            .iter()
+            .filter(|(_, t)| *t <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        self.to_disconnect.retain(|(_, t)| *t > now);
+        for p in due {
+            if !self.admission.is_admitted(&p) {
+                let _ = self.swarm.disconnect_peer_id(p);
+            }
+        }
+        self.pending_acks
+            .retain(|_, (_, t)| now.duration_since(*t) < PENDING_ACK_TTL);
+        self.redial(now);
+    }
+
+    /// Keep trying bootstrap addresses and known fleet peers we are not
+    /// connected to, each on its own backoff.
+    fn redial(&mut self, now: Instant) {
+        for i in 0..self.bootstrap_backoff.len() {
+            let addr = self.bootstrap_backoff[i].0.clone();
+            let connected = match p2p_of(&addr) {
+                Some(peer) => {
+                    self.swarm.is_connected(&peer)
+                        || self.admission.is_revoked(&peer)
+                        || peer == self.membership.local_id()
+                }
+                None => self
+                    .connected_addrs
+                    .values()
+                    .any(|a| strip_p2p(a.clone()) == addr),
+            };
+            if connected {
+                let (_, b) = &mut self.bootstrap_backoff[i];
+                b.reset(now);
+                continue;
+            }
+            if self.bootstrap_backoff[i].1.due(now) {
+                let j = self.jitter();
+                self.bootstrap_backoff[i].1.attempted(now, j);
+                inc(&self.stats.dials_total);
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    tracing::debug!(%addr, error = %e, "dial failed");
+                }
+            }
+        }
+        let candidates: Vec<PeerId> = self.peer_backoff.keys().copied().collect();
+        for peer in candidates {
+            if self.swarm.is_connected(&peer) || self.admission.is_revoked(&peer) {
+                continue;
+            }
+            let Some(addrs) = self.addresses.get(&peer).cloned() else {
+                continue;
+            };
+            if addrs.is_empty() || !self.peer_backoff[&peer].due(now) {
+                continue;
+            }
+            let j = self.jitter();
+            if let Some(b) = self.peer_backoff.get_mut(&peer) {
+                b.attempted(now, j);
+            }
+            inc(&self.stats.dials_total);
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, error = %e, "dial failed");
+            }
+        }
+    }
+
+    fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let now = Instant::now();
+                if !self.admission.connected(peer_id, now) {
+                    tracing::info!(peer = %peer_id, "refusing connection from a revoked peer");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                self.connected_addrs
+                    .insert(connection_id, endpoint.get_remote_address().clone());
+                if endpoint.is_dialer() {
+                    self.remember_addrs(peer_id, [endpoint.get_remote_address().clone()]);
+                }
+                // A fresh connection to a peer we hold suspect or dead means
+                // it restarted or a link healed: older connections are stale
+                // (they would swallow messages until they time out).
+                let stale_peer = matches!(
+                    self.membership.member(&peer_id).map(|m| m.state),
+                    Some(State::Dead | State::Suspect)
+                );
+                let conns = self.connections.entry(peer_id).or_default();
+                if stale_peer {
+                    for old in conns.drain(..) {
+                        self.swarm.close_connection(old);
+                    }
+                }
+                conns.push(connection_id);
+                let cert = self.settings.certificate.clone();
+                self.swarm
+                    .behaviour_mut()
+                    .admit
+                    .send_request(&peer_id, AdmitRequest { certificate: cert });
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                self.connected_addrs.remove(&connection_id);
+                if let Some(c) = self.connections.get_mut(&peer_id) {
+                    c.retain(|id| *id != connection_id);
+                }
+                if num_established == 0 {
+                    self.connections.remove(&peer_id);
+                    self.admission.disconnected(&peer_id);
+                    self.pending_acks.retain(|(p, _), _| *p != peer_id);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Admit(ev)) => self.on_admit(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(ev)) => self.on_rpc(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if self.admission.is_admitted(&peer_id) {
+                    let addrs: Vec<Multiaddr> = info
+                        .listen_addrs
+                        .into_iter()
+                        .filter(|a| !is_loopback(a) || self.is_local_field())
+                        .collect();
+                    self.remember_addrs(peer_id, addrs);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result,
+            })) => match result {
+                Ok(rtt) => {
+                    self.ping_rtt.insert(peer, rtt);
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "ping failed: closing connection");
+                    self.swarm.close_connection(connection);
+                }
+            },
+            _ => {}
+        }
+    }
+
+    /// A field running entirely on loopback (the demo, tests) keeps
+    /// loopback addresses; a real rack ignores them.
+    fn is_local_field(&self) -> bool {
+        self.listen_addrs.iter().all(is_loopback)
+    }
+
+    fn on_admit(&mut self, ev: request_response::Event<AdmitRequest, AdmitResponse>) {
+        use request_response::{Event, Message as RrMessage};
+        match ev {
+            Event::Message {
+                peer,
+                message:
+                    RrMessage::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                match self
+                    .admission
+                    .present(peer, &request.certificate, Self::unix_now())
+                {
+                    Ok((body, newly)) => {
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .admit
+                            .send_response(channel, AdmitResponse::Accepted);
+                        self.rack_names.insert(peer, body.rack.clone());
+                        if newly {
+                            inc(&self.stats.admitted_total);
+                            tracing::info!(rack = %body.rack, %peer, "peer admitted");
+                            let now = Instant::now();
+                            self.peer_backoff
+                                .entry(peer)
+                                .or_insert_with(|| {
+                                    Backoff::new(
+                                        self.settings.reconnect_initial,
+                                        self.settings.reconnect_max,
+                                        now,
+                                    )
+                                })
+                                .reset(now);
+                            let revs: Vec<Revocation> = self
+                                .admission
+                                .revocations()
+                                .iter()
+                                .take(MAX_REVOCATIONS_PER_MESSAGE)
+                                .cloned()
+                                .collect();
+                            if !revs.is_empty() {
+                                self.send_rpc(peer, Rpc::Revocations(revs));
+                            }
+                            let out = self.membership.handle(now, Input::Discovered { id: peer });
+                            self.apply(out);
+                        }
+                    }
+                    Err(e) => {
+                        inc(&self.stats.rejected_total);
+                        let reason = e.to_string();
+                        tracing::warn!(%peer, %reason, "peer refused admission");
+                        let _ = self.events.send(MeshEvent::Rejected {
+                            peer,
+                            reason: reason.clone(),
+                        });
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .admit
+                            .send_response(channel, AdmitResponse::Rejected { reason });
+                        self.to_disconnect
+                            .push((peer, Instant::now() + REJECT_LINGER));
+                    }
+                }
+            }
+            Event::Message {
+                peer,
+                message:
+                    RrMessage::Response {
+                        response: AdmitResponse::Rejected { reason },
+                        ..
+                    },
+                ..
+            } => {
+                tracing::warn!(%peer, %reason, "peer refused our certificate");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_rpc(&mut self, ev: request_response::Event<Rpc, RpcReply>) {
+        use request_response::{Event, Message as RrMessage};
+        let now = Instant::now();
+        match ev {
+            Event::Message {
+                peer,
+                message:
+                    RrMessage::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                if !self.admission.is_admitted(&peer) {
+                    // Not a fleet member (yet): read nothing, answer nothing.
+                    inc(&self.stats.rpc_dropped_unadmitted_total);
+                    return;
+                }
+                inc(&self.stats.rpc_received_total);
+                match request {
+                    Rpc::Swim(msg) => {
+                        if let Message::Ping { seq, .. } = &msg {
+                            if self.pending_acks.len() < MAX_PENDING_ACKS {
+                                self.pending_acks.insert((peer, *seq), (channel, now));
+                            }
+                        } else {
+                            let _ = self
+                                .swarm
+                                .behaviour_mut()
+                                .rpc
+                                .send_response(channel, RpcReply::Ok);
+                        }
+                        let out = self
+                            .membership
+                            .handle(now, Input::Received { from: peer, msg });
+                        self.apply(out);
+                    }
+                    Rpc::Revocations(list) => {
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .rpc
+                            .send_response(channel, RpcReply::Ok);
+                        for rev in list.iter().take(MAX_REVOCATIONS_PER_MESSAGE) {
+                            if let Err(e) = self.apply_revocation(rev, Some(peer)) {
+                                tracing::warn!(%peer, error = %e, "peer sent a revocation that does not verify");
+                            }
+                        }
+                    }
+                }
+            }
+            Event::Message {
+                peer,
+                message:
+                    RrMessage::Response {
+                        response: RpcReply::Swim(msg),
+                        ..
+                    },
+                ..
+            } => {
+                if self.admission.is_admitted(&peer) {
+                    inc(&self.stats.rpc_received_total);
+                    let out = self
+                        .membership
+                        .handle(now, Input::Received { from: peer, msg });
+                    self.apply(out);
+                }
+            }
+            Event::OutboundFailure { peer, error, .. } => {
+                tracing::trace!(%peer, %error, "rpc failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn send_rpc(&mut self, to: PeerId, rpc: Rpc) {
+        inc(&self.stats.rpc_sent_total);
+        self.swarm.behaviour_mut().rpc.send_request(&to, rpc);
+    }
+
+    fn apply(&mut self, outputs: Vec<Output<RackInfo>>) {
+        for out in outputs {
+            match out {
+                Output::Send { to, msg } => {
+                    if !self.admission.is_admitted(&to) {
+                        // Not connected (or not yet re-admitted): no rack data
+                        // goes out before the certificate is checked. SWIM
+                        // treats this as a lost message; the redial loop
+                        // reconnects.
+                        if !self.swarm.is_connected(&to) && !self.admission.is_revoked(&to) {
+                            let now = Instant::now();
+                            self.peer_backoff.entry(to).or_insert_with(|| {
+                                Backoff::new(
+                                    self.settings.reconnect_initial,
+                                    self.settings.reconnect_max,
+                                    now,
+                                )
+                            });
+                        }
+                        continue;
+                    }
+                    if let Message::Ack { seq, .. } = &msg {
+                        if let Some((channel, _)) = self.pending_acks.remove(&(to, *seq)) {
+                            inc(&self.stats.rpc_sent_total);
+                            match self
+                                .swarm
+                                .behaviour_mut()
+                                .rpc
+                                .send_response(channel, RpcReply::Swim(msg))
+                            {
+                                Ok(()) => continue,
+                                Err(RpcReply::Swim(msg)) => {
+                                    self.send_rpc(to, Rpc::Swim(msg));
+                                    continue;
+                                }
+                                Err(_) => continue,
+                            }
+                        }
+                    }
+                    self.send_rpc(to, Rpc::Swim(msg));
+                }
+                Output::Changed { id, from, to } => {
+                    inc(&self.stats.transitions_total);
+                    let rack = self.rack_name(&id);
+                    match to {
+                        State::Alive => {
+                            tracing::info!(rack = ?rack, peer = %id, ?from, "rack alive")
+                        }
+                        State::Suspect => {
+                            tracing::warn!(rack = ?rack, peer = %id, ?from, "rack suspect")
+                        }
+                        State::Dead => tracing::warn!(rack = ?rack, peer = %id, ?from, "rack dead"),
+                    }
+                    if !self.peer_backoff.contains_key(&id) && !self.admission.is_revoked(&id) {
+                        let now = Instant::now();
+                        self.peer_backoff.insert(
+                            id,
+                            Backoff::new(
+                                self.settings.reconnect_initial,
+                                self.settings.reconnect_max,
+                                now,
+                            ),
+                        );
+                    }
+                    let _ = self.events.send(MeshEvent::StateChanged {
+                        peer: id,
+                        rack,
+                        from,
+                        to,
+                    });
+                }
+                Output::MetaChanged { id } => {
+                    if let Some(meta) = self.membership.member(&id).and_then(|m| m.meta.clone()) {
+                        self.rack_names.entry(id).or_insert(meta.rack);
+                    }
+                }
+            }
+        }
+    }
+
+    fn rack_name(&self, id: &PeerId) -> Option<String> {
+        self.rack_names.get(id).cloned().or_else(|| {
+            self.membership
+                .member(id)
+                .and_then(|m| m.meta.as_ref().map(|x| x.rack.clone()))
+        })
+    }
+
+    fn status(&self) -> MeshStatus {
+        let now = Instant::now();
+        let peers = self
+            .membership
+            .members()
+            .filter(|m| !self.admission.is_revoked(&m.id))
+            .map(|m| PeerStatus {
+                peer_id: m.id,
+                rack: self.rack_name(&m.id),
+                state: m.state,
+                incarnation: m.incarnation,
+                rtt: m.rtt.or_else(|| self.ping_rtt.get(&m.id).copied()),
+                last_seen: m.last_seen.map(|t| now.saturating_duration_since(t)),
+                since: now.saturating_duration_since(m.since),
+                connected: self.swarm.is_connected(&m.id),
+                meta: m.meta.clone(),
+            })
+            .collect();
+        MeshStatus {
+            peer_id: self.membership.local_id(),
+            incarnation: self.membership.local_incarnation(),
+            listen_addrs: self.listen_addrs.clone(),
+            peers,
+            revocations: self.admission.revocations().to_vec(),
+        }
+    }
+}
+
+fn strip_p2p(mut a: Multiaddr) -> Multiaddr {
+    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+        a.pop();
+    }
+    a
+}
+
+fn p2p_of(a: &Multiaddr) -> Option<PeerId> {
+    a.iter().find_map(|p| {
+        if let Protocol::P2p(id) = p {
+            Some(id)
+        } else {
+            None
+        }
+    })
+}
+
+fn is_loopback(a: &Multiaddr) -> bool {
+    match a.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback(),
+        Some(Protocol::Ip6(ip)) => ip.is_loopback(),
+        _ => false,
+    }
+}

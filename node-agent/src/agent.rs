@@ -1,0 +1,419 @@
+//! `fieldrack agent`: wires the mesh, the store, power telemetry and the API
+//! into one rack, and shuts them all down within a deadline.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use deploy::config::{RackConfig, API_TOKEN_FILE};
+use deploy::power::PowerStatus;
+use deploy::{Certificate, Revocation, Role};
+use libp2p::identity::Keypair;
+use libp2p::PeerId;
+use mesh::membership::State;
+use mesh::{MeshEvent, MeshHandle, MeshSettings, RackInfo};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::{AgentState, RecoveryReport};
+use crate::status::{PeerEntry, RevokedEntry, Status};
+use crate::store::{SledStore, Store};
+
+/// The whole shutdown must finish within this (SIGTERM → exit).
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
+
+/// Counters kept by the agent itself (the mesh keeps its own).
+#[derive(Debug, Default)]
+pub struct AgentMetrics {
+    /// API requests served.
+    pub api_requests: AtomicU64,
+    /// Store write failures (full disk...).
+    pub store_errors: AtomicU64,
+}
+
+/// Why a revocation was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    /// Not a valid revocation for this fleet.
+    #[error("{0}")]
+    Invalid(String),
+    /// It could not be stored durably (nothing acknowledged).
+    #[error("storing the revocation: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The mesh has stopped.
+    #[error(transparent)]
+    Mesh(#[from] mesh::MeshError),
+}
+
+/// A running rack, shared by the API handlers.
+pub struct Rack {
+    /// Its config.
+    pub config: RackConfig,
+    /// Durable state.
+    pub state: AgentState,
+    /// The mesh.
+    pub mesh: MeshHandle,
+    /// Latest power reading.
+    pub power: watch::Receiver<PowerStatus>,
+    /// Counters.
+    pub metrics: AgentMetrics,
+    /// What the store held at start.
+    pub recovery: RecoveryReport,
+    started: Instant,
+}
+
+impl Rack {
+    /// The status document.
+    ///
+    /// # Errors
+    /// If the mesh has stopped.
+    pub async fn status(&self) -> Result<Status, mesh::MeshError> {
+        let m = self.mesh.status().await?;
+        let peers = m
+            .peers
+            .iter()
+            .map(|p| PeerEntry {
+                rack: p.rack.clone(),
+                peer_id: p.peer_id.to_base58(),
+                state: p.state,
+                rtt_ms: p
+                    .rtt
+                    .map(|d| (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0),
+                last_seen_s: p.last_seen.map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
+                state_since_s: (p.since.as_secs_f64() * 10.0).round() / 10.0,
+                connected: p.connected,
+                incarnation: p.incarnation,
+                role: p.meta.as_ref().map(|x| x.role),
+                site: p.meta.as_ref().map(|x| x.site.clone()),
+                power: p.meta.as_ref().map(|x| x.power.clone()),
+                api: p.meta.as_ref().map(|x| x.api.clone()),
+            })
+            .collect();
+        let fleet_key =
+            deploy::cert::decode_public_key(&self.config.fleet.public_key).expect("validated");
+        let revoked = m
+            .revocations
+            .iter()
+            .filter_map(|r| r.verify(&fleet_key, &self.config.fleet.name).ok())
+            .map(|b| RevokedEntry {
+                rack: b.rack,
+                peer_id: b.peer_id,
+                reason: b.reason,
+            })
+            .collect();
+        Ok(Status {
+            rack: self.config.rack.clone(),
+            peer_id: m.peer_id.to_base58(),
+            role: self.config.role,
+            site: self.config.site.clone(),
+            fleet: self.config.fleet.name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            incarnation: m.incarnation,
+            uptime_s: (self.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            listen: m.listen_addrs.iter().map(|a| a.to_string()).collect(),
+            peers,
+            power: self.power.borrow().clone(),
+            revoked,
+            store: self.recovery.clone(),
+        })
+    }
+
+    /// Verify, persist durably, then apply and spread a revocation.
+    ///
+    /// # Errors
+    /// [`RevokeError`]; nothing is acknowledged unless stored.
+    pub async fn revoke(&self, rev: Revocation) -> Result<bool, RevokeError> {
+        let fleet_key =
+            deploy::cert::decode_public_key(&self.config.fleet.public_key).expect("validated");
+        let body = rev
+            .verify(&fleet_key, &self.config.fleet.name)
+            .map_err(|e| RevokeError::Invalid(format!("revocation refused: {e}")))?;
+        if let Err(e) = self.state.add_revocation(&body.peer_id, &rev) {
+            self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            return Err(e.into());
+        }
+        Ok(self.mesh.revoke(rev).await?)
+    }
+
+    /// Prometheus text exposition.
+    pub async fn metrics_text(&self) -> String {
+        crate::metrics::render(self).await
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn detect_capacity(config: &RackConfig) -> (u32, u64) {
+    let cpus = if config.capacity.cpus > 0 {
+        config.capacity.cpus
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    };
+    let mem = if config.capacity.memory_mb > 0 {
+        config.capacity.memory_mb
+    } else {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb / 1024)
+    };
+    (cpus, mem)
+}
+
+fn rack_info(config: &RackConfig, power: PowerStatus) -> RackInfo {
+    let (cpus, memory_mb) = if config.role == Role::Witness {
+        (0, 0)
+    } else {
+        detect_capacity(config)
+    };
+    RackInfo {
+        rack: config.rack.clone(),
+        role: config.role,
+        site: config.site.clone(),
+        cpus,
+        memory_mb,
+        power,
+        version: env!("CARGO_PKG_VERSION").into(),
+        api: config.api.listen.clone(),
+    }
+}
+
+/// Load the identity key and certificate named by `config`, and check the
+/// certificate is ours and valid (a rack with a bad certificate would only
+/// be refused by every peer: better to say so at start).
+///
+/// # Errors
+/// A message naming the file and the problem.
+pub fn load_identity(config: &RackConfig) -> Result<(Keypair, Certificate)> {
+    let key_bytes = std::fs::read(&config.identity_key)
+        .with_context(|| format!("reading identity_key {}", config.identity_key.display()))?;
+    let keypair = Keypair::from_protobuf_encoding(&key_bytes).with_context(|| {
+        format!(
+            "identity_key {} is not a libp2p key",
+            config.identity_key.display()
+        )
+    })?;
+    let cert_text = std::fs::read_to_string(&config.certificate)
+        .with_context(|| format!("reading certificate {}", config.certificate.display()))?;
+    let cert = Certificate::from_json(&cert_text)
+        .with_context(|| format!("certificate {}", config.certificate.display()))?;
+    let fleet_key = deploy::cert::decode_public_key(&config.fleet.public_key)?;
+    let body = cert
+        .verify(
+            &fleet_key,
+            &config.fleet.name,
+            &PeerId::from(keypair.public()),
+            unix_now(),
+        )
+        .with_context(|| {
+            format!(
+                "certificate {} is not valid for this rack",
+                config.certificate.display()
+            )
+        })?;
+    if body.rack != config.rack {
+        anyhow::bail!(
+            "certificate {} names rack {:?}, rack.toml says {:?}",
+            config.certificate.display(),
+            body.rack,
+            config.rack
+        );
+    }
+    Ok((keypair, cert))
+}
+
+/// Run a rack until `shutdown` is cancelled.
+///
+/// # Errors
+/// If a component cannot start (bad key, port in use, store unreadable).
+pub async fn run(
+    config: RackConfig,
+    config_path: &std::path::Path,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let (keypair, certificate) = load_identity(&config)?;
+    let token_path = deploy::config::config_dir(config_path).join(API_TOKEN_FILE);
+    let token = std::fs::read_to_string(&token_path)
+        .with_context(|| format!("reading the API token {}", token_path.display()))?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        anyhow::bail!("the API token file {} is empty", token_path.display());
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(
+        SledStore::open(&config.data_dir.join("state"))
+            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
+    );
+    let (state, recovery) = AgentState::open(store)?;
+    if recovery.corrupt > 0 {
+        tracing::error!(
+            corrupt = recovery.corrupt,
+            "the store held corrupt records; they were skipped"
+        );
+    }
+    let incarnation = state.bump_incarnation(unix_now())?;
+    let revocations = state.revocations()?;
+    let api_listener = tokio::net::TcpListener::bind(config.api_addr())
+        .await
+        .with_context(|| format!("binding the API on {}", config.api.listen))?;
+
+    let cancel = CancellationToken::new();
+    let power = crate::power::PowerMonitor::spawn(config.power.clone(), cancel.child_token());
+    let meta = rack_info(&config, power.borrow().clone());
+    let settings = MeshSettings {
+        keypair,
+        certificate,
+        fleet_key: deploy::cert::decode_public_key(&config.fleet.public_key)?,
+        fleet_name: config.fleet.name.clone(),
+        rack: config.rack.clone(),
+        listen: config
+            .mesh
+            .listen
+            .iter()
+            .map(|a| deploy::parse_quic_multiaddr(a).expect("validated"))
+            .collect(),
+        bootstrap: config
+            .mesh
+            .bootstrap
+            .iter()
+            .map(|a| deploy::parse_quic_multiaddr(a).expect("validated"))
+            .collect(),
+        mdns: config.mesh.mdns,
+        admission_timeout: Duration::from_millis(config.mesh.admission_timeout_ms),
+        max_connections: config.mesh.max_connections,
+        max_connections_per_peer: config.mesh.max_connections_per_peer,
+        idle_timeout: Duration::from_millis(config.mesh.idle_timeout_ms),
+        reconnect_initial: Duration::from_millis(config.mesh.reconnect_initial_ms),
+        reconnect_max: Duration::from_millis(config.mesh.reconnect_max_ms),
+        membership: mesh::membership::Config::from_toml(&config.membership),
+        incarnation,
+        meta,
+        revocations,
+        seed: rand::random(),
+    };
+    let (mesh, mesh_task) = mesh::start(settings, cancel.child_token())
+        .await
+        .context("starting the mesh")?;
+    tracing::info!(rack = %config.rack, peer_id = %mesh.peer_id, incarnation, api = %config.api.listen, "rack up");
+
+    let rack = Arc::new(Rack {
+        config: config.clone(),
+        state: state.clone(),
+        mesh: mesh.clone(),
+        power: power.clone(),
+        metrics: AgentMetrics::default(),
+        recovery,
+        started: Instant::now(),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(crate::api::serve(
+        api_listener,
+        rack.clone(),
+        token,
+        cancel.child_token(),
+    ));
+    tasks.spawn(record_mesh_events(rack.clone(), cancel.child_token()));
+    tasks.spawn(publish_power(rack.clone(), cancel.child_token()));
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    cancel.cancel();
+    let drained = tokio::time::timeout(SHUTDOWN_DEADLINE, async {
+        while tasks.join_next().await.is_some() {}
+        let _ = mesh_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("shutdown deadline passed; abandoning remaining tasks");
+    }
+    if let Err(e) = state.flush() {
+        tracing::error!(error = %e, "final flush failed");
+    }
+    Ok(())
+}
+
+/// Persist what the mesh learns: revocations (durably) and state changes
+/// (the event log, for drills and post-mortems).
+async fn record_mesh_events(rack: Arc<Rack>, cancel: CancellationToken) {
+    let mut rx = rack.mesh.subscribe();
+    loop {
+        let ev = tokio::select! {
+            _ = cancel.cancelled() => break,
+            ev = rx.recv() => ev,
+        };
+        let result = match ev {
+            Ok(MeshEvent::Revoked(rev)) => {
+                let fleet_key = deploy::cert::decode_public_key(&rack.config.fleet.public_key).expect("validated");
+                match rev.verify(&fleet_key, &rack.config.fleet.name) {
+                    Ok(body) => rack
+                        .state
+                        .add_revocation(&body.peer_id, &rev)
+                        .and_then(|_| rack.state.record_event("revoked", serde_json::json!({ "rack": body.rack, "peer_id": body.peer_id })).map(|_| ())),
+                    Err(_) => Ok(()),
+                }
+            }
+            Ok(MeshEvent::StateChanged { peer, rack: name, from, to }) => rack
+                .state
+                .record_event(
+                    "peer_state",
+                    serde_json::json!({ "peer_id": peer.to_base58(), "rack": name, "from": from, "to": to }),
+                )
+                .map(|_| ()),
+            Ok(MeshEvent::Rejected { peer, reason }) => rack
+                .state
+                .record_event("admission_refused", serde_json::json!({ "peer_id": peer.to_base58(), "reason": reason }))
+                .map(|_| ()),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "event recorder lagged");
+                Ok(())
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        };
+        if let Err(e) = result {
+            rack.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "could not record a mesh event");
+        }
+    }
+}
+
+/// Gossip our power state whenever it changes.
+async fn publish_power(rack: Arc<Rack>, cancel: CancellationToken) {
+    let mut power = rack.power.clone();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            changed = power.changed() => {
+                if changed.is_err() { break; }
+                let p = power.borrow_and_update().clone();
+                if rack.mesh.set_meta(rack_info(&rack.config, p)).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Count peers per state (for metrics).
+pub fn count_states(peers: &[mesh::PeerStatus]) -> [(State, usize); 3] {
+    let n = |s: State| peers.iter().filter(|p| p.state == s).count();
+    [
+        (State::Alive, n(State::Alive)),
+        (State::Suspect, n(State::Suspect)),
+        (State::Dead, n(State::Dead)),
+    ]
+}

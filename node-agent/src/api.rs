@@ -1,0 +1,258 @@
+//! The admin HTTP API (hyper), bearer-token protected.
+//!
+//! Routes:
+//! - `GET /api/v1/status`: the [`Status`] document.
+//! - `GET /api/v1/revocations`: revocations known to this rack.
+//! - `POST /api/v1/revocations`: add a fleet-signed revocation; answered only
+//!   once it is stored durably; then spread through the mesh.
+//! - `GET /api/v1/events?limit=N`: the local event log.
+//! - `GET /metrics`: Prometheus text.
+//!
+//! Every request needs `Authorization: Bearer <api-token>` (401 otherwise);
+//! malformed requests get 400 with a reason; bodies over
+//! [`MAX_BODY`] get 413.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::Rack;
+
+/// Largest request body accepted: a revocation is under 1 KiB.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Concurrent API connections: the API serves operators and scrapers, not crowds.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long open connections get to finish on shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Most events returned by one `/api/v1/events` call.
+pub const MAX_EVENTS_PER_CALL: usize = 1000;
+
+type Body = Full<Bytes>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+    reply(
+        status,
+        "application/json",
+        serde_json::to_vec(v).expect("serializable"),
+    )
+}
+
+fn error(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": reason.into() }))
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte.
+fn token_matches(given: &[u8], want: &[u8]) -> bool {
+    if given.len() != want.len() {
+        return false;
+    }
+    given
+        .iter()
+        .zip(want)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+/// Serve the API on `listener` until `cancel`.
+pub async fn serve(
+    listener: TcpListener,
+    rack: Arc<Rack>,
+    token: String,
+    cancel: CancellationToken,
+) {
+    let token = Arc::new(token);
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let (stream, _) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "api accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let rack = rack.clone();
+        let token = token.clone();
+        let cancel = cancel.clone();
+        while conns.try_join_next().is_some() {}
+        conns.spawn(async move {
+            let _permit = permit;
+            let svc = service_fn(move |req| {
+                let rack = rack.clone();
+                let token = token.clone();
+                async move { Ok::<_, Infallible>(handle(req, &rack, &token).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => { if let Err(e) = r { tracing::debug!(error = %e, "api connection error"); } }
+                _ = cancel.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+                }
+            }
+        });
+    }
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    conns.abort_all();
+}
+
+async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Body> {
+    rack.metrics
+        .api_requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let authorized = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| token_matches(t.trim().as_bytes(), token.as_bytes()));
+    if !authorized {
+        return Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header("www-authenticate", "Bearer")
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from_static(br#"{"error":"missing or wrong bearer token (see the api-token file beside rack.toml)"}"#)))
+            .expect("valid");
+    }
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/api/v1/status") => match rack.status().await {
+            Ok(s) => json(StatusCode::OK, &s),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        },
+        (Method::GET, "/metrics") => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            rack.metrics_text().await,
+        ),
+        (Method::GET, "/api/v1/revocations") => match rack.state.revocations() {
+            Ok(list) => json(StatusCode::OK, &list),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        (Method::POST, "/api/v1/revocations") => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let rev: deploy::Revocation = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("body is not a revocation: {e}"),
+                    )
+                }
+            };
+            match rack.revoke(rev).await {
+                Ok(new) => json(StatusCode::OK, &serde_json::json!({ "new": new })),
+                Err(crate::agent::RevokeError::Invalid(reason)) => {
+                    error(StatusCode::BAD_REQUEST, reason)
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        (Method::GET, "/api/v1/events") => {
+            let limit = match parse_limit(&query) {
+                Ok(l) => l,
+                Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+            };
+            match rack.state.recent_events(limit) {
+                Ok(ev) => json(StatusCode::OK, &ev),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        (_, "/api/v1/status" | "/metrics" | "/api/v1/revocations" | "/api/v1/events") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{} is not allowed on {path}", req.method()),
+        ),
+        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+    }
+}
+
+fn parse_limit(query: &str) -> Result<usize, String> {
+    let mut limit = 100;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("limit", v)) => {
+                limit = v
+                    .parse::<usize>()
+                    .map_err(|_| format!("limit must be a number, got {v:?}"))?;
+            }
+            _ => return Err(format!("unknown query parameter {pair:?}")),
+        }
+    }
+    Ok(limit.min(MAX_EVENTS_PER_CALL))
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body larger than {MAX_BODY} bytes"),
+            ))
+        }
+        Err(e) => Err(error(StatusCode::BAD_REQUEST, format!("reading body: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare() {
+        assert!(token_matches(b"abc", b"abc"));
+        assert!(!token_matches(b"abd", b"abc"));
+        assert!(!token_matches(b"ab", b"abc"));
+    }
+
+    #[test]
+    fn limits_parse() {
+        assert_eq!(parse_limit(""), Ok(100));
+        assert_eq!(parse_limit("limit=5"), Ok(5));
+        assert_eq!(parse_limit("limit=999999"), Ok(MAX_EVENTS_PER_CALL));
+        assert!(parse_limit("limit=x").is_err());
+        assert!(parse_limit("foo=1").is_err());
+    }
+}

@@ -1,0 +1,107 @@
+//! A tiny HTTP client for the CLI: every command that talks to an agent
+//! finds it with `--config rack.toml` (API address + the `api-token` file).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use deploy::config::{config_dir, RackConfig, API_TOKEN_FILE};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+
+/// How long the CLI waits for an agent.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where an agent is and how to authenticate.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    addr: String,
+    token: String,
+}
+
+impl AgentClient {
+    /// From a `rack.toml` path.
+    ///
+    /// # Errors
+    /// If the config or token cannot be read.
+    pub fn from_config(path: &Path) -> Result<Self> {
+        let config = RackConfig::load(path)?;
+        let token_path = config_dir(path).join(API_TOKEN_FILE);
+        let token = std::fs::read_to_string(&token_path)
+            .with_context(|| format!("reading {}", token_path.display()))?;
+        Ok(Self {
+            addr: config.api.listen,
+            token: token.trim().to_string(),
+        })
+    }
+
+    /// Send a request; returns status and body.
+    ///
+    /// # Errors
+    /// If the agent cannot be reached in [`TIMEOUT`].
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Bytes)> {
+        tokio::time::timeout(TIMEOUT, self.request_inner(method, path, body))
+            .await
+            .with_context(|| {
+                format!(
+                    "the agent at {} did not answer within {TIMEOUT:?}",
+                    self.addr
+                )
+            })?
+    }
+
+    async fn request_inner(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Bytes)> {
+        let stream = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to the agent API at {} (is the agent running?)",
+                    self.addr
+                )
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.addr)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// GET a JSON document, failing on non-2xx with the agent's reason.
+    ///
+    /// # Errors
+    /// Transport errors or a non-2xx answer.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let (status, body) = self.request(Method::GET, path, None).await?;
+        if !(200..300).contains(&status) {
+            bail!(
+                "agent answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        serde_json::from_slice(&body)
+            .with_context(|| format!("agent sent malformed JSON for {path}"))
+    }
+}

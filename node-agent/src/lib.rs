@@ -1,0 +1,25 @@
+//! The `fieldrack` agent and its command-line tools.
+//!
+//! Layout:
+//! - [`agent`]: wires mesh, store, power and API into a running rack.
+//! - [`api`]: the admin HTTP API (hyper).
+//! - [`client`]: the CLI's client for that API.
+//! - [`demo`]: `fieldrack demo`, a local field of racks.
+//! - [`fleet`]: provisioning (`fleet init`, `add-rack`, `revoke`).
+//! - [`files`]: durable file writes.
+//! - [`metrics`]: Prometheus text.
+//! - [`power`]: power telemetry (NUT, generator file or command).
+//! - [`state`] / [`store`]: durable local state in sled behind a trait.
+//! - [`status`]: the status document and its table rendering.
+
+pub mod agent;
+pub mod api;
+pub mod client;
+pub mod demo;
+pub mod files;
+pub mod fleet;
+pub mod metrics;
+pub mod power;
+pub mod state;
+pub mod status;
+pub mod store;

@@ -1,0 +1,359 @@
+//! `fieldrack`: parse the command line, set up logging, run.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use deploy::config::LogFormat;
+use deploy::{RackConfig, Role};
+use node_agent::client::AgentClient;
+use node_agent::fleet::{self, RackSpec};
+use node_agent::status::{render_table, Status};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a bad configuration or usage (sysexits' EX_USAGE).
+const EX_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "fieldrack",
+    version,
+    about = "Field-deployable edge racks: mesh, replication, caching, failover"
+)]
+struct Cli {
+    /// Log format (overrides `[log] format` in rack.toml).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Plain,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a rack's agent.
+    Agent {
+        /// The rack's rack.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Provision and manage a fleet (on the provisioning laptop).
+    #[command(subcommand)]
+    Fleet(FleetCmd),
+    /// Show the field as seen by one rack.
+    Status {
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the status JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a rack's recent events (membership changes, revocations, refusals).
+    Events {
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Run a local field of racks on this machine (no configuration needed).
+    Demo {
+        /// How many racks.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=26))]
+        racks: u8,
+        /// Provision into this directory instead of a temporary one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCmd {
+    /// Create a fleet: signing key, and per rack its config, key, certificate and API token.
+    Init {
+        /// Fleet directory to create.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Comma-separated rack names.
+        #[arg(long, value_delimiter = ',', required = true)]
+        racks: Vec<String>,
+        /// A witness (votes and relays only); repeatable.
+        #[arg(long)]
+        witness: Vec<String>,
+        /// Give every rack distinct 127.0.0.1 ports and bootstrap addresses pointing at the others.
+        #[arg(long)]
+        local: bool,
+        /// Fleet name (defaults to the directory name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Site of every rack (sites of individual racks can be edited in rack.toml).
+        #[arg(long)]
+        site: Option<String>,
+        /// Certificate lifetime in days.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u64,
+    },
+    /// Add one rack (or witness) to an existing fleet.
+    AddRack {
+        /// Fleet directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The new rack's name.
+        #[arg(long)]
+        rack: String,
+        /// Make it a witness.
+        #[arg(long)]
+        witness: bool,
+        /// Its site.
+        #[arg(long)]
+        site: Option<String>,
+    },
+    /// Revoke a rack's certificate; with --config, hand the revocation to that agent, which spreads it through the mesh.
+    Revoke {
+        /// Fleet directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The rack to revoke.
+        #[arg(long)]
+        rack: String,
+        /// Why (recorded in the revocation).
+        #[arg(long, default_value = "revoked by operator")]
+        reason: String,
+        /// rack.toml of a running agent to hand the revocation to.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            level.unwrap_or("info,libp2p_swarm=warn,libp2p_quic=warn,mdns_sd=warn"),
+        )
+    });
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Plain => builder.init(),
+    }
+}
+
+fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        t.cancel();
+    });
+    token
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        match run(cli).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("fieldrack: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn log_format(cli: Option<LogFormatArg>, config: LogFormat) -> LogFormat {
+    match cli {
+        Some(LogFormatArg::Json) => LogFormat::Json,
+        Some(LogFormatArg::Plain) => LogFormat::Plain,
+        None => config,
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Cmd::Agent { config } => {
+            let cfg = match RackConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("fieldrack: bad configuration: {e}");
+                    return Ok(ExitCode::from(EX_CONFIG));
+                }
+            };
+            init_logging(
+                log_format(cli.log_format, cfg.log.format),
+                cfg.log.level.as_deref(),
+            );
+            if let Err(e) = node_agent::agent::load_identity(&cfg) {
+                eprintln!("fieldrack: bad configuration: {e:#}");
+                return Ok(ExitCode::from(EX_CONFIG));
+            }
+            let span = tracing::info_span!("rack", rack = %cfg.rack);
+            let _g = span.enter();
+            node_agent::agent::run(cfg, &config, shutdown_token()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Fleet(cmd) => {
+            init_logging(log_format(cli.log_format, LogFormat::Plain), Some("warn"));
+            fleet_cmd(cmd).await
+        }
+        Cmd::Status { config, json } => {
+            let client = client_for(&config)?;
+            let status: Status = client.get_json("/api/v1/status").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", render_table(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Events { config, limit } => {
+            let client = client_for(&config)?;
+            let events: Vec<serde_json::Value> = client
+                .get_json(&format!("/api/v1/events?limit={limit}"))
+                .await?;
+            for e in events {
+                println!("{e}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo { racks, dir } => {
+            init_logging(log_format(cli.log_format, LogFormat::Plain), Some("warn"));
+            node_agent::demo::run(racks as usize, dir, shutdown_token()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn client_for(config: &Path) -> Result<AgentClient> {
+    AgentClient::from_config(config).with_context(|| format!("using {}", config.display()))
+}
+
+async fn fleet_cmd(cmd: FleetCmd) -> Result<ExitCode> {
+    match cmd {
+        FleetCmd::Init {
+            dir,
+            racks,
+            witness,
+            local,
+            name,
+            site,
+            valid_days,
+        } => {
+            let name = name.unwrap_or_else(|| {
+                dir.canonicalize()
+                    .unwrap_or_else(|_| dir.clone())
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "fleet".into())
+            });
+            let site = site.unwrap_or_else(|| "default".into());
+            let specs: Vec<RackSpec> = racks
+                .iter()
+                .map(|r| (r, Role::Rack))
+                .chain(witness.iter().map(|w| (w, Role::Witness)))
+                .map(|(n, role)| RackSpec {
+                    name: n.trim().to_string(),
+                    role,
+                    site: site.clone(),
+                })
+                .collect();
+            let fleet = fleet::init(&dir, &name, &specs, local, valid_days)?;
+            println!("fleet {:?} created in {}", fleet.name, dir.display());
+            println!(
+                "  fleet signing key: {} (keep it on this laptop)",
+                dir.join(fleet::FLEET_KEY_FILE).display()
+            );
+            for r in &fleet.racks {
+                println!(
+                    "  {} {:<8} {}  api {}  {}",
+                    r.role,
+                    r.name,
+                    r.mesh,
+                    r.api,
+                    dir.join(&r.name).join("rack.toml").display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FleetCmd::AddRack {
+            dir,
+            rack,
+            witness,
+            site,
+        } => {
+            let spec = RackSpec {
+                name: rack,
+                role: if witness { Role::Witness } else { Role::Rack },
+                site: site.unwrap_or_else(|| "default".into()),
+            };
+            let r = fleet::add_rack(&dir, &spec)?;
+            println!(
+                "added {} {} ({}) {}",
+                r.role,
+                r.name,
+                r.peer_id,
+                dir.join(&r.name).join("rack.toml").display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        FleetCmd::Revoke {
+            dir,
+            rack,
+            reason,
+            config,
+        } => {
+            let rev = fleet::revoke(&dir, &rack, &reason)?;
+            println!(
+                "revoked rack {rack}; revocation written to {}",
+                dir.join("revocations")
+                    .join(format!("{rack}.json"))
+                    .display()
+            );
+            if let Some(config) = config {
+                let client = client_for(&config)?;
+                let (status, body) = client
+                    .request(
+                        hyper::Method::POST,
+                        "/api/v1/revocations",
+                        Some(serde_json::to_vec(&rev)?),
+                    )
+                    .await?;
+                if status != 200 {
+                    anyhow::bail!(
+                        "the agent refused the revocation ({status}): {}",
+                        String::from_utf8_lossy(&body)
+                    );
+                }
+                println!(
+                    "handed to the agent at {}; it spreads through the mesh",
+                    config.display()
+                );
+            } else {
+                println!("hand it to any running rack with: fieldrack fleet revoke --dir {} --rack {rack} --config RACK.toml", dir.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Prometheus text exposition for `GET /metrics`.
+//!
+//! Hand-written rather than through a registry crate: a few dozen series,
+//! all of them counters or gauges read from atomics or a status snapshot.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use deploy::power::PowerSource;
+
+use crate::agent::{count_states, Rack};
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Render every metric.
+pub async fn render(rack: &Rack) -> String {
+    let mut out = String::new();
+    let label = format!("rack=\"{}\"", rack.config.rack);
+    let s = &rack.mesh.stats;
+    let counters = [
+        (
+            "fieldrack_mesh_admitted_total",
+            "Peers admitted after their fleet certificate verified.",
+            &s.admitted_total,
+        ),
+        (
+            "fieldrack_mesh_rejected_total",
+            "Peers refused admission (bad, foreign, stolen, expired or revoked certificate).",
+            &s.rejected_total,
+        ),
+        (
+            "fieldrack_mesh_admission_timeouts_total",
+            "Peers disconnected for presenting no certificate in time.",
+            &s.admission_timeouts_total,
+        ),
+        (
+            "fieldrack_mesh_rpc_sent_total",
+            "Rack messages sent to admitted peers.",
+            &s.rpc_sent_total,
+        ),
+        (
+            "fieldrack_mesh_rpc_received_total",
+            "Rack messages received from admitted peers.",
+            &s.rpc_received_total,
+        ),
+        (
+            "fieldrack_mesh_rpc_dropped_unadmitted_total",
+            "Rack messages from peers not admitted, dropped unread.",
+            &s.rpc_dropped_unadmitted_total,
+        ),
+        (
+            "fieldrack_mesh_dials_total",
+            "Outgoing dial attempts.",
+            &s.dials_total,
+        ),
+        (
+            "fieldrack_membership_transitions_total",
+            "Membership state transitions observed.",
+            &s.transitions_total,
+        ),
+        (
+            "fieldrack_revocations_learned_total",
+            "Revocations learned since start.",
+            &s.revocations_total,
+        ),
+    ];
+    for (name, help, c) in counters {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name}{{{label}}} {}", c.load(Ordering::Relaxed));
+    }
+    family(
+        &mut out,
+        "fieldrack_api_requests_total",
+        "counter",
+        "Admin API requests served.",
+    );
+    let _ = writeln!(
+        out,
+        "fieldrack_api_requests_total{{{label}}} {}",
+        rack.metrics.api_requests.load(Ordering::Relaxed)
+    );
+    family(
+        &mut out,
+        "fieldrack_store_errors_total",
+        "counter",
+        "Local store write failures.",
+    );
+    let _ = writeln!(
+        out,
+        "fieldrack_store_errors_total{{{label}}} {}",
+        rack.metrics.store_errors.load(Ordering::Relaxed)
+    );
+    if let Ok(m) = rack.mesh.status().await {
+        family(
+            &mut out,
+            "fieldrack_peers",
+            "gauge",
+            "Known peers by membership state.",
+        );
+        for (state, n) in count_states(&m.peers) {
+            let st = format!("{state:?}").to_lowercase();
+            let _ = writeln!(out, "fieldrack_peers{{{label},state=\"{st}\"}} {n}");
+        }
+        family(
+            &mut out,
+            "fieldrack_peer_rtt_seconds",
+            "gauge",
+            "Last probe round trip per peer.",
+        );
+        for p in &m.peers {
+            if let Some(rtt) = p.rtt {
+                let name = p.rack.as_deref().unwrap_or("?");
+                let _ = writeln!(
+                    out,
+                    "fieldrack_peer_rtt_seconds{{{label},peer=\"{name}\"}} {:.6}",
+                    rtt.as_secs_f64()
+                );
+            }
+        }
+        family(
+            &mut out,
+            "fieldrack_incarnation",
+            "gauge",
+            "This rack's incarnation.",
+        );
+        let _ = writeln!(out, "fieldrack_incarnation{{{label}}} {}", m.incarnation);
+    }
+    let p = rack.power.borrow().clone();
+    family(
+        &mut out,
+        "fieldrack_power_source",
+        "gauge",
+        "1 for the current power source.",
+    );
+    for (src, name) in [
+        (PowerSource::Grid, "grid"),
+        (PowerSource::Generator, "generator"),
+        (PowerSource::Battery, "battery"),
+    ] {
+        let _ = writeln!(
+            out,
+            "fieldrack_power_source{{{label},source=\"{name}\"}} {}",
+            u8::from(p.source == src)
+        );
+    }
+    family(
+        &mut out,
+        "fieldrack_power_dying",
+        "gauge",
+        "1 when the rack is about to lose power.",
+    );
+    let _ = writeln!(
+        out,
+        "fieldrack_power_dying{{{label}}} {}",
+        u8::from(p.dying)
+    );
+    if let Some(r) = p.battery_runtime_s {
+        family(
+            &mut out,
+            "fieldrack_power_battery_runtime_seconds",
+            "gauge",
+            "Battery runtime left.",
+        );
+        let _ = writeln!(
+            out,
+            "fieldrack_power_battery_runtime_seconds{{{label}}} {r}"
+        );
+    }
+    if let Some(f) = p.fuel_pct {
+        family(
+            &mut out,
+            "fieldrack_power_fuel_percent",
+            "gauge",
+            "Generator fuel left.",
+        );
+        let _ = writeln!(out, "fieldrack_power_fuel_percent{{{label}}} {f}");
+    }
+    family(
+        &mut out,
+        "fieldrack_power_telemetry_error",
+        "gauge",
+        "1 when the last power reading failed.",
+    );
+    let _ = writeln!(
+        out,
+        "fieldrack_power_telemetry_error{{{label}}} {}",
+        u8::from(p.error.is_some())
+    );
+    family(
+        &mut out,
+        "fieldrack_store_corrupt_records",
+        "gauge",
+        "Records that failed verification at start.",
+    );
+    let _ = writeln!(
+        out,
+        "fieldrack_store_corrupt_records{{{label}}} {}",
+        rack.recovery.corrupt
+    );
+    out
+}

@@ -1,0 +1,146 @@
+//! The status document: served at `GET /api/v1/status`, printed by
+//! `fieldrack status`. Field names are a contract with operators' scripts.
+
+use deploy::power::PowerStatus;
+use deploy::Role;
+use serde::{Deserialize, Serialize};
+
+/// `GET /api/v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// This rack's name.
+    pub rack: String,
+    /// Its PeerId.
+    pub peer_id: String,
+    /// rack / witness.
+    pub role: Role,
+    /// Its site.
+    pub site: String,
+    /// Fleet name.
+    pub fleet: String,
+    /// Agent version.
+    pub version: String,
+    /// Incarnation (grows on every start).
+    pub incarnation: u64,
+    /// Seconds since the agent started.
+    pub uptime_s: f64,
+    /// Mesh listen addresses.
+    pub listen: Vec<String>,
+    /// Every other rack known.
+    pub peers: Vec<PeerEntry>,
+    /// Local power.
+    pub power: PowerStatus,
+    /// Revoked racks known.
+    pub revoked: Vec<RevokedEntry>,
+    /// What the local store held at start.
+    pub store: crate::state::RecoveryReport,
+}
+
+/// One peer in the status document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerEntry {
+    /// Rack name (null if only the PeerId is known yet).
+    pub rack: Option<String>,
+    /// PeerId.
+    pub peer_id: String,
+    /// alive / suspect / dead.
+    pub state: mesh::membership::State,
+    /// Last round trip, milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Seconds since last heard from directly.
+    pub last_seen_s: Option<f64>,
+    /// Seconds in the current state.
+    pub state_since_s: f64,
+    /// Whether a connection is open now.
+    pub connected: bool,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// rack / witness, from gossip.
+    pub role: Option<Role>,
+    /// Its site, from gossip.
+    pub site: Option<String>,
+    /// Its power, from gossip.
+    pub power: Option<PowerStatus>,
+    /// Its API address, from gossip.
+    pub api: Option<String>,
+}
+
+/// A revoked rack.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokedEntry {
+    /// Rack name.
+    pub rack: String,
+    /// PeerId.
+    pub peer_id: String,
+    /// Why.
+    pub reason: String,
+}
+
+fn opt_f(v: Option<f64>, unit: &str) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.1}{unit}"))
+}
+
+/// A readable table of the field, for `fieldrack status`.
+pub fn render_table(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let p = &s.power;
+    let _ = writeln!(
+        out,
+        "rack {} ({}, site {}, fleet {}) up {:.0}s  power: {:?}{}{}{}",
+        s.rack,
+        s.role,
+        s.site,
+        s.fleet,
+        s.uptime_s,
+        p.source,
+        p.battery_runtime_s
+            .map(|r| format!(", {r}s battery"))
+            .unwrap_or_default(),
+        p.fuel_pct
+            .map(|f| format!(", fuel {f:.0}%"))
+            .unwrap_or_default(),
+        if p.dying { "  DYING" } else { "" },
+    );
+    let _ = writeln!(
+        out,
+        "{:<12} {:<8} {:>9} {:>10} {:<8} {:<10} peer id",
+        "RACK", "STATE", "RTT", "LAST SEEN", "ROLE", "POWER"
+    );
+    let mut peers = s.peers.clone();
+    peers.sort_by(|a, b| a.rack.cmp(&b.rack));
+    for peer in &peers {
+        let state = format!("{:?}", peer.state).to_lowercase();
+        let power = peer
+            .power
+            .as_ref()
+            .map(|p| {
+                format!(
+                    "{}{}",
+                    format!("{:?}", p.source).to_lowercase(),
+                    if p.dying { "!" } else { "" }
+                )
+            })
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:<12} {:<8} {:>9} {:>10} {:<8} {:<10} {}",
+            peer.rack.as_deref().unwrap_or("?"),
+            state,
+            opt_f(peer.rtt_ms, "ms"),
+            opt_f(peer.last_seen_s, "s"),
+            peer.role
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "-".into()),
+            power,
+            peer.peer_id,
+        );
+    }
+    if peers.is_empty() {
+        let _ = writeln!(out, "(no peers yet)");
+    }
+    for r in &s.revoked {
+        let _ = writeln!(out, "revoked: {} ({}) — {}", r.rack, r.peer_id, r.reason);
+    }
+    out
+}
