@@ -92,7 +92,9 @@ pub struct MeshConfig {
     pub idle_timeout_ms: u64,
     /// First reconnect delay; doubles per failure up to `reconnect_max_ms`.
     pub reconnect_initial_ms: u64,
-    /// Cap on the reconnect delay.
+    /// Cap on the reconnect delay. Short, so a rack that comes back (a
+    /// healed link, a restart) is reconnected within seconds; a dial costs
+    /// one QUIC Initial packet.
     pub reconnect_max_ms: u64,
 }
 
@@ -104,10 +106,10 @@ impl Default for MeshConfig {
             mdns: true,
             admission_timeout_ms: 3_000,
             max_connections: 256,
-            max_connections_per_peer: 2,
+            max_connections_per_peer: 3,
             idle_timeout_ms: 30_000,
             reconnect_initial_ms: 500,
-            reconnect_max_ms: 30_000,
+            reconnect_max_ms: 3_000,
         }
     }
 }

@@ -503,18 +503,53 @@ fn nut_seconds(value: &str) -> Option<u64> {
     (v.is_finite() && v >= 0.0).then_some(v as u64)
 }
 
+/// Why a UPS's variables say nothing usable about its power.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NutStatusError {
+    /// No `ups.status` variable at all.
+    #[error("the UPS reports no ups.status")]
+    Missing,
+    /// `ups.status` is `WAIT`: the driver has started but has no data yet
+    /// (it says so for a second or more after start-up). Reading this as
+    /// "on grid" would hide a rack that is on battery while its agent or
+    /// driver restarts.
+    #[error("the UPS driver has no data yet (ups.status WAIT)")]
+    DriverWaiting,
+}
+
+/// Whether `vars` carry a usable `ups.status`.
+///
+/// # Errors
+/// [`NutStatusError`] when they do not; a caller should treat that as a
+/// failed reading.
+pub fn check_nut_status(vars: &NutVars) -> Result<(), NutStatusError> {
+    let status = vars.get("ups.status").ok_or(NutStatusError::Missing)?;
+    let mut flags = status.split_ascii_whitespace().peekable();
+    if flags.peek().is_none() {
+        return Err(NutStatusError::Missing);
+    }
+    if flags.all(|f| f == "WAIT") {
+        return Err(NutStatusError::DriverWaiting);
+    }
+    Ok(())
+}
+
 /// Turn a UPS's NUT variables into a [`PowerStatus`].
 ///
 /// - `ups.status` is a space-separated list of flags: `OB` (on battery)
 ///   makes the source [`PowerSource::Battery`], anything else
-///   [`PowerSource::Grid`]; `LB` is "low battery"; other flags (`OL`, `CHRG`,
+///   [`PowerSource::Grid`]; `LB` is "low battery"; `FSD` is "forced
+///   shutdown" (upsmon is about to cut power); other flags (`OL`, `CHRG`,
 ///   `RB`, `BYPASS`, ...) are ignored.
 /// - `battery.charge` → `battery_charge_pct` (ignored unless in 0..=100);
 ///   `battery.runtime` → `battery_runtime_s` (whole seconds).
-/// - `dying` = on battery and (`LB`, or runtime below `dying_runtime_s`).
+/// - `dying` = `FSD`, or on battery and (`LB`, or runtime below
+///   `dying_runtime_s`): in every case the rack must hand its work over now.
 ///
-/// A UPS that lists no `ups.status` at all gives a status with `error` set:
-/// the caller treats it as a failed reading, not as "on grid".
+/// If [`check_nut_status`] fails (no `ups.status`, or only `WAIT`), the
+/// returned status has `error` set: the caller treats it as a failed
+/// reading, not as "on grid".
 pub fn status_from_nut(vars: &NutVars, dying_runtime_s: u64) -> PowerStatus {
     let flags: Vec<&str> = vars
         .get("ups.status")
@@ -522,6 +557,7 @@ pub fn status_from_nut(vars: &NutVars, dying_runtime_s: u64) -> PowerStatus {
         .unwrap_or_default();
     let on_battery = flags.contains(&"OB");
     let low_battery = flags.contains(&"LB");
+    let forced_shutdown = flags.contains(&"FSD");
     let battery_runtime_s = vars.get("battery.runtime").and_then(|v| nut_seconds(v));
     let battery_charge_pct = vars.get("battery.charge").and_then(|v| nut_percent(v));
     let runtime_low = battery_runtime_s.is_some_and(|r| r < dying_runtime_s);
@@ -534,9 +570,8 @@ pub fn status_from_nut(vars: &NutVars, dying_runtime_s: u64) -> PowerStatus {
         battery_runtime_s,
         battery_charge_pct,
         fuel_pct: None,
-        dying: on_battery && (low_battery || runtime_low),
-        error: (!vars.contains_key("ups.status"))
-            .then(|| "the UPS reports no ups.status".to_owned()),
+        dying: forced_shutdown || (on_battery && (low_battery || runtime_low)),
+        error: check_nut_status(vars).err().map(|e| e.to_string()),
     }
 }
 
@@ -923,6 +958,24 @@ mod tests {
         let s = status_from_nut(&vars(&[("battery.charge", "140")]), 300);
         assert_eq!(s.battery_charge_pct, None);
         assert!(s.error.is_some(), "no ups.status must be flagged");
+        assert_eq!(check_nut_status(&vars(&[])), Err(NutStatusError::Missing));
+        assert_eq!(
+            check_nut_status(&vars(&[("ups.status", " ")])),
+            Err(NutStatusError::Missing)
+        );
+        assert_eq!(
+            check_nut_status(&vars(&[("ups.status", "WAIT")])),
+            Err(NutStatusError::DriverWaiting)
+        );
+        let s = status_from_nut(&vars(&[("ups.status", "WAIT")]), 300);
+        assert_eq!(
+            s.error.as_deref(),
+            Some("the UPS driver has no data yet (ups.status WAIT)")
+        );
+        assert_eq!(
+            check_nut_status(&vars(&[("ups.status", "OB WAIT")])),
+            Ok(())
+        );
     }
 
     #[test]
@@ -1078,9 +1131,12 @@ mod tests {
             let s = status_from_nut(&v, threshold);
             let ob = flags.contains(&"OB");
             prop_assert_eq!(s.source == PowerSource::Battery, ob);
-            prop_assert_eq!(s.dying, ob && (flags.contains(&"LB") || runtime.is_some_and(|r| r < threshold)));
+            prop_assert_eq!(
+                s.dying,
+                flags.contains(&"FSD") || (ob && (flags.contains(&"LB") || runtime.is_some_and(|r| r < threshold)))
+            );
             prop_assert_eq!(s.battery_runtime_s, runtime);
-            prop_assert!(s.error.is_none());
+            prop_assert_eq!(s.error.is_none(), !flags.is_empty());
         }
 
         #[test]

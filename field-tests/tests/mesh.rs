@@ -31,6 +31,9 @@ const DEAD_TIMEOUT: Duration = Duration::from_secs(12);
 /// Brief: a healed rack is `alive` again within this (contract: 5 s).
 const REJOIN_TIMEOUT: Duration = Duration::from_secs(8);
 
+/// How long an isolated rack, once dead, must stay dead on the survivors.
+const DEAD_STAYS_DEAD: Duration = Duration::from_secs(3);
+
 /// How long a cut link is watched for false `dead` verdicts.
 const CUT_OBSERVATION: Duration = Duration::from_secs(20);
 
@@ -183,9 +186,13 @@ fn cut_link_marks_nobody_dead() -> Result<()> {
         }
         let polls = watch?;
         println!("nobody dead over {polls} polls");
+        // Guard against a vacuous pass: the cut must still be in force.
+        if scene.field.udp_reaches("a", "b")? || scene.field.udp_reaches("b", "a")? {
+            bail!("the a <-> b cut was not in force");
+        }
         scene.field.heal_all()?;
         let took = wait_until(REJOIN_TIMEOUT, "full mesh after heal", || scene.full_mesh())?;
-        println!("healed; full mesh again after {:.1} s", took.as_secs_f64());
+        println!("healed; full mesh again after {:.2} s", took.as_secs_f64());
         Ok(())
     })
 }
@@ -213,7 +220,7 @@ fn isolated_rack_is_dead_then_rejoins() -> Result<()> {
             Ok(dead_after.len() == survivors.len())
         });
         for (rack, t) in &dead_after {
-            println!("c dead on {rack} {:.1} s after isolation", t.as_secs_f64());
+            println!("c dead on {rack} {:.2} s after isolation", t.as_secs_f64());
         }
         waited?;
         if !violations.is_empty() {
@@ -223,6 +230,21 @@ fn isolated_rack_is_dead_then_rejoins() -> Result<()> {
             Ok(s) => println!("isolated c sees: {}", s.summary()),
             Err(e) => println!("isolated c: status failed: {e:#}"),
         }
+        // A verdict that flaps back to alive while c is still cut off is
+        // as wrong as no verdict.
+        hold_for(
+            DEAD_STAYS_DEAD,
+            "c stays dead on a and b while isolated",
+            STATUS_ERRORS_TOLERATED,
+            || {
+                for rack in survivors {
+                    if scene.status(rack)?.state_of("c") != Some(PeerState::Dead) {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            },
+        )?;
 
         scene.field.heal_all()?;
         let healed_at = Instant::now();
@@ -239,7 +261,7 @@ fn isolated_rack_is_dead_then_rejoins() -> Result<()> {
             Ok(alive_after.len() == survivors.len())
         });
         for (rack, t) in &alive_after {
-            println!("c alive on {rack} {:.1} s after heal", t.as_secs_f64());
+            println!("c alive on {rack} {:.2} s after heal", t.as_secs_f64());
         }
         waited?;
         // Informational: how soon c sees the others again.
@@ -250,7 +272,7 @@ fn isolated_rack_is_dead_then_rejoins() -> Result<()> {
                 .all(|r| s.state_of(r) == Some(PeerState::Alive)))
         }) {
             Ok(_) => println!(
-                "c sees a and b alive {:.1} s after heal",
+                "c sees a and b alive {:.2} s after heal",
                 healed_at.elapsed().as_secs_f64()
             ),
             Err(e) => println!("note: {e:#}"),

@@ -26,6 +26,12 @@
 //! - when a message shows that a peer holds a stale or wrong record of us,
 //!   our own record rides on our next messages to it, and if we had to refute
 //!   and the message was not a ping (so no reply is due), we ping it;
+//! - likewise, a non-ping message (ack, ping-req) from a member we hold as
+//!   suspect or dead gets a ping back carrying that record (at most one such
+//!   ping per member per probe timeout), so a suspect whose own probes happen to go to dead
+//!   racks still hears of its suspicion within milliseconds, not seconds;
+//! - for the same reason, whoever starts suspecting a member (by its own
+//!   probe or by gossip) pings it once with the suspicion;
 //! - `meta_version` starts at `incarnation << 32`, so a restarted rack (which
 //!   comes back with a higher, persisted incarnation) wins over the metadata
 //!   of its previous life without persisting the version itself.
@@ -95,7 +101,7 @@ pub const MAX_TIMER: Duration = Duration::from_secs(24 * 3600);
 pub const RETRANSMIT_MULT: u32 = 3;
 
 /// SWIM timings. See `deploy::config::MembershipConfig` for the TOML form.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// Period of the probe round (one direct probe per round).
     pub probe_interval: Duration,
@@ -222,7 +228,7 @@ pub enum Input<M> {
     /// is dead).
     Discovered { id: PeerId },
     /// Remove forever; never re-add, ignore its messages and updates about it.
-    /// Produces no output.
+    /// Produces no output. Revoking ourselves is ignored (the agent stops).
     Revoked { id: PeerId },
     /// Local metadata changed: bump `meta_version` and gossip it.
     SetMeta(M),
@@ -290,6 +296,10 @@ struct Entry<M> {
     suspect_deadline: Option<Instant>,
     /// How many more messages to it carry our own record.
     intro_left: u8,
+    /// When we last pinged it outside the probe round, to rate-limit such
+    /// pings to one per probe timeout (a member that cannot refute must not
+    /// turn ack -> ping -> ack into a loop).
+    last_poked: Option<Instant>,
 }
 
 impl<M: Meta> Entry<M> {
@@ -522,10 +532,17 @@ impl<M: Meta> Membership<M> {
             }
             self.start_probe(now, out);
             self.rounds = self.rounds.wrapping_add(1);
-            if self.rounds % DEAD_POKE_ROUNDS == 0 {
+            if self.rounds.is_multiple_of(DEAD_POKE_ROUNDS) {
                 self.poke_random_dead(now, out);
             }
-            self.next_probe_at = now + self.config.probe_interval;
+            // Keep the round period exact (not tick-rounded) unless we fell
+            // behind, in which case start afresh from now.
+            let next = self.next_probe_at + self.config.probe_interval;
+            self.next_probe_at = if next > now {
+                next
+            } else {
+                now + self.config.probe_interval
+            };
         }
     }
 
@@ -575,10 +592,28 @@ impl<M: Meta> Membership<M> {
             Message::PingReq { seq, target, .. } => self.on_ping_req(now, from, seq, target, out),
         }
 
-        if view == SelfView::Refuted && !is_ping {
-            // No reply is due, but the sender must hear the refutation soon.
-            self.poke(now, from, out);
+        if !is_ping {
+            // No reply is due, but the sender must hear our refutation soon;
+            // and a sender we hold Suspect/Dead must hear that record soon
+            // (a suspect whose own probes go to dead racks may otherwise
+            // hear nothing for seconds). At most one such ping in flight.
+            let negative = self
+                .members
+                .get(&from)
+                .is_some_and(|e| e.member.state != State::Alive);
+            if view == SelfView::Refuted || (negative && self.may_poke(&from, now)) {
+                self.poke(now, from, out);
+            }
         }
+    }
+
+    /// Whether an opportunistic ping to `id` is allowed now: at most one per
+    /// probe timeout per member.
+    fn may_poke(&self, id: &PeerId, now: Instant) -> bool {
+        self.members.get(id).is_some_and(|e| {
+            e.last_poked
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.config.probe_timeout)
+        })
     }
 
     fn on_ack(&mut self, now: Instant, from: PeerId, seq: u64, out: &mut Vec<Output<M>>) {
@@ -680,6 +715,8 @@ impl<M: Meta> Membership<M> {
             }
             Some(e) if e.member.state != State::Alive => {
                 // The ping carries its Suspect/Dead record first: it refutes.
+                // Not rate-limited: a connection is news (and the swarm
+                // bounds how often peers connect).
                 self.poke(now, id, out);
             }
             Some(e) => {
@@ -782,8 +819,9 @@ impl<M: Meta> Membership<M> {
                     to: u.state,
                 });
                 tracing::debug!(peer = %u.id, from = ?old_state, to = ?u.state, incarnation = u.incarnation, "membership: state changed by gossip");
-                // Back from the dead: it probably holds us dead too.
-                poke = old_state == State::Dead;
+                // Back from the dead: it probably holds us dead too. Newly
+                // suspect: tell it at once, so it refutes within a round trip.
+                poke = old_state == State::Dead || u.state == State::Suspect;
             }
             relay = true;
         }
@@ -799,7 +837,7 @@ impl<M: Meta> Membership<M> {
             let record = e.record();
             self.queue.push(record, false);
         }
-        if poke {
+        if poke && self.may_poke(&u.id, now) {
             self.poke(now, u.id, out);
         }
     }
@@ -870,6 +908,11 @@ impl<M: Meta> Membership<M> {
             to,
         });
         tracing::debug!(peer = %id, ?from, ?to, incarnation = e.member.incarnation, "membership: state changed by probe");
+        if to == State::Suspect && self.may_poke(&id, now) {
+            // If it is only our link (or luck) that failed, the ping carries
+            // the suspicion to it and it refutes within a round trip.
+            self.poke(now, id, out);
+        }
     }
 
     /// Adds a member; false if the table is full (it is then ignored).
@@ -900,6 +943,7 @@ impl<M: Meta> Membership<M> {
             },
             suspect_deadline: (state == State::Suspect).then(|| now + self.config.suspect_timeout),
             intro_left: SELF_INTRO_MESSAGES,
+            last_poked: None,
         };
         self.members.insert(id, entry);
         // Random position in the rest of this pass: probed soon, but not in a
@@ -1020,6 +1064,9 @@ impl<M: Meta> Membership<M> {
 
     /// A ping outside the probe round; its ack only updates the rtt.
     fn poke(&mut self, now: Instant, to: PeerId, out: &mut Vec<Output<M>>) {
+        if let Some(e) = self.members.get_mut(&to) {
+            e.last_poked = Some(now);
+        }
         let seq = self.take_seq();
         self.insert_pending(
             seq,

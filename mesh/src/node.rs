@@ -709,11 +709,10 @@ impl Actor {
 
     fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
-            SwarmEvent::NewListenAddr { address, .. } => {
-                if !self.listen_addrs.contains(&address) {
+            SwarmEvent::NewListenAddr { address, .. }
+                if !self.listen_addrs.contains(&address) => {
                     self.listen_addrs.push(address);
                 }
-            }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
@@ -722,6 +721,7 @@ impl Actor {
             } => {
                 let now = Instant::now();
                 if !self.admission.connected(peer_id, now) {
+                    inc(&self.stats.rejected_total);
                     tracing::info!(peer = %peer_id, "refusing connection from a revoked peer");
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
@@ -776,8 +776,8 @@ impl Actor {
                 peer_id,
                 info,
                 ..
-            })) => {
-                if self.admission.is_admitted(&peer_id) {
+            }))
+                if self.admission.is_admitted(&peer_id) => {
                     let addrs: Vec<Multiaddr> = info
                         .listen_addrs
                         .into_iter()
@@ -785,7 +785,6 @@ impl Actor {
                         .collect();
                     self.remember_addrs(peer_id, addrs);
                 }
-            }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
                 connection,
@@ -855,9 +854,14 @@ impl Actor {
                             if !revs.is_empty() {
                                 self.send_rpc(peer, Rpc::Revocations(revs));
                             }
-                            let out = self.membership.handle(now, Input::Discovered { id: peer });
-                            self.apply(out);
                         }
+                        // Also on a re-admission over a fresh connection: if
+                        // we hold the peer dead or suspect, this pokes it so
+                        // it refutes at once.
+                        let out = self
+                            .membership
+                            .handle(Instant::now(), Input::Discovered { id: peer });
+                        self.apply(out);
                     }
                     Err(e) => {
                         inc(&self.stats.rejected_total);
@@ -950,15 +954,14 @@ impl Actor {
                         ..
                     },
                 ..
-            } => {
-                if self.admission.is_admitted(&peer) {
+            }
+                if self.admission.is_admitted(&peer) => {
                     inc(&self.stats.rpc_received_total);
                     let out = self
                         .membership
                         .handle(now, Input::Received { from: peer, msg });
                     self.apply(out);
                 }
-            }
             Event::OutboundFailure { peer, error, .. } => {
                 tracing::trace!(%peer, %error, "rpc failed");
             }
@@ -1023,6 +1026,14 @@ impl Actor {
                             tracing::warn!(rack = ?rack, peer = %id, ?from, "rack suspect")
                         }
                         State::Dead => tracing::warn!(rack = ?rack, peer = %id, ?from, "rack dead"),
+                    }
+                    if to == State::Dead && self.swarm.is_connected(&id) {
+                        // SWIM decided: its connections are stale (a killed
+                        // rack's QUIC connections linger until the idle
+                        // timeout and fill its connection slots, so its
+                        // restart could not get in). If it is alive after
+                        // all, it reconnects and refutes.
+                        let _ = self.swarm.disconnect_peer_id(id);
                     }
                     if !self.peer_backoff.contains_key(&id) && !self.admission.is_revoked(&id) {
                         let now = Instant::now();

@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use deploy::config::{NutConfig, PowerConfig};
 use deploy::power::{
-    parse_generator_json, parse_nut_ok, quote_nut_word, status_from_nut, GeneratorJsonError,
-    ListVarParser, NutResponseError, NutVars, PowerSource, PowerStatus, UnsendableWord,
-    MAX_GENERATOR_JSON, MAX_NUT_LINE,
+    check_nut_status, parse_generator_json, parse_nut_ok, quote_nut_word, status_from_nut,
+    GeneratorJsonError, ListVarParser, NutResponseError, NutStatusError, NutVars, PowerSource,
+    PowerStatus, UnsendableWord, MAX_GENERATOR_JSON, MAX_NUT_LINE,
 };
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -395,8 +395,7 @@ pub enum PowerCommandError {
 /// [`PowerCommandError`]; a non-zero exit is an error even if it printed JSON.
 ///
 /// # Cancel safety
-/// Cancel-safe in that the child is killed (`kill_on_drop`) when the future
-/// is dropped; grandchildren it started may outlive it in that case.
+/// Cancel-safe: dropping the future kills the command's process group.
 pub async fn run_power_command(argv: &[String]) -> Result<Vec<u8>, PowerCommandError> {
     run_command_bounded(argv, COMMAND_TIMEOUT, MAX_GENERATOR_JSON).await
 }
@@ -419,7 +418,12 @@ async fn run_command_bounded(
             program: program.clone(),
             source,
         })?;
-    let pgid = child.id().and_then(|id| i32::try_from(id).ok());
+    let mut group = GroupKiller(
+        child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(nix::unistd::Pid::from_raw),
+    );
     let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
         unreachable!("stdout and stderr are piped");
     };
@@ -429,6 +433,8 @@ async fn run_command_bounded(
             read_prefix_and_drain(&mut stderr, MAX_COMMAND_STDERR),
         )?;
         let status = child.wait().await.map_err(LimitedReadError::Io)?;
+        // Reaped: the pid (and group id) may be reused from now on.
+        group.disarm();
         Ok::<_, LimitedReadError>((out, err, status))
     })
     .await;
@@ -456,17 +462,32 @@ async fn run_command_bounded(
             after: deadline,
         },
     };
-    // The child has not been reaped (wait() did not complete), so its pid,
-    // which is also its process group id, cannot have been reused.
-    if let Some(pgid) = pgid {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pgid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    // Not reaped yet, so the group id is still ours: kill the whole group
+    // (grandchildren too), then reap the child.
+    drop(group);
     let _ = child.start_kill();
     let _ = timeout(KILL_REAP_TIMEOUT, child.wait()).await;
     Err(failure)
+}
+
+/// Kills a command's process group (SIGKILL) when dropped: on timeout, on
+/// too much output, and when the reading future is cancelled. Disarmed once
+/// the command has been reaped, since its pid, which is the group id, may then
+/// be reused.
+struct GroupKiller(Option<nix::unistd::Pid>);
+
+impl GroupKiller {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
 }
 
 /// Why a bounded read stopped.
@@ -531,13 +552,15 @@ pub enum PowerReadError {
         /// What went wrong.
         source: NutClientError,
     },
-    /// upsd answered, but the UPS lists no `ups.status`.
-    #[error("NUT {ups}@{addr}: the UPS reports no ups.status")]
-    NoUpsStatus {
+    /// upsd answered, but without a usable `ups.status`.
+    #[error("NUT {ups}@{addr}: {source}")]
+    NutStatus {
         /// The UPS name.
         ups: String,
         /// upsd's address.
         addr: String,
+        /// What is wrong with it.
+        source: NutStatusError,
     },
     /// `power.file` could not be read.
     #[error(transparent)]
@@ -611,14 +634,12 @@ impl Source {
                     addr: nut.addr.clone(),
                     source,
                 })?;
-                let status = status_from_nut(&vars, dying_runtime_s);
-                if status.error.is_some() {
-                    return Err(PowerReadError::NoUpsStatus {
-                        ups: nut.ups.clone(),
-                        addr: nut.addr.clone(),
-                    });
-                }
-                Ok(status)
+                check_nut_status(&vars).map_err(|source| PowerReadError::NutStatus {
+                    ups: nut.ups.clone(),
+                    addr: nut.addr.clone(),
+                    source,
+                })?;
+                Ok(status_from_nut(&vars, dying_runtime_s))
             }
             Self::File(path) => {
                 let bytes = read_power_file(path).await?;
@@ -840,7 +861,9 @@ mod tests {
                 let Some((_, answer)) = script.iter().find(|(p, _)| line.starts_with(p)) else {
                     break;
                 };
-                if w.write_all(answer.as_bytes()).await.is_err() || line == "LOGOUT" {
+                // An answer without a final newline is a server dying mid-line.
+                let last = line == "LOGOUT" || !answer.ends_with('\n');
+                if w.write_all(answer.as_bytes()).await.is_err() || last {
                     break;
                 }
             }
@@ -1032,6 +1055,29 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, PowerCommandError::Timeout { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(3));
+
+        // Cancelling the reading kills the whole group too.
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let args = argv(&["/bin/sh", "-c", &script]);
+        let run = run_power_command(&args);
+        assert!(timeout(Duration::from_millis(500), run).await.is_err());
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let gone = || {
+            // Killed and reaped by init, or a zombie awaiting reaping.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |s| s.split_whitespace().nth(2) == Some("Z"))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !gone() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(gone(), "grandchild {pid} survived cancellation");
 
         let err = run_command_bounded(
             &argv(&["/bin/sh", "-c", "yes"]),

@@ -57,6 +57,9 @@ pub enum StoreError {
     },
 }
 
+/// Verified entries of a tree, in key order, and how many failed verification.
+pub type Scan = (Vec<(Vec<u8>, Vec<u8>)>, usize);
+
 /// The store as the agent sees it.
 pub trait Store: Send + Sync + 'static {
     /// Read one value (already verified).
@@ -84,7 +87,7 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`StoreError::Backend`].
-    fn scan(&self, tree: Tree) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, usize), StoreError>;
+    fn scan(&self, tree: Tree) -> Result<Scan, StoreError>;
     /// The last key of a tree.
     ///
     /// # Errors
@@ -193,7 +196,7 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn scan(&self, tree: Tree) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, usize), StoreError> {
+    fn scan(&self, tree: Tree) -> Result<Scan, StoreError> {
         let mut good = Vec::new();
         let mut bad = 0;
         for item in self.tree(tree)?.iter() {
@@ -257,7 +260,8 @@ mod tests {
     proptest! {
         #[test]
         fn sealed_records_round_trip(p in proptest::collection::vec(any::<u8>(), 0..512)) {
-            prop_assert_eq!(open(&seal(&p)).unwrap(), &p[..]);
+            let sealed = seal(&p);
+            prop_assert_eq!(open(&sealed).unwrap(), &p[..]);
         }
 
         #[test]

@@ -252,8 +252,11 @@ async fn wait_for(
     pred: impl FnMut(&PowerStatus) -> bool,
     context: impl FnOnce() -> String,
 ) -> PowerStatus {
-    match tokio::time::timeout(WAIT, rx.wait_for(pred)).await {
-        Ok(Ok(s)) => s.clone(),
+    let result = tokio::time::timeout(WAIT, rx.wait_for(pred))
+        .await
+        .map(|r| r.map(|s| s.clone()));
+    match result {
+        Ok(Ok(s)) => s,
         Ok(Err(_)) => panic!("power monitor stopped while waiting for {what}"),
         Err(_) => panic!(
             "no {what} within {WAIT:?}; last status {:?}\n{}",

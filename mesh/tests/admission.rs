@@ -1,0 +1,226 @@
+//! Real swarms on loopback: only fleet members get in, and nothing is sent
+//! to a peer whose certificate did not verify.
+//!
+//! The outsider in each case *trusts our fleet key*, so if any rack sent it
+//! rack data it would accept and count it: its `rpc_received_total` staying
+//! at zero is the proof that nothing flowed.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use deploy::cert::{CertBody, CERT_VERSION};
+use deploy::power::PowerStatus;
+use deploy::{Certificate, FleetKey, Revocation, RevocationBody, Role};
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use mesh::membership::State;
+use mesh::{MeshHandle, MeshSettings, RackInfo};
+use tokio_util::sync::CancellationToken;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn cert_for(fleet: &FleetKey, name: &str, rack: &str, key: &Keypair) -> Certificate {
+    fleet.issue(&CertBody {
+        version: CERT_VERSION,
+        fleet: name.into(),
+        rack: rack.into(),
+        peer_id: PeerId::from(key.public()).to_base58(),
+        role: Role::Rack,
+        site: "s".into(),
+        serial: 1,
+        not_before: now() - 60,
+        not_after: now() + 3600,
+    })
+}
+
+fn settings(
+    fleet: &FleetKey,
+    rack: &str,
+    key: Keypair,
+    cert: Certificate,
+    bootstrap: Vec<Multiaddr>,
+    revocations: Vec<Revocation>,
+) -> MeshSettings {
+    MeshSettings {
+        keypair: key,
+        certificate: cert,
+        fleet_key: fleet.public(),
+        fleet_name: "test".into(),
+        rack: rack.into(),
+        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+        bootstrap,
+        mdns: false,
+        admission_timeout: Duration::from_millis(1500),
+        max_connections: 64,
+        max_connections_per_peer: 2,
+        idle_timeout: Duration::from_secs(30),
+        reconnect_initial: Duration::from_millis(200),
+        reconnect_max: Duration::from_secs(1),
+        membership: Default::default(),
+        incarnation: 1,
+        meta: RackInfo {
+            rack: rack.into(),
+            role: Role::Rack,
+            site: "s".into(),
+            cpus: 1,
+            memory_mb: 1,
+            power: PowerStatus::default(),
+            version: "test".into(),
+            api: "127.0.0.1:1".into(),
+        },
+        revocations,
+        seed: 7,
+    }
+}
+
+async fn addr_of(h: &MeshHandle) -> Multiaddr {
+    let s = h.status().await.unwrap();
+    s.listen_addrs[0]
+        .clone()
+        .with(libp2p::multiaddr::Protocol::P2p(s.peer_id))
+}
+
+async fn alive_peers(h: &MeshHandle) -> Vec<PeerId> {
+    h.status()
+        .await
+        .unwrap()
+        .peers
+        .iter()
+        .filter(|p| p.state == State::Alive)
+        .map(|p| p.peer_id)
+        .collect()
+}
+
+/// Two fleet racks plus one outsider dialling both; returns after the
+/// outsider had several admission timeouts' worth of time.
+async fn run_outsider(
+    outsider_cert: impl FnOnce(&FleetKey, &Keypair) -> Certificate,
+    revoke_outsider: bool,
+) {
+    let fleet = FleetKey::generate();
+    let cancel = CancellationToken::new();
+    let ka = Keypair::generate_ed25519();
+    let kb = Keypair::generate_ed25519();
+    let kx = Keypair::generate_ed25519();
+    let revs = if revoke_outsider {
+        vec![fleet.revoke(&RevocationBody {
+            version: CERT_VERSION,
+            fleet: "test".into(),
+            rack: "x".into(),
+            peer_id: PeerId::from(kx.public()).to_base58(),
+            revoked_at: now(),
+            reason: "test".into(),
+        })]
+    } else {
+        vec![]
+    };
+    let (a, _) = mesh::start(
+        settings(
+            &fleet,
+            "a",
+            ka.clone(),
+            cert_for(&fleet, "test", "a", &ka),
+            vec![],
+            revs.clone(),
+        ),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    let a_addr = addr_of(&a).await;
+    let (b, _) = mesh::start(
+        settings(
+            &fleet,
+            "b",
+            kb.clone(),
+            cert_for(&fleet, "test", "b", &kb),
+            vec![a_addr.clone()],
+            revs,
+        ),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    let b_addr = addr_of(&b).await;
+    let xcert = outsider_cert(&fleet, &kx);
+    let (x, _) = mesh::start(
+        settings(&fleet, "x", kx.clone(), xcert, vec![a_addr, b_addr], vec![]),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+
+    // a and b form a mesh...
+    let t0 = std::time::Instant::now();
+    while !(alive_peers(&a).await.contains(&b.peer_id)
+        && alive_peers(&b).await.contains(&a.peer_id))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10), "a and b never met");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...and the outsider keeps trying for a while.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for h in [&a, &b] {
+        let st = h.status().await.unwrap();
+        assert!(
+            st.peers.iter().all(|p| p.peer_id != x.peer_id),
+            "outsider appears in peers: {:?}",
+            st.peers
+        );
+        let refused = h.stats.rejected_total.load(Ordering::Relaxed)
+            + h.stats.admission_timeouts_total.load(Ordering::Relaxed);
+        assert!(
+            refused > 0,
+            "the outsider never even reached the fleet (test would be vacuous)"
+        );
+    }
+    assert_eq!(
+        x.stats.rpc_received_total.load(Ordering::Relaxed),
+        0,
+        "rack data reached the outsider"
+    );
+    assert!(alive_peers(&x).await.is_empty());
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_without_certificate_is_never_admitted() {
+    // A valid libp2p key, but a "certificate" that is not one.
+    run_outsider(
+        |_, _| Certificate {
+            body: "bm90IGEgY2VydA==".into(),
+            signature: "AAAA".into(),
+        },
+        false,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_with_another_fleets_certificate_is_never_admitted() {
+    run_outsider(
+        |_, k| cert_for(&FleetKey::generate(), "test", "x", k),
+        false,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_with_a_stolen_certificate_is_never_admitted() {
+    // A genuine certificate, but bound to another rack's PeerId.
+    run_outsider(
+        |f, _| cert_for(f, "test", "a", &Keypair::generate_ed25519()),
+        false,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_peer_is_never_admitted() {
+    run_outsider(|f, k| cert_for(f, "test", "x", k), true).await;
+}
