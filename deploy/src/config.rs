@@ -461,3 +461,104 @@ pub fn config_dir(path: &Path) -> PathBuf {
         _ => PathBuf::from("."),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const KEY: &str = "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";
+
+    fn minimal() -> String {
+        format!("rack = \"a\"\n[fleet]\nname = \"haiti\"\npublic_key = \"{KEY}\"\n")
+    }
+
+    fn field_of(text: &str) -> String {
+        match RackConfig::parse(text, Path::new("rack.toml")) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            Err(e) => format!("parse: {e}"),
+            Ok(_) => "ok".into(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_working_defaults() {
+        let c = RackConfig::parse(&minimal(), Path::new("rack.toml")).unwrap();
+        assert_eq!(c.role, Role::Rack);
+        assert_eq!(
+            c.mesh.listen,
+            vec!["/ip4/0.0.0.0/udp/7400/quic-v1".to_string()]
+        );
+        assert!(c.mesh.mdns);
+        assert_eq!(c.api_addr().port(), 7480);
+        assert_eq!(c.power.dying_runtime_s, 300);
+        // and survives a round trip through provisioning's serializer
+        let again = RackConfig::parse(&c.to_toml(), Path::new("rack.toml")).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        let m = minimal();
+        assert_eq!(field_of(&m.replace("rack = \"a\"", "rack = \"A\"")), "rack");
+        assert_eq!(field_of(&m.replace(KEY, "nope")), "fleet.public_key");
+        assert_eq!(
+            field_of(&format!("{m}[mesh]\nlisten = []\n")),
+            "mesh.listen"
+        );
+        assert_eq!(
+            field_of(&format!(
+                "{m}[mesh]\nbootstrap = [\"/ip4/1.2.3.4/tcp/1\"]\n"
+            )),
+            "mesh.bootstrap[0]"
+        );
+        assert_eq!(
+            field_of(&format!("{m}[membership]\nprobe_timeout_ms = 5000\n")),
+            "membership.probe_timeout_ms"
+        );
+        assert_eq!(
+            field_of(&format!("{m}[api]\nlisten = \"localhost\"\n")),
+            "api.listen"
+        );
+        assert_eq!(
+            field_of(&format!("{m}[power]\nfile = \"x\"\ncommand = [\"y\"]\n")),
+            "power"
+        );
+        assert_eq!(
+            field_of(&format!("{m}[power.nut]\nups = \"\"\n")),
+            "power.nut.ups"
+        );
+        assert!(field_of(&format!("{m}typo = 1\n")).contains("typo"));
+        assert!(field_of(&format!("{m}[mesh]\nmdns = \"yes\"\n")).contains("mdns"));
+        assert!(field_of("rack = ").starts_with("parse"));
+    }
+
+    proptest! {
+        /// Arbitrary text never panics the parser.
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,400}") {
+            let _ = RackConfig::parse(&text, Path::new("rack.toml"));
+        }
+
+        /// Arbitrary values for every numeric knob either parse or are
+        /// refused with the knob's own name.
+        #[test]
+        fn numeric_knobs_are_validated(
+            table in prop::sample::select(vec!["mesh", "membership", "power"]),
+            key in prop::sample::select(vec![
+                "admission_timeout_ms", "max_connections", "idle_timeout_ms", "reconnect_initial_ms",
+                "probe_interval_ms", "probe_timeout_ms", "suspect_timeout_ms", "max_piggyback",
+                "poll_interval_ms", "dying_runtime_s",
+            ]),
+            value in any::<i64>(),
+        ) {
+            let text = format!("{}[{table}]\n{key} = {value}\n", minimal());
+            match RackConfig::parse(&text, Path::new("rack.toml")) {
+                Ok(_) => {}
+                Err(ConfigError::Invalid { field, .. }) => prop_assert!(field.starts_with(table) || field == "membership.probe_timeout_ms" || field == "mesh.reconnect_max_ms"),
+                Err(ConfigError::Parse { message, .. }) => prop_assert!(message.contains(key) || message.contains(table), "{}", message),
+                Err(e) => prop_assert!(false, "unexpected {e}"),
+            }
+        }
+    }
+}

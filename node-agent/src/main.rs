@@ -11,6 +11,7 @@ use node_agent::client::AgentClient;
 use node_agent::fleet::{self, RackSpec};
 use node_agent::status::{render_table, Status};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Exit code for a bad configuration or usage (sysexits' EX_USAGE).
 const EX_CONFIG: u8 = 64;
@@ -210,8 +211,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::from(EX_CONFIG));
             }
             let span = tracing::info_span!("rack", rack = %cfg.rack);
-            let _g = span.enter();
-            node_agent::agent::run(cfg, &config, shutdown_token()).await?;
+            node_agent::agent::run(cfg, &config, shutdown_token())
+                .instrument(span)
+                .await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Fleet(cmd) => {
