@@ -54,6 +54,9 @@ pub struct RackConfig {
     /// What this rack can host; gossiped to the fleet.
     #[serde(default)]
     pub capacity: Capacity,
+    /// Volume snapshots and replication.
+    #[serde(default)]
+    pub volumes: VolumesConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -203,6 +206,34 @@ pub struct NutConfig {
     /// Password for `username`.
     #[serde(default)]
     pub password: Option<String>,
+}
+
+/// `[volumes]`: snapshots and replication of appliance disks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumesConfig {
+    /// Copies of each volume on distinct racks, the owner's included.
+    pub replication_factor: usize,
+    /// How often the owner snapshots each volume it owns.
+    pub snapshot_interval_s: u64,
+    /// Snapshots kept per volume (older ones are garbage-collected).
+    pub keep_snapshots: usize,
+    /// Bytes per second per peer link for replication (0 = unlimited).
+    pub link_bytes_per_s: u64,
+    /// How often stored chunks are re-verified (0 = never).
+    pub scrub_interval_s: u64,
+}
+
+impl Default for VolumesConfig {
+    fn default() -> Self {
+        Self {
+            replication_factor: 2,
+            snapshot_interval_s: 10,
+            keep_snapshots: 3,
+            link_bytes_per_s: 0,
+            scrub_interval_s: 3600,
+        }
+    }
 }
 
 /// `[capacity]`: zero means "detect from this machine".
@@ -419,6 +450,18 @@ impl RackConfig {
                 "membership.probe_timeout_ms",
                 "must be shorter than membership.probe_interval_ms".into(),
             );
+        }
+        if self.volumes.replication_factor == 0 {
+            return bad("volumes.replication_factor", "must be at least 1".into());
+        }
+        if self.volumes.snapshot_interval_s == 0 {
+            return bad(
+                "volumes.snapshot_interval_s",
+                "must be greater than 0".into(),
+            );
+        }
+        if self.volumes.keep_snapshots == 0 {
+            return bad("volumes.keep_snapshots", "must be at least 1".into());
         }
         if self.membership.max_piggyback == 0 {
             return bad("membership.max_piggyback", "must be greater than 0".into());

@@ -17,6 +17,7 @@ pub mod node;
 pub mod protocol;
 
 pub use node::{
-    start, MeshError, MeshEvent, MeshHandle, MeshSettings, MeshStatus, PeerStatus, StartError,
+    start, AdmittedStreams, MeshError, MeshEvent, MeshHandle, MeshSettings, MeshStatus, PeerStatus,
+    StartError,
 };
 pub use protocol::RackInfo;

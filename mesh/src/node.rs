@@ -182,6 +182,8 @@ pub struct MeshStats {
     pub transitions_total: AtomicU64,
     /// Revocations learned.
     pub revocations_total: AtomicU64,
+    /// Inbound raw streams from peers not admitted, dropped.
+    pub streams_refused_total: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -224,6 +226,12 @@ pub enum MeshError {
     /// The revocation is not valid for this fleet.
     #[error("revocation refused: {0}")]
     BadRevocation(#[from] CertError),
+    /// The peer is not admitted (not connected, or not a fleet member).
+    #[error("peer {0} is not admitted")]
+    NotAdmitted(PeerId),
+    /// A raw stream could not be opened or accepted.
+    #[error("stream: {0}")]
+    Stream(String),
 }
 
 /// A cloneable handle to the mesh actor.
@@ -231,13 +239,101 @@ pub enum MeshError {
 pub struct MeshHandle {
     tx: mpsc::Sender<Command>,
     events: broadcast::Sender<MeshEvent>,
+    /// Opens and accepts raw streams (bulk data) on the mesh connections.
+    control: libp2p_stream::Control,
+    /// Peers admitted right now, with their rack names. Written only by
+    /// the actor; read by stream users to gate bulk data.
+    admitted: Admitted,
     /// Counters for metrics.
     pub stats: Arc<MeshStats>,
     /// Our PeerId.
     pub peer_id: PeerId,
 }
 
+/// The set of admitted peers, shared with stream users.
+pub type Admitted = Arc<std::sync::RwLock<HashMap<PeerId, String>>>;
+
+/// Inbound streams of one protocol, from admitted peers only.
+pub struct AdmittedStreams {
+    inner: libp2p_stream::IncomingStreams,
+    admitted: Admitted,
+    stats: Arc<MeshStats>,
+}
+
+impl AdmittedStreams {
+    /// The next stream from an admitted peer; streams from anyone else are
+    /// dropped unread. `None` when the mesh stops.
+    pub async fn next(&mut self) -> Option<(PeerId, libp2p::Stream)> {
+        loop {
+            let (peer, stream) = self.inner.next().await?;
+            if self
+                .admitted
+                .read()
+                .expect("admitted lock")
+                .contains_key(&peer)
+            {
+                return Some((peer, stream));
+            }
+            inc(&self.stats.streams_refused_total);
+            drop(stream);
+        }
+    }
+}
+
 impl MeshHandle {
+    /// Open a raw stream to an admitted peer.
+    ///
+    /// # Errors
+    /// [`MeshError::NotAdmitted`] if the peer is not admitted right now (no
+    /// rack data goes to a peer whose certificate is not verified);
+    /// [`MeshError::Stream`] if the stream cannot be opened.
+    pub async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: &'static str,
+    ) -> Result<libp2p::Stream, MeshError> {
+        if !self
+            .admitted
+            .read()
+            .expect("admitted lock")
+            .contains_key(&peer)
+        {
+            return Err(MeshError::NotAdmitted(peer));
+        }
+        let mut control = self.control.clone();
+        control
+            .open_stream(peer, StreamProtocol::new(protocol))
+            .await
+            .map_err(|e| MeshError::Stream(e.to_string()))
+    }
+
+    /// Accept inbound streams of `protocol` (once per protocol).
+    ///
+    /// # Errors
+    /// [`MeshError::Stream`] if the protocol is already being accepted.
+    pub fn accept_streams(&self, protocol: &'static str) -> Result<AdmittedStreams, MeshError> {
+        let inner = self
+            .control
+            .clone()
+            .accept(StreamProtocol::new(protocol))
+            .map_err(|_| MeshError::Stream(format!("{protocol} is already accepted")))?;
+        Ok(AdmittedStreams {
+            inner,
+            admitted: self.admitted.clone(),
+            stats: self.stats.clone(),
+        })
+    }
+
+    /// Admitted peers right now, with their rack names.
+    pub fn admitted(&self) -> Vec<(PeerId, String)> {
+        self.admitted
+            .read()
+            .expect("admitted lock")
+            .iter()
+            .map(|(p, r)| (*p, r.clone()))
+            .collect()
+    }
+
     /// A snapshot of the mesh.
     ///
     /// # Errors
@@ -288,6 +384,7 @@ struct Behaviour {
     ping: ping::Behaviour,
     admit: request_response::cbor::Behaviour<AdmitRequest, AdmitResponse>,
     rpc: request_response::cbor::Behaviour<Rpc, RpcReply>,
+    stream: libp2p_stream::Behaviour,
 }
 
 /// Start the mesh: bind, start discovery, spawn the actor.
@@ -353,13 +450,25 @@ pub async fn start(
     let (events, _) = broadcast::channel(EVENT_QUEUE);
     let stats = Arc::new(MeshStats::default());
     let peer_id = *swarm.local_peer_id();
+    let admitted: Admitted = Arc::default();
     let handle = MeshHandle {
         tx,
         events: events.clone(),
+        control: swarm.behaviour().stream.new_control(),
+        admitted: admitted.clone(),
         stats: stats.clone(),
         peer_id,
     };
-    let actor = Actor::new(settings, swarm, listen_addrs, rx, disc_rx, events, stats);
+    let actor = Actor::new(
+        settings,
+        swarm,
+        listen_addrs,
+        rx,
+        disc_rx,
+        events,
+        stats,
+        admitted,
+    );
     let task = tokio::spawn(actor.run(cancel));
     Ok((handle, task))
 }
@@ -403,6 +512,7 @@ fn build_swarm(s: &MeshSettings) -> Result<Swarm<Behaviour>, StartError> {
                     .with_request_timeout(Duration::from_secs(5))
                     .with_max_concurrent_streams(256),
             ),
+            stream: libp2p_stream::Behaviour::new(),
         })
         .map_err(|e| StartError::Build(e.to_string()))?
         // Keep-alive is SWIM's and ping's business; never drop a quiet but
@@ -413,6 +523,9 @@ fn build_swarm(s: &MeshSettings) -> Result<Swarm<Behaviour>, StartError> {
 }
 
 struct Actor {
+    /// Admitted peers as seen by stream users; rebuilt from `admission`
+    /// whenever it changes.
+    shared_admitted: Admitted,
     settings: MeshSettings,
     swarm: Swarm<Behaviour>,
     listen_addrs: Vec<Multiaddr>,
@@ -452,6 +565,7 @@ impl Actor {
         discovered: mpsc::Receiver<Discovered>,
         events: broadcast::Sender<MeshEvent>,
         stats: Arc<MeshStats>,
+        shared_admitted: Admitted,
     ) -> Self {
         let now = Instant::now();
         let mut admission = Admission::new(
@@ -484,6 +598,7 @@ impl Actor {
             })
             .collect();
         Self {
+            shared_admitted,
             rng: StdRng::seed_from_u64(settings.seed ^ 0x5eed),
             settings,
             swarm,
@@ -561,6 +676,7 @@ impl Actor {
         match self.admission.revoke(rev)? {
             RevokeOutcome::Known => Ok(false),
             RevokeOutcome::New(body) => {
+                self.sync_admitted();
                 inc(&self.stats.revocations_total);
                 let peer: PeerId = body.peer_id.parse().expect("verified");
                 tracing::warn!(rack = %body.rack, %peer, reason = %body.reason, "rack revoked");
@@ -586,6 +702,16 @@ impl Actor {
                 Ok(true)
             }
         }
+    }
+
+    /// Publish the admitted set to stream users.
+    fn sync_admitted(&self) {
+        let fresh: HashMap<PeerId, String> = self
+            .admission
+            .admitted_peers()
+            .map(|(p, b)| (*p, b.rack.clone()))
+            .collect();
+        *self.shared_admitted.write().expect("admitted lock") = fresh;
     }
 
     fn on_discovered(&mut self, found: Discovered) {
@@ -709,10 +835,9 @@ impl Actor {
 
     fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
-            SwarmEvent::NewListenAddr { address, .. }
-                if !self.listen_addrs.contains(&address) => {
-                    self.listen_addrs.push(address);
-                }
+            SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
+                self.listen_addrs.push(address);
+            }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
@@ -764,6 +889,7 @@ impl Actor {
                 if num_established == 0 {
                     self.connections.remove(&peer_id);
                     self.admission.disconnected(&peer_id);
+                    self.sync_admitted();
                     self.pending_acks.retain(|(p, _), _| *p != peer_id);
                 }
             }
@@ -776,15 +902,14 @@ impl Actor {
                 peer_id,
                 info,
                 ..
-            }))
-                if self.admission.is_admitted(&peer_id) => {
-                    let addrs: Vec<Multiaddr> = info
-                        .listen_addrs
-                        .into_iter()
-                        .filter(|a| !is_loopback(a) || self.is_local_field())
-                        .collect();
-                    self.remember_addrs(peer_id, addrs);
-                }
+            })) if self.admission.is_admitted(&peer_id) => {
+                let addrs: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .into_iter()
+                    .filter(|a| !is_loopback(a) || self.is_local_field())
+                    .collect();
+                self.remember_addrs(peer_id, addrs);
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
                 connection,
@@ -832,6 +957,7 @@ impl Actor {
                         self.rack_names.insert(peer, body.rack.clone());
                         if newly {
                             inc(&self.stats.admitted_total);
+                            self.sync_admitted();
                             tracing::info!(rack = %body.rack, %peer, "peer admitted");
                             let now = Instant::now();
                             self.peer_backoff
@@ -954,14 +1080,13 @@ impl Actor {
                         ..
                     },
                 ..
+            } if self.admission.is_admitted(&peer) => {
+                inc(&self.stats.rpc_received_total);
+                let out = self
+                    .membership
+                    .handle(now, Input::Received { from: peer, msg });
+                self.apply(out);
             }
-                if self.admission.is_admitted(&peer) => {
-                    inc(&self.stats.rpc_received_total);
-                    let out = self
-                        .membership
-                        .handle(now, Input::Received { from: peer, msg });
-                    self.apply(out);
-                }
             Event::OutboundFailure { peer, error, .. } => {
                 tracing::trace!(%peer, %error, "rpc failed");
             }

@@ -60,6 +60,8 @@ pub struct Rack {
     pub metrics: AgentMetrics,
     /// What the store held at start.
     pub recovery: RecoveryReport,
+    /// Volumes: snapshots and replication.
+    pub volumes: Arc<crate::volumes::VolumeEngine>,
     started: Instant,
 }
 
@@ -70,6 +72,7 @@ impl Rack {
     /// If the mesh has stopped.
     pub async fn status(&self) -> Result<Status, mesh::MeshError> {
         let m = self.mesh.status().await?;
+        let volumes = self.volumes.status().await;
         let peers = m
             .peers
             .iter()
@@ -114,6 +117,7 @@ impl Rack {
             listen: m.listen_addrs.iter().map(|a| a.to_string()).collect(),
             peers,
             power: self.power.borrow().clone(),
+            volumes,
             revoked,
             store: self.recovery.clone(),
         })
@@ -311,7 +315,16 @@ pub async fn run(
         .context("starting the mesh")?;
     tracing::info!(rack = %config.rack, peer_id = %mesh.peer_id, incarnation, api = %config.api.listen, "rack up");
 
+    let volumes = crate::volumes::VolumeEngine::open(
+        &config.data_dir,
+        &config.rack,
+        &config.site,
+        config.volumes.clone(),
+        mesh.clone(),
+        state.clone(),
+    )?;
     let rack = Arc::new(Rack {
+        volumes: volumes.clone(),
         config: config.clone(),
         state: state.clone(),
         mesh: mesh.clone(),
@@ -329,6 +342,7 @@ pub async fn run(
     ));
     tasks.spawn(record_mesh_events(rack.clone(), cancel.child_token()));
     tasks.spawn(publish_power(rack.clone(), cancel.child_token()));
+    tasks.spawn(volumes.run(config.role, cancel.child_token()));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");

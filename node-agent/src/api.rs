@@ -39,14 +39,51 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Most events returned by one `/api/v1/events` call.
 pub const MAX_EVENTS_PER_CALL: usize = 1000;
 
-type Body = Full<Bytes>;
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(CONTENT_TYPE, content_type)
-        .body(Full::new(body.into()))
+        .body(Full::new(body.into()).boxed())
         .expect("static response parts are valid")
+}
+
+/// Progress lines queued for a streaming response; a slow client makes
+/// the operation skip progress lines, never stall.
+const PROGRESS_QUEUE: usize = 16;
+
+/// A long operation's response: NDJSON lines `{"progress": {"done", "total"}}`
+/// then one `{"result": ...}` or `{"error": "..."}`.
+fn ndjson_stream(mut rx: tokio::sync::mpsc::Receiver<serde_json::Value>) -> Response<Body> {
+    use futures::StreamExt;
+    let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|v| {
+        let mut line = serde_json::to_vec(&v).expect("json");
+        line.push(b'\n');
+        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(line)))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, "application/x-ndjson")
+        .body(BodyExt::boxed(http_body_util::StreamBody::new(stream)))
+        .expect("valid")
+}
+
+/// A progress callback that sends at most one line per 1 % or 250 ms.
+fn progress_sender(
+    tx: tokio::sync::mpsc::Sender<serde_json::Value>,
+) -> impl FnMut(u64, u64) + Send + 'static {
+    let mut last = std::time::Instant::now();
+    let mut last_pct = u64::MAX;
+    move |done, total| {
+        let pct = if total == 0 { 100 } else { done * 100 / total };
+        if pct != last_pct && (last.elapsed() >= Duration::from_millis(250) || done == total) {
+            last = std::time::Instant::now();
+            last_pct = pct;
+            let _ =
+                tx.try_send(serde_json::json!({ "progress": { "done": done, "total": total } }));
+        }
+    }
 }
 
 fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Body> {
@@ -146,7 +183,7 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
             .status(StatusCode::UNAUTHORIZED)
             .header("www-authenticate", "Bearer")
             .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from_static(br#"{"error":"missing or wrong bearer token (see the api-token file beside rack.toml)"}"#)))
+            .body(Full::new(Bytes::from_static(br#"{"error":"missing or wrong bearer token (see the api-token file beside rack.toml)"}"#)).boxed())
             .expect("valid");
     }
     let path = req.uri().path().to_string();
@@ -197,11 +234,142 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
         }
-        (_, "/api/v1/status" | "/metrics" | "/api/v1/revocations" | "/api/v1/events") => error(
+        (Method::GET, "/api/v1/volumes") => json(StatusCode::OK, &rack.volumes.status().await),
+        (Method::POST, "/api/v1/volumes") => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Create {
+                name: String,
+                size: String,
+            }
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let c: Create = match serde_json::from_slice(&body) {
+                Ok(c) => c,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("expected {{\"name\", \"size\"}}: {e}"),
+                    )
+                }
+            };
+            let size = match datastore::parse_size(&c.size) {
+                Ok(s) => s,
+                Err(e) => return error(StatusCode::BAD_REQUEST, format!("size: {e}")),
+            };
+            match rack.volumes.create(c.name.clone(), size).await {
+                Ok(()) => json(
+                    StatusCode::CREATED,
+                    &serde_json::json!({ "name": c.name, "size_bytes": size }),
+                ),
+                Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+            }
+        }
+        (Method::POST, "/api/v1/volumes/scrub") => {
+            let (corrupt, repaired) = rack.volumes.scrub_now().await;
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "corrupt": corrupt, "repaired": repaired }),
+            )
+        }
+        (Method::POST, p) if p.starts_with("/api/v1/volumes/") => volume_action(req, rack, p).await,
+        (
+            _,
+            "/api/v1/status"
+            | "/metrics"
+            | "/api/v1/revocations"
+            | "/api/v1/events"
+            | "/api/v1/volumes",
+        ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{} is not allowed on {path}", req.method()),
         ),
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+    }
+}
+
+/// `POST /api/v1/volumes/{name}/{snapshot|import|export}`.
+async fn volume_action(req: Request<Incoming>, rack: &Rack, path: &str) -> Response<Body> {
+    let rest = &path["/api/v1/volumes/".len()..];
+    let Some((name, action)) = rest.split_once('/') else {
+        return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"));
+    };
+    let name = name.to_string();
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Args {
+        from: Option<std::path::PathBuf>,
+        to: Option<std::path::PathBuf>,
+        generation: Option<u64>,
+    }
+    let args: Args = if body.is_empty() {
+        Args::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(a) => a,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad arguments: {e}")),
+        }
+    };
+    match action {
+        "snapshot" => match rack.volumes.snapshot(name).await {
+            Ok(m) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "volume": m.volume, "generation": m.generation }),
+            ),
+            Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        },
+        "import" | "export" => {
+            let (tx, rx) = tokio::sync::mpsc::channel(PROGRESS_QUEUE);
+            let progress = progress_sender(tx.clone());
+            let volumes = rack.volumes.clone();
+            let result = match (action, args.from, args.to) {
+                ("import", Some(from), _) => tokio::spawn(async move {
+                    volumes.import(name, from, progress).await.map(
+                        |m| serde_json::json!({ "volume": m.volume, "generation": m.generation }),
+                    )
+                }),
+                ("export", _, Some(to)) => {
+                    let generation = args.generation;
+                    tokio::spawn(async move {
+                        volumes
+                            .export(name, generation, to.clone(), progress)
+                            .await
+                            .map(|()| serde_json::json!({ "to": to }))
+                    })
+                }
+                ("import", None, _) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "import needs {\"from\": \"/path/to/image\"}",
+                    )
+                }
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "export needs {\"to\": \"/path/to/out.img\"}",
+                    )
+                }
+            };
+            tokio::spawn(async move {
+                let line = match result.await {
+                    Ok(Ok(v)) => serde_json::json!({ "result": v }),
+                    Ok(Err(e)) => serde_json::json!({ "error": e.to_string() }),
+                    Err(e) => serde_json::json!({ "error": format!("task failed: {e}") }),
+                };
+                let _ = tx.send(line).await;
+            });
+            ndjson_stream(rx)
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("no such volume action: {action}"),
+        ),
     }
 }
 

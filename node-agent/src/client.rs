@@ -89,6 +89,70 @@ impl AgentClient {
         Ok((status, bytes))
     }
 
+    /// POST and read an NDJSON stream of progress lines (long operations:
+    /// no overall timeout, only on connecting). Calls `on_progress(done,
+    /// total)` per progress line and returns the final `result`.
+    ///
+    /// # Errors
+    /// Transport errors, a non-2xx answer, or the operation's `error` line.
+    pub async fn post_streaming(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        mut on_progress: impl FnMut(u64, u64),
+    ) -> Result<serde_json::Value> {
+        let stream = tokio::time::timeout(TIMEOUT, tokio::net::TcpStream::connect(&self.addr))
+            .await
+            .with_context(|| format!("connecting to the agent API at {}", self.addr))?
+            .with_context(|| {
+                format!(
+                    "connecting to the agent API at {} (is the agent running?)",
+                    self.addr
+                )
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header("host", &self.addr)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(serde_json::to_vec(&body)?)))?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let mut buf = Vec::new();
+        let mut result = None;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                buf.extend_from_slice(&data);
+            }
+            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                let v: serde_json::Value = serde_json::from_slice(&line)
+                    .context("agent sent a malformed progress line")?;
+                if let Some(p) = v.get("progress") {
+                    on_progress(
+                        p["done"].as_u64().unwrap_or(0),
+                        p["total"].as_u64().unwrap_or(0),
+                    );
+                } else if let Some(e) = v.get("error") {
+                    bail!("{}", e.as_str().unwrap_or("failed"));
+                } else if let Some(r) = v.get("result") {
+                    result = Some(r.clone());
+                }
+            }
+        }
+        if !(200..300).contains(&status) {
+            bail!("agent answered {status}: {}", String::from_utf8_lossy(&buf));
+        }
+        result.context("the agent closed the stream without a result")
+    }
+
     /// GET a JSON document, failing on non-2xx with the agent's reason.
     ///
     /// # Errors

@@ -287,6 +287,7 @@ fn provision_rack(
         api,
         power: Default::default(),
         capacity: Default::default(),
+        volumes: Default::default(),
         log: Default::default(),
     };
     fleet.racks.push(FleetRack {

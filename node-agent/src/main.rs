@@ -9,7 +9,7 @@ use deploy::config::LogFormat;
 use deploy::{RackConfig, Role};
 use node_agent::client::AgentClient;
 use node_agent::fleet::{self, RackSpec};
-use node_agent::status::{render_table, Status};
+use node_agent::status::{human_bytes, render_table, Status};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -65,6 +65,9 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Volumes: appliance disk images, snapshotted and replicated between racks.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
     /// Run a local field of racks on this machine (no configuration needed).
     Demo {
         /// How many racks.
@@ -73,6 +76,63 @@ enum Cmd {
         /// Provision into this directory instead of a temporary one.
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create an empty (thin) volume owned by this rack.
+    Create {
+        /// Volume name ([a-z0-9-]).
+        name: String,
+        /// Size, e.g. 4G, 64M, 1T.
+        #[arg(long)]
+        size: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Import a raw or qcow2 image (into a new volume, or as an existing volume's next generation).
+    Import {
+        /// Volume name.
+        name: String,
+        /// The image file (on the rack).
+        #[arg(long)]
+        from: PathBuf,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Export a generation (the newest by default) as a raw image.
+    Export {
+        /// Volume name.
+        name: String,
+        /// Output file (on the rack).
+        #[arg(long)]
+        to: PathBuf,
+        /// Which generation.
+        #[arg(long)]
+        generation: Option<u64>,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Snapshot a volume now (it is also snapshotted on a schedule).
+    Snapshot {
+        /// Volume name.
+        name: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Volumes on this rack, their replicas and recovery points.
+    Status {
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -240,6 +300,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Volume(cmd) => volume_cmd(cmd).await,
         Cmd::Demo { racks, dir } => {
             init_logging(log_format(cli.log_format, LogFormat::Plain), Some("warn"));
             node_agent::demo::run(racks as usize, dir, shutdown_token()).await?;
@@ -250,6 +311,122 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 
 fn client_for(config: &Path) -> Result<AgentClient> {
     AgentClient::from_config(config).with_context(|| format!("using {}", config.display()))
+}
+
+/// Prints `what: 42% (1.2G of 4.0G)` in place on a terminal.
+fn progress_printer(what: &'static str) -> impl FnMut(u64, u64) {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    move |done, total| {
+        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let line = format!(
+            "{what}: {pct}% ({} of {})",
+            human_bytes(done),
+            human_bytes(total)
+        );
+        if tty {
+            eprint!("\r{line}   ");
+            let _ = std::io::stderr().flush();
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
+async fn volume_cmd(cmd: VolumeCmd) -> Result<ExitCode> {
+    match cmd {
+        VolumeCmd::Create { name, size, config } => {
+            let client = client_for(&config)?;
+            let body = serde_json::to_vec(&serde_json::json!({ "name": name, "size": size }))?;
+            let (status, body) = client
+                .request(hyper::Method::POST, "/api/v1/volumes", Some(body))
+                .await?;
+            if status != 201 {
+                anyhow::bail!("{}", String::from_utf8_lossy(&body));
+            }
+            println!("created volume {name} ({size})");
+        }
+        VolumeCmd::Import { name, from, config } => {
+            let client = client_for(&config)?;
+            let from =
+                std::fs::canonicalize(&from).with_context(|| format!("{}", from.display()))?;
+            let r = client
+                .post_streaming(
+                    &format!("/api/v1/volumes/{name}/import"),
+                    serde_json::json!({ "from": from }),
+                    progress_printer("import"),
+                )
+                .await?;
+            eprintln!();
+            println!(
+                "imported {} as generation {}",
+                from.display(),
+                r["generation"]
+            );
+        }
+        VolumeCmd::Export {
+            name,
+            to,
+            generation,
+            config,
+        } => {
+            let client = client_for(&config)?;
+            let to = if to.is_absolute() {
+                to
+            } else {
+                std::env::current_dir()?.join(to)
+            };
+            client
+                .post_streaming(
+                    &format!("/api/v1/volumes/{name}/export"),
+                    serde_json::json!({ "to": to, "generation": generation }),
+                    progress_printer("export"),
+                )
+                .await?;
+            eprintln!();
+            println!("exported {name} to {}", to.display());
+        }
+        VolumeCmd::Snapshot { name, config } => {
+            let client = client_for(&config)?;
+            let (status, body) = client
+                .request(
+                    hyper::Method::POST,
+                    &format!("/api/v1/volumes/{name}/snapshot"),
+                    None,
+                )
+                .await?;
+            if status != 200 {
+                anyhow::bail!("{}", String::from_utf8_lossy(&body));
+            }
+            let v: serde_json::Value = serde_json::from_slice(&body)?;
+            println!("{name}: generation {}", v["generation"]);
+        }
+        VolumeCmd::Status { config, json } => {
+            let client = client_for(&config)?;
+            let status: Status = client.get_json("/api/v1/status").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status.volumes)?);
+            } else if status.volumes.is_empty() {
+                println!("no volumes on rack {}", status.rack);
+            } else {
+                let table = render_table(&Status {
+                    peers: Vec::new(),
+                    revoked: Vec::new(),
+                    ..status
+                });
+                print!(
+                    "{}",
+                    table
+                        .lines()
+                        .skip_while(|l| !l.starts_with("VOLUME"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+                println!();
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn fleet_cmd(cmd: FleetCmd) -> Result<ExitCode> {

@@ -200,5 +200,66 @@ pub async fn render(rack: &Rack) -> String {
         "fieldrack_store_corrupt_records{{{label}}} {}",
         rack.recovery.corrupt
     );
+    let vm = &rack.volumes.metrics;
+    for (name, help, map) in [
+        (
+            "fieldrack_replication_sent_bytes_total",
+            "Replication bytes sent, by peer rack.",
+            &vm.sent,
+        ),
+        (
+            "fieldrack_replication_received_bytes_total",
+            "Replication bytes received, by peer rack.",
+            &vm.received,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        for (peer, c) in map.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "{name}{{{label},peer=\"{peer}\"}} {}",
+                c.bytes.load(Ordering::Relaxed)
+            );
+        }
+    }
+    family(&mut out, "fieldrack_replication_chunks_total", "counter", "Chunk references per peer rack and how they travelled (whole, delta, deduplicated = not sent).");
+    for (peer, c) in vm.sent.lock().expect("metrics lock").iter() {
+        for (how, v) in [
+            ("whole", &c.chunks),
+            ("delta", &c.deltas),
+            ("deduplicated", &c.deduplicated),
+        ] {
+            let _ = writeln!(
+                out,
+                "fieldrack_replication_chunks_total{{{label},peer=\"{peer}\",how=\"{how}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
+    for (name, help, v) in [
+        (
+            "fieldrack_replication_transfer_failures_total",
+            "Replication transfers that failed (either direction).",
+            &vm.failures,
+        ),
+        (
+            "fieldrack_scrub_corrupt_chunks_total",
+            "Corrupt chunks found by scrubs.",
+            &vm.scrub_corrupt,
+        ),
+        (
+            "fieldrack_scrub_repairs_total",
+            "Corrupt chunks repaired from another rack.",
+            &vm.scrub_repairs,
+        ),
+        (
+            "fieldrack_snapshots_total",
+            "Volume snapshots taken.",
+            &vm.snapshots,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name}{{{label}}} {}", v.load(Ordering::Relaxed));
+    }
     out
 }

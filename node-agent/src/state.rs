@@ -55,7 +55,7 @@ impl AgentState {
             events_contiguous: true,
             ..Default::default()
         };
-        for tree in [Tree::Meta, Tree::Revocations] {
+        for tree in [Tree::Meta, Tree::Revocations, Tree::Volumes] {
             let (good, bad) = store.scan(tree)?;
             report.records += good.len();
             report.corrupt += bad;
@@ -130,6 +130,39 @@ impl AgentState {
         let bytes = serde_json::to_vec(rev).expect("Revocation serializes");
         self.store
             .put_durable(Tree::Revocations, peer_id.as_bytes(), &bytes)
+    }
+
+    /// Replication bookkeeping of every volume.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    pub fn volume_records(
+        &self,
+    ) -> Result<std::collections::HashMap<String, crate::volumes::VolumeRecord>, StoreError> {
+        let (entries, _) = self.store.scan(Tree::Volumes)?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(k, v)| {
+                Some((String::from_utf8(k).ok()?, serde_json::from_slice(&v).ok()?))
+            })
+            .collect())
+    }
+
+    /// Store one volume's replication bookkeeping durably (it decides
+    /// where copies are; losing it would re-place replicas needlessly).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn put_volume_record(
+        &self,
+        volume: &str,
+        rec: &crate::volumes::VolumeRecord,
+    ) -> Result<(), StoreError> {
+        self.store.put_durable(
+            Tree::Volumes,
+            volume.as_bytes(),
+            &serde_json::to_vec(rec).expect("record serializes"),
+        )
     }
 
     /// Append to the event log (flushed with the next durable write, or by

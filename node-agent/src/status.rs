@@ -34,6 +34,9 @@ pub struct Status {
     pub revoked: Vec<RevokedEntry>,
     /// What the local store held at start.
     pub store: crate::state::RecoveryReport,
+    /// Volumes held here (owned or replicas).
+    #[serde(default)]
+    pub volumes: Vec<crate::volumes::VolumeStatus>,
 }
 
 /// One peer in the status document.
@@ -139,8 +142,61 @@ pub fn render_table(s: &Status) -> String {
     if peers.is_empty() {
         let _ = writeln!(out, "(no peers yet)");
     }
+    if !s.volumes.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<8} {:>6} {:>10} {:>8}  replicas",
+            "VOLUME", "OWNER", "GEN", "SIZE", "RPO"
+        );
+        for v in &s.volumes {
+            let reps: Vec<String> = v
+                .replicas
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}@{}{}",
+                        r.rack,
+                        r.generation.map_or("-".into(), |g| g.to_string()),
+                        r.lag_s
+                            .map(|l| format!(" (lag {l:.0}s)"))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "{:<16} {:<8} {:>6} {:>10} {:>8}  {}{}",
+                v.name,
+                v.owner.as_deref().unwrap_or("?"),
+                v.generation.map_or("-".into(), |g| g.to_string()),
+                human_bytes(v.size_bytes),
+                opt_f(v.rpo_s, "s"),
+                reps.join(", "),
+                v.transfer
+                    .as_ref()
+                    .map(|t| format!("  [{t}]"))
+                    .unwrap_or_default(),
+            );
+        }
+    }
     for r in &s.revoked {
         let _ = writeln!(out, "revoked: {} ({}) — {}", r.rack, r.peer_id, r.reason);
     }
     out
+}
+
+/// 4294967296 → "4.0G".
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
 }

@@ -28,6 +28,8 @@ pub enum Tree {
     Revocations,
     /// Event log, by sequence number.
     Events,
+    /// Replication bookkeeping, by volume name.
+    Volumes,
 }
 
 impl Tree {
@@ -36,6 +38,7 @@ impl Tree {
             Tree::Meta => "meta",
             Tree::Revocations => "revocations",
             Tree::Events => "events",
+            Tree::Volumes => "volumes",
         }
     }
 }

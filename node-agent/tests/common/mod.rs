@@ -49,6 +49,29 @@ impl Fleet {
     }
 }
 
+impl Drop for Fleet {
+    /// On a failing test, show what the agents said.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "log") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("  ")).collect();
+                eprintln!("---- {} (last 40 lines) ----", p.display());
+                for l in &lines[lines.len().saturating_sub(40)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
 /// A running agent, killed on drop.
 pub struct Agent {
     pub child: Child,

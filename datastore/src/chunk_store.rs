@@ -1,0 +1,1210 @@
+//! The content-addressed chunk store: chunks packed into append-only pack
+//! files, indexed in sled.
+//!
+//! # Layout (under the store's directory)
+//! - `FORMAT`: `fieldrack-chunk-store 1`; an unknown version refuses to open.
+//! - `packs/NNNNNNNN.pack`: append-only pack files (see [`pack`]). One pack
+//!   is *active* (appended to) at a time; it is sealed when it reaches
+//!   [`ChunkStoreOptions::pack_target`] bytes.
+//! - `index/`: a sled database, one tree: chunk id (32 bytes) → location
+//!   (pack, offset, length); `pack` + number → (synced length, live chunks,
+//!   live bytes); a dedup-hit counter.
+//!
+//! # Durability contract
+//! - [`ChunkStore::insert`] and [`ChunkStore::remove`] change what the
+//!   store shows at once (reads, `contains`, stats) but are durable only
+//!   when a later [`ChunkStore::sync`] returns. A crash before that may lose
+//!   them (an insert) or undo them (a remove); it never leaves an index
+//!   entry pointing at bytes that were not on disk.
+//! - [`ChunkStore::sync`] writes buffered pack bytes, fsyncs every pack
+//!   written since the last sync (and the packs directory if a pack was
+//!   created), and only then writes the index entries (one atomic sled
+//!   batch) and flushes sled. Inserts never fsync (except the implicit sync
+//!   past [`ChunkStoreOptions::max_pending_bytes`]). Bytes a crash leaves past a pack's recorded synced
+//!   length are unindexed garbage and are truncated on the next open.
+//! - Every read re-hashes the bytes: the store returns the right bytes or
+//!   [`ChunkStoreError::Corrupt`], never wrong bytes. A chunk found corrupt
+//!   is dropped from the index (so `contains` turns false and replication
+//!   fetches it again from a peer).
+//! - [`ChunkStore::gc`] copies live chunks out of mostly-dead packs, syncs,
+//!   and only then drops the old packs' index records and deletes their
+//!   files: a crash at any step leaves every live chunk readable.
+//! - If an fsync or an index write fails the store is *poisoned*: every
+//!   later call fails with [`ChunkStoreError::Poisoned`] until it is
+//!   reopened (after a failed fsync Linux may have dropped the dirty pages,
+//!   so nothing written since the last good sync can be trusted). A full
+//!   disk during a buffered write is not poisoning: the bytes stay buffered,
+//!   the call returns [`ChunkStoreError::DiskFull`], and a later `sync`
+//!   retries once space was freed. Nothing already synced is ever lost.
+
+pub(crate) mod pack;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use pack::{Location, PackInfo, PACK_HEADER_LEN, REC_HEADER_LEN};
+
+use crate::fsutil;
+use crate::id::{hash_many, is_zero, ChunkId};
+
+/// Largest chunk the store accepts. Volume chunks are [`crate::CHUNK_SIZE`];
+/// the bound keeps a hostile or buggy caller from making one record (and
+/// one read buffer) arbitrarily large.
+pub const MAX_CHUNK_LEN: usize = 16 << 20;
+
+/// Default size at which a pack is sealed and a new one started. Small
+/// enough that compacting one pack copies at most 64 MiB; large enough
+/// that a 1 TiB store has ~16k pack files, a comfortable directory.
+pub const DEFAULT_PACK_TARGET: u64 = 64 << 20;
+
+/// Default bound on chunk bytes inserted but not yet synced. Past it an
+/// insert syncs by itself, which bounds both the memory held by pending
+/// index entries and the work a crash can throw away.
+pub const DEFAULT_MAX_PENDING_BYTES: u64 = 256 << 20;
+
+/// Pack bytes buffered in memory before a write(2). 8 MiB makes writes
+/// large and sequential (the throughput the store needs) at a memory cost
+/// that does not matter.
+const WRITE_BUF: usize = 8 << 20;
+
+/// Read handles to pack files kept open. Bounded so a store with many
+/// packs does not run out of file descriptors.
+const MAX_OPEN_PACKS: usize = 64;
+
+/// A sealed pack whose live bytes are below this fraction of its size is
+/// compacted by gc: copying its live chunks out costs at most twice the
+/// space it frees.
+const COMPACT_LIVE_FRACTION: f64 = 0.5;
+
+/// Sealed packs smaller than this fraction of the pack target are merged by
+/// gc too (many opens of a store each leave a small pack).
+const COMPACT_SMALL_FRACTION: u64 = 8;
+
+/// Index entries dropped per lock hold in gc, so concurrent inserts and
+/// reads are never stalled for long.
+const GC_BATCH: usize = 4096;
+
+/// Version written to `FORMAT`.
+const FORMAT: &str = "fieldrack-chunk-store 1\n";
+
+/// Tunables of a chunk store. [`Default`] is right for production.
+#[derive(Debug, Clone)]
+pub struct ChunkStoreOptions {
+    /// Size at which the active pack is sealed.
+    pub pack_target: u64,
+    /// Unsynced chunk bytes that trigger an implicit sync.
+    pub max_pending_bytes: u64,
+    /// sled page cache size for the index.
+    pub index_cache_bytes: u64,
+}
+
+impl Default for ChunkStoreOptions {
+    fn default() -> Self {
+        Self {
+            pack_target: DEFAULT_PACK_TARGET,
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
+            // The index of a 1 TiB store of 64 KiB chunks is ~16M entries;
+            // 64 MiB of cache keeps the hot part of it in memory.
+            index_cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Why a chunk store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChunkStoreError {
+    /// A file operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What the store was doing.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The disk (or quota) is full. Nothing synced is lost; free space
+    /// (prune, gc) and retry.
+    #[error("disk full writing {path}")]
+    DiskFull {
+        /// The file being written.
+        path: PathBuf,
+    },
+    /// The sled index failed.
+    #[error("chunk index: {0}")]
+    Index(#[from] sled::Error),
+    /// A stored chunk's bytes no longer hash to its id. The chunk has been
+    /// dropped from the index; fetch it again from a peer.
+    #[error("chunk {id} is corrupt on disk")]
+    Corrupt {
+        /// The chunk.
+        id: ChunkId,
+    },
+    /// Data offered under an id does not hash to that id (a peer sent
+    /// wrong bytes).
+    #[error("data for chunk {expected} hashes to {actual}")]
+    HashMismatch {
+        /// The id the data was offered under.
+        expected: ChunkId,
+        /// What it really hashes to.
+        actual: ChunkId,
+    },
+    /// All-zero (or empty) chunks are never stored: manifests record them
+    /// as `None`.
+    #[error("all-zero chunks are never stored")]
+    ZeroChunk,
+    /// The chunk is longer than [`MAX_CHUNK_LEN`].
+    #[error("chunk of {len} bytes exceeds the {MAX_CHUNK_LEN}-byte limit")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+    },
+    /// An index record does not decode: the index is damaged.
+    #[error("damaged index record ({what})")]
+    DamagedIndex {
+        /// Which kind of record.
+        what: &'static str,
+    },
+    /// The directory holds a store of another format version.
+    #[error("unsupported chunk store format {found:?} in {path}")]
+    UnsupportedFormat {
+        /// The FORMAT file.
+        path: PathBuf,
+        /// Its content.
+        found: String,
+    },
+    /// An earlier fsync or index write failed; reopen the store.
+    #[error("chunk store poisoned by an earlier failed fsync or index write; reopen it")]
+    Poisoned,
+}
+
+impl ChunkStoreError {
+    /// Whether this is the disk (or quota) being full, wherever it was hit
+    /// (a pack write or the index): free space and retry.
+    #[must_use]
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::DiskFull { .. } => true,
+            Self::Io { source, .. } => fsutil::is_disk_full(source),
+            Self::Index(sled::Error::Io(e)) => fsutil::is_disk_full(e),
+            _ => false,
+        }
+    }
+}
+
+/// Chunk store result.
+pub type Result<T, E = ChunkStoreError> = std::result::Result<T, E>;
+
+/// Counters describing the store (see [`ChunkStore::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ChunkStoreStats {
+    /// Distinct chunks stored.
+    pub chunks: u64,
+    /// Their bytes (what a reader gets back).
+    pub payload_bytes: u64,
+    /// Bytes of pack files on disk (payload + headers + garbage awaiting gc).
+    pub disk_bytes: u64,
+    /// Bytes the sled index occupies on disk.
+    pub index_bytes: u64,
+    /// Pack files.
+    pub packs: u64,
+    /// Inserts that found the chunk already stored (persisted at each sync;
+    /// a crash may lose the increments since the last one).
+    pub dedup_hits: u64,
+}
+
+/// Result of [`ChunkStore::scrub`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ScrubReport {
+    /// Chunks re-read and verified.
+    pub checked: u64,
+    /// Bytes re-read.
+    pub bytes: u64,
+    /// Chunks whose bytes were wrong or unreadable; dropped from the index.
+    pub corrupt: Vec<ChunkId>,
+}
+
+/// Result of [`ChunkStore::gc`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GcReport {
+    /// Unreferenced chunks dropped from the index.
+    pub removed_chunks: u64,
+    /// Their payload bytes.
+    pub removed_bytes: u64,
+    /// Packs whose live chunks were copied out.
+    pub packs_compacted: u64,
+    /// Pack files deleted.
+    pub packs_deleted: u64,
+    /// Live chunks copied during compaction.
+    pub moved_chunks: u64,
+    /// Their bytes.
+    pub moved_bytes: u64,
+    /// Live chunks found corrupt while compacting (dropped from the index).
+    pub corrupt: Vec<ChunkId>,
+    /// Pack bytes on disk before and after.
+    pub disk_bytes_before: u64,
+    /// Pack bytes on disk after.
+    pub disk_bytes_after: u64,
+}
+
+/// An index change not yet made durable: the index will say `new` for the
+/// chunk once synced; sled still says `old`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pending {
+    new: Option<Location>,
+    old: Option<Location>,
+}
+
+/// The pack being appended to.
+struct Active {
+    no: u32,
+    file: Arc<File>,
+    path: PathBuf,
+    /// Bytes already handed to the kernel.
+    written: u64,
+    /// Bytes appended after `written`, not yet handed to the kernel.
+    buf: Vec<u8>,
+}
+
+impl Active {
+    fn end(&self) -> u64 {
+        self.written + self.buf.len() as u64
+    }
+}
+
+/// Everything that changes on insert/remove, behind one mutex.
+struct Writer {
+    active: Active,
+    /// Index changes since the last sync, by chunk.
+    pending: HashMap<ChunkId, Pending>,
+    /// Chunk bytes appended since the last sync started.
+    pending_bytes: u64,
+    /// Pack records as the store shows them now (pending changes included).
+    live: BTreeMap<u32, PackInfo>,
+    /// Pack records as sled holds them.
+    committed: BTreeMap<u32, PackInfo>,
+    /// Packs sealed since the last sync, with their final length; the next
+    /// sync fsyncs them (deferring it keeps fsyncs out of inserts, which
+    /// may run while an appliance is paused).
+    sealed: BTreeMap<u32, (Arc<File>, u64)>,
+    /// A pack file was created since the last sync: fsync the directory.
+    dir_dirty: bool,
+    /// Highest pack number ever used in this directory.
+    max_pack: u32,
+}
+
+/// A content-addressed chunk store. `Send + Sync`: share it in an `Arc`.
+///
+/// Methods block on disk I/O; call them from `spawn_blocking` in async
+/// code.
+pub struct ChunkStore {
+    /// The store's directory (for error messages).
+    dir: PathBuf,
+    /// `dir/packs`.
+    packs_dir: PathBuf,
+    /// The sled database (kept to flush it).
+    db: sled::Db,
+    /// Its one tree: chunk entries, pack records, counters.
+    tree: sled::Tree,
+    /// Insert/remove state.
+    w: Mutex<Writer>,
+    /// Serialises syncs: the index batch of one sync must be flushed before
+    /// another sync or gc relies on it.
+    sync_lock: Mutex<()>,
+    /// Serialises gc and scrub (both rewrite index entries in bulk).
+    maintenance: Mutex<()>,
+    /// Open read handles by pack number (bounded by [`MAX_OPEN_PACKS`]).
+    readers: Mutex<HashMap<u32, Arc<File>>>,
+    /// Set after a failed fsync or index write.
+    poisoned: AtomicBool,
+    /// Inserts that found their chunk already stored.
+    dedup_hits: AtomicU64,
+    /// Tunables.
+    opts: ChunkStoreOptions,
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ChunkStoreError {
+    let path = path.to_path_buf();
+    move |source| {
+        if fsutil::is_disk_full(&source) {
+            ChunkStoreError::DiskFull { path }
+        } else {
+            ChunkStoreError::Io { op, path, source }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves in-memory state we cannot
+    // trust less than what sled holds; the data on disk is still
+    // consistent, so keep going rather than cascade the panic.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ChunkStore {
+    /// Open (creating if needed) the store in `dir` with default options.
+    ///
+    /// # Errors
+    /// I/O and index errors; [`ChunkStoreError::UnsupportedFormat`].
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(dir, ChunkStoreOptions::default())
+    }
+
+    /// Open (creating if needed) the store in `dir`.
+    ///
+    /// Recovery happens here: pack files the index does not know are
+    /// deleted, bytes past a pack's synced length are truncated.
+    ///
+    /// # Errors
+    /// I/O and index errors; [`ChunkStoreError::UnsupportedFormat`].
+    pub fn open_with(dir: impl AsRef<Path>, opts: ChunkStoreOptions) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let packs_dir = dir.join("packs");
+        fsutil::create_dir_durable(&packs_dir).map_err(io_err("create", &packs_dir))?;
+        check_format(&dir)?;
+
+        let db = sled::Config::new()
+            .path(dir.join("index"))
+            .cache_capacity(opts.index_cache_bytes)
+            // Index entries must not reach disk before the pack bytes they
+            // point at; sync() orders that and then flushes explicitly.
+            .flush_every_ms(None)
+            .open()?;
+        let tree = (*db).clone();
+
+        let mut committed = BTreeMap::new();
+        for kv in tree.scan_prefix(pack::PACK_KEY_PREFIX) {
+            let (k, v) = kv?;
+            let Some(no) = pack::parse_pack_key(&k) else { continue };
+            let info = PackInfo::decode(&v).ok_or(ChunkStoreError::DamagedIndex { what: "pack" })?;
+            committed.insert(no, info);
+        }
+        let dedup_hits = match tree.get(pack::META_DEDUP_HITS)? {
+            Some(v) => u64::from_le_bytes(
+                v.as_ref().try_into().map_err(|_| ChunkStoreError::DamagedIndex { what: "counter" })?,
+            ),
+            None => 0,
+        };
+
+        // Reconcile pack files with the index.
+        let mut on_disk = BTreeMap::new();
+        let mut changed_dir = false;
+        for entry in std::fs::read_dir(&packs_dir).map_err(io_err("list", &packs_dir))? {
+            let entry = entry.map_err(io_err("list", &packs_dir))?;
+            let name = entry.file_name();
+            let path = entry.path();
+            let Some(no) = name.to_str().and_then(pack::parse_pack_file_name) else {
+                if name.to_str().is_some_and(|n| n.ends_with(".tmp")) {
+                    std::fs::remove_file(&path).map_err(io_err("remove", &path))?;
+                    changed_dir = true;
+                }
+                continue;
+            };
+            let len = entry.metadata().map_err(io_err("stat", &path))?.len();
+            match committed.get(&no) {
+                None => {
+                    // Created and written but never synced (or its last
+                    // chunk was compacted away and the delete did not
+                    // happen): nothing points into it.
+                    tracing::debug!(pack = no, "removing unindexed pack");
+                    std::fs::remove_file(&path).map_err(io_err("remove", &path))?;
+                    changed_dir = true;
+                }
+                Some(info) => {
+                    if len > info.synced_len {
+                        tracing::debug!(pack = no, len, synced = info.synced_len, "truncating unsynced tail");
+                        let f = OpenOptions::new().write(true).open(&path).map_err(io_err("open", &path))?;
+                        f.set_len(info.synced_len).map_err(io_err("truncate", &path))?;
+                        f.sync_all().map_err(io_err("fsync", &path))?;
+                    } else if len < info.synced_len {
+                        tracing::warn!(pack = no, len, synced = info.synced_len, "pack shorter than synced; scrub will drop its lost chunks");
+                    }
+                    on_disk.insert(no, len.min(info.synced_len));
+                }
+            }
+        }
+        for no in committed.keys() {
+            if !on_disk.contains_key(no) {
+                tracing::warn!(pack = no, "indexed pack file is missing; scrub will drop its chunks");
+            }
+        }
+        if changed_dir {
+            fsutil::fsync_dir(&packs_dir).map_err(io_err("fsync", &packs_dir))?;
+        }
+
+        let max_pack = committed.keys().chain(on_disk.keys()).copied().max().unwrap_or(0);
+        // Keep appending to the newest pack if it has room: frequent
+        // restarts then do not litter the store with small packs.
+        let reuse = on_disk
+            .iter()
+            .next_back()
+            .filter(|(no, len)| **no == max_pack && **len >= PACK_HEADER_LEN && **len < opts.pack_target)
+            .map(|(no, len)| (*no, *len));
+        let mut live = committed.clone();
+        let active = match reuse {
+            Some((no, len)) => {
+                let path = packs_dir.join(pack::pack_file_name(no));
+                let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err("open", &path))?;
+                Active { no, file: Arc::new(file), path, written: len, buf: Vec::with_capacity(WRITE_BUF) }
+            }
+            None => {
+                let no = max_pack + 1;
+                live.insert(no, PackInfo::default());
+                create_pack(&packs_dir, no)?
+            }
+        };
+        let max_pack = max_pack.max(active.no);
+        Ok(Self {
+            dir,
+            packs_dir,
+            db,
+            tree,
+            w: Mutex::new(Writer {
+                active,
+                pending: HashMap::new(),
+                pending_bytes: 0,
+                live,
+                committed,
+                sealed: BTreeMap::new(),
+                dir_dirty: true,
+                max_pack,
+            }),
+            sync_lock: Mutex::new(()),
+            maintenance: Mutex::new(()),
+            readers: Mutex::new(HashMap::new()),
+            poisoned: AtomicBool::new(false),
+            dedup_hits: AtomicU64::new(dedup_hits),
+            opts,
+        })
+    }
+
+    /// The store's directory.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            Err(ChunkStoreError::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn poison<E>(&self, e: E) -> E {
+        tracing::error!("chunk store poisoned: an fsync or index write failed");
+        self.poisoned.store(true, Ordering::Release);
+        e
+    }
+
+    fn sled_get(&self, id: &ChunkId) -> Result<Option<Location>> {
+        match self.tree.get(id.as_bytes())? {
+            None => Ok(None),
+            Some(v) => Location::decode(&v).map(Some).ok_or(ChunkStoreError::DamagedIndex { what: "chunk" }),
+        }
+    }
+
+    fn lookup(&self, w: &Writer, id: &ChunkId) -> Result<Option<Location>> {
+        match w.pending.get(id) {
+            Some(p) => Ok(p.new),
+            None => self.sled_get(id),
+        }
+    }
+
+    /// Point `id` at `new` (or drop it), keeping live pack records in step.
+    fn set(&self, w: &mut Writer, id: ChunkId, new: Option<Location>) -> Result<()> {
+        let (cur, old) = match w.pending.get(&id) {
+            Some(p) => (p.new, p.old),
+            None => {
+                let s = self.sled_get(&id)?;
+                (s, s)
+            }
+        };
+        if let Some(l) = cur {
+            w.live.entry(l.pack).or_default().sub(&l);
+        }
+        if let Some(l) = new {
+            w.live.entry(l.pack).or_default().add(&l);
+        }
+        if new == old {
+            w.pending.remove(&id);
+        } else {
+            w.pending.insert(id, Pending { new, old });
+        }
+        Ok(())
+    }
+
+    /// Whether the store holds `id` (without verifying its bytes).
+    ///
+    /// # Errors
+    /// Index errors.
+    pub fn contains(&self, id: &ChunkId) -> Result<bool> {
+        self.check()?;
+        let w = lock(&self.w);
+        Ok(self.lookup(&w, id)?.is_some())
+    }
+
+    /// The ids in `ids` the store does not hold, in order (duplicates kept).
+    ///
+    /// # Errors
+    /// Index errors.
+    pub fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+        self.check()?;
+        let w = lock(&self.w);
+        let mut out = Vec::new();
+        for id in ids {
+            if self.lookup(&w, id)?.is_none() {
+                out.push(*id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Read and verify a chunk. `Ok(None)` if the store does not hold it.
+    ///
+    /// # Errors
+    /// [`ChunkStoreError::Corrupt`] if the bytes on disk do not hash to
+    /// `id` (the chunk is then dropped from the index); I/O errors.
+    pub fn read(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        self.check()?;
+        // Two attempts: gc may move the chunk and delete its old pack
+        // between the index lookup and the open.
+        for attempt in 0..2 {
+            let (loc, buffered) = {
+                let w = lock(&self.w);
+                let Some(loc) = self.lookup(&w, id)? else { return Ok(None) };
+                let a = &w.active;
+                if loc.pack == a.no && loc.offset + u64::from(loc.len) > a.written {
+                    // Still in the write buffer.
+                    let start = usize::try_from(loc.offset - a.written).unwrap_or(usize::MAX);
+                    let data = a.buf.get(start..start + loc.len as usize).map(<[u8]>::to_vec);
+                    (loc, Some(data))
+                } else {
+                    (loc, None)
+                }
+            };
+            let data = match buffered {
+                Some(Some(d)) => d,
+                Some(None) => return Err(self.drop_corrupt(*id, loc)),
+                None => match self.read_at(&loc) {
+                    Ok(d) => d,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && attempt == 0 => continue,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof || e.kind() == io::ErrorKind::NotFound => {
+                        return Err(self.drop_corrupt(*id, loc));
+                    }
+                    Err(e) => return Err(io_err("read", &self.pack_path(loc.pack))(e)),
+                },
+            };
+            if ChunkId::of(&data) != *id {
+                return Err(self.drop_corrupt(*id, loc));
+            }
+            return Ok(Some(data));
+        }
+        Ok(None)
+    }
+
+    /// Drop a chunk found corrupt at `loc` (unless it moved meanwhile).
+    fn drop_corrupt(&self, id: ChunkId, loc: Location) -> ChunkStoreError {
+        tracing::warn!(chunk = %id, pack = loc.pack, offset = loc.offset, "corrupt chunk dropped from the index");
+        let mut w = lock(&self.w);
+        if let Ok(Some(cur)) = self.lookup(&w, &id) {
+            if cur == loc {
+                if let Err(e) = self.set(&mut w, id, None) {
+                    return e;
+                }
+            }
+        }
+        ChunkStoreError::Corrupt { id }
+    }
+
+    fn pack_path(&self, no: u32) -> PathBuf {
+        self.packs_dir.join(pack::pack_file_name(no))
+    }
+
+    fn pack_file(&self, no: u32) -> io::Result<Arc<File>> {
+        let mut r = lock(&self.readers);
+        if let Some(f) = r.get(&no) {
+            return Ok(Arc::clone(f));
+        }
+        let f = Arc::new(File::open(self.pack_path(no))?);
+        if r.len() >= MAX_OPEN_PACKS {
+            if let Some(k) = r.keys().next().copied() {
+                r.remove(&k);
+            }
+        }
+        r.insert(no, Arc::clone(&f));
+        Ok(f)
+    }
+
+    fn read_at(&self, loc: &Location) -> io::Result<Vec<u8>> {
+        let f = self.pack_file(loc.pack)?;
+        let mut buf = vec![0u8; loc.len as usize];
+        f.read_exact_at(&mut buf, loc.offset)?;
+        Ok(buf)
+    }
+
+    /// Store a chunk. Returns its id and whether it was newly stored
+    /// (`false`: an identical chunk was already there — a dedup hit).
+    /// Durable after the next [`ChunkStore::sync`].
+    ///
+    /// # Errors
+    /// [`ChunkStoreError::ZeroChunk`], [`ChunkStoreError::TooLarge`],
+    /// [`ChunkStoreError::DiskFull`], I/O and index errors.
+    pub fn insert(&self, data: &[u8]) -> Result<(ChunkId, bool)> {
+        let id = ChunkId::of(data);
+        Ok((id, self.insert_hashed(id, data)?))
+    }
+
+    /// Store a chunk received under `id`, after checking that it hashes to
+    /// `id` (a peer that sends wrong bytes is caught here). Returns whether
+    /// it was newly stored.
+    ///
+    /// # Errors
+    /// [`ChunkStoreError::HashMismatch`], and as [`ChunkStore::insert`].
+    pub fn insert_verified(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
+        let actual = ChunkId::of(data);
+        if actual != *id {
+            return Err(ChunkStoreError::HashMismatch { expected: *id, actual });
+        }
+        self.insert_hashed(actual, data)
+    }
+
+    /// Store many chunks, hashing them in parallel. Zero chunks are skipped
+    /// and reported as `None`.
+    ///
+    /// # Errors
+    /// As [`ChunkStore::insert`]; chunks before the failing one are stored.
+    pub fn insert_batch(&self, chunks: &[&[u8]]) -> Result<Vec<Option<(ChunkId, bool)>>> {
+        let ids = hash_many(chunks);
+        let mut out = Vec::with_capacity(chunks.len());
+        for (data, id) in chunks.iter().zip(ids) {
+            if is_zero(data) {
+                out.push(None);
+            } else {
+                out.push(Some((id, self.insert_hashed(id, data)?)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Insert `data` whose id the caller computed itself.
+    pub(crate) fn insert_hashed(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+        self.insert_inner(id, data, true)
+    }
+
+    /// Insert without the implicit sync past `max_pending_bytes`: for
+    /// captures inside an appliance's pause, which must not wait for disks.
+    pub(crate) fn insert_hashed_no_sync(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
+        self.insert_inner(id, data, false)
+    }
+
+    fn insert_inner(&self, id: ChunkId, data: &[u8], may_sync: bool) -> Result<bool> {
+        if data.len() > MAX_CHUNK_LEN {
+            return Err(ChunkStoreError::TooLarge { len: data.len() });
+        }
+        if is_zero(data) {
+            return Err(ChunkStoreError::ZeroChunk);
+        }
+        self.check()?;
+        let need_sync = {
+            let mut w = lock(&self.w);
+            if self.lookup(&w, &id)?.is_some() {
+                self.dedup_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(false);
+            }
+            let loc = self.append(&mut w, &id, data)?;
+            self.set(&mut w, id, Some(loc))?;
+            w.pending_bytes += u64::from(loc.len);
+            w.pending_bytes >= self.opts.max_pending_bytes
+        };
+        if need_sync && may_sync {
+            self.sync()?;
+        }
+        Ok(true)
+    }
+
+    /// Append a record to the active pack (rotating it first if full).
+    fn append(&self, w: &mut Writer, id: &ChunkId, data: &[u8]) -> Result<Location> {
+        let len = u32::try_from(data.len()).map_err(|_| ChunkStoreError::TooLarge { len: data.len() })?;
+        let rec = REC_HEADER_LEN + u64::from(len);
+        if w.active.end() > PACK_HEADER_LEN && w.active.end() + rec > self.opts.pack_target {
+            self.rotate(w)?;
+        }
+        if w.active.buf.len() >= WRITE_BUF {
+            self.flush_buf(w)?;
+            if w.active.buf.len() >= WRITE_BUF {
+                // A previous write failed and left bytes behind; do not grow
+                // the buffer without bound.
+                return Err(ChunkStoreError::DiskFull { path: w.active.path.clone() });
+            }
+        }
+        let offset = w.active.end() + REC_HEADER_LEN;
+        w.active.buf.extend_from_slice(&pack::record_header(id, len));
+        w.active.buf.extend_from_slice(data);
+        Ok(Location { pack: w.active.no, offset, len })
+    }
+
+    /// Hand buffered pack bytes to the kernel. On failure (a full disk),
+    /// the bytes not written stay buffered and nothing is lost.
+    fn flush_buf(&self, w: &mut Writer) -> Result<()> {
+        let a = &mut w.active;
+        let mut done = 0usize;
+        let mut result = Ok(());
+        while done < a.buf.len() {
+            match a.file.write_at(&a.buf[done..], a.written + done as u64) {
+                Ok(0) => {
+                    result = Err(io::Error::from(io::ErrorKind::WriteZero));
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        a.buf.drain(..done);
+        a.written += done as u64;
+        result.map_err(io_err("write", &a.path))
+    }
+
+    /// Seal the active pack (its bytes handed to the kernel; the next sync
+    /// fsyncs it) and start a new one.
+    fn rotate(&self, w: &mut Writer) -> Result<()> {
+        self.flush_buf(w)?;
+        let sealed_len = w.active.written;
+        let next = w.max_pack + 1;
+        let new = create_pack(&self.packs_dir, next)?;
+        let old = std::mem::replace(&mut w.active, new);
+        w.sealed.insert(old.no, (Arc::clone(&old.file), sealed_len));
+        w.dir_dirty = true;
+        w.max_pack = next;
+        w.live.entry(next).or_default();
+        tracing::debug!(sealed = old.no, len = sealed_len, next, "pack sealed");
+        Ok(())
+    }
+
+    /// Make everything inserted or removed before this call durable.
+    ///
+    /// Order: buffered pack bytes are written and fsynced, then the index
+    /// entries are written in one atomic batch and sled is flushed. Inserts
+    /// and reads from other threads proceed during the fsync.
+    ///
+    /// # Errors
+    /// [`ChunkStoreError::DiskFull`] (retry after freeing space: nothing is
+    /// lost); I/O and index errors, which poison the store.
+    pub fn sync(&self) -> Result<()> {
+        let _s = lock(&self.sync_lock);
+        self.check()?;
+        let (snap, file, path, active_no, flushed, sealed, dir_dirty) = {
+            let mut w = lock(&self.w);
+            if w.pending.is_empty() && w.sealed.is_empty() && w.active.buf.is_empty() {
+                return Ok(());
+            }
+            self.flush_buf(&mut w)?;
+            let snap: Vec<(ChunkId, Pending)> = w.pending.iter().map(|(k, v)| (*k, *v)).collect();
+            w.pending_bytes = 0;
+            let dir_dirty = std::mem::take(&mut w.dir_dirty);
+            (snap, Arc::clone(&w.active.file), w.active.path.clone(), w.active.no, w.active.written, w.sealed.clone(), dir_dirty)
+        };
+        let fsynced = (|| {
+            for (no, (f, _)) in &sealed {
+                f.sync_data().map_err(|e| self.poison(io_err("fsync", &self.pack_path(*no))(e)))?;
+            }
+            file.sync_data().map_err(|e| self.poison(io_err("fsync", &path)(e)))?;
+            if dir_dirty {
+                fsutil::fsync_dir(&self.packs_dir).map_err(|e| self.poison(io_err("fsync", &self.packs_dir)(e)))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = fsynced {
+            lock(&self.w).dir_dirty |= dir_dirty;
+            return Err(e);
+        }
+
+        {
+            let mut w = lock(&self.w);
+            let mut infos: BTreeMap<u32, PackInfo> = BTreeMap::new();
+            let info = |infos: &mut BTreeMap<u32, PackInfo>, w: &Writer, no: u32| -> PackInfo {
+                *infos.entry(no).or_insert_with(|| w.committed.get(&no).copied().unwrap_or_default())
+            };
+            let mut batch = sled::Batch::default();
+            for (id, p) in &snap {
+                if let Some(l) = p.old {
+                    let mut i = info(&mut infos, &w, l.pack);
+                    i.sub(&l);
+                    infos.insert(l.pack, i);
+                }
+                match p.new {
+                    Some(l) => {
+                        let mut i = info(&mut infos, &w, l.pack);
+                        i.add(&l);
+                        infos.insert(l.pack, i);
+                        batch.insert(id.as_bytes().as_slice(), l.encode().as_slice());
+                    }
+                    None => batch.remove(id.as_bytes().as_slice()),
+                }
+            }
+            for (no, (_, len)) in &sealed {
+                let mut i = info(&mut infos, &w, *no);
+                i.synced_len = i.synced_len.max(*len);
+                infos.insert(*no, i);
+            }
+            let mut i = info(&mut infos, &w, active_no);
+            i.synced_len = i.synced_len.max(flushed);
+            infos.insert(active_no, i);
+            for (no, i) in &infos {
+                batch.insert(pack::pack_key(*no).as_slice(), i.encode().as_slice());
+            }
+            batch.insert(pack::META_DEDUP_HITS, &self.dedup_hits.load(Ordering::Relaxed).to_le_bytes());
+            self.tree.apply_batch(batch).map_err(|e| self.poison(ChunkStoreError::Index(e)))?;
+
+            // sled now holds the snapshot; fold it out of `pending`.
+            for (no, i) in infos {
+                w.committed.insert(no, i);
+                // A pack's synced length lives in the committed record;
+                // keep the live view's in step.
+                let s = i.synced_len;
+                w.live.entry(no).or_default().synced_len = s;
+            }
+            for no in sealed.keys() {
+                w.sealed.remove(no);
+            }
+            for (id, s) in snap {
+                match w.pending.get(&id).copied() {
+                    Some(cur) if cur.new == s.new => {
+                        w.pending.remove(&id);
+                    }
+                    Some(cur) => {
+                        w.pending.insert(id, Pending { new: cur.new, old: s.new });
+                    }
+                    None => {
+                        // Reverted to what sled had before, while sled was
+                        // being given the snapshot: undo it next sync.
+                        w.pending.insert(id, Pending { new: s.old, old: s.new });
+                    }
+                }
+            }
+        }
+        self.db.flush().map_err(|e| self.poison(ChunkStoreError::Index(e)))?;
+        Ok(())
+    }
+
+    /// Drop a chunk from the index (durable after the next sync; its bytes
+    /// are reclaimed by gc). Returns whether it was present.
+    ///
+    /// # Errors
+    /// Index errors.
+    pub fn remove(&self, id: &ChunkId) -> Result<bool> {
+        self.check()?;
+        let mut w = lock(&self.w);
+        if self.lookup(&w, id)?.is_none() {
+            return Ok(false);
+        }
+        self.set(&mut w, *id, None)?;
+        Ok(true)
+    }
+
+    /// Current counters.
+    ///
+    /// # Errors
+    /// I/O errors reading pack sizes.
+    pub fn stats(&self) -> Result<ChunkStoreStats> {
+        let (chunks, payload, packs, active_no, active_end) = {
+            let w = lock(&self.w);
+            let chunks = w.live.values().map(|i| i.live_count).sum::<u64>();
+            let footprint = w.live.values().map(|i| i.live_bytes).sum::<u64>();
+            let payload = footprint - chunks * REC_HEADER_LEN;
+            let packs: Vec<u32> = w.live.keys().copied().collect();
+            (chunks, payload, packs, w.active.no, w.active.end())
+        };
+        let mut disk = 0;
+        for no in &packs {
+            if *no == active_no {
+                disk += active_end;
+                continue;
+            }
+            match std::fs::metadata(self.pack_path(*no)) {
+                Ok(m) => disk += m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("stat", &self.pack_path(*no))(e)),
+            }
+        }
+        Ok(ChunkStoreStats {
+            chunks,
+            payload_bytes: payload,
+            disk_bytes: disk,
+            index_bytes: self.db.size_on_disk().unwrap_or(0),
+            packs: packs.len() as u64,
+            dedup_hits: self.dedup_hits.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Every indexed chunk and its location: sled's entries overlaid with
+    /// pending changes.
+    fn all_entries(&self) -> Result<Vec<(ChunkId, Location)>> {
+        let mut out = Vec::new();
+        for kv in self.tree.iter() {
+            let (k, v) = kv?;
+            let Some(id) = ChunkId::from_slice(&k) else { continue };
+            let loc = Location::decode(&v).ok_or(ChunkStoreError::DamagedIndex { what: "chunk" })?;
+            out.push((id, loc));
+        }
+        let w = lock(&self.w);
+        out.retain(|(id, _)| !w.pending.contains_key(id));
+        out.extend(w.pending.iter().filter_map(|(id, p)| p.new.map(|l| (*id, l))));
+        Ok(out)
+    }
+
+    /// Re-read and verify every stored chunk, pack by pack in file order
+    /// (after asking the kernel to drop cached pages, so the disk is read).
+    /// Corrupt or unreadable chunks are dropped from the index (durably,
+    /// before this returns), so `contains` says false and replication
+    /// fetches them again. `progress(bytes_done, bytes_total)`.
+    ///
+    /// # Errors
+    /// I/O errors other than corruption; index errors.
+    pub fn scrub(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ScrubReport> {
+        let _m = lock(&self.maintenance);
+        self.check()?;
+        self.sync()?;
+        let mut entries = self.all_entries()?;
+        entries.sort_by_key(|(_, l)| (l.pack, l.offset));
+        let total: u64 = entries.iter().map(|(_, l)| u64::from(l.len)).sum();
+        let mut report = ScrubReport::default();
+        let mut last_pack = None;
+        for (id, loc) in entries {
+            if last_pack != Some(loc.pack) {
+                last_pack = Some(loc.pack);
+                if let Ok(f) = self.pack_file(loc.pack) {
+                    // Best effort: drops clean cached pages only.
+                    let _ = rustix::fs::fadvise(&*f, 0, None, rustix::fs::Advice::DontNeed);
+                }
+            }
+            let ok = match self.read_at(&loc) {
+                Ok(data) => ChunkId::of(&data) == id,
+                Err(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound) => false,
+                Err(e) => return Err(io_err("read", &self.pack_path(loc.pack))(e)),
+            };
+            if !ok {
+                let _ = self.drop_corrupt(id, loc);
+                report.corrupt.push(id);
+            }
+            report.checked += 1;
+            report.bytes += u64::from(loc.len);
+            progress(report.bytes, total);
+        }
+        self.sync()?;
+        if !report.corrupt.is_empty() {
+            tracing::warn!(corrupt = report.corrupt.len(), "scrub dropped corrupt chunks");
+        }
+        Ok(report)
+    }
+
+    /// Drop every chunk not in `live`, then compact packs that are mostly
+    /// dead (or small) by copying their live chunks into the active pack and
+    /// deleting them. Crash-safe at every step (see the module docs).
+    ///
+    /// `live` must name every chunk anything still needs, including chunks
+    /// of transfers in progress: a chunk inserted concurrently with gc but
+    /// not in `live` may be dropped if it was synced before gc started.
+    ///
+    /// # Errors
+    /// I/O and index errors.
+    pub fn gc(&self, live: &HashSet<ChunkId>) -> Result<GcReport> {
+        let _m = lock(&self.maintenance);
+        self.check()?;
+        self.sync()?;
+        let mut report = GcReport { disk_bytes_before: self.stats()?.disk_bytes, ..GcReport::default() };
+
+        // 1. Drop unreferenced entries.
+        let dead: Vec<(ChunkId, Location)> =
+            self.all_entries()?.into_iter().filter(|(id, _)| !live.contains(id)).collect();
+        for batch in dead.chunks(GC_BATCH) {
+            let mut w = lock(&self.w);
+            for (id, loc) in batch {
+                if self.lookup(&w, id)? == Some(*loc) {
+                    self.set(&mut w, *id, None)?;
+                    report.removed_chunks += 1;
+                    report.removed_bytes += u64::from(loc.len);
+                }
+            }
+        }
+        self.sync()?;
+
+        // 2. Choose packs to compact: mostly-dead ones, and small ones when
+        // there are at least two to merge.
+        let (victims, empty) = {
+            let w = lock(&self.w);
+            let mut sparse = HashSet::new();
+            let mut small = HashSet::new();
+            let mut empty = Vec::new();
+            for (no, info) in &w.committed {
+                if *no == w.active.no || w.sealed.contains_key(no) {
+                    continue;
+                }
+                if info.live_count == 0 {
+                    empty.push(*no);
+                    continue;
+                }
+                let size = info.synced_len.max(1);
+                if (info.live_bytes as f64) < COMPACT_LIVE_FRACTION * size as f64 {
+                    sparse.insert(*no);
+                } else if size < self.opts.pack_target / COMPACT_SMALL_FRACTION {
+                    small.insert(*no);
+                }
+            }
+            if small.len() >= 2 || !sparse.is_empty() {
+                sparse.extend(small);
+            }
+            (sparse, empty)
+        };
+
+        // 3. Copy live chunks out of the victims.
+        if !victims.is_empty() {
+            let mut moving: Vec<(ChunkId, Location)> =
+                self.all_entries()?.into_iter().filter(|(_, l)| victims.contains(&l.pack)).collect();
+            moving.sort_by_key(|(_, l)| (l.pack, l.offset));
+            for (id, loc) in moving {
+                let data = match self.read_at(&loc) {
+                    Ok(d) if ChunkId::of(&d) == id => d,
+                    Ok(_) => {
+                        let _ = self.drop_corrupt(id, loc);
+                        report.corrupt.push(id);
+                        continue;
+                    }
+                    Err(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound) => {
+                        let _ = self.drop_corrupt(id, loc);
+                        report.corrupt.push(id);
+                        continue;
+                    }
+                    Err(e) => return Err(io_err("read", &self.pack_path(loc.pack))(e)),
+                };
+                let mut w = lock(&self.w);
+                if self.lookup(&w, &id)? != Some(loc) {
+                    continue; // removed or moved meanwhile
+                }
+                let new = self.append(&mut w, &id, &data)?;
+                self.set(&mut w, id, Some(new))?;
+                report.moved_chunks += 1;
+                report.moved_bytes += u64::from(loc.len);
+            }
+            report.packs_compacted = victims.len() as u64;
+            self.sync()?;
+        }
+
+        // 4. Delete packs nothing points into any more. Their records go
+        // first (durably), then the files: a crash in between leaves an
+        // unindexed file, which open() deletes.
+        let mut doomed: Vec<u32> = empty;
+        {
+            let w = lock(&self.w);
+            for no in &victims {
+                let dead = |m: &BTreeMap<u32, PackInfo>| m.get(no).is_none_or(|i| i.live_count == 0);
+                if dead(&w.committed) && dead(&w.live) {
+                    doomed.push(*no);
+                }
+            }
+        }
+        if !doomed.is_empty() {
+            {
+                let _s = lock(&self.sync_lock);
+                let mut w = lock(&self.w);
+                let mut batch = sled::Batch::default();
+                for no in &doomed {
+                    batch.remove(pack::pack_key(*no).as_slice());
+                }
+                self.tree.apply_batch(batch).map_err(|e| self.poison(ChunkStoreError::Index(e)))?;
+                self.db.flush().map_err(|e| self.poison(ChunkStoreError::Index(e)))?;
+                for no in &doomed {
+                    w.committed.remove(no);
+                    w.live.remove(no);
+                }
+            }
+            let mut r = lock(&self.readers);
+            for no in &doomed {
+                r.remove(no);
+                let p = self.pack_path(*no);
+                match std::fs::remove_file(&p) {
+                    Ok(()) => report.packs_deleted += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("remove", &p)(e)),
+                }
+            }
+            drop(r);
+            fsutil::fsync_dir(&self.packs_dir).map_err(io_err("fsync", &self.packs_dir))?;
+        }
+        report.disk_bytes_after = self.stats()?.disk_bytes;
+        tracing::info!(
+            removed = report.removed_chunks,
+            compacted = report.packs_compacted,
+            deleted = report.packs_deleted,
+            before = report.disk_bytes_before,
+            after = report.disk_bytes_after,
+            "chunk gc done"
+        );
+        Ok(report)
+    }
+
+    /// Ids of every chunk held.
+    ///
+    /// # Errors
+    /// Index errors.
+    pub fn ids(&self) -> Result<Vec<ChunkId>> {
+        Ok(self.all_entries()?.into_iter().map(|(id, _)| id).collect())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn location(&self, id: &ChunkId) -> Option<(PathBuf, u64)> {
+        let w = lock(&self.w);
+        let l = self.lookup(&w, id).ok()??;
+        Some((self.pack_path(l.pack), l.offset))
+    }
+}
+
+impl std::fmt::Debug for ChunkStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkStore").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+/// Create pack `no` with its header. Its directory entry is made durable
+/// by the next sync, before any index entry pointing into it.
+fn create_pack(packs_dir: &Path, no: u32) -> Result<Active> {
+    let path = packs_dir.join(pack::pack_file_name(no));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io_err("create", &path))?;
+    file.write_all_at(&pack::pack_header(no), 0).map_err(io_err("write", &path))?;
+    Ok(Active { no, file: Arc::new(file), path, written: PACK_HEADER_LEN, buf: Vec::with_capacity(WRITE_BUF) })
+}
+
+/// Write `FORMAT` in a new store, or check it in an existing one.
+fn check_format(dir: &Path) -> Result<()> {
+    let path = dir.join("FORMAT");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s == FORMAT => Ok(()),
+        Ok(s) => Err(ChunkStoreError::UnsupportedFormat { path, found: s }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let tmp = dir.join(fsutil::unique_tmp_name("FORMAT"));
+            std::fs::write(&tmp, FORMAT).map_err(io_err("write", &tmp))?;
+            File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err("fsync", &tmp))?;
+            fsutil::rename_durable(&tmp, &path).map_err(io_err("rename", &path))
+        }
+        Err(e) => Err(io_err("read", &path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,319 @@
+use super::*;
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+fn small_opts() -> ChunkStoreOptions {
+    ChunkStoreOptions { pack_target: 64 << 10, max_pending_bytes: u64::MAX, index_cache_bytes: 1 << 20 }
+}
+
+fn random_chunk(rng: &mut impl Rng, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v[..]);
+    v[0] |= 1; // never all-zero
+    v
+}
+
+#[test]
+fn insert_read_dedup_and_rejections() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ChunkStore::open(dir.path()).unwrap();
+    let (id, new) = s.insert(b"hello").unwrap();
+    assert!(new);
+    assert_eq!(id, ChunkId::of(b"hello"));
+    assert_eq!(s.insert(b"hello").unwrap(), (id, false));
+    assert!(s.contains(&id).unwrap());
+    assert_eq!(s.read(&id).unwrap().as_deref(), Some(&b"hello"[..]));
+    assert_eq!(s.read(&ChunkId::of(b"nope")).unwrap(), None);
+    assert!(matches!(s.insert(&[0; 4096]), Err(ChunkStoreError::ZeroChunk)));
+    assert!(matches!(s.insert(&[]), Err(ChunkStoreError::ZeroChunk)));
+    assert!(matches!(s.insert(&vec![1; MAX_CHUNK_LEN + 1]), Err(ChunkStoreError::TooLarge { .. })));
+    match s.insert_verified(&id, b"liar") {
+        Err(ChunkStoreError::HashMismatch { expected, actual }) => {
+            assert_eq!(expected, id);
+            assert_eq!(actual, ChunkId::of(b"liar"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!s.contains(&ChunkId::of(b"liar")).unwrap());
+    assert!(s.insert_verified(&ChunkId::of(b"truth"), b"truth").unwrap());
+    let st = s.stats().unwrap();
+    assert_eq!(st.chunks, 2);
+    assert_eq!(st.payload_bytes, 10);
+    assert_eq!(st.dedup_hits, 1);
+    assert_eq!(s.missing(&[id, ChunkId::of(b"x")]).unwrap(), vec![ChunkId::of(b"x")]);
+}
+
+#[test]
+fn synced_chunks_survive_reopen_and_unsynced_vanish_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let a = random_chunk(&mut rng, 70_000);
+    let b = random_chunk(&mut rng, 70_000);
+    let (ia, ib);
+    {
+        let s = ChunkStore::open(dir.path()).unwrap();
+        ia = s.insert(&a).unwrap().0;
+        s.sync().unwrap();
+        ib = s.insert(&b).unwrap().0;
+        // Force b's bytes into the file without indexing them.
+        let mut w = lock(&s.w);
+        s.flush_buf(&mut w).unwrap();
+    }
+    let s = ChunkStore::open(dir.path()).unwrap();
+    assert_eq!(s.read(&ia).unwrap().unwrap(), a);
+    assert!(!s.contains(&ib).unwrap());
+    // The unsynced tail was truncated.
+    let (path, _) = s.location(&ia).unwrap();
+    let len = std::fs::metadata(path).unwrap().len();
+    assert_eq!(len, PACK_HEADER_LEN + REC_HEADER_LEN + a.len() as u64);
+    // Appending continues in the same pack.
+    let ib2 = s.insert(&b).unwrap().0;
+    s.sync().unwrap();
+    drop(s);
+    let s = ChunkStore::open(dir.path()).unwrap();
+    assert_eq!(s.read(&ib2).unwrap().unwrap(), b);
+    assert_eq!(s.stats().unwrap().packs, 1);
+}
+
+#[test]
+fn remove_is_durable_after_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ChunkStore::open(dir.path()).unwrap();
+    let (id, _) = s.insert(b"abc").unwrap();
+    s.sync().unwrap();
+    assert!(s.remove(&id).unwrap());
+    assert!(!s.remove(&id).unwrap());
+    assert!(!s.contains(&id).unwrap());
+    s.sync().unwrap();
+    drop(s);
+    let s = ChunkStore::open(dir.path()).unwrap();
+    assert!(!s.contains(&id).unwrap());
+    assert_eq!(s.stats().unwrap().chunks, 0);
+}
+
+fn flip_byte(path: &Path, offset: u64) {
+    let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0x40;
+    f.write_all_at(&b, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn scrub_detects_a_flipped_byte_and_forgets_the_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let s = ChunkStore::open_with(dir.path(), small_opts()).unwrap();
+    let chunks: Vec<Vec<u8>> = (0..20).map(|_| random_chunk(&mut rng, 8192)).collect();
+    let ids: Vec<ChunkId> = chunks.iter().map(|c| s.insert(c).unwrap().0).collect();
+    s.sync().unwrap();
+    let victim = ids[7];
+    let (path, off) = s.location(&victim).unwrap();
+    flip_byte(&path, off + 100);
+    let mut calls = 0;
+    let report = s.scrub(&mut |done, total| {
+        calls += 1;
+        assert!(done <= total);
+    })
+    .unwrap();
+    assert_eq!(report.checked, 20);
+    assert_eq!(report.corrupt, vec![victim]);
+    assert_eq!(calls, 20);
+    assert!(!s.contains(&victim).unwrap());
+    for (c, id) in chunks.iter().zip(&ids) {
+        if *id != victim {
+            assert_eq!(s.read(id).unwrap().as_ref(), Some(c));
+        }
+    }
+    // Dropping it was durable; a re-fetch stores it again.
+    drop(s);
+    let s = ChunkStore::open_with(dir.path(), small_opts()).unwrap();
+    assert!(!s.contains(&victim).unwrap());
+    assert!(s.insert_verified(&victim, &chunks[7]).unwrap());
+    assert_eq!(s.read(&victim).unwrap().unwrap(), chunks[7]);
+}
+
+#[test]
+fn read_never_returns_wrong_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ChunkStore::open(dir.path()).unwrap();
+    let (id, _) = s.insert(&[7u8; 5000]).unwrap();
+    s.sync().unwrap();
+    let (path, off) = s.location(&id).unwrap();
+    flip_byte(&path, off + 4999);
+    assert!(matches!(s.read(&id), Err(ChunkStoreError::Corrupt { id: c }) if c == id));
+    assert!(!s.contains(&id).unwrap());
+    assert_eq!(s.read(&id).unwrap(), None);
+}
+
+#[test]
+fn truncated_pack_reads_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ChunkStore::open(dir.path()).unwrap();
+    let (id, _) = s.insert(&[9u8; 5000]).unwrap();
+    s.sync().unwrap();
+    let (path, off) = s.location(&id).unwrap();
+    OpenOptions::new().write(true).open(&path).unwrap().set_len(off + 10).unwrap();
+    assert!(matches!(s.read(&id), Err(ChunkStoreError::Corrupt { .. })));
+    assert!(!s.contains(&id).unwrap());
+}
+
+#[test]
+fn gc_drops_dead_chunks_and_compaction_keeps_live_ones_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let s = ChunkStore::open_with(dir.path(), small_opts()).unwrap();
+    let chunks: Vec<Vec<u8>> = (0..120).map(|i| random_chunk(&mut rng, 3000 + i * 7)).collect();
+    let ids: Vec<ChunkId> = chunks.iter().map(|c| s.insert(c).unwrap().0).collect();
+    s.sync().unwrap();
+    let before = s.stats().unwrap();
+    assert!(before.packs >= 5, "{before:?}");
+    // Keep every third chunk.
+    let live: HashSet<ChunkId> = ids.iter().step_by(3).copied().collect();
+    let report = s.gc(&live).unwrap();
+    assert_eq!(report.removed_chunks, 80);
+    assert!(report.packs_compacted > 0, "{report:?}");
+    assert!(report.packs_deleted > 0, "{report:?}");
+    assert!(report.disk_bytes_after < report.disk_bytes_before / 2 + 70_000, "{report:?}");
+    let check = |s: &ChunkStore| {
+        for (c, id) in chunks.iter().zip(&ids) {
+            if live.contains(id) {
+                assert_eq!(s.read(id).unwrap().as_ref(), Some(c));
+            } else {
+                assert!(!s.contains(id).unwrap());
+            }
+        }
+    };
+    check(&s);
+    let st = s.stats().unwrap();
+    assert_eq!(st.chunks, 40);
+    drop(s);
+    let s = ChunkStore::open_with(dir.path(), small_opts()).unwrap();
+    check(&s);
+    assert_eq!(s.stats().unwrap().chunks, 40);
+    // A second gc with the same live set has nothing to drop.
+    assert_eq!(s.gc(&live).unwrap().removed_chunks, 0);
+    check(&s);
+    // Dropping everything deletes every sealed pack.
+    s.gc(&HashSet::new()).unwrap();
+    assert_eq!(s.stats().unwrap().chunks, 0);
+    assert!(s.stats().unwrap().packs <= 2);
+}
+
+#[test]
+fn concurrent_inserts_reads_and_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(ChunkStore::open_with(dir.path(), small_opts()).unwrap());
+    let handles: Vec<_> = (0..4u64)
+        .map(|t| {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(100 + t);
+                let mut mine = Vec::new();
+                for i in 0..60 {
+                    let c = random_chunk(&mut rng, 2000);
+                    let (id, _) = s.insert(&c).unwrap();
+                    mine.push((id, c));
+                    if i % 10 == 0 {
+                        s.sync().unwrap();
+                    }
+                    let (id, c) = &mine[rng.gen_range(0..mine.len())];
+                    assert_eq!(s.read(id).unwrap().as_ref(), Some(c));
+                }
+                s.sync().unwrap();
+                mine
+            })
+        })
+        .collect();
+    let all: Vec<(ChunkId, Vec<u8>)> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    drop(s);
+    let s = ChunkStore::open_with(dir.path(), small_opts()).unwrap();
+    for (id, c) in &all {
+        assert_eq!(s.read(id).unwrap().as_ref(), Some(c));
+    }
+    assert_eq!(s.stats().unwrap().chunks, all.len() as u64);
+}
+
+#[test]
+fn unsupported_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(ChunkStore::open(dir.path()).unwrap());
+    std::fs::write(dir.path().join("FORMAT"), "fieldrack-chunk-store 99\n").unwrap();
+    assert!(matches!(ChunkStore::open(dir.path()), Err(ChunkStoreError::UnsupportedFormat { .. })));
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Insert(usize),
+    Remove(usize),
+    Sync,
+    Reopen,
+    Gc(u8),
+    Corrupt(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0..8usize).prop_map(Op::Insert),
+        2 => (0..8usize).prop_map(Op::Remove),
+        3 => Just(Op::Sync),
+        2 => Just(Op::Reopen),
+        1 => any::<u8>().prop_map(Op::Gc),
+        1 => (0..8usize).prop_map(Op::Corrupt),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// The store behaves like a map whose synced state survives reopening,
+    /// through rotations, gc and compaction, and on-disk corruption.
+    #[test]
+    fn behaves_like_a_model(seed in any::<u64>(), ops in proptest::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ChunkStoreOptions { pack_target: 16 << 10, ..small_opts() };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let pool: Vec<Vec<u8>> = (0..8).map(|_| { let n = rng.gen_range(1..12_000); random_chunk(&mut rng, n) }).collect();
+        let ids: Vec<ChunkId> = pool.iter().map(|c| ChunkId::of(c)).collect();
+        let mut s = ChunkStore::open_with(dir.path(), opts.clone()).unwrap();
+        let mut current: HashSet<usize> = HashSet::new();
+        let mut durable: HashSet<usize> = HashSet::new();
+        for op in ops {
+            match op {
+                Op::Insert(k) => { let (_, new) = s.insert(&pool[k]).unwrap(); prop_assert_eq!(new, !current.contains(&k)); current.insert(k); }
+                Op::Remove(k) => { prop_assert_eq!(s.remove(&ids[k]).unwrap(), current.remove(&k)); }
+                Op::Sync => { s.sync().unwrap(); durable = current.clone(); }
+                Op::Reopen => { drop(s); s = ChunkStore::open_with(dir.path(), opts.clone()).unwrap(); current = durable.clone(); }
+                Op::Gc(mask) => {
+                    let live: HashSet<ChunkId> = (0..8).filter(|k| mask & (1 << k) != 0).map(|k| ids[k]).collect();
+                    s.gc(&live).unwrap();
+                    current.retain(|k| mask & (1 << k) != 0);
+                    durable = current.clone();
+                }
+                Op::Corrupt(k) => {
+                    if current.contains(&k) {
+                        s.sync().unwrap();
+                        let (path, off) = s.location(&ids[k]).unwrap();
+                        flip_byte(&path, off);
+                        let corrupt = matches!(s.read(&ids[k]), Err(ChunkStoreError::Corrupt { .. }));
+                        prop_assert!(corrupt, "corrupt read must fail");
+                        current.remove(&k);
+                        s.sync().unwrap();
+                        durable = current.clone();
+                    }
+                }
+            }
+            for k in 0..8 {
+                prop_assert_eq!(s.contains(&ids[k]).unwrap(), current.contains(&k), "chunk {}", k);
+                if current.contains(&k) {
+                    let got = s.read(&ids[k]).unwrap();
+                    prop_assert_eq!(got.as_ref(), Some(&pool[k]));
+                }
+            }
+            let st = s.stats().unwrap();
+            prop_assert_eq!(st.chunks, current.len() as u64);
+            prop_assert_eq!(st.payload_bytes, current.iter().map(|k| pool[*k].len() as u64).sum::<u64>());
+        }
+    }
+}

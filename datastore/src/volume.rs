@@ -1,0 +1,1325 @@
+//! Volumes: the per-rack registry of volumes, their live images (on the
+//! owner) and the manifests (snapshots) held for each.
+//!
+//! # Layout (under the store's root)
+//! - `FORMAT`: `fieldrack-volume-store 1`.
+//! - `chunks/`: the [`ChunkStore`].
+//! - `meta/`: a sled database, one tree:
+//!   `v/<name>` → the volume record (size, latest generation);
+//!   `m/<name>/<generation, u64 BE>` → an encoded [`Manifest`];
+//!   `s/<name>` → a *staged* manifest (a transfer in progress; its chunks
+//!   are kept by gc). Records carry a checksum; manifests are
+//!   self-checking. One `apply_batch` + flush per change.
+//! - `volumes/<name>.img`: the live raw image, on the owner only.
+//! - `tmp/`: clones and conversions in progress; emptied on open.
+//!
+//! # Durability contract
+//! - `create`, `import`, `snapshot`, `publish`, `stage`, `delete`, `prune`
+//!   return after their effect is on disk (chunks synced before the
+//!   manifest that needs them is written; manifest and volume record in
+//!   one atomic batch, then flushed).
+//! - A crash at any point leaves every volume at a complete generation: a
+//!   manifest is either fully there with every chunk it references, or not
+//!   there at all.
+//! - `export` and `promote` write a temp file, fsync it, rename it into
+//!   place and fsync the directory: the target is the old file or the
+//!   complete new one.
+
+pub mod image;
+pub mod names;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub use image::MaterialiseError;
+pub use names::{parse_size, validate_name, NameError, SizeError, MAX_NAME_LEN};
+
+use crate::chunk_store::{ChunkStore, ChunkStoreError, ChunkStoreOptions, GcReport, ScrubReport};
+use crate::fsutil::{self, TempFile};
+use crate::id::ChunkId;
+use crate::manifest::{chunk_count, InvalidManifest, Manifest, MAX_VOLUME_SIZE};
+
+/// Bytes per chunk of every volume image.
+///
+/// 64 KiB, chosen by measurement (`cargo test -p datastore --release --
+/// --ignored measure_chunk_sizes --nocapture` prints the table; numbers in
+/// the crate's ARCHITECTURE notes):
+/// - Hashing: BLAKE3 only reaches full SIMD speed on inputs of 16 KiB and
+///   more; per-chunk costs (an index entry, a record header, a manifest
+///   entry, a lookup) are amortised over 64 KiB. Insert throughput at
+///   64 KiB is within a few percent of 1 MiB chunks; at 4 KiB it is several
+///   times lower.
+/// - Metadata: a manifest entry per chunk is 32 bytes, so a 4 GiB image's
+///   manifest is 2 MiB (0.05 %) and its index 64k entries; at 4 KiB chunks
+///   it would be 32 MiB and 1M entries per generation.
+/// - Wire cost of small scattered writes does not depend on the chunk size
+///   once the replication protocol sends the changed 4 KiB blocks of a
+///   changed chunk as a delta against the previous generation's chunk; the
+///   price of larger chunks is storage: every changed chunk is stored whole,
+///   so 1 % scattered 4 KiB writes make ~15 % of a 64 KiB-chunked image new
+///   chunks (vs ~4 % at 16 KiB and ~63 % at 1 MiB).
+pub const CHUNK_SIZE: u32 = 64 * 1024;
+
+/// Manifests kept per volume by [`VolumeStore::prune`] unless told
+/// otherwise: the last complete generation plus two to fall back to.
+pub const DEFAULT_KEEP: usize = 3;
+
+/// How long after an image's last change (ctime) a pre-copy waits before
+/// reading it, so that any later write moves the ctime to a different
+/// value: timestamps are taken from a coarse clock that ticks every 1–10 ms
+/// (HZ 1000 to 100), and a write in the same tick as the last one would
+/// leave the ctime unchanged. Two ticks at HZ 100, plus margin.
+const CTIME_SETTLE: Duration = Duration::from_millis(25);
+
+/// Volume sizes must be whole 512-byte sectors (what every hypervisor and
+/// block layer expects).
+const SECTOR: u64 = 512;
+
+const FORMAT: &str = "fieldrack-volume-store 1\n";
+const RECORD_VERSION: u32 = 1;
+
+/// How a running appliance is frozen while a snapshot captures its disk.
+///
+/// The appliance layer implements it (SIGSTOP/SIGCONT of the process
+/// group, waiting until every process is stopped). `pause` must return only
+/// once no process can write to the image any more; `resume` is called
+/// exactly once after every `pause`, including a failed one.
+pub trait PauseHooks {
+    /// Freeze every writer of the image.
+    ///
+    /// # Errors
+    /// Any I/O error; the snapshot is abandoned (after `resume`).
+    fn pause(&self) -> io::Result<()>;
+    /// Let them run again.
+    fn resume(&self);
+}
+
+/// No appliance to pause (an idle volume, or tests).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoPause;
+
+impl PauseHooks for NoPause {
+    fn pause(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn resume(&self) {}
+}
+
+/// Calls `resume` when dropped, so every exit path after a `pause` resumes.
+struct Paused<'a>(&'a dyn PauseHooks);
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.0.resume();
+    }
+}
+
+fn pause(hooks: &dyn PauseHooks) -> Result<Paused<'_>, SnapshotError> {
+    let guard = Paused(hooks);
+    hooks.pause().map_err(SnapshotError::Pause)?;
+    Ok(guard)
+}
+
+/// What `list` says about a volume.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeInfo {
+    /// Name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Latest generation (0: created, never snapshotted).
+    pub generation: u64,
+    /// Whether this rack holds the live image (it is the owner).
+    pub has_live_image: bool,
+    /// Generations whose manifests this rack holds, ascending.
+    pub generations_held: Vec<u64>,
+}
+
+/// How a snapshot captured its point in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub enum CaptureMethod {
+    /// A reflink clone during the pause (constant-time on btrfs/XFS).
+    Reflink,
+    /// Pre-copy while running; the image had not changed when paused, so
+    /// the pause only checked that.
+    PrecopyUnchanged,
+    /// Pre-copy while running; the image had changed, so the whole image
+    /// was re-read and re-hashed during the pause (only changed chunks are
+    /// stored).
+    PrecopyRescan,
+}
+
+/// Details of a snapshot (see [`VolumeStore::snapshot_report`]).
+#[derive(Debug, Clone)]
+pub struct SnapshotReport {
+    /// The new manifest (durable).
+    pub manifest: Manifest,
+    /// How the point in time was captured.
+    pub method: CaptureMethod,
+    /// How long the appliance was paused.
+    pub pause: Duration,
+    /// Whole snapshot duration.
+    pub elapsed: Duration,
+    /// Chunks stored that the store did not hold before.
+    pub new_chunks: u64,
+    /// Their bytes.
+    pub new_bytes: u64,
+}
+
+/// Result of [`VolumeStore::prune`].
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PruneReport {
+    /// Manifests dropped.
+    pub manifests_dropped: u64,
+    /// What chunk gc did.
+    pub gc: GcReport,
+}
+
+/// Failures shared by every operation on the registry.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The sled metadata database failed.
+    #[error("volume metadata: {0}")]
+    Meta(#[from] sled::Error),
+    /// A stored record or manifest fails its checks.
+    #[error("damaged {what} record for volume {name}")]
+    Damaged {
+        /// Record kind.
+        what: &'static str,
+        /// Volume.
+        name: String,
+    },
+    /// No such volume.
+    #[error("no volume named {0}")]
+    NotFound(String),
+    /// Bad volume name.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// A file operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The disk is full; nothing already durable was lost.
+    #[error("disk full writing {path}")]
+    DiskFull {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The chunk store failed.
+    #[error(transparent)]
+    Chunks(#[from] ChunkStoreError),
+}
+
+impl StoreError {
+    /// Whether the disk (or quota) is full: free space (prune) and retry.
+    #[must_use]
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::DiskFull { .. } => true,
+            Self::Io { source, .. } => fsutil::is_disk_full(source),
+            Self::Meta(sled::Error::Io(e)) => fsutil::is_disk_full(e),
+            Self::Chunks(e) => e.is_disk_full(),
+            _ => false,
+        }
+    }
+}
+
+impl MaterialiseError {
+    /// Whether the disk (or quota) is full.
+    #[must_use]
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::DiskFull { .. } => true,
+            Self::Io { source, .. } => fsutil::is_disk_full(source),
+            Self::Chunks(e) => e.is_disk_full(),
+            _ => false,
+        }
+    }
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| {
+        if fsutil::is_disk_full(&source) {
+            StoreError::DiskFull { path }
+        } else {
+            StoreError::Io { op, path, source }
+        }
+    }
+}
+
+/// Why the store did not open.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// Files, sled or the chunk store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The directory holds a store of another format version.
+    #[error("unsupported volume store format {found:?} in {path}")]
+    UnsupportedFormat {
+        /// The FORMAT file.
+        path: PathBuf,
+        /// Its content.
+        found: String,
+    },
+}
+
+/// Why `create` failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CreateError {
+    /// The volume already exists.
+    #[error("volume {0} already exists")]
+    AlreadyExists(String),
+    /// Size zero, not whole sectors, or too large.
+    #[error("invalid volume size {0}: must be a non-zero multiple of 512 bytes up to 64 TiB")]
+    InvalidSize(u64),
+    /// Anything else.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why `snapshot` failed. The volume stays at its previous generation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// This rack has no live image of the volume (it is a replica).
+    #[error("volume {0} has no live image on this rack")]
+    NoLiveImage(String),
+    /// The pause hook failed (resume was still called).
+    #[error("pausing the appliance: {0}")]
+    Pause(io::Error),
+    /// Anything else.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why `import` failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImportError {
+    /// The volume exists here as a replica: only its owner writes new
+    /// generations.
+    #[error("volume {0} is a replica on this rack; import on its owner")]
+    NotOwner(String),
+    /// The image is smaller than the volume (volumes never shrink).
+    #[error("image is {image} bytes, smaller than the volume's {volume}")]
+    Shrink {
+        /// Volume size.
+        volume: u64,
+        /// Image size.
+        image: u64,
+    },
+    /// The image is empty or larger than 64 TiB.
+    #[error("image size {0} out of range")]
+    InvalidSize(u64),
+    /// `qemu-img` is not installed.
+    #[error("qcow2 import needs qemu-img, which was not found")]
+    QemuImgMissing,
+    /// `qemu-img convert` failed.
+    #[error("qemu-img convert failed ({status}): {stderr}")]
+    QemuImg {
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// The end of its stderr.
+        stderr: String,
+    },
+    /// Anything else.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why `export` failed; the target path is untouched.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExportError {
+    /// The volume has no snapshot yet.
+    #[error("volume {0} has no snapshot")]
+    NoSnapshot(String),
+    /// The generation asked for is not held.
+    #[error("volume {name} generation {generation} is not held here")]
+    NoSuchGeneration {
+        /// Volume.
+        name: String,
+        /// Generation.
+        generation: u64,
+    },
+    /// Reading chunks or writing the image failed.
+    #[error(transparent)]
+    Materialise(#[from] MaterialiseError),
+    /// Anything else.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why `publish` refused a manifest. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// This many distinct referenced chunks are not in the store yet.
+    #[error("{0} chunks of the manifest are missing")]
+    MissingChunks(usize),
+    /// A newer (or the same, different) generation is already held.
+    #[error("volume {name} already at generation {held}, offered {offered}")]
+    Stale {
+        /// Volume.
+        name: String,
+        /// Latest generation held.
+        held: u64,
+        /// Generation offered.
+        offered: u64,
+    },
+    /// The manifest is inconsistent.
+    #[error(transparent)]
+    Invalid(#[from] InvalidManifest),
+    /// This rack owns the volume (holds its live image): it does not take
+    /// generations from elsewhere.
+    #[error("volume {0} is owned by this rack")]
+    Owned(String),
+    /// Anything else.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why `promote` failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PromoteError {
+    /// The volume already has a live image here.
+    #[error("volume {0} already has a live image on this rack")]
+    AlreadyOwner(String),
+    /// No generation to promote.
+    #[error("volume {0} has no snapshot to promote")]
+    NoSnapshot(String),
+    /// Reading chunks or writing the image failed.
+    #[error(transparent)]
+    Materialise(#[from] MaterialiseError),
+    /// Anything else.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why `prune` failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PruneError {
+    /// `keep` must be at least 1: the latest generation is never dropped.
+    #[error("prune must keep at least one generation")]
+    KeepZero,
+    /// Anything else.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+macro_rules! store_from {
+    ($($t:ty),*) => {$(
+        impl From<sled::Error> for $t {
+            fn from(e: sled::Error) -> Self { StoreError::Meta(e).into() }
+        }
+        impl From<ChunkStoreError> for $t {
+            fn from(e: ChunkStoreError) -> Self { StoreError::Chunks(e).into() }
+        }
+        impl From<NameError> for $t {
+            fn from(e: NameError) -> Self { StoreError::Name(e).into() }
+        }
+    )*};
+}
+store_from!(CreateError, SnapshotError, ImportError, ExportError, PublishError, PromoteError, PruneError, OpenError);
+
+macro_rules! disk_full {
+    ($($t:ty $(, $mat:ident)?);*) => {$(
+        impl $t {
+            /// Whether the disk (or quota) is full: free space (prune) and
+            /// retry; nothing durable was lost.
+            #[must_use]
+            pub fn is_disk_full(&self) -> bool {
+                match self {
+                    Self::Store(e) => e.is_disk_full(),
+                    $(Self::$mat(e) => e.is_disk_full(),)?
+                    _ => false,
+                }
+            }
+        }
+    )*};
+}
+disk_full!(CreateError; SnapshotError; ImportError; ExportError, Materialise; PublishError; PromoteError, Materialise; PruneError; OpenError);
+
+/// The volume record in `v/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct VolumeRecord {
+    /// Record format version.
+    v: u32,
+    /// Image size.
+    size: u64,
+    /// Latest generation (0: none yet).
+    generation: u64,
+    /// When the volume was first known here.
+    created_at_ms: u64,
+}
+
+/// Tunables; [`Default`] is right for production.
+#[derive(Debug, Clone, Default)]
+pub struct VolumeStoreOptions {
+    /// Chunk store options.
+    pub chunks: ChunkStoreOptions,
+    /// Force (`Some(false)`: never try) or skip probing reflink support.
+    pub reflink: Option<bool>,
+}
+
+/// The per-rack volume registry. `Send + Sync`; methods block on disk I/O
+/// (call them from `spawn_blocking`).
+pub struct VolumeStore {
+    /// Root directory.
+    root: PathBuf,
+    /// `root/volumes`: live images.
+    volumes_dir: PathBuf,
+    /// `root/tmp`: clones and conversions.
+    tmp_dir: PathBuf,
+    /// Chunks of every volume.
+    chunks: ChunkStore,
+    /// Metadata database (kept to flush).
+    db: sled::Db,
+    /// Its tree.
+    meta: sled::Tree,
+    /// Held shared by operations that create references to chunks
+    /// (snapshot, import, publish, stage) or read them (export, promote);
+    /// held exclusively by prune, so gc never drops a chunk that an
+    /// operation in flight is about to reference.
+    gc_lock: RwLock<()>,
+    /// One mutex per volume: operations on one volume run one at a time.
+    vol_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Whether FICLONE works on this filesystem.
+    reflink: AtomicBool,
+}
+
+impl std::fmt::Debug for VolumeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeStore").field("root", &self.root).finish_non_exhaustive()
+    }
+}
+
+fn seal(payload: &[u8]) -> Vec<u8> {
+    let mut v = blake3::hash(payload).as_bytes()[..8].to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+fn unseal(v: &[u8]) -> Option<&[u8]> {
+    let (sum, payload) = v.split_at_checked(8)?;
+    (blake3::hash(payload).as_bytes()[..8] == *sum).then_some(payload)
+}
+
+fn record_key(name: &str) -> Vec<u8> {
+    format!("v/{name}").into_bytes()
+}
+
+fn manifest_prefix(name: &str) -> Vec<u8> {
+    format!("m/{name}/").into_bytes()
+}
+
+fn manifest_key(name: &str, generation: u64) -> Vec<u8> {
+    let mut k = manifest_prefix(name);
+    k.extend_from_slice(&generation.to_be_bytes());
+    k
+}
+
+fn staged_key(name: &str) -> Vec<u8> {
+    format!("s/{name}").into_bytes()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What identifies the content state of a live image between a pre-copy
+/// and the pause: any write changes the ctime (see [`CTIME_SETTLE`]).
+#[derive(Debug, PartialEq, Eq)]
+struct ImageStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl ImageStamp {
+    fn of(m: &std::fs::Metadata) -> Self {
+        Self { dev: m.dev(), ino: m.ino(), len: m.len(), ctime: m.ctime(), ctime_nsec: m.ctime_nsec() }
+    }
+
+    fn time(&self) -> SystemTime {
+        let secs = u64::try_from(self.ctime).unwrap_or(0);
+        let nanos = u64::try_from(self.ctime_nsec).unwrap_or(0);
+        UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_nanos(nanos)
+    }
+}
+
+impl VolumeStore {
+    /// Open (creating if needed) the store under `root`.
+    ///
+    /// # Errors
+    /// [`OpenError`].
+    pub fn open(root: impl AsRef<Path>) -> Result<Self, OpenError> {
+        Self::open_with(root, VolumeStoreOptions::default())
+    }
+
+    /// Open with options.
+    ///
+    /// # Errors
+    /// [`OpenError`].
+    pub fn open_with(root: impl AsRef<Path>, opts: VolumeStoreOptions) -> Result<Self, OpenError> {
+        let root = root.as_ref().to_path_buf();
+        let volumes_dir = root.join("volumes");
+        let tmp_dir = root.join("tmp");
+        for d in [&root, &volumes_dir, &tmp_dir] {
+            fsutil::create_dir_durable(d).map_err(io_err("create", d))?;
+        }
+        let fpath = root.join("FORMAT");
+        match std::fs::read_to_string(&fpath) {
+            Ok(s) if s == FORMAT => {}
+            Ok(found) => return Err(OpenError::UnsupportedFormat { path: fpath, found }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let tmp = root.join(fsutil::unique_tmp_name("FORMAT"));
+                std::fs::write(&tmp, FORMAT).map_err(io_err("write", &tmp))?;
+                File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err("fsync", &tmp))?;
+                fsutil::rename_durable(&tmp, &fpath).map_err(io_err("rename", &fpath))?;
+            }
+            Err(e) => return Err(io_err("read", &fpath)(e).into()),
+        }
+        // Leftovers of operations a crash interrupted.
+        clean_tmp(&tmp_dir, |_| true)?;
+        clean_tmp(&volumes_dir, |n| n.starts_with('.') && n.ends_with(".tmp"))?;
+
+        let chunks = ChunkStore::open_with(root.join("chunks"), opts.chunks)?;
+        let db = sled::Config::new().path(root.join("meta")).cache_capacity(8 << 20).open()?;
+        let meta = (*db).clone();
+        let reflink = opts.reflink.unwrap_or_else(|| image::probe_reflink(&tmp_dir));
+        tracing::info!(root = %root.display(), reflink, "volume store open");
+        Ok(Self {
+            root,
+            volumes_dir,
+            tmp_dir,
+            chunks,
+            db,
+            meta,
+            gc_lock: RwLock::new(()),
+            vol_locks: Mutex::new(HashMap::new()),
+            reflink: AtomicBool::new(reflink),
+        })
+    }
+
+    /// The chunk store (replication reads, inserts and verifies through it).
+    #[must_use]
+    pub fn chunks(&self) -> &ChunkStore {
+        &self.chunks
+    }
+
+    /// The store's root directory.
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Whether snapshots use reflink clones on this filesystem.
+    #[must_use]
+    pub fn reflink_supported(&self) -> bool {
+        self.reflink.load(Ordering::Relaxed)
+    }
+
+    /// Where the live image of `name` lives (whether or not it exists).
+    #[must_use]
+    pub fn image_path(&self, name: &str) -> PathBuf {
+        self.volumes_dir.join(format!("{name}.img"))
+    }
+
+    fn vol_lock(&self, name: &str) -> Arc<Mutex<()>> {
+        Arc::clone(lock(&self.vol_locks).entry(name.to_owned()).or_default())
+    }
+
+    fn gc_shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gc_lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn record(&self, name: &str) -> Result<Option<VolumeRecord>, StoreError> {
+        let Some(v) = self.meta.get(record_key(name))? else { return Ok(None) };
+        let damaged = || StoreError::Damaged { what: "volume", name: name.to_owned() };
+        let payload = unseal(&v).ok_or_else(damaged)?;
+        let r: VolumeRecord = serde_json::from_slice(payload).map_err(|_| damaged())?;
+        if r.v != RECORD_VERSION {
+            return Err(damaged());
+        }
+        Ok(Some(r))
+    }
+
+    fn existing(&self, name: &str) -> Result<VolumeRecord, StoreError> {
+        validate_name(name)?;
+        self.record(name)?.ok_or_else(|| StoreError::NotFound(name.to_owned()))
+    }
+
+    fn put_record(batch: &mut sled::Batch, name: &str, r: &VolumeRecord) {
+        let json = serde_json::to_vec(r).unwrap_or_default();
+        batch.insert(record_key(name), seal(&json));
+    }
+
+    fn commit(&self, batch: sled::Batch) -> Result<(), StoreError> {
+        self.meta.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn decode_manifest(name: &str, v: &[u8]) -> Result<Manifest, StoreError> {
+        Manifest::decode(v).map_err(|_| StoreError::Damaged { what: "manifest", name: name.to_owned() })
+    }
+
+    /// Whether this rack holds the live image of `name` (is its owner).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn owns(&self, name: &str) -> Result<bool, StoreError> {
+        validate_name(name)?;
+        Ok(self.record(name)?.is_some() && self.image_path(name).exists())
+    }
+
+    /// Create a volume owned by this rack: a sparse live image of `size`
+    /// bytes, generation 0, no manifest yet.
+    ///
+    /// # Errors
+    /// [`CreateError`].
+    pub fn create(&self, name: &str, size: u64) -> Result<VolumeInfo, CreateError> {
+        validate_name(name)?;
+        if size == 0 || size % SECTOR != 0 || size > MAX_VOLUME_SIZE {
+            return Err(CreateError::InvalidSize(size));
+        }
+        let vl = self.vol_lock(name);
+        let _v = lock(&vl);
+        if self.record(name)?.is_some() {
+            return Err(CreateError::AlreadyExists(name.to_owned()));
+        }
+        let path = self.image_path(name);
+        let tmp = TempFile::new(self.volumes_dir.join(fsutil::unique_tmp_name(&format!(".{name}"))));
+        let f = OpenOptions::new().write(true).create_new(true).open(tmp.path()).map_err(io_err("create", tmp.path()))?;
+        f.set_len(size).map_err(io_err("truncate", tmp.path()))?;
+        f.sync_all().map_err(io_err("fsync", tmp.path()))?;
+        fsutil::rename_durable(tmp.path(), &path).map_err(io_err("rename", &path))?;
+        tmp.disarm();
+        let mut batch = sled::Batch::default();
+        let rec = VolumeRecord { v: RECORD_VERSION, size, generation: 0, created_at_ms: fsutil::now_ms() };
+        Self::put_record(&mut batch, name, &rec);
+        self.commit(batch)?;
+        tracing::info!(volume = name, size, "volume created");
+        Ok(VolumeInfo { name: name.to_owned(), size, generation: 0, has_live_image: true, generations_held: vec![] })
+    }
+
+    /// Capture the live image as a new generation. See
+    /// [`VolumeStore::snapshot_report`].
+    ///
+    /// # Errors
+    /// [`SnapshotError`].
+    pub fn snapshot(
+        &self,
+        name: &str,
+        hooks: &dyn PauseHooks,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Manifest, SnapshotError> {
+        Ok(self.snapshot_report(name, hooks, progress)?.manifest)
+    }
+
+    /// Capture a crash-consistent point in time of the live image as
+    /// generation + 1, durably (chunks synced before the manifest).
+    ///
+    /// With reflink (btrfs, XFS): pause, clone the image (metadata only),
+    /// resume, then chunk the clone. The pause does not grow with the
+    /// volume's size (it grows with the extent count and the dirty page
+    /// cache the clone flushes).
+    ///
+    /// Without (ext4): chunk the image while the appliance runs (after an
+    /// fdatasync, so writes through mmap fault and bump the ctime), then
+    /// pause; if the image's ctime did not move, nothing was written since
+    /// the pre-copy began and the pre-copy *is* the point in time (pause:
+    /// one fstat). If it moved, the whole image is re-read and re-hashed
+    /// inside the pause (page cache speed; only changed chunks are stored):
+    /// that pause grows with the volume's size.
+    ///
+    /// # Errors
+    /// [`SnapshotError`]; the volume stays at its previous generation.
+    pub fn snapshot_report(
+        &self,
+        name: &str,
+        hooks: &dyn PauseHooks,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<SnapshotReport, SnapshotError> {
+        let started = Instant::now();
+        let _g = self.gc_shared();
+        let vl = self.vol_lock(name);
+        let _v = lock(&vl);
+        let rec = self.existing(name)?;
+        let path = self.image_path(name);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SnapshotError::NoLiveImage(name.to_owned())),
+            Err(e) => return Err(io_err("open", &path)(e).into()),
+        };
+        let mut new_chunks = 0u64;
+        let mut new_bytes = 0u64;
+        // Inside the pause, inserts never wait for an fsync.
+        let paused_now = std::cell::Cell::new(false);
+        let mut sink = |_: usize, data: &[u8], id: ChunkId| -> Result<(), ChunkStoreError> {
+            let new = if paused_now.get() {
+                self.chunks.insert_hashed_no_sync(id, data)?
+            } else {
+                self.chunks.insert_hashed(id, data)?
+            };
+            if new {
+                new_chunks += 1;
+                new_bytes += data.len() as u64;
+            }
+            Ok(())
+        };
+        let scan = |f: &File, progress: &mut dyn FnMut(u64, u64), sink: &mut dyn FnMut(usize, &[u8], ChunkId) -> Result<(), ChunkStoreError>| {
+            image::scan(f, rec.size, CHUNK_SIZE, progress, sink).map_err(|e| match e {
+                image::ScanError::Read(e) => SnapshotError::from(io_err("read", &path)(e)),
+                image::ScanError::Sink(e) => SnapshotError::from(e),
+            })
+        };
+
+        let mut captured = None;
+        if self.reflink.load(Ordering::Relaxed) {
+            // Write back dirty pages first: the clone flushes what is still
+            // dirty, inside the pause.
+            file.sync_data().map_err(io_err("fdatasync", &path))?;
+            let clone = TempFile::new(self.tmp_dir.join(fsutil::unique_tmp_name(&format!("{name}-clone"))));
+            let (r, paused, at) = {
+                let guard = pause(hooks)?;
+                let t = Instant::now();
+                let at = fsutil::now_ms();
+                let r = image::reflink(&file, clone.path());
+                let paused = t.elapsed();
+                drop(guard);
+                (r, paused, at)
+            };
+            match r {
+                Ok(()) => {
+                    let cf = File::open(clone.path()).map_err(io_err("open", clone.path()))?;
+                    let entries = scan(&cf, progress, &mut sink)?;
+                    captured = Some((entries, CaptureMethod::Reflink, paused, at));
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(95 | 18 | 22 | 25)) => {
+                    // EOPNOTSUPP, EXDEV, EINVAL, ENOTTY: not here after all.
+                    tracing::warn!(volume = name, error = %e, "reflink failed; falling back to pre-copy");
+                    self.reflink.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(io_err("clone", &path)(e).into()),
+            }
+        }
+        let (entries, method, paused, at) = match captured {
+            Some(c) => c,
+            None => {
+                let stamp = ImageStamp::of(&file.metadata().map_err(io_err("stat", &path))?);
+                let since = SystemTime::now().duration_since(stamp.time()).unwrap_or(Duration::ZERO);
+                if since < CTIME_SETTLE {
+                    std::thread::sleep(CTIME_SETTLE - since);
+                }
+                file.sync_data().map_err(io_err("fdatasync", &path))?;
+                let pre = scan(&file, progress, &mut sink)?;
+                let guard = pause(hooks)?;
+                let t = Instant::now();
+                let at = fsutil::now_ms();
+                let now = std::fs::metadata(&path).map_err(io_err("stat", &path))?;
+                let (entries, method) = if ImageStamp::of(&now) == stamp {
+                    (pre, CaptureMethod::PrecopyUnchanged)
+                } else {
+                    paused_now.set(true);
+                    let r = scan(&file, &mut |_, _| {}, &mut sink);
+                    paused_now.set(false);
+                    (r?, CaptureMethod::PrecopyRescan)
+                };
+                let paused = t.elapsed();
+                drop(guard);
+                (entries, method, paused, at)
+            }
+        };
+        self.chunks.sync()?;
+        let generation = rec.generation + 1;
+        let manifest = Manifest {
+            volume: name.to_owned(),
+            generation,
+            size: rec.size,
+            chunk_size: CHUNK_SIZE,
+            chunks: entries,
+            created_at_ms: at,
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(manifest_key(name, generation), manifest.encode());
+        Self::put_record(&mut batch, name, &VolumeRecord { generation, ..rec });
+        self.commit(batch)?;
+        tracing::info!(volume = name, generation, ?method, pause_us = paused.as_micros() as u64, new_chunks, "snapshot");
+        Ok(SnapshotReport { manifest, method, pause: paused, elapsed: started.elapsed(), new_chunks, new_bytes })
+    }
+
+    /// Import a raw or qcow2 image as the next generation of `name`
+    /// (creating the volume, owned by this rack, if missing). The live
+    /// image is replaced by the imported one: stop the volume's appliance
+    /// first. `progress(done, total)` over the image bytes.
+    ///
+    /// The new live image is put in place before the manifest is written:
+    /// a crash in between leaves the imported data live at the old
+    /// generation, and the next snapshot captures it.
+    ///
+    /// # Errors
+    /// [`ImportError`].
+    pub fn import(&self, name: &str, from: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Manifest, ImportError> {
+        validate_name(name)?;
+        let _g = self.gc_shared();
+        let vl = self.vol_lock(name);
+        let _v = lock(&vl);
+        let rec = self.record(name)?;
+        let image = self.image_path(name);
+        if rec.is_some() && !image.exists() {
+            return Err(ImportError::NotOwner(name.to_owned()));
+        }
+
+        let mut magic = [0u8; 4];
+        let mut src = File::open(from).map_err(io_err("open", from))?;
+        let n = src.read(&mut magic).map_err(io_err("read", from))?;
+        let _converted;
+        if n == 4 && magic == *b"QFI\xfb" {
+            let out = TempFile::new(self.tmp_dir.join(fsutil::unique_tmp_name(&format!("{name}-import"))));
+            qemu_img_to_raw(from, out.path())?;
+            src = File::open(out.path()).map_err(io_err("open", out.path()))?;
+            _converted = out;
+        }
+        let size = src.metadata().map_err(io_err("stat", from))?.len();
+        if size == 0 || size > MAX_VOLUME_SIZE {
+            return Err(ImportError::InvalidSize(size));
+        }
+        if let Some(r) = &rec {
+            if size < r.size {
+                return Err(ImportError::Shrink { volume: r.size, image: size });
+            }
+        }
+
+        let tmp = TempFile::new(self.volumes_dir.join(fsutil::unique_tmp_name(&format!(".{name}"))));
+        let live = OpenOptions::new().write(true).create_new(true).open(tmp.path()).map_err(io_err("create", tmp.path()))?;
+        live.set_len(size).map_err(io_err("truncate", tmp.path()))?;
+        let cs = u64::from(CHUNK_SIZE);
+        #[derive(Debug)]
+        enum SinkErr {
+            Chunks(ChunkStoreError),
+            Write(io::Error),
+        }
+        let entries = image::scan(&src, size, CHUNK_SIZE, progress, &mut |i, data, id| {
+            self.chunks.insert_hashed(id, data).map_err(SinkErr::Chunks)?;
+            live.write_all_at(data, i as u64 * cs).map_err(SinkErr::Write)
+        })
+        .map_err(|e| -> ImportError {
+            match e {
+                image::ScanError::Read(e) => io_err("read", from)(e).into(),
+                image::ScanError::Sink(SinkErr::Chunks(e)) => e.into(),
+                image::ScanError::Sink(SinkErr::Write(e)) => io_err("write", tmp.path())(e).into(),
+            }
+        })?;
+        self.chunks.sync()?;
+        live.sync_all().map_err(io_err("fsync", tmp.path()))?;
+        drop(live);
+        fsutil::rename_durable(tmp.path(), &image).map_err(io_err("rename", &image))?;
+        tmp.disarm();
+
+        let generation = rec.as_ref().map_or(0, |r| r.generation) + 1;
+        let manifest = Manifest {
+            volume: name.to_owned(),
+            generation,
+            size,
+            chunk_size: CHUNK_SIZE,
+            chunks: entries,
+            created_at_ms: fsutil::now_ms(),
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(manifest_key(name, generation), manifest.encode());
+        let created_at_ms = rec.as_ref().map_or(manifest.created_at_ms, |r| r.created_at_ms);
+        Self::put_record(&mut batch, name, &VolumeRecord { v: RECORD_VERSION, size, generation, created_at_ms });
+        self.commit(batch)?;
+        tracing::info!(volume = name, generation, size, "imported");
+        Ok(manifest)
+    }
+
+    /// Write generation `generation` (default: the latest held) of `name`
+    /// to `to` as a raw image: sparse where chunks are zero, via a temp
+    /// file, fsync and rename. Works on replicas (no live image needed).
+    ///
+    /// # Errors
+    /// [`ExportError`]; `to` is untouched on error.
+    pub fn export(
+        &self,
+        name: &str,
+        generation: Option<u64>,
+        to: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Manifest, ExportError> {
+        let _g = self.gc_shared();
+        self.existing(name)?;
+        let m = match generation {
+            Some(g) => self
+                .manifest(name, g)?
+                .ok_or_else(|| ExportError::NoSuchGeneration { name: name.to_owned(), generation: g })?,
+            None => self.latest(name)?.ok_or_else(|| ExportError::NoSnapshot(name.to_owned()))?,
+        };
+        image::materialise(&self.chunks, &m, to, progress)?;
+        Ok(m)
+    }
+
+    /// Store a manifest received from the owner. Accepted only if every
+    /// chunk it references is in the store (synced first) and its
+    /// generation is newer than any held; re-publishing a manifest already
+    /// held is a no-op. Creates the volume record (as a replica) if new.
+    ///
+    /// # Errors
+    /// [`PublishError`]; nothing changes on error.
+    pub fn publish(&self, manifest: Manifest) -> Result<(), PublishError> {
+        manifest.validate()?;
+        let name = manifest.volume.clone();
+        let _g = self.gc_shared();
+        let vl = self.vol_lock(&name);
+        let _v = lock(&vl);
+        let rec = self.record(&name)?;
+        if let Some(r) = &rec {
+            if let Some(held) = self.manifest(&name, manifest.generation)? {
+                if held == manifest {
+                    return Ok(());
+                }
+            }
+            if manifest.generation <= r.generation {
+                return Err(PublishError::Stale { name, held: r.generation, offered: manifest.generation });
+            }
+            if self.image_path(&name).exists() {
+                return Err(PublishError::Owned(name));
+            }
+        }
+        let wanted: Vec<ChunkId> = manifest.referenced().into_iter().collect();
+        let missing = self.chunks.missing(&wanted)?.len();
+        if missing > 0 {
+            return Err(PublishError::MissingChunks(missing));
+        }
+        self.chunks.sync()?;
+        // Between `missing` and here nothing can drop a chunk: gc needs the
+        // exclusive gc lock. Check again anyway: a chunk found corrupt by a
+        // concurrent read is dropped without it.
+        let missing = self.chunks.missing(&wanted)?.len();
+        if missing > 0 {
+            return Err(PublishError::MissingChunks(missing));
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(manifest_key(&name, manifest.generation), manifest.encode());
+        let created_at_ms = rec.as_ref().map_or_else(fsutil::now_ms, |r| r.created_at_ms);
+        let record = VolumeRecord { v: RECORD_VERSION, size: manifest.size, generation: manifest.generation, created_at_ms };
+        Self::put_record(&mut batch, &name, &record);
+        if let Some(s) = self.staged(&name)? {
+            if s.generation <= manifest.generation {
+                batch.remove(staged_key(&name));
+            }
+        }
+        self.commit(batch)?;
+        tracing::info!(volume = %name, generation = manifest.generation, "published");
+        Ok(())
+    }
+
+    /// Record a manifest whose chunks are being received: until it is
+    /// published (or another is staged, or [`VolumeStore::unstage`]), prune
+    /// keeps every chunk it references, so an interrupted transfer resumes
+    /// without resending what already arrived. Stage before checking which
+    /// chunks are missing.
+    ///
+    /// # Errors
+    /// [`StoreError`], or the manifest is invalid.
+    pub fn stage(&self, manifest: &Manifest) -> Result<(), PublishError> {
+        manifest.validate()?;
+        let _g = self.gc_shared();
+        self.meta.insert(staged_key(&manifest.volume), manifest.encode()).map_err(StoreError::from)?;
+        self.db.flush().map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    /// Forget the staged manifest of `name`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn unstage(&self, name: &str) -> Result<(), StoreError> {
+        validate_name(name)?;
+        self.meta.remove(staged_key(name))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The staged manifest of `name`, if any.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn staged(&self, name: &str) -> Result<Option<Manifest>, StoreError> {
+        validate_name(name)?;
+        match self.meta.get(staged_key(name))? {
+            Some(v) => Self::decode_manifest(name, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every manifest held for `name`, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn manifests(&self, name: &str) -> Result<Vec<Manifest>, StoreError> {
+        validate_name(name)?;
+        self.meta
+            .scan_prefix(manifest_prefix(name))
+            .map(|kv| {
+                let (_, v) = kv?;
+                Self::decode_manifest(name, &v)
+            })
+            .collect()
+    }
+
+    /// The manifest of one generation, if held.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn manifest(&self, name: &str, generation: u64) -> Result<Option<Manifest>, StoreError> {
+        validate_name(name)?;
+        match self.meta.get(manifest_key(name, generation))? {
+            Some(v) => Self::decode_manifest(name, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The newest manifest held for `name`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn latest(&self, name: &str) -> Result<Option<Manifest>, StoreError> {
+        validate_name(name)?;
+        match self.meta.scan_prefix(manifest_prefix(name)).next_back() {
+            Some(kv) => Self::decode_manifest(name, &kv?.1).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn generations(&self, name: &str) -> Result<Vec<u64>, StoreError> {
+        let prefix = manifest_prefix(name);
+        self.meta
+            .scan_prefix(&prefix)
+            .keys()
+            .map(|k| {
+                let k = k?;
+                let g = k
+                    .get(prefix.len()..)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .ok_or_else(|| StoreError::Damaged { what: "manifest key", name: name.to_owned() })?;
+                Ok(u64::from_be_bytes(g))
+            })
+            .collect()
+    }
+
+    /// One volume's summary.
+    ///
+    /// # Errors
+    /// [`StoreError`] ([`StoreError::NotFound`] if unknown).
+    pub fn info(&self, name: &str) -> Result<VolumeInfo, StoreError> {
+        let rec = self.existing(name)?;
+        Ok(VolumeInfo {
+            name: name.to_owned(),
+            size: rec.size,
+            generation: rec.generation,
+            has_live_image: self.image_path(name).exists(),
+            generations_held: self.generations(name)?,
+        })
+    }
+
+    /// Every volume known on this rack, by name.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn list(&self) -> Result<Vec<VolumeInfo>, StoreError> {
+        let mut out = Vec::new();
+        for k in self.meta.scan_prefix(b"v/").keys() {
+            let k = k?;
+            let name = String::from_utf8_lossy(&k[2..]).into_owned();
+            out.push(self.info(&name)?);
+        }
+        Ok(out)
+    }
+
+    /// Forget a volume: its live image, manifests and staged manifest. Its
+    /// chunks are reclaimed by the next [`VolumeStore::prune`].
+    ///
+    /// # Errors
+    /// [`StoreError`] ([`StoreError::NotFound`] if unknown).
+    pub fn delete(&self, name: &str) -> Result<(), StoreError> {
+        let vl = self.vol_lock(name);
+        let _v = lock(&vl);
+        self.existing(name)?;
+        let mut batch = sled::Batch::default();
+        for k in self.meta.scan_prefix(manifest_prefix(name)).keys() {
+            batch.remove(k?);
+        }
+        batch.remove(staged_key(name));
+        batch.remove(record_key(name));
+        self.commit(batch)?;
+        let image = self.image_path(name);
+        match std::fs::remove_file(&image) {
+            Ok(()) => fsutil::fsync_dir(&self.volumes_dir).map_err(io_err("fsync", &self.volumes_dir))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &image)(e)),
+        }
+        tracing::info!(volume = name, "volume deleted");
+        Ok(())
+    }
+
+    /// Make this rack the owner of a volume it replicates: materialise the
+    /// latest generation held as the live image. Later snapshots continue
+    /// from that generation.
+    ///
+    /// # Errors
+    /// [`PromoteError`].
+    pub fn promote(&self, name: &str, progress: &mut dyn FnMut(u64, u64)) -> Result<Manifest, PromoteError> {
+        let _g = self.gc_shared();
+        let vl = self.vol_lock(name);
+        let _v = lock(&vl);
+        self.existing(name)?;
+        let image = self.image_path(name);
+        if image.exists() {
+            return Err(PromoteError::AlreadyOwner(name.to_owned()));
+        }
+        let m = self.latest(name)?.ok_or_else(|| PromoteError::NoSnapshot(name.to_owned()))?;
+        image::materialise(&self.chunks, &m, &image, progress)?;
+        tracing::info!(volume = name, generation = m.generation, "promoted to owner");
+        Ok(m)
+    }
+
+    /// Keep the newest `keep` manifests of every volume, then gc every
+    /// chunk that no remaining (or staged) manifest references. Blocks
+    /// snapshots, imports and publishes while it runs.
+    ///
+    /// # Errors
+    /// [`PruneError`].
+    pub fn prune(&self, keep: usize) -> Result<PruneReport, PruneError> {
+        if keep == 0 {
+            return Err(PruneError::KeepZero);
+        }
+        let _g = self.gc_lock.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut report = PruneReport::default();
+        let mut batch = sled::Batch::default();
+        let mut live: HashSet<ChunkId> = HashSet::new();
+        for kv in self.meta.iter() {
+            let (k, v) = kv?;
+            if let Some(name) = k.strip_prefix(b"v/") {
+                let name = String::from_utf8_lossy(name).into_owned();
+                let gens = self.generations(&name)?;
+                let cut = gens.len().saturating_sub(keep);
+                for g in &gens[..cut] {
+                    batch.remove(manifest_key(&name, *g));
+                    report.manifests_dropped += 1;
+                }
+                for g in &gens[cut..] {
+                    if let Some(m) = self.manifest(&name, *g)? {
+                        live.extend(m.chunks.iter().flatten());
+                    }
+                }
+            } else if let Some(name) = k.strip_prefix(b"s/") {
+                let name = String::from_utf8_lossy(name).into_owned();
+                live.extend(Self::decode_manifest(&name, &v)?.chunks.iter().flatten());
+            }
+        }
+        self.commit(batch)?;
+        report.gc = self.chunks.gc(&live).map_err(StoreError::from)?;
+        tracing::info!(dropped = report.manifests_dropped, chunks_removed = report.gc.removed_chunks, "pruned");
+        Ok(report)
+    }
+
+    /// Re-verify every stored chunk (see [`ChunkStore::scrub`]); corrupt
+    /// ones are dropped so replication fetches them again.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn scrub(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ScrubReport, StoreError> {
+        Ok(self.chunks.scrub(progress)?)
+    }
+
+    /// Chunks of `name`'s held manifests (or any volume's when `None`) that
+    /// the store lacks: what a scrub dropped and a peer must resend.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn missing_chunks(&self, name: Option<&str>) -> Result<Vec<ChunkId>, StoreError> {
+        let names: Vec<String> = match name {
+            Some(n) => vec![n.to_owned()],
+            None => self.list()?.into_iter().map(|v| v.name).collect(),
+        };
+        let mut ids = HashSet::new();
+        for n in names {
+            for m in self.manifests(&n)? {
+                ids.extend(m.chunks.iter().flatten().copied());
+            }
+        }
+        let ids: Vec<ChunkId> = ids.into_iter().collect();
+        Ok(self.chunks.missing(&ids)?)
+    }
+}
+
+/// Remove leftover files in `dir` whose names match.
+fn clean_tmp(dir: &Path, matches: impl Fn(&str) -> bool) -> Result<(), StoreError> {
+    let mut removed = false;
+    for e in std::fs::read_dir(dir).map_err(io_err("list", dir))? {
+        let e = e.map_err(io_err("list", dir))?;
+        let name = e.file_name();
+        if name.to_str().is_some_and(&matches) && e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            let p = e.path();
+            std::fs::remove_file(&p).map_err(io_err("remove", &p))?;
+            removed = true;
+        }
+    }
+    if removed {
+        fsutil::fsync_dir(dir).map_err(io_err("fsync", dir))?;
+    }
+    Ok(())
+}
+
+/// Convert a qcow2 image to a (sparse) raw file with `qemu-img convert`.
+fn qemu_img_to_raw(from: &Path, to: &Path) -> Result<(), ImportError> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
+        .arg(from)
+        .arg(to)
+        .stdin(std::process::Stdio::null())
+        .output();
+    match out {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ImportError::QemuImgMissing),
+        Err(e) => Err(io_err("run qemu-img for", from)(e).into()),
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => {
+            let s = String::from_utf8_lossy(&o.stderr);
+            let tail: String = s.chars().rev().take(500).collect::<Vec<_>>().into_iter().rev().collect();
+            Err(ImportError::QemuImg { status: o.status, stderr: tail.trim().to_owned() })
+        }
+    }
+}
+
+/// `chunk_count` for the volume size and [`CHUNK_SIZE`].
+#[must_use]
+pub fn chunks_for(size: u64) -> u64 {
+    chunk_count(size, CHUNK_SIZE)
+}
+
+#[cfg(test)]
+mod tests;

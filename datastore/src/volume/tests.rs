@@ -1,0 +1,610 @@
+use super::*;
+use proptest::prelude::*;
+use rand::{Rng, RngCore, SeedableRng};
+use std::sync::atomic::{AtomicBool, AtomicU32};
+
+const CS: usize = CHUNK_SIZE as usize;
+
+fn open(dir: &Path) -> VolumeStore {
+    VolumeStore::open(dir).unwrap()
+}
+
+/// A random image: per chunk, zero with probability `zeros`, a copy of an
+/// earlier chunk with probability 0.1, partly zero with 0.1, else random.
+fn random_image(len: usize, seed: u64, zeros: f64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    let n = len.div_ceil(CS);
+    for i in 0..n {
+        let (s, e) = (i * CS, ((i + 1) * CS).min(len));
+        let roll: f64 = rng.gen();
+        if roll < zeros {
+            continue;
+        } else if roll < zeros + 0.1 && i > 0 {
+            let j = rng.gen_range(0..i);
+            let src = v[j * CS..(j * CS + (e - s)).min(len)].to_vec();
+            v[s..s + src.len()].copy_from_slice(&src);
+        } else if roll < zeros + 0.2 {
+            let half = s + (e - s) / 2;
+            rng.fill_bytes(&mut v[half..e]);
+        } else {
+            rng.fill_bytes(&mut v[s..e]);
+        }
+    }
+    v
+}
+
+fn export_bytes(s: &VolumeStore, name: &str, generation: Option<u64>, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!("export-{name}-{generation:?}.img"));
+    s.export(name, generation, &out, &mut |_, _| {}).unwrap();
+    std::fs::read(out).unwrap()
+}
+
+fn write_image(s: &VolumeStore, name: &str, data: &[u8]) {
+    let f = OpenOptions::new().write(true).open(s.image_path(name)).unwrap();
+    f.write_all_at(data, 0).unwrap();
+}
+
+fn distinct_nonzero_chunks(data: &[u8]) -> HashSet<ChunkId> {
+    data.chunks(CS).filter(|c| !crate::is_zero(c)).map(ChunkId::of).collect()
+}
+
+#[test]
+fn create_makes_a_sparse_owned_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let info = s.create("web-01", parse_size("64M").unwrap()).unwrap();
+    assert_eq!(info.generation, 0);
+    let meta = std::fs::metadata(s.image_path("web-01")).unwrap();
+    assert_eq!(meta.len(), 64 << 20);
+    assert_eq!(meta.blocks(), 0, "the image is sparse");
+    assert!(matches!(s.create("web-01", 4096), Err(CreateError::AlreadyExists(_))));
+    assert!(matches!(s.create("Bad", 4096), Err(CreateError::Store(StoreError::Name(_)))));
+    assert!(matches!(s.create("odd", 1000), Err(CreateError::InvalidSize(1000))));
+    assert!(matches!(s.create("zero", 0), Err(CreateError::InvalidSize(0))));
+    assert!(s.owns("web-01").unwrap());
+    assert!(!s.owns("other").unwrap());
+    assert_eq!(
+        s.list().unwrap(),
+        vec![VolumeInfo { name: "web-01".into(), size: 64 << 20, generation: 0, has_live_image: true, generations_held: vec![] }]
+    );
+    assert!(s.latest("web-01").unwrap().is_none());
+    drop(s);
+    let s = open(dir.path());
+    assert_eq!(s.info("web-01").unwrap().size, 64 << 20);
+}
+
+#[test]
+fn snapshots_export_bit_identical_for_every_generation_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let size = 3 * 1024 * 1024 + 5 * 4096; // not a whole number of chunks
+    s.create("vm", size as u64).unwrap();
+    let mut versions = Vec::new();
+    let mut data = random_image(size, 1, 0.3);
+    for g in 1..=4u64 {
+        write_image(&s, "vm", &data);
+        let mut last = (0, 0);
+        let m = s.snapshot("vm", &NoPause, &mut |d, t| last = (d, t)).unwrap();
+        assert_eq!(last, (size as u64, size as u64));
+        assert_eq!(m.generation, g);
+        assert_eq!(m.chunks.len(), size.div_ceil(CS));
+        for (i, c) in data.chunks(CS).enumerate() {
+            assert_eq!(m.chunks[i].is_none(), crate::is_zero(c), "chunk {i}");
+        }
+        versions.push(data.clone());
+        // Change a few scattered 4 KiB blocks for the next generation.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(g);
+        for _ in 0..10 {
+            let b = rng.gen_range(0..size / 4096);
+            rng.fill_bytes(&mut data[b * 4096..(b + 1) * 4096]);
+        }
+    }
+    for (g, v) in versions.iter().enumerate() {
+        assert_eq!(&export_bytes(&s, "vm", Some(g as u64 + 1), dir.path()), v, "generation {}", g + 1);
+    }
+    assert_eq!(&export_bytes(&s, "vm", None, dir.path()), versions.last().unwrap());
+    // Zero chunks are never stored; identical chunks once.
+    let all: HashSet<ChunkId> = versions.iter().flat_map(|v| distinct_nonzero_chunks(v)).collect();
+    assert_eq!(s.chunks().stats().unwrap().chunks, all.len() as u64);
+    // Exports are sparse where chunks are zero.
+    let out = dir.path().join("sparse.img");
+    s.create("thin", 64 << 20).unwrap();
+    write_image(&s, "thin", &[5u8; 100]);
+    s.snapshot("thin", &NoPause, &mut |_, _| {}).unwrap();
+    s.export("thin", None, &out, &mut |_, _| {}).unwrap();
+    let meta = std::fs::metadata(&out).unwrap();
+    assert_eq!(meta.len(), 64 << 20);
+    assert!(meta.blocks() * 512 <= 2 * CS as u64, "export is sparse: {} blocks", meta.blocks());
+    // Everything survives a reopen.
+    drop(s);
+    let s = open(dir.path());
+    assert_eq!(s.info("vm").unwrap().generations_held, vec![1, 2, 3, 4]);
+    assert_eq!(&export_bytes(&s, "vm", Some(2), dir.path()), &versions[1]);
+    assert!(matches!(
+        s.export("vm", Some(9), &dir.path().join("x"), &mut |_, _| {}),
+        Err(ExportError::NoSuchGeneration { generation: 9, .. })
+    ));
+}
+
+#[test]
+fn ten_clones_of_a_base_cost_about_one_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let base = random_image(4 << 20, 7, 0.2);
+    let base_chunks = distinct_nonzero_chunks(&base);
+    for i in 0..10u8 {
+        let mut d = base.clone();
+        // A small difference per clone (its hostname, say).
+        d[usize::from(i) * 300_000 + 17] ^= 0xa5;
+        let src = dir.path().join(format!("clone-{i}.raw"));
+        std::fs::write(&src, &d).unwrap();
+        s.import(&format!("clone-{i}"), &src, &mut |_, _| {}).unwrap();
+        assert_eq!(export_bytes(&s, &format!("clone-{i}"), None, dir.path()), d);
+    }
+    let st = s.chunks().stats().unwrap();
+    let base_bytes: u64 = base_chunks.len() as u64 * CS as u64;
+    // One base plus one changed chunk per clone.
+    assert!(st.chunks <= base_chunks.len() as u64 + 10, "{st:?}");
+    assert!(st.payload_bytes <= base_bytes + 10 * CS as u64, "{st:?} vs base {base_bytes}");
+    assert!(st.dedup_hits >= 9 * (base_chunks.len() as u64 - 1), "{st:?}");
+}
+
+#[test]
+fn zero_chunks_are_never_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let mut data = vec![0u8; 8 << 20];
+    data[3 * CS + 9] = 1;
+    let src = dir.path().join("mostly-zero.raw");
+    std::fs::write(&src, &data).unwrap();
+    let m = s.import("z", &src, &mut |_, _| {}).unwrap();
+    assert_eq!(m.chunks.iter().flatten().count(), 1);
+    assert_eq!(s.chunks().stats().unwrap().chunks, 1);
+    assert_eq!(s.chunks().stats().unwrap().payload_bytes, CS as u64);
+    assert_eq!(export_bytes(&s, "z", None, dir.path()), data);
+}
+
+#[test]
+fn publish_needs_every_chunk_and_a_newer_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let owner = open(&dir.path().join("a"));
+    let replica = open(&dir.path().join("b"));
+    let data = random_image(1 << 20, 3, 0.25);
+    let src = dir.path().join("img.raw");
+    std::fs::write(&src, &data).unwrap();
+    let m = owner.import("vol", &src, &mut |_, _| {}).unwrap();
+    let ids: Vec<ChunkId> = m.referenced().into_iter().collect();
+    assert!(ids.len() > 3);
+    // Copy all but three chunks.
+    for id in &ids[3..] {
+        let bytes = owner.chunks().read(id).unwrap().unwrap();
+        replica.chunks().insert_verified(id, &bytes).unwrap();
+    }
+    assert!(matches!(replica.publish(m.clone()), Err(PublishError::MissingChunks(3))));
+    assert!(replica.latest("vol").unwrap().is_none());
+    assert!(replica.list().unwrap().is_empty());
+    for id in &ids[..3] {
+        let bytes = owner.chunks().read(id).unwrap().unwrap();
+        replica.chunks().insert_verified(id, &bytes).unwrap();
+    }
+    replica.publish(m.clone()).unwrap();
+    replica.publish(m.clone()).unwrap(); // idempotent
+    let info = replica.info("vol").unwrap();
+    assert!(!info.has_live_image);
+    assert_eq!(info.generations_held, vec![1]);
+    assert_eq!(export_bytes(&replica, "vol", None, dir.path()), data);
+    // Same generation, different content: refused.
+    let mut other = m.clone();
+    other.created_at_ms += 1;
+    assert!(matches!(replica.publish(other), Err(PublishError::Stale { held: 1, offered: 1, .. })));
+    // An owner takes no manifests from elsewhere.
+    let mut next = m.clone();
+    next.generation = 2;
+    assert!(matches!(owner.publish(next.clone()), Err(PublishError::Owned(_))));
+    replica.publish(next).unwrap();
+    let mut old = m;
+    old.generation = 1;
+    old.created_at_ms += 5;
+    assert!(matches!(replica.publish(old), Err(PublishError::Stale { held: 2, offered: 1, .. })));
+    // Replicas do not import.
+    assert!(matches!(replica.import("vol", &src, &mut |_, _| {}), Err(ImportError::NotOwner(_))));
+    // Durable across reopen.
+    drop(replica);
+    let replica = open(&dir.path().join("b"));
+    assert_eq!(replica.info("vol").unwrap().generations_held, vec![1, 2]);
+}
+
+#[test]
+fn import_writes_the_next_generation_and_never_shrinks() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let v1 = random_image(1 << 20, 11, 0.3);
+    let src = dir.path().join("v1.raw");
+    std::fs::write(&src, &v1).unwrap();
+    assert_eq!(s.import("vol", &src, &mut |_, _| {}).unwrap().generation, 1);
+    assert_eq!(std::fs::read(s.image_path("vol")).unwrap(), v1, "the live image is the import");
+    let v2 = random_image(2 << 20, 12, 0.3);
+    let src2 = dir.path().join("v2.raw");
+    std::fs::write(&src2, &v2).unwrap();
+    let m2 = s.import("vol", &src2, &mut |_, _| {}).unwrap();
+    assert_eq!((m2.generation, m2.size), (2, 2 << 20));
+    assert!(matches!(s.import("vol", &src, &mut |_, _| {}), Err(ImportError::Shrink { .. })));
+    assert_eq!(export_bytes(&s, "vol", Some(1), dir.path()), v1);
+    assert_eq!(export_bytes(&s, "vol", Some(2), dir.path()), v2);
+    // A snapshot continues from the imported image.
+    let m3 = s.snapshot("vol", &NoPause, &mut |_, _| {}).unwrap();
+    assert_eq!(m3.generation, 3);
+    assert_eq!(m3.chunks, m2.chunks);
+    let empty = dir.path().join("empty.raw");
+    std::fs::write(&empty, b"").unwrap();
+    assert!(matches!(s.import("new", &empty, &mut |_, _| {}), Err(ImportError::InvalidSize(0))));
+}
+
+#[test]
+fn qcow2_images_are_converted() {
+    if std::process::Command::new("qemu-img").arg("--version").output().is_err() {
+        eprintln!("qemu-img not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let data = random_image(3 << 20, 21, 0.4);
+    let raw = dir.path().join("src.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let qcow = dir.path().join("src.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(&std::fs::read(&qcow).unwrap()[..4], b"QFI\xfb");
+    let m = s.import("q", &qcow, &mut |_, _| {}).unwrap();
+    assert_eq!(m.size, data.len() as u64);
+    assert_eq!(export_bytes(&s, "q", None, dir.path()), data);
+    // A damaged qcow2 is reported, not imported.
+    let bad = dir.path().join("bad.qcow2");
+    std::fs::write(&bad, b"QFI\xfbgarbage").unwrap();
+    assert!(matches!(s.import("bad", &bad, &mut |_, _| {}), Err(ImportError::QemuImg { .. })));
+    assert!(s.list().unwrap().iter().all(|v| v.name != "bad"));
+    assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temp files left");
+}
+
+#[test]
+fn promote_makes_a_replica_the_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let owner = open(&dir.path().join("a"));
+    let replica = open(&dir.path().join("b"));
+    let data = random_image(1 << 20, 5, 0.3);
+    let src = dir.path().join("img.raw");
+    std::fs::write(&src, &data).unwrap();
+    let m = owner.import("vol", &src, &mut |_, _| {}).unwrap();
+    for id in m.referenced() {
+        replica.chunks().insert_verified(&id, &owner.chunks().read(&id).unwrap().unwrap()).unwrap();
+    }
+    assert!(matches!(replica.snapshot("vol", &NoPause, &mut |_, _| {}), Err(SnapshotError::Store(StoreError::NotFound(_)))));
+    replica.publish(m).unwrap();
+    assert!(matches!(replica.snapshot("vol", &NoPause, &mut |_, _| {}), Err(SnapshotError::NoLiveImage(_))));
+    replica.promote("vol", &mut |_, _| {}).unwrap();
+    assert!(replica.owns("vol").unwrap());
+    assert_eq!(std::fs::read(replica.image_path("vol")).unwrap(), data);
+    assert!(matches!(replica.promote("vol", &mut |_, _| {}), Err(PromoteError::AlreadyOwner(_))));
+    assert_eq!(replica.snapshot("vol", &NoPause, &mut |_, _| {}).unwrap().generation, 2);
+}
+
+#[test]
+fn prune_keeps_the_last_generations_and_collects_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = VolumeStore::open_with(
+        dir.path(),
+        VolumeStoreOptions {
+            chunks: ChunkStoreOptions { pack_target: 1 << 20, ..ChunkStoreOptions::default() },
+            reflink: None,
+        },
+    )
+    .unwrap();
+    s.create("vol", 2 << 20).unwrap();
+    let mut versions = Vec::new();
+    for g in 0..5u64 {
+        let d = random_image(2 << 20, 100 + g, 0.2);
+        write_image(&s, "vol", &d);
+        s.snapshot("vol", &NoPause, &mut |_, _| {}).unwrap();
+        versions.push(d);
+    }
+    let before = s.chunks().stats().unwrap();
+    assert!(matches!(s.prune(0), Err(PruneError::KeepZero)));
+    let r = s.prune(2).unwrap();
+    assert_eq!(r.manifests_dropped, 3);
+    assert!(r.gc.removed_chunks > 0);
+    assert_eq!(s.info("vol").unwrap().generations_held, vec![4, 5]);
+    let live: HashSet<ChunkId> = versions[3..].iter().flat_map(|v| distinct_nonzero_chunks(v)).collect();
+    let after = s.chunks().stats().unwrap();
+    assert_eq!(after.chunks, live.len() as u64);
+    assert!(after.disk_bytes < before.disk_bytes, "{before:?} -> {after:?}");
+    assert_eq!(export_bytes(&s, "vol", Some(4), dir.path()), versions[3]);
+    assert_eq!(export_bytes(&s, "vol", Some(5), dir.path()), versions[4]);
+    // A staged manifest's chunks survive prune.
+    let staged = Manifest { volume: "incoming".into(), generation: 1, size: CS as u64, chunk_size: CHUNK_SIZE, chunks: vec![Some(ChunkId::of(b"x"))], created_at_ms: 0 };
+    let (id, _) = s.chunks().insert(b"x").unwrap();
+    s.stage(&staged).unwrap();
+    s.prune(2).unwrap();
+    assert!(s.chunks().contains(&id).unwrap());
+    s.unstage("incoming").unwrap();
+    s.prune(2).unwrap();
+    assert!(!s.chunks().contains(&id).unwrap());
+    // delete forgets the volume; prune then frees its chunks.
+    s.delete("vol").unwrap();
+    assert!(!s.image_path("vol").exists());
+    assert!(matches!(s.delete("vol"), Err(StoreError::NotFound(_))));
+    s.prune(DEFAULT_KEEP).unwrap();
+    assert_eq!(s.chunks().stats().unwrap().chunks, 0);
+}
+
+#[test]
+fn scrub_finds_damage_that_replication_must_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let data = random_image(1 << 20, 9, 0.0);
+    let src = dir.path().join("img.raw");
+    std::fs::write(&src, &data).unwrap();
+    let m = s.import("vol", &src, &mut |_, _| {}).unwrap();
+    let victim = m.chunks[4].unwrap();
+    let (path, off) = s.chunks().location(&victim).unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+    f.write_all_at(b"X", off + 1234).unwrap();
+    let r = s.scrub(&mut |_, _| {}).unwrap();
+    assert_eq!(r.corrupt, vec![victim]);
+    assert_eq!(s.missing_chunks(Some("vol")).unwrap(), vec![victim]);
+    assert!(matches!(
+        s.export("vol", None, &dir.path().join("out"), &mut |_, _| {}),
+        Err(ExportError::Materialise(MaterialiseError::MissingChunk(id))) if id == victim
+    ));
+    assert!(!dir.path().join("out").exists());
+    s.chunks().insert_verified(&victim, &data[4 * CS..5 * CS]).unwrap();
+    assert_eq!(export_bytes(&s, "vol", None, dir.path()), data);
+}
+
+/// A stand-in appliance: a thread writing random 4 KiB blocks to the image
+/// as fast as it can, frozen by the pause hooks. The hook records the image
+/// exactly as it was while frozen.
+struct BusyWriter {
+    path: PathBuf,
+    paused: AtomicBool,
+    idle: AtomicBool,
+    stop: AtomicBool,
+    pauses: AtomicU32,
+    resumes: AtomicU32,
+    frozen: Mutex<Option<Vec<u8>>>,
+}
+
+impl PauseHooks for BusyWriter {
+    fn pause(&self) -> io::Result<()> {
+        self.paused.store(true, Ordering::SeqCst);
+        while !self.idle.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        self.pauses.fetch_add(1, Ordering::SeqCst);
+        *lock(&self.frozen) = Some(std::fs::read(&self.path)?);
+        Ok(())
+    }
+    fn resume(&self) {
+        self.resumes.fetch_add(1, Ordering::SeqCst);
+        self.paused.store(false, Ordering::SeqCst);
+    }
+}
+
+fn run_writer(w: &BusyWriter, size: usize, seed: u64) {
+    let f = OpenOptions::new().write(true).open(&w.path).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut block = [0u8; 4096];
+    while !w.stop.load(Ordering::SeqCst) {
+        if w.paused.load(Ordering::SeqCst) {
+            w.idle.store(true, Ordering::SeqCst);
+            while w.paused.load(Ordering::SeqCst) && !w.stop.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            w.idle.store(false, Ordering::SeqCst);
+            continue;
+        }
+        rng.fill_bytes(&mut block);
+        let b = rng.gen_range(0..size / 4096);
+        f.write_all_at(&block, (b * 4096) as u64).unwrap();
+    }
+}
+
+#[test]
+fn snapshots_of_a_busy_image_are_points_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let size = 4 << 20;
+    s.create("busy", size as u64).unwrap();
+    write_image(&s, "busy", &random_image(size, 1, 0.5));
+    let w = BusyWriter {
+        path: s.image_path("busy"),
+        paused: AtomicBool::new(false),
+        idle: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        pauses: AtomicU32::new(0),
+        resumes: AtomicU32::new(0),
+        frozen: Mutex::new(None),
+    };
+    std::thread::scope(|sc| {
+        sc.spawn(|| run_writer(&w, size, 2));
+        for g in 1..=3u64 {
+            let r = s.snapshot_report("busy", &w, &mut |_, _| {}).unwrap();
+            assert_eq!(r.manifest.generation, g);
+            if !s.reflink_supported() {
+                assert_eq!(r.method, CaptureMethod::PrecopyRescan);
+            }
+            let frozen = lock(&w.frozen).take().unwrap();
+            assert!(export_bytes(&s, "busy", Some(g), dir.path()) == frozen, "generation {g} is not the paused image");
+        }
+        w.stop.store(true, Ordering::SeqCst);
+    });
+    assert_eq!(w.pauses.load(Ordering::SeqCst), 3);
+    assert_eq!(w.resumes.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn an_idle_image_needs_only_a_stat_while_paused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = VolumeStore::open_with(dir.path(), VolumeStoreOptions { reflink: Some(false), ..Default::default() }).unwrap();
+    s.create("idle", 2 << 20).unwrap();
+    write_image(&s, "idle", &random_image(2 << 20, 4, 0.1));
+    let r = s.snapshot_report("idle", &NoPause, &mut |_, _| {}).unwrap();
+    assert_eq!(r.method, CaptureMethod::PrecopyUnchanged);
+    assert!(r.pause < Duration::from_millis(50), "{:?}", r.pause);
+    let again = s.snapshot_report("idle", &NoPause, &mut |_, _| {}).unwrap();
+    assert_eq!(again.new_chunks, 0, "unchanged chunks are deduplicated");
+    assert_eq!(again.manifest.chunks, r.manifest.chunks);
+}
+
+struct FailingPause(AtomicU32);
+
+impl PauseHooks for FailingPause {
+    fn pause(&self) -> io::Result<()> {
+        Err(io::Error::other("cannot stop the appliance"))
+    }
+    fn resume(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_failed_pause_resumes_and_keeps_the_old_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.create("v", 1 << 20).unwrap();
+    write_image(&s, "v", &[1u8; 1000]);
+    s.snapshot("v", &NoPause, &mut |_, _| {}).unwrap();
+    let hooks = FailingPause(AtomicU32::new(0));
+    assert!(matches!(s.snapshot("v", &hooks, &mut |_, _| {}), Err(SnapshotError::Pause(_))));
+    assert_eq!(hooks.0.load(Ordering::SeqCst), 1);
+    assert_eq!(s.info("v").unwrap().generation, 1);
+}
+
+/// Reflink capture, where the filesystem supports it. This machine's /work
+/// is ext4; set DATASTORE_TEST_REFLINK_DIR to a directory on btrfs or XFS
+/// (reflink=1) to run it.
+#[test]
+fn reflink_snapshots_when_supported() {
+    let Some(base) = std::env::var_os("DATASTORE_TEST_REFLINK_DIR") else {
+        eprintln!("DATASTORE_TEST_REFLINK_DIR not set; skipping");
+        return;
+    };
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let s = open(dir.path());
+    assert!(s.reflink_supported());
+    let size = 4 << 20;
+    s.create("r", size as u64).unwrap();
+    write_image(&s, "r", &random_image(size, 8, 0.3));
+    let w = BusyWriter {
+        path: s.image_path("r"),
+        paused: AtomicBool::new(false),
+        idle: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        pauses: AtomicU32::new(0),
+        resumes: AtomicU32::new(0),
+        frozen: Mutex::new(None),
+    };
+    std::thread::scope(|sc| {
+        sc.spawn(|| run_writer(&w, size, 3));
+        for g in 1..=3u64 {
+            let r = s.snapshot_report("r", &w, &mut |_, _| {}).unwrap();
+            assert_eq!(r.method, CaptureMethod::Reflink);
+            let frozen = lock(&w.frozen).take().unwrap();
+            assert!(export_bytes(&s, "r", Some(g), dir.path()) == frozen);
+        }
+        w.stop.store(true, Ordering::SeqCst);
+    });
+}
+
+/// Runs `f` with a tmpfs of `mib` MiB mounted at a temp dir, or skips when
+/// mounting is not allowed (not root, no CAP_SYS_ADMIN).
+fn with_tmpfs(mib: u32, f: impl FnOnce(&Path)) {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+        .arg(dir.path())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("cannot mount a tmpfs here; skipping the disk-full test");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _u = Unmount(dir.path());
+    f(dir.path());
+}
+
+#[test]
+fn disk_full_is_an_error_and_loses_nothing_synced() {
+    with_tmpfs(32, |mnt| {
+        let out = tempfile::tempdir().unwrap();
+        let root = mnt.join("store");
+        let filler = mnt.join("filler");
+        let first = random_image(8 << 20, 31, 0.0);
+        let second = random_image(8 << 20, 32, 0.0);
+        {
+            let s = open(&root);
+            s.create("vol", 8 << 20).unwrap();
+            write_image(&s, "vol", &first);
+            s.snapshot("vol", &NoPause, &mut |_, _| {}).unwrap();
+            // Leave 2 MiB free: the next snapshot needs ~7 MiB of new chunks.
+            let st = rustix::fs::statvfs(mnt).unwrap();
+            let free = st.f_bavail * st.f_frsize;
+            std::fs::write(&filler, vec![1u8; usize::try_from(free - (2 << 20)).unwrap()]).unwrap();
+            write_image(&s, "vol", &second);
+            let e = s.snapshot("vol", &NoPause, &mut |_, _| {}).unwrap_err();
+            assert!(e.is_disk_full(), "{e:?}");
+            assert_eq!(s.info("vol").unwrap().generation, 1);
+            assert_eq!(export_bytes(&s, "vol", Some(1), out.path()), first);
+            // Still full: a retry fails the same way and breaks nothing.
+            assert!(s.snapshot("vol", &NoPause, &mut |_, _| {}).is_err());
+            assert_eq!(export_bytes(&s, "vol", Some(1), out.path()), first);
+        }
+        // Opening needs a little space (sled writes as it recovers): on a
+        // full disk it fails, saying so.
+        if let Err(e) = VolumeStore::open(&root) {
+            assert!(e.is_disk_full(), "{e:?}");
+        }
+        // With space freed it opens (the unsynced tail of the pack is
+        // truncated), everything synced is there, and snapshots work again.
+        std::fs::remove_file(&filler).unwrap();
+        let s = open(&root);
+        assert_eq!(s.info("vol").unwrap().generations_held, vec![1]);
+        assert_eq!(export_bytes(&s, "vol", Some(1), out.path()), first);
+        assert_eq!(s.snapshot("vol", &NoPause, &mut |_, _| {}).unwrap().generation, 2);
+        assert_eq!(export_bytes(&s, "vol", Some(2), out.path()), second);
+    });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// Random images with zero regions, partial chunks and repeats chunk,
+    /// dedup and export bit-identically; zero chunks are never stored.
+    #[test]
+    fn random_images_round_trip(seed in any::<u64>(), chunks in 1usize..40, tail in 0usize..CS, zeros in 0.0f64..0.9) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let len = (chunks - 1) * CS + tail.max(1);
+        let data = random_image(len, seed, zeros);
+        let src = dir.path().join("img.raw");
+        std::fs::write(&src, &data).unwrap();
+        let m = s.import("p", &src, &mut |_, _| {}).unwrap();
+        prop_assert_eq!(m.size, len as u64);
+        let distinct = distinct_nonzero_chunks(&data);
+        prop_assert_eq!(m.referenced(), distinct.clone());
+        prop_assert_eq!(s.chunks().stats().unwrap().chunks, distinct.len() as u64);
+        prop_assert!(export_bytes(&s, "p", None, dir.path()) == data);
+    }
+}

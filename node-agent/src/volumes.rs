@@ -1,0 +1,732 @@
+//! The volume engine: snapshots owned volumes on a schedule, keeps each one
+//! replicated to the racks the planner picks (re-protecting when a replica
+//! rack dies), serves pushes and fetches from peers, and scrubs.
+//!
+//! Bulk data travels on raw libp2p streams over the fleet-authenticated
+//! mesh connection (`MeshHandle::open_stream`, which refuses peers that
+//! are not admitted).
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use datastore::replicate::limiter::LinkLimiter;
+use datastore::replicate::plan::{choose_replicas, RackView};
+use datastore::replicate::{fetch, push, TransferCounters, FETCH_PROTOCOL, PUSH_PROTOCOL};
+use datastore::{Manifest, NoPause, VolumeStore};
+use deploy::config::VolumesConfig;
+use deploy::Role;
+use mesh::membership::State;
+use mesh::MeshHandle;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::state::AgentState;
+
+/// Pushes running at once (all peers): each keeps a link busy; more would
+/// only split the same radio bandwidth and the same disk.
+pub const MAX_PUSHES: usize = 4;
+/// Inbound transfers served at once.
+pub const MAX_SERVES: usize = 4;
+/// After a failed push to a replica, wait this long before retrying it.
+pub const RETRY_AFTER: Duration = Duration::from_secs(3);
+/// How often the replication loop looks for work when not woken.
+pub const REPLICATION_TICK: Duration = Duration::from_secs(1);
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// (ctime seconds, ctime nanoseconds, size) of a live image, taken before a
+/// snapshot starts: if it has not moved by the next tick, nothing was written.
+fn image_stamp(path: &std::path::Path) -> Option<(i64, i64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ctime(), m.ctime_nsec(), m.size()))
+}
+
+/// What we know of one replica of a volume we own (persisted).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    /// The replica rack.
+    pub rack: String,
+    /// The newest generation it confirmed holding.
+    pub generation: Option<u64>,
+    /// When that generation was snapshotted (unix ms): the replica's point in time.
+    pub generation_created_ms: Option<u64>,
+}
+
+/// Per-volume replication bookkeeping (persisted in the agent's store).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// For volumes we hold as a replica: who owns them.
+    pub owner: Option<String>,
+    /// For volumes we own: their replicas.
+    pub replicas: Vec<ReplicaRecord>,
+}
+
+/// `volumes[]` in the status document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    /// Volume name.
+    pub name: String,
+    /// Owning rack.
+    pub owner: Option<String>,
+    /// Newest generation held here.
+    pub generation: Option<u64>,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Replicas (owner side only).
+    pub replicas: Vec<ReplicaStatus>,
+    /// Recovery point: seconds of writes that would be lost if the owner
+    /// died now (age of the newest snapshot some replica holds); owner side.
+    pub rpo_s: Option<f64>,
+    /// Generations held here.
+    pub generations_held: Vec<u64>,
+    /// Path of the live raw image (owner side): what appliances open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Transfer in progress to or from this rack, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<String>,
+}
+
+/// `volumes[].replicas[]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// Replica rack.
+    pub rack: String,
+    /// Newest generation it holds.
+    pub generation: Option<u64>,
+    /// How far behind the owner's newest snapshot it is, in seconds.
+    pub lag_s: Option<f64>,
+}
+
+/// Replication counters for `/metrics`, per peer rack.
+#[derive(Debug, Default)]
+pub struct VolumeMetrics {
+    /// Bytes sent per peer.
+    pub sent: Mutex<HashMap<String, Arc<TransferCounters>>>,
+    /// Bytes received per peer.
+    pub received: Mutex<HashMap<String, Arc<TransferCounters>>>,
+    /// Failed transfers (either direction).
+    pub failures: AtomicU64,
+    /// Chunks repaired after a scrub found them corrupt.
+    pub scrub_repairs: AtomicU64,
+    /// Corrupt chunks found by scrubs.
+    pub scrub_corrupt: AtomicU64,
+    /// Snapshots taken.
+    pub snapshots: AtomicU64,
+}
+
+impl VolumeMetrics {
+    fn counters(
+        map: &Mutex<HashMap<String, Arc<TransferCounters>>>,
+        rack: &str,
+    ) -> Arc<TransferCounters> {
+        map.lock()
+            .expect("metrics lock")
+            .entry(rack.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
+/// The engine, shared by the API and its loops.
+pub struct VolumeEngine {
+    /// The local volume store.
+    pub store: Arc<VolumeStore>,
+    rack: String,
+    site: String,
+    config: VolumesConfig,
+    mesh: MeshHandle,
+    state: AgentState,
+    /// Counters.
+    pub metrics: VolumeMetrics,
+    records: Mutex<HashMap<String, VolumeRecord>>,
+    limiters: Mutex<HashMap<String, Arc<LinkLimiter>>>,
+    running: Mutex<HashMap<(String, String), String>>,
+    failed_at: Mutex<HashMap<(String, String), std::time::Instant>>,
+    wake: Notify,
+}
+
+/// Why a volume operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The store refused (bad name, unknown volume, disk full...).
+    #[error("{0}")]
+    Store(String),
+    /// This rack is a witness: it stores no volumes.
+    #[error("this rack is a witness: it stores no volumes")]
+    Witness,
+}
+
+fn store_err(e: impl std::fmt::Display) -> VolumeError {
+    VolumeError::Store(e.to_string())
+}
+
+impl VolumeEngine {
+    /// Open the store under `data_dir/volumes`.
+    ///
+    /// # Errors
+    /// If the store cannot be opened.
+    pub fn open(
+        data_dir: &std::path::Path,
+        rack: &str,
+        site: &str,
+        config: VolumesConfig,
+        mesh: MeshHandle,
+        state: AgentState,
+    ) -> anyhow::Result<Arc<Self>> {
+        let store = Arc::new(
+            VolumeStore::open(&data_dir.join("volumes"))
+                .map_err(|e| anyhow::anyhow!("opening the volume store: {e}"))?,
+        );
+        let records = state.volume_records()?;
+        Ok(Arc::new(Self {
+            store,
+            rack: rack.to_string(),
+            site: site.to_string(),
+            config,
+            mesh,
+            state,
+            metrics: VolumeMetrics::default(),
+            records: Mutex::new(records),
+            limiters: Mutex::default(),
+            running: Mutex::default(),
+            failed_at: Mutex::default(),
+            wake: Notify::new(),
+        }))
+    }
+
+    fn limiter(&self, rack: &str) -> Arc<LinkLimiter> {
+        self.limiters
+            .lock()
+            .expect("limiters lock")
+            .entry(rack.to_string())
+            .or_insert_with(|| Arc::new(LinkLimiter::new(self.config.link_bytes_per_s)))
+            .clone()
+    }
+
+    fn save_record(&self, volume: &str, rec: &VolumeRecord) {
+        if let Err(e) = self.state.put_volume_record(volume, rec) {
+            tracing::error!(%volume, error = %e, "could not persist replication state");
+        }
+    }
+
+    /// Create an owned volume.
+    ///
+    /// # Errors
+    /// [`VolumeError`].
+    pub async fn create(&self, name: String, size: u64) -> Result<(), VolumeError> {
+        let st = self.store.clone();
+        tokio::task::spawn_blocking(move || st.create(&name, size).map(|_| ()))
+            .await
+            .expect("create task")
+            .map_err(store_err)
+    }
+
+    /// Snapshot one owned volume now; returns the new (or unchanged) manifest.
+    ///
+    /// # Errors
+    /// [`VolumeError`].
+    pub async fn snapshot(&self, name: String) -> Result<Manifest, VolumeError> {
+        let st = self.store.clone();
+        let m = tokio::task::spawn_blocking(move || st.snapshot(&name, &NoPause, &mut |_, _| {}))
+            .await
+            .expect("snapshot task")
+            .map_err(store_err)?;
+        self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+        self.wake.notify_one();
+        Ok(m)
+    }
+
+    /// Import a raw or qcow2 image into a volume (its next generation).
+    ///
+    /// # Errors
+    /// [`VolumeError`].
+    pub async fn import(
+        &self,
+        name: String,
+        from: PathBuf,
+        progress: impl FnMut(u64, u64) + Send + 'static,
+    ) -> Result<Manifest, VolumeError> {
+        let st = self.store.clone();
+        let mut progress = progress;
+        let m = tokio::task::spawn_blocking(move || st.import(&name, &from, &mut progress))
+            .await
+            .expect("import task")
+            .map_err(store_err)?;
+        self.wake.notify_one();
+        Ok(m)
+    }
+
+    /// Export a generation (newest by default) to a raw image.
+    ///
+    /// # Errors
+    /// [`VolumeError`].
+    pub async fn export(
+        &self,
+        name: String,
+        generation: Option<u64>,
+        to: PathBuf,
+        progress: impl FnMut(u64, u64) + Send + 'static,
+    ) -> Result<(), VolumeError> {
+        let st = self.store.clone();
+        let mut progress = progress;
+        tokio::task::spawn_blocking(move || {
+            st.export(&name, generation, &to, &mut progress).map(|_| ())
+        })
+        .await
+        .expect("export task")
+        .map_err(store_err)
+    }
+
+    /// The `volumes` part of the status document.
+    pub async fn status(&self) -> Vec<VolumeStatus> {
+        let st = self.store.clone();
+        let list = tokio::task::spawn_blocking(move || st.list())
+            .await
+            .expect("list task")
+            .unwrap_or_default();
+        let records = self.records.lock().expect("records lock").clone();
+        let running = self.running.lock().expect("running lock").clone();
+        let now = unix_ms();
+        let mut out = Vec::new();
+        for v in list {
+            let rec = records.get(&v.name).cloned().unwrap_or_default();
+            let latest_created = self
+                .store
+                .latest(&v.name)
+                .ok()
+                .flatten()
+                .map(|m| m.created_at_ms);
+            let (owner, replicas, rpo_s) = if v.has_live_image {
+                let reps: Vec<ReplicaStatus> = rec
+                    .replicas
+                    .iter()
+                    .map(|r| ReplicaStatus {
+                        rack: r.rack.clone(),
+                        generation: r.generation,
+                        lag_s: match (latest_created, r.generation_created_ms) {
+                            (Some(l), Some(c)) => Some(l.saturating_sub(c) as f64 / 1000.0),
+                            _ => None,
+                        },
+                    })
+                    .collect();
+                let newest_replicated = rec
+                    .replicas
+                    .iter()
+                    .filter_map(|r| r.generation_created_ms)
+                    .max();
+                (
+                    Some(self.rack.clone()),
+                    reps,
+                    newest_replicated.map(|c| now.saturating_sub(c) as f64 / 1000.0),
+                )
+            } else {
+                (rec.owner.clone(), Vec::new(), None)
+            };
+            let transfer = running
+                .iter()
+                .find(|((vol, _), _)| vol == &v.name)
+                .map(|(_, what)| what.clone());
+            let image = v
+                .has_live_image
+                .then(|| self.store.image_path(&v.name).display().to_string());
+            out.push(VolumeStatus {
+                image,
+                name: v.name,
+                owner,
+                generation: (v.generation > 0).then_some(v.generation),
+                size_bytes: v.size,
+                replicas,
+                rpo_s,
+                generations_held: v.generations_held,
+                transfer,
+            });
+        }
+        out
+    }
+
+    /// Run the engine's loops until `cancel`.
+    pub async fn run(self: Arc<Self>, role: Role, cancel: CancellationToken) {
+        if role == Role::Witness {
+            cancel.cancelled().await;
+            return;
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(self.clone().snapshot_loop(cancel.clone()));
+        tasks.spawn(self.clone().replication_loop(cancel.clone()));
+        tasks.spawn(self.clone().serve_loop(PUSH_PROTOCOL, cancel.clone()));
+        tasks.spawn(self.clone().serve_loop(FETCH_PROTOCOL, cancel.clone()));
+        tasks.spawn(self.clone().scrub_loop(cancel.clone()));
+        cancel.cancelled().await;
+        tasks.shutdown().await;
+    }
+
+    async fn snapshot_loop(self: Arc<Self>, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(self.config.snapshot_interval_s));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_stamp: HashMap<String, (i64, i64, u64)> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let st = self.store.clone();
+            let owned: Vec<String> = tokio::task::spawn_blocking(move || st.list())
+                .await
+                .expect("list task")
+                .map(|l| {
+                    l.into_iter()
+                        .filter(|v| v.has_live_image)
+                        .map(|v| v.name)
+                        .collect()
+                })
+                .unwrap_or_default();
+            for name in owned {
+                // An idle volume gets no new generation: each would cost a
+                // manifest on every replica link for nothing. (ctime moves on
+                // every write, mmap'd ones included once flushed.)
+                let seen = image_stamp(&self.store.image_path(&name));
+                if seen.is_some() && last_stamp.get(&name) == seen.as_ref() {
+                    continue;
+                }
+                match self.snapshot(name.clone()).await {
+                    Ok(m) => {
+                        tracing::debug!(volume = %name, generation = m.generation, "snapshot");
+                        if let Some(stamp) = seen {
+                            last_stamp.insert(name, stamp);
+                        }
+                    }
+                    Err(e) => tracing::warn!(volume = %name, error = %e, "snapshot failed"),
+                }
+            }
+            let (st, keep) = (self.store.clone(), self.config.keep_snapshots);
+            if let Err(e) = tokio::task::spawn_blocking(move || st.prune(keep))
+                .await
+                .expect("prune task")
+            {
+                tracing::warn!(error = %e, "pruning old snapshots failed");
+            }
+        }
+    }
+
+    /// The racks as the planner sees them.
+    async fn rack_views(&self) -> Vec<RackView> {
+        let Ok(status) = self.mesh.status().await else {
+            return Vec::new();
+        };
+        let admitted: HashSet<String> = self.mesh.admitted().into_iter().map(|(_, r)| r).collect();
+        status
+            .peers
+            .iter()
+            .filter_map(|p| {
+                let meta = p.meta.as_ref()?;
+                Some(RackView {
+                    rack: meta.rack.clone(),
+                    site: meta.site.clone(),
+                    alive: p.state == State::Alive && admitted.contains(&meta.rack),
+                    witness: meta.role == Role::Witness,
+                    free_bytes: None,
+                })
+            })
+            .collect()
+    }
+
+    async fn replication_loop(self: Arc<Self>, cancel: CancellationToken) {
+        let pushes = Arc::new(Semaphore::new(MAX_PUSHES));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(REPLICATION_TICK) => {}
+            }
+            let racks = self.rack_views().await;
+            let st = self.store.clone();
+            let owned: Vec<(String, Option<Manifest>)> = tokio::task::spawn_blocking(move || {
+                st.list()
+                    .map(|l| {
+                        l.into_iter()
+                            .filter(|v| v.has_live_image)
+                            .map(|v| (v.name.clone(), st.latest(&v.name).ok().flatten()))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .await
+            .expect("list task");
+            let me = RackView {
+                rack: self.rack.clone(),
+                site: self.site.clone(),
+                alive: true,
+                witness: false,
+                free_bytes: None,
+            };
+            for (volume, latest) in owned {
+                let Some(latest) = latest else { continue };
+                let mut rec = self
+                    .records
+                    .lock()
+                    .expect("records lock")
+                    .get(&volume)
+                    .cloned()
+                    .unwrap_or_default();
+                let current: Vec<String> = rec.replicas.iter().map(|r| r.rack.clone()).collect();
+                let chosen = choose_replicas(&me, &current, &racks, self.config.replication_factor);
+                if chosen != current {
+                    let dropped: Vec<&String> =
+                        current.iter().filter(|c| !chosen.contains(c)).collect();
+                    if !dropped.is_empty() {
+                        tracing::warn!(%volume, ?dropped, new = ?chosen, "re-protecting: replica rack unavailable");
+                    }
+                    rec.replicas = chosen
+                        .iter()
+                        .map(|r| {
+                            rec.replicas
+                                .iter()
+                                .find(|x| &x.rack == r)
+                                .cloned()
+                                .unwrap_or(ReplicaRecord {
+                                    rack: r.clone(),
+                                    generation: None,
+                                    generation_created_ms: None,
+                                })
+                        })
+                        .collect();
+                    self.records
+                        .lock()
+                        .expect("records lock")
+                        .insert(volume.clone(), rec.clone());
+                    self.save_record(&volume, &rec);
+                }
+                for replica in rec
+                    .replicas
+                    .iter()
+                    .filter(|r| r.generation < Some(latest.generation))
+                {
+                    let key = (volume.clone(), replica.rack.clone());
+                    if self
+                        .running
+                        .lock()
+                        .expect("running lock")
+                        .contains_key(&key)
+                    {
+                        continue;
+                    }
+                    if self
+                        .failed_at
+                        .lock()
+                        .expect("failed lock")
+                        .get(&key)
+                        .is_some_and(|t| t.elapsed() < RETRY_AFTER)
+                    {
+                        continue;
+                    }
+                    let Ok(permit) = pushes.clone().try_acquire_owned() else {
+                        break;
+                    };
+                    self.running.lock().expect("running lock").insert(
+                        key.clone(),
+                        format!(
+                            "sending generation {} to {}",
+                            latest.generation, replica.rack
+                        ),
+                    );
+                    let engine = self.clone();
+                    let manifest = latest.clone();
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        engine.push_one(key, manifest).await;
+                    });
+                }
+            }
+        }
+    }
+
+    async fn push_one(self: Arc<Self>, key: (String, String), manifest: Manifest) {
+        let (volume, rack) = key.clone();
+        let peer = self
+            .mesh
+            .admitted()
+            .into_iter()
+            .find(|(_, r)| r == &rack)
+            .map(|(p, _)| p);
+        let result = match peer {
+            None => Err(format!("{rack} is not connected")),
+            Some(peer) => match self.mesh.open_stream(peer, PUSH_PROTOCOL).await {
+                Err(e) => Err(e.to_string()),
+                Ok(stream) => {
+                    let counters = VolumeMetrics::counters(&self.metrics.sent, &rack);
+                    let limiter = self.limiter(&rack);
+                    let created = manifest.created_at_ms;
+                    push::push(
+                        self.store.clone(),
+                        &self.rack,
+                        manifest,
+                        stream,
+                        &limiter,
+                        &counters,
+                    )
+                    .await
+                    .map(|r| (r, created))
+                    .map_err(|e| e.to_string())
+                }
+            },
+        };
+        self.running.lock().expect("running lock").remove(&key);
+        match result {
+            Ok((report, created)) => {
+                tracing::info!(%volume, %rack, generation = report.generation, chunks = report.chunks, deltas = report.deltas, bytes = report.bytes, "replica up to date");
+                self.failed_at.lock().expect("failed lock").remove(&key);
+                let mut records = self.records.lock().expect("records lock");
+                let rec = records.entry(volume.clone()).or_default();
+                if let Some(r) = rec.replicas.iter_mut().find(|r| r.rack == rack) {
+                    r.generation = Some(report.generation);
+                    r.generation_created_ms = Some(created);
+                }
+                let rec = rec.clone();
+                drop(records);
+                self.save_record(&volume, &rec);
+            }
+            Err(e) => {
+                self.metrics.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%volume, %rack, error = %e, "replication failed; will retry");
+                self.failed_at
+                    .lock()
+                    .expect("failed lock")
+                    .insert(key, std::time::Instant::now());
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    async fn serve_loop(self: Arc<Self>, protocol: &'static str, cancel: CancellationToken) {
+        let mut incoming = match self.mesh.accept_streams(protocol) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(%protocol, error = %e, "cannot accept streams");
+                return;
+            }
+        };
+        let serves = Arc::new(Semaphore::new(MAX_SERVES));
+        loop {
+            let (peer, stream) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                next = incoming.next() => match next { Some(x) => x, None => return },
+            };
+            let Some(rack) = self
+                .mesh
+                .admitted()
+                .into_iter()
+                .find(|(p, _)| *p == peer)
+                .map(|(_, r)| r)
+            else {
+                continue;
+            };
+            let Ok(permit) = serves.clone().try_acquire_owned() else {
+                tracing::warn!(%rack, %protocol, "too many transfers; refusing one");
+                continue;
+            };
+            let engine = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let counters = VolumeMetrics::counters(&engine.metrics.received, &rack);
+                if protocol == PUSH_PROTOCOL {
+                    match push::serve(engine.store.clone(), &rack, stream, &counters).await {
+                        Ok(r) => {
+                            tracing::info!(volume = %r.volume, from = %rack, generation = r.generation, chunks = r.chunks, deltas = r.deltas, "replica generation published");
+                            let mut records = engine.records.lock().expect("records lock");
+                            let rec = records.entry(r.volume.clone()).or_default();
+                            if rec.owner.as_deref() != Some(rack.as_str()) {
+                                rec.owner = Some(rack.clone());
+                                let rec = rec.clone();
+                                drop(records);
+                                engine.save_record(&r.volume, &rec);
+                            }
+                        }
+                        Err(e) => {
+                            engine.metrics.failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(from = %rack, error = %e, "incoming replication failed");
+                        }
+                    }
+                } else {
+                    let limiter = engine.limiter(&rack);
+                    let sent = VolumeMetrics::counters(&engine.metrics.sent, &rack);
+                    if let Err(e) =
+                        fetch::serve(engine.store.clone(), stream, &limiter, &sent).await
+                    {
+                        tracing::warn!(from = %rack, error = %e, "chunk fetch failed");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Verify every stored chunk; fetch corrupt ones back from peers.
+    pub async fn scrub_now(self: &Arc<Self>) -> (usize, usize) {
+        let st = self.store.clone();
+        let report = match tokio::task::spawn_blocking(move || st.chunks().scrub(&mut |_, _| {}))
+            .await
+            .expect("scrub task")
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "scrub failed");
+                return (0, 0);
+            }
+        };
+        if report.corrupt.is_empty() {
+            return (0, 0);
+        }
+        self.metrics
+            .scrub_corrupt
+            .fetch_add(report.corrupt.len() as u64, Ordering::Relaxed);
+        tracing::error!(
+            corrupt = report.corrupt.len(),
+            "scrub found corrupt chunks; fetching them from peers"
+        );
+        let mut wanted = report.corrupt.clone();
+        for (peer, rack) in self.mesh.admitted() {
+            if wanted.is_empty() {
+                break;
+            }
+            let Ok(stream) = self.mesh.open_stream(peer, FETCH_PROTOCOL).await else {
+                continue;
+            };
+            let counters = VolumeMetrics::counters(&self.metrics.received, &rack);
+            match fetch::fetch(self.store.clone(), wanted.clone(), stream, &counters).await {
+                Ok(r) => {
+                    self.metrics
+                        .scrub_repairs
+                        .fetch_add(r.repaired.len() as u64, Ordering::Relaxed);
+                    tracing::info!(from = %rack, repaired = r.repaired.len(), "scrub repairs fetched");
+                    wanted = r.missing;
+                }
+                Err(e) => tracing::warn!(from = %rack, error = %e, "repair fetch failed"),
+            }
+        }
+        (report.corrupt.len(), report.corrupt.len() - wanted.len())
+    }
+
+    async fn scrub_loop(self: Arc<Self>, cancel: CancellationToken) {
+        if self.config.scrub_interval_s == 0 {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(self.config.scrub_interval_s));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => { self.scrub_now().await; }
+            }
+        }
+    }
+}

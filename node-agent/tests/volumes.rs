@@ -1,0 +1,451 @@
+//! Volumes with real agents on loopback: replication, incremental updates,
+//! kill -9 mid-transfer, scrub repair, re-protection.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use hyper::Method;
+use node_agent::volumes::VolumeStatus;
+use rand::{Rng, RngCore, SeedableRng};
+
+const MIB: usize = 1 << 20;
+
+/// A fleet whose racks snapshot every second, optionally rate-limited.
+fn fleet(racks: &str, link_bytes_per_s: u64) -> Fleet {
+    let f = Fleet::init(racks, &[]);
+    for r in racks.split(',') {
+        let p = f.config(r);
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        text = text.replace(
+            "[volumes]\nreplication_factor = 2\nsnapshot_interval_s = 10",
+            &format!("[volumes]\nreplication_factor = 2\nsnapshot_interval_s = 1"),
+        );
+        text = text.replace(
+            "link_bytes_per_s = 0",
+            &format!("link_bytes_per_s = {link_bytes_per_s}"),
+        );
+        std::fs::write(&p, text).unwrap();
+    }
+    f
+}
+
+fn cli(fleet: &Fleet, rack: &str, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(fleet.config(rack))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fieldrack {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn image(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    for block in v.chunks_mut(64 * 1024) {
+        if rng.gen_bool(0.8) {
+            rng.fill_bytes(block);
+        }
+    }
+    v
+}
+
+async fn volumes(fleet: &Fleet, rack: &str) -> Vec<VolumeStatus> {
+    status(&fleet.client(rack))
+        .await
+        .map(|s| s.volumes)
+        .unwrap_or_default()
+}
+
+async fn generation_on(fleet: &Fleet, rack: &str, name: &str) -> Option<u64> {
+    volumes(fleet, rack)
+        .await
+        .into_iter()
+        .find(|v| v.name == name)
+        .and_then(|v| v.generation)
+}
+
+fn export(fleet: &Fleet, rack: &str, name: &str, generation: Option<u64>) -> Vec<u8> {
+    let out = fleet
+        .dir
+        .path()
+        .join(format!("export-{rack}-{name}-{generation:?}.img"));
+    let mut args = vec!["volume", "export", name, "--to", out.to_str().unwrap()];
+    let g = generation.map(|g| g.to_string());
+    if let Some(g) = &g {
+        args.extend(["--generation", g]);
+    }
+    cli(fleet, rack, &args);
+    std::fs::read(out).unwrap()
+}
+
+fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_is_bit_identical_and_small_changes_move_little() {
+    let fleet = fleet("a,b", 0);
+    let _a = fleet.start("a");
+    let _b = fleet.start("b");
+    wait_until(Duration::from_secs(10), "mesh", || {
+        all_see(&fleet, &["a", "b"], "alive")
+    })
+    .await;
+    let mut data = image(16 * MIB, 1);
+    let src = write_file(fleet.dir.path(), "src.img", &data);
+    cli(
+        &fleet,
+        "a",
+        &["volume", "import", "db", "--from", src.to_str().unwrap()],
+    );
+    let g1 = generation_on(&fleet, "a", "db").await.unwrap();
+    wait_until(Duration::from_secs(20), "b holds the volume", || async {
+        generation_on(&fleet, "b", "db").await >= Some(g1)
+    })
+    .await;
+    assert_eq!(
+        export(&fleet, "b", "db", Some(g1)),
+        data,
+        "replica exports bit-identical"
+    );
+    let v = volumes(&fleet, "a")
+        .await
+        .into_iter()
+        .find(|v| v.name == "db")
+        .unwrap();
+    assert_eq!(v.owner.as_deref(), Some("a"));
+    assert_eq!(v.replicas.len(), 1);
+    assert_eq!(v.replicas[0].rack, "b");
+    let b_view = volumes(&fleet, "b")
+        .await
+        .into_iter()
+        .find(|v| v.name == "db")
+        .unwrap();
+    assert_eq!(b_view.owner.as_deref(), Some("a"));
+
+    // The appliance writes 1 % of the 4 KiB blocks of its live image.
+    let image_path = v.image.clone().expect("owner reports the live image");
+    let sent_before = metric(&fleet.client("a"), "fieldrack_replication_sent_bytes_total").await;
+    let blocks = data.len() / 4096;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut changed = std::collections::HashSet::new();
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image_path)
+            .unwrap();
+        while changed.len() < blocks / 100 {
+            let blk = rng.gen_range(0..blocks);
+            if changed.insert(blk) {
+                rng.fill_bytes(&mut data[blk * 4096..(blk + 1) * 4096]);
+                f.seek(SeekFrom::Start((blk * 4096) as u64)).unwrap();
+                f.write_all(&data[blk * 4096..(blk + 1) * 4096]).unwrap();
+            }
+        }
+        f.sync_all().unwrap();
+    }
+    let out = cli(&fleet, "a", &["volume", "snapshot", "db"]);
+    let g2: u64 = out.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(g2 > g1);
+    wait_until(Duration::from_secs(20), "b catches up", || async {
+        generation_on(&fleet, "b", "db").await >= Some(g2)
+    })
+    .await;
+    let sent =
+        metric(&fleet.client("a"), "fieldrack_replication_sent_bytes_total").await - sent_before;
+    let changed_bytes = (changed.len() * 4096) as f64;
+    eprintln!("1% of 4 KiB blocks changed ({changed_bytes} bytes): {sent} bytes sent");
+    // the manifest travels too (33 bytes per 64 KiB chunk); allow 50 % overhead
+    assert!(
+        sent < changed_bytes * 1.5 + 16_384.0,
+        "sent {sent} for {changed_bytes} changed bytes"
+    );
+    assert_eq!(export(&fleet, "b", "db", Some(g2)), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_transfer_keeps_the_last_generation_and_resumes() {
+    // 4 MB/s: a 32 MiB volume takes ~8 s to replicate, long enough to kill.
+    let fleet = fleet("a,b", 4_000_000);
+    let _a = fleet.start("a");
+    let mut b = fleet.start("b");
+    wait_until(Duration::from_secs(10), "mesh", || {
+        all_see(&fleet, &["a", "b"], "alive")
+    })
+    .await;
+    let small = image(2 * MIB, 2);
+    let src = write_file(fleet.dir.path(), "small.img", &small);
+    cli(
+        &fleet,
+        "a",
+        &["volume", "import", "vm", "--from", src.to_str().unwrap()],
+    );
+    let g1 = generation_on(&fleet, "a", "vm").await.unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "first generation replicated",
+        || async { generation_on(&fleet, "b", "vm").await >= Some(g1) },
+    )
+    .await;
+
+    // A big new generation; kill the receiver mid-way.
+    let big = image(32 * MIB, 3);
+    let src = write_file(fleet.dir.path(), "big.img", &big);
+    cli(
+        &fleet,
+        "a",
+        &["volume", "import", "vm", "--from", src.to_str().unwrap()],
+    );
+    let g2 = generation_on(&fleet, "a", "vm").await.unwrap();
+    // Kill the receiver once it has received 12 MiB of the new generation.
+    let recv0 = metric(
+        &fleet.client("b"),
+        "fieldrack_replication_received_bytes_total",
+    )
+    .await;
+    let t0 = std::time::Instant::now();
+    let received = loop {
+        let r = metric(
+            &fleet.client("b"),
+            "fieldrack_replication_received_bytes_total",
+        )
+        .await
+            - recv0;
+        if r > 12.0 * MIB as f64 {
+            break r;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "transfer never got under way"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    b.sigkill();
+    let mut b = fleet.start("b");
+    wait_until(Duration::from_secs(10), "b back", || async {
+        status(&fleet.client("b")).await.is_some()
+    })
+    .await;
+    let held = generation_on(&fleet, "b", "vm").await;
+    assert_eq!(
+        held,
+        Some(g1),
+        "after kill -9 the replica still serves its last complete generation"
+    );
+    assert_eq!(export(&fleet, "b", "vm", Some(g1)), small);
+    wait_until(
+        Duration::from_secs(40),
+        "resumed transfer completes",
+        || async { generation_on(&fleet, "b", "vm").await >= Some(g2) },
+    )
+    .await;
+    // The restarted receiver's counter starts at zero: it counts exactly what
+    // the resumed transfer brought (the sender's doomed first attempt keeps
+    // writing into the dead connection for a while, so its count would not).
+    let resent = metric(
+        &fleet.client("b"),
+        "fieldrack_replication_received_bytes_total",
+    )
+    .await;
+    let payload = big
+        .chunks(64 * 1024)
+        .filter(|c| c.iter().any(|x| *x != 0))
+        .count() as f64
+        * 65536.0;
+    eprintln!("receiver killed after receiving {received} of {payload} bytes; the resumed transfer sent {resent}");
+    // What arrived is durable within 0.5 s (2 MB at this rate): never resent.
+    assert!(
+        resent < payload - received + 3.0 * MIB as f64,
+        "resumption resent finished chunks: {resent}"
+    );
+    assert_eq!(export(&fleet, "b", "vm", None), big);
+
+    // Now kill the sender mid-transfer of a third generation.
+    let big3 = image(32 * MIB, 4);
+    let src = write_file(fleet.dir.path(), "big3.img", &big3);
+    cli(
+        &fleet,
+        "a",
+        &["volume", "import", "vm", "--from", src.to_str().unwrap()],
+    );
+    let g3 = generation_on(&fleet, "a", "vm").await.unwrap();
+    let sent0 = metric(&fleet.client("a"), "fieldrack_replication_sent_bytes_total").await;
+    wait_until(
+        Duration::from_secs(20),
+        "third transfer under way",
+        || async {
+            metric(&fleet.client("a"), "fieldrack_replication_sent_bytes_total").await - sent0
+                > 8.0 * MIB as f64
+        },
+    )
+    .await;
+    drop(_a); // SIGKILL
+    let held = generation_on(&fleet, "b", "vm").await.unwrap();
+    assert!(
+        held < g3,
+        "nothing of the interrupted generation is published"
+    );
+    assert_eq!(
+        export(&fleet, "b", "vm", None),
+        big,
+        "the replica still serves the previous complete generation"
+    );
+    let _a = fleet.start("a");
+    wait_until(
+        Duration::from_secs(60),
+        "transfer completes after the sender's restart",
+        || async { generation_on(&fleet, "b", "vm").await >= Some(g3) },
+    )
+    .await;
+    assert_eq!(export(&fleet, "b", "vm", None), big3);
+    b.sigkill();
+}
+
+fn pack_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "pack") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrub_detects_a_corrupt_chunk_and_repairs_it_from_another_rack() {
+    let fleet = fleet("a,b", 0);
+    let _a = fleet.start("a");
+    let mut b = fleet.start("b");
+    wait_until(Duration::from_secs(10), "mesh", || {
+        all_see(&fleet, &["a", "b"], "alive")
+    })
+    .await;
+    let data = image(4 * MIB, 5);
+    let src = write_file(fleet.dir.path(), "src.img", &data);
+    cli(
+        &fleet,
+        "a",
+        &["volume", "import", "doc", "--from", src.to_str().unwrap()],
+    );
+    let g = generation_on(&fleet, "a", "doc").await.unwrap();
+    wait_until(Duration::from_secs(20), "replicated", || async {
+        generation_on(&fleet, "b", "doc").await >= Some(g)
+    })
+    .await;
+    // Flip a byte inside b's pack files (the chunk data, on disk).
+    b.sigkill();
+    let packs = pack_files(&fleet.dir.path().join("b/data/volumes"));
+    assert!(!packs.is_empty(), "b stores chunks in pack files");
+    let biggest = packs
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(biggest).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(biggest, bytes).unwrap();
+    let _b = fleet.start("b");
+    wait_until(Duration::from_secs(10), "mesh again", || {
+        all_see(&fleet, &["a", "b"], "alive")
+    })
+    .await;
+    let (code, body) = fleet
+        .client("b")
+        .request(Method::POST, "/api/v1/volumes/scrub", None)
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    let r: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        r["corrupt"].as_u64().unwrap() >= 1,
+        "scrub found the corruption: {r}"
+    );
+    assert_eq!(
+        r["repaired"], r["corrupt"],
+        "every corrupt chunk repaired from a: {r}"
+    );
+    assert_eq!(export(&fleet, "b", "doc", None), data);
+    assert!(metric(&fleet.client("b"), "fieldrack_scrub_repairs_total").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_replica_rack_is_replaced_without_an_operator() {
+    let fleet = fleet("a,b,c", 0);
+    let _a = fleet.start("a");
+    let mut b = fleet.start("b");
+    let mut c = fleet.start("c");
+    wait_until(Duration::from_secs(10), "mesh", || {
+        all_see(&fleet, &["a", "b", "c"], "alive")
+    })
+    .await;
+    let data = image(4 * MIB, 6);
+    let src = write_file(fleet.dir.path(), "src.img", &data);
+    cli(
+        &fleet,
+        "a",
+        &["volume", "import", "voip", "--from", src.to_str().unwrap()],
+    );
+    let g = generation_on(&fleet, "a", "voip").await.unwrap();
+    let first = wait_for_replica(&fleet, g).await;
+    let other = if first == "b" { "c" } else { "b" };
+    if first == "b" {
+        b.sigkill()
+    } else {
+        c.sigkill()
+    }
+    let took = wait_until(
+        Duration::from_secs(30),
+        "re-protected on the other rack",
+        || async { generation_on(&fleet, other, "voip").await >= Some(g) },
+    )
+    .await;
+    eprintln!("re-protection after {first} died: {took:?}");
+    let v = volumes(&fleet, "a")
+        .await
+        .into_iter()
+        .find(|v| v.name == "voip")
+        .unwrap();
+    assert_eq!(
+        v.replicas
+            .iter()
+            .map(|r| r.rack.as_str())
+            .collect::<Vec<_>>(),
+        vec![other]
+    );
+    assert_eq!(export(&fleet, other, "voip", None), data);
+}
+
+async fn wait_for_replica(fleet: &Fleet, g: u64) -> String {
+    let t0 = std::time::Instant::now();
+    loop {
+        for r in ["b", "c"] {
+            if generation_on(fleet, r, "voip").await >= Some(g) {
+                return r.to_string();
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no replica within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
