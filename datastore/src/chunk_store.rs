@@ -3,7 +3,9 @@
 //!
 //! # Layout (under the store's directory)
 //! - `FORMAT`: `fieldrack-chunk-store 1`; an unknown version refuses to open.
-//! - `packs/NNNNNNNN.pack`: append-only pack files (see [`pack`]). One pack
+//! - `packs/NNNNNNNN.pack`: append-only pack files: a 16-byte header
+//!   (magic, version, number), then records (magic, length, chunk id,
+//!   bytes); every record names its chunk. One pack
 //!   is *active* (appended to) at a time; it is sealed when it reaches
 //!   [`ChunkStoreOptions::pack_target`] bytes.
 //! - `index/`: a sled database, one tree: chunk id (32 bytes) → location
@@ -20,8 +22,9 @@
 //!   written since the last sync (and the packs directory if a pack was
 //!   created), and only then writes the index entries (one atomic sled
 //!   batch) and flushes sled. Inserts never fsync (except the implicit sync
-//!   past [`ChunkStoreOptions::max_pending_bytes`]). Bytes a crash leaves past a pack's recorded synced
-//!   length are unindexed garbage and are truncated on the next open.
+//!   past [`ChunkStoreOptions::max_pending_bytes`]). Bytes a crash leaves
+//!   past a pack's recorded synced length are unindexed garbage and are
+//!   truncated on the next open.
 //! - Every read re-hashes the bytes: the store returns the right bytes or
 //!   [`ChunkStoreError::Corrupt`], never wrong bytes. A chunk found corrupt
 //!   is dropped from the index (so `contains` turns false and replication
@@ -253,6 +256,23 @@ pub struct GcReport {
     pub disk_bytes_after: u64,
 }
 
+/// Result of [`ChunkStore::rebuild_index`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RebuildReport {
+    /// Pack files scanned.
+    pub packs: u64,
+    /// Chunks indexed.
+    pub chunks: u64,
+    /// Records whose chunk was already indexed from an earlier record.
+    pub duplicates: u64,
+    /// Records whose bytes do not hash to their id (skipped).
+    pub corrupt_records: u64,
+    /// Bytes skipped while looking for the next valid record.
+    pub skipped_bytes: u64,
+    /// Pack files with a damaged header, renamed to `*.pack.damaged`.
+    pub damaged_packs: u64,
+}
+
 /// An index change not yet made durable: the index will say `new` for the
 /// chunk once synced; sled still says `old`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,25 +389,31 @@ impl ChunkStore {
         fsutil::create_dir_durable(&packs_dir).map_err(io_err("create", &packs_dir))?;
         check_format(&dir)?;
 
-        let db = sled::Config::new()
-            .path(dir.join("index"))
-            .cache_capacity(opts.index_cache_bytes)
-            // Index entries must not reach disk before the pack bytes they
-            // point at; sync() orders that and then flushes explicitly.
-            .flush_every_ms(None)
-            .open()?;
+        let db = fsutil::open_sled(
+            &sled::Config::new()
+                .path(dir.join("index"))
+                .cache_capacity(opts.index_cache_bytes)
+                // Index entries must not reach disk before the pack bytes
+                // they point at; sync() orders that and flushes explicitly.
+                .flush_every_ms(None),
+        )?;
         let tree = (*db).clone();
 
         let mut committed = BTreeMap::new();
         for kv in tree.scan_prefix(pack::PACK_KEY_PREFIX) {
             let (k, v) = kv?;
-            let Some(no) = pack::parse_pack_key(&k) else { continue };
-            let info = PackInfo::decode(&v).ok_or(ChunkStoreError::DamagedIndex { what: "pack" })?;
+            let Some(no) = pack::parse_pack_key(&k) else {
+                continue;
+            };
+            let info =
+                PackInfo::decode(&v).ok_or(ChunkStoreError::DamagedIndex { what: "pack" })?;
             committed.insert(no, info);
         }
         let dedup_hits = match tree.get(pack::META_DEDUP_HITS)? {
             Some(v) => u64::from_le_bytes(
-                v.as_ref().try_into().map_err(|_| ChunkStoreError::DamagedIndex { what: "counter" })?,
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| ChunkStoreError::DamagedIndex { what: "counter" })?,
             ),
             None => 0,
         };
@@ -418,12 +444,26 @@ impl ChunkStore {
                 }
                 Some(info) => {
                     if len > info.synced_len {
-                        tracing::debug!(pack = no, len, synced = info.synced_len, "truncating unsynced tail");
-                        let f = OpenOptions::new().write(true).open(&path).map_err(io_err("open", &path))?;
-                        f.set_len(info.synced_len).map_err(io_err("truncate", &path))?;
+                        tracing::debug!(
+                            pack = no,
+                            len,
+                            synced = info.synced_len,
+                            "truncating unsynced tail"
+                        );
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .map_err(io_err("open", &path))?;
+                        f.set_len(info.synced_len)
+                            .map_err(io_err("truncate", &path))?;
                         f.sync_all().map_err(io_err("fsync", &path))?;
                     } else if len < info.synced_len {
-                        tracing::warn!(pack = no, len, synced = info.synced_len, "pack shorter than synced; scrub will drop its lost chunks");
+                        tracing::warn!(
+                            pack = no,
+                            len,
+                            synced = info.synced_len,
+                            "pack shorter than synced; scrub will drop its lost chunks"
+                        );
                     }
                     on_disk.insert(no, len.min(info.synced_len));
                 }
@@ -431,27 +471,47 @@ impl ChunkStore {
         }
         for no in committed.keys() {
             if !on_disk.contains_key(no) {
-                tracing::warn!(pack = no, "indexed pack file is missing; scrub will drop its chunks");
+                tracing::warn!(
+                    pack = no,
+                    "indexed pack file is missing; scrub will drop its chunks"
+                );
             }
         }
         if changed_dir {
             fsutil::fsync_dir(&packs_dir).map_err(io_err("fsync", &packs_dir))?;
         }
 
-        let max_pack = committed.keys().chain(on_disk.keys()).copied().max().unwrap_or(0);
+        let max_pack = committed
+            .keys()
+            .chain(on_disk.keys())
+            .copied()
+            .max()
+            .unwrap_or(0);
         // Keep appending to the newest pack if it has room: frequent
         // restarts then do not litter the store with small packs.
         let reuse = on_disk
             .iter()
             .next_back()
-            .filter(|(no, len)| **no == max_pack && **len >= PACK_HEADER_LEN && **len < opts.pack_target)
+            .filter(|(no, len)| {
+                **no == max_pack && **len >= PACK_HEADER_LEN && **len < opts.pack_target
+            })
             .map(|(no, len)| (*no, *len));
         let mut live = committed.clone();
         let active = match reuse {
             Some((no, len)) => {
                 let path = packs_dir.join(pack::pack_file_name(no));
-                let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err("open", &path))?;
-                Active { no, file: Arc::new(file), path, written: len, buf: Vec::with_capacity(WRITE_BUF) }
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err("open", &path))?;
+                Active {
+                    no,
+                    file: Arc::new(file),
+                    path,
+                    written: len,
+                    buf: Vec::with_capacity(WRITE_BUF),
+                }
             }
             None => {
                 let no = max_pack + 1;
@@ -507,7 +567,9 @@ impl ChunkStore {
     fn sled_get(&self, id: &ChunkId) -> Result<Option<Location>> {
         match self.tree.get(id.as_bytes())? {
             None => Ok(None),
-            Some(v) => Location::decode(&v).map(Some).ok_or(ChunkStoreError::DamagedIndex { what: "chunk" }),
+            Some(v) => Location::decode(&v)
+                .map(Some)
+                .ok_or(ChunkStoreError::DamagedIndex { what: "chunk" }),
         }
     }
 
@@ -579,12 +641,28 @@ impl ChunkStore {
         for attempt in 0..2 {
             let (loc, buffered) = {
                 let w = lock(&self.w);
-                let Some(loc) = self.lookup(&w, id)? else { return Ok(None) };
+                let Some(loc) = self.lookup(&w, id)? else {
+                    return Ok(None);
+                };
                 let a = &w.active;
                 if loc.pack == a.no && loc.offset + u64::from(loc.len) > a.written {
-                    // Still in the write buffer.
-                    let start = usize::try_from(loc.offset - a.written).unwrap_or(usize::MAX);
-                    let data = a.buf.get(start..start + loc.len as usize).map(<[u8]>::to_vec);
+                    // Still (at least partly: a write that hit a full disk
+                    // may have split it) in the write buffer.
+                    let in_file =
+                        usize::try_from(a.written.saturating_sub(loc.offset)).unwrap_or(0);
+                    let mut data = vec![0u8; in_file];
+                    if in_file > 0 {
+                        a.file
+                            .read_exact_at(&mut data, loc.offset)
+                            .map_err(io_err("read", &a.path))?;
+                    }
+                    let start =
+                        usize::try_from(loc.offset.saturating_sub(a.written)).unwrap_or(usize::MAX);
+                    let rest = a.buf.get(start..start + loc.len as usize - in_file);
+                    let data = rest.map(|r| {
+                        data.extend_from_slice(r);
+                        data
+                    });
                     (loc, Some(data))
                 } else {
                     (loc, None)
@@ -596,7 +674,10 @@ impl ChunkStore {
                 None => match self.read_at(&loc) {
                     Ok(d) => d,
                     Err(e) if e.kind() == io::ErrorKind::NotFound && attempt == 0 => continue,
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof || e.kind() == io::ErrorKind::NotFound => {
+                    Err(e)
+                        if e.kind() == io::ErrorKind::UnexpectedEof
+                            || e.kind() == io::ErrorKind::NotFound =>
+                    {
                         return Err(self.drop_corrupt(*id, loc));
                     }
                     Err(e) => return Err(io_err("read", &self.pack_path(loc.pack))(e)),
@@ -612,7 +693,12 @@ impl ChunkStore {
 
     /// Drop a chunk found corrupt at `loc` (unless it moved meanwhile).
     fn drop_corrupt(&self, id: ChunkId, loc: Location) -> ChunkStoreError {
-        tracing::warn!(chunk = %id, pack = loc.pack, offset = loc.offset, "corrupt chunk dropped from the index");
+        tracing::warn!(
+            chunk = %id,
+            pack = loc.pack,
+            offset = loc.offset,
+            "corrupt chunk dropped from the index"
+        );
         let mut w = lock(&self.w);
         if let Ok(Some(cur)) = self.lookup(&w, &id) {
             if cur == loc {
@@ -671,7 +757,10 @@ impl ChunkStore {
     pub fn insert_verified(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
         let actual = ChunkId::of(data);
         if actual != *id {
-            return Err(ChunkStoreError::HashMismatch { expected: *id, actual });
+            return Err(ChunkStoreError::HashMismatch {
+                expected: *id,
+                actual,
+            });
         }
         self.insert_hashed(actual, data)
     }
@@ -732,7 +821,8 @@ impl ChunkStore {
 
     /// Append a record to the active pack (rotating it first if full).
     fn append(&self, w: &mut Writer, id: &ChunkId, data: &[u8]) -> Result<Location> {
-        let len = u32::try_from(data.len()).map_err(|_| ChunkStoreError::TooLarge { len: data.len() })?;
+        let len =
+            u32::try_from(data.len()).map_err(|_| ChunkStoreError::TooLarge { len: data.len() })?;
         let rec = REC_HEADER_LEN + u64::from(len);
         if w.active.end() > PACK_HEADER_LEN && w.active.end() + rec > self.opts.pack_target {
             self.rotate(w)?;
@@ -742,13 +832,21 @@ impl ChunkStore {
             if w.active.buf.len() >= WRITE_BUF {
                 // A previous write failed and left bytes behind; do not grow
                 // the buffer without bound.
-                return Err(ChunkStoreError::DiskFull { path: w.active.path.clone() });
+                return Err(ChunkStoreError::DiskFull {
+                    path: w.active.path.clone(),
+                });
             }
         }
         let offset = w.active.end() + REC_HEADER_LEN;
-        w.active.buf.extend_from_slice(&pack::record_header(id, len));
+        w.active
+            .buf
+            .extend_from_slice(&pack::record_header(id, len));
         w.active.buf.extend_from_slice(data);
-        Ok(Location { pack: w.active.no, offset, len })
+        Ok(Location {
+            pack: w.active.no,
+            offset,
+            len,
+        })
     }
 
     /// Hand buffered pack bytes to the kernel. On failure (a full disk),
@@ -813,15 +911,26 @@ impl ChunkStore {
             let snap: Vec<(ChunkId, Pending)> = w.pending.iter().map(|(k, v)| (*k, *v)).collect();
             w.pending_bytes = 0;
             let dir_dirty = std::mem::take(&mut w.dir_dirty);
-            (snap, Arc::clone(&w.active.file), w.active.path.clone(), w.active.no, w.active.written, w.sealed.clone(), dir_dirty)
+            (
+                snap,
+                Arc::clone(&w.active.file),
+                w.active.path.clone(),
+                w.active.no,
+                w.active.written,
+                w.sealed.clone(),
+                dir_dirty,
+            )
         };
         let fsynced = (|| {
             for (no, (f, _)) in &sealed {
-                f.sync_data().map_err(|e| self.poison(io_err("fsync", &self.pack_path(*no))(e)))?;
+                f.sync_data()
+                    .map_err(|e| self.poison(io_err("fsync", &self.pack_path(*no))(e)))?;
             }
-            file.sync_data().map_err(|e| self.poison(io_err("fsync", &path)(e)))?;
+            file.sync_data()
+                .map_err(|e| self.poison(io_err("fsync", &path)(e)))?;
             if dir_dirty {
-                fsutil::fsync_dir(&self.packs_dir).map_err(|e| self.poison(io_err("fsync", &self.packs_dir)(e)))?;
+                fsutil::fsync_dir(&self.packs_dir)
+                    .map_err(|e| self.poison(io_err("fsync", &self.packs_dir)(e)))?;
             }
             Ok(())
         })();
@@ -834,7 +943,9 @@ impl ChunkStore {
             let mut w = lock(&self.w);
             let mut infos: BTreeMap<u32, PackInfo> = BTreeMap::new();
             let info = |infos: &mut BTreeMap<u32, PackInfo>, w: &Writer, no: u32| -> PackInfo {
-                *infos.entry(no).or_insert_with(|| w.committed.get(&no).copied().unwrap_or_default())
+                *infos
+                    .entry(no)
+                    .or_insert_with(|| w.committed.get(&no).copied().unwrap_or_default())
             };
             let mut batch = sled::Batch::default();
             for (id, p) in &snap {
@@ -864,8 +975,13 @@ impl ChunkStore {
             for (no, i) in &infos {
                 batch.insert(pack::pack_key(*no).as_slice(), i.encode().as_slice());
             }
-            batch.insert(pack::META_DEDUP_HITS, &self.dedup_hits.load(Ordering::Relaxed).to_le_bytes());
-            self.tree.apply_batch(batch).map_err(|e| self.poison(ChunkStoreError::Index(e)))?;
+            batch.insert(
+                pack::META_DEDUP_HITS,
+                &self.dedup_hits.load(Ordering::Relaxed).to_le_bytes(),
+            );
+            self.tree
+                .apply_batch(batch)
+                .map_err(|e| self.poison(ChunkStoreError::Index(e)))?;
 
             // sled now holds the snapshot; fold it out of `pending`.
             for (no, i) in infos {
@@ -884,17 +1000,31 @@ impl ChunkStore {
                         w.pending.remove(&id);
                     }
                     Some(cur) => {
-                        w.pending.insert(id, Pending { new: cur.new, old: s.new });
+                        w.pending.insert(
+                            id,
+                            Pending {
+                                new: cur.new,
+                                old: s.new,
+                            },
+                        );
                     }
                     None => {
                         // Reverted to what sled had before, while sled was
                         // being given the snapshot: undo it next sync.
-                        w.pending.insert(id, Pending { new: s.old, old: s.new });
+                        w.pending.insert(
+                            id,
+                            Pending {
+                                new: s.old,
+                                old: s.new,
+                            },
+                        );
                     }
                 }
             }
         }
-        self.db.flush().map_err(|e| self.poison(ChunkStoreError::Index(e)))?;
+        self.db
+            .flush()
+            .map_err(|e| self.poison(ChunkStoreError::Index(e)))?;
         Ok(())
     }
 
@@ -954,13 +1084,20 @@ impl ChunkStore {
         let mut out = Vec::new();
         for kv in self.tree.iter() {
             let (k, v) = kv?;
-            let Some(id) = ChunkId::from_slice(&k) else { continue };
-            let loc = Location::decode(&v).ok_or(ChunkStoreError::DamagedIndex { what: "chunk" })?;
+            let Some(id) = ChunkId::from_slice(&k) else {
+                continue;
+            };
+            let loc =
+                Location::decode(&v).ok_or(ChunkStoreError::DamagedIndex { what: "chunk" })?;
             out.push((id, loc));
         }
         let w = lock(&self.w);
         out.retain(|(id, _)| !w.pending.contains_key(id));
-        out.extend(w.pending.iter().filter_map(|(id, p)| p.new.map(|l| (*id, l))));
+        out.extend(
+            w.pending
+                .iter()
+                .filter_map(|(id, p)| p.new.map(|l| (*id, l))),
+        );
         Ok(out)
     }
 
@@ -991,7 +1128,14 @@ impl ChunkStore {
             }
             let ok = match self.read_at(&loc) {
                 Ok(data) => ChunkId::of(&data) == id,
-                Err(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound) => false,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound
+                    ) =>
+                {
+                    false
+                }
                 Err(e) => return Err(io_err("read", &self.pack_path(loc.pack))(e)),
             };
             if !ok {
@@ -1004,7 +1148,10 @@ impl ChunkStore {
         }
         self.sync()?;
         if !report.corrupt.is_empty() {
-            tracing::warn!(corrupt = report.corrupt.len(), "scrub dropped corrupt chunks");
+            tracing::warn!(
+                corrupt = report.corrupt.len(),
+                "scrub dropped corrupt chunks"
+            );
         }
         Ok(report)
     }
@@ -1023,11 +1170,17 @@ impl ChunkStore {
         let _m = lock(&self.maintenance);
         self.check()?;
         self.sync()?;
-        let mut report = GcReport { disk_bytes_before: self.stats()?.disk_bytes, ..GcReport::default() };
+        let mut report = GcReport {
+            disk_bytes_before: self.stats()?.disk_bytes,
+            ..GcReport::default()
+        };
 
         // 1. Drop unreferenced entries.
-        let dead: Vec<(ChunkId, Location)> =
-            self.all_entries()?.into_iter().filter(|(id, _)| !live.contains(id)).collect();
+        let dead: Vec<(ChunkId, Location)> = self
+            .all_entries()?
+            .into_iter()
+            .filter(|(id, _)| !live.contains(id))
+            .collect();
         for batch in dead.chunks(GC_BATCH) {
             let mut w = lock(&self.w);
             for (id, loc) in batch {
@@ -1070,8 +1223,11 @@ impl ChunkStore {
 
         // 3. Copy live chunks out of the victims.
         if !victims.is_empty() {
-            let mut moving: Vec<(ChunkId, Location)> =
-                self.all_entries()?.into_iter().filter(|(_, l)| victims.contains(&l.pack)).collect();
+            let mut moving: Vec<(ChunkId, Location)> = self
+                .all_entries()?
+                .into_iter()
+                .filter(|(_, l)| victims.contains(&l.pack))
+                .collect();
             moving.sort_by_key(|(_, l)| (l.pack, l.offset));
             for (id, loc) in moving {
                 let data = match self.read_at(&loc) {
@@ -1081,7 +1237,12 @@ impl ChunkStore {
                         report.corrupt.push(id);
                         continue;
                     }
-                    Err(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound) => {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound
+                        ) =>
+                    {
                         let _ = self.drop_corrupt(id, loc);
                         report.corrupt.push(id);
                         continue;
@@ -1108,7 +1269,8 @@ impl ChunkStore {
         {
             let w = lock(&self.w);
             for no in &victims {
-                let dead = |m: &BTreeMap<u32, PackInfo>| m.get(no).is_none_or(|i| i.live_count == 0);
+                let dead =
+                    |m: &BTreeMap<u32, PackInfo>| m.get(no).is_none_or(|i| i.live_count == 0);
                 if dead(&w.committed) && dead(&w.live) {
                     doomed.push(*no);
                 }
@@ -1122,8 +1284,12 @@ impl ChunkStore {
                 for no in &doomed {
                     batch.remove(pack::pack_key(*no).as_slice());
                 }
-                self.tree.apply_batch(batch).map_err(|e| self.poison(ChunkStoreError::Index(e)))?;
-                self.db.flush().map_err(|e| self.poison(ChunkStoreError::Index(e)))?;
+                self.tree
+                    .apply_batch(batch)
+                    .map_err(|e| self.poison(ChunkStoreError::Index(e)))?;
+                self.db
+                    .flush()
+                    .map_err(|e| self.poison(ChunkStoreError::Index(e)))?;
                 for no in &doomed {
                     w.committed.remove(no);
                     w.live.remove(no);
@@ -1162,6 +1328,93 @@ impl ChunkStore {
         Ok(self.all_entries()?.into_iter().map(|(id, _)| id).collect())
     }
 
+    /// Rebuild the index of the (closed) store in `dir` from its pack files,
+    /// for when sled's database is lost or will not open. Every record in
+    /// every pack names its chunk, so every chunk whose bytes still verify
+    /// is recovered. The old index directory is kept as
+    /// `index.damaged-<ms>`.
+    ///
+    /// # Errors
+    /// I/O and index errors.
+    pub fn rebuild_index(dir: impl AsRef<Path>) -> Result<RebuildReport> {
+        let dir = dir.as_ref();
+        let packs_dir = dir.join("packs");
+        let index = dir.join("index");
+        if index.exists() {
+            let aside = dir.join(format!("index.damaged-{}", fsutil::now_ms()));
+            std::fs::rename(&index, &aside).map_err(io_err("rename", &index))?;
+            fsutil::fsync_dir(dir).map_err(io_err("fsync", dir))?;
+        }
+        let db = fsutil::open_sled(&sled::Config::new().path(&index).flush_every_ms(None))?;
+        let mut report = RebuildReport::default();
+        let mut packs: Vec<(u32, PathBuf)> = Vec::new();
+        for e in std::fs::read_dir(&packs_dir).map_err(io_err("list", &packs_dir))? {
+            let e = e.map_err(io_err("list", &packs_dir))?;
+            if let Some(no) = e.file_name().to_str().and_then(pack::parse_pack_file_name) {
+                packs.push((no, e.path()));
+            }
+        }
+        packs.sort();
+        for (no, path) in packs {
+            report.packs += 1;
+            let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
+            if bytes.len() < PACK_HEADER_LEN as usize || bytes[..8] != pack::PACK_MAGIC {
+                let aside = path.with_extension("pack.damaged");
+                std::fs::rename(&path, &aside).map_err(io_err("rename", &path))?;
+                report.damaged_packs += 1;
+                continue;
+            }
+            let mut info = PackInfo {
+                synced_len: bytes.len() as u64,
+                ..PackInfo::default()
+            };
+            let mut batch = sled::Batch::default();
+            let mut at = PACK_HEADER_LEN as usize;
+            let hl = REC_HEADER_LEN as usize;
+            while at + hl <= bytes.len() {
+                let h = &bytes[at..at + hl];
+                let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+                let fits = h[..4] == pack::REC_MAGIC
+                    && len > 0
+                    && len <= MAX_CHUNK_LEN
+                    && at + hl + len <= bytes.len();
+                if !fits {
+                    // Look for the next record header.
+                    at += 1;
+                    report.skipped_bytes += 1;
+                    continue;
+                }
+                let id = ChunkId::from_slice(&h[8..40])
+                    .ok_or(ChunkStoreError::DamagedIndex { what: "record" })?;
+                let data = &bytes[at + hl..at + hl + len];
+                if ChunkId::of(data) != id {
+                    report.corrupt_records += 1;
+                    at += 1;
+                    report.skipped_bytes += 1;
+                    continue;
+                }
+                if db.contains_key(id.as_bytes())? {
+                    report.duplicates += 1;
+                } else {
+                    let loc = Location {
+                        pack: no,
+                        offset: (at + hl) as u64,
+                        len: len as u32,
+                    };
+                    batch.insert(id.as_bytes().as_slice(), loc.encode().as_slice());
+                    info.add(&loc);
+                    report.chunks += 1;
+                }
+                at += hl + len;
+            }
+            batch.insert(pack::pack_key(no).as_slice(), info.encode().as_slice());
+            db.apply_batch(batch)?;
+        }
+        db.flush()?;
+        tracing::warn!(?report, dir = %dir.display(), "chunk index rebuilt from packs");
+        Ok(report)
+    }
+
     #[cfg(test)]
     pub(crate) fn location(&self, id: &ChunkId) -> Option<(PathBuf, u64)> {
         let w = lock(&self.w);
@@ -1172,7 +1425,9 @@ impl ChunkStore {
 
 impl std::fmt::Debug for ChunkStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChunkStore").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("ChunkStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -1186,8 +1441,15 @@ fn create_pack(packs_dir: &Path, no: u32) -> Result<Active> {
         .create_new(true)
         .open(&path)
         .map_err(io_err("create", &path))?;
-    file.write_all_at(&pack::pack_header(no), 0).map_err(io_err("write", &path))?;
-    Ok(Active { no, file: Arc::new(file), path, written: PACK_HEADER_LEN, buf: Vec::with_capacity(WRITE_BUF) })
+    file.write_all_at(&pack::pack_header(no), 0)
+        .map_err(io_err("write", &path))?;
+    Ok(Active {
+        no,
+        file: Arc::new(file),
+        path,
+        written: PACK_HEADER_LEN,
+        buf: Vec::with_capacity(WRITE_BUF),
+    })
 }
 
 /// Write `FORMAT` in a new store, or check it in an existing one.
@@ -1199,7 +1461,9 @@ fn check_format(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let tmp = dir.join(fsutil::unique_tmp_name("FORMAT"));
             std::fs::write(&tmp, FORMAT).map_err(io_err("write", &tmp))?;
-            File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err("fsync", &tmp))?;
+            File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("fsync", &tmp))?;
             fsutil::rename_durable(&tmp, &path).map_err(io_err("rename", &path))
         }
         Err(e) => Err(io_err("read", &path)(e)),

@@ -95,3 +95,26 @@ impl Drop for TempFile {
         }
     }
 }
+
+/// How long opening a sled database waits for the previous holder of its
+/// lock. sled's background threads keep the lock file open for a moment
+/// after a database is dropped, so a store closed and reopened in one
+/// process (a restart of the agent's storage, tests) would otherwise fail
+/// at random.
+const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Open a sled database, waiting up to [`SLED_LOCK_WAIT`] for its lock.
+pub(crate) fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}

@@ -144,7 +144,10 @@ impl Manifest {
         }
         let want = chunk_count(self.size, self.chunk_size);
         if self.chunks.len() as u64 != want {
-            return Err(InvalidManifest::ChunkCount { got: self.chunks.len(), want });
+            return Err(InvalidManifest::ChunkCount {
+                got: self.chunks.len(),
+                want,
+            });
         }
         if self.generation == 0 {
             return Err(InvalidManifest::GenerationZero);
@@ -156,7 +159,10 @@ impl Manifest {
     #[must_use]
     pub fn chunk_len(&self, i: usize) -> u32 {
         let start = i as u64 * u64::from(self.chunk_size);
-        let len = self.size.saturating_sub(start).min(u64::from(self.chunk_size));
+        let len = self
+            .size
+            .saturating_sub(start)
+            .min(u64::from(self.chunk_size));
         u32::try_from(len).unwrap_or(self.chunk_size)
     }
 
@@ -190,7 +196,9 @@ impl Manifest {
         }
         let n = self.chunks.len();
         let present = self.chunks.iter().filter(|c| c.is_some()).count();
-        let mut out = Vec::with_capacity(FIXED_HEADER + self.volume.len() + n.div_ceil(8) + 32 * present + CHECKSUM_LEN);
+        let mut out = Vec::with_capacity(
+            FIXED_HEADER + self.volume.len() + n.div_ceil(8) + 32 * present + CHECKSUM_LEN,
+        );
         out.extend_from_slice(&MAGIC);
         out.push(MANIFEST_VERSION);
         out.push(0);
@@ -250,7 +258,10 @@ impl Manifest {
         // bitmap, and the bitmap is only read once it is known to fit.
         let min = FIXED_HEADER as u64 + name_len as u64 + bitmap_len + CHECKSUM_LEN as u64;
         if (bytes.len() as u64) < min {
-            return Err(DecodeError::Length { got: bytes.len(), want: min });
+            return Err(DecodeError::Length {
+                got: bytes.len(),
+                want: min,
+            });
         }
         let name_at = FIXED_HEADER;
         let bitmap_at = name_at + name_len;
@@ -259,7 +270,10 @@ impl Manifest {
         let present: u64 = bitmap.iter().map(|b| u64::from(b.count_ones())).sum();
         let want = min + 32 * present;
         if bytes.len() as u64 != want {
-            return Err(DecodeError::Length { got: bytes.len(), want });
+            return Err(DecodeError::Length {
+                got: bytes.len(),
+                want,
+            });
         }
         let body_len = bytes.len() - CHECKSUM_LEN;
         if blake3::hash(&bytes[..body_len]).as_bytes()[..CHECKSUM_LEN] != bytes[body_len..] {
@@ -270,7 +284,9 @@ impl Manifest {
         if n % 8 != 0 && bitmap.last().is_some_and(|b| b >> (n % 8) != 0) {
             return Err(DecodeError::TrailingBits);
         }
-        let volume = std::str::from_utf8(&bytes[name_at..bitmap_at]).map_err(|_| DecodeError::NameUtf8)?.to_owned();
+        let volume = std::str::from_utf8(&bytes[name_at..bitmap_at])
+            .map_err(|_| DecodeError::NameUtf8)?
+            .to_owned();
         let mut ids = bytes[bitmap_at + bitmap_len..body_len].chunks_exact(32);
         let mut chunks = Vec::with_capacity(n);
         for i in 0..n {
@@ -280,7 +296,14 @@ impl Manifest {
                 chunks.push(None);
             }
         }
-        let m = Self { volume, generation, size, chunk_size, chunks, created_at_ms };
+        let m = Self {
+            volume,
+            generation,
+            size,
+            chunk_size,
+            chunks,
+            created_at_ms,
+        };
         m.validate()?;
         Ok(m)
     }
@@ -306,16 +329,25 @@ mod tests {
             any::<u64>(),
             any::<u64>(),
         )
-            .prop_map(|(volume, generation, chunk_size, size, seed, created_at_ms)| {
-                let n = chunk_count(size, chunk_size) as usize;
-                let chunks = (0..n)
-                    .map(|i| {
-                        let h = seed.wrapping_mul(i as u64 + 1).rotate_left(17);
-                        (h % 3 != 0).then(|| ChunkId::of(&h.to_le_bytes()))
-                    })
-                    .collect();
-                Manifest { volume, generation, size, chunk_size, chunks, created_at_ms }
-            })
+            .prop_map(
+                |(volume, generation, chunk_size, size, seed, created_at_ms)| {
+                    let n = chunk_count(size, chunk_size) as usize;
+                    let chunks = (0..n)
+                        .map(|i| {
+                            let h = seed.wrapping_mul(i as u64 + 1).rotate_left(17);
+                            (h % 3 != 0).then(|| ChunkId::of(&h.to_le_bytes()))
+                        })
+                        .collect();
+                    Manifest {
+                        volume,
+                        generation,
+                        size,
+                        chunk_size,
+                        chunks,
+                        created_at_ms,
+                    }
+                },
+            )
     }
 
     proptest! {
@@ -376,7 +408,14 @@ mod tests {
         let n = chunk_count(size, 65536) as usize;
         let mut chunks = vec![None; n];
         chunks[0] = Some(ChunkId::of(b"boot"));
-        let m = Manifest { volume: "v".into(), generation: 1, size, chunk_size: 65536, chunks, created_at_ms: 0 };
+        let m = Manifest {
+            volume: "v".into(),
+            generation: 1,
+            size,
+            chunk_size: 65536,
+            chunks,
+            created_at_ms: 0,
+        };
         let enc = m.encode();
         assert_eq!(enc.len(), FIXED_HEADER + 1 + n / 8 + 32 + CHECKSUM_LEN);
         assert_eq!(m.referenced().len(), 1);
@@ -385,7 +424,14 @@ mod tests {
 
     #[test]
     fn invalid_manifests_are_rejected() {
-        let ok = Manifest { volume: "v".into(), generation: 1, size: 10_000, chunk_size: 4096, chunks: vec![None; 3], created_at_ms: 0 };
+        let ok = Manifest {
+            volume: "v".into(),
+            generation: 1,
+            size: 10_000,
+            chunk_size: 4096,
+            chunks: vec![None; 3],
+            created_at_ms: 0,
+        };
         assert!(ok.validate().is_ok());
         assert_eq!(ok.chunk_len(2), 10_000 - 8192);
         let bad = |f: fn(&mut Manifest)| {
@@ -393,10 +439,22 @@ mod tests {
             f(&mut m);
             m.validate().unwrap_err()
         };
-        assert!(matches!(bad(|m| m.volume = "Bad".into()), InvalidManifest::Name(_)));
-        assert!(matches!(bad(|m| m.chunk_size = 5000), InvalidManifest::ChunkSize(_)));
-        assert!(matches!(bad(|m| m.chunks.push(None)), InvalidManifest::ChunkCount { .. }));
-        assert!(matches!(bad(|m| m.generation = 0), InvalidManifest::GenerationZero));
+        assert!(matches!(
+            bad(|m| m.volume = "Bad".into()),
+            InvalidManifest::Name(_)
+        ));
+        assert!(matches!(
+            bad(|m| m.chunk_size = 5000),
+            InvalidManifest::ChunkSize(_)
+        ));
+        assert!(matches!(
+            bad(|m| m.chunks.push(None)),
+            InvalidManifest::ChunkCount { .. }
+        ));
+        assert!(matches!(
+            bad(|m| m.generation = 0),
+            InvalidManifest::GenerationZero
+        ));
         assert!(matches!(bad(|m| m.size = 0), InvalidManifest::Size(0)));
     }
 }

@@ -45,25 +45,36 @@ use crate::fsutil::{self, TempFile};
 use crate::id::ChunkId;
 use crate::manifest::{chunk_count, InvalidManifest, Manifest, MAX_VOLUME_SIZE};
 
-/// Bytes per chunk of every volume image.
+/// Bytes per chunk of every volume image: 64 KiB, chosen by measurement
+/// (`cargo test -p datastore --release --test measure -- --ignored
+/// --nocapture` prints the tables; figures from this 2-core VM):
 ///
-/// 64 KiB, chosen by measurement (`cargo test -p datastore --release --
-/// --ignored measure_chunk_sizes --nocapture` prints the table; numbers in
-/// the crate's ARCHITECTURE notes):
-/// - Hashing: BLAKE3 only reaches full SIMD speed on inputs of 16 KiB and
-///   more; per-chunk costs (an index entry, a record header, a manifest
-///   entry, a lookup) are amortised over 64 KiB. Insert throughput at
-///   64 KiB is within a few percent of 1 MiB chunks; at 4 KiB it is several
-///   times lower.
-/// - Metadata: a manifest entry per chunk is 32 bytes, so a 4 GiB image's
-///   manifest is 2 MiB (0.05 %) and its index 64k entries; at 4 KiB chunks
-///   it would be 32 MiB and 1M entries per generation.
-/// - Wire cost of small scattered writes does not depend on the chunk size
-///   once the replication protocol sends the changed 4 KiB blocks of a
-///   changed chunk as a delta against the previous generation's chunk; the
-///   price of larger chunks is storage: every changed chunk is stored whole,
-///   so 1 % scattered 4 KiB writes make ~15 % of a 64 KiB-chunked image new
-///   chunks (vs ~4 % at 16 KiB and ~63 % at 1 MiB).
+/// | chunk  | BLAKE3/thread | index/chunk | manifest | new after 1 % | 10 clones |
+/// |--------|---------------|-------------|----------|---------------|-----------|
+/// | 4 KiB  | ~2.2 GB/s     | 212 B       | 32 MiB   | 40 MiB        | 1.01×     |
+/// | 16 KiB | ~5–6 GB/s     | 200 B       | 8 MiB    | 161 MiB       | 1.04×     |
+/// | 64 KiB | ~5–7 GB/s     | 178 B       | 2 MiB    | 611 MiB       | 1.16×     |
+/// | 1 MiB  | ~6–7 GB/s     | 139 B       | 128 KiB  | 3809 MiB      | 3.26×     |
+/// | 4 MiB  | ~7 GB/s       | 140 B       | 32 KiB   | 4096 MiB      | 7.43×     |
+///
+/// (manifest: of a 4 GiB image; new after 1 %: chunk bytes stored anew
+/// when 1 % of a 4 GiB image's 4 KiB blocks are rewritten at random;
+/// 10 clones: storage of ten clones of a 1 GiB base, each with 0.1 %
+/// scattered writes, in bases.)
+///
+/// - Below 16 KiB, hashing loses BLAKE3's SIMD parallelism and the
+///   per-chunk costs (index entry, record header, manifest entry, lookups)
+///   dominate: the index of 1 TiB would be ~53 GiB of sled at 4 KiB chunks,
+///   ~2.8 GiB at 64 KiB, and every generation's manifest 16× larger.
+/// - Above 64 KiB, every small write costs a whole chunk of storage, and
+///   clones that differ in scattered blocks stop deduplicating.
+/// - Wire cost after small scattered writes is ~41 MiB for every chunk size
+///   *if* replication sends only the changed 4 KiB blocks of a changed chunk
+///   (a delta against the previous generation's chunk); whole chunks would
+///   be 611 MiB at 64 KiB (rsync needs ~606 MiB). The manifest should travel
+///   as a delta too (0.34 MiB for the changed entries vs 2 MiB whole).
+/// - The price of 64 KiB is storage per generation: 1 % scattered writes
+///   store ~15 % of the image anew (16 KiB: ~4 %).
 pub const CHUNK_SIZE: u32 = 64 * 1024;
 
 /// Manifests kept per volume by [`VolumeStore::prune`] unless told
@@ -76,6 +87,13 @@ pub const DEFAULT_KEEP: usize = 3;
 /// (HZ 1000 to 100), and a write in the same tick as the last one would
 /// leave the ctime unchanged. Two ticks at HZ 100, plus margin.
 const CTIME_SETTLE: Duration = Duration::from_millis(25);
+
+/// Pre-copy passes (while the appliance runs) before pausing. A second pass
+/// runs only if the image changed during the first; if it is quiet for one
+/// pass, the pause shrinks from a full re-hash to one fstat. More passes
+/// would cost a full read and hash each for appliances that never stop
+/// writing, which gain nothing from them.
+const MAX_PRECOPY_PASSES: u32 = 2;
 
 /// Volume sizes must be whole 512-byte sectors (what every hypervisor and
 /// block layer expects).
@@ -439,7 +457,16 @@ macro_rules! store_from {
         }
     )*};
 }
-store_from!(CreateError, SnapshotError, ImportError, ExportError, PublishError, PromoteError, PruneError, OpenError);
+store_from!(
+    CreateError,
+    SnapshotError,
+    ImportError,
+    ExportError,
+    PublishError,
+    PromoteError,
+    PruneError,
+    OpenError
+);
 
 macro_rules! disk_full {
     ($($t:ty $(, $mat:ident)?);*) => {$(
@@ -457,7 +484,16 @@ macro_rules! disk_full {
         }
     )*};
 }
-disk_full!(CreateError; SnapshotError; ImportError; ExportError, Materialise; PublishError; PromoteError, Materialise; PruneError; OpenError);
+disk_full!(
+    CreateError;
+    SnapshotError;
+    ImportError;
+    ExportError, Materialise;
+    PublishError;
+    PromoteError, Materialise;
+    PruneError;
+    OpenError
+);
 
 /// The volume record in `v/<name>`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -509,7 +545,9 @@ pub struct VolumeStore {
 
 impl std::fmt::Debug for VolumeStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VolumeStore").field("root", &self.root).finish_non_exhaustive()
+        f.debug_struct("VolumeStore")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
     }
 }
 
@@ -559,7 +597,13 @@ struct ImageStamp {
 
 impl ImageStamp {
     fn of(m: &std::fs::Metadata) -> Self {
-        Self { dev: m.dev(), ino: m.ino(), len: m.len(), ctime: m.ctime(), ctime_nsec: m.ctime_nsec() }
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            ctime: m.ctime(),
+            ctime_nsec: m.ctime_nsec(),
+        }
     }
 
     fn time(&self) -> SystemTime {
@@ -596,7 +640,9 @@ impl VolumeStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let tmp = root.join(fsutil::unique_tmp_name("FORMAT"));
                 std::fs::write(&tmp, FORMAT).map_err(io_err("write", &tmp))?;
-                File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err("fsync", &tmp))?;
+                File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err("fsync", &tmp))?;
                 fsutil::rename_durable(&tmp, &fpath).map_err(io_err("rename", &fpath))?;
             }
             Err(e) => return Err(io_err("read", &fpath)(e).into()),
@@ -606,9 +652,15 @@ impl VolumeStore {
         clean_tmp(&volumes_dir, |n| n.starts_with('.') && n.ends_with(".tmp"))?;
 
         let chunks = ChunkStore::open_with(root.join("chunks"), opts.chunks)?;
-        let db = sled::Config::new().path(root.join("meta")).cache_capacity(8 << 20).open()?;
+        let db = fsutil::open_sled(
+            &sled::Config::new()
+                .path(root.join("meta"))
+                .cache_capacity(8 << 20),
+        )?;
         let meta = (*db).clone();
-        let reflink = opts.reflink.unwrap_or_else(|| image::probe_reflink(&tmp_dir));
+        let reflink = opts
+            .reflink
+            .unwrap_or_else(|| image::probe_reflink(&tmp_dir));
         tracing::info!(root = %root.display(), reflink, "volume store open");
         Ok(Self {
             root,
@@ -652,12 +704,19 @@ impl VolumeStore {
     }
 
     fn gc_shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.gc_lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.gc_lock
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn record(&self, name: &str) -> Result<Option<VolumeRecord>, StoreError> {
-        let Some(v) = self.meta.get(record_key(name))? else { return Ok(None) };
-        let damaged = || StoreError::Damaged { what: "volume", name: name.to_owned() };
+        let Some(v) = self.meta.get(record_key(name))? else {
+            return Ok(None);
+        };
+        let damaged = || StoreError::Damaged {
+            what: "volume",
+            name: name.to_owned(),
+        };
         let payload = unseal(&v).ok_or_else(damaged)?;
         let r: VolumeRecord = serde_json::from_slice(payload).map_err(|_| damaged())?;
         if r.v != RECORD_VERSION {
@@ -668,7 +727,8 @@ impl VolumeStore {
 
     fn existing(&self, name: &str) -> Result<VolumeRecord, StoreError> {
         validate_name(name)?;
-        self.record(name)?.ok_or_else(|| StoreError::NotFound(name.to_owned()))
+        self.record(name)?
+            .ok_or_else(|| StoreError::NotFound(name.to_owned()))
     }
 
     fn put_record(batch: &mut sled::Batch, name: &str, r: &VolumeRecord) {
@@ -683,7 +743,10 @@ impl VolumeStore {
     }
 
     fn decode_manifest(name: &str, v: &[u8]) -> Result<Manifest, StoreError> {
-        Manifest::decode(v).map_err(|_| StoreError::Damaged { what: "manifest", name: name.to_owned() })
+        Manifest::decode(v).map_err(|_| StoreError::Damaged {
+            what: "manifest",
+            name: name.to_owned(),
+        })
     }
 
     /// Whether this rack holds the live image of `name` (is its owner).
@@ -702,7 +765,7 @@ impl VolumeStore {
     /// [`CreateError`].
     pub fn create(&self, name: &str, size: u64) -> Result<VolumeInfo, CreateError> {
         validate_name(name)?;
-        if size == 0 || size % SECTOR != 0 || size > MAX_VOLUME_SIZE {
+        if size == 0 || !size.is_multiple_of(SECTOR) || size > MAX_VOLUME_SIZE {
             return Err(CreateError::InvalidSize(size));
         }
         let vl = self.vol_lock(name);
@@ -711,18 +774,36 @@ impl VolumeStore {
             return Err(CreateError::AlreadyExists(name.to_owned()));
         }
         let path = self.image_path(name);
-        let tmp = TempFile::new(self.volumes_dir.join(fsutil::unique_tmp_name(&format!(".{name}"))));
-        let f = OpenOptions::new().write(true).create_new(true).open(tmp.path()).map_err(io_err("create", tmp.path()))?;
+        let tmp = TempFile::new(
+            self.volumes_dir
+                .join(fsutil::unique_tmp_name(&format!(".{name}"))),
+        );
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tmp.path())
+            .map_err(io_err("create", tmp.path()))?;
         f.set_len(size).map_err(io_err("truncate", tmp.path()))?;
         f.sync_all().map_err(io_err("fsync", tmp.path()))?;
         fsutil::rename_durable(tmp.path(), &path).map_err(io_err("rename", &path))?;
         tmp.disarm();
         let mut batch = sled::Batch::default();
-        let rec = VolumeRecord { v: RECORD_VERSION, size, generation: 0, created_at_ms: fsutil::now_ms() };
+        let rec = VolumeRecord {
+            v: RECORD_VERSION,
+            size,
+            generation: 0,
+            created_at_ms: fsutil::now_ms(),
+        };
         Self::put_record(&mut batch, name, &rec);
         self.commit(batch)?;
         tracing::info!(volume = name, size, "volume created");
-        Ok(VolumeInfo { name: name.to_owned(), size, generation: 0, has_live_image: true, generations_held: vec![] })
+        Ok(VolumeInfo {
+            name: name.to_owned(),
+            size,
+            generation: 0,
+            has_live_image: true,
+            generations_held: vec![],
+        })
     }
 
     /// Capture the live image as a new generation. See
@@ -748,12 +829,13 @@ impl VolumeStore {
     /// cache the clone flushes).
     ///
     /// Without (ext4): chunk the image while the appliance runs (after an
-    /// fdatasync, so writes through mmap fault and bump the ctime), then
-    /// pause; if the image's ctime did not move, nothing was written since
-    /// the pre-copy began and the pre-copy *is* the point in time (pause:
-    /// one fstat). If it moved, the whole image is re-read and re-hashed
-    /// inside the pause (page cache speed; only changed chunks are stored):
-    /// that pause grows with the volume's size.
+    /// fdatasync, so writes through mmap fault and bump the ctime; a second
+    /// pass if it changed meanwhile), then pause; if the image's ctime did
+    /// not move, nothing was written since the last pass began and that
+    /// pass *is* the point in time (pause: one fstat). If it moved, the
+    /// allocated part of the image is re-read and re-hashed inside the pause
+    /// (page cache speed; only changed chunks are stored): that pause grows
+    /// with the volume's allocated size.
     ///
     /// # Errors
     /// [`SnapshotError`]; the volume stays at its previous generation.
@@ -771,7 +853,9 @@ impl VolumeStore {
         let path = self.image_path(name);
         let file = match File::open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SnapshotError::NoLiveImage(name.to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(SnapshotError::NoLiveImage(name.to_owned()))
+            }
             Err(e) => return Err(io_err("open", &path)(e).into()),
         };
         let mut new_chunks = 0u64;
@@ -790,7 +874,9 @@ impl VolumeStore {
             }
             Ok(())
         };
-        let scan = |f: &File, progress: &mut dyn FnMut(u64, u64), sink: &mut dyn FnMut(usize, &[u8], ChunkId) -> Result<(), ChunkStoreError>| {
+        let scan = |f: &File,
+                    progress: &mut dyn FnMut(u64, u64),
+                    sink: &mut image::Sink<'_, ChunkStoreError>| {
             image::scan(f, rec.size, CHUNK_SIZE, progress, sink).map_err(|e| match e {
                 image::ScanError::Read(e) => SnapshotError::from(io_err("read", &path)(e)),
                 image::ScanError::Sink(e) => SnapshotError::from(e),
@@ -802,7 +888,10 @@ impl VolumeStore {
             // Write back dirty pages first: the clone flushes what is still
             // dirty, inside the pause.
             file.sync_data().map_err(io_err("fdatasync", &path))?;
-            let clone = TempFile::new(self.tmp_dir.join(fsutil::unique_tmp_name(&format!("{name}-clone"))));
+            let clone = TempFile::new(
+                self.tmp_dir
+                    .join(fsutil::unique_tmp_name(&format!("{name}-clone"))),
+            );
             let (r, paused, at) = {
                 let guard = pause(hooks)?;
                 let t = Instant::now();
@@ -820,7 +909,11 @@ impl VolumeStore {
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(95 | 18 | 22 | 25)) => {
                     // EOPNOTSUPP, EXDEV, EINVAL, ENOTTY: not here after all.
-                    tracing::warn!(volume = name, error = %e, "reflink failed; falling back to pre-copy");
+                    tracing::warn!(
+                        volume = name,
+                        error = %e,
+                        "reflink failed; falling back to pre-copy"
+                    );
                     self.reflink.store(false, Ordering::Relaxed);
                 }
                 Err(e) => return Err(io_err("clone", &path)(e).into()),
@@ -829,13 +922,35 @@ impl VolumeStore {
         let (entries, method, paused, at) = match captured {
             Some(c) => c,
             None => {
-                let stamp = ImageStamp::of(&file.metadata().map_err(io_err("stat", &path))?);
-                let since = SystemTime::now().duration_since(stamp.time()).unwrap_or(Duration::ZERO);
-                if since < CTIME_SETTLE {
-                    std::thread::sleep(CTIME_SETTLE - since);
-                }
-                file.sync_data().map_err(io_err("fdatasync", &path))?;
-                let pre = scan(&file, progress, &mut sink)?;
+                let mut pass = 0;
+                let (stamp, pre) = loop {
+                    pass += 1;
+                    let stamp = ImageStamp::of(&file.metadata().map_err(io_err("stat", &path))?);
+                    let since = SystemTime::now()
+                        .duration_since(stamp.time())
+                        .unwrap_or(Duration::ZERO);
+                    if since < CTIME_SETTLE {
+                        std::thread::sleep(CTIME_SETTLE - since);
+                    }
+                    file.sync_data().map_err(io_err("fdatasync", &path))?;
+                    // Progress covers the first pass, the one that does the work.
+                    let pre = if pass == 1 {
+                        scan(&file, progress, &mut sink)?
+                    } else {
+                        scan(&file, &mut |_, _| {}, &mut sink)?
+                    };
+                    let changed =
+                        ImageStamp::of(&std::fs::metadata(&path).map_err(io_err("stat", &path))?)
+                            != stamp;
+                    if !changed || pass >= MAX_PRECOPY_PASSES {
+                        break (stamp, pre);
+                    }
+                    tracing::debug!(
+                        volume = name,
+                        pass,
+                        "image changed during pre-copy; another pass"
+                    );
+                };
                 let guard = pause(hooks)?;
                 let t = Instant::now();
                 let at = fsutil::now_ms();
@@ -867,8 +982,22 @@ impl VolumeStore {
         batch.insert(manifest_key(name, generation), manifest.encode());
         Self::put_record(&mut batch, name, &VolumeRecord { generation, ..rec });
         self.commit(batch)?;
-        tracing::info!(volume = name, generation, ?method, pause_us = paused.as_micros() as u64, new_chunks, "snapshot");
-        Ok(SnapshotReport { manifest, method, pause: paused, elapsed: started.elapsed(), new_chunks, new_bytes })
+        tracing::info!(
+            volume = name,
+            generation,
+            ?method,
+            pause_us = paused.as_micros() as u64,
+            new_chunks,
+            "snapshot"
+        );
+        Ok(SnapshotReport {
+            manifest,
+            method,
+            pause: paused,
+            elapsed: started.elapsed(),
+            new_chunks,
+            new_bytes,
+        })
     }
 
     /// Import a raw or qcow2 image as the next generation of `name`
@@ -882,7 +1011,12 @@ impl VolumeStore {
     ///
     /// # Errors
     /// [`ImportError`].
-    pub fn import(&self, name: &str, from: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Manifest, ImportError> {
+    pub fn import(
+        &self,
+        name: &str,
+        from: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Manifest, ImportError> {
         validate_name(name)?;
         let _g = self.gc_shared();
         let vl = self.vol_lock(name);
@@ -898,7 +1032,10 @@ impl VolumeStore {
         let n = src.read(&mut magic).map_err(io_err("read", from))?;
         let _converted;
         if n == 4 && magic == *b"QFI\xfb" {
-            let out = TempFile::new(self.tmp_dir.join(fsutil::unique_tmp_name(&format!("{name}-import"))));
+            let out = TempFile::new(
+                self.tmp_dir
+                    .join(fsutil::unique_tmp_name(&format!("{name}-import"))),
+            );
             qemu_img_to_raw(from, out.path())?;
             src = File::open(out.path()).map_err(io_err("open", out.path()))?;
             _converted = out;
@@ -909,12 +1046,22 @@ impl VolumeStore {
         }
         if let Some(r) = &rec {
             if size < r.size {
-                return Err(ImportError::Shrink { volume: r.size, image: size });
+                return Err(ImportError::Shrink {
+                    volume: r.size,
+                    image: size,
+                });
             }
         }
 
-        let tmp = TempFile::new(self.volumes_dir.join(fsutil::unique_tmp_name(&format!(".{name}"))));
-        let live = OpenOptions::new().write(true).create_new(true).open(tmp.path()).map_err(io_err("create", tmp.path()))?;
+        let tmp = TempFile::new(
+            self.volumes_dir
+                .join(fsutil::unique_tmp_name(&format!(".{name}"))),
+        );
+        let live = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tmp.path())
+            .map_err(io_err("create", tmp.path()))?;
         live.set_len(size).map_err(io_err("truncate", tmp.path()))?;
         let cs = u64::from(CHUNK_SIZE);
         #[derive(Debug)]
@@ -923,8 +1070,11 @@ impl VolumeStore {
             Write(io::Error),
         }
         let entries = image::scan(&src, size, CHUNK_SIZE, progress, &mut |i, data, id| {
-            self.chunks.insert_hashed(id, data).map_err(SinkErr::Chunks)?;
-            live.write_all_at(data, i as u64 * cs).map_err(SinkErr::Write)
+            self.chunks
+                .insert_hashed(id, data)
+                .map_err(SinkErr::Chunks)?;
+            live.write_all_at(data, i as u64 * cs)
+                .map_err(SinkErr::Write)
         })
         .map_err(|e| -> ImportError {
             match e {
@@ -950,8 +1100,19 @@ impl VolumeStore {
         };
         let mut batch = sled::Batch::default();
         batch.insert(manifest_key(name, generation), manifest.encode());
-        let created_at_ms = rec.as_ref().map_or(manifest.created_at_ms, |r| r.created_at_ms);
-        Self::put_record(&mut batch, name, &VolumeRecord { v: RECORD_VERSION, size, generation, created_at_ms });
+        let created_at_ms = rec
+            .as_ref()
+            .map_or(manifest.created_at_ms, |r| r.created_at_ms);
+        Self::put_record(
+            &mut batch,
+            name,
+            &VolumeRecord {
+                v: RECORD_VERSION,
+                size,
+                generation,
+                created_at_ms,
+            },
+        );
         self.commit(batch)?;
         tracing::info!(volume = name, generation, size, "imported");
         Ok(manifest)
@@ -975,8 +1136,13 @@ impl VolumeStore {
         let m = match generation {
             Some(g) => self
                 .manifest(name, g)?
-                .ok_or_else(|| ExportError::NoSuchGeneration { name: name.to_owned(), generation: g })?,
-            None => self.latest(name)?.ok_or_else(|| ExportError::NoSnapshot(name.to_owned()))?,
+                .ok_or_else(|| ExportError::NoSuchGeneration {
+                    name: name.to_owned(),
+                    generation: g,
+                })?,
+            None => self
+                .latest(name)?
+                .ok_or_else(|| ExportError::NoSnapshot(name.to_owned()))?,
         };
         image::materialise(&self.chunks, &m, to, progress)?;
         Ok(m)
@@ -1003,7 +1169,11 @@ impl VolumeStore {
                 }
             }
             if manifest.generation <= r.generation {
-                return Err(PublishError::Stale { name, held: r.generation, offered: manifest.generation });
+                return Err(PublishError::Stale {
+                    name,
+                    held: r.generation,
+                    offered: manifest.generation,
+                });
             }
             if self.image_path(&name).exists() {
                 return Err(PublishError::Owned(name));
@@ -1024,8 +1194,15 @@ impl VolumeStore {
         }
         let mut batch = sled::Batch::default();
         batch.insert(manifest_key(&name, manifest.generation), manifest.encode());
-        let created_at_ms = rec.as_ref().map_or_else(fsutil::now_ms, |r| r.created_at_ms);
-        let record = VolumeRecord { v: RECORD_VERSION, size: manifest.size, generation: manifest.generation, created_at_ms };
+        let created_at_ms = rec
+            .as_ref()
+            .map_or_else(fsutil::now_ms, |r| r.created_at_ms);
+        let record = VolumeRecord {
+            v: RECORD_VERSION,
+            size: manifest.size,
+            generation: manifest.generation,
+            created_at_ms,
+        };
         Self::put_record(&mut batch, &name, &record);
         if let Some(s) = self.staged(&name)? {
             if s.generation <= manifest.generation {
@@ -1048,7 +1225,9 @@ impl VolumeStore {
     pub fn stage(&self, manifest: &Manifest) -> Result<(), PublishError> {
         manifest.validate()?;
         let _g = self.gc_shared();
-        self.meta.insert(staged_key(&manifest.volume), manifest.encode()).map_err(StoreError::from)?;
+        self.meta
+            .insert(staged_key(&manifest.volume), manifest.encode())
+            .map_err(StoreError::from)?;
         self.db.flush().map_err(StoreError::from)?;
         Ok(())
     }
@@ -1125,7 +1304,10 @@ impl VolumeStore {
                 let g = k
                     .get(prefix.len()..)
                     .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .ok_or_else(|| StoreError::Damaged { what: "manifest key", name: name.to_owned() })?;
+                    .ok_or_else(|| StoreError::Damaged {
+                        what: "manifest key",
+                        name: name.to_owned(),
+                    })?;
                 Ok(u64::from_be_bytes(g))
             })
             .collect()
@@ -1178,7 +1360,9 @@ impl VolumeStore {
         self.commit(batch)?;
         let image = self.image_path(name);
         match std::fs::remove_file(&image) {
-            Ok(()) => fsutil::fsync_dir(&self.volumes_dir).map_err(io_err("fsync", &self.volumes_dir))?,
+            Ok(()) => {
+                fsutil::fsync_dir(&self.volumes_dir).map_err(io_err("fsync", &self.volumes_dir))?
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("remove", &image)(e)),
         }
@@ -1192,7 +1376,11 @@ impl VolumeStore {
     ///
     /// # Errors
     /// [`PromoteError`].
-    pub fn promote(&self, name: &str, progress: &mut dyn FnMut(u64, u64)) -> Result<Manifest, PromoteError> {
+    pub fn promote(
+        &self,
+        name: &str,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Manifest, PromoteError> {
         let _g = self.gc_shared();
         let vl = self.vol_lock(name);
         let _v = lock(&vl);
@@ -1201,9 +1389,15 @@ impl VolumeStore {
         if image.exists() {
             return Err(PromoteError::AlreadyOwner(name.to_owned()));
         }
-        let m = self.latest(name)?.ok_or_else(|| PromoteError::NoSnapshot(name.to_owned()))?;
+        let m = self
+            .latest(name)?
+            .ok_or_else(|| PromoteError::NoSnapshot(name.to_owned()))?;
         image::materialise(&self.chunks, &m, &image, progress)?;
-        tracing::info!(volume = name, generation = m.generation, "promoted to owner");
+        tracing::info!(
+            volume = name,
+            generation = m.generation,
+            "promoted to owner"
+        );
         Ok(m)
     }
 
@@ -1217,7 +1411,10 @@ impl VolumeStore {
         if keep == 0 {
             return Err(PruneError::KeepZero);
         }
-        let _g = self.gc_lock.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _g = self
+            .gc_lock
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut report = PruneReport::default();
         let mut batch = sled::Batch::default();
         let mut live: HashSet<ChunkId> = HashSet::new();
@@ -1243,7 +1440,11 @@ impl VolumeStore {
         }
         self.commit(batch)?;
         report.gc = self.chunks.gc(&live).map_err(StoreError::from)?;
-        tracing::info!(dropped = report.manifests_dropped, chunks_removed = report.gc.removed_chunks, "pruned");
+        tracing::info!(
+            dropped = report.manifests_dropped,
+            chunks_removed = report.gc.removed_chunks,
+            "pruned"
+        );
         Ok(report)
     }
 
@@ -1283,7 +1484,9 @@ fn clean_tmp(dir: &Path, matches: impl Fn(&str) -> bool) -> Result<(), StoreErro
     for e in std::fs::read_dir(dir).map_err(io_err("list", dir))? {
         let e = e.map_err(io_err("list", dir))?;
         let name = e.file_name();
-        if name.to_str().is_some_and(&matches) && e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+        if name.to_str().is_some_and(&matches)
+            && e.file_type().map(|t| t.is_file()).unwrap_or(false)
+        {
             let p = e.path();
             std::fs::remove_file(&p).map_err(io_err("remove", &p))?;
             removed = true;
@@ -1309,8 +1512,18 @@ fn qemu_img_to_raw(from: &Path, to: &Path) -> Result<(), ImportError> {
         Ok(o) if o.status.success() => Ok(()),
         Ok(o) => {
             let s = String::from_utf8_lossy(&o.stderr);
-            let tail: String = s.chars().rev().take(500).collect::<Vec<_>>().into_iter().rev().collect();
-            Err(ImportError::QemuImg { status: o.status, stderr: tail.trim().to_owned() })
+            let tail: String = s
+                .chars()
+                .rev()
+                .take(500)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            Err(ImportError::QemuImg {
+                status: o.status,
+                stderr: tail.trim().to_owned(),
+            })
         }
     }
 }

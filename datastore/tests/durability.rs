@@ -11,7 +11,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use datastore::{ChunkId, ChunkStoreOptions, Manifest, NoPause, VolumeStore, VolumeStoreOptions, CHUNK_SIZE};
+use datastore::{
+    ChunkId, ChunkStoreOptions, Manifest, NoPause, VolumeStore, VolumeStoreOptions, CHUNK_SIZE,
+};
 use rand::{Rng, RngCore, SeedableRng};
 
 const CHILD_ENV: &str = "DATASTORE_CRASH_CHILD_DIR";
@@ -23,7 +25,10 @@ const CS: usize = CHUNK_SIZE as usize;
 fn options() -> VolumeStoreOptions {
     // Small packs so that rotation and compaction happen within a test.
     VolumeStoreOptions {
-        chunks: ChunkStoreOptions { pack_target: 512 << 10, ..ChunkStoreOptions::default() },
+        chunks: ChunkStoreOptions {
+            pack_target: 512 << 10,
+            ..ChunkStoreOptions::default()
+        },
         reflink: Some(false),
     }
 }
@@ -31,7 +36,11 @@ fn options() -> VolumeStoreOptions {
 /// The child's work loop; it never returns (it is killed).
 fn child(dir: &Path, seed: u64) -> ! {
     let store = VolumeStore::open_with(dir.join("store"), options()).expect("child: open");
-    let mut journal = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("journal")).unwrap();
+    let mut journal = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("journal"))
+        .unwrap();
     let mut log = |line: String| {
         // Written only after the operation returned. A SIGKILL leaves the
         // page cache intact, so a line that was written survives it.
@@ -45,7 +54,10 @@ fn child(dir: &Path, seed: u64) -> ! {
         }
         store.create("own", 2 << 20).unwrap();
     }
-    let image = std::fs::OpenOptions::new().write(true).open(store.image_path("own")).unwrap();
+    let image = std::fs::OpenOptions::new()
+        .write(true)
+        .open(store.image_path("own"))
+        .unwrap();
     for i in 0u64.. {
         // A replica-style generation: chunks arrive, are synced, then the
         // manifest is published.
@@ -95,7 +107,9 @@ fn child(dir: &Path, seed: u64) -> ! {
         for _ in 0..rng.gen_range(1..6) {
             let mut block = [0u8; 4096];
             rng.fill_bytes(&mut block);
-            image.write_all_at(&block, rng.gen_range(0..512u64) * 4096).unwrap();
+            image
+                .write_all_at(&block, rng.gen_range(0..512u64) * 4096)
+                .unwrap();
         }
         let m = store.snapshot("own", &NoPause, &mut |_, _| {}).unwrap();
         log(format!("published own {} {}", m.generation, m.id()));
@@ -113,7 +127,10 @@ fn child(dir: &Path, seed: u64) -> ! {
 #[test]
 fn crash_child() {
     if let Some(dir) = std::env::var_os(CHILD_ENV) {
-        let seed = std::env::var(SEED_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let seed = std::env::var(SEED_ENV)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         child(Path::new(&dir), seed);
     }
 }
@@ -135,11 +152,21 @@ fn verify(dir: &Path, kill: usize) {
     let mut held: HashMap<String, Vec<Manifest>> = HashMap::new();
     for v in store.list().unwrap() {
         let ms = store.manifests(&v.name).unwrap();
-        assert_eq!(ms.iter().map(|m| m.generation).collect::<Vec<_>>(), v.generations_held);
+        assert_eq!(
+            ms.iter().map(|m| m.generation).collect::<Vec<_>>(),
+            v.generations_held
+        );
         for m in &ms {
             for id in m.chunks.iter().flatten() {
-                let data = store.chunks().read(id).unwrap_or_else(|e| panic!("kill {kill}: {} gen {}: {e}", m.volume, m.generation));
-                let data = data.unwrap_or_else(|| panic!("kill {kill}: {} gen {} lacks chunk {id}", m.volume, m.generation));
+                let data = store.chunks().read(id).unwrap_or_else(|e| {
+                    panic!("kill {kill}: {} gen {}: {e}", m.volume, m.generation)
+                });
+                let data = data.unwrap_or_else(|| {
+                    panic!(
+                        "kill {kill}: {} gen {} lacks chunk {id}",
+                        m.volume, m.generation
+                    )
+                });
                 assert_eq!(ChunkId::of(&data), *id);
             }
         }
@@ -151,22 +178,36 @@ fn verify(dir: &Path, kill: usize) {
         match parts.as_slice() {
             ["synced", id] if last_prune.is_none_or(|p| n > p) => {
                 let id: ChunkId = id.parse().unwrap();
-                assert!(store.chunks().contains(&id).unwrap(), "kill {kill}: synced chunk {id} lost");
+                assert!(
+                    store.chunks().contains(&id).unwrap(),
+                    "kill {kill}: synced chunk {id} lost"
+                );
                 assert!(store.chunks().read(&id).unwrap().is_some());
             }
             ["published", vol, generation, id] => {
                 let generation: u64 = generation.parse().unwrap();
-                let ms = held.get(*vol).unwrap_or_else(|| panic!("kill {kill}: volume {vol} lost"));
+                let ms = held
+                    .get(*vol)
+                    .unwrap_or_else(|| panic!("kill {kill}: volume {vol} lost"));
                 let newest = ms.last().map_or(0, |m| m.generation);
-                assert!(newest >= generation, "kill {kill}: {vol} went back from {generation} to {newest}");
+                assert!(
+                    newest >= generation,
+                    "kill {kill}: {vol} went back from {generation} to {newest}"
+                );
                 let pruned_since = last_prune.is_some_and(|p| p > n);
                 let must_hold = !pruned_since || generation + KEEP as u64 > newest;
                 if must_hold {
                     let m = ms
                         .iter()
                         .find(|m| m.generation == generation)
-                        .unwrap_or_else(|| panic!("kill {kill}: {vol} generation {generation} lost"));
-                    assert_eq!(m.id().to_string(), *id, "kill {kill}: {vol} generation {generation} changed");
+                        .unwrap_or_else(|| {
+                            panic!("kill {kill}: {vol} generation {generation} lost")
+                        });
+                    assert_eq!(
+                        m.id().to_string(),
+                        *id,
+                        "kill {kill}: {vol} generation {generation} changed"
+                    );
                 }
             }
             _ => {}
@@ -174,7 +215,11 @@ fn verify(dir: &Path, kill: usize) {
     }
     // The pack records are committed atomically with the index entries.
     let stats = store.chunks().stats().unwrap();
-    assert_eq!(stats.chunks, store.chunks().ids().unwrap().len() as u64, "kill {kill}: stats drifted");
+    assert_eq!(
+        stats.chunks,
+        store.chunks().ids().unwrap().len() as u64,
+        "kill {kill}: stats drifted"
+    );
 }
 
 #[test]
@@ -184,7 +229,10 @@ fn sigkill_at_random_moments_loses_nothing_durable() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xfeed);
     let mut journal_lines = 0;
     // DATASTORE_CRASH_KILLS=500 for a longer soak.
-    let kills = std::env::var("DATASTORE_CRASH_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(KILLS);
+    let kills = std::env::var("DATASTORE_CRASH_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(KILLS);
     for kill in 0..kills {
         let stderr = std::fs::File::create(dir.path().join("child.stderr")).unwrap();
         let mut child = Command::new(&exe)
@@ -203,13 +251,25 @@ fn sigkill_at_random_moments_loses_nothing_durable() {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         verify(dir.path(), kill);
-        let now = std::fs::read_to_string(dir.path().join("journal")).unwrap_or_default().lines().count();
+        let now = std::fs::read_to_string(dir.path().join("journal"))
+            .unwrap_or_default()
+            .lines()
+            .count();
         journal_lines = journal_lines.max(now);
     }
     let journal = std::fs::read_to_string(dir.path().join("journal")).unwrap_or_default();
     let prunes = journal.lines().filter(|l| *l == "prune-done").count();
-    let publishes = journal.lines().filter(|l| l.starts_with("published")).count();
+    let publishes = journal
+        .lines()
+        .filter(|l| l.starts_with("published"))
+        .count();
     let store = VolumeStore::open_with(dir.path().join("store"), options()).unwrap();
-    eprintln!("{kills} kills: {publishes} publishes, {prunes} prunes, final {:?}", store.chunks().stats().unwrap());
-    assert!(journal_lines > kills * 3, "the child made too little progress to test anything ({journal_lines} journal lines)");
+    eprintln!(
+        "{kills} kills: {publishes} publishes, {prunes} prunes, final {:?}",
+        store.chunks().stats().unwrap()
+    );
+    assert!(
+        journal_lines > kills * 3,
+        "the child made too little progress to test anything ({journal_lines} journal lines)"
+    );
 }

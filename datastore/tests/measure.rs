@@ -16,14 +16,18 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use datastore::{
-    hash_many, CaptureMethod, ChunkId, ChunkStore, NoPause, PauseHooks, VolumeStore, VolumeStoreOptions, CHUNK_SIZE,
+    hash_many, CaptureMethod, ChunkId, ChunkStore, NoPause, PauseHooks, VolumeStore,
+    VolumeStoreOptions, CHUNK_SIZE,
 };
 use rand::{Rng, RngCore, SeedableRng};
 
 const MIB: usize = 1 << 20;
 
 fn measure_mib() -> usize {
-    std::env::var("DATASTORE_MEASURE_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024)
+    std::env::var("DATASTORE_MEASURE_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1024)
 }
 
 fn rate(bytes: usize, d: Duration) -> String {
@@ -64,7 +68,11 @@ fn measure_insert_and_read_throughput() {
     let cs = CHUNK_SIZE as usize;
     let n = total / cs;
     let gen = Chunks::new(cs);
-    println!("\n== chunk store throughput, {} MiB of distinct {} KiB chunks ==", total / MIB, cs / 1024);
+    println!(
+        "\n== chunk store throughput, {} MiB of distinct {} KiB chunks ==",
+        total / MIB,
+        cs / 1024
+    );
 
     let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
     let s = ChunkStore::open(dir.path()).unwrap();
@@ -78,15 +86,25 @@ fn measure_insert_and_read_throughput() {
     let t = Instant::now();
     s.sync().unwrap();
     let sync = t.elapsed();
-    println!("insert (one thread, hashing inline):   {}  (+ final sync {:?})", rate(total, ins), sync);
-    println!("  insert + sync:                         {}", rate(total, ins + sync));
+    println!(
+        "insert (one thread, hashing inline):   {}  (+ final sync {:?})",
+        rate(total, ins),
+        sync
+    );
+    println!(
+        "  insert + sync:                         {}",
+        rate(total, ins + sync)
+    );
 
     let t = Instant::now();
     for i in 0..n {
         gen.get(i, &mut buf);
         s.insert(&buf).unwrap();
     }
-    println!("re-insert (all dedup hits):              {}", rate(total, t.elapsed()));
+    println!(
+        "re-insert (all dedup hits):              {}",
+        rate(total, t.elapsed())
+    );
 
     let ids: Vec<ChunkId> = (0..n)
         .map(|i| {
@@ -98,13 +116,19 @@ fn measure_insert_and_read_throughput() {
     for id in &ids {
         assert_eq!(s.read(id).unwrap().unwrap().len(), cs);
     }
-    println!("read + verify, page cache warm:          {}", rate(total, t.elapsed()));
+    println!(
+        "read + verify, page cache warm:          {}",
+        rate(total, t.elapsed())
+    );
     drop_cache(dir.path());
     let t = Instant::now();
     for id in &ids {
         assert_eq!(s.read(id).unwrap().unwrap().len(), cs);
     }
-    println!("read + verify, cold (from disk):         {}", rate(total, t.elapsed()));
+    println!(
+        "read + verify, cold (from disk):         {}",
+        rate(total, t.elapsed())
+    );
     let st = s.stats().unwrap();
     println!(
         "stats: {} chunks, {} MiB payload, {} MiB packs, index {} KiB ({:.0} B/chunk), {} packs",
@@ -131,7 +155,10 @@ fn measure_insert_and_read_throughput() {
         s.insert_batch(&refs).unwrap();
     }
     s.sync().unwrap();
-    println!("insert_batch (parallel hashing) + sync:  {}", rate(total, t.elapsed()));
+    println!(
+        "insert_batch (parallel hashing) + sync:  {}",
+        rate(total, t.elapsed())
+    );
 }
 
 /// Wire and storage cost of `frac` of a `size`-byte image's 4 KiB blocks
@@ -152,12 +179,27 @@ fn scattered(size: u64, cs: u64, frac: f64, seed: u64) -> (u64, u64) {
 #[ignore = "measurement; run in release"]
 fn measure_chunk_sizes() {
     let data = 256 * MIB;
-    println!("\n== chunk size: hashing and insert throughput ({} MiB distinct data) ==", data / MIB);
+    println!(
+        "\n== chunk size: hashing and insert throughput ({} MiB distinct data) ==",
+        data / MIB
+    );
     println!(
         "{:>8} {:>16} {:>18} {:>20} {:>16} {:>14}",
-        "chunk", "hash 1 thread", "hash_many (par.)", "insert (no fsync)", "then sync", "index B/chunk"
+        "chunk",
+        "hash 1 thread",
+        "hash_many (par.)",
+        "insert (no fsync)",
+        "then sync",
+        "index B/chunk"
     );
-    for cs in [4usize << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20] {
+    for cs in [
+        4usize << 10,
+        16 << 10,
+        64 << 10,
+        256 << 10,
+        1 << 20,
+        4 << 20,
+    ] {
         let gen = Chunks::new(cs);
         let n = data / cs;
         let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); 64];
@@ -182,7 +224,10 @@ fn measure_chunk_sizes() {
         let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
         // CPU cost per chunk size: no implicit syncs; the one sync at the
         // end is the disk's part (and this VM's disk is noisy).
-        let opts = datastore::ChunkStoreOptions { max_pending_bytes: u64::MAX, ..Default::default() };
+        let opts = datastore::ChunkStoreOptions {
+            max_pending_bytes: u64::MAX,
+            ..Default::default()
+        };
         let s = ChunkStore::open_with(dir.path(), opts).unwrap();
         let t = Instant::now();
         for first in (0..n).step_by(per) {
@@ -213,7 +258,13 @@ fn measure_chunk_sizes() {
     println!("\n== 4 GiB image, 1 % of its 4 KiB blocks rewritten at random (rsync: ~606 MiB on the wire) ==");
     println!(
         "{:>8} {:>9} {:>14} {:>16} {:>16} {:>14} {:>16}",
-        "chunk", "touched", "stored new", "wire whole", "wire 4K-delta", "manifest", "manifest delta"
+        "chunk",
+        "touched",
+        "stored new",
+        "wire whole",
+        "wire 4K-delta",
+        "manifest",
+        "manifest delta"
     );
     for cs in [4u64 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20] {
         let (changed, touched) = scattered(size, cs, 0.01, 7);
@@ -227,17 +278,26 @@ fn measure_chunk_sizes() {
             "{:>6}KiB {:>9} {:>10} MiB {:>12} MiB {:>12.1} MiB {:>10.1} MiB {:>12.2} MiB",
             cs / 1024,
             touched,
-            touched * cs >> 20,
-            touched * cs >> 20,
+            (touched * cs) >> 20,
+            (touched * cs) >> 20,
             delta as f64 / MIB as f64,
             manifest as f64 / MIB as f64,
             manifest_delta as f64 / MIB as f64
         );
     }
-    println!("\n== ten clones of a 1 GiB base, each with 0.1 % scattered 4 KiB writes: stored bytes ==");
+    println!(
+        "\n== ten clones of a 1 GiB base, each with 0.1 % scattered 4 KiB writes: stored bytes =="
+    );
     for cs in [4u64 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20] {
-        let stored: u64 = (0..10).map(|i| scattered(1 << 30, cs, 0.001, 100 + i).1 * cs).sum();
-        println!("{:>6}KiB  base + {:>6} MiB ({:.2} bases)", cs / 1024, stored >> 20, 1.0 + stored as f64 / (1u64 << 30) as f64);
+        let stored: u64 = (0..10)
+            .map(|i| scattered(1 << 30, cs, 0.001, 100 + i).1 * cs)
+            .sum();
+        println!(
+            "{:>6}KiB  base + {:>6} MiB ({:.2} bases)",
+            cs / 1024,
+            stored >> 20,
+            1.0 + stored as f64 / (1u64 << 30) as f64
+        );
     }
 }
 
@@ -265,7 +325,14 @@ impl PauseHooks for WritesThenPauses<'_> {
 
 fn snapshot_pauses(root: &Path, reflink: bool) {
     let size = (measure_mib() * MIB) as u64;
-    let s = VolumeStore::open_with(root, VolumeStoreOptions { reflink: Some(reflink), ..Default::default() }).unwrap();
+    let s = VolumeStore::open_with(
+        root,
+        VolumeStoreOptions {
+            reflink: Some(reflink),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     s.create("vm", size).unwrap();
     let image = s.image_path("vm");
     {
@@ -297,7 +364,11 @@ fn snapshot_pauses(root: &Path, reflink: bool) {
     let r = s.snapshot_report("vm", &NoPause, &mut |_, _| {}).unwrap();
     report("idle image", &r);
     for blocks in [16usize, (size / 4096 / 100) as usize] {
-        let hooks = WritesThenPauses { image: &image, blocks, size };
+        let hooks = WritesThenPauses {
+            image: &image,
+            blocks,
+            size,
+        };
         let r = s.snapshot_report("vm", &hooks, &mut |_, _| {}).unwrap();
         if !reflink {
             assert_eq!(r.method, CaptureMethod::PrecopyRescan);
@@ -337,5 +408,8 @@ fn measure_snapshot_pause() {
         assert!(n > 0);
         left -= n;
     }
-    println!("copy_file_range of the page-cached image (ext4): {:.0} ms", t.elapsed().as_secs_f64() * 1000.0);
+    println!(
+        "copy_file_range of the page-cached image (ext4): {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
 }

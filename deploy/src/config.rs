@@ -57,6 +57,14 @@ pub struct RackConfig {
     /// Volume snapshots and replication.
     #[serde(default)]
     pub volumes: VolumesConfig,
+    /// The caching HTTP proxy and tile server (`[proxy]`); absent: no proxy.
+    /// Its fields are defined and validated by the `cache-proxy` crate (the
+    /// agent checks them at start and exits 64 naming the field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<toml::Table>,
+    /// Map tile sources (`[[tile_source]]`), validated like `[proxy]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tile_source: Vec<toml::Table>,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,

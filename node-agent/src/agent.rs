@@ -62,6 +62,8 @@ pub struct Rack {
     pub recovery: RecoveryReport,
     /// Volumes: snapshots and replication.
     pub volumes: Arc<crate::volumes::VolumeEngine>,
+    /// The caching proxy and tile server, if this rack runs one.
+    pub proxy: Option<crate::proxy::RunningProxy>,
     started: Instant,
 }
 
@@ -118,6 +120,10 @@ impl Rack {
             peers,
             power: self.power.borrow().clone(),
             volumes,
+            cache: self
+                .proxy
+                .as_ref()
+                .map(|p| serde_json::to_value(p.handle.status()).expect("cache status serializes")),
             revoked,
             store: self.recovery.clone(),
         })
@@ -323,7 +329,15 @@ pub async fn run(
         mesh.clone(),
         state.clone(),
     )?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let proxy = match crate::proxy::config(&config).map_err(|e| anyhow::anyhow!("{e}"))? {
+        Some(cfg) => {
+            Some(crate::proxy::start(cfg, mesh.clone(), &mut tasks, cancel.child_token()).await?)
+        }
+        None => None,
+    };
     let rack = Arc::new(Rack {
+        proxy,
         volumes: volumes.clone(),
         config: config.clone(),
         state: state.clone(),
@@ -333,7 +347,6 @@ pub async fn run(
         recovery,
         started: Instant::now(),
     });
-    let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(crate::api::serve(
         api_listener,
         rack.clone(),

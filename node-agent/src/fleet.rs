@@ -288,6 +288,10 @@ fn provision_rack(
         power: Default::default(),
         capacity: Default::default(),
         volumes: Default::default(),
+        proxy: (spec.role == Role::Rack)
+            .then(|| proxy_table(fleet.local))
+            .transpose()?,
+        tile_source: Vec::new(),
         log: Default::default(),
     };
     fleet.racks.push(FleetRack {
@@ -301,6 +305,39 @@ fn provision_rack(
     });
     write_durable(&rdir.join("rack.toml"), config.to_toml().as_bytes(), PUBLIC)?;
     Ok(())
+}
+
+/// The `[proxy]` table of a new rack: a distinct loopback port in a local
+/// field; otherwise port 3128 on every interface, open to the private
+/// networks relief staff's devices are on (never an open proxy).
+fn proxy_table(local: bool) -> Result<toml::Table> {
+    let (listen, allow): (String, Vec<&str>) = if local {
+        let (_, tcp) = free_ports()?;
+        (format!("127.0.0.1:{tcp}"), vec!["127.0.0.0/8"])
+    } else {
+        (
+            "0.0.0.0:3128".into(),
+            vec![
+                "127.0.0.0/8",
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "fd00::/8",
+            ],
+        )
+    };
+    let mut t = toml::Table::new();
+    t.insert("listen".into(), toml::Value::String(listen));
+    t.insert(
+        "allow_networks".into(),
+        toml::Value::Array(
+            allow
+                .into_iter()
+                .map(|a| toml::Value::String(a.into()))
+                .collect(),
+        ),
+    );
+    Ok(t)
 }
 
 /// Point every local rack's bootstrap list at every other rack.

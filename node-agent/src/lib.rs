@@ -14,12 +14,14 @@
 
 pub mod agent;
 pub mod api;
+pub mod cache_mesh;
 pub mod client;
 pub mod demo;
 pub mod files;
 pub mod fleet;
 pub mod metrics;
 pub mod power;
+pub mod proxy;
 pub mod state;
 pub mod status;
 pub mod store;

@@ -262,6 +262,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     return Ok(ExitCode::from(EX_CONFIG));
                 }
             };
+            if let Err(e) = node_agent::proxy::config(&cfg) {
+                eprintln!("fieldrack: bad configuration: {}: {e}", config.display());
+                return Ok(ExitCode::from(EX_CONFIG));
+            }
             init_logging(
                 log_format(cli.log_format, cfg.log.format),
                 cfg.log.level.as_deref(),

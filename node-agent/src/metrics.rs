@@ -261,5 +261,39 @@ pub async fn render(rack: &Rack) -> String {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name}{{{label}}} {}", v.load(Ordering::Relaxed));
     }
+    if let Some(p) = &rack.proxy {
+        out.push_str(&p.handle.prometheus());
+        let m = &p.mesh.stats;
+        for (name, help, v) in [
+            (
+                "fieldrack_cache_mesh_peer_fetches_total",
+                "Objects fetched from other racks' caches.",
+                &m.peer_fetches,
+            ),
+            (
+                "fieldrack_cache_mesh_peer_serves_total",
+                "Objects served to other racks.",
+                &m.peer_serves,
+            ),
+            (
+                "fieldrack_cache_mesh_replicated_total",
+                "Backhaul-fetched objects copied to another rack.",
+                &m.replicated,
+            ),
+            (
+                "fieldrack_cache_mesh_replicate_dropped_total",
+                "Copies dropped (queue full, no peer, peer refused).",
+                &m.replicate_dropped,
+            ),
+            (
+                "fieldrack_cache_mesh_digests_received_total",
+                "Cache digests received from peers.",
+                &m.digests_received,
+            ),
+        ] {
+            family(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name}{{{label}}} {}", v.load(Ordering::Relaxed));
+        }
+    }
     out
 }

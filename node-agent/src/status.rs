@@ -37,6 +37,10 @@ pub struct Status {
     /// Volumes held here (owned or replicas).
     #[serde(default)]
     pub volumes: Vec<crate::volumes::VolumeStatus>,
+    /// The caching proxy: `{"objects", "bytes", "hit_ratio", "backhaul": "up"|"down", "budget_left_bytes", ...}`;
+    /// absent when this rack runs no proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<serde_json::Value>,
 }
 
 /// One peer in the status document.

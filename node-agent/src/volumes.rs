@@ -151,7 +151,8 @@ pub struct VolumeEngine {
     pub metrics: VolumeMetrics,
     records: Mutex<HashMap<String, VolumeRecord>>,
     limiters: Mutex<HashMap<String, Arc<LinkLimiter>>>,
-    running: Mutex<HashMap<(String, String), String>>,
+    /// Pushes in flight: (volume, rack) → (generation, progress).
+    running: Mutex<HashMap<(String, String), (u64, Arc<push::TransferProgress>)>>,
     failed_at: Mutex<HashMap<(String, String), std::time::Instant>>,
     wake: Notify,
 }
@@ -333,10 +334,14 @@ impl VolumeEngine {
             } else {
                 (rec.owner.clone(), Vec::new(), None)
             };
-            let transfer = running
-                .iter()
-                .find(|((vol, _), _)| vol == &v.name)
-                .map(|(_, what)| what.clone());
+            let transfer = running.iter().find(|((vol, _), _)| vol == &v.name).map(|((_, rack), (generation, p))| {
+                let (sent, total) = p.get();
+                if total == 0 {
+                    format!("offering generation {generation} to {rack}")
+                } else {
+                    format!("sending generation {generation} to {rack}: {}% ({sent} of {total} chunks)", sent * 100 / total)
+                }
+            });
             let image = v
                 .has_live_image
                 .then(|| self.store.image_path(&v.name).display().to_string());
@@ -533,25 +538,28 @@ impl VolumeEngine {
                     let Ok(permit) = pushes.clone().try_acquire_owned() else {
                         break;
                     };
-                    self.running.lock().expect("running lock").insert(
-                        key.clone(),
-                        format!(
-                            "sending generation {} to {}",
-                            latest.generation, replica.rack
-                        ),
-                    );
+                    let progress = Arc::new(push::TransferProgress::default());
+                    self.running
+                        .lock()
+                        .expect("running lock")
+                        .insert(key.clone(), (latest.generation, progress.clone()));
                     let engine = self.clone();
                     let manifest = latest.clone();
                     tokio::spawn(async move {
                         let _permit = permit;
-                        engine.push_one(key, manifest).await;
+                        engine.push_one(key, manifest, progress).await;
                     });
                 }
             }
         }
     }
 
-    async fn push_one(self: Arc<Self>, key: (String, String), manifest: Manifest) {
+    async fn push_one(
+        self: Arc<Self>,
+        key: (String, String),
+        manifest: Manifest,
+        progress: Arc<push::TransferProgress>,
+    ) {
         let (volume, rack) = key.clone();
         let peer = self
             .mesh
@@ -567,13 +575,14 @@ impl VolumeEngine {
                     let counters = VolumeMetrics::counters(&self.metrics.sent, &rack);
                     let limiter = self.limiter(&rack);
                     let created = manifest.created_at_ms;
-                    push::push(
+                    push::push_with_progress(
                         self.store.clone(),
                         &self.rack,
                         manifest,
                         stream,
                         &limiter,
                         &counters,
+                        &progress,
                     )
                     .await
                     .map(|r| (r, created))

@@ -156,10 +156,18 @@ mod tests {
 
     #[test]
     fn encodings_round_trip() {
-        let l = Location { pack: 7, offset: 1 << 40, len: 65536 };
+        let l = Location {
+            pack: 7,
+            offset: 1 << 40,
+            len: 65536,
+        };
         assert_eq!(Location::decode(&l.encode()), Some(l));
         assert_eq!(Location::decode(&[0; 3]), None);
-        let p = PackInfo { synced_len: 99, live_count: 3, live_bytes: 12 };
+        let p = PackInfo {
+            synced_len: 99,
+            live_count: 3,
+            live_bytes: 12,
+        };
         assert_eq!(PackInfo::decode(&p.encode()), Some(p));
         assert_eq!(parse_pack_key(&pack_key(42)), Some(42));
         assert_eq!(parse_pack_file_name(&pack_file_name(42)), Some(42));

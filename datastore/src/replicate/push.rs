@@ -80,9 +80,49 @@ pub async fn push<S>(
     store: Arc<VolumeStore>,
     owner: &str,
     manifest: Manifest,
+    stream: S,
+    limiter: &LinkLimiter,
+    counters: &TransferCounters,
+) -> Result<PushReport, PushError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let progress = TransferProgress::default();
+    push_with_progress(store, owner, manifest, stream, limiter, counters, &progress).await
+}
+
+/// How far one transfer has got, for status displays.
+#[derive(Debug, Default)]
+pub struct TransferProgress {
+    /// Chunks the replica lacks (known once it answered the offer).
+    pub total_chunks: std::sync::atomic::AtomicU64,
+    /// Chunks sent so far.
+    pub sent_chunks: std::sync::atomic::AtomicU64,
+}
+
+impl TransferProgress {
+    /// `(sent, total)` chunks.
+    pub fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.sent_chunks.load(Relaxed),
+            self.total_chunks.load(Relaxed),
+        )
+    }
+}
+
+/// [`push`], reporting progress into `progress`.
+///
+/// # Errors
+/// [`PushError`]; the replica then still serves its previous generation.
+pub async fn push_with_progress<S>(
+    store: Arc<VolumeStore>,
+    owner: &str,
+    manifest: Manifest,
     mut stream: S,
     limiter: &LinkLimiter,
     counters: &TransferCounters,
+    progress: &TransferProgress,
 ) -> Result<PushReport, PushError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -155,6 +195,10 @@ where
         referenced.saturating_sub(missing.len() as u64),
     );
 
+    progress
+        .total_chunks
+        .store(missing.len() as u64, std::sync::atomic::Ordering::Relaxed);
+
     // The base for deltas: the generation the replica says it holds, if we
     // still have it.
     let base = match need_end.have_generation {
@@ -195,6 +239,9 @@ where
         limiter.acquire(Class::Replication, frame.wire_len()).await;
         write_frame(&mut stream, frame.kind, &frame.payload).await?;
         report.bytes += frame.wire_len() as u64;
+        progress
+            .sent_chunks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         counters.add(&counters.bytes, frame.wire_len() as u64);
         if frame.kind == Kind::Delta {
             report.deltas += 1;

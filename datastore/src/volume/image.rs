@@ -35,7 +35,12 @@ struct DataMap<'a> {
 
 impl<'a> DataMap<'a> {
     fn new(file: &'a File, len: u64) -> Self {
-        Self { file, data: 0, hole: 0, len }
+        Self {
+            file,
+            data: 0,
+            hole: 0,
+            len,
+        }
     }
 
     /// Whether `[s, e)` may hold data.
@@ -47,10 +52,7 @@ impl<'a> DataMap<'a> {
             match rustix::fs::seek(self.file, rustix::fs::SeekFrom::Data(s)) {
                 Ok(d) => {
                     self.data = d;
-                    self.hole = match rustix::fs::seek(self.file, rustix::fs::SeekFrom::Hole(d)) {
-                        Ok(h) => h,
-                        Err(e) => return Err(e.into()),
-                    };
+                    self.hole = rustix::fs::seek(self.file, rustix::fs::SeekFrom::Hole(d))?;
                 }
                 // ENXIO: no data at or after `s`.
                 Err(rustix::io::Errno::NXIO) => {
@@ -87,6 +89,9 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Where a scan hands each non-zero chunk: `(index, bytes, id)`.
+pub(crate) type Sink<'a, E> = dyn FnMut(usize, &[u8], ChunkId) -> Result<(), E> + 'a;
+
 /// Why a scan stopped.
 #[derive(Debug)]
 pub(crate) enum ScanError<E> {
@@ -105,7 +110,7 @@ pub(crate) fn scan<E>(
     size: u64,
     chunk_size: u32,
     progress: &mut dyn FnMut(u64, u64),
-    sink: &mut dyn FnMut(usize, &[u8], ChunkId) -> Result<(), E>,
+    sink: &mut Sink<'_, E>,
 ) -> Result<Vec<Option<ChunkId>>, ScanError<E>> {
     let cs = u64::from(chunk_size);
     let n = usize::try_from(size.div_ceil(cs)).unwrap_or(usize::MAX);
@@ -123,7 +128,10 @@ pub(crate) fn scan<E>(
         for k in 0..count {
             let start = (first + k) as u64 * cs;
             let len = usize::try_from((size - start).min(cs)).unwrap_or(0);
-            if map.has_data(start, start + len as u64).map_err(ScanError::Read)? {
+            if map
+                .has_data(start, start + len as u64)
+                .map_err(ScanError::Read)?
+            {
                 let at = k * chunk_size as usize;
                 slots.push(Some((at, len)));
                 run = match run {
@@ -233,7 +241,9 @@ fn write_chunks(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), MaterialiseError> {
     let cs = u64::from(m.chunk_size);
-    let present: Vec<usize> = (0..m.chunks.len()).filter(|i| m.chunks[*i].is_some()).collect();
+    let present: Vec<usize> = (0..m.chunks.len())
+        .filter(|i| m.chunks[*i].is_some())
+        .collect();
     let stripes: Vec<&[usize]> = present.chunks(MATERIALISE_STRIPE).collect();
     let threads = std::thread::available_parallelism()
         .map_or(1, std::num::NonZeroUsize::get)
@@ -254,19 +264,25 @@ fn write_chunks(
                         return Ok(());
                     }
                     let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(stripe) = stripes.get(k) else { return Ok(()) };
+                    let Some(stripe) = stripes.get(k) else {
+                        return Ok(());
+                    };
                     let mut bytes = 0;
                     for &i in *stripe {
                         let Some(id) = m.chunks[i] else { continue };
                         let r = (|| {
-                            let data = store.read(&id)?.ok_or(MaterialiseError::MissingChunk(id))?;
+                            let data =
+                                store.read(&id)?.ok_or(MaterialiseError::MissingChunk(id))?;
                             if data.len() != m.chunk_len(i) as usize {
                                 // Right hash, wrong length: the manifest is
                                 // inconsistent with the chunk (cannot happen
                                 // for manifests this crate built).
-                                return Err(MaterialiseError::Chunks(ChunkStoreError::Corrupt { id }));
+                                return Err(MaterialiseError::Chunks(ChunkStoreError::Corrupt {
+                                    id,
+                                }));
                             }
-                            file.write_all_at(&data, i as u64 * cs).map_err(mat_io(path))?;
+                            file.write_all_at(&data, i as u64 * cs)
+                                .map_err(mat_io(path))?;
                             Ok(data.len() as u64)
                         })();
                         match r {
@@ -306,9 +322,17 @@ pub(crate) fn probe_reflink(dir: &Path) -> bool {
     let a = TempFile::new(dir.join(fsutil::unique_tmp_name("reflink-probe-a")));
     let b = TempFile::new(dir.join(fsutil::unique_tmp_name("reflink-probe-b")));
     let r = (|| -> io::Result<()> {
-        let fa = OpenOptions::new().read(true).write(true).create_new(true).open(a.path())?;
+        let fa = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(a.path())?;
         fa.write_all_at(&[1u8; 4096], 0)?;
-        let fb = OpenOptions::new().read(true).write(true).create_new(true).open(b.path())?;
+        let fb = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(b.path())?;
         rustix::fs::ioctl_ficlone(&fb, &fa)?;
         Ok(())
     })();
@@ -317,7 +341,11 @@ pub(crate) fn probe_reflink(dir: &Path) -> bool {
 
 /// Clone `src` into a new file `dst` (same filesystem) with FICLONE.
 pub(crate) fn reflink(src: &File, dst: &Path) -> io::Result<()> {
-    let out = OpenOptions::new().read(true).write(true).create_new(true).open(dst)?;
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(dst)?;
     rustix::fs::ioctl_ficlone(&out, src)?;
     Ok(())
 }
@@ -330,7 +358,13 @@ mod tests {
     fn scan_skips_holes_and_zero_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("img");
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
         let cs = 4096u32;
         f.set_len(40 * 4096 + 100).unwrap();
         f.write_all_at(&[1u8; 10], 3 * 4096 + 5).unwrap(); // chunk 3
@@ -346,10 +380,16 @@ mod tests {
         .unwrap();
         assert_eq!(entries.len(), 41);
         assert_eq!(seen, vec![(3, 4096), (20, 4096), (21, 4096), (40, 100)]);
-        let present: Vec<usize> = entries.iter().enumerate().filter(|(_, e)| e.is_some()).map(|(i, _)| i).collect();
+        let present: Vec<usize> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.is_some())
+            .map(|(i, _)| i)
+            .collect();
         assert_eq!(present, vec![3, 20, 21, 40]);
         // A volume larger than the file: zero-extended.
-        let entries = scan::<()>(&f, 100 * 4096, cs, &mut |_, _| {}, &mut |_, _, _| Ok(())).unwrap();
+        let entries =
+            scan::<()>(&f, 100 * 4096, cs, &mut |_, _| {}, &mut |_, _, _| Ok(())).unwrap();
         assert_eq!(entries.len(), 100);
         assert_eq!(entries.iter().flatten().count(), 4);
     }

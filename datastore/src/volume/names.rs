@@ -31,7 +31,10 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.len() > MAX_NAME_LEN {
         return Err(NameError::TooLong);
     }
-    match name.chars().find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '-')) {
+    match name
+        .chars()
+        .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '-'))
+    {
         Some(c) => Err(NameError::BadChar(c)),
         None => Ok(()),
     }
@@ -74,7 +77,8 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
         _ => return Err(SizeError::Syntax(s.to_owned())),
     };
     let n: u64 = num.parse().map_err(|_| SizeError::Overflow(s.to_owned()))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| SizeError::Overflow(s.to_owned()))
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| SizeError::Overflow(s.to_owned()))
 }
 
 #[cfg(test)]
@@ -93,10 +97,19 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size(" 8B "), Ok(8));
         for bad in ["", "G", "4X", "4.5G", "-4G", "4GG", "4iG"] {
-            assert!(matches!(parse_size(bad), Err(SizeError::Syntax(_))), "{bad}");
+            assert!(
+                matches!(parse_size(bad), Err(SizeError::Syntax(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!(parse_size("99999999999999999999"), Err(SizeError::Overflow(_))));
-        assert!(matches!(parse_size("20000000T"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999999999999"),
+            Err(SizeError::Overflow(_))
+        ));
+        assert!(matches!(
+            parse_size("20000000T"),
+            Err(SizeError::Overflow(_))
+        ));
     }
 
     #[test]

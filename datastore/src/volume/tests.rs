@@ -41,12 +41,18 @@ fn export_bytes(s: &VolumeStore, name: &str, generation: Option<u64>, dir: &Path
 }
 
 fn write_image(s: &VolumeStore, name: &str, data: &[u8]) {
-    let f = OpenOptions::new().write(true).open(s.image_path(name)).unwrap();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(s.image_path(name))
+        .unwrap();
     f.write_all_at(data, 0).unwrap();
 }
 
 fn distinct_nonzero_chunks(data: &[u8]) -> HashSet<ChunkId> {
-    data.chunks(CS).filter(|c| !crate::is_zero(c)).map(ChunkId::of).collect()
+    data.chunks(CS)
+        .filter(|c| !crate::is_zero(c))
+        .map(ChunkId::of)
+        .collect()
 }
 
 #[test]
@@ -58,15 +64,33 @@ fn create_makes_a_sparse_owned_volume() {
     let meta = std::fs::metadata(s.image_path("web-01")).unwrap();
     assert_eq!(meta.len(), 64 << 20);
     assert_eq!(meta.blocks(), 0, "the image is sparse");
-    assert!(matches!(s.create("web-01", 4096), Err(CreateError::AlreadyExists(_))));
-    assert!(matches!(s.create("Bad", 4096), Err(CreateError::Store(StoreError::Name(_)))));
-    assert!(matches!(s.create("odd", 1000), Err(CreateError::InvalidSize(1000))));
-    assert!(matches!(s.create("zero", 0), Err(CreateError::InvalidSize(0))));
+    assert!(matches!(
+        s.create("web-01", 4096),
+        Err(CreateError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        s.create("Bad", 4096),
+        Err(CreateError::Store(StoreError::Name(_)))
+    ));
+    assert!(matches!(
+        s.create("odd", 1000),
+        Err(CreateError::InvalidSize(1000))
+    ));
+    assert!(matches!(
+        s.create("zero", 0),
+        Err(CreateError::InvalidSize(0))
+    ));
     assert!(s.owns("web-01").unwrap());
     assert!(!s.owns("other").unwrap());
     assert_eq!(
         s.list().unwrap(),
-        vec![VolumeInfo { name: "web-01".into(), size: 64 << 20, generation: 0, has_live_image: true, generations_held: vec![] }]
+        vec![VolumeInfo {
+            name: "web-01".into(),
+            size: 64 << 20,
+            generation: 0,
+            has_live_image: true,
+            generations_held: vec![]
+        }]
     );
     assert!(s.latest("web-01").unwrap().is_none());
     drop(s);
@@ -85,7 +109,9 @@ fn snapshots_export_bit_identical_for_every_generation_held() {
     for g in 1..=4u64 {
         write_image(&s, "vm", &data);
         let mut last = (0, 0);
-        let m = s.snapshot("vm", &NoPause, &mut |d, t| last = (d, t)).unwrap();
+        let m = s
+            .snapshot("vm", &NoPause, &mut |d, t| last = (d, t))
+            .unwrap();
         assert_eq!(last, (size as u64, size as u64));
         assert_eq!(m.generation, g);
         assert_eq!(m.chunks.len(), size.div_ceil(CS));
@@ -101,11 +127,22 @@ fn snapshots_export_bit_identical_for_every_generation_held() {
         }
     }
     for (g, v) in versions.iter().enumerate() {
-        assert_eq!(&export_bytes(&s, "vm", Some(g as u64 + 1), dir.path()), v, "generation {}", g + 1);
+        assert_eq!(
+            &export_bytes(&s, "vm", Some(g as u64 + 1), dir.path()),
+            v,
+            "generation {}",
+            g + 1
+        );
     }
-    assert_eq!(&export_bytes(&s, "vm", None, dir.path()), versions.last().unwrap());
+    assert_eq!(
+        &export_bytes(&s, "vm", None, dir.path()),
+        versions.last().unwrap()
+    );
     // Zero chunks are never stored; identical chunks once.
-    let all: HashSet<ChunkId> = versions.iter().flat_map(|v| distinct_nonzero_chunks(v)).collect();
+    let all: HashSet<ChunkId> = versions
+        .iter()
+        .flat_map(|v| distinct_nonzero_chunks(v))
+        .collect();
     assert_eq!(s.chunks().stats().unwrap().chunks, all.len() as u64);
     // Exports are sparse where chunks are zero.
     let out = dir.path().join("sparse.img");
@@ -115,7 +152,11 @@ fn snapshots_export_bit_identical_for_every_generation_held() {
     s.export("thin", None, &out, &mut |_, _| {}).unwrap();
     let meta = std::fs::metadata(&out).unwrap();
     assert_eq!(meta.len(), 64 << 20);
-    assert!(meta.blocks() * 512 <= 2 * CS as u64, "export is sparse: {} blocks", meta.blocks());
+    assert!(
+        meta.blocks() * 512 <= 2 * CS as u64,
+        "export is sparse: {} blocks",
+        meta.blocks()
+    );
     // Everything survives a reopen.
     drop(s);
     let s = open(dir.path());
@@ -139,15 +180,22 @@ fn ten_clones_of_a_base_cost_about_one_base() {
         d[usize::from(i) * 300_000 + 17] ^= 0xa5;
         let src = dir.path().join(format!("clone-{i}.raw"));
         std::fs::write(&src, &d).unwrap();
-        s.import(&format!("clone-{i}"), &src, &mut |_, _| {}).unwrap();
+        s.import(&format!("clone-{i}"), &src, &mut |_, _| {})
+            .unwrap();
         assert_eq!(export_bytes(&s, &format!("clone-{i}"), None, dir.path()), d);
     }
     let st = s.chunks().stats().unwrap();
     let base_bytes: u64 = base_chunks.len() as u64 * CS as u64;
     // One base plus one changed chunk per clone.
     assert!(st.chunks <= base_chunks.len() as u64 + 10, "{st:?}");
-    assert!(st.payload_bytes <= base_bytes + 10 * CS as u64, "{st:?} vs base {base_bytes}");
-    assert!(st.dedup_hits >= 9 * (base_chunks.len() as u64 - 1), "{st:?}");
+    assert!(
+        st.payload_bytes <= base_bytes + 10 * CS as u64,
+        "{st:?} vs base {base_bytes}"
+    );
+    assert!(
+        st.dedup_hits >= 9 * (base_chunks.len() as u64 - 1),
+        "{st:?}"
+    );
 }
 
 #[test]
@@ -181,7 +229,10 @@ fn publish_needs_every_chunk_and_a_newer_generation() {
         let bytes = owner.chunks().read(id).unwrap().unwrap();
         replica.chunks().insert_verified(id, &bytes).unwrap();
     }
-    assert!(matches!(replica.publish(m.clone()), Err(PublishError::MissingChunks(3))));
+    assert!(matches!(
+        replica.publish(m.clone()),
+        Err(PublishError::MissingChunks(3))
+    ));
     assert!(replica.latest("vol").unwrap().is_none());
     assert!(replica.list().unwrap().is_empty());
     for id in &ids[..3] {
@@ -197,18 +248,38 @@ fn publish_needs_every_chunk_and_a_newer_generation() {
     // Same generation, different content: refused.
     let mut other = m.clone();
     other.created_at_ms += 1;
-    assert!(matches!(replica.publish(other), Err(PublishError::Stale { held: 1, offered: 1, .. })));
+    assert!(matches!(
+        replica.publish(other),
+        Err(PublishError::Stale {
+            held: 1,
+            offered: 1,
+            ..
+        })
+    ));
     // An owner takes no manifests from elsewhere.
     let mut next = m.clone();
     next.generation = 2;
-    assert!(matches!(owner.publish(next.clone()), Err(PublishError::Owned(_))));
+    assert!(matches!(
+        owner.publish(next.clone()),
+        Err(PublishError::Owned(_))
+    ));
     replica.publish(next).unwrap();
     let mut old = m;
     old.generation = 1;
     old.created_at_ms += 5;
-    assert!(matches!(replica.publish(old), Err(PublishError::Stale { held: 2, offered: 1, .. })));
+    assert!(matches!(
+        replica.publish(old),
+        Err(PublishError::Stale {
+            held: 2,
+            offered: 1,
+            ..
+        })
+    ));
     // Replicas do not import.
-    assert!(matches!(replica.import("vol", &src, &mut |_, _| {}), Err(ImportError::NotOwner(_))));
+    assert!(matches!(
+        replica.import("vol", &src, &mut |_, _| {}),
+        Err(ImportError::NotOwner(_))
+    ));
     // Durable across reopen.
     drop(replica);
     let replica = open(&dir.path().join("b"));
@@ -223,13 +294,20 @@ fn import_writes_the_next_generation_and_never_shrinks() {
     let src = dir.path().join("v1.raw");
     std::fs::write(&src, &v1).unwrap();
     assert_eq!(s.import("vol", &src, &mut |_, _| {}).unwrap().generation, 1);
-    assert_eq!(std::fs::read(s.image_path("vol")).unwrap(), v1, "the live image is the import");
+    assert_eq!(
+        std::fs::read(s.image_path("vol")).unwrap(),
+        v1,
+        "the live image is the import"
+    );
     let v2 = random_image(2 << 20, 12, 0.3);
     let src2 = dir.path().join("v2.raw");
     std::fs::write(&src2, &v2).unwrap();
     let m2 = s.import("vol", &src2, &mut |_, _| {}).unwrap();
     assert_eq!((m2.generation, m2.size), (2, 2 << 20));
-    assert!(matches!(s.import("vol", &src, &mut |_, _| {}), Err(ImportError::Shrink { .. })));
+    assert!(matches!(
+        s.import("vol", &src, &mut |_, _| {}),
+        Err(ImportError::Shrink { .. })
+    ));
     assert_eq!(export_bytes(&s, "vol", Some(1), dir.path()), v1);
     assert_eq!(export_bytes(&s, "vol", Some(2), dir.path()), v2);
     // A snapshot continues from the imported image.
@@ -238,12 +316,19 @@ fn import_writes_the_next_generation_and_never_shrinks() {
     assert_eq!(m3.chunks, m2.chunks);
     let empty = dir.path().join("empty.raw");
     std::fs::write(&empty, b"").unwrap();
-    assert!(matches!(s.import("new", &empty, &mut |_, _| {}), Err(ImportError::InvalidSize(0))));
+    assert!(matches!(
+        s.import("new", &empty, &mut |_, _| {}),
+        Err(ImportError::InvalidSize(0))
+    ));
 }
 
 #[test]
 fn qcow2_images_are_converted() {
-    if std::process::Command::new("qemu-img").arg("--version").output().is_err() {
+    if std::process::Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("qemu-img not installed; skipping");
         return;
     }
@@ -267,9 +352,16 @@ fn qcow2_images_are_converted() {
     // A damaged qcow2 is reported, not imported.
     let bad = dir.path().join("bad.qcow2");
     std::fs::write(&bad, b"QFI\xfbgarbage").unwrap();
-    assert!(matches!(s.import("bad", &bad, &mut |_, _| {}), Err(ImportError::QemuImg { .. })));
+    assert!(matches!(
+        s.import("bad", &bad, &mut |_, _| {}),
+        Err(ImportError::QemuImg { .. })
+    ));
     assert!(s.list().unwrap().iter().all(|v| v.name != "bad"));
-    assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temp files left");
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0,
+        "no temp files left"
+    );
 }
 
 #[test]
@@ -282,16 +374,34 @@ fn promote_makes_a_replica_the_owner() {
     std::fs::write(&src, &data).unwrap();
     let m = owner.import("vol", &src, &mut |_, _| {}).unwrap();
     for id in m.referenced() {
-        replica.chunks().insert_verified(&id, &owner.chunks().read(&id).unwrap().unwrap()).unwrap();
+        replica
+            .chunks()
+            .insert_verified(&id, &owner.chunks().read(&id).unwrap().unwrap())
+            .unwrap();
     }
-    assert!(matches!(replica.snapshot("vol", &NoPause, &mut |_, _| {}), Err(SnapshotError::Store(StoreError::NotFound(_)))));
+    assert!(matches!(
+        replica.snapshot("vol", &NoPause, &mut |_, _| {}),
+        Err(SnapshotError::Store(StoreError::NotFound(_)))
+    ));
     replica.publish(m).unwrap();
-    assert!(matches!(replica.snapshot("vol", &NoPause, &mut |_, _| {}), Err(SnapshotError::NoLiveImage(_))));
+    assert!(matches!(
+        replica.snapshot("vol", &NoPause, &mut |_, _| {}),
+        Err(SnapshotError::NoLiveImage(_))
+    ));
     replica.promote("vol", &mut |_, _| {}).unwrap();
     assert!(replica.owns("vol").unwrap());
     assert_eq!(std::fs::read(replica.image_path("vol")).unwrap(), data);
-    assert!(matches!(replica.promote("vol", &mut |_, _| {}), Err(PromoteError::AlreadyOwner(_))));
-    assert_eq!(replica.snapshot("vol", &NoPause, &mut |_, _| {}).unwrap().generation, 2);
+    assert!(matches!(
+        replica.promote("vol", &mut |_, _| {}),
+        Err(PromoteError::AlreadyOwner(_))
+    ));
+    assert_eq!(
+        replica
+            .snapshot("vol", &NoPause, &mut |_, _| {})
+            .unwrap()
+            .generation,
+        2
+    );
 }
 
 #[test]
@@ -300,7 +410,10 @@ fn prune_keeps_the_last_generations_and_collects_the_rest() {
     let s = VolumeStore::open_with(
         dir.path(),
         VolumeStoreOptions {
-            chunks: ChunkStoreOptions { pack_target: 1 << 20, ..ChunkStoreOptions::default() },
+            chunks: ChunkStoreOptions {
+                pack_target: 1 << 20,
+                ..ChunkStoreOptions::default()
+            },
             reflink: None,
         },
     )
@@ -319,14 +432,27 @@ fn prune_keeps_the_last_generations_and_collects_the_rest() {
     assert_eq!(r.manifests_dropped, 3);
     assert!(r.gc.removed_chunks > 0);
     assert_eq!(s.info("vol").unwrap().generations_held, vec![4, 5]);
-    let live: HashSet<ChunkId> = versions[3..].iter().flat_map(|v| distinct_nonzero_chunks(v)).collect();
+    let live: HashSet<ChunkId> = versions[3..]
+        .iter()
+        .flat_map(|v| distinct_nonzero_chunks(v))
+        .collect();
     let after = s.chunks().stats().unwrap();
     assert_eq!(after.chunks, live.len() as u64);
-    assert!(after.disk_bytes < before.disk_bytes, "{before:?} -> {after:?}");
+    assert!(
+        after.disk_bytes < before.disk_bytes,
+        "{before:?} -> {after:?}"
+    );
     assert_eq!(export_bytes(&s, "vol", Some(4), dir.path()), versions[3]);
     assert_eq!(export_bytes(&s, "vol", Some(5), dir.path()), versions[4]);
     // A staged manifest's chunks survive prune.
-    let staged = Manifest { volume: "incoming".into(), generation: 1, size: CS as u64, chunk_size: CHUNK_SIZE, chunks: vec![Some(ChunkId::of(b"x"))], created_at_ms: 0 };
+    let staged = Manifest {
+        volume: "incoming".into(),
+        generation: 1,
+        size: CS as u64,
+        chunk_size: CHUNK_SIZE,
+        chunks: vec![Some(ChunkId::of(b"x"))],
+        created_at_ms: 0,
+    };
     let (id, _) = s.chunks().insert(b"x").unwrap();
     s.stage(&staged).unwrap();
     s.prune(2).unwrap();
@@ -352,7 +478,11 @@ fn scrub_finds_damage_that_replication_must_repair() {
     let m = s.import("vol", &src, &mut |_, _| {}).unwrap();
     let victim = m.chunks[4].unwrap();
     let (path, off) = s.chunks().location(&victim).unwrap();
-    let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     f.write_all_at(b"X", off + 1234).unwrap();
     let r = s.scrub(&mut |_, _| {}).unwrap();
     assert_eq!(r.corrupt, vec![victim]);
@@ -362,7 +492,9 @@ fn scrub_finds_damage_that_replication_must_repair() {
         Err(ExportError::Materialise(MaterialiseError::MissingChunk(id))) if id == victim
     ));
     assert!(!dir.path().join("out").exists());
-    s.chunks().insert_verified(&victim, &data[4 * CS..5 * CS]).unwrap();
+    s.chunks()
+        .insert_verified(&victim, &data[4 * CS..5 * CS])
+        .unwrap();
     assert_eq!(export_bytes(&s, "vol", None, dir.path()), data);
 }
 
@@ -439,7 +571,10 @@ fn snapshots_of_a_busy_image_are_points_in_time() {
                 assert_eq!(r.method, CaptureMethod::PrecopyRescan);
             }
             let frozen = lock(&w.frozen).take().unwrap();
-            assert!(export_bytes(&s, "busy", Some(g), dir.path()) == frozen, "generation {g} is not the paused image");
+            assert!(
+                export_bytes(&s, "busy", Some(g), dir.path()) == frozen,
+                "generation {g} is not the paused image"
+            );
         }
         w.stop.store(true, Ordering::SeqCst);
     });
@@ -450,7 +585,14 @@ fn snapshots_of_a_busy_image_are_points_in_time() {
 #[test]
 fn an_idle_image_needs_only_a_stat_while_paused() {
     let dir = tempfile::tempdir().unwrap();
-    let s = VolumeStore::open_with(dir.path(), VolumeStoreOptions { reflink: Some(false), ..Default::default() }).unwrap();
+    let s = VolumeStore::open_with(
+        dir.path(),
+        VolumeStoreOptions {
+            reflink: Some(false),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     s.create("idle", 2 << 20).unwrap();
     write_image(&s, "idle", &random_image(2 << 20, 4, 0.1));
     let r = s.snapshot_report("idle", &NoPause, &mut |_, _| {}).unwrap();
@@ -480,7 +622,10 @@ fn a_failed_pause_resumes_and_keeps_the_old_generation() {
     write_image(&s, "v", &[1u8; 1000]);
     s.snapshot("v", &NoPause, &mut |_, _| {}).unwrap();
     let hooks = FailingPause(AtomicU32::new(0));
-    assert!(matches!(s.snapshot("v", &hooks, &mut |_, _| {}), Err(SnapshotError::Pause(_))));
+    assert!(matches!(
+        s.snapshot("v", &hooks, &mut |_, _| {}),
+        Err(SnapshotError::Pause(_))
+    ));
     assert_eq!(hooks.0.load(Ordering::SeqCst), 1);
     assert_eq!(s.info("v").unwrap().generation, 1);
 }
@@ -561,7 +706,11 @@ fn disk_full_is_an_error_and_loses_nothing_synced() {
             // Leave 2 MiB free: the next snapshot needs ~7 MiB of new chunks.
             let st = rustix::fs::statvfs(mnt).unwrap();
             let free = st.f_bavail * st.f_frsize;
-            std::fs::write(&filler, vec![1u8; usize::try_from(free - (2 << 20)).unwrap()]).unwrap();
+            std::fs::write(
+                &filler,
+                vec![1u8; usize::try_from(free - (2 << 20)).unwrap()],
+            )
+            .unwrap();
             write_image(&s, "vol", &second);
             let e = s.snapshot("vol", &NoPause, &mut |_, _| {}).unwrap_err();
             assert!(e.is_disk_full(), "{e:?}");
@@ -582,7 +731,12 @@ fn disk_full_is_an_error_and_loses_nothing_synced() {
         let s = open(&root);
         assert_eq!(s.info("vol").unwrap().generations_held, vec![1]);
         assert_eq!(export_bytes(&s, "vol", Some(1), out.path()), first);
-        assert_eq!(s.snapshot("vol", &NoPause, &mut |_, _| {}).unwrap().generation, 2);
+        assert_eq!(
+            s.snapshot("vol", &NoPause, &mut |_, _| {})
+                .unwrap()
+                .generation,
+            2
+        );
         assert_eq!(export_bytes(&s, "vol", Some(2), out.path()), second);
     });
 }

@@ -1,0 +1,946 @@
+//! The caching pipeline shared by the forward proxy and the tile server:
+//! store → (peer → backhaul, through one flight per key) → store, with the
+//! decisions taken by [`crate::http_cache`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, BodyStream, Empty, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use crate::budget::{Budget, Class};
+use crate::config::TileSource;
+use crate::flight::{FailKind, Flight, Flights, Head};
+use crate::health::Health;
+use crate::http_cache::{self, evaluate, CacheStatus, Fwd, Stored, Verdict};
+use crate::mesh::{PeerDirectory, PeerObject, Replicator};
+use crate::stats::Counters;
+use crate::store::{key_hash, KeyHash, Object, ObjectMeta, Store, MAX_OBJECT_BYTES};
+use crate::upstream::{Client, FetchError, Target, UpBody};
+
+/// Boxed error for response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Response body type of the server.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Peers asked per miss before the backhaul (digest false positives make
+/// asking many pointless).
+pub const MAX_PEER_TRIES: usize = 2;
+/// How long a peer gets to deliver an object.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upstream body silence that aborts a fetch.
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Background revalidations (stale-while-revalidate) at once; beyond this
+/// they are skipped (the next request tries again).
+pub const MAX_BACKGROUND_REVALIDATIONS: usize = 64;
+
+/// A complete body.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+/// Spaces upstream requests to a tile source at its `requests_per_sec`.
+#[derive(Debug)]
+pub struct RateLimiter {
+    interval: Duration,
+    next: tokio::sync::Mutex<Instant>,
+}
+
+impl RateLimiter {
+    /// `per_sec` = 0 means unlimited.
+    pub fn new(per_sec: u32) -> RateLimiter {
+        RateLimiter {
+            interval: if per_sec == 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64(1.0 / f64::from(per_sec))
+            },
+            next: tokio::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits for this request's slot. Cancel-safe only in that a cancelled
+    /// wait still used its slot.
+    pub async fn acquire(&self) {
+        if self.interval.is_zero() {
+            return;
+        }
+        let slot = {
+            let mut next = self.next.lock().await;
+            let now = Instant::now();
+            let slot = (*next).max(now);
+            *next = slot + self.interval;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
+/// A request the cache may answer.
+#[derive(Debug, Clone)]
+pub struct CacheRequest {
+    /// GET or HEAD.
+    pub method: Method,
+    /// The client's headers (hop-by-hop removed).
+    pub headers: HeaderMap,
+    /// Primary cache key (normalised URL, or `tile:source/z/x/y`).
+    pub key: String,
+    /// Upstream.
+    pub target: Target,
+    /// Headers to send upstream (no conditionals: the cache adds its own).
+    pub upstream_headers: HeaderMap,
+    /// Index of the tile source, for tile requests.
+    pub tile: Option<usize>,
+    /// Budget class.
+    pub class: Class,
+    /// Add `Via` to responses (forward proxy) or not (tile server, an origin).
+    pub via: bool,
+}
+
+/// The engine: one per proxy.
+pub struct Engine {
+    /// Cache name for `Via` and `Cache-Status`.
+    pub name: String,
+    /// Tile sources, by index.
+    pub sources: Vec<TileSource>,
+    /// Object store.
+    pub store: Store,
+    /// Flights in progress.
+    pub flights: Arc<Flights>,
+    /// Upstream client.
+    pub client: Client,
+    /// Link health.
+    pub health: Health,
+    /// Backhaul budget.
+    pub budget: Budget,
+    /// Counters.
+    pub counters: Counters,
+    /// The mesh directory.
+    pub peers: Arc<dyn PeerDirectory>,
+    /// The mesh replicator.
+    pub replicator: Arc<dyn Replicator>,
+    /// Per tile source rate limiters.
+    pub limiters: HashMap<String, Arc<RateLimiter>>,
+    /// Wall clock, Unix seconds.
+    pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Fetch tasks (so shutdown can wait for them).
+    pub tasks: TaskTracker,
+    /// Bounds background revalidations.
+    pub background: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn to_stored(m: &ObjectMeta) -> Stored {
+    Stored {
+        status: m.status,
+        headers: m.headers.clone(),
+        request_time: m.request_time,
+        response_time: m.response_time,
+    }
+}
+
+fn hv(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// Headers removed from what we send upstream for a cacheable request: the
+/// cache adds its own validators, and a client's would get us a 304 we could
+/// not store.
+const CLIENT_CONDITIONALS: [HeaderName; 4] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_RANGE,
+];
+
+impl Engine {
+    fn inc(c: &std::sync::atomic::AtomicU64) {
+        Counters::inc(c);
+    }
+
+    fn tile_source(&self, req: &CacheRequest) -> Option<&TileSource> {
+        req.tile.and_then(|i| self.sources.get(i))
+    }
+
+    /// A response generated by the proxy itself.
+    pub fn error_response(&self, status: StatusCode, msg: &str, cs: CacheStatus) -> Response<Body> {
+        let mut r = Response::new(full(format!("{msg}\n")));
+        *r.status_mut() = status;
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(header::AGE, HeaderValue::from_static("0"));
+        h.insert("cache-status", hv(&cs.render(&self.name)));
+        r
+    }
+
+    fn offline_504(&self, fwd: Fwd) -> Response<Body> {
+        Self::inc(&self.counters.offline_misses);
+        let msg = if self.health.forced_offline() {
+            "504 Gateway Timeout: this rack is in offline mode (forced by the operator) and does not hold this object."
+        } else {
+            "504 Gateway Timeout: this rack is offline (satellite backhaul down) and does not hold this object."
+        };
+        self.error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            msg,
+            CacheStatus {
+                fwd: Some(fwd),
+                detail: Some("offline"),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Builds the response for a stored object.
+    fn cached_response(
+        &self,
+        req: &CacheRequest,
+        obj: &Object,
+        cs: CacheStatus,
+        now: u64,
+    ) -> Response<Body> {
+        let st = to_stored(&obj.meta);
+        let mut headers = obj.meta.headers.clone();
+        headers.insert(header::AGE, HeaderValue::from(st.current_age(now)));
+        headers.insert("cache-status", hv(&cs.render(&self.name)));
+        self.decorate(req, &mut headers);
+        let not_modified = obj.meta.status == 200
+            && http_cache::client_not_modified(&req.headers, &obj.meta.headers);
+        let (status, body) = if not_modified {
+            headers.remove(header::CONTENT_LENGTH);
+            (StatusCode::NOT_MODIFIED, empty())
+        } else if req.method == Method::HEAD {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(obj.body.len()));
+            (
+                StatusCode::from_u16(obj.meta.status).unwrap_or(StatusCode::OK),
+                empty(),
+            )
+        } else {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(obj.body.len()));
+            (
+                StatusCode::from_u16(obj.meta.status).unwrap_or(StatusCode::OK),
+                full(obj.body.clone()),
+            )
+        };
+        let mut r = Response::new(body);
+        *r.status_mut() = status;
+        *r.headers_mut() = headers;
+        r
+    }
+
+    fn decorate(&self, req: &CacheRequest, headers: &mut HeaderMap) {
+        if req.via {
+            headers.append(header::VIA, hv(&format!("1.1 {}", self.name)));
+        }
+        if req.tile.is_some() {
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
+        }
+    }
+
+    /// Answers a cacheable request.
+    pub async fn serve(self: &Arc<Self>, req: CacheRequest) -> Response<Body> {
+        let now = (self.clock)();
+        let primary = key_hash(&req.key);
+        let vary = if req.tile.is_none() {
+            self.store.vary_fields(&primary)
+        } else {
+            None
+        };
+        let kh = match &vary {
+            Some(f) => key_hash(&format!(
+                "{}\n{}",
+                req.key,
+                http_cache::vary_key(f, &req.headers)
+            )),
+            None => primary,
+        };
+        let stored = match self.store.get(&kh) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "store read failed; treating as a miss");
+                None
+            }
+        };
+        let usable = self.health.host_usable(&req.target.authority());
+        let mut fwd = if vary.is_some() {
+            Fwd::VaryMiss
+        } else {
+            Fwd::UriMiss
+        };
+        if let Some(obj) = &stored {
+            let st = to_stored(&obj.meta);
+            let ev = evaluate(&req.headers, &st, now);
+            match ev.verdict {
+                Verdict::Fresh => {
+                    Self::inc(&self.counters.hits);
+                    return self.cached_response(
+                        &req,
+                        obj,
+                        CacheStatus {
+                            hit: true,
+                            ttl: Some(ev.ttl),
+                            ..Default::default()
+                        },
+                        now,
+                    );
+                }
+                _ if !usable => {
+                    // RFC 9111 §4.2.4: disconnected. Tiles are ours to serve
+                    // (we are their origin); proxied objects obey their
+                    // must-revalidate.
+                    if req.tile.is_some() || st.stale_allowed() {
+                        Self::inc(&self.counters.hits);
+                        Self::inc(&self.counters.stale_hits);
+                        return self.cached_response(
+                            &req,
+                            obj,
+                            CacheStatus {
+                                hit: true,
+                                ttl: Some(ev.ttl),
+                                detail: Some("offline"),
+                                ..Default::default()
+                            },
+                            now,
+                        );
+                    }
+                    Self::inc(&self.counters.misses);
+                    return self.offline_504(Fwd::Stale);
+                }
+                Verdict::StaleWhileRevalidate => {
+                    Self::inc(&self.counters.hits);
+                    Self::inc(&self.counters.stale_hits);
+                    self.revalidate_in_background(&req, kh, obj.clone());
+                    return self.cached_response(
+                        &req,
+                        obj,
+                        CacheStatus {
+                            hit: true,
+                            ttl: Some(ev.ttl),
+                            detail: Some("stale-while-revalidate"),
+                            ..Default::default()
+                        },
+                        now,
+                    );
+                }
+                Verdict::MustValidate => {
+                    fwd = if http_cache::Directives::parse_request(&req.headers).no_cache {
+                        Fwd::Request
+                    } else {
+                        Fwd::Stale
+                    };
+                }
+            }
+        }
+        Self::inc(&self.counters.misses);
+        if stored.is_none() && !usable && self.peers.candidates(&kh).is_empty() {
+            return self.offline_504(fwd);
+        }
+        let (flight, leader) = self.flights.join(&kh);
+        if leader {
+            self.start_fetch(&req, kh, stored.clone(), flight.clone(), usable);
+        } else {
+            Self::inc(&self.counters.coalesced);
+        }
+        self.answer_from_flight(req, kh, stored, &flight, !leader, fwd)
+            .await
+    }
+
+    fn revalidate_in_background(self: &Arc<Self>, req: &CacheRequest, kh: KeyHash, obj: Object) {
+        let Ok(permit) = self.background.clone().try_acquire_owned() else {
+            return;
+        };
+        let (flight, leader) = self.flights.join(&kh);
+        if !leader {
+            return; // someone is already fetching it
+        }
+        let req = req.clone();
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            this.fetch(req, kh, Some(obj), flight, true).await;
+            drop(permit);
+        });
+    }
+
+    fn start_fetch(
+        self: &Arc<Self>,
+        req: &CacheRequest,
+        kh: KeyHash,
+        stored: Option<Object>,
+        flight: Arc<Flight>,
+        backhaul: bool,
+    ) {
+        let this = self.clone();
+        let req = req.clone();
+        self.tasks
+            .spawn(async move { this.fetch(req, kh, stored, flight, backhaul).await });
+    }
+
+    async fn answer_from_flight(
+        self: &Arc<Self>,
+        req: CacheRequest,
+        kh: KeyHash,
+        stored: Option<Object>,
+        flight: &Arc<Flight>,
+        collapsed: bool,
+        fwd: Fwd,
+    ) -> Response<Body> {
+        let now = (self.clock)();
+        let mut sub = flight.subscribe();
+        let stale_fallback =
+            |kind_unreachable: bool, fwd_status: Option<u16>| -> Option<Response<Body>> {
+                let obj = stored.as_ref()?;
+                let st = to_stored(&obj.meta);
+                let ok = if req.tile.is_some() {
+                    kind_unreachable || http_cache::stale_if_error(&req.headers, &st, now, false)
+                } else {
+                    http_cache::stale_if_error(&req.headers, &st, now, kind_unreachable)
+                };
+                if !ok {
+                    return None;
+                }
+                Self::inc(&self.counters.stale_hits);
+                Some(self.cached_response(
+                    &req,
+                    obj,
+                    CacheStatus {
+                        fwd: Some(Fwd::Stale),
+                        fwd_status,
+                        ttl: Some(st.ttl(now)),
+                        collapsed,
+                        detail: Some(if kind_unreachable && !self.health.backhaul_up() {
+                            "offline"
+                        } else {
+                            "stale-if-error"
+                        }),
+                        ..Default::default()
+                    },
+                    now,
+                ))
+            };
+        match sub.head().await {
+            Head::Revalidated => match self.store.get(&kh).ok().flatten() {
+                Some(obj) => {
+                    let ttl = to_stored(&obj.meta).ttl((self.clock)());
+                    self.cached_response(
+                        &req,
+                        &obj,
+                        CacheStatus {
+                            fwd: Some(Fwd::Stale),
+                            fwd_status: Some(304),
+                            ttl: Some(ttl),
+                            collapsed,
+                            ..Default::default()
+                        },
+                        (self.clock)(),
+                    )
+                }
+                None => self.error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "502 Bad Gateway: revalidated object vanished",
+                    CacheStatus::default(),
+                ),
+            },
+            Head::Failed(kind) => {
+                let unreachable = matches!(
+                    kind,
+                    FailKind::Offline | FailKind::Unreachable | FailKind::Upstream
+                );
+                if let Some(r) = stale_fallback(unreachable, None) {
+                    return r;
+                }
+                let cs = CacheStatus {
+                    fwd: Some(fwd),
+                    collapsed,
+                    ..Default::default()
+                };
+                match kind {
+                    FailKind::Offline => self.offline_504(fwd),
+                    FailKind::Unreachable => self.error_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!(
+                            "504 Gateway Timeout: {} did not answer; the satellite backhaul may be down.",
+                            req.target.authority()
+                        ),
+                        cs,
+                    ),
+                    FailKind::Upstream => self.error_response(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("502 Bad Gateway: {} failed (refused, reset or malformed answer).", req.target.authority()),
+                        cs,
+                    ),
+                    FailKind::Quota => self.error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "503 Service Unavailable: today's satellite backhaul quota is used up; only cached content is available.",
+                        cs,
+                    ),
+                    FailKind::WrongContent => self.error_response(
+                        StatusCode::BAD_GATEWAY,
+                        "502 Bad Gateway: the tile source answered with something that is not a tile (a captive portal or login page?); not stored.",
+                        cs,
+                    ),
+                }
+            }
+            Head::Response {
+                status,
+                mut headers,
+                storing,
+                from_peer,
+                request_time,
+                response_time,
+            } => {
+                if http_cache::is_error_status(status) {
+                    if let Some(r) = stale_fallback(false, Some(status)) {
+                        return r;
+                    }
+                }
+                let st = Stored {
+                    status,
+                    headers: headers.clone(),
+                    request_time,
+                    response_time,
+                };
+                headers.insert(header::AGE, HeaderValue::from(st.current_age(now)));
+                let cs = CacheStatus {
+                    fwd: Some(fwd),
+                    fwd_status: Some(status),
+                    ttl: storing.then(|| st.ttl(now)),
+                    stored: storing,
+                    collapsed,
+                    detail: from_peer.then_some("peer"),
+                    ..Default::default()
+                };
+                headers.insert("cache-status", hv(&cs.render(&self.name)));
+                self.decorate(&req, &mut headers);
+                let not_modified =
+                    status == 200 && http_cache::client_not_modified(&req.headers, &headers);
+                let (status, body) = if not_modified {
+                    headers.remove(header::CONTENT_LENGTH);
+                    (StatusCode::NOT_MODIFIED, empty())
+                } else if req.method == Method::HEAD {
+                    (
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                        empty(),
+                    )
+                } else {
+                    let stream = sub
+                        .into_stream()
+                        .map(|r| r.map(Frame::data).map_err(|e| Box::new(e) as BoxError));
+                    (
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                        StreamBody::new(stream).boxed_unsync(),
+                    )
+                };
+                let mut r = Response::new(body);
+                *r.status_mut() = status;
+                *r.headers_mut() = headers;
+                r
+            }
+        }
+    }
+
+    /// The flight leader's work: peers, then the backhaul; store; replicate.
+    async fn fetch(
+        self: Arc<Self>,
+        req: CacheRequest,
+        kh: KeyHash,
+        stored: Option<Object>,
+        flight: Arc<Flight>,
+        backhaul: bool,
+    ) {
+        self.fetch_inner(&req, kh, stored, &flight, backhaul).await;
+        self.flights.remove(&kh, &flight);
+    }
+
+    async fn try_peers(&self, req: &CacheRequest, kh: KeyHash, flight: &Arc<Flight>) -> bool {
+        for peer in self.peers.candidates(&kh).into_iter().take(MAX_PEER_TRIES) {
+            let got = tokio::time::timeout(PEER_TIMEOUT, self.peers.fetch(&peer, &kh)).await;
+            let Ok(Ok(Some(obj))) = got else {
+                tracing::debug!(%peer, "peer did not provide the object");
+                continue;
+            };
+            if let Some(src) = self.tile_source(req) {
+                let ct = obj
+                    .meta
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if obj.meta.status != 200 || !src.format.accepts_content_type(ct) {
+                    continue;
+                }
+            }
+            Self::inc(&self.counters.peer_hits);
+            flight.set_head(Head::Response {
+                status: obj.meta.status,
+                headers: obj.meta.headers.clone(),
+                storing: true,
+                from_peer: true,
+                request_time: obj.meta.request_time,
+                response_time: obj.meta.response_time,
+            });
+            flight.push(obj.body.clone(), &self.flights, &kh);
+            flight.finish(true);
+            let mut meta = obj.meta;
+            meta.pinned = false;
+            if let Err(e) = self.store.put(kh, meta, obj.body).await {
+                tracing::warn!(error = %e, "storing a peer's object failed");
+            }
+            return true;
+        }
+        false
+    }
+
+    fn upstream_request(&self, req: &CacheRequest, stored: Option<&Object>) -> Request<UpBody> {
+        let mut r = Request::new(Empty::new().map_err(|e| match e {}).boxed());
+        *r.method_mut() = Method::GET;
+        *r.uri_mut() = req
+            .target
+            .path_and_query
+            .parse()
+            .unwrap_or_else(|_| hyper::Uri::from_static("/"));
+        let mut h = req.upstream_headers.clone();
+        for c in &CLIENT_CONDITIONALS {
+            h.remove(c);
+        }
+        h.insert(header::HOST, hv(&req.target.host_header()));
+        if let Some(obj) = stored {
+            for (n, v) in to_stored(&obj.meta).conditional_headers() {
+                h.insert(n, v);
+            }
+        }
+        *r.headers_mut() = h;
+        r
+    }
+
+    async fn fetch_inner(
+        &self,
+        req: &CacheRequest,
+        kh: KeyHash,
+        mut stored: Option<Object>,
+        flight: &Arc<Flight>,
+        backhaul: bool,
+    ) {
+        if stored.is_none() && self.try_peers(req, kh, flight).await {
+            return;
+        }
+        if !backhaul {
+            flight.set_head(Head::Failed(FailKind::Offline));
+            return;
+        }
+        if self.budget.may_start(req.class).is_err() {
+            flight.set_head(Head::Failed(FailKind::Quota));
+            return;
+        }
+        if let Some(src) = self.tile_source(req) {
+            if let Some(l) = self.limiters.get(&src.name) {
+                l.acquire().await;
+            }
+        }
+        // At most two rounds: a 304 for a validator we do not hold sends
+        // us back for a full response.
+        for _round in 0..2 {
+            let request_time = (self.clock)();
+            if stored
+                .as_ref()
+                .is_some_and(|o| to_stored(&o.meta).has_validator())
+            {
+                Self::inc(&self.counters.revalidations);
+            }
+            Self::inc(&self.counters.upstream_requests);
+            let up = self.upstream_request(req, stored.as_ref());
+            let (resp, conn) = match self.client.send(&req.target, up).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(target = %req.target.authority(), error = %e, "upstream fetch failed");
+                    let kind = match e {
+                        FetchError::Offline => FailKind::Offline,
+                        e if e.is_link_failure() => FailKind::Unreachable,
+                        _ => FailKind::Upstream,
+                    };
+                    flight.set_head(Head::Failed(kind));
+                    return;
+                }
+            };
+            let response_time = (self.clock)();
+            let (parts, mut body) = resp.into_parts();
+            let mut headers = parts.headers;
+            http_cache::strip_hop_by_hop(&mut headers);
+            let status = parts.status.as_u16();
+            if status == 304 {
+                if let Some(obj) = stored.as_ref() {
+                    let _ = body.collect().await;
+                    self.client.release(conn);
+                    match to_stored(&obj.meta).freshen(&headers, request_time, response_time) {
+                        Some(fresh) => {
+                            Self::inc(&self.counters.revalidated_304);
+                            let meta = ObjectMeta {
+                                status: fresh.status,
+                                headers: fresh.headers,
+                                request_time,
+                                response_time,
+                                pinned: obj.meta.pinned,
+                            };
+                            if let Err(e) = self.store.update_meta(kh, meta).await {
+                                tracing::warn!(error = %e, "freshening failed");
+                            }
+                            flight.set_head(Head::Revalidated);
+                            return;
+                        }
+                        None => {
+                            stored = None;
+                            continue;
+                        }
+                    }
+                }
+            }
+            if !headers.contains_key(header::DATE) {
+                headers.insert(header::DATE, hv(&http_cache::fmt_date(response_time)));
+            }
+            let mut storing =
+                http_cache::storable(&Method::GET, &req.headers, status, &headers).is_ok();
+            if let Some(src) = self.tile_source(req) {
+                let ct = headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if status == 200 && !src.format.accepts_content_type(ct) {
+                    Self::inc(&self.counters.wrong_content);
+                    tracing::warn!(source = %src.name, content_type = ct, "tile source returned a non-tile; not stored");
+                    flight.set_head(Head::Failed(FailKind::WrongContent));
+                    return;
+                }
+                storing &= status == 200;
+            }
+            let declared = headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok());
+            if declared.is_some_and(|n| n > MAX_OBJECT_BYTES) {
+                storing = false;
+            }
+            flight.set_head(Head::Response {
+                status,
+                headers: headers.clone(),
+                storing,
+                from_peer: false,
+                request_time,
+                response_time,
+            });
+            let mut buf: Vec<u8> = Vec::with_capacity(declared.unwrap_or(0).min(MAX_OBJECT_BYTES));
+            loop {
+                match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
+                    Ok(Some(Ok(frame))) => {
+                        let Ok(data) = frame.into_data() else {
+                            continue;
+                        };
+                        self.budget.consume(req.class, data.len() as u64).await;
+                        self.counters
+                            .upstream_bytes
+                            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        if storing {
+                            buf.extend_from_slice(&data);
+                        }
+                        if !flight.push(data, &self.flights, &kh) {
+                            storing = false;
+                            buf = Vec::new();
+                        }
+                    }
+                    Ok(None) => break,
+                    Ok(Some(Err(_))) | Err(_) => {
+                        tracing::debug!(target = %req.target.authority(), "upstream body cut short");
+                        flight.finish(false);
+                        return;
+                    }
+                }
+            }
+            flight.finish(true);
+            self.client.release(conn);
+            if storing {
+                self.store_response(
+                    req,
+                    kh,
+                    status,
+                    headers,
+                    request_time,
+                    response_time,
+                    Bytes::from(buf),
+                )
+                .await;
+            }
+            return;
+        }
+        flight.set_head(Head::Failed(FailKind::Upstream));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn store_response(
+        &self,
+        req: &CacheRequest,
+        kh: KeyHash,
+        status: u16,
+        headers: HeaderMap,
+        request_time: u64,
+        response_time: u64,
+        body: Bytes,
+    ) {
+        let mut key = kh;
+        if req.tile.is_none() {
+            let primary = key_hash(&req.key);
+            let fields = http_cache::vary_fields(&headers).unwrap_or_default();
+            if let Err(e) = self.store.set_vary(&primary, &fields) {
+                tracing::warn!(error = %e, "recording Vary failed");
+            }
+            key = if fields.is_empty() {
+                primary
+            } else {
+                key_hash(&format!(
+                    "{}\n{}",
+                    req.key,
+                    http_cache::vary_key(&fields, &req.headers)
+                ))
+            };
+        }
+        let meta = ObjectMeta {
+            status,
+            headers,
+            request_time,
+            response_time,
+            pinned: req.class == Class::Seeding,
+        };
+        let replicate = req.tile.is_some().then(|| PeerObject {
+            meta: meta.clone(),
+            body: body.clone(),
+        });
+        match self.store.put(key, meta, body).await {
+            Ok(()) => {
+                if let Some(obj) = replicate {
+                    self.replicator.replicate(&key, &obj);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "storing a response failed"),
+        }
+    }
+
+    /// Forwards a request the cache does not answer (other methods,
+    /// `no-store` requests, authenticated requests), streaming both ways.
+    /// Unsafe methods that succeed invalidate the URL's stored response.
+    pub async fn pass_through(
+        self: &Arc<Self>,
+        method: Method,
+        target: Target,
+        mut headers: HeaderMap,
+        body: hyper::body::Incoming,
+        fwd: Fwd,
+    ) -> Response<Body> {
+        if !self.health.host_usable(&target.authority()) {
+            Self::inc(&self.counters.misses);
+            return self.offline_504(fwd);
+        }
+        if self.budget.may_start(Class::Interactive).is_err() {
+            return self.error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "503 Service Unavailable: today's satellite backhaul quota is used up.",
+                CacheStatus {
+                    fwd: Some(fwd),
+                    ..Default::default()
+                },
+            );
+        }
+        headers.insert(header::HOST, hv(&target.host_header()));
+        headers.append(header::VIA, hv(&format!("1.1 {}", self.name)));
+        let mut r = Request::new(body.boxed());
+        *r.method_mut() = method.clone();
+        *r.uri_mut() = target
+            .path_and_query
+            .parse()
+            .unwrap_or_else(|_| hyper::Uri::from_static("/"));
+        *r.headers_mut() = headers;
+        Self::inc(&self.counters.upstream_requests);
+        let (resp, _conn) = match self.client.send(&target, r).await {
+            Ok(x) => x,
+            Err(e) => {
+                let status = if e.is_link_failure() {
+                    StatusCode::GATEWAY_TIMEOUT
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                return self.error_response(
+                    status,
+                    &format!("{status}: {e}"),
+                    CacheStatus {
+                        fwd: Some(fwd),
+                        ..Default::default()
+                    },
+                );
+            }
+        };
+        if http_cache::invalidates(&method, resp.status()) {
+            let store = self.store.clone();
+            let k = key_hash(&target.url());
+            tokio::spawn(async move { store.remove(k).await });
+        }
+        let (mut parts, body) = resp.into_parts();
+        http_cache::strip_hop_by_hop(&mut parts.headers);
+        if !parts.headers.contains_key(header::AGE) {
+            parts
+                .headers
+                .insert(header::AGE, HeaderValue::from_static("0"));
+        }
+        let cs = CacheStatus {
+            fwd: Some(fwd),
+            fwd_status: Some(parts.status.as_u16()),
+            ..Default::default()
+        };
+        parts
+            .headers
+            .insert("cache-status", hv(&cs.render(&self.name)));
+        parts
+            .headers
+            .append(header::VIA, hv(&format!("1.1 {}", self.name)));
+        let this = self.clone();
+        let metered = BodyStream::new(body).then(move |frame| {
+            let this = this.clone();
+            async move {
+                let frame = frame.map_err(|e| Box::new(e) as BoxError)?;
+                if let Some(d) = frame.data_ref() {
+                    this.budget
+                        .consume(Class::Interactive, d.len() as u64)
+                        .await;
+                    this.counters
+                        .upstream_bytes
+                        .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok::<_, BoxError>(frame)
+            }
+        });
+        Response::from_parts(parts, StreamBody::new(metered).boxed_unsync())
+    }
+}

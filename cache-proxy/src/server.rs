@@ -1,0 +1,560 @@
+//! The hyper server: access control, routing, the forward proxy (absolute
+//! form and `CONNECT`), `/proxy.pac`, the tile server, and the link prober.
+//!
+//! Routes (origin-form):
+//! - `GET /proxy.pac`: proxy auto-config pointing at this rack.
+//! - `GET /tiles/{source}/{z}/{x}/{y}.{ext}`, `GET /tiles/{source}.json`.
+//! - `GET /`: a one-page text index.
+//!
+//! Absolute-form `http://` requests are proxied; `CONNECT host:port` opens a
+//! tunnel (not cached). Clients outside `allow_networks` get 403 for
+//! everything. Malformed requests get 400 with a reason (hyper answers 400
+//! itself for unparsable HTTP).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::budget::Class;
+use crate::config::Cidr;
+use crate::engine::{full, Body, CacheRequest, Engine};
+use crate::http_cache::{self, CacheStatus, Fwd};
+use crate::tiles::{self, TilePathError, TileRequest};
+use crate::upstream::{connect_tcp, Scheme, Target};
+
+/// Concurrent client connections. Map clients open 6-8 each; a relief site
+/// has a few hundred devices.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// How long open connections get to finish on shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Buffer per direction of a CONNECT tunnel.
+pub const TUNNEL_BUFFER: usize = 16 * 1024;
+
+/// Everything a connection needs.
+pub(crate) struct Ctx {
+    pub engine: Arc<Engine>,
+    pub allow: Vec<Cidr>,
+    pub listen: SocketAddr,
+}
+
+fn text(status: StatusCode, msg: &str, engine: &Engine) -> Response<Body> {
+    engine.error_response(
+        status,
+        msg,
+        CacheStatus {
+            fwd: Some(Fwd::Bypass),
+            ..Default::default()
+        },
+    )
+}
+
+/// Serves connections from `listener` until `cancel`.
+pub(crate) async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, cancel: CancellationToken) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            p = limit.clone().acquire_owned() => p.expect("semaphore open"),
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let cancel = cancel.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let svc = service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(ctx, peer, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = cancel.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+                }
+            }
+        });
+        // Reap finished connections so the set stays small.
+        while conns.try_join_next().is_some() {}
+    }
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    conns.abort_all();
+}
+
+async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let e = &ctx.engine;
+    if !ctx.allow.iter().any(|c| c.contains(peer.ip())) {
+        e.counters
+            .forbidden
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(client = %peer, "refused: not in allow_networks");
+        return text(
+            StatusCode::FORBIDDEN,
+            "403 Forbidden: this proxy serves only the relief site's own networks.",
+            e,
+        );
+    }
+    if looped(&req, &e.name) {
+        return text(
+            StatusCode::LOOP_DETECTED,
+            "508 Loop Detected: this request already passed through this proxy.",
+            e,
+        );
+    }
+    if req.method() == Method::CONNECT {
+        return connect(ctx.clone(), req).await;
+    }
+    if req.uri().scheme().is_some() {
+        return proxy(ctx.clone(), req).await;
+    }
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET | &Method::HEAD, "/proxy.pac") => pac(&ctx, &req),
+        (&Method::GET | &Method::HEAD, p) if p.starts_with("/tiles/") => {
+            tile(ctx.clone(), req).await
+        }
+        (&Method::GET | &Method::HEAD, "/") => {
+            let mut r = text(
+                StatusCode::OK,
+                "Fieldrack caching proxy.\nProxy auto-config: /proxy.pac\nMap tiles: /tiles/{source}/{z}/{x}/{y}.{ext}, TileJSON at /tiles/{source}.json",
+                e,
+            );
+            r.headers_mut().remove("cache-status");
+            r
+        }
+        (_, p) if p.starts_with("/tiles/") || p == "/proxy.pac" => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "405 Method Not Allowed: GET or HEAD only.",
+            e,
+        ),
+        _ => text(StatusCode::NOT_FOUND, "404 Not Found", e),
+    }
+}
+
+fn looped(req: &Request<Incoming>, name: &str) -> bool {
+    req.headers()
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|hop| hop.split_whitespace().nth(1) == Some(name))
+}
+
+/// The address clients reach us at: the request's Host, else the listener.
+fn our_authority(req: &Request<Incoming>, listen: SocketAddr) -> String {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
+        .map(String::from)
+        .unwrap_or_else(|| listen.to_string())
+}
+
+fn pac(ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
+    let us = our_authority(req, ctx.listen);
+    // Host header may omit the port; the PAC must name it.
+    let us = if us
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !us.ends_with(']')
+    {
+        us
+    } else {
+        format!("{us}:{}", ctx.listen.port())
+    };
+    let body = format!(
+        "// Fieldrack proxy auto-config.\n\
+         function FindProxyForURL(url, host) {{\n\
+         \x20 if (isPlainHostName(host) || host == \"localhost\" || shExpMatch(host, \"*.local\") ||\n\
+         \x20     isInNet(host, \"10.0.0.0\", \"255.0.0.0\") || isInNet(host, \"172.16.0.0\", \"255.240.0.0\") ||\n\
+         \x20     isInNet(host, \"192.168.0.0\", \"255.255.0.0\") || isInNet(host, \"127.0.0.0\", \"255.0.0.0\"))\n\
+         \x20   return \"DIRECT\";\n\
+         \x20 return \"PROXY {us}; DIRECT\";\n\
+         }}\n"
+    );
+    let mut r = Response::new(full(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ns-proxy-autoconfig"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=300"),
+    );
+    r.headers_mut()
+        .insert(header::AGE, HeaderValue::from_static("0"));
+    r
+}
+
+fn client_headers(req: &Request<Incoming>) -> HeaderMap {
+    let mut h = req.headers().clone();
+    http_cache::strip_hop_by_hop(&mut h);
+    h
+}
+
+async fn proxy(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+    let e = &ctx.engine;
+    let target = match Target::from_uri(req.uri()) {
+        Ok(t) => t,
+        Err(err) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("400 Bad Request: {err}"),
+                e,
+            );
+        }
+    };
+    if target.scheme == Scheme::Https {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: use CONNECT for https:// URLs.",
+            e,
+        );
+    }
+    let headers = client_headers(&req);
+    let method = req.method().clone();
+    let cacheable_method = method == Method::GET || method == Method::HEAD;
+    let rq = http_cache::Directives::parse_request(&headers);
+    let bypass = rq.no_store
+        || headers.contains_key(header::AUTHORIZATION)
+        || headers.contains_key(header::RANGE);
+    if !cacheable_method || bypass {
+        let fwd = if cacheable_method {
+            Fwd::Bypass
+        } else {
+            Fwd::Method
+        };
+        let mut upstream = headers;
+        upstream.remove(header::PROXY_AUTHORIZATION);
+        return e
+            .pass_through(method, target, upstream, req.into_body(), fwd)
+            .await;
+    }
+    let mut upstream_headers = headers.clone();
+    upstream_headers.append(
+        header::VIA,
+        HeaderValue::from_str(&format!("1.1 {}", e.name)).expect("validated name"),
+    );
+    let creq = CacheRequest {
+        method,
+        headers,
+        key: target.url(),
+        target,
+        upstream_headers,
+        tile: None,
+        class: Class::Interactive,
+        via: true,
+    };
+    e.serve(creq).await
+}
+
+async fn tile(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+    let e = &ctx.engine;
+    let (treq, idx) = match tiles::parse_path(req.uri().path(), &e.sources) {
+        Ok(x) => x,
+        Err(err @ TilePathError::UnknownSource(_)) => {
+            return text(StatusCode::NOT_FOUND, &format!("404 Not Found: {err}"), e)
+        }
+        Err(err) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("400 Bad Request: {err}"),
+                e,
+            )
+        }
+    };
+    let src = &e.sources[idx];
+    match treq {
+        TileRequest::TileJson { .. } => {
+            let base = format!("http://{}", our_authority(&req, ctx.listen));
+            let mut r = Response::new(full(tiles::tilejson(src, &base).to_string()));
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
+            h.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("max-age=300"),
+            );
+            h.insert(header::AGE, HeaderValue::from_static("0"));
+            r
+        }
+        TileRequest::Tile { tile, .. } => {
+            let url = tiles::upstream_url(&src.url, tile);
+            let target = match Target::parse(&url) {
+                Ok(t) => t,
+                Err(err) => {
+                    return text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &format!("500: tile source URL: {err}"),
+                        e,
+                    )
+                }
+            };
+            let mut upstream_headers = HeaderMap::new();
+            if let Ok(ua) = HeaderValue::from_str(&src.user_agent) {
+                upstream_headers.insert(header::USER_AGENT, ua);
+            }
+            upstream_headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static(src.format.content_type()),
+            );
+            let creq = CacheRequest {
+                method: req.method().clone(),
+                headers: client_headers(&req),
+                key: tiles::cache_key(&src.name, tile),
+                target,
+                upstream_headers,
+                tile: Some(idx),
+                class: Class::Interactive,
+                via: false,
+            };
+            e.serve(creq).await
+        }
+    }
+}
+
+async fn connect(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+    let e = ctx.engine.clone();
+    let Some(auth) = req.uri().authority().cloned() else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: CONNECT needs host:port",
+            &e,
+        );
+    };
+    let Some(port) = auth.port_u16() else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: CONNECT needs host:port",
+            &e,
+        );
+    };
+    let host = auth
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let key = auth.as_str().to_string();
+    if !e.health.host_usable(&key) {
+        return text(
+            StatusCode::GATEWAY_TIMEOUT,
+            "504 Gateway Timeout: this rack is offline (satellite backhaul down); HTTPS sites cannot be reached.",
+            &e,
+        );
+    }
+    let upstream = match e.client.connect_tcp(&host, port).await {
+        Ok(s) => s,
+        Err(err) => {
+            let status = if err.is_link_failure() {
+                StatusCode::GATEWAY_TIMEOUT
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            return text(status, &format!("{status}: {err}"), &e);
+        }
+    };
+    e.counters
+        .tunnels
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tasks = e.tasks.clone();
+    tasks.spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => tunnel(e, TokioIo::new(upgraded), upstream).await,
+            Err(err) => tracing::debug!(error = %err, "CONNECT upgrade failed"),
+        }
+    });
+    let mut r = Response::new(crate::engine::empty());
+    r.headers_mut().insert(
+        header::VIA,
+        HeaderValue::from_str(&format!("1.1 {}", ctx.engine.name)).expect("validated"),
+    );
+    r
+}
+
+/// Copies both ways, charging the backhaul budget for every byte.
+async fn tunnel<C>(e: Arc<Engine>, client: C, upstream: tokio::net::TcpStream)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = upstream.into_split();
+    let e2 = e.clone();
+    let up = async move {
+        let mut buf = vec![0u8; TUNNEL_BUFFER];
+        loop {
+            let n = match cr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            e2.budget.consume(Class::Interactive, n as u64).await;
+            if uw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = uw.shutdown().await;
+    };
+    let down = async move {
+        let mut buf = vec![0u8; TUNNEL_BUFFER];
+        loop {
+            let n = match ur.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            e.budget.consume(Class::Interactive, n as u64).await;
+            e.counters
+                .upstream_bytes
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            if cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = cw.shutdown().await;
+    };
+    tokio::join!(up, down);
+}
+
+/// Probes the backhaul until `cancel`: the configured probe URLs (GET,
+/// response head within the timeout), or TCP connects to the tile sources'
+/// hosts; plus hosts marked down, so they come back.
+pub(crate) async fn prober(
+    engine: Arc<Engine>,
+    probe_urls: Vec<String>,
+    interval_up: Duration,
+    interval_down: Duration,
+    timeout: Duration,
+    cancel: CancellationToken,
+) {
+    let mut targets: Vec<Target> = probe_urls
+        .iter()
+        .filter_map(|u| Target::parse(u).ok())
+        .collect();
+    let http_probe = !targets.is_empty();
+    if targets.is_empty() {
+        for s in &engine.sources {
+            if let Ok(t) = Target::parse(&tiles::upstream_url(
+                &s.url,
+                tiles::TileId { z: 0, x: 0, y: 0 },
+            )) {
+                if !targets.iter().any(|x| x.authority() == t.authority()) {
+                    targets.push(t);
+                }
+            }
+        }
+    }
+    loop {
+        let interval = if engine.health.backhaul_up() {
+            interval_up
+        } else {
+            interval_down
+        };
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        if engine.health.forced_offline() {
+            continue; // never touch the link when told not to
+        }
+        if !targets.is_empty() {
+            let mut any_ok = false;
+            for t in &targets {
+                let ok = if http_probe {
+                    probe_http(t, timeout).await
+                } else {
+                    connect_tcp(&t.host, t.port, timeout).await.is_ok()
+                };
+                any_ok |= ok;
+                engine.health.record(
+                    &t.authority(),
+                    if ok {
+                        crate::health::Outcome::Success
+                    } else {
+                        crate::health::Outcome::LinkFailure
+                    },
+                );
+            }
+            engine.health.record_probe_round(any_ok);
+        }
+        for host in engine.health.down_hosts() {
+            let Some((h, p)) = host.rsplit_once(':') else {
+                continue;
+            };
+            let Ok(p) = p.parse::<u16>() else { continue };
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            if connect_tcp(h, p, timeout).await.is_ok() {
+                if targets.is_empty() {
+                    // Nothing else can tell us the link is back.
+                    engine.health.record(&host, crate::health::Outcome::Success);
+                } else {
+                    // A TCP accept proves less than a probe round (a black
+                    // hole past the handshake accepts too).
+                    engine.health.record_host_reachable(&host);
+                }
+            }
+        }
+    }
+}
+
+async fn probe_http(t: &Target, timeout: Duration) -> bool {
+    let fut = async {
+        let stream = connect_tcp(&t.host, t.port, timeout).await.ok()?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Empty<Bytes>,
+        >(TokioIo::new(stream))
+        .await
+        .ok()?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(&t.path_and_query)
+            .header(header::HOST, t.host_header())
+            .header(header::USER_AGENT, "fieldrack-probe")
+            .body(http_body_util::Empty::new())
+            .ok()?;
+        sender.send_request(req).await.ok()
+    };
+    matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(_)))
+}

@@ -1,0 +1,413 @@
+//! The mesh as a cache: the proxy's [`PeerDirectory`] and [`Replicator`]
+//! over raw streams on the admitted mesh connections.
+//!
+//! - Every [`DIGEST_INTERVAL`] each rack sends every admitted peer a Bloom
+//!   digest of the keys it holds (`/fieldrack/cache-digest/1`); a local miss
+//!   then asks only peers whose digest has the key — no per-miss broadcast.
+//! - `/fieldrack/cache-get/1`: fetch one object by key hash.
+//! - `/fieldrack/cache-put/1`: a tile fetched over the backhaul is copied to
+//!   another rack (one whose digest lacks it), so a rack's loss loses no map
+//!   coverage.
+//!
+//! Streams carry `[u32 LE len][bytes]` messages, every length bounded.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cache_proxy::mesh::PeerError;
+use cache_proxy::{
+    KeyDigest, KeyHash, ObjectMeta, PeerDirectory, PeerObject, ProxyHandle, Replicator,
+};
+use futures::future::BoxFuture;
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::PeerId;
+use mesh::MeshHandle;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Digest exchange protocol.
+pub const DIGEST_PROTOCOL: &str = "/fieldrack/cache-digest/1";
+/// Object fetch protocol.
+pub const GET_PROTOCOL: &str = "/fieldrack/cache-get/1";
+/// Object replication protocol.
+pub const PUT_PROTOCOL: &str = "/fieldrack/cache-put/1";
+
+/// How often digests are sent. Objects stored since the last digest are
+/// simply not found on this rack by peers until the next one.
+pub const DIGEST_INTERVAL: Duration = Duration::from_secs(5);
+/// Target false-positive rate of digests (a wasted peer ask).
+pub const DIGEST_FP: f64 = 0.01;
+/// A peer's digest older than this is ignored (the peer went quiet).
+pub const DIGEST_MAX_AGE: Duration = Duration::from_secs(60);
+/// Largest digest accepted: 16 MiB covers ~13 M keys at 1 %.
+pub const MAX_DIGEST_BYTES: usize = 16 << 20;
+/// Largest object moved between racks (tiles are KBs; web objects a few MB).
+pub const MAX_OBJECT_BYTES: usize = 64 << 20;
+/// Largest metadata record.
+pub const MAX_META_BYTES: usize = 256 << 10;
+/// Replications queued; beyond this they are dropped (the digest still
+/// lets peers find the object here).
+pub const REPLICATE_QUEUE: usize = 1024;
+/// A peer fetch that takes longer than this is abandoned for the backhaul.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Serialize, Deserialize)]
+struct WireMeta {
+    status: u16,
+    request_time: u64,
+    response_time: u64,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+fn encode_meta(m: &ObjectMeta) -> Vec<u8> {
+    let w = WireMeta {
+        status: m.status,
+        request_time: m.request_time,
+        response_time: m.response_time,
+        headers: m
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect(),
+    };
+    serde_json::to_vec(&w).expect("meta serializes")
+}
+
+fn decode_meta(b: &[u8]) -> Result<ObjectMeta, String> {
+    let w: WireMeta = serde_json::from_slice(b).map_err(|e| format!("meta: {e}"))?;
+    let mut headers = hyper::HeaderMap::new();
+    for (k, v) in w.headers {
+        let name = hyper::header::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|e| format!("header name: {e}"))?;
+        let value =
+            hyper::header::HeaderValue::from_bytes(&v).map_err(|e| format!("header value: {e}"))?;
+        headers.append(name, value);
+    }
+    Ok(ObjectMeta {
+        status: w.status,
+        headers,
+        request_time: w.request_time,
+        response_time: w.response_time,
+        pinned: false,
+    })
+}
+
+async fn write_msg<W: futures::AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> std::io::Result<()> {
+    w.write_all(&(b.len() as u32).to_le_bytes()).await?;
+    w.write_all(b).await
+}
+
+async fn read_msg<R: futures::AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("message of {len} bytes exceeds {max}"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct CacheMeshStats {
+    /// Objects fetched from peers.
+    pub peer_fetches: AtomicU64,
+    /// Objects served to peers.
+    pub peer_serves: AtomicU64,
+    /// Objects replicated to peers.
+    pub replicated: AtomicU64,
+    /// Replications dropped (queue full or no peer).
+    pub replicate_dropped: AtomicU64,
+    /// Digests received.
+    pub digests_received: AtomicU64,
+}
+
+/// The mesh side of the cache.
+pub struct CacheMesh {
+    mesh: MeshHandle,
+    digests: RwLock<HashMap<PeerId, (KeyDigest, Instant)>>,
+    replicate_tx: mpsc::Sender<(KeyHash, PeerObject)>,
+    /// Counters.
+    pub stats: Arc<CacheMeshStats>,
+}
+
+impl CacheMesh {
+    /// The directory/replicator, and the receiving end of the replication
+    /// queue for [`CacheMesh::run`].
+    pub fn new(mesh: MeshHandle) -> (Arc<Self>, mpsc::Receiver<(KeyHash, PeerObject)>) {
+        let (tx, rx) = mpsc::channel(REPLICATE_QUEUE);
+        (
+            Arc::new(Self {
+                mesh,
+                digests: RwLock::default(),
+                replicate_tx: tx,
+                stats: Arc::default(),
+            }),
+            rx,
+        )
+    }
+
+    fn admitted_peers(&self) -> Vec<PeerId> {
+        self.mesh.admitted().into_iter().map(|(p, _)| p).collect()
+    }
+
+    /// Serve peers and exchange digests until `cancel`.
+    pub async fn run(
+        self: Arc<Self>,
+        proxy: ProxyHandle,
+        mut replicate_rx: mpsc::Receiver<(KeyHash, PeerObject)>,
+        cancel: CancellationToken,
+    ) {
+        let (Ok(mut digests), Ok(mut gets), Ok(mut puts)) = (
+            self.mesh.accept_streams(DIGEST_PROTOCOL),
+            self.mesh.accept_streams(GET_PROTOCOL),
+            self.mesh.accept_streams(PUT_PROTOCOL),
+        ) else {
+            tracing::error!("cache mesh protocols already registered");
+            return;
+        };
+        let mut tick = tokio::time::interval(DIGEST_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {
+                    let digest = proxy.digest(DIGEST_FP).to_bytes();
+                    for peer in self.admitted_peers() {
+                        let (mesh, digest) = (self.mesh.clone(), digest.clone());
+                        tokio::spawn(async move {
+                            if let Ok(mut s) = mesh.open_stream(peer, DIGEST_PROTOCOL).await {
+                                let _ = write_msg(&mut s, &digest).await;
+                                let _ = s.close().await;
+                            }
+                        });
+                    }
+                    let now = Instant::now();
+                    self.digests.write().expect("digests lock").retain(|_, (_, at)| now.duration_since(*at) < DIGEST_MAX_AGE);
+                }
+                Some((peer, mut s)) = digests.next() => {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        match read_msg(&mut s, MAX_DIGEST_BYTES).await.map(|b| KeyDigest::from_bytes(&b)) {
+                            Ok(Ok(d)) => {
+                                this.stats.digests_received.fetch_add(1, Ordering::Relaxed);
+                                this.digests.write().expect("digests lock").insert(peer, (d, Instant::now()));
+                            }
+                            Ok(Err(e)) => tracing::warn!(%peer, error = %e, "bad cache digest"),
+                            Err(e) => tracing::debug!(%peer, error = %e, "cache digest failed"),
+                        }
+                    });
+                }
+                Some((peer, mut s)) = gets.next() => {
+                    let (this, proxy) = (self.clone(), proxy.clone());
+                    tokio::spawn(async move {
+                        let Ok(key) = read_msg(&mut s, 16).await else { return };
+                        let Ok(key) = <KeyHash>::try_from(key.as_slice()) else { return };
+                        match proxy.lookup(&key) {
+                            Some(obj) => {
+                                let _ = write_msg(&mut s, &encode_meta(&obj.meta)).await;
+                                let _ = write_msg(&mut s, &obj.body).await;
+                                this.stats.peer_serves.fetch_add(1, Ordering::Relaxed);
+                            }
+                            None => {
+                                let _ = write_msg(&mut s, &[]).await;
+                            }
+                        }
+                        let _ = s.close().await;
+                        tracing::trace!(%peer, "served a cache object");
+                    });
+                }
+                Some((peer, mut s)) = puts.next() => {
+                    let proxy = proxy.clone();
+                    tokio::spawn(async move {
+                        let r: Result<(), String> = async {
+                            let key = read_msg(&mut s, 16).await.map_err(|e| e.to_string())?;
+                            let key = <KeyHash>::try_from(key.as_slice()).map_err(|_| "bad key".to_string())?;
+                            let meta = decode_meta(&read_msg(&mut s, MAX_META_BYTES).await.map_err(|e| e.to_string())?)?;
+                            let body = read_msg(&mut s, MAX_OBJECT_BYTES).await.map_err(|e| e.to_string())?;
+                            proxy
+                                .accept_replica(key, PeerObject { meta, body: Bytes::from(body) }, false)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            write_msg(&mut s, b"ok").await.map_err(|e| e.to_string())
+                        }
+                        .await;
+                        if let Err(e) = r {
+                            tracing::warn!(%peer, error = %e, "refused a cache replica");
+                        }
+                        let _ = s.close().await;
+                    });
+                }
+                Some((key, obj)) = replicate_rx.recv() => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.replicate_now(key, obj).await });
+                }
+            }
+        }
+    }
+
+    /// Copy one object to an admitted peer that does not have it yet.
+    async fn replicate_now(&self, key: KeyHash, obj: PeerObject) {
+        let peers = self.admitted_peers();
+        let lacking: Vec<PeerId> = {
+            let d = self.digests.read().expect("digests lock");
+            peers
+                .iter()
+                .filter(|p| !d.get(p).is_some_and(|(dg, _)| dg.contains(&key)))
+                .copied()
+                .collect()
+        };
+        let target = lacking.first().or(peers.first()).copied();
+        let Some(peer) = target else {
+            self.stats.replicate_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let r: Result<(), String> = async {
+            let mut s = self
+                .mesh
+                .open_stream(peer, PUT_PROTOCOL)
+                .await
+                .map_err(|e| e.to_string())?;
+            write_msg(&mut s, &key).await.map_err(|e| e.to_string())?;
+            write_msg(&mut s, &encode_meta(&obj.meta))
+                .await
+                .map_err(|e| e.to_string())?;
+            write_msg(&mut s, &obj.body)
+                .await
+                .map_err(|e| e.to_string())?;
+            s.flush().await.map_err(|e| e.to_string())?;
+            let ack = read_msg(&mut s, 16).await.map_err(|e| e.to_string())?;
+            if ack != b"ok" {
+                return Err("peer did not acknowledge".into());
+            }
+            Ok(())
+        }
+        .await;
+        match r {
+            Ok(()) => {
+                self.stats.replicated.fetch_add(1, Ordering::Relaxed);
+                // Until its next digest, remember the peer has it now.
+                if let Some((d, _)) = self.digests.write().expect("digests lock").get_mut(&peer) {
+                    d.insert(&key);
+                }
+            }
+            Err(e) => {
+                self.stats.replicate_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, error = %e, "cache replication failed");
+            }
+        }
+    }
+}
+
+impl PeerDirectory for CacheMesh {
+    fn candidates(&self, key: &KeyHash) -> Vec<String> {
+        let admitted = self.admitted_peers();
+        let now = Instant::now();
+        let d = self.digests.read().expect("digests lock");
+        admitted
+            .into_iter()
+            .filter(|p| {
+                d.get(p).is_some_and(|(dg, at)| {
+                    now.duration_since(*at) < DIGEST_MAX_AGE && dg.contains(key)
+                })
+            })
+            .map(|p| p.to_base58())
+            .collect()
+    }
+
+    fn fetch(
+        &self,
+        peer: &String,
+        key: &KeyHash,
+    ) -> BoxFuture<'static, Result<Option<PeerObject>, PeerError>> {
+        let mesh = self.mesh.clone();
+        let stats = self.stats.clone();
+        let key = *key;
+        let peer: Result<PeerId, _> = peer.parse();
+        Box::pin(async move {
+            let peer = peer.map_err(|_| PeerError::Protocol("bad peer id".into()))?;
+            let fut = async {
+                let mut s = mesh
+                    .open_stream(peer, GET_PROTOCOL)
+                    .await
+                    .map_err(|e| PeerError::Unreachable(e.to_string()))?;
+                write_msg(&mut s, &key)
+                    .await
+                    .map_err(|e| PeerError::Unreachable(e.to_string()))?;
+                s.flush()
+                    .await
+                    .map_err(|e| PeerError::Unreachable(e.to_string()))?;
+                let meta = read_msg(&mut s, MAX_META_BYTES)
+                    .await
+                    .map_err(|e| PeerError::Protocol(e.to_string()))?;
+                if meta.is_empty() {
+                    return Ok(None);
+                }
+                let meta = decode_meta(&meta).map_err(PeerError::Protocol)?;
+                let body = read_msg(&mut s, MAX_OBJECT_BYTES)
+                    .await
+                    .map_err(|e| PeerError::Protocol(e.to_string()))?;
+                stats.peer_fetches.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(PeerObject {
+                    meta,
+                    body: Bytes::from(body),
+                }))
+            };
+            tokio::time::timeout(FETCH_TIMEOUT, fut)
+                .await
+                .map_err(|_| PeerError::Unreachable("timed out".into()))?
+        })
+    }
+}
+
+impl Replicator for CacheMesh {
+    /// Queue and return; a full queue drops the copy (the digest still lets
+    /// peers find the object here).
+    fn replicate(&self, key: &KeyHash, object: &PeerObject) {
+        if self.replicate_tx.try_send((*key, object.clone())).is_err() {
+            self.stats.replicate_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_round_trips() {
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert("content-type", "image/png".parse().unwrap());
+        headers.append(
+            "x-odd",
+            hyper::header::HeaderValue::from_bytes(b"\xffbytes").unwrap(),
+        );
+        let m = ObjectMeta {
+            status: 200,
+            headers,
+            request_time: 5,
+            response_time: 6,
+            pinned: true,
+        };
+        let back = decode_meta(&encode_meta(&m)).unwrap();
+        assert_eq!(back.status, 200);
+        assert_eq!(back.headers, m.headers);
+        assert!(!back.pinned, "pinning is the receiver's decision");
+        assert!(decode_meta(b"{not json").is_err());
+        assert!(decode_meta(
+            br#"{"status":200,"request_time":0,"response_time":0,"headers":[["bad name",[]]]}"#
+        )
+        .is_err());
+    }
+}

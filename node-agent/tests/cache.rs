@@ -1,0 +1,262 @@
+//! The caching proxy and tile server inside real agents: a tile fetched
+//! over the backhaul by one rack is served by another from the mesh, and
+//! survives the first rack's death.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A PNG-ish body (the proxy checks the content type, not the pixels).
+fn tile_body(z: u32, x: u32, y: u32) -> Vec<u8> {
+    let mut b = b"\x89PNG\r\n\x1a\n".to_vec();
+    b.extend(format!("tile {z}/{x}/{y}").into_bytes());
+    b.extend(std::iter::repeat_n((z * 31 + x * 7 + y) as u8, 2000));
+    b
+}
+
+/// A tile origin on loopback that counts the requests it serves.
+async fn origin() -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let h = h.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = 0;
+                loop {
+                    let Ok(n) = s.read(&mut buf[got..]).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    got += n;
+                    if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let req = String::from_utf8_lossy(&buf[..got]).into_owned();
+                let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let parts: Vec<u32> = path
+                    .trim_start_matches('/')
+                    .trim_end_matches(".png")
+                    .split('/')
+                    .filter_map(|p| p.parse().ok())
+                    .collect();
+                h.fetch_add(1, Ordering::SeqCst);
+                let body = if parts.len() == 3 {
+                    tile_body(parts[0], parts[1], parts[2])
+                } else {
+                    b"nope".to_vec()
+                };
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nCache-Control: max-age=86400\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&body).await;
+            });
+        }
+    });
+    (port, hits, task)
+}
+
+fn add_tile_source(fleet: &Fleet, rack: &str, port: u16) -> String {
+    let p = fleet.config(rack);
+    let mut text = std::fs::read_to_string(&p).unwrap();
+    text.push_str(&format!(
+        "\n[[tile_source]]\nname = \"test\"\nurl = \"http://127.0.0.1:{port}/{{z}}/{{x}}/{{y}}.png\"\nformat = \"png\"\n"
+    ));
+    std::fs::write(&p, &text).unwrap();
+    let cfg = deploy::RackConfig::load(&p).unwrap();
+    cfg.proxy.unwrap()["listen"].as_str().unwrap().to_string()
+}
+
+async fn get(proxy: &str, path: &str) -> (u16, String, Vec<u8>) {
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {proxy}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (code, head, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let nl = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + n]);
+        b = &b[nl + 2 + n + 2..];
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tile_fetched_by_one_rack_is_served_by_the_others_without_the_origin() {
+    let (port, hits, origin_task) = origin().await;
+    let fleet = Fleet::init("a,b,c", &[]);
+    let proxies: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|r| add_tile_source(&fleet, r, port))
+        .collect();
+    let a = fleet.start("a");
+    let _b = fleet.start("b");
+    let _c = fleet.start("c");
+    wait_until(Duration::from_secs(10), "mesh", || {
+        all_see(&fleet, &["a", "b", "c"], "alive")
+    })
+    .await;
+    wait_until(Duration::from_secs(10), "proxies up", || async {
+        for p in &proxies {
+            if tokio::net::TcpStream::connect(p).await.is_err() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+
+    let (code, head, body) = get(&proxies[0], "/tiles/test/3/2/1.png").await;
+    assert_eq!(code, 200, "{head}");
+    assert_eq!(body, tile_body(3, 2, 1));
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let (code, head, _) = get(&proxies[0], "/tiles/test/3/2/1.png").await;
+    assert_eq!(code, 200);
+    assert!(head.to_ascii_lowercase().contains("cache-status"), "{head}");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "a fresh hit never reaches the origin"
+    );
+
+    // Every tile fetched over the backhaul is copied to another rack...
+    wait_until(
+        Duration::from_secs(15),
+        "a copies the tile to a peer",
+        || async {
+            metric(&fleet.client("a"), "fieldrack_cache_mesh_replicated_total").await >= 1.0
+        },
+    )
+    .await;
+    // ...and the third rack finds it through the digests, no broadcast.
+    let mut before = Vec::new();
+    for r in ["b", "c"] {
+        before.push(
+            metric(
+                &fleet.client(r),
+                "fieldrack_cache_mesh_digests_received_total",
+            )
+            .await,
+        );
+    }
+    wait_until(
+        Duration::from_secs(15),
+        "fresh digests from both peers",
+        || async {
+            let mut ok = true;
+            for (i, r) in ["b", "c"].iter().enumerate() {
+                ok &= metric(
+                    &fleet.client(r),
+                    "fieldrack_cache_mesh_digests_received_total",
+                )
+                .await
+                    >= before[i] + 2.0;
+            }
+            ok
+        },
+    )
+    .await;
+    for p in &proxies[1..] {
+        let (code, head, body) = get(p, "/tiles/test/3/2/1.png").await;
+        assert_eq!(code, 200, "{head}");
+        assert_eq!(body, tile_body(3, 2, 1));
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "no client of b or c touched the origin"
+    );
+    let peer_fetches = metric(
+        &fleet.client("b"),
+        "fieldrack_cache_mesh_peer_fetches_total",
+    )
+    .await
+        + metric(
+            &fleet.client("c"),
+            "fieldrack_cache_mesh_peer_fetches_total",
+        )
+        .await;
+    assert!(
+        peer_fetches >= 1.0,
+        "the rack without the copy fetched it from a peer"
+    );
+
+    // a dies and the backhaul goes with it: b and c still serve the tile.
+    drop(a);
+    origin_task.abort();
+    for p in &proxies[1..] {
+        let (code, _, body) = get(p, "/tiles/test/3/2/1.png").await;
+        assert_eq!(code, 200);
+        assert_eq!(body, tile_body(3, 2, 1));
+    }
+    let s = status(&fleet.client("b")).await.unwrap();
+    let cache = s.cache.expect("status has a cache object");
+    assert!(cache["objects"].as_u64().unwrap() >= 1, "{cache}");
+    for field in [
+        "objects",
+        "bytes",
+        "hit_ratio",
+        "backhaul",
+        "budget_left_bytes",
+    ] {
+        assert!(cache.get(field).is_some(), "cache.{field} in {cache}");
+    }
+}
+
+#[test]
+fn a_bad_tile_source_exits_64_naming_the_field() {
+    let fleet = Fleet::init("a", &[]);
+    let p = fleet.config("a");
+    let mut text = std::fs::read_to_string(&p).unwrap();
+    text.push_str("\n[[tile_source]]\nname = \"x\"\nurl = \"http://127.0.0.1:1/{z}/{x}.png\"\n");
+    std::fs::write(&p, text).unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("agent")
+        .arg("--config")
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tile_source"), "{err}");
+}
