@@ -275,6 +275,32 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
             )
         }
         (Method::POST, p) if p.starts_with("/api/v1/volumes/") => volume_action(req, rack, p).await,
+        (Method::POST, "/api/v1/cache/offline") => {
+            let Some(proxy) = &rack.proxy else {
+                return error(StatusCode::NOT_FOUND, "this rack runs no proxy");
+            };
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Offline {
+                offline: bool,
+            }
+            match serde_json::from_slice::<Offline>(&body) {
+                Ok(o) => {
+                    proxy.handle.set_forced_offline(o.offline);
+                    tracing::warn!(offline = o.offline, "operator switched forced offline mode");
+                    json(StatusCode::OK, &serde_json::json!({ "offline": o.offline }))
+                }
+                Err(e) => error(
+                    StatusCode::BAD_REQUEST,
+                    format!("expected {{\"offline\": true|false}}: {e}"),
+                ),
+            }
+        }
+        (Method::POST, "/api/v1/tiles/seed") => tiles_seed(req, rack).await,
         (
             _,
             "/api/v1/status"
@@ -371,6 +397,88 @@ async fn volume_action(req: Request<Incoming>, rack: &Rack, path: &str) -> Respo
             format!("no such volume action: {action}"),
         ),
     }
+}
+
+/// `POST /api/v1/tiles/seed {"source", "bbox": "W,S,E,N", "zoom": "0-16"}`:
+/// NDJSON progress, then the final counts.
+async fn tiles_seed(req: Request<Incoming>, rack: &Rack) -> Response<Body> {
+    let Some(proxy) = &rack.proxy else {
+        return error(StatusCode::NOT_FOUND, "this rack runs no proxy");
+    };
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Seed {
+        source: String,
+        bbox: String,
+        zoom: String,
+    }
+    let s: Seed = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"source\", \"bbox\", \"zoom\"}}: {e}"),
+            )
+        }
+    };
+    let bbox: cache_proxy::tiles::BBox = match s.bbox.parse() {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bbox: {e}")),
+    };
+    let (min_zoom, max_zoom) = match parse_zoom_range(&s.zoom) {
+        Ok(z) => z,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("zoom: {e}")),
+    };
+    let plan = cache_proxy::seed::SeedPlan {
+        source: s.source,
+        bbox,
+        min_zoom,
+        max_zoom,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(PROGRESS_QUEUE);
+    let _ = tx.try_send(serde_json::json!({ "estimate": { "tiles": plan.count() } }));
+    let handle = proxy.handle.clone();
+    tokio::spawn(async move {
+        let mut last = std::time::Instant::now();
+        let ptx = tx.clone();
+        let result = handle
+            .seed(&plan, move |p| {
+                if last.elapsed() >= Duration::from_millis(250) || p.done == p.total {
+                    last = std::time::Instant::now();
+                    let _ = ptx.try_send(serde_json::json!({ "progress": { "done": p.done, "total": p.total, "fetched": p.fetched, "skipped": p.skipped, "failed": p.failed } }));
+                }
+            })
+            .await;
+        let line = match result {
+            Ok(p) => {
+                serde_json::json!({ "result": { "total": p.total, "fetched": p.fetched, "skipped": p.skipped, "failed": p.failed } })
+            }
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        let _ = tx.send(line).await;
+    });
+    ndjson_stream(rx)
+}
+
+/// `"0-16"` or `"12"`.
+pub fn parse_zoom_range(s: &str) -> Result<(u8, u8), String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let a: u8 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a zoom range like 0-16"))?;
+    let b: u8 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a zoom range like 0-16"))?;
+    if a > b || b > 30 {
+        return Err(format!("{s:?}: expected MIN-MAX with MIN <= MAX <= 30"));
+    }
+    Ok((a, b))
 }
 
 fn parse_limit(query: &str) -> Result<usize, String> {

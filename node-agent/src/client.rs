@@ -140,6 +140,8 @@ impl AgentClient {
                         p["done"].as_u64().unwrap_or(0),
                         p["total"].as_u64().unwrap_or(0),
                     );
+                } else if let Some(e) = v.get("estimate") {
+                    eprintln!("estimate: {}", e);
                 } else if let Some(e) = v.get("error") {
                     bail!("{}", e.as_str().unwrap_or("failed"));
                 } else if let Some(r) = v.get("result") {

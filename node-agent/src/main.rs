@@ -68,6 +68,12 @@ enum Cmd {
     /// Volumes: appliance disk images, snapshotted and replicated between racks.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Map tiles: seed a region into the rack's cache.
+    #[command(subcommand)]
+    Tiles(TilesCmd),
+    /// The caching proxy: operator switches.
+    #[command(subcommand)]
+    Cache(CacheCmd),
     /// Run a local field of racks on this machine (no configuration needed).
     Demo {
         /// How many racks.
@@ -133,6 +139,38 @@ enum VolumeCmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TilesCmd {
+    /// Fetch every tile of a region from a source that allows bulk download (pinned: never evicted; resumable).
+    Seed {
+        /// Tile source name (a [[tile_source]] of rack.toml).
+        #[arg(long)]
+        source: String,
+        /// West,South,East,North in degrees.
+        #[arg(long, allow_hyphen_values = true)]
+        bbox: String,
+        /// Zoom range, e.g. 0-16.
+        #[arg(long)]
+        zoom: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// Force offline mode on or off (offline: never touch the backhaul).
+    Offline {
+        /// on or off.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -305,6 +343,38 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Volume(cmd) => volume_cmd(cmd).await,
+        Cmd::Tiles(TilesCmd::Seed {
+            source,
+            bbox,
+            zoom,
+            config,
+        }) => {
+            let client = client_for(&config)?;
+            let r = client
+                .post_streaming(
+                    "/api/v1/tiles/seed",
+                    serde_json::json!({ "source": source, "bbox": bbox, "zoom": zoom }),
+                    |done, total| {
+                        eprint!("\rseed: {done} of {total} tiles   ");
+                    },
+                )
+                .await?;
+            eprintln!();
+            println!("seeded {source}: {r}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cache(CacheCmd::Offline { state, config }) => {
+            let client = client_for(&config)?;
+            let body = serde_json::to_vec(&serde_json::json!({ "offline": state == "on" }))?;
+            let (code, body) = client
+                .request(hyper::Method::POST, "/api/v1/cache/offline", Some(body))
+                .await?;
+            if code != 200 {
+                anyhow::bail!("{}", String::from_utf8_lossy(&body));
+            }
+            println!("forced offline: {state}");
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Demo { racks, dir } => {
             init_logging(log_format(cli.log_format, LogFormat::Plain), Some("warn"));
             node_agent::demo::run(racks as usize, dir, shutdown_token()).await?;

@@ -260,3 +260,120 @@ fn a_bad_tile_source_exits_64_naming_the_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tile_source"), "{err}");
 }
+
+fn fieldrack(fleet: &Fleet, rack: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(fleet.config(rack))
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeding_fetches_a_region_once_and_offline_mode_answers_from_the_cache() {
+    let (port, hits, _origin) = origin().await;
+    let fleet = Fleet::init("a", &[]);
+    let proxy = add_tile_source(&fleet, "a", port);
+    // a second source whose provider forbids bulk download
+    let p = fleet.config("a");
+    let mut text = std::fs::read_to_string(&p).unwrap();
+    text = text.replace(
+        "format = \"png\"\n",
+        "format = \"png\"\nallow_bulk = true\nrequests_per_sec = 1000\n",
+    );
+    text.push_str(&format!("\n[[tile_source]]\nname = \"osm\"\nurl = \"http://127.0.0.1:{port}/{{z}}/{{x}}/{{y}}.png\"\nformat = \"png\"\n"));
+    std::fs::write(&p, text).unwrap();
+    let _a = fleet.start("a");
+    wait_until(Duration::from_secs(10), "agent up", || async {
+        status(&fleet.client("a")).await.is_some()
+    })
+    .await;
+
+    let out = fieldrack(
+        &fleet,
+        "a",
+        &[
+            "tiles",
+            "seed",
+            "--source",
+            "osm",
+            "--bbox=-180,-85,180,85",
+            "--zoom",
+            "0-2",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not allow bulk download"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+
+    let out = fieldrack(
+        &fleet,
+        "a",
+        &[
+            "tiles",
+            "seed",
+            "--source",
+            "test",
+            "--bbox=-180,-85,180,85",
+            "--zoom",
+            "0-2",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"tiles\":21"),
+        "estimate printed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 21, "1 + 4 + 16 tiles");
+    let out = fieldrack(
+        &fleet,
+        "a",
+        &[
+            "tiles",
+            "seed",
+            "--source",
+            "test",
+            "--bbox=-180,-85,180,85",
+            "--zoom",
+            "0-2",
+        ],
+    );
+    assert!(out.status.success());
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        21,
+        "a second seed fetches nothing"
+    );
+
+    // Forced offline: seeded tiles answer, misses get a fast 504.
+    let out = fieldrack(&fleet, "a", &["cache", "offline", "on"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, _, body) = get(&proxy, "/tiles/test/2/3/1.png").await;
+    assert_eq!(code, 200);
+    assert_eq!(body, tile_body(2, 3, 1));
+    let t0 = std::time::Instant::now();
+    let (code, head, _) = get(&proxy, "/tiles/test/9/3/1.png").await;
+    assert_eq!(code, 504, "{head}");
+    assert!(t0.elapsed() < Duration::from_millis(500));
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        21,
+        "offline never touches the backhaul"
+    );
+    let s = status(&fleet.client("a")).await.unwrap();
+    assert_eq!(s.cache.unwrap()["backhaul"], "down");
+}
