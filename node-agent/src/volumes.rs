@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::state::AgentState;
 
-/// Pushes running at once (all peers): each keeps a link busy; more would
-/// only split the same radio bandwidth and the same disk.
+/// Pushes running at once across all peers (at most one per peer link):
+/// each keeps a link busy; more would only contend for the same disk.
 pub const MAX_PUSHES: usize = 4;
 /// Inbound transfers served at once.
 pub const MAX_SERVES: usize = 4;
@@ -518,12 +518,13 @@ impl VolumeEngine {
                     .filter(|r| r.generation < Some(latest.generation))
                 {
                     let key = (volume.clone(), replica.rack.clone());
-                    if self
-                        .running
-                        .lock()
-                        .expect("running lock")
-                        .contains_key(&key)
-                    {
+                                        // One push per peer link at a time: concurrent pushes of
+                    // volumes sharing chunks (clones of one base) would each
+                    // decide at their start that the replica lacks the shared
+                    // chunks and all send them; sequential pushes deduplicate.
+                    // It also keeps one volume's transfer from starving another
+                    // on a thin radio link.
+                    if self.running.lock().expect("running lock").keys().any(|(_, r)| r == &replica.rack) {
                         continue;
                     }
                     if self

@@ -1,0 +1,227 @@
+//! The two transports the benchmark compares, set up the same way on both
+//! processes: the fleet mesh (libp2p-stream over libp2p-quic, with fleet
+//! admission) and a raw quinn endpoint authenticated with the same libp2p
+//! TLS identity and the same QUIC transport parameters.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use deploy::cert::{CertBody, CERT_VERSION};
+use deploy::config::MeshConfig;
+use deploy::power::PowerStatus;
+use deploy::{FleetKey, Role};
+use futures::{AsyncRead, AsyncWrite};
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use mesh::{MeshSettings, RackInfo};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+
+/// Fleet name used by both processes.
+pub const FLEET: &str = "replbench";
+
+/// libp2p-quic 0.14's per-stream receive window (`Config::max_stream_data`),
+/// which the mesh keeps: the raw quinn endpoint uses the same value so the
+/// comparison is about the replication path, not about window sizes.
+pub const STREAM_WINDOW: u32 = 10_000_000;
+
+/// libp2p-quic 0.14's per-connection receive window
+/// (`Config::max_connection_data`), mirrored for the same reason.
+pub const CONNECTION_WINDOW: u32 = 15_000_000;
+
+/// Server name libp2p-quic dials with (the certificate is checked against
+/// the PeerId, not a name).
+const SERVER_NAME: &str = "l";
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Mesh settings for one benchmark rack: the production defaults of
+/// `[mesh]` in rack.toml, but on loopback port 0, without mDNS.
+pub fn mesh_settings(
+    fleet: &FleetKey,
+    rack: &str,
+    keypair: Keypair,
+    bootstrap: Vec<Multiaddr>,
+) -> MeshSettings {
+    let d = MeshConfig::default();
+    let certificate = fleet.issue(&CertBody {
+        version: CERT_VERSION,
+        fleet: FLEET.into(),
+        rack: rack.into(),
+        peer_id: PeerId::from(keypair.public()).to_base58(),
+        role: Role::Rack,
+        site: rack.into(),
+        serial: rand::random(),
+        not_before: unix_now().saturating_sub(60),
+        not_after: unix_now() + 24 * 3600,
+    });
+    MeshSettings {
+        keypair,
+        certificate,
+        fleet_key: fleet.public(),
+        fleet_name: FLEET.into(),
+        rack: rack.into(),
+        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1"
+            .parse()
+            .expect("static multiaddr")],
+        bootstrap,
+        mdns: false,
+        admission_timeout: Duration::from_millis(d.admission_timeout_ms),
+        max_connections: d.max_connections,
+        max_connections_per_peer: d.max_connections_per_peer,
+        idle_timeout: Duration::from_millis(d.idle_timeout_ms),
+        reconnect_initial: Duration::from_millis(d.reconnect_initial_ms),
+        reconnect_max: Duration::from_millis(d.reconnect_max_ms),
+        membership: Default::default(),
+        incarnation: 1,
+        meta: RackInfo {
+            rack: rack.into(),
+            role: Role::Rack,
+            site: rack.into(),
+            cpus: 2,
+            memory_mb: 1024,
+            power: PowerStatus::default(),
+            version: "replbench".into(),
+            api: "127.0.0.1:1".into(),
+        },
+        revocations: vec![],
+        seed: rand::random(),
+    }
+}
+
+/// The QUIC transport parameters libp2p-quic 0.14 derives from its config
+/// (see its `QuinnConfig::from`), with the mesh's idle timeout and
+/// keep-alive.
+fn transport() -> Arc<quinn::TransportConfig> {
+    let d = MeshConfig::default();
+    let idle = Duration::from_millis(d.idle_timeout_ms);
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_uni_streams(0u32.into());
+    t.max_concurrent_bidi_streams(256u32.into());
+    t.datagram_receive_buffer_size(None);
+    t.keep_alive_interval(Some(Duration::from_secs(2).min(idle / 2)));
+    t.max_idle_timeout(Some(
+        quinn::VarInt::from_u32(u32::try_from(idle.as_millis()).unwrap_or(u32::MAX)).into(),
+    ));
+    t.allow_spin(false);
+    t.stream_receive_window(STREAM_WINDOW.into());
+    t.receive_window(CONNECTION_WINDOW.into());
+    t.mtu_discovery_config(Some(quinn::MtuDiscoveryConfig::default()));
+    Arc::new(t)
+}
+
+/// A raw quinn server endpoint on loopback, TLS by `libp2p_tls` with `keypair`.
+pub fn quic_server(keypair: &Keypair) -> anyhow::Result<quinn::Endpoint> {
+    let tls = libp2p_tls::make_server_config(keypair).context("libp2p TLS server config")?;
+    let crypto = QuicServerConfig::try_from(tls).context("QUIC server crypto")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport = transport();
+    server.migration(false);
+    let addr: SocketAddr = "127.0.0.1:0".parse().expect("static address");
+    quinn::Endpoint::server(server, addr).context("binding the raw QUIC endpoint")
+}
+
+/// Connect a raw quinn client to `server`, expecting `server_peer`'s identity.
+pub async fn quic_connect(
+    keypair: &Keypair,
+    server: SocketAddr,
+    server_peer: PeerId,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    let tls = libp2p_tls::make_client_config(keypair, Some(server_peer))
+        .context("libp2p TLS client config")?;
+    let crypto = QuicClientConfig::try_from(tls).context("QUIC client crypto")?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(transport());
+    let addr: SocketAddr = "127.0.0.1:0".parse().expect("static address");
+    let endpoint = quinn::Endpoint::client(addr).context("binding the raw QUIC client")?;
+    let conn = endpoint
+        .connect_with(client, server, SERVER_NAME)
+        .context("dialling the raw QUIC endpoint")?
+        .await
+        .context("raw QUIC handshake")?;
+    Ok((endpoint, conn))
+}
+
+/// Application bytes that crossed a stream in each direction.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Bytes we wrote (sent).
+    pub written: AtomicU64,
+    /// Bytes we read (received).
+    pub read: AtomicU64,
+}
+
+impl Tally {
+    /// (written, read).
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.written.load(Ordering::Relaxed),
+            self.read.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A stream wrapper that counts the bytes through it: "bytes on the wire"
+/// at the application level, both directions (what `rsync --stats` counts
+/// too; QUIC/UDP headers are not included on either side).
+pub struct Counting<S> {
+    inner: S,
+    tally: Arc<Tally>,
+}
+
+impl<S> Counting<S> {
+    /// Wrap `inner`; the tally stays readable after the stream is consumed.
+    pub fn new(inner: S) -> (Self, Arc<Tally>) {
+        let tally = Arc::new(Tally::default());
+        (
+            Self {
+                inner,
+                tally: tally.clone(),
+            },
+            tally,
+        )
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.tally.read.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.tally.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
