@@ -40,11 +40,12 @@ pub struct ProxyConfig {
     /// A name for this cache in `Via` and `Cache-Status` headers (usually
     /// the rack name). `[a-zA-Z0-9._-]` only.
     pub name: String,
-    /// Directory holding the object store (pack files and the sled index).
+    /// Directory holding the object store (pack files and the SQLite index).
     /// The agent resolves relative paths against its data directory.
     pub cache_dir: PathBuf,
-    /// Eviction starts only when the stored (deduplicated) body bytes exceed
-    /// this. Nothing is evicted below it, however long unused.
+    /// Eviction starts only when the cache's disk footprint (packs, dead
+    /// space included, plus the index) exceeds this. Nothing is evicted below
+    /// it, however long unused; seeded (pinned) tiles never.
     pub max_cache_bytes: u64,
     /// Client networks allowed to use the proxy and tile server, as CIDRs
     /// (`10.0.0.0/8`, `fd00::/8`, or a bare address). Everyone else gets 403:
@@ -93,6 +94,10 @@ pub struct BackhaulConfig {
     /// Upstream TCP connect timeout (ms). Only paid while the link is
     /// believed up; once it is known down, nothing waits on it.
     pub connect_timeout_ms: u64,
+    /// Extra CA certificates (PEM files) trusted for `https://` upstreams,
+    /// beside the public roots: a relief agency's own tile server with a
+    /// private CA. Relative paths are relative to the agent's data_dir.
+    pub extra_ca_files: Vec<PathBuf>,
     /// Time allowed for an upstream's response head (ms).
     pub response_timeout_ms: u64,
 }
@@ -100,6 +105,7 @@ pub struct BackhaulConfig {
 impl Default for BackhaulConfig {
     fn default() -> Self {
         Self {
+            extra_ca_files: Vec::new(),
             bytes_per_sec: 0,
             daily_quota_bytes: 0,
             probe_urls: Vec::new(),

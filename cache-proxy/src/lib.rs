@@ -15,7 +15,7 @@
 //! Layout:
 //! - [`config`]: configuration types.
 //! - [`http_cache`]: RFC 9111/5861/9211 semantics, sans-IO.
-//! - [`store`]: packed, deduplicated, crash-safe object store (sled index).
+//! - [`store`]: packed, deduplicated, crash-safe object store (SQLite index).
 //! - [`flight`]: one upstream fetch per key, streamed to every waiter.
 //! - [`upstream`]: HTTP/1.1 client with connect timeouts and a pool.
 //! - [`health`]: link health (probes + passive), offline decisions.
@@ -23,6 +23,7 @@
 //! - [`mesh`]: peer traits, no-op implementations, the key digest.
 //! - [`tiles`]: tile paths, URL templates, TileJSON, bbox → tiles.
 //! - [`seed`]: bulk seeding of a region (resumable, rate-limited).
+//! - [`mbtiles`]: MBTiles import (pinned, offline-ready) and export.
 //! - [`engine`]: the caching pipeline.
 //! - [`server`]: hyper server, routing, CONNECT, PAC, prober.
 //! - [`stats`]: status document and Prometheus counters.
@@ -33,6 +34,7 @@ pub mod engine;
 pub mod flight;
 pub mod health;
 pub mod http_cache;
+pub mod mbtiles;
 pub mod mesh;
 pub mod seed;
 pub mod server;
@@ -96,6 +98,9 @@ pub enum StartError {
     /// The cache directory or index could not be opened.
     #[error("opening the cache: {0}")]
     Store(#[from] store::OpenError),
+        /// An extra CA file could not be used.
+    #[error("trusted CA files: {0}")]
+    Tls(#[from] upstream::TlsConfigError),
     /// The listen address could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -282,7 +287,8 @@ impl Proxy {
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
-        let engine = build_engine(&config, deps, store);
+                let engine = build_engine(&config, deps, store);
+        engine.client.trust_extra_cas(&config.proxy.backhaul.extra_ca_files)?;
         tracing::info!(event = "proxy_listening", addr = %local_addr, "caching proxy listening");
         Ok(Proxy {
             listener,

@@ -15,7 +15,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::service::service_fn;
@@ -32,7 +31,7 @@ use crate::config::Cidr;
 use crate::engine::{full, Body, CacheRequest, Engine};
 use crate::http_cache::{self, CacheStatus, Fwd};
 use crate::tiles::{self, TilePathError, TileRequest};
-use crate::upstream::{connect_tcp, Scheme, Target};
+use crate::upstream::{connect_tcp, Target};
 
 /// Concurrent client connections. Map clients open 6-8 each; a relief site
 /// has a few hundred devices.
@@ -238,13 +237,7 @@ async fn proxy(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
             );
         }
     };
-    if target.scheme == Scheme::Https {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "400 Bad Request: use CONNECT for https:// URLs.",
-            e,
-        );
-    }
+
     let headers = client_headers(&req);
     let method = req.method().clone();
     let cacheable_method = method == Method::GET || method == Method::HEAD;
@@ -499,7 +492,7 @@ pub(crate) async fn prober(
             let mut any_ok = false;
             for t in &targets {
                 let ok = if http_probe {
-                    probe_http(t, timeout).await
+                    engine.client.probe(t, timeout).await
                 } else {
                     connect_tcp(&t.host, t.port, timeout).await.is_ok()
                 };
@@ -533,28 +526,4 @@ pub(crate) async fn prober(
             }
         }
     }
-}
-
-async fn probe_http(t: &Target, timeout: Duration) -> bool {
-    let fut = async {
-        let stream = connect_tcp(&t.host, t.port, timeout).await.ok()?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake::<
-            _,
-            http_body_util::Empty<Bytes>,
-        >(TokioIo::new(stream))
-        .await
-        .ok()?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(&t.path_and_query)
-            .header(header::HOST, t.host_header())
-            .header(header::USER_AGENT, "fieldrack-probe")
-            .body(http_body_util::Empty::new())
-            .ok()?;
-        sender.send_request(req).await.ok()
-    };
-    matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(_)))
 }

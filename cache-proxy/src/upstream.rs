@@ -554,11 +554,7 @@ impl Client {
                 .uri(&target.path_and_query)
                 .header(hyper::header::HOST, target.host_header())
                 .header(hyper::header::USER_AGENT, "fieldrack-probe")
-                .body(
-                    http_body_util::Empty::new()
-                        .map_err(|e| match e {})
-                        .boxed(),
-                )
+                .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
                 .ok()?;
             sender.send_request(req).await.ok()
         };

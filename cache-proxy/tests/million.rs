@@ -1,6 +1,12 @@
 //! Disk bytes per payload byte for a million generated tiles (ignored: run
 //! with `cargo test -p cache-proxy --release --test million -- --ignored
-//! --nocapture`; set `MILLION_TILES=100000` for a quicker run).
+//! --nocapture`; set `MILLION_TILES=100000` for a quicker run,
+//! `MILLION_SYNC=1` to fsync every group commit as production does, and
+//! `MILLION_DIR` to write somewhere other than /tmp).
+//!
+//! Besides the ratio it prints write throughput, the time to reopen the
+//! store, `get` latency (p50/p99) on random keys through the index and the
+//! packs and again from the hot cache, and the time of a full `check`.
 //!
 //! The mix follows ANCHORS.md: 65 % raster tiles, of which 30 % are
 //! single-colour (8 colours, ~100-350 B PNGs, deduplicated) and the rest
@@ -15,6 +21,11 @@ use bytes::Bytes;
 use cache_proxy::{key_hash, ObjectMeta, Store, StoreOptions};
 use hyper::header::HeaderValue;
 use rand::{Rng, SeedableRng};
+
+fn tile_key(i: u64) -> String {
+    let z = 4 + (i % 15);
+    format!("tile:src{}/{z}/{}/{}", i % 3, i, i / 7)
+}
 
 fn lognormal(rng: &mut impl Rng, median: f64, sigma: f64) -> usize {
     // Box-Muller.
@@ -43,12 +54,13 @@ fn million_tiles_disk_ratio() {
             Bytes::from(v)
         })
         .collect();
+    let sync = std::env::var("MILLION_SYNC").is_ok_and(|v| v == "1");
     let t0 = Instant::now();
     let (payload, stats) = rt.block_on(async {
         let s = Store::open(
             dir.path(),
             StoreOptions {
-                sync: false,
+                sync,
                 ..StoreOptions::default()
             },
         )
@@ -106,8 +118,7 @@ fn million_tiles_disk_ratio() {
                 ))
                 .unwrap(),
             );
-            let z = 4 + (i % 15);
-            let key = format!("tile:src{}/{z}/{}/{}", i % 3, i, i / 7);
+            let key = tile_key(i);
             let s2 = s.clone();
             pending.push(tokio::spawn(async move {
                 s2.put(key_hash(&key), meta, body).await
@@ -129,21 +140,87 @@ fn million_tiles_disk_ratio() {
         drop(s);
         (payload, stats)
     });
-    // Let the writer thread and sled close, then measure.
+    let write_s = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "writes: {n} tiles in {write_s:.1} s = {:.0} puts/s, {:.0} MB/s of payload (sync {sync})",
+        n as f64 / write_s,
+        payload as f64 / write_s / 1e6
+    );
+    // Let the writer thread close the index, then measure everything in
+    // the directory (packs, index, WAL, lock file).
     std::thread::sleep(std::time::Duration::from_secs(3));
     let packs = Store::disk_usage(&dir.path().join("packs"));
     let index = Store::disk_usage(&dir.path().join("index"));
-    let disk = packs + index;
+    let disk = Store::disk_usage(dir.path());
     eprintln!(
-        "{n} tiles: payload {payload} B (mean {} B), stored unique {} B, packs {packs} B, index {index} B, \
-         disk/payload = {:.3} (index alone {:.3}), {:.0} s",
+        "{n} tiles: payload {payload} B (mean {} B), stored unique {} B, packs {packs} B, index {index} B \
+         ({:.0} B/object), disk/payload = {:.3} (packs {:.3}, index {:.3}), store footprint {} B",
         payload / n,
         stats.stored_bytes,
+        index as f64 / n as f64,
         disk as f64 / payload as f64,
+        packs as f64 / payload as f64,
         index as f64 / payload as f64,
-        t0.elapsed().as_secs_f64()
+        stats.disk_bytes,
     );
     assert_eq!(stats.objects, n);
+
+    // Reopen, then read.
+    rt.block_on(async {
+        let t = Instant::now();
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let open = t.elapsed();
+        assert_eq!(s.stats().objects, n);
+        eprintln!("open: {:.1} ms for {n} objects", open.as_secs_f64() * 1e3);
+        let samples = 200_000.min(n as usize * 2);
+        let mut pick = rand::rngs::StdRng::seed_from_u64(7);
+        let keys: Vec<_> = (0..samples)
+            .map(|_| key_hash(&tile_key(pick.gen_range(0..n))))
+            .collect();
+        // Random keys over the whole store (the index and the packs, from
+        // the page cache), then a small hot set read over and over (from
+        // the hot cache after its first round).
+        let hot: Vec<_> = keys.iter().take(5_000).copied().collect();
+        let hot_rounds: Vec<_> = (0..40).flat_map(|_| hot.iter().copied()).collect();
+        for (label, keys) in [
+            ("random keys: index + pack", &keys),
+            ("5000 hot keys x 40: hot cache", &hot_rounds),
+        ] {
+            let mut lat = Vec::with_capacity(keys.len());
+            let t = Instant::now();
+            for k in keys.iter() {
+                let t = Instant::now();
+                let o = s.get(k).unwrap();
+                lat.push(t.elapsed().as_nanos() as u64);
+                assert!(o.is_some());
+            }
+            let total = t.elapsed();
+            lat.sort_unstable();
+            let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1e3;
+            eprintln!(
+                "get ({label}): {} gets, {:.0}/s on one thread, p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs",
+                lat.len(),
+                lat.len() as f64 / total.as_secs_f64(),
+                q(0.50),
+                q(0.99),
+                q(0.999),
+                q(1.0)
+            );
+        }
+        let t = Instant::now();
+        let mut listed = 0u64;
+        s.for_each_key(|_| listed += 1);
+        assert_eq!(listed, n);
+        eprintln!(
+            "for_each_key (what a mesh digest reads): {:.0} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        let t = Instant::now();
+        let r = s.check(false).await.unwrap();
+        eprintln!("check: {:.1} s, {r:?}", t.elapsed().as_secs_f64());
+        assert_eq!(r.refs_fixed + r.dangling_removed + r.orphans_removed, 0);
+        assert!(!r.counters_fixed);
+    });
     assert!(
         disk as f64 <= 1.10 * payload as f64,
         "disk/payload {:.3}",

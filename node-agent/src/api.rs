@@ -301,6 +301,9 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
             }
         }
         (Method::POST, "/api/v1/tiles/seed") => tiles_seed(req, rack).await,
+        (Method::POST, "/api/v1/tiles/import" | "/api/v1/tiles/export") => {
+            tiles_mbtiles(req, rack, &path).await
+        }
         (
             _,
             "/api/v1/status"
@@ -461,6 +464,100 @@ async fn tiles_seed(req: Request<Incoming>, rack: &Rack) -> Response<Body> {
         };
         let _ = tx.send(line).await;
     });
+    ndjson_stream(rx)
+}
+
+/// `POST /api/v1/tiles/import {"source", "from": "/abs/region.mbtiles"}` and
+/// `POST /api/v1/tiles/export {"source", "bbox", "zoom", "to": "/abs/out.mbtiles"}`:
+/// NDJSON progress, then the report.
+async fn tiles_mbtiles(req: Request<Incoming>, rack: &Rack, path: &str) -> Response<Body> {
+    let Some(proxy) = &rack.proxy else {
+        return error(StatusCode::NOT_FOUND, "this rack runs no proxy");
+    };
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Args {
+        source: String,
+        from: Option<std::path::PathBuf>,
+        to: Option<std::path::PathBuf>,
+        bbox: Option<String>,
+        zoom: Option<String>,
+    }
+    let a: Args = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad arguments: {e}")),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(PROGRESS_QUEUE);
+    let handle = proxy.handle.clone();
+    if path.ends_with("/import") {
+        let Some(from) = a.from else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "import needs {\"source\", \"from\"}",
+            );
+        };
+        tokio::spawn(async move {
+            let mut last = std::time::Instant::now();
+            let ptx = tx.clone();
+            let r = cache_proxy::mbtiles::import(&handle, &a.source, &from, move |p| {
+                if last.elapsed() >= Duration::from_millis(250) {
+                    last = std::time::Instant::now();
+                    let _ = ptx.try_send(
+                        serde_json::json!({ "progress": { "done": p.read, "total": p.total } }),
+                    );
+                }
+            })
+            .await;
+            let line = match r {
+                Ok(rep) => serde_json::json!({ "result": rep }),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            };
+            let _ = tx.send(line).await;
+        });
+    } else {
+        let (Some(to), Some(bbox), Some(zoom)) = (a.to, a.bbox, a.zoom) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "export needs {\"source\", \"bbox\", \"zoom\", \"to\"}",
+            );
+        };
+        let bbox: cache_proxy::tiles::BBox = match bbox.parse() {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("bbox: {e}")),
+        };
+        let (min_zoom, max_zoom) = match parse_zoom_range(&zoom) {
+            Ok(z) => z,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("zoom: {e}")),
+        };
+        let plan = cache_proxy::mbtiles::ExportPlan {
+            source: a.source,
+            bbox,
+            min_zoom,
+            max_zoom,
+        };
+        tokio::spawn(async move {
+            let mut last = std::time::Instant::now();
+            let ptx = tx.clone();
+            let r = cache_proxy::mbtiles::export(&handle, &plan, &to, move |p| {
+                if last.elapsed() >= Duration::from_millis(250) {
+                    last = std::time::Instant::now();
+                    let _ = ptx.try_send(
+                        serde_json::json!({ "progress": { "done": p.done, "total": p.total } }),
+                    );
+                }
+            })
+            .await;
+            let line = match r {
+                Ok(rep) => serde_json::json!({ "result": rep }),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            };
+            let _ = tx.send(line).await;
+        });
+    }
     ndjson_stream(rx)
 }
 

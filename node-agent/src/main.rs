@@ -159,6 +159,34 @@ enum TilesCmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Preload tiles from an MBTiles file (pinned; served offline) before or after shipping.
+    Import {
+        /// The .mbtiles file (on the rack).
+        file: PathBuf,
+        /// The [[tile_source]] the tiles belong to.
+        #[arg(long)]
+        source: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Write the cached tiles of a region to an MBTiles file for a field laptop or phone.
+    Export {
+        /// Output .mbtiles file (on the rack).
+        file: PathBuf,
+        /// Tile source name.
+        #[arg(long)]
+        source: String,
+        /// West,South,East,North in degrees.
+        #[arg(long, allow_hyphen_values = true)]
+        bbox: String,
+        /// Zoom range, e.g. 0-16.
+        #[arg(long)]
+        zoom: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -354,13 +382,54 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .post_streaming(
                     "/api/v1/tiles/seed",
                     serde_json::json!({ "source": source, "bbox": bbox, "zoom": zoom }),
-                    |done, total| {
-                        eprint!("\rseed: {done} of {total} tiles   ");
-                    },
+                    count_printer("seed"),
                 )
                 .await?;
             eprintln!();
             println!("seeded {source}: {r}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Tiles(TilesCmd::Import {
+            file,
+            source,
+            config,
+        }) => {
+            let client = client_for(&config)?;
+            let file =
+                std::fs::canonicalize(&file).with_context(|| format!("{}", file.display()))?;
+            let r = client
+                .post_streaming(
+                    "/api/v1/tiles/import",
+                    serde_json::json!({ "source": source, "from": file }),
+                    count_printer("import"),
+                )
+                .await?;
+            eprintln!();
+            println!("imported into {source}: {r}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Tiles(TilesCmd::Export {
+            file,
+            source,
+            bbox,
+            zoom,
+            config,
+        }) => {
+            let client = client_for(&config)?;
+            let file = if file.is_absolute() {
+                file
+            } else {
+                std::env::current_dir()?.join(file)
+            };
+            let r = client
+                .post_streaming(
+                    "/api/v1/tiles/export",
+                    serde_json::json!({ "source": source, "bbox": bbox, "zoom": zoom, "to": file }),
+                    count_printer("export"),
+                )
+                .await?;
+            eprintln!();
+            println!("exported {source} to {}: {r}", file.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cache(CacheCmd::Offline { state, config }) => {
@@ -398,6 +467,22 @@ fn progress_printer(what: &'static str) -> impl FnMut(u64, u64) {
             human_bytes(done),
             human_bytes(total)
         );
+        if tty {
+            eprint!("\r{line}   ");
+            let _ = std::io::stderr().flush();
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// Prints `what: 42% (420 of 1000 tiles)` in place on a terminal.
+fn count_printer(what: &'static str) -> impl FnMut(u64, u64) {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    move |done, total| {
+        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let line = format!("{what}: {pct}% ({done} of {total} tiles)");
         if tty {
             eprint!("\r{line}   ");
             let _ = std::io::stderr().flush();

@@ -64,6 +64,11 @@ pub fn config(rc: &RackConfig) -> Result<Option<Config>, ProxyConfigError> {
     if cfg.proxy.cache_dir.is_relative() {
         cfg.proxy.cache_dir = rc.data_dir.join(&cfg.proxy.cache_dir);
     }
+    for ca in &mut cfg.proxy.backhaul.extra_ca_files {
+        if ca.is_relative() {
+            *ca = rc.data_dir.join(&*ca);
+        }
+    }
     cfg.validate().map_err(|e| {
         let msg = e.to_string();
         ProxyConfigError {

@@ -376,4 +376,74 @@ async fn seeding_fetches_a_region_once_and_offline_mode_answers_from_the_cache()
     );
     let s = status(&fleet.client("a")).await.unwrap();
     assert_eq!(s.cache.unwrap()["backhaul"], "down");
+
+    // Hand the region to another rack as an MBTiles file: it serves every
+    // tile offline without ever touching the origin.
+    let file = fleet.dir.path().join("region.mbtiles");
+    let out = fieldrack(
+        &fleet,
+        "a",
+        &[
+            "tiles",
+            "export",
+            file.to_str().unwrap(),
+            "--source",
+            "test",
+            "--bbox=-180,-85,180,85",
+            "--zoom",
+            "0-2",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let other = Fleet::init("b", &[]);
+    let proxy_b = add_tile_source(&other, "b", port);
+    let _b = other.start("b");
+    wait_until(Duration::from_secs(10), "b up", || async {
+        status(&other.client("b")).await.is_some()
+    })
+    .await;
+    assert!(fieldrack(&other, "b", &["cache", "offline", "on"])
+        .status
+        .success());
+    let out = fieldrack(
+        &other,
+        "b",
+        &[
+            "tiles",
+            "import",
+            file.to_str().unwrap(),
+            "--source",
+            "test",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (z, x, y) in [(0, 0, 0), (1, 1, 0), (2, 3, 3)] {
+        let (code, head, body) = get(&proxy_b, &format!("/tiles/test/{z}/{x}/{y}.png")).await;
+        assert_eq!(code, 200, "{head}");
+        assert_eq!(body, tile_body(z, x, y));
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        21,
+        "the imported rack never touched the origin"
+    );
+    let bad = fleet.dir.path().join("not.mbtiles");
+    std::fs::write(&bad, b"this is not sqlite").unwrap();
+    let out = fieldrack(
+        &other,
+        "b",
+        &["tiles", "import", bad.to_str().unwrap(), "--source", "test"],
+    );
+    assert!(
+        !out.status.success(),
+        "a file that is not MBTiles is refused"
+    );
 }

@@ -4,8 +4,14 @@
 //! is squeezed: the headers that repeat across a source's responses
 //! (`Content-Type`, `Cache-Control`, `Vary`, ...) go into a shared,
 //! reference-counted *header block*; only the volatile ones (`Date`,
-//! `Expires`, `Last-Modified`, `Age`, `ETag`) stay per object, dates as
-//! 4-byte integers. A typical tile costs about 75 bytes of metadata.
+//! `Expires`, `Last-Modified`, `Age`, `ETag`) stay per object.
+//!
+//! [`MetaRecord`] (version 2) is what the SQLite index stores per object:
+//! dates as signed varint deltas from the request time (a `Date` costs one
+//! or two bytes), hex `ETag`s as raw bytes (half their text). A typical tile
+//! costs about 30 bytes of it. [`ObjectRecord`] and [`BlobLoc`] are the
+//! version-1 encodings of the former sled index, kept for compatibility of
+//! this module's API; the store no longer writes them.
 //!
 //! Every value starts with a version byte; decoding an unknown version
 //! fails instead of guessing.
@@ -192,6 +198,31 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
     }
+    fn uvar(&mut self) -> Result<u64, DecodeError> {
+        let mut n = 0u64;
+        for i in 0..10 {
+            let b = self.u8()?;
+            if i == 9 && b > 1 {
+                return Err(DecodeError::Malformed);
+            }
+            n |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(n);
+            }
+        }
+        Err(DecodeError::Malformed)
+    }
+    fn ivar(&mut self) -> Result<i64, DecodeError> {
+        let z = self.uvar()?;
+        Ok((z >> 1) as i64 ^ -((z & 1) as i64))
+    }
+    /// A date stored as a delta from `base`; must land in `u32`.
+    fn date(&mut self, base: i64) -> Result<u32, DecodeError> {
+        let d = self.ivar()?;
+        base.checked_add(d)
+            .and_then(|t| u32::try_from(t).ok())
+            .ok_or(DecodeError::Malformed)
+    }
 }
 
 /// Splits headers into the shared block text and the per-object fields.
@@ -332,6 +363,183 @@ impl BlobLoc {
     }
 }
 
+/// Version of the [`MetaRecord`] encoding.
+pub const META_VERSION: u8 = 2;
+
+/// The per-object metadata kept in the index besides the body hash, the
+/// header block id, the access time and the flags (which are columns of
+/// their own so that eviction and the hit path need not decode this).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetaRecord {
+    /// HTTP status.
+    pub status: u16,
+    /// Unix seconds, request sent.
+    pub request_time: u32,
+    /// Unix seconds, response received.
+    pub response_time: u32,
+    /// Per-object headers, in the order they appeared.
+    pub volatile: Vec<Volatile>,
+}
+
+const TAG_DATE: u8 = 0;
+const TAG_EXPIRES: u8 = 1;
+const TAG_LAST_MODIFIED: u8 = 2;
+const TAG_AGE: u8 = 3;
+const TAG_ETAG_RAW: u8 = 4;
+const TAG_ETAG_HEX: u8 = 5;
+const TAG_ETAG_WEAK_HEX: u8 = 6;
+
+fn put_uvar(v: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        v.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    v.push(n as u8);
+}
+
+fn put_ivar(v: &mut Vec<u8>, n: i64) {
+    put_uvar(v, ((n << 1) ^ (n >> 63)) as u64);
+}
+
+/// `"0123abcd"` or `W/"0123abcd"` (lower-case hex, even length, non-empty):
+/// `(weak, bytes)`, which re-encode to exactly the same text.
+fn hex_etag(e: &[u8]) -> Option<(bool, Vec<u8>)> {
+    let (weak, rest) = match e.strip_prefix(b"W/") {
+        Some(r) => (true, r),
+        None => (false, e),
+    };
+    let hex = rest.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    if hex.is_empty() || hex.len() % 2 != 0 {
+        return None;
+    }
+    let nib = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(hex.len() / 2);
+    for pair in hex.chunks_exact(2) {
+        out.push(nib(pair[0])? << 4 | nib(pair[1])?);
+    }
+    Some((weak, out))
+}
+
+fn unhex_etag(weak: bool, bytes: &[u8]) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut e = Vec::with_capacity(bytes.len() * 2 + 4);
+    if weak {
+        e.extend_from_slice(b"W/");
+    }
+    e.push(b'"');
+    for b in bytes {
+        e.push(HEX[usize::from(b >> 4)]);
+        e.push(HEX[usize::from(b & 15)]);
+    }
+    e.push(b'"');
+    e
+}
+
+impl MetaRecord {
+    /// Serialises.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(40);
+        v.push(META_VERSION);
+        v.extend_from_slice(&self.status.to_le_bytes());
+        v.extend_from_slice(&self.request_time.to_le_bytes());
+        let base = i64::from(self.request_time);
+        put_ivar(&mut v, i64::from(self.response_time) - base);
+        v.push(self.volatile.len().min(255) as u8);
+        for f in self.volatile.iter().take(255) {
+            match f {
+                Volatile::Date(t) => {
+                    v.push(TAG_DATE);
+                    put_ivar(&mut v, i64::from(*t) - base);
+                }
+                Volatile::Expires(t) => {
+                    v.push(TAG_EXPIRES);
+                    put_ivar(&mut v, i64::from(*t) - base);
+                }
+                Volatile::LastModified(t) => {
+                    v.push(TAG_LAST_MODIFIED);
+                    put_ivar(&mut v, i64::from(*t) - base);
+                }
+                Volatile::Age(t) => {
+                    v.push(TAG_AGE);
+                    put_uvar(&mut v, u64::from(*t));
+                }
+                Volatile::ETag(e) => match hex_etag(e).filter(|(_, b)| b.len() <= 255) {
+                    Some((weak, bytes)) => {
+                        v.push(if weak {
+                            TAG_ETAG_WEAK_HEX
+                        } else {
+                            TAG_ETAG_HEX
+                        });
+                        v.push(bytes.len() as u8);
+                        v.extend_from_slice(&bytes);
+                    }
+                    None => {
+                        // split_headers keeps ETags of at most 255 bytes.
+                        let e = &e[..e.len().min(255)];
+                        v.push(TAG_ETAG_RAW);
+                        v.push(e.len() as u8);
+                        v.extend_from_slice(e);
+                    }
+                },
+            }
+        }
+        v
+    }
+
+    /// Deserialises.
+    ///
+    /// # Errors
+    /// Malformed input or an unknown version.
+    pub fn decode(b: &[u8]) -> Result<MetaRecord, DecodeError> {
+        let mut r = Reader(b);
+        let version = r.u8()?;
+        if version != META_VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        let status = u16::from_le_bytes(r.take(2)?.try_into().expect("2"));
+        let request_time = r.u32()?;
+        let base = i64::from(request_time);
+        let response_time = r.date(base)?;
+        let n = r.u8()?;
+        let mut volatile = Vec::with_capacity(usize::from(n));
+        for _ in 0..n {
+            volatile.push(match r.u8()? {
+                TAG_DATE => Volatile::Date(r.date(base)?),
+                TAG_EXPIRES => Volatile::Expires(r.date(base)?),
+                TAG_LAST_MODIFIED => Volatile::LastModified(r.date(base)?),
+                TAG_AGE => {
+                    Volatile::Age(u32::try_from(r.uvar()?).map_err(|_| DecodeError::Malformed)?)
+                }
+                TAG_ETAG_RAW => {
+                    let l = usize::from(r.u8()?);
+                    Volatile::ETag(r.take(l)?.to_vec())
+                }
+                t @ (TAG_ETAG_HEX | TAG_ETAG_WEAK_HEX) => {
+                    let l = usize::from(r.u8()?);
+                    if l == 0 {
+                        return Err(DecodeError::Malformed);
+                    }
+                    Volatile::ETag(unhex_etag(t == TAG_ETAG_WEAK_HEX, r.take(l)?))
+                }
+                _ => return Err(DecodeError::Malformed),
+            });
+        }
+        if !r.0.is_empty() {
+            return Err(DecodeError::Malformed);
+        }
+        Ok(MetaRecord {
+            status,
+            request_time,
+            response_time,
+            volatile,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,7 +576,59 @@ mod tests {
         assert_eq!(block_id(&split_headers(&b).0), block_id(&block));
     }
 
+    #[test]
+    fn meta_record_is_small_and_exact() {
+        let r = MetaRecord {
+            status: 200,
+            request_time: 1_700_000_000,
+            response_time: 1_700_000_001,
+            volatile: vec![
+                Volatile::Date(1_700_000_001),
+                Volatile::LastModified(1_704_067_200),
+                Volatile::ETag(b"\"0123456789abcdef\"".to_vec()),
+            ],
+        };
+        let enc = r.encode();
+        assert!(enc.len() <= 30, "{} bytes", enc.len());
+        assert_eq!(MetaRecord::decode(&enc).unwrap(), r);
+        for etag in [
+            &b"W/\"00ff\""[..],
+            b"\"ABCD\"",
+            b"\"abc\"",
+            b"\"\"",
+            b"W/\"\"",
+            b"xyz",
+            b"",
+        ] {
+            let r = MetaRecord {
+                volatile: vec![Volatile::ETag(etag.to_vec())],
+                ..r.clone()
+            };
+            assert_eq!(MetaRecord::decode(&r.encode()).unwrap(), r);
+        }
+    }
+
     proptest! {
+        #[test]
+        fn meta_record_round_trip(status in any::<u16>(), req in any::<u32>(), resp in any::<u32>(),
+                                  dates in proptest::collection::vec(any::<u32>(), 3), age in any::<u32>(),
+                                  etag in proptest::collection::vec(any::<u8>(), 0..255), hex in any::<bool>()) {
+            let etag = if hex { unhex_etag(etag.len() % 2 == 1, &etag[..etag.len().min(127)]) } else { etag };
+            let r = MetaRecord { status, request_time: req, response_time: resp,
+                volatile: vec![Volatile::Date(dates[0]), Volatile::Expires(dates[1]), Volatile::LastModified(dates[2]),
+                               Volatile::Age(age), Volatile::ETag(etag)] };
+            let enc = r.encode();
+            prop_assert_eq!(MetaRecord::decode(&enc).unwrap(), r);
+            for cut in 0..enc.len() {
+                prop_assert!(MetaRecord::decode(&enc[..cut]).is_err());
+            }
+        }
+
+        #[test]
+        fn meta_record_decode_never_panics(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = MetaRecord::decode(&b);
+        }
+
         #[test]
         fn record_round_trip(flags in any::<u8>(), status in any::<u16>(), t in any::<u32>(), len in any::<u32>(),
                              h in any::<[u8; 16]>(), etag in proptest::collection::vec(any::<u8>(), 0..255)) {
