@@ -98,7 +98,7 @@ pub enum StartError {
     /// The cache directory or index could not be opened.
     #[error("opening the cache: {0}")]
     Store(#[from] store::OpenError),
-        /// An extra CA file could not be used.
+    /// An extra CA file could not be used.
     #[error("trusted CA files: {0}")]
     Tls(#[from] upstream::TlsConfigError),
     /// The listen address could not be bound.
@@ -287,8 +287,10 @@ impl Proxy {
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
-                let engine = build_engine(&config, deps, store);
-        engine.client.trust_extra_cas(&config.proxy.backhaul.extra_ca_files)?;
+        let engine = build_engine(&config, deps, store);
+        engine
+            .client
+            .trust_extra_cas(&config.proxy.backhaul.extra_ca_files)?;
         tracing::info!(event = "proxy_listening", addr = %local_addr, "caching proxy listening");
         Ok(Proxy {
             listener,

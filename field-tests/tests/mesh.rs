@@ -125,6 +125,26 @@ fn mdns_discovery_forms_full_mesh() -> Result<()> {
     scenario(|scene| {
         formed(scene)?;
         scene.print_statuses("formed");
+        // Each rack also advertises its proxy and tile server by DNS-SD:
+        // a client on rack b's segment finds a's and c's.
+        let bin = field_tests::fieldrack_bin()?;
+        let out = scene.field.exec(
+            "b",
+            &[
+                bin.to_str().unwrap_or("fieldrack"),
+                "discover",
+                "--timeout",
+                "4",
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!("fieldrack discover on b:\n{text}");
+        for r in ["a", "c"] {
+            let want = format!("{r}\thttp://{}:3128/proxy.pac", scene.field.ip(r)?);
+            if !text.contains(&want) {
+                bail!("rack b did not discover {want:?}; got {text:?}");
+            }
+        }
         for status in scene.statuses()? {
             let expected: Vec<&str> = RACKS
                 .iter()

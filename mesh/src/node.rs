@@ -557,6 +557,8 @@ struct Actor {
 }
 
 impl Actor {
+    // Called once, from `start`, with the pieces it just built.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         settings: MeshSettings,
         swarm: Swarm<Behaviour>,

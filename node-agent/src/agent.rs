@@ -331,9 +331,16 @@ pub async fn run(
     )?;
     let mut tasks = tokio::task::JoinSet::new();
     let proxy = match crate::proxy::config(&config).map_err(|e| anyhow::anyhow!("{e}"))? {
-        Some(cfg) => {
-            Some(crate::proxy::start(cfg, mesh.clone(), &mut tasks, cancel.child_token()).await?)
-        }
+        Some(cfg) => Some(
+            crate::proxy::start(
+                cfg,
+                &config.site,
+                mesh.clone(),
+                &mut tasks,
+                cancel.child_token(),
+            )
+            .await?,
+        ),
         None => None,
     };
     let rack = Arc::new(Rack {

@@ -69,6 +69,36 @@ fn ndjson_stream(mut rx: tokio::sync::mpsc::Receiver<serde_json::Value>) -> Resp
         .expect("valid")
 }
 
+/// A progress callback handed to a long operation.
+type ProgressFn = Box<dyn FnMut(u64, u64) + Send>;
+
+/// Run a long operation in the background and stream its NDJSON: an
+/// optional first line, progress lines, then `{"result": ...}` or
+/// `{"error": "..."}`.
+fn stream_operation<T, E, Fut>(
+    first: Option<serde_json::Value>,
+    op: impl FnOnce(ProgressFn) -> Fut + Send + 'static,
+) -> Response<Body>
+where
+    T: serde::Serialize,
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<T, E>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(PROGRESS_QUEUE);
+    if let Some(line) = first {
+        let _ = tx.try_send(line);
+    }
+    let progress: ProgressFn = Box::new(progress_sender(tx.clone()));
+    tokio::spawn(async move {
+        let line = match op(progress).await {
+            Ok(v) => serde_json::json!({ "result": v }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        let _ = tx.send(line).await;
+    });
+    ndjson_stream(rx)
+}
+
 /// A progress callback that sends at most one line per 1 % or 250 ms.
 fn progress_sender(
     tx: tokio::sync::mpsc::Sender<serde_json::Value>,
@@ -76,7 +106,7 @@ fn progress_sender(
     let mut last = std::time::Instant::now();
     let mut last_pct = u64::MAX;
     move |done, total| {
-        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         if pct != last_pct && (last.elapsed() >= Duration::from_millis(250) || done == total) {
             last = std::time::Instant::now();
             last_pct = pct;
@@ -354,46 +384,28 @@ async fn volume_action(req: Request<Incoming>, rack: &Rack, path: &str) -> Respo
             Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
         },
         "import" | "export" => {
-            let (tx, rx) = tokio::sync::mpsc::channel(PROGRESS_QUEUE);
-            let progress = progress_sender(tx.clone());
             let volumes = rack.volumes.clone();
-            let result = match (action, args.from, args.to) {
-                ("import", Some(from), _) => tokio::spawn(async move {
+            match (action, args.from, args.to) {
+                ("import", Some(from), _) => stream_operation(None, move |progress| async move {
                     volumes.import(name, from, progress).await.map(
                         |m| serde_json::json!({ "volume": m.volume, "generation": m.generation }),
                     )
                 }),
-                ("export", _, Some(to)) => {
-                    let generation = args.generation;
-                    tokio::spawn(async move {
-                        volumes
-                            .export(name, generation, to.clone(), progress)
-                            .await
-                            .map(|()| serde_json::json!({ "to": to }))
-                    })
-                }
-                ("import", None, _) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "import needs {\"from\": \"/path/to/image\"}",
-                    )
-                }
-                _ => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "export needs {\"to\": \"/path/to/out.img\"}",
-                    )
-                }
-            };
-            tokio::spawn(async move {
-                let line = match result.await {
-                    Ok(Ok(v)) => serde_json::json!({ "result": v }),
-                    Ok(Err(e)) => serde_json::json!({ "error": e.to_string() }),
-                    Err(e) => serde_json::json!({ "error": format!("task failed: {e}") }),
-                };
-                let _ = tx.send(line).await;
-            });
-            ndjson_stream(rx)
+                ("export", _, Some(to)) => stream_operation(None, move |progress| async move {
+                    volumes
+                        .export(name, args.generation, to.clone(), progress)
+                        .await
+                        .map(|()| serde_json::json!({ "to": to }))
+                }),
+                ("import", None, _) => error(
+                    StatusCode::BAD_REQUEST,
+                    "import needs {\"from\": \"/path/to/image\"}",
+                ),
+                _ => error(
+                    StatusCode::BAD_REQUEST,
+                    "export needs {\"to\": \"/path/to/out.img\"}",
+                ),
+            }
         }
         _ => error(
             StatusCode::NOT_FOUND,
@@ -442,29 +454,13 @@ async fn tiles_seed(req: Request<Incoming>, rack: &Rack) -> Response<Body> {
         min_zoom,
         max_zoom,
     };
-    let (tx, rx) = tokio::sync::mpsc::channel(PROGRESS_QUEUE);
-    let _ = tx.try_send(serde_json::json!({ "estimate": { "tiles": plan.count() } }));
     let handle = proxy.handle.clone();
-    tokio::spawn(async move {
-        let mut last = std::time::Instant::now();
-        let ptx = tx.clone();
-        let result = handle
-            .seed(&plan, move |p| {
-                if last.elapsed() >= Duration::from_millis(250) || p.done == p.total {
-                    last = std::time::Instant::now();
-                    let _ = ptx.try_send(serde_json::json!({ "progress": { "done": p.done, "total": p.total, "fetched": p.fetched, "skipped": p.skipped, "failed": p.failed } }));
-                }
-            })
-            .await;
-        let line = match result {
-            Ok(p) => {
-                serde_json::json!({ "result": { "total": p.total, "fetched": p.fetched, "skipped": p.skipped, "failed": p.failed } })
-            }
-            Err(e) => serde_json::json!({ "error": e.to_string() }),
-        };
-        let _ = tx.send(line).await;
-    });
-    ndjson_stream(rx)
+    let estimate = serde_json::json!({ "estimate": { "tiles": plan.count() } });
+    stream_operation(Some(estimate), move |mut progress| async move {
+        handle.seed(&plan, move |p| progress(p.done, p.total)).await.map(|p| {
+            serde_json::json!({ "total": p.total, "fetched": p.fetched, "skipped": p.skipped, "failed": p.failed })
+        })
+    })
 }
 
 /// `POST /api/v1/tiles/import {"source", "from": "/abs/region.mbtiles"}` and
@@ -491,7 +487,6 @@ async fn tiles_mbtiles(req: Request<Incoming>, rack: &Rack, path: &str) -> Respo
         Ok(a) => a,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad arguments: {e}")),
     };
-    let (tx, rx) = tokio::sync::mpsc::channel(PROGRESS_QUEUE);
     let handle = proxy.handle.clone();
     if path.ends_with("/import") {
         let Some(from) = a.from else {
@@ -500,65 +495,36 @@ async fn tiles_mbtiles(req: Request<Incoming>, rack: &Rack, path: &str) -> Respo
                 "import needs {\"source\", \"from\"}",
             );
         };
-        tokio::spawn(async move {
-            let mut last = std::time::Instant::now();
-            let ptx = tx.clone();
-            let r = cache_proxy::mbtiles::import(&handle, &a.source, &from, move |p| {
-                if last.elapsed() >= Duration::from_millis(250) {
-                    last = std::time::Instant::now();
-                    let _ = ptx.try_send(
-                        serde_json::json!({ "progress": { "done": p.read, "total": p.total } }),
-                    );
-                }
+        return stream_operation(None, move |mut progress| async move {
+            cache_proxy::mbtiles::import(&handle, &a.source, &from, move |p| {
+                progress(p.read, p.total)
             })
-            .await;
-            let line = match r {
-                Ok(rep) => serde_json::json!({ "result": rep }),
-                Err(e) => serde_json::json!({ "error": e.to_string() }),
-            };
-            let _ = tx.send(line).await;
-        });
-    } else {
-        let (Some(to), Some(bbox), Some(zoom)) = (a.to, a.bbox, a.zoom) else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "export needs {\"source\", \"bbox\", \"zoom\", \"to\"}",
-            );
-        };
-        let bbox: cache_proxy::tiles::BBox = match bbox.parse() {
-            Ok(b) => b,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("bbox: {e}")),
-        };
-        let (min_zoom, max_zoom) = match parse_zoom_range(&zoom) {
-            Ok(z) => z,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("zoom: {e}")),
-        };
-        let plan = cache_proxy::mbtiles::ExportPlan {
-            source: a.source,
-            bbox,
-            min_zoom,
-            max_zoom,
-        };
-        tokio::spawn(async move {
-            let mut last = std::time::Instant::now();
-            let ptx = tx.clone();
-            let r = cache_proxy::mbtiles::export(&handle, &plan, &to, move |p| {
-                if last.elapsed() >= Duration::from_millis(250) {
-                    last = std::time::Instant::now();
-                    let _ = ptx.try_send(
-                        serde_json::json!({ "progress": { "done": p.done, "total": p.total } }),
-                    );
-                }
-            })
-            .await;
-            let line = match r {
-                Ok(rep) => serde_json::json!({ "result": rep }),
-                Err(e) => serde_json::json!({ "error": e.to_string() }),
-            };
-            let _ = tx.send(line).await;
+            .await
         });
     }
-    ndjson_stream(rx)
+    let (Some(to), Some(bbox), Some(zoom)) = (a.to, a.bbox, a.zoom) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "export needs {\"source\", \"bbox\", \"zoom\", \"to\"}",
+        );
+    };
+    let bbox: cache_proxy::tiles::BBox = match bbox.parse() {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bbox: {e}")),
+    };
+    let (min_zoom, max_zoom) = match parse_zoom_range(&zoom) {
+        Ok(z) => z,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("zoom: {e}")),
+    };
+    let plan = cache_proxy::mbtiles::ExportPlan {
+        source: a.source,
+        bbox,
+        min_zoom,
+        max_zoom,
+    };
+    stream_operation(None, move |mut progress| async move {
+        cache_proxy::mbtiles::export(&handle, &plan, &to, move |p| progress(p.done, p.total)).await
+    })
 }
 
 /// `"0-16"` or `"12"`.

@@ -7,7 +7,8 @@
 //! - `/fieldrack/cache-get/1`: fetch one object by key hash.
 //! - `/fieldrack/cache-put/1`: a tile fetched over the backhaul is copied to
 //!   another rack (one whose digest lacks it), so a rack's loss loses no map
-//!   coverage.
+//!   coverage; a seeded (pinned) tile is copied, pinned, to every rack of
+//!   this rack's site, so a whole site keeps its seeded regions offline.
 //!
 //! Streams carry `[u32 LE len][bytes]` messages, every length bounded.
 
@@ -137,6 +138,8 @@ pub struct CacheMeshStats {
 /// The mesh side of the cache.
 pub struct CacheMesh {
     mesh: MeshHandle,
+    /// This rack's site: pinned objects go to every rack of it.
+    site: String,
     digests: RwLock<HashMap<PeerId, (KeyDigest, Instant)>>,
     replicate_tx: mpsc::Sender<(KeyHash, PeerObject)>,
     /// Counters.
@@ -146,11 +149,12 @@ pub struct CacheMesh {
 impl CacheMesh {
     /// The directory/replicator, and the receiving end of the replication
     /// queue for [`CacheMesh::run`].
-    pub fn new(mesh: MeshHandle) -> (Arc<Self>, mpsc::Receiver<(KeyHash, PeerObject)>) {
+    pub fn new(mesh: MeshHandle, site: &str) -> (Arc<Self>, mpsc::Receiver<(KeyHash, PeerObject)>) {
         let (tx, rx) = mpsc::channel(REPLICATE_QUEUE);
         (
             Arc::new(Self {
                 mesh,
+                site: site.to_string(),
                 digests: RwLock::default(),
                 replicate_tx: tx,
                 stats: Arc::default(),
@@ -233,11 +237,12 @@ impl CacheMesh {
                     tokio::spawn(async move {
                         let r: Result<(), String> = async {
                             let key = read_msg(&mut s, 16).await.map_err(|e| e.to_string())?;
-                            let key = <KeyHash>::try_from(key.as_slice()).map_err(|_| "bad key".to_string())?;
+                                                        let key = <KeyHash>::try_from(key.as_slice()).map_err(|_| "bad key".to_string())?;
+                            let pinned = read_msg(&mut s, 1).await.map_err(|e| e.to_string())? == [1];
                             let meta = decode_meta(&read_msg(&mut s, MAX_META_BYTES).await.map_err(|e| e.to_string())?)?;
                             let body = read_msg(&mut s, MAX_OBJECT_BYTES).await.map_err(|e| e.to_string())?;
                             proxy
-                                .accept_replica(key, PeerObject { meta, body: Bytes::from(body) }, false)
+                                                                .accept_replica(key, PeerObject { meta, body: Bytes::from(body) }, pinned)
                                 .await
                                 .map_err(|e| e.to_string())?;
                             write_msg(&mut s, b"ok").await.map_err(|e| e.to_string())
@@ -257,22 +262,47 @@ impl CacheMesh {
         }
     }
 
-    /// Copy one object to an admitted peer that does not have it yet.
+    /// Copy one object: a pinned (seeded) one to every rack of our site,
+    /// anything else to one admitted peer that does not have it yet.
     async fn replicate_now(&self, key: KeyHash, obj: PeerObject) {
         let peers = self.admitted_peers();
-        let lacking: Vec<PeerId> = {
-            let d = self.digests.read().expect("digests lock");
-            peers
-                .iter()
-                .filter(|p| !d.get(p).is_some_and(|(dg, _)| dg.contains(&key)))
-                .copied()
-                .collect()
-        };
-        let target = lacking.first().or(peers.first()).copied();
-        let Some(peer) = target else {
+        let mut targets: Vec<PeerId> = Vec::new();
+        if obj.meta.pinned {
+            if let Ok(st) = self.mesh.status().await {
+                targets = st
+                    .peers
+                    .iter()
+                    .filter(|p| {
+                        peers.contains(&p.peer_id)
+                            && p.meta.as_ref().is_some_and(|m| {
+                                m.site == self.site && m.role == deploy::Role::Rack
+                            })
+                    })
+                    .map(|p| p.peer_id)
+                    .collect();
+            }
+        }
+        if targets.is_empty() {
+            let lacking: Vec<PeerId> = {
+                let d = self.digests.read().expect("digests lock");
+                peers
+                    .iter()
+                    .filter(|p| !d.get(p).is_some_and(|(dg, _)| dg.contains(&key)))
+                    .copied()
+                    .collect()
+            };
+            targets.extend(lacking.first().or(peers.first()).copied());
+        }
+        if targets.is_empty() {
             self.stats.replicate_dropped.fetch_add(1, Ordering::Relaxed);
             return;
-        };
+        }
+        for peer in targets {
+            self.put_to(peer, key, &obj).await;
+        }
+    }
+
+    async fn put_to(&self, peer: PeerId, key: KeyHash, obj: &PeerObject) {
         let r: Result<(), String> = async {
             let mut s = self
                 .mesh
@@ -280,6 +310,9 @@ impl CacheMesh {
                 .await
                 .map_err(|e| e.to_string())?;
             write_msg(&mut s, &key).await.map_err(|e| e.to_string())?;
+            write_msg(&mut s, &[u8::from(obj.meta.pinned)])
+                .await
+                .map_err(|e| e.to_string())?;
             write_msg(&mut s, &encode_meta(&obj.meta))
                 .await
                 .map_err(|e| e.to_string())?;

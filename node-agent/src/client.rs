@@ -37,6 +37,34 @@ impl AgentClient {
         })
     }
 
+    /// A connection to the agent's API, driven in the background.
+    async fn connect(&self) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+        let stream = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to the agent API at {} (is the agent running?)",
+                    self.addr
+                )
+            })?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// A request with the bearer token.
+    fn build(&self, method: Method, path: &str, body: Vec<u8>) -> Result<Request<Full<Bytes>>> {
+        Ok(Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.addr)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))?)
+    }
+
     /// Send a request; returns status and body.
     ///
     /// # Errors
@@ -63,27 +91,9 @@ impl AgentClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Bytes)> {
-        let stream = tokio::net::TcpStream::connect(&self.addr)
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to the agent API at {} (is the agent running?)",
-                    self.addr
-                )
-            })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", &self.addr)
-            .header("authorization", format!("Bearer {}", self.token))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let resp = sender.send_request(req).await?;
+        let req = self.build(method, path, body.unwrap_or_default())?;
+        let resp = self.connect().await?.send_request(req).await?;
+
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await?.to_bytes();
         Ok((status, bytes))
@@ -101,28 +111,13 @@ impl AgentClient {
         body: serde_json::Value,
         mut on_progress: impl FnMut(u64, u64),
     ) -> Result<serde_json::Value> {
-        let stream = tokio::time::timeout(TIMEOUT, tokio::net::TcpStream::connect(&self.addr))
+        let req = self.build(Method::POST, path, serde_json::to_vec(&body)?)?;
+        let resp = tokio::time::timeout(TIMEOUT, self.connect())
             .await
-            .with_context(|| format!("connecting to the agent API at {}", self.addr))?
-            .with_context(|| {
-                format!(
-                    "connecting to the agent API at {} (is the agent running?)",
-                    self.addr
-                )
-            })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(path)
-            .header("host", &self.addr)
-            .header("authorization", format!("Bearer {}", self.token))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(serde_json::to_vec(&body)?)))?;
-        let resp = sender.send_request(req).await?;
+            .with_context(|| format!("connecting to the agent API at {}", self.addr))??
+            .send_request(req)
+            .await?;
+
         let status = resp.status().as_u16();
         let mut body = resp.into_body();
         let mut buf = Vec::new();

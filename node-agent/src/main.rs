@@ -74,6 +74,12 @@ enum Cmd {
     /// The caching proxy: operator switches.
     #[command(subcommand)]
     Cache(CacheCmd),
+    /// Find racks' proxies and tile servers on this network segment (mDNS).
+    Discover {
+        /// How long to listen, seconds.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
     /// Run a local field of racks on this machine (no configuration needed).
     Demo {
         /// How many racks.
@@ -371,6 +377,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Volume(cmd) => volume_cmd(cmd).await,
+        Cmd::Discover { timeout } => {
+            let found =
+                node_agent::proxy::discover(std::time::Duration::from_secs(timeout)).await?;
+            if found.is_empty() {
+                eprintln!("no rack answered within {timeout}s");
+            }
+            for (rack, addr) in found {
+                println!("{rack}\thttp://{addr}/proxy.pac\thttp://{addr}/tiles/");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Tiles(TilesCmd::Seed {
             source,
             bbox,
@@ -456,17 +473,14 @@ fn client_for(config: &Path) -> Result<AgentClient> {
     AgentClient::from_config(config).with_context(|| format!("using {}", config.display()))
 }
 
-/// Prints `what: 42% (1.2G of 4.0G)` in place on a terminal.
-fn progress_printer(what: &'static str) -> impl FnMut(u64, u64) {
+/// Prints `what: 42% (...)` in place on a terminal, one line per update
+/// otherwise; `amount` renders "done of total".
+fn printer(what: &'static str, amount: fn(u64, u64) -> String) -> impl FnMut(u64, u64) {
     use std::io::{IsTerminal, Write};
     let tty = std::io::stderr().is_terminal();
     move |done, total| {
-        let pct = if total == 0 { 100 } else { done * 100 / total };
-        let line = format!(
-            "{what}: {pct}% ({} of {})",
-            human_bytes(done),
-            human_bytes(total)
-        );
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        let line = format!("{what}: {pct}% ({})", amount(done, total));
         if tty {
             eprint!("\r{line}   ");
             let _ = std::io::stderr().flush();
@@ -476,20 +490,16 @@ fn progress_printer(what: &'static str) -> impl FnMut(u64, u64) {
     }
 }
 
-/// Prints `what: 42% (420 of 1000 tiles)` in place on a terminal.
+/// Progress in bytes: `import: 42% (1.2G of 4.0G)`.
+fn progress_printer(what: &'static str) -> impl FnMut(u64, u64) {
+    printer(what, |d, t| {
+        format!("{} of {}", human_bytes(d), human_bytes(t))
+    })
+}
+
+/// Progress in tiles: `seed: 42% (420 of 1000 tiles)`.
 fn count_printer(what: &'static str) -> impl FnMut(u64, u64) {
-    use std::io::{IsTerminal, Write};
-    let tty = std::io::stderr().is_terminal();
-    move |done, total| {
-        let pct = if total == 0 { 100 } else { done * 100 / total };
-        let line = format!("{what}: {pct}% ({done} of {total} tiles)");
-        if tty {
-            eprint!("\r{line}   ");
-            let _ = std::io::stderr().flush();
-        } else {
-            eprintln!("{line}");
-        }
-    }
+    printer(what, |d, t| format!("{d} of {t} tiles"))
 }
 
 async fn volume_cmd(cmd: VolumeCmd) -> Result<ExitCode> {

@@ -87,6 +87,94 @@ fn field_of(msg: &str) -> String {
         .unwrap_or_else(|| "proxy".into())
 }
 
+/// DNS-SD service type under which racks advertise their proxy and tile
+/// server: the generic HTTP type, so ordinary clients and tools find it.
+pub const PROXY_SERVICE: &str = "_http._tcp.local.";
+
+/// Advertise the proxy on the local segment until `cancel`. A proxy that
+/// listens on loopback only is not advertised (nobody else could reach it).
+///
+/// # Errors
+/// If mdns-sd cannot start or register.
+pub fn advertise(
+    rack: &str,
+    listen: std::net::SocketAddr,
+    cancel: CancellationToken,
+) -> Result<(), mdns_sd::Error> {
+    if listen.ip().is_loopback() {
+        return Ok(());
+    }
+    let daemon = mdns_sd::ServiceDaemon::new()?;
+    let props: std::collections::HashMap<String, String> = [
+        ("txtvers", "1"),
+        ("path", "/proxy.pac"),
+        ("pac", "/proxy.pac"),
+        ("tiles", "/tiles"),
+        ("fieldrack", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .chain(std::iter::once(("rack".to_string(), rack.to_string())))
+    .collect();
+    let instance = format!("Fieldrack {rack} proxy and maps");
+    let host = format!("fieldrack-{rack}-proxy.local.");
+    let info = if listen.ip().is_unspecified() {
+        mdns_sd::ServiceInfo::new(PROXY_SERVICE, &instance, &host, "", listen.port(), props)?
+            .enable_addr_auto()
+    } else {
+        mdns_sd::ServiceInfo::new(
+            PROXY_SERVICE,
+            &instance,
+            &host,
+            listen.ip().to_string().as_str(),
+            listen.port(),
+            props,
+        )?
+    };
+    daemon.register(info)?;
+    tokio::spawn(async move {
+        cancel.cancelled().await;
+        let _ = daemon.shutdown();
+    });
+    Ok(())
+}
+
+/// Browse the segment for racks' proxies for `wait`; returns
+/// `(rack, "ip:port")` pairs.
+///
+/// # Errors
+/// If mdns-sd cannot start.
+pub async fn discover(wait: std::time::Duration) -> Result<Vec<(String, String)>, mdns_sd::Error> {
+    let daemon = mdns_sd::ServiceDaemon::new()?;
+    let rx = daemon.browse(PROXY_SERVICE)?;
+    let mut found = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Ok(ev)) = tokio::time::timeout_at(deadline, rx.recv_async()).await {
+        if let mdns_sd::ServiceEvent::ServiceResolved(svc) = ev {
+            if svc.txt_properties.get_property_val_str("fieldrack") != Some("1") {
+                continue;
+            }
+            let rack = svc
+                .txt_properties
+                .get_property_val_str("rack")
+                .unwrap_or("?")
+                .to_string();
+            for ip in svc
+                .get_addresses_v4()
+                .into_iter()
+                .filter(|ip| !ip.is_loopback())
+            {
+                let entry = (rack.clone(), format!("{ip}:{}", svc.port));
+                if !found.contains(&entry) {
+                    found.push(entry);
+                }
+            }
+        }
+    }
+    let _ = daemon.shutdown();
+    Ok(found)
+}
+
 /// A running proxy: its handle and mesh side.
 pub struct RunningProxy {
     /// Status, metrics, seeding, the offline switch.
@@ -101,22 +189,27 @@ pub struct RunningProxy {
 /// If it cannot bind its address or open its store.
 pub async fn start(
     cfg: Config,
+    site: &str,
     mesh: MeshHandle,
     tasks: &mut tokio::task::JoinSet<()>,
     cancel: CancellationToken,
 ) -> anyhow::Result<RunningProxy> {
-    let (cache_mesh, replicate_rx) = CacheMesh::new(mesh);
+    let (cache_mesh, replicate_rx) = CacheMesh::new(mesh, site);
     let deps = Deps {
         peers: cache_mesh.clone(),
         replicator: cache_mesh.clone(),
         ..Deps::default()
     };
     let listen = cfg.proxy.listen;
+    let name = cfg.proxy.name.clone();
     let proxy = Proxy::bind(cfg, deps)
         .await
         .map_err(|e| anyhow::anyhow!("starting the proxy on {listen}: {e}"))?;
     let handle = proxy.handle();
     tracing::info!(addr = %proxy.local_addr(), "proxy and tile server up");
+    if let Err(e) = advertise(&name, proxy.local_addr(), cancel.clone()) {
+        tracing::warn!(error = %e, "could not advertise the proxy by mDNS");
+    }
     tasks.spawn(proxy.run(cancel.clone()));
     tasks.spawn(cache_mesh.clone().run(handle.clone(), replicate_rx, cancel));
     Ok(RunningProxy {

@@ -138,6 +138,9 @@ impl VolumeMetrics {
     }
 }
 
+/// Pushes in flight: (volume, rack) → (generation, progress).
+type Running = HashMap<(String, String), (u64, Arc<push::TransferProgress>)>;
+
 /// The engine, shared by the API and its loops.
 pub struct VolumeEngine {
     /// The local volume store.
@@ -152,7 +155,7 @@ pub struct VolumeEngine {
     records: Mutex<HashMap<String, VolumeRecord>>,
     limiters: Mutex<HashMap<String, Arc<LinkLimiter>>>,
     /// Pushes in flight: (volume, rack) → (generation, progress).
-    running: Mutex<HashMap<(String, String), (u64, Arc<push::TransferProgress>)>>,
+    running: Mutex<Running>,
     failed_at: Mutex<HashMap<(String, String), std::time::Instant>>,
     wake: Notify,
 }
@@ -186,7 +189,7 @@ impl VolumeEngine {
         state: AgentState,
     ) -> anyhow::Result<Arc<Self>> {
         let store = Arc::new(
-            VolumeStore::open(&data_dir.join("volumes"))
+            VolumeStore::open(data_dir.join("volumes"))
                 .map_err(|e| anyhow::anyhow!("opening the volume store: {e}"))?,
         );
         let records = state.volume_records()?;
@@ -335,11 +338,10 @@ impl VolumeEngine {
                 (rec.owner.clone(), Vec::new(), None)
             };
             let transfer = running.iter().find(|((vol, _), _)| vol == &v.name).map(|((_, rack), (generation, p))| {
-                let (sent, total) = p.get();
-                if total == 0 {
-                    format!("offering generation {generation} to {rack}")
-                } else {
-                    format!("sending generation {generation} to {rack}: {}% ({sent} of {total} chunks)", sent * 100 / total)
+                                let (sent, total) = p.get();
+                match (sent * 100).checked_div(total) {
+                    None => format!("offering generation {generation} to {rack}"),
+                    Some(pct) => format!("sending generation {generation} to {rack}: {pct}% ({sent} of {total} chunks)"),
                 }
             });
             let image = v
@@ -518,13 +520,19 @@ impl VolumeEngine {
                     .filter(|r| r.generation < Some(latest.generation))
                 {
                     let key = (volume.clone(), replica.rack.clone());
-                                        // One push per peer link at a time: concurrent pushes of
+                    // One push per peer link at a time: concurrent pushes of
                     // volumes sharing chunks (clones of one base) would each
                     // decide at their start that the replica lacks the shared
                     // chunks and all send them; sequential pushes deduplicate.
                     // It also keeps one volume's transfer from starving another
                     // on a thin radio link.
-                    if self.running.lock().expect("running lock").keys().any(|(_, r)| r == &replica.rack) {
+                    if self
+                        .running
+                        .lock()
+                        .expect("running lock")
+                        .keys()
+                        .any(|(_, r)| r == &replica.rack)
+                    {
                         continue;
                     }
                     if self

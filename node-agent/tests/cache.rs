@@ -447,3 +447,57 @@ async fn seeding_fetches_a_region_once_and_offline_mode_answers_from_the_cache()
         "a file that is not MBTiles is refused"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_region_reaches_every_rack_of_the_site_pinned() {
+    let (port, hits, _origin) = origin().await;
+    let fleet = Fleet::init("a,b", &[]);
+    let mut proxies = Vec::new();
+    for r in ["a", "b"] {
+        proxies.push(add_tile_source(&fleet, r, port));
+        let p = fleet.config(r);
+        let text = std::fs::read_to_string(&p).unwrap().replace(
+            "format = \"png\"\n",
+            "format = \"png\"\nallow_bulk = true\nrequests_per_sec = 1000\n",
+        );
+        std::fs::write(&p, text).unwrap();
+    }
+    let _a = fleet.start("a");
+    let _b = fleet.start("b");
+    wait_until(Duration::from_secs(10), "mesh", || {
+        all_see(&fleet, &["a", "b"], "alive")
+    })
+    .await;
+    let out = fieldrack(
+        &fleet,
+        "a",
+        &[
+            "tiles",
+            "seed",
+            "--source",
+            "test",
+            "--bbox=-180,-85,180,85",
+            "--zoom",
+            "0-1",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 5);
+    wait_until(Duration::from_secs(15), "all five copied to b", || async {
+        metric(&fleet.client("a"), "fieldrack_cache_mesh_replicated_total").await >= 5.0
+    })
+    .await;
+    assert!(fieldrack(&fleet, "b", &["cache", "offline", "on"])
+        .status
+        .success());
+    for (z, x, y) in [(0, 0, 0), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)] {
+        let (code, head, body) = get(&proxies[1], &format!("/tiles/test/{z}/{x}/{y}.png")).await;
+        assert_eq!(code, 200, "{head}");
+        assert_eq!(body, tile_body(z, x, y));
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 5, "b never touched the origin");
+}

@@ -22,7 +22,7 @@ fn fleet(racks: &str, link_bytes_per_s: u64) -> Fleet {
         let mut text = std::fs::read_to_string(&p).unwrap();
         text = text.replace(
             "[volumes]\nreplication_factor = 2\nsnapshot_interval_s = 10",
-            &format!("[volumes]\nreplication_factor = 2\nsnapshot_interval_s = 1"),
+            "[volumes]\nreplication_factor = 2\nsnapshot_interval_s = 1",
         );
         text = text.replace(
             "link_bytes_per_s = 0",

@@ -161,9 +161,9 @@ mod tests {
         // against zeros
         let mut sparse = vec![0u8; 65536];
         sparse[5] = 9;
-        let z = encode(&[1; 32], &ZERO_BASE, &vec![0u8; 65536], &sparse).unwrap();
-        assert_eq!(apply(&vec![0u8; 65536], &z).unwrap(), sparse);
-        assert!(apply(&vec![0u8; 100], &z).is_err(), "length is checked");
+        let z = encode(&[1; 32], &ZERO_BASE, &[0u8; 65536], &sparse).unwrap();
+        assert_eq!(apply(&[0u8; 65536], &z).unwrap(), sparse);
+        assert!(apply(&[0u8; 100], &z).is_err(), "length is checked");
     }
 
     #[test]
