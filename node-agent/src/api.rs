@@ -272,18 +272,9 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
                 name: String,
                 size: String,
             }
-            let body = match read_body(req).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            };
-            let c: Create = match serde_json::from_slice(&body) {
+            let c: Create = match json_body(req, r#"{"name", "size"}"#).await {
                 Ok(c) => c,
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        format!("expected {{\"name\", \"size\"}}: {e}"),
-                    )
-                }
+                Err(resp) => return resp,
             };
             let size = match datastore::parse_size(&c.size) {
                 Ok(s) => s,
@@ -309,25 +300,18 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
             let Some(proxy) = &rack.proxy else {
                 return error(StatusCode::NOT_FOUND, "this rack runs no proxy");
             };
-            let body = match read_body(req).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            };
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]
             struct Offline {
                 offline: bool,
             }
-            match serde_json::from_slice::<Offline>(&body) {
+            match json_body::<Offline>(req, r#"{"offline": true|false}"#).await {
                 Ok(o) => {
                     proxy.handle.set_forced_offline(o.offline);
                     tracing::warn!(offline = o.offline, "operator switched forced offline mode");
                     json(StatusCode::OK, &serde_json::json!({ "offline": o.offline }))
                 }
-                Err(e) => error(
-                    StatusCode::BAD_REQUEST,
-                    format!("expected {{\"offline\": true|false}}: {e}"),
-                ),
+                Err(resp) => resp,
             }
         }
         (Method::POST, "/api/v1/tiles/seed") => tiles_seed(req, rack).await,
@@ -420,10 +404,6 @@ async fn tiles_seed(req: Request<Incoming>, rack: &Rack) -> Response<Body> {
     let Some(proxy) = &rack.proxy else {
         return error(StatusCode::NOT_FOUND, "this rack runs no proxy");
     };
-    let body = match read_body(req).await {
-        Ok(b) => b,
-        Err(resp) => return resp,
-    };
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Seed {
@@ -431,14 +411,9 @@ async fn tiles_seed(req: Request<Incoming>, rack: &Rack) -> Response<Body> {
         bbox: String,
         zoom: String,
     }
-    let s: Seed = match serde_json::from_slice(&body) {
+    let s: Seed = match json_body(req, r#"{"source", "bbox", "zoom"}"#).await {
         Ok(s) => s,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("expected {{\"source\", \"bbox\", \"zoom\"}}: {e}"),
-            )
-        }
+        Err(resp) => return resp,
     };
     let bbox: cache_proxy::tiles::BBox = match s.bbox.parse() {
         Ok(b) => b,
@@ -470,10 +445,6 @@ async fn tiles_mbtiles(req: Request<Incoming>, rack: &Rack, path: &str) -> Respo
     let Some(proxy) = &rack.proxy else {
         return error(StatusCode::NOT_FOUND, "this rack runs no proxy");
     };
-    let body = match read_body(req).await {
-        Ok(b) => b,
-        Err(resp) => return resp,
-    };
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Args {
@@ -483,9 +454,9 @@ async fn tiles_mbtiles(req: Request<Incoming>, rack: &Rack, path: &str) -> Respo
         bbox: Option<String>,
         zoom: Option<String>,
     }
-    let a: Args = match serde_json::from_slice(&body) {
+    let a: Args = match json_body(req, r#"{"source", ...}"#).await {
         Ok(a) => a,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad arguments: {e}")),
+        Err(resp) => return resp,
     };
     let handle = proxy.handle.clone();
     if path.ends_with("/import") {
@@ -557,6 +528,17 @@ fn parse_limit(query: &str) -> Result<usize, String> {
         }
     }
     Ok(limit.min(MAX_EVENTS_PER_CALL))
+}
+
+/// Read and parse a JSON request body; a malformed one is a 400 that says
+/// what was expected.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    expected: &str,
+) -> Result<T, Response<Body>> {
+    let body = read_body(req).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("expected {expected}: {e}")))
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
