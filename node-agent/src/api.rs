@@ -454,7 +454,12 @@ async fn tiles_mbtiles(req: Request<Incoming>, rack: &Rack, path: &str) -> Respo
         bbox: Option<String>,
         zoom: Option<String>,
     }
-    let a: Args = match json_body(req, r#"{"source", ...}"#).await {
+    let a: Args = match json_body(
+        req,
+        r#"{"source", "from"} or {"source", "bbox", "zoom", "to"}"#,
+    )
+    .await
+    {
         Ok(a) => a,
         Err(resp) => return resp,
     };
