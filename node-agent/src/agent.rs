@@ -62,6 +62,8 @@ pub struct Rack {
     pub recovery: RecoveryReport,
     /// Volumes: snapshots and replication.
     pub volumes: Arc<crate::volumes::VolumeEngine>,
+    /// The fleet's public key (decoded once from `config.fleet.public_key`).
+    pub fleet_key: libp2p::identity::ed25519::PublicKey,
     /// The caching proxy and tile server, if this rack runs one.
     pub proxy: Option<crate::proxy::RunningProxy>,
     started: Instant,
@@ -95,12 +97,10 @@ impl Rack {
                 api: p.meta.as_ref().map(|x| x.api.clone()),
             })
             .collect();
-        let fleet_key =
-            deploy::cert::decode_public_key(&self.config.fleet.public_key).expect("validated");
         let revoked = m
             .revocations
             .iter()
-            .filter_map(|r| r.verify(&fleet_key, &self.config.fleet.name).ok())
+            .filter_map(|r| r.verify(&self.fleet_key, &self.config.fleet.name).ok())
             .map(|b| RevokedEntry {
                 rack: b.rack,
                 peer_id: b.peer_id,
@@ -134,10 +134,8 @@ impl Rack {
     /// # Errors
     /// [`RevokeError`]; nothing is acknowledged unless stored.
     pub async fn revoke(&self, rev: Revocation) -> Result<bool, RevokeError> {
-        let fleet_key =
-            deploy::cert::decode_public_key(&self.config.fleet.public_key).expect("validated");
         let body = rev
-            .verify(&fleet_key, &self.config.fleet.name)
+            .verify(&self.fleet_key, &self.config.fleet.name)
             .map_err(|e| RevokeError::Invalid(format!("revocation refused: {e}")))?;
         if let Err(e) = self.state.add_revocation(&body.peer_id, &rev) {
             self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -285,10 +283,11 @@ pub async fn run(
     let cancel = CancellationToken::new();
     let power = crate::power::PowerMonitor::spawn(config.power.clone(), cancel.child_token());
     let meta = rack_info(&config, power.borrow().clone());
+    let fleet_key = deploy::cert::decode_public_key(&config.fleet.public_key)?;
     let settings = MeshSettings {
         keypair,
         certificate,
-        fleet_key: deploy::cert::decode_public_key(&config.fleet.public_key)?,
+        fleet_key: fleet_key.clone(),
         fleet_name: config.fleet.name.clone(),
         rack: config.rack.clone(),
         listen: config
@@ -344,6 +343,7 @@ pub async fn run(
         None => None,
     };
     let rack = Arc::new(Rack {
+        fleet_key,
         proxy,
         volumes: volumes.clone(),
         config: config.clone(),
@@ -392,8 +392,7 @@ async fn record_mesh_events(rack: Arc<Rack>, cancel: CancellationToken) {
         };
         let result = match ev {
             Ok(MeshEvent::Revoked(rev)) => {
-                let fleet_key = deploy::cert::decode_public_key(&rack.config.fleet.public_key).expect("validated");
-                match rev.verify(&fleet_key, &rack.config.fleet.name) {
+                                match rev.verify(&rack.fleet_key, &rack.config.fleet.name) {
                     Ok(body) => rack
                         .state
                         .add_revocation(&body.peer_id, &rev)

@@ -294,23 +294,31 @@ impl VolumeEngine {
 
     /// The `volumes` part of the status document.
     pub async fn status(&self) -> Vec<VolumeStatus> {
+        // Store reads stay off the runtime: the volume list and, per volume,
+        // when its newest snapshot was taken (for lag and RPO).
         let st = self.store.clone();
-        let list = tokio::task::spawn_blocking(move || st.list())
+        let list: Vec<(datastore::VolumeInfo, Option<u64>)> =
+            tokio::task::spawn_blocking(move || {
+                st.list()
+                    .map(|l| {
+                        l.into_iter()
+                            .map(|v| {
+                                let created =
+                                    st.latest(&v.name).ok().flatten().map(|m| m.created_at_ms);
+                                (v, created)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
             .await
-            .expect("list task")
-            .unwrap_or_default();
+            .expect("list task");
         let records = self.records.lock().expect("records lock").clone();
         let running = self.running.lock().expect("running lock").clone();
         let now = unix_ms();
         let mut out = Vec::new();
-        for v in list {
+        for (v, latest_created) in list {
             let rec = records.get(&v.name).cloned().unwrap_or_default();
-            let latest_created = self
-                .store
-                .latest(&v.name)
-                .ok()
-                .flatten()
-                .map(|m| m.created_at_ms);
             let (owner, replicas, rpo_s) = if v.has_live_image {
                 let reps: Vec<ReplicaStatus> = rec
                     .replicas
@@ -458,12 +466,14 @@ impl VolumeEngine {
             }
             let racks = self.rack_views().await;
             let st = self.store.clone();
-            let owned: Vec<(String, Option<Manifest>)> = tokio::task::spawn_blocking(move || {
+            // Generations only: the manifest (2 MiB for a 4 GiB volume) is
+            // loaded by a push, not on every tick.
+            let owned: Vec<(String, u64)> = tokio::task::spawn_blocking(move || {
                 st.list()
                     .map(|l| {
                         l.into_iter()
-                            .filter(|v| v.has_live_image)
-                            .map(|v| (v.name.clone(), st.latest(&v.name).ok().flatten()))
+                            .filter(|v| v.has_live_image && v.generation > 0)
+                            .map(|v| (v.name, v.generation))
                             .collect()
                     })
                     .unwrap_or_default()
@@ -478,7 +488,6 @@ impl VolumeEngine {
                 free_bytes: None,
             };
             for (volume, latest) in owned {
-                let Some(latest) = latest else { continue };
                 let mut rec = self
                     .records
                     .lock()
@@ -514,11 +523,7 @@ impl VolumeEngine {
                         .insert(volume.clone(), rec.clone());
                     self.save_record(&volume, &rec);
                 }
-                for replica in rec
-                    .replicas
-                    .iter()
-                    .filter(|r| r.generation < Some(latest.generation))
-                {
+                for replica in rec.replicas.iter().filter(|r| r.generation < Some(latest)) {
                     let key = (volume.clone(), replica.rack.clone());
                     // One push per peer link at a time: concurrent pushes of
                     // volumes sharing chunks (clones of one base) would each
@@ -551,12 +556,11 @@ impl VolumeEngine {
                     self.running
                         .lock()
                         .expect("running lock")
-                        .insert(key.clone(), (latest.generation, progress.clone()));
+                        .insert(key.clone(), (latest, progress.clone()));
                     let engine = self.clone();
-                    let manifest = latest.clone();
                     tokio::spawn(async move {
                         let _permit = permit;
-                        engine.push_one(key, manifest, progress).await;
+                        engine.push_one(key, latest, progress).await;
                     });
                 }
             }
@@ -566,10 +570,22 @@ impl VolumeEngine {
     async fn push_one(
         self: Arc<Self>,
         key: (String, String),
-        manifest: Manifest,
+        generation: u64,
         progress: Arc<push::TransferProgress>,
     ) {
         let (volume, rack) = key.clone();
+        let (st, vol) = (self.store.clone(), volume.clone());
+        let manifest = match tokio::task::spawn_blocking(move || st.manifest(&vol, generation))
+            .await
+            .expect("manifest task")
+        {
+            Ok(Some(m)) => m,
+            // Pruned or unreadable since the tick: the next tick offers the newest.
+            _ => {
+                self.running.lock().expect("running lock").remove(&key);
+                return;
+            }
+        };
         let peer = self
             .mesh
             .admitted()
