@@ -161,25 +161,45 @@ async fn clones_cost_one_base() {
     );
 }
 
-/// Flips one byte in the body of every chunk frame it forwards.
-struct Corrupting<S> {
-    inner: S,
-    seen: usize,
+/// A link fault injected into the sending side of a stream.
+enum Fault {
+    /// Flip one byte in every large write (chunk bodies, not headers): a
+    /// peer that sends wrong bytes.
+    Corrupt,
+    /// Fail every write after this many more bytes: a link cut mid-transfer.
+    CutAfter(usize),
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Corrupting<S> {
+/// A stream whose writes suffer `fault`; reads pass through.
+struct Faulty<S> {
+    inner: S,
+    fault: Fault,
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Faulty<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let mut b = buf.to_vec();
-        // corrupt payload bytes of large writes (chunk bodies), not headers
-        if b.len() > 1000 {
-            b[500] ^= 0x55;
+        match self.fault {
+            Fault::Corrupt => {
+                let mut b = buf.to_vec();
+                if b.len() > 1000 {
+                    b[500] ^= 0x55;
+                }
+                Pin::new(&mut self.inner).poll_write(cx, &b)
+            }
+            Fault::CutAfter(0) => Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+            Fault::CutAfter(left) => {
+                let n = buf.len().min(left);
+                let r = Pin::new(&mut self.inner).poll_write(cx, &buf[..n]);
+                if let Poll::Ready(Ok(w)) = r {
+                    self.fault = Fault::CutAfter(left - w);
+                }
+                r
+            }
         }
-        self.seen += 1;
-        Pin::new(&mut self.inner).poll_write(cx, &b)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -189,7 +209,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Corrupting<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Corrupting<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for Faulty<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -213,7 +233,10 @@ async fn a_peer_sending_wrong_bytes_is_caught_and_nothing_is_published() {
             a.store.clone(),
             "a",
             m.clone(),
-            Corrupting { inner: s1, seen: 0 },
+            Faulty {
+                inner: s1,
+                fault: Fault::Corrupt
+            },
             &limiter,
             &sent
         ),
@@ -248,9 +271,9 @@ async fn interrupted_transfer_resumes_without_resending() {
     let (s1, s2) = stream_pair();
     let (sent, recv) = (TransferCounters::default(), TransferCounters::default());
     let limiter = LinkLimiter::new(0);
-    let cut = Limited {
+    let cut = Faulty {
         inner: s1,
-        left: 8 * MIB,
+        fault: Fault::CutAfter(8 * MIB),
     };
     let (_s, r) = tokio::join!(
         push::push(a.store.clone(), "a", m.clone(), cut, &limiter, &sent),
@@ -269,48 +292,6 @@ async fn interrupted_transfer_resumes_without_resending() {
         resumed.bytes
     );
     assert_eq!(export(&b, "vol", None), data);
-}
-
-/// Fails writes after `left` bytes (a link cut mid-transfer).
-struct Limited<S> {
-    inner: S,
-    left: usize,
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        if self.left == 0 {
-            return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
-        }
-        let n = buf.len().min(self.left);
-        match Pin::new(&mut self.inner).poll_write(cx, &buf[..n]) {
-            Poll::Ready(Ok(w)) => {
-                self.left -= w;
-                Poll::Ready(Ok(w))
-            }
-            other => other,
-        }
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_close(cx)
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -270,6 +270,23 @@ fn fieldrack(fleet: &Fleet, rack: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `fieldrack tiles seed` of the whole world at `zoom` on `rack`.
+fn seed_world(fleet: &Fleet, rack: &str, source: &str, zoom: &str) -> std::process::Output {
+    fieldrack(
+        fleet,
+        rack,
+        &[
+            "tiles",
+            "seed",
+            "--source",
+            source,
+            "--bbox=-180,-85,180,85",
+            "--zoom",
+            zoom,
+        ],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeding_fetches_a_region_once_and_offline_mode_answers_from_the_cache() {
     let (port, hits, _origin) = origin().await;
@@ -290,19 +307,7 @@ async fn seeding_fetches_a_region_once_and_offline_mode_answers_from_the_cache()
     })
     .await;
 
-    let out = fieldrack(
-        &fleet,
-        "a",
-        &[
-            "tiles",
-            "seed",
-            "--source",
-            "osm",
-            "--bbox=-180,-85,180,85",
-            "--zoom",
-            "0-2",
-        ],
-    );
+    let out = seed_world(&fleet, "a", "osm", "0-2");
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("does not allow bulk download"),
@@ -311,19 +316,7 @@ async fn seeding_fetches_a_region_once_and_offline_mode_answers_from_the_cache()
     );
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 
-    let out = fieldrack(
-        &fleet,
-        "a",
-        &[
-            "tiles",
-            "seed",
-            "--source",
-            "test",
-            "--bbox=-180,-85,180,85",
-            "--zoom",
-            "0-2",
-        ],
-    );
+    let out = seed_world(&fleet, "a", "test", "0-2");
     assert!(
         out.status.success(),
         "{}",
@@ -335,19 +328,7 @@ async fn seeding_fetches_a_region_once_and_offline_mode_answers_from_the_cache()
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(hits.load(Ordering::SeqCst), 21, "1 + 4 + 16 tiles");
-    let out = fieldrack(
-        &fleet,
-        "a",
-        &[
-            "tiles",
-            "seed",
-            "--source",
-            "test",
-            "--bbox=-180,-85,180,85",
-            "--zoom",
-            "0-2",
-        ],
-    );
+    let out = seed_world(&fleet, "a", "test", "0-2");
     assert!(out.status.success());
     assert_eq!(
         hits.load(Ordering::SeqCst),
@@ -468,19 +449,7 @@ async fn a_seeded_region_reaches_every_rack_of_the_site_pinned() {
         all_see(&fleet, &["a", "b"], "alive")
     })
     .await;
-    let out = fieldrack(
-        &fleet,
-        "a",
-        &[
-            "tiles",
-            "seed",
-            "--source",
-            "test",
-            "--bbox=-180,-85,180,85",
-            "--zoom",
-            "0-1",
-        ],
-    );
+    let out = seed_world(&fleet, "a", "test", "0-1");
     assert!(
         out.status.success(),
         "{}",
