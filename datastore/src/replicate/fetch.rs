@@ -7,6 +7,7 @@
 //! ```
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -55,7 +56,7 @@ where
         let f = read_frame(&mut stream)
             .await?
             .ok_or_else(|| WireError::Protocol("peer closed mid-fetch".into()))?;
-        counters.add(&counters.bytes, f.wire_len() as u64);
+        counters.bytes.fetch_add(f.wire_len() as u64, Relaxed);
         match f.kind {
             Kind::End => break,
             Kind::Missing if f.payload.len() == 32 => {
@@ -74,7 +75,7 @@ where
                 blocking(move || st.chunks().insert_verified(&id, &data))
                     .await
                     .map_err(|e| PushError::BadData(format!("chunk {id}: {e}")))?;
-                counters.add(&counters.chunks, 1);
+                counters.chunks.fetch_add(1, Relaxed);
                 report.repaired.push(id);
             }
             other => {
@@ -143,7 +144,7 @@ where
                 payload.extend_from_slice(&bytes);
                 limiter.acquire(Class::Bulk, payload.len() + 5).await;
                 write_frame(&mut stream, Kind::Chunk, &payload).await?;
-                counters.add(&counters.bytes, payload.len() as u64 + 5);
+                counters.bytes.fetch_add(payload.len() as u64 + 5, Relaxed);
                 served += 1;
             }
             // Not held, or corrupt here too: say so rather than send bad bytes.

@@ -22,7 +22,7 @@ pub mod plan;
 pub mod push;
 pub mod wire;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 /// Protocol name of pushes (owner → replica).
 pub const PUSH_PROTOCOL: &str = "/fieldrack/volume-push/1";
@@ -52,13 +52,6 @@ pub struct TransferCounters {
     pub deltas: AtomicU64,
     /// Chunks the receiver already had (deduplicated, not sent).
     pub deduplicated: AtomicU64,
-}
-
-impl TransferCounters {
-    pub(crate) fn add(&self, field: &AtomicU64, n: u64) {
-        let _ = self;
-        field.fetch_add(n, Ordering::Relaxed);
-    }
 }
 
 /// Run blocking store work off the async runtime.

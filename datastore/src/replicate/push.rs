@@ -14,6 +14,7 @@
 //! serving the previous one.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -103,7 +104,6 @@ pub struct TransferProgress {
 impl TransferProgress {
     /// `(sent, total)` chunks.
     pub fn get(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
         (
             self.sent_chunks.load(Relaxed),
             self.total_chunks.load(Relaxed),
@@ -190,14 +190,11 @@ where
         .filter(|i| bitmap[i / 8] & (1 << (i % 8)) != 0 && manifest.chunks[*i].is_some())
         .collect();
     let referenced = manifest.chunks.iter().filter(|c| c.is_some()).count() as u64;
-    counters.add(
-        &counters.deduplicated,
-        referenced.saturating_sub(missing.len() as u64),
-    );
+    counters
+        .deduplicated
+        .fetch_add(referenced.saturating_sub(missing.len() as u64), Relaxed);
 
-    progress
-        .total_chunks
-        .store(missing.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    progress.total_chunks.store(missing.len() as u64, Relaxed);
 
     // The base for deltas: the generation the replica says it holds, if we
     // still have it.
@@ -239,16 +236,14 @@ where
         limiter.acquire(Class::Replication, frame.wire_len()).await;
         write_frame(&mut stream, frame.kind, &frame.payload).await?;
         report.bytes += frame.wire_len() as u64;
-        progress
-            .sent_chunks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        counters.add(&counters.bytes, frame.wire_len() as u64);
+        progress.sent_chunks.fetch_add(1, Relaxed);
+        counters.bytes.fetch_add(frame.wire_len() as u64, Relaxed);
         if frame.kind == Kind::Delta {
             report.deltas += 1;
-            counters.add(&counters.deltas, 1);
+            counters.deltas.fetch_add(1, Relaxed);
         } else {
             report.chunks += 1;
-            counters.add(&counters.chunks, 1);
+            counters.chunks.fetch_add(1, Relaxed);
         }
     }
     producer
@@ -427,10 +422,9 @@ where
     })
     .await?;
     let referenced = manifest.chunks.iter().filter(|c| c.is_some()).count() as u64;
-    counters.add(
-        &counters.deduplicated,
-        referenced.saturating_sub(wanted.len() as u64),
-    );
+    counters
+        .deduplicated
+        .fetch_add(referenced.saturating_sub(wanted.len() as u64), Relaxed);
     for part in bitmap.chunks(MAX_FRAME) {
         write_frame(&mut stream, Kind::NeedPart, part).await?;
     }
@@ -517,7 +511,7 @@ where
                 Kind::Done => return Ok(()),
                 Kind::Chunk | Kind::Delta => {
                     bytes += f.wire_len() as u64;
-                    counters.add(&counters.bytes, f.wire_len() as u64);
+                    counters.bytes.fetch_add(f.wire_len() as u64, Relaxed);
                     if tx.send(f).await.is_err() {
                         return Ok(()); // the writer stopped: its error explains why
                     }
@@ -542,8 +536,8 @@ where
         }
         (Ok(()), Ok(counts)) => counts,
     };
-    counters.add(&counters.chunks, chunks);
-    counters.add(&counters.deltas, deltas);
+    counters.chunks.fetch_add(chunks, Relaxed);
+    counters.deltas.fetch_add(deltas, Relaxed);
     let generation = manifest.generation;
     let st = store.clone();
     if let Err(e) = blocking(move || st.publish(manifest)).await {
