@@ -6,11 +6,17 @@
 //! Layout:
 //! - [`config`]: `rack.toml`, parsed and validated with field-naming errors.
 //! - [`cert`]: the fleet signing key, rack certificates and revocations.
+//! - [`appliance`]: appliance manifests (`[[appliance]]`), parsed and validated.
 
+pub mod appliance;
 pub mod cert;
 pub mod config;
 pub mod power;
 
+pub use appliance::{
+    ApplianceSpec, DriverKind, HealthCheck, HealthSpec, ManifestError, Placement, RestartMode,
+    RestartPolicy, VolumeSpec,
+};
 pub use cert::{CertBody, CertError, Certificate, FleetKey, Revocation, RevocationBody};
 pub use config::{ConfigError, RackConfig};
 
