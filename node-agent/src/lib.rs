@@ -5,6 +5,7 @@
 //! - [`api`]: the admin HTTP API (hyper).
 //! - [`client`]: the CLI's client for that API.
 //! - [`demo`]: `fieldrack demo`, a local field of racks.
+//! - [`drivers`]: appliance drivers (process, QEMU), health probes.
 //! - [`fleet`]: provisioning (`fleet init`, `add-rack`, `revoke`).
 //! - [`files`]: durable file writes.
 //! - [`metrics`]: Prometheus text.
@@ -17,6 +18,7 @@ pub mod api;
 pub mod cache_mesh;
 pub mod client;
 pub mod demo;
+pub mod drivers;
 pub mod files;
 pub mod fleet;
 pub mod metrics;
