@@ -950,6 +950,22 @@ impl ChunkStore {
     /// [`ChunkStoreError::DiskFull`] (retry after freeing space: nothing is
     /// lost); I/O and index errors, which poison the store.
     pub fn sync(&self) -> Result<()> {
+        self.sync_inner(false)
+    }
+
+    /// [`ChunkStore::sync`], then drop the synced pack bytes from the page
+    /// cache (best effort; clean pages only). For a receiver streaming
+    /// chunks nobody will read soon: the next writes reuse the same
+    /// (cache-hot) memory instead of growing the page cache, which on
+    /// virtual machines makes every new page expensive to write.
+    ///
+    /// # Errors
+    /// As [`ChunkStore::sync`].
+    pub fn sync_uncached(&self) -> Result<()> {
+        self.sync_inner(true)
+    }
+
+    fn sync_inner(&self, drop_cache: bool) -> Result<()> {
         let _s = lock(&self.sync_lock);
         self.check()?;
         let (snap, file, path, active_no, flushed, sealed, dir_dirty) = {
@@ -987,6 +1003,18 @@ impl ChunkStore {
         if let Err(e) = fsynced {
             lock(&self.w).dir_dirty |= dir_dirty;
             return Err(e);
+        }
+        if drop_cache {
+            use rustix::fs::{fadvise, Advice};
+            for (f, len) in sealed.values() {
+                let _ = fadvise(&**f, 0, std::num::NonZeroU64::new(*len), Advice::DontNeed);
+            }
+            let _ = fadvise(
+                &*file,
+                0,
+                std::num::NonZeroU64::new(flushed),
+                Advice::DontNeed,
+            );
         }
 
         {

@@ -237,6 +237,27 @@ fn unverified_reads_append_the_bytes_and_verify_catches_rot() {
 }
 
 #[test]
+fn uncached_syncs_are_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let chunks: Vec<Vec<u8>> = (0..20).map(|_| random_chunk(&mut rng, 8192)).collect();
+    let s = ChunkStore::open_with(dir.path(), small_opts()).unwrap();
+    let ids: Vec<ChunkId> = chunks.iter().map(|c| s.insert(c).unwrap().0).collect();
+    s.sync_uncached().unwrap(); // several packs sealed and the active one
+    for (c, id) in chunks.iter().zip(&ids) {
+        assert_eq!(s.read(id).unwrap().as_ref(), Some(c));
+    }
+    let (later, _) = s.insert(&[5u8; 3000]).unwrap();
+    s.sync_uncached().unwrap();
+    drop(s);
+    let s = ChunkStore::open_with(dir.path(), small_opts()).unwrap();
+    for (c, id) in chunks.iter().zip(&ids) {
+        assert_eq!(s.read(id).unwrap().as_ref(), Some(c));
+    }
+    assert_eq!(s.read(&later).unwrap().unwrap(), vec![5u8; 3000]);
+}
+
+#[test]
 fn truncated_pack_reads_as_corrupt() {
     let dir = tempfile::tempdir().unwrap();
     let s = ChunkStore::open(dir.path()).unwrap();

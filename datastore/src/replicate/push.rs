@@ -676,7 +676,9 @@ fn store_frames(
         (Err((PushError::Store(_), None)), Err(e)) | (Ok(_), Err(e)) => return Err((e, None)),
         (stored, _) => stored?,
     };
-    st.chunks().sync().map_err(|e| (store_err(e), None))?;
+    st.chunks()
+        .sync_uncached()
+        .map_err(|e| (store_err(e), None))?;
     Ok(counts)
 }
 
@@ -780,7 +782,9 @@ impl Iterator for Frames<'_> {
     }
 }
 
-/// Syncs a chunk store on a thread of its own, one sync at a time.
+/// Syncs a chunk store on a thread of its own, one sync at a time,
+/// dropping what it synced from the page cache (a replica does not read
+/// back what it receives; see [`crate::ChunkStore::sync_uncached`]).
 struct BackgroundSync {
     request: std::sync::mpsc::SyncSender<()>,
     thread: std::thread::JoinHandle<Result<(), ChunkStoreError>>,
@@ -795,7 +799,7 @@ impl BackgroundSync {
             .name("chunk-sync".into())
             .spawn(move || {
                 while requests.recv().is_ok() {
-                    store.chunks().sync()?;
+                    store.chunks().sync_uncached()?;
                 }
                 Ok(())
             })
