@@ -28,7 +28,11 @@
 //! - Every read re-hashes the bytes: the store returns the right bytes or
 //!   [`ChunkStoreError::Corrupt`], never wrong bytes. A chunk found corrupt
 //!   is dropped from the index (so `contains` turns false and replication
-//!   fetches it again from a peer).
+//!   fetches it again from a peer). The one exception is
+//!   [`ChunkStore::read_unverified_into`], for a sender whose receiver
+//!   hashes every chunk anyway (a push); when the receiver rejects a chunk,
+//!   the sender checks it with [`ChunkStore::verify`], which drops it if
+//!   it is corrupt.
 //! - [`ChunkStore::gc`] copies live chunks out of mostly-dead packs, syncs,
 //!   and only then drops the old packs' index records and deletes their
 //!   files: a crash at any step leaves every live chunk readable.
@@ -635,11 +639,52 @@ impl ChunkStore {
     /// [`ChunkStoreError::Corrupt`] if the bytes on disk do not hash to
     /// `id` (the chunk is then dropped from the index); I/O errors.
     pub fn read(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        let mut data = Vec::new();
+        let Some(loc) = self.read_raw_into(id, &mut data)? else {
+            return Ok(None);
+        };
+        if ChunkId::of(&data) != *id {
+            return Err(self.drop_corrupt(*id, loc));
+        }
+        Ok(Some(data))
+    }
+
+    /// Append a chunk's bytes to `out` *without* re-hashing them; `false`
+    /// (and `out` unchanged) if the store does not hold it.
+    ///
+    /// For senders whose receiver verifies every chunk anyway (a push): the
+    /// hash is then computed once per transfer instead of twice. Damage
+    /// the store can see without hashing (a truncated or missing pack) is
+    /// still reported as [`ChunkStoreError::Corrupt`]; bit rot is not, so a
+    /// caller whose peer reports a chunk as bad must check it with
+    /// [`ChunkStore::read`] (or [`ChunkStore::verify`]), which drops it if
+    /// it is corrupt.
+    ///
+    /// # Errors
+    /// [`ChunkStoreError::Corrupt`] for a record that is no longer on disk;
+    /// I/O errors.
+    pub fn read_unverified_into(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<bool> {
+        Ok(self.read_raw_into(id, out)?.is_some())
+    }
+
+    /// Re-read a chunk and check it against its id, dropping it from the
+    /// index if it is corrupt. `Ok(false)`: the store does not hold it.
+    ///
+    /// # Errors
+    /// [`ChunkStoreError::Corrupt`] (the chunk has been dropped); I/O errors.
+    pub fn verify(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.read(id)?.is_some())
+    }
+
+    /// The bytes of a chunk, appended to `out`, and where they were.
+    /// Unverified; on an error `out` is as it was.
+    fn read_raw_into(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<Option<Location>> {
         self.check()?;
+        let base = out.len();
         // Two attempts: gc may move the chunk and delete its old pack
         // between the index lookup and the open.
         for attempt in 0..2 {
-            let (loc, buffered) = {
+            let loc = {
                 let w = lock(&self.w);
                 let Some(loc) = self.lookup(&w, id)? else {
                     return Ok(None);
@@ -650,43 +695,43 @@ impl ChunkStore {
                     // may have split it) in the write buffer.
                     let in_file =
                         usize::try_from(a.written.saturating_sub(loc.offset)).unwrap_or(0);
-                    let mut data = vec![0u8; in_file];
+                    out.resize(base + in_file, 0);
                     if in_file > 0 {
-                        a.file
-                            .read_exact_at(&mut data, loc.offset)
-                            .map_err(io_err("read", &a.path))?;
+                        if let Err(e) = a.file.read_exact_at(&mut out[base..], loc.offset) {
+                            out.truncate(base);
+                            return Err(io_err("read", &a.path)(e));
+                        }
                     }
                     let start =
                         usize::try_from(loc.offset.saturating_sub(a.written)).unwrap_or(usize::MAX);
-                    let rest = a.buf.get(start..start + loc.len as usize - in_file);
-                    let data = rest.map(|r| {
-                        data.extend_from_slice(r);
-                        data
-                    });
-                    (loc, Some(data))
-                } else {
-                    (loc, None)
-                }
-            };
-            let data = match buffered {
-                Some(Some(d)) => d,
-                Some(None) => return Err(self.drop_corrupt(*id, loc)),
-                None => match self.read_at(&loc) {
-                    Ok(d) => d,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound && attempt == 0 => continue,
-                    Err(e)
-                        if e.kind() == io::ErrorKind::UnexpectedEof
-                            || e.kind() == io::ErrorKind::NotFound =>
-                    {
-                        return Err(self.drop_corrupt(*id, loc));
+                    match a.buf.get(start..start + loc.len as usize - in_file) {
+                        Some(rest) => {
+                            out.extend_from_slice(rest);
+                            return Ok(Some(loc));
+                        }
+                        None => {
+                            out.truncate(base);
+                            drop(w);
+                            return Err(self.drop_corrupt(*id, loc));
+                        }
                     }
-                    Err(e) => return Err(io_err("read", &self.pack_path(loc.pack))(e)),
-                },
+                }
+                loc
             };
-            if ChunkId::of(&data) != *id {
-                return Err(self.drop_corrupt(*id, loc));
+            out.resize(base + loc.len as usize, 0);
+            match self.read_at_into(&loc, &mut out[base..]) {
+                Ok(()) => return Ok(Some(loc)),
+                Err(e) => {
+                    out.truncate(base);
+                    match e.kind() {
+                        io::ErrorKind::NotFound if attempt == 0 => continue,
+                        io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound => {
+                            return Err(self.drop_corrupt(*id, loc));
+                        }
+                        _ => return Err(io_err("read", &self.pack_path(loc.pack))(e)),
+                    }
+                }
             }
-            return Ok(Some(data));
         }
         Ok(None)
     }
@@ -730,10 +775,15 @@ impl ChunkStore {
     }
 
     fn read_at(&self, loc: &Location) -> io::Result<Vec<u8>> {
-        let f = self.pack_file(loc.pack)?;
         let mut buf = vec![0u8; loc.len as usize];
-        f.read_exact_at(&mut buf, loc.offset)?;
+        self.read_at_into(loc, &mut buf)?;
         Ok(buf)
+    }
+
+    /// Read a chunk's bytes from its pack into `buf` (exactly its length).
+    fn read_at_into(&self, loc: &Location, buf: &mut [u8]) -> io::Result<()> {
+        let f = self.pack_file(loc.pack)?;
+        f.read_exact_at(buf, loc.offset)
     }
 
     /// Store a chunk. Returns its id and whether it was newly stored
@@ -900,6 +950,22 @@ impl ChunkStore {
     /// [`ChunkStoreError::DiskFull`] (retry after freeing space: nothing is
     /// lost); I/O and index errors, which poison the store.
     pub fn sync(&self) -> Result<()> {
+        self.sync_inner(false)
+    }
+
+    /// [`ChunkStore::sync`], then drop the synced pack bytes from the page
+    /// cache (best effort; clean pages only). For a receiver streaming
+    /// chunks nobody will read soon: the next writes reuse the same
+    /// (cache-hot) memory instead of growing the page cache, which on
+    /// virtual machines makes every new page expensive to write.
+    ///
+    /// # Errors
+    /// As [`ChunkStore::sync`].
+    pub fn sync_uncached(&self) -> Result<()> {
+        self.sync_inner(true)
+    }
+
+    fn sync_inner(&self, drop_cache: bool) -> Result<()> {
         let _s = lock(&self.sync_lock);
         self.check()?;
         let (snap, file, path, active_no, flushed, sealed, dir_dirty) = {
@@ -937,6 +1003,18 @@ impl ChunkStore {
         if let Err(e) = fsynced {
             lock(&self.w).dir_dirty |= dir_dirty;
             return Err(e);
+        }
+        if drop_cache {
+            use rustix::fs::{fadvise, Advice};
+            for (f, len) in sealed.values() {
+                let _ = fadvise(&**f, 0, std::num::NonZeroU64::new(*len), Advice::DontNeed);
+            }
+            let _ = fadvise(
+                &*file,
+                0,
+                std::num::NonZeroU64::new(flushed),
+                Advice::DontNeed,
+            );
         }
 
         {

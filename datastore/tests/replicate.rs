@@ -261,6 +261,77 @@ async fn a_peer_sending_wrong_bytes_is_caught_and_nothing_is_published() {
     assert_eq!(export(&b, "vol", Some(r.generation)), data);
 }
 
+/// Every pack file under `dir`.
+fn pack_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(pack_files(&p));
+        } else if p.extension().is_some_and(|x| x == "pack") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_rotten_on_the_owner_is_caught_by_the_replica_and_never_resent() {
+    let data = image(4 * MIB, 8);
+    let a = owner_with("vol", &data);
+    let b = rack();
+    let m = a.store.latest("vol").unwrap().unwrap();
+    // Rot one chunk on the owner's disk (pushes read it without re-hashing).
+    let victim = m.chunks.iter().flatten().nth(3).copied().unwrap();
+    let bytes = a.store.chunks().read(&victim).unwrap().unwrap();
+    let mut hit = false;
+    for pack in pack_files(a._dir.path()) {
+        let mut content = std::fs::read(&pack).unwrap();
+        if let Some(at) = content.windows(bytes.len()).position(|w| w == bytes) {
+            content[at + 1000] ^= 0x10;
+            std::fs::write(&pack, content).unwrap();
+            hit = true;
+        }
+    }
+    assert!(hit, "the victim's bytes are in a pack file");
+
+    let (s1, s2) = stream_pair();
+    let (sent, recv) = (TransferCounters::default(), TransferCounters::default());
+    let limiter = LinkLimiter::new(0);
+    let (s, r) = tokio::join!(
+        push::push(a.store.clone(), "a", m.clone(), s1, &limiter, &sent),
+        push::serve(b.store.clone(), "a", s2, &recv)
+    );
+    assert!(matches!(r, Err(push::PushError::BadData(_))), "{r:?}");
+    assert!(
+        matches!(s, Err(push::PushError::CorruptLocal(id)) if id == victim),
+        "the owner checked its copy and found it rotten: {s:?}"
+    );
+    assert!(
+        !a.store.chunks().contains(&victim).unwrap(),
+        "the owner dropped its rotten copy"
+    );
+    assert!(!b.store.chunks().contains(&victim).unwrap());
+    assert!(
+        b.store.latest("vol").unwrap().is_none(),
+        "nothing published"
+    );
+    // The next push refuses to go on without the chunk (a scrub fetches it
+    // from a peer) instead of sending the rotten bytes again.
+    let (s1, s2) = stream_pair();
+    let (again, r) = tokio::join!(
+        push::push(a.store.clone(), "a", m, s1, &limiter, &sent),
+        push::serve(b.store.clone(), "a", s2, &recv)
+    );
+    assert!(
+        matches!(&again, Err(push::PushError::Store(e)) if e.contains("missing")),
+        "{again:?}"
+    );
+    assert!(r.is_err());
+    assert!(!b.store.chunks().contains(&victim).unwrap());
+    assert!(b.store.latest("vol").unwrap().is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_transfer_resumes_without_resending() {
     let data = image(16 * MIB, 6);

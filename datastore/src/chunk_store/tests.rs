@@ -189,6 +189,75 @@ fn read_never_returns_wrong_bytes() {
 }
 
 #[test]
+fn unverified_reads_append_the_bytes_and_verify_catches_rot() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ChunkStore::open(dir.path()).unwrap();
+    let (id, _) = s.insert(&[7u8; 5000]).unwrap();
+    // still in the write buffer
+    let mut out = b"prefix".to_vec();
+    assert!(s.read_unverified_into(&id, &mut out).unwrap());
+    assert_eq!((&out[..6], &out[6..]), (&b"prefix"[..], &[7u8; 5000][..]));
+    // in the pack file
+    s.sync().unwrap();
+    let mut out = Vec::new();
+    assert!(s.read_unverified_into(&id, &mut out).unwrap());
+    assert_eq!(out, vec![7u8; 5000]);
+    let mut out = b"keep".to_vec();
+    assert!(!s
+        .read_unverified_into(&ChunkId::of(b"nope"), &mut out)
+        .unwrap());
+    assert_eq!(out, b"keep", "a chunk not held leaves the buffer alone");
+    assert!(s.verify(&id).unwrap());
+    // Bit rot is what an unverified read does not see; verify does, and
+    // drops the chunk so nothing reads (or sends) it again.
+    let (path, off) = s.location(&id).unwrap();
+    flip_byte(&path, off + 10);
+    let mut out = Vec::new();
+    assert!(s.read_unverified_into(&id, &mut out).unwrap());
+    assert_ne!(out, vec![7u8; 5000]);
+    assert!(matches!(s.verify(&id), Err(ChunkStoreError::Corrupt { id: c }) if c == id));
+    assert!(!s.contains(&id).unwrap());
+    assert!(!s.read_unverified_into(&id, &mut Vec::new()).unwrap());
+    // A record that is gone is reported as corrupt without hashing.
+    let (id2, _) = s.insert(&[9u8; 5000]).unwrap();
+    s.sync().unwrap();
+    let (path, off) = s.location(&id2).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(off + 10)
+        .unwrap();
+    let mut out = b"keep".to_vec();
+    assert!(matches!(
+        s.read_unverified_into(&id2, &mut out),
+        Err(ChunkStoreError::Corrupt { .. })
+    ));
+    assert_eq!(out, b"keep");
+}
+
+#[test]
+fn uncached_syncs_are_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let chunks: Vec<Vec<u8>> = (0..20).map(|_| random_chunk(&mut rng, 8192)).collect();
+    let s = ChunkStore::open_with(dir.path(), small_opts()).unwrap();
+    let ids: Vec<ChunkId> = chunks.iter().map(|c| s.insert(c).unwrap().0).collect();
+    s.sync_uncached().unwrap(); // several packs sealed and the active one
+    for (c, id) in chunks.iter().zip(&ids) {
+        assert_eq!(s.read(id).unwrap().as_ref(), Some(c));
+    }
+    let (later, _) = s.insert(&[5u8; 3000]).unwrap();
+    s.sync_uncached().unwrap();
+    drop(s);
+    let s = ChunkStore::open_with(dir.path(), small_opts()).unwrap();
+    for (c, id) in chunks.iter().zip(&ids) {
+        assert_eq!(s.read(id).unwrap().as_ref(), Some(c));
+    }
+    assert_eq!(s.read(&later).unwrap().unwrap(), vec![5u8; 3000]);
+}
+
+#[test]
 fn truncated_pack_reads_as_corrupt() {
     let dir = tempfile::tempdir().unwrap();
     let s = ChunkStore::open(dir.path()).unwrap();

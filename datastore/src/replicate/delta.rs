@@ -27,17 +27,27 @@ const HEADER: usize = 32 + 32 + 4 + 2;
 /// beyond that the whole chunk is simpler and about as small.
 pub const MAX_DELTA_FRACTION: f64 = 0.5;
 
+/// One block of zeros to compare against.
+static ZERO_BLOCK: [u8; BLOCK] = [0; BLOCK];
+
 /// Indices of the blocks where `new` differs from `base`. `None` when the
 /// two differ in length (no delta possible).
 pub fn changed_blocks(base: &[u8], new: &[u8]) -> Option<Vec<u16>> {
-    if base.len() != new.len() || new.len() > BLOCK * u16::MAX as usize {
+    changed(Some(base), new)
+}
+
+/// As [`changed_blocks`]; `base` `None` stands for zeros.
+fn changed(base: Option<&[u8]>, new: &[u8]) -> Option<Vec<u16>> {
+    if base.is_some_and(|b| b.len() != new.len()) || new.len() > BLOCK * u16::MAX as usize {
         return None;
     }
     Some(
-        base.chunks(BLOCK)
-            .zip(new.chunks(BLOCK))
+        new.chunks(BLOCK)
             .enumerate()
-            .filter(|(_, (a, b))| a != b)
+            .filter(|(i, n)| match base {
+                Some(b) => &b[i * BLOCK..i * BLOCK + n.len()] != *n,
+                None => *n != &ZERO_BLOCK[..n.len()],
+            })
             .map(|(i, _)| i as u16)
             .collect(),
     )
@@ -45,7 +55,23 @@ pub fn changed_blocks(base: &[u8], new: &[u8]) -> Option<Vec<u16>> {
 
 /// Encode a delta, or `None` if it would not pay off.
 pub fn encode(new_id: &[u8; 32], base_id: &[u8; 32], base: &[u8], new: &[u8]) -> Option<Vec<u8>> {
-    let blocks = changed_blocks(base, new)?;
+    encode_inner(new_id, base_id, Some(base), new)
+}
+
+/// Encode `new` as a delta against an all-zero chunk of its length
+/// ([`ZERO_BASE`]), without materialising the zeros; `None` if it would
+/// not pay off.
+pub fn encode_against_zeros(new_id: &[u8; 32], new: &[u8]) -> Option<Vec<u8>> {
+    encode_inner(new_id, &ZERO_BASE, None, new)
+}
+
+fn encode_inner(
+    new_id: &[u8; 32],
+    base_id: &[u8; 32],
+    base: Option<&[u8]>,
+    new: &[u8],
+) -> Option<Vec<u8>> {
+    let blocks = changed(base, new)?;
     let data_len: usize = blocks
         .iter()
         .map(|b| block_range(*b, new.len()).len())
@@ -163,6 +189,8 @@ mod tests {
         sparse[5] = 9;
         let z = encode(&[1; 32], &ZERO_BASE, &[0u8; 65536], &sparse).unwrap();
         assert_eq!(apply(&[0u8; 65536], &z).unwrap(), sparse);
+        assert_eq!(encode_against_zeros(&[1; 32], &sparse).unwrap(), z);
+        assert!(encode_against_zeros(&[1; 32], &vec![3u8; 65536]).is_none());
         assert!(apply(&[0u8; 100], &z).is_err(), "length is checked");
     }
 
@@ -191,8 +219,20 @@ mod tests {
                 new[p] = new[p].wrapping_add(v | 1);
             }
             if let Some(d) = encode(&[9; 32], &[8; 32], &base, &new) {
-                prop_assert_eq!(apply(&base, &d).unwrap(), new);
+                prop_assert_eq!(apply(&base, &d).unwrap(), new.clone());
             }
+            // the same edits into zeros, against the implicit zero base
+            let mut sparse = vec![0u8; len];
+            for (i, (a, b)) in base.iter().zip(&new).enumerate() {
+                if a != b {
+                    sparse[i] = *b;
+                }
+            }
+            let zeros = vec![0u8; len];
+            prop_assert_eq!(
+                encode_against_zeros(&[9; 32], &sparse),
+                encode(&[9; 32], &ZERO_BASE, &zeros, &sparse)
+            );
         }
 
         #[test]

@@ -29,17 +29,26 @@ pub const PUSH_PROTOCOL: &str = "/fieldrack/volume-push/1";
 /// Protocol name of chunk fetches (repairs).
 pub const FETCH_PROTOCOL: &str = "/fieldrack/chunk-fetch/1";
 
-/// What a replica received is made durable at least this often, so an
-/// interrupted transfer resumes resending at most this much link time
-/// (fsync costs little at this rate, even on a fast link).
+/// A replica starts making what it received durable at least this often
+/// (on a sync thread, while receiving goes on), so an interrupted transfer
+/// resumes resending at most about this much link time (fsync costs little
+/// at this rate, even on a fast link).
 pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// ... or after this many bytes, whichever comes first.
 pub const SYNC_EVERY_BYTES: u64 = 32 << 20;
 
-/// Frames queued between the disk side and the network side of a
-/// transfer: enough to keep a fast link busy while the other side hashes.
-pub const PIPELINE_FRAMES: usize = 64;
+/// Data frames travel between the disk side and the network side of a
+/// transfer in batches of about this many bytes (16 chunks): one hand-off
+/// between threads and one stream write or read per batch rather than per
+/// 64 KiB chunk (each hand-off can cost a thread wake-up, which on a
+/// two-core rack costs as much CPU as hashing the chunk).
+pub const BATCH_BYTES: usize = 1 << 20;
+
+/// Batches queued between the disk side and the network side of a
+/// transfer: enough (4 MiB) to keep a fast link busy while the other side
+/// reads, hashes or writes.
+pub const PIPELINE_BATCHES: usize = 4;
 
 /// Byte and chunk counters of one transfer direction, shared with metrics.
 #[derive(Debug, Default)]

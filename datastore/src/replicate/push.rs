@@ -5,13 +5,17 @@
 //! Hello{volume, generation, manifest_len} ->
 //! ManifestPart*                            ->
 //!                                          <- NeedPart* (bitmap), NeedEnd{have_generation}
-//! (Chunk | Delta)* for every marked index  ->   verify each, insert, sync every 64 MiB
+//! (Chunk | Delta)* for every marked index  ->   verify each, insert, sync every 32 MiB / 0.5 s
 //! Done                                     ->
 //!                                          <- Committed{generation}   (published)
 //! ```
-//! Either side may send `Abort{reason}` at any point. A replica never
-//! publishes a generation it does not hold completely; until then it keeps
-//! serving the previous one.
+//! Either side may send `Abort{reason}` at any point; a replica that
+//! rejects a chunk names it (`bad_chunk`), and the owner, which reads chunks
+//! for a push without re-hashing them, then verifies its own copy (dropping
+//! it if it is corrupt, so rotten bytes are never offered again). A
+//! replica never publishes a generation it does not hold completely; until
+//! then it keeps serving the previous one. Its syncs run on a thread of
+//! their own, so the stream keeps flowing during an fsync.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
@@ -22,11 +26,18 @@ use tokio::sync::mpsc;
 
 use super::limiter::{Class, LinkLimiter};
 use super::wire::{
-    self, expect_frame, read_frame, write_frame, Committed, Frame, Hello, Kind, NeedEnd, WireError,
-    MAX_FRAME, PROTO,
+    self, append_frame, begin_frame, end_frame, expect_frame, read_frame, write_frame, Committed,
+    Frame, FrameReader, Hello, Kind, NeedEnd, WireError, HEADER_LEN, MAX_FRAME, PROTO,
 };
-use super::{blocking, delta, TransferCounters, PIPELINE_FRAMES, SYNC_EVERY, SYNC_EVERY_BYTES};
+use super::{
+    blocking, delta, TransferCounters, BATCH_BYTES, PIPELINE_BATCHES, SYNC_EVERY, SYNC_EVERY_BYTES,
+};
+use crate::chunk_store::ChunkStoreError;
 use crate::{ChunkId, Manifest, VolumeStore};
+
+/// After a write to the replica failed, how long to wait for the abort it
+/// may have sent before it stopped reading (which chunk it rejected).
+const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Largest manifest accepted: 256 MiB describes about 8 M chunks (512 GiB at 64 KiB).
 pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
@@ -44,6 +55,13 @@ pub enum PushError {
     /// The peer sent data that failed verification; nothing of it was kept.
     #[error("peer sent bad data: {0}")]
     BadData(String),
+    /// The replica rejected a chunk we sent and our own copy turned out to
+    /// be corrupt on disk: it has been dropped from our store (a scrub
+    /// fetches it again from a peer), so it is never sent again.
+    #[error(
+        "our copy of chunk {0} is corrupt (the replica caught it); dropped, scrub will repair it"
+    )]
+    CorruptLocal(ChunkId),
 }
 
 /// What a push achieved (sender side) or received (receiver side).
@@ -208,22 +226,36 @@ where
         _ => None,
     };
 
-    // Disk side: read chunks, build frames; network side: send them.
-    let (tx, mut rx) = mpsc::channel::<Result<Frame, PushError>>(PIPELINE_FRAMES);
+    // Disk side: read chunks straight into batches of wire frames; network
+    // side: send them. Reads are not re-hashed: the replica verifies every
+    // chunk, and a chunk it rejects is checked here (`check_rejected`).
+    let (tx, mut rx) = mpsc::channel::<Result<Batch, PushError>>(PIPELINE_BATCHES);
     let producer = {
         let store = store.clone();
         let manifest_chunks = manifest.chunks.clone();
         tokio::task::spawn_blocking(move || {
+            let mut batch = Batch::default();
             for i in missing {
                 let id = manifest_chunks[i].expect("filtered to present chunks");
                 // The base is what the replica holds at this index: a chunk,
                 // zeros (None in its manifest), or unknown.
                 let base_at = base.as_ref().and_then(|b| b.chunks.get(i).copied());
-                let frame = build_frame(&store, &id, base_at);
-                let stop = frame.is_err();
-                if tx.blocking_send(frame).is_err() || stop {
+                match build_frame(&store, &id, base_at, &mut batch.bytes) {
+                    Ok(Kind::Delta) => batch.deltas += 1,
+                    Ok(_) => batch.chunks += 1,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+                if batch.bytes.len() >= BATCH_BYTES
+                    && tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err()
+                {
                     return;
                 }
+            }
+            if !batch.bytes.is_empty() {
+                let _ = tx.blocking_send(Ok(batch));
             }
         })
     };
@@ -231,27 +263,45 @@ where
         volume: manifest.volume.clone(),
         ..Default::default()
     };
-    while let Some(frame) = rx.recv().await {
-        let frame = frame?;
-        limiter.acquire(Class::Replication, frame.wire_len()).await;
-        write_frame(&mut stream, frame.kind, &frame.payload).await?;
-        report.bytes += frame.wire_len() as u64;
-        progress.sent_chunks.fetch_add(1, Relaxed);
-        counters.bytes.fetch_add(frame.wire_len() as u64, Relaxed);
-        if frame.kind == Kind::Delta {
-            report.deltas += 1;
-            counters.deltas.fetch_add(1, Relaxed);
-        } else {
-            report.chunks += 1;
-            counters.chunks.fetch_add(1, Relaxed);
+    let sent: Result<(), PushError> = async {
+        while let Some(batch) = rx.recv().await {
+            let batch = batch?;
+            // The limiter's burst is about one frame: take tokens frame by
+            // frame's worth, then write the batch at once.
+            for part in batch.bytes.chunks(LIMITER_STEP) {
+                limiter.acquire(Class::Replication, part.len()).await;
+            }
+            stream.write_all(&batch.bytes).await?;
+            let len = batch.bytes.len() as u64;
+            report.bytes += len;
+            report.chunks += batch.chunks;
+            report.deltas += batch.deltas;
+            progress
+                .sent_chunks
+                .fetch_add(batch.chunks + batch.deltas, Relaxed);
+            counters.bytes.fetch_add(len, Relaxed);
+            counters.chunks.fetch_add(batch.chunks, Relaxed);
+            counters.deltas.fetch_add(batch.deltas, Relaxed);
         }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = sent {
+        return Err(failed(&store, &mut stream, e).await);
     }
     producer
         .await
         .map_err(|e| PushError::Store(format!("reader task: {e}")))?;
-    write_frame(&mut stream, Kind::Done, &[]).await?;
-    stream.flush().await?;
-    let c: Committed = expect_frame(&mut stream, Kind::Committed).await?.parse()?;
+    let committed: Result<Committed, WireError> = async {
+        write_frame(&mut stream, Kind::Done, &[]).await?;
+        stream.flush().await?;
+        expect_frame(&mut stream, Kind::Committed).await?.parse()
+    }
+    .await;
+    let c = match committed {
+        Ok(c) => c,
+        Err(e) => return Err(failed(&store, &mut stream, e.into()).await),
+    };
     if c.generation != manifest.generation {
         return Err(WireError::Protocol(format!(
             "replica committed generation {}, offered {}",
@@ -264,43 +314,115 @@ where
     Ok(report)
 }
 
+/// Why the data phase failed: a replica that gives up sends an abort and
+/// stops reading, so a failed write is explained by the abort if there is
+/// one; a chunk the replica rejected is checked in our store.
+async fn failed<S: AsyncRead + Unpin>(
+    store: &Arc<VolumeStore>,
+    stream: &mut S,
+    e: PushError,
+) -> PushError {
+    let e = match e {
+        PushError::Wire(WireError::Io(_)) => peer_abort(stream).await.map_or(e, Into::into),
+        e => e,
+    };
+    check_rejected(store, e).await
+}
+
+/// After a failed write: the abort the replica sent before it stopped
+/// reading, if it sent one.
+async fn peer_abort<S: AsyncRead + Unpin>(stream: &mut S) -> Option<WireError> {
+    match tokio::time::timeout(ABORT_GRACE, read_frame(stream)).await {
+        Ok(Err(e @ (WireError::Aborted(_) | WireError::RejectedChunk { .. }))) => Some(e),
+        _ => None,
+    }
+}
+
+/// A push reads chunks without re-hashing them, so when the replica rejects
+/// one, the fault may be bit rot in our copy: verify it, which drops it
+/// from our store if it is corrupt (it is then never sent again and a scrub
+/// repairs it from a peer). If ours is sound, the replica or the link is
+/// at fault and the error stands.
+async fn check_rejected(store: &Arc<VolumeStore>, e: PushError) -> PushError {
+    let PushError::Wire(WireError::RejectedChunk { chunk, .. }) = &e else {
+        return e;
+    };
+    let (st, id) = (store.clone(), *chunk);
+    match blocking(move || st.chunks().verify(&id)).await {
+        Err(ChunkStoreError::Corrupt { .. }) => {
+            tracing::warn!(chunk = %id, "the replica rejected a chunk that is corrupt in our store; dropped it");
+            PushError::CorruptLocal(id)
+        }
+        Ok(_) => e,
+        Err(other) => {
+            tracing::warn!(chunk = %id, error = %other, "cannot check a chunk the replica rejected");
+            e
+        }
+    }
+}
+
+/// Frames on their way from the disk side to the network side of a push.
+#[derive(Debug, Default)]
+struct Batch {
+    /// Whole frames, as they go on the wire.
+    bytes: Vec<u8>,
+    /// Chunk frames in it.
+    chunks: u64,
+    /// Delta frames in it.
+    deltas: u64,
+}
+
+/// Tokens are taken from the link limiter in steps of at most this many
+/// bytes (a chunk frame), whatever the batch size: the limiter grants at
+/// most one burst per call.
+const LIMITER_STEP: usize = 64 * 1024;
+
+/// Append the frame that brings the replica `id` to `out`; its kind.
+///
 /// `base`: `Some(Some(id))` the replica holds that chunk at this index,
 /// `Some(None)` it holds zeros there, `None` unknown.
+///
+/// The chunk is read unverified straight into `out` (the replica verifies
+/// it); a delta base is read verified, since a wrong base would make a
+/// wrong delta (rare: only chunks that changed in place).
 fn build_frame(
     store: &VolumeStore,
     id: &ChunkId,
     base: Option<Option<ChunkId>>,
-) -> Result<Frame, PushError> {
-    let data = store.chunks().read(id).map_err(store_err)?.ok_or_else(|| {
-        PushError::Store(format!(
+    out: &mut Vec<u8>,
+) -> Result<Kind, PushError> {
+    out.reserve(HEADER_LEN + 32 + crate::CHUNK_SIZE as usize);
+    let start = begin_frame(out, Kind::Chunk);
+    out.extend_from_slice(&id.0);
+    let data_at = out.len();
+    let held = store.chunks().read_unverified_into(id, out);
+    if !held.map_err(|e| {
+        out.truncate(start);
+        store_err(e)
+    })? {
+        out.truncate(start);
+        return Err(PushError::Store(format!(
             "chunk {id} of our own manifest is missing (scrub will repair it)"
-        ))
-    })?;
+        )));
+    }
+    let mut payload = None;
     if let Some(Some(base_id)) = base.filter(|b| *b != Some(*id)) {
         if let Ok(Some(base)) = store.chunks().read(&base_id) {
-            if let Some(payload) = delta::encode(&id.0, &base_id.0, &base, &data) {
-                return Ok(Frame {
-                    kind: Kind::Delta,
-                    payload,
-                });
-            }
+            payload = delta::encode(&id.0, &base_id.0, &base, &out[data_at..]);
         }
     }
     // Zeros are held by every rack: a mostly-zero chunk (a few writes into
     // an unused region) travels as its non-zero blocks.
-    if let Some(payload) = delta::encode(&id.0, &delta::ZERO_BASE, &vec![0u8; data.len()], &data) {
-        return Ok(Frame {
-            kind: Kind::Delta,
-            payload,
-        });
+    if payload.is_none() {
+        payload = delta::encode_against_zeros(&id.0, &out[data_at..]);
     }
-    let mut payload = Vec::with_capacity(32 + data.len());
-    payload.extend_from_slice(&id.0);
-    payload.extend_from_slice(&data);
-    Ok(Frame {
-        kind: Kind::Chunk,
-        payload,
-    })
+    if let Some(payload) = payload {
+        out.truncate(start);
+        append_frame(out, Kind::Delta, &payload)?;
+        return Ok(Kind::Delta);
+    }
+    end_frame(out, start)?;
+    Ok(Kind::Chunk)
 }
 
 /// Serve one push on the replica side. `from` names the sending rack (from
@@ -438,82 +560,51 @@ where
     write_frame(&mut stream, end.kind, &end.payload).await?;
     stream.flush().await?;
 
-    // Receive, verify and store, off the runtime, pipelined.
-    let (tx, mut rx) = mpsc::channel::<Frame>(PIPELINE_FRAMES);
+    // Receive, verify and store, off the runtime, pipelined: frames go to
+    // the disk side in batches of up to BATCH_BYTES, or whatever has arrived
+    // when the stream has nothing more for now.
+    let (tx, mut rx) = mpsc::channel::<Vec<Frame>>(PIPELINE_BATCHES);
     let st = store.clone();
-    let writer = tokio::task::spawn_blocking(move || -> Result<(u64, u64), PushError> {
-        let mut wanted = wanted;
-        let (mut chunks, mut deltas, mut since_sync) = (0u64, 0u64, 0u64);
-        let mut last_sync = std::time::Instant::now();
-        while let Some(f) = rx.blocking_recv() {
-            since_sync += f.payload.len() as u64;
-            let (id, data) = match f.kind {
-                Kind::Chunk => {
-                    if f.payload.len() < 32 {
-                        return Err(PushError::BadData("chunk frame too short".into()));
-                    }
-                    chunks += 1;
-                    (
-                        ChunkId(f.payload[..32].try_into().expect("32")),
-                        f.payload[32..].to_vec(),
-                    )
-                }
-                Kind::Delta => {
-                    let h = delta::header(&f.payload).map_err(PushError::BadData)?;
-                    let base = if h.base_id == delta::ZERO_BASE {
-                        if h.len > crate::CHUNK_SIZE as usize {
-                            return Err(PushError::BadData(format!(
-                                "delta for a {}-byte chunk",
-                                h.len
-                            )));
-                        }
-                        vec![0u8; h.len]
-                    } else {
-                        st.chunks()
-                            .read(&ChunkId(h.base_id))
-                            .map_err(store_err)?
-                            .ok_or_else(|| {
-                                PushError::BadData("delta against a chunk we do not hold".into())
-                            })?
-                    };
-                    deltas += 1;
-                    (
-                        ChunkId(h.new_id),
-                        delta::apply(&base, &f.payload).map_err(PushError::BadData)?,
-                    )
-                }
-                other => {
-                    return Err(WireError::Protocol(format!("unexpected {other:?} in data")).into())
-                }
-            };
-            if !wanted.remove(&id) {
-                return Err(PushError::BadData(format!("unsolicited chunk {id}")));
-            }
-            st.chunks()
-                .insert_verified(&id, &data)
-                .map_err(|e| PushError::BadData(format!("chunk {id}: {e}")))?;
-            if since_sync >= SYNC_EVERY_BYTES || last_sync.elapsed() >= SYNC_EVERY {
-                st.chunks().sync().map_err(store_err)?;
-                since_sync = 0;
-                last_sync = std::time::Instant::now();
-            }
-        }
-        st.chunks().sync().map_err(store_err)?;
-        Ok((chunks, deltas))
-    });
+    let writer = tokio::task::spawn_blocking(move || store_frames(&st, wanted, &mut rx));
     let mut bytes = 0u64;
     let received: Result<(), PushError> = async {
+        use futures::FutureExt;
+        let mut reader = FrameReader::default();
+        let (mut batch, mut batch_bytes) = (Vec::new(), 0usize);
         loop {
-            let f = read_frame(&mut stream)
-                .await?
-                .ok_or_else(|| WireError::Protocol("sender vanished mid-transfer".into()))?;
+            let next = match reader.next(&mut stream).now_or_never() {
+                Some(next) => next,
+                None => {
+                    // Nothing more right now: hand over what arrived
+                    // before waiting (the reader keeps any partial frame).
+                    if !batch.is_empty() {
+                        batch_bytes = 0;
+                        if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                            return Ok(()); // the writer stopped: its error explains why
+                        }
+                    }
+                    reader.next(&mut stream).await
+                }
+            };
+            let f =
+                next?.ok_or_else(|| WireError::Protocol("sender vanished mid-transfer".into()))?;
             match f.kind {
-                Kind::Done => return Ok(()),
+                Kind::Done => {
+                    if !batch.is_empty() {
+                        let _ = tx.send(batch).await;
+                    }
+                    return Ok(());
+                }
                 Kind::Chunk | Kind::Delta => {
                     bytes += f.wire_len() as u64;
                     counters.bytes.fetch_add(f.wire_len() as u64, Relaxed);
-                    if tx.send(f).await.is_err() {
-                        return Ok(()); // the writer stopped: its error explains why
+                    batch_bytes += f.payload.len();
+                    batch.push(f);
+                    if batch_bytes >= BATCH_BYTES {
+                        batch_bytes = 0;
+                        if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                            return Ok(());
+                        }
                     }
                 }
                 other => {
@@ -528,7 +619,13 @@ where
         .await
         .map_err(|e| PushError::Store(format!("writer task: {e}")))?;
     let (chunks, deltas) = match (received, written) {
-        (_, Err(e)) | (Err(e), _) => {
+        (_, Err((e, bad_chunk))) => {
+            if matches!(e, PushError::BadData(_) | PushError::Store(_)) {
+                wire::abort_with(&mut stream, &e.to_string(), bad_chunk).await;
+            }
+            return Err(e);
+        }
+        (Err(e), _) => {
             if matches!(e, PushError::BadData(_) | PushError::Store(_)) {
                 wire::abort(&mut stream, &e.to_string()).await;
             }
@@ -556,4 +653,177 @@ where
         deduplicated: referenced - chunks - deltas,
         bytes,
     })
+}
+
+/// Why the replica's disk side stopped, and the chunk that failed its
+/// verification if that was the reason.
+type Rejection = (PushError, Option<ChunkId>);
+
+/// The replica's disk side: verify and store every received frame; make
+/// what arrived durable every [`SYNC_EVERY`] / [`SYNC_EVERY_BYTES`] on a
+/// thread of its own, so inserts (and so the stream) keep going during
+/// the fsync; a last sync before returning. Returns `(chunks, deltas)`.
+fn store_frames(
+    st: &Arc<VolumeStore>,
+    wanted: HashSet<ChunkId>,
+    rx: &mut mpsc::Receiver<Vec<Frame>>,
+) -> Result<(u64, u64), Rejection> {
+    let mut syncer = BackgroundSync::start(st.clone()).map_err(|e| (e, None))?;
+    let stored = store_frames_with(st, wanted, rx, &mut syncer);
+    let synced = syncer.finish();
+    let counts = match (stored, synced) {
+        // A refused sync request is explained by the failed sync.
+        (Err((PushError::Store(_), None)), Err(e)) | (Ok(_), Err(e)) => return Err((e, None)),
+        (stored, _) => stored?,
+    };
+    st.chunks()
+        .sync_uncached()
+        .map_err(|e| (store_err(e), None))?;
+    Ok(counts)
+}
+
+fn store_frames_with(
+    st: &VolumeStore,
+    mut wanted: HashSet<ChunkId>,
+    rx: &mut mpsc::Receiver<Vec<Frame>>,
+    syncer: &mut BackgroundSync,
+) -> Result<(u64, u64), Rejection> {
+    let bad = |e: PushError| (e, None);
+    let (mut chunks, mut deltas, mut since_sync) = (0u64, 0u64, 0u64);
+    let mut last_sync = std::time::Instant::now();
+    let frames = Frames {
+        rx,
+        batch: Vec::new().into_iter(),
+    };
+    for f in frames {
+        since_sync += f.payload.len() as u64;
+        let rebuilt;
+        let (id, data): (ChunkId, &[u8]) = match f.kind {
+            Kind::Chunk => {
+                if f.payload.len() < 32 {
+                    return Err(bad(PushError::BadData("chunk frame too short".into())));
+                }
+                chunks += 1;
+                (
+                    ChunkId(f.payload[..32].try_into().expect("32")),
+                    &f.payload[32..],
+                )
+            }
+            Kind::Delta => {
+                let h = delta::header(&f.payload).map_err(|e| bad(PushError::BadData(e)))?;
+                let base = if h.base_id == delta::ZERO_BASE {
+                    if h.len > crate::CHUNK_SIZE as usize {
+                        return Err(bad(PushError::BadData(format!(
+                            "delta for a {}-byte chunk",
+                            h.len
+                        ))));
+                    }
+                    vec![0u8; h.len]
+                } else {
+                    st.chunks()
+                        .read(&ChunkId(h.base_id))
+                        .map_err(|e| bad(store_err(e)))?
+                        .ok_or_else(|| {
+                            bad(PushError::BadData(
+                                "delta against a chunk we do not hold".into(),
+                            ))
+                        })?
+                };
+                deltas += 1;
+                rebuilt =
+                    delta::apply(&base, &f.payload).map_err(|e| bad(PushError::BadData(e)))?;
+                (ChunkId(h.new_id), rebuilt.as_slice())
+            }
+            other => {
+                return Err(bad(WireError::Protocol(format!(
+                    "unexpected {other:?} in data"
+                ))
+                .into()))
+            }
+        };
+        if !wanted.remove(&id) {
+            return Err(bad(PushError::BadData(format!("unsolicited chunk {id}"))));
+        }
+        match st.chunks().insert_verified(&id, data) {
+            Ok(_) => {}
+            Err(e @ ChunkStoreError::HashMismatch { .. }) => {
+                return Err((PushError::BadData(format!("chunk {id}: {e}")), Some(id)))
+            }
+            Err(e @ (ChunkStoreError::ZeroChunk | ChunkStoreError::TooLarge { .. })) => {
+                return Err(bad(PushError::BadData(format!("chunk {id}: {e}"))))
+            }
+            Err(e) => return Err(bad(store_err(e))),
+        }
+        if since_sync >= SYNC_EVERY_BYTES || last_sync.elapsed() >= SYNC_EVERY {
+            syncer.request().map_err(bad)?;
+            since_sync = 0;
+            last_sync = std::time::Instant::now();
+        }
+    }
+    Ok((chunks, deltas))
+}
+
+/// The frames of the batches arriving from the network side, one by one.
+struct Frames<'a> {
+    rx: &'a mut mpsc::Receiver<Vec<Frame>>,
+    batch: std::vec::IntoIter<Frame>,
+}
+
+impl Iterator for Frames<'_> {
+    type Item = Frame;
+
+    fn next(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(f) = self.batch.next() {
+                return Some(f);
+            }
+            self.batch = self.rx.blocking_recv()?.into_iter();
+        }
+    }
+}
+
+/// Syncs a chunk store on a thread of its own, one sync at a time,
+/// dropping what it synced from the page cache (a replica does not read
+/// back what it receives; see [`crate::ChunkStore::sync_uncached`]).
+struct BackgroundSync {
+    request: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<Result<(), ChunkStoreError>>,
+}
+
+impl BackgroundSync {
+    fn start(store: Arc<VolumeStore>) -> Result<Self, PushError> {
+        // One request queued behind the running sync is enough: when it
+        // starts it covers everything inserted until then.
+        let (request, requests) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("chunk-sync".into())
+            .spawn(move || {
+                while requests.recv().is_ok() {
+                    store.chunks().sync_uncached()?;
+                }
+                Ok(())
+            })
+            .map_err(|e| PushError::Store(format!("starting the sync thread: {e}")))?;
+        Ok(Self { request, thread })
+    }
+
+    /// Make everything inserted so far durable, soon. Fails if an earlier
+    /// sync failed (the store is then poisoned or the disk full).
+    fn request(&mut self) -> Result<(), PushError> {
+        match self.request.try_send(()) {
+            Ok(()) | Err(std::sync::mpsc::TrySendError::Full(())) => Ok(()),
+            Err(std::sync::mpsc::TrySendError::Disconnected(())) => Err(PushError::Store(
+                "the sync thread stopped (an earlier sync failed)".into(),
+            )),
+        }
+    }
+
+    /// Wait for the syncs asked for; the error of a failed one.
+    fn finish(self) -> Result<(), PushError> {
+        drop(self.request);
+        match self.thread.join() {
+            Ok(r) => r.map_err(store_err),
+            Err(_) => Err(PushError::Store("the sync thread panicked".into())),
+        }
+    }
 }

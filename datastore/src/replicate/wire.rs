@@ -104,6 +104,13 @@ pub struct Committed {
 pub struct Abort {
     /// Human-readable reason.
     pub reason: String,
+    /// A receiver gives up because this chunk failed verification. Senders
+    /// do not re-hash what they read for a push (the receiver does), so
+    /// the sender then checks its own copy: bit rot on its disk is caught
+    /// and the chunk dropped rather than offered again. Absent otherwise
+    /// (and from older receivers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bad_chunk: Option<crate::ChunkId>,
 }
 
 /// Protocol version spoken.
@@ -122,6 +129,14 @@ pub enum WireError {
     /// The peer gave up.
     #[error("peer aborted: {0}")]
     Aborted(String),
+    /// The peer gave up because a chunk we sent failed its verification.
+    #[error("peer rejected chunk {chunk}: {reason}")]
+    RejectedChunk {
+        /// The chunk.
+        chunk: crate::ChunkId,
+        /// The peer's reason.
+        reason: String,
+    },
 }
 
 /// One frame.
@@ -157,6 +172,46 @@ impl Frame {
     }
 }
 
+/// Length of a frame header: kind and payload length.
+pub(crate) const HEADER_LEN: usize = 5;
+
+/// Start a frame of `kind` at the end of `out` (a batch of frames laid out
+/// as they go on the wire); append its payload, then [`end_frame`]. Lets a
+/// disk reader build frames in place and the sender write many at once.
+pub(crate) fn begin_frame(out: &mut Vec<u8>, kind: Kind) -> usize {
+    let start = out.len();
+    out.push(kind as u8);
+    out.extend_from_slice(&[0; 4]);
+    start
+}
+
+/// Finish the frame begun at `start`: write its payload length.
+///
+/// # Errors
+/// [`WireError::Protocol`] if the payload exceeds [`MAX_FRAME`]; the frame
+/// is then removed from `out`.
+pub(crate) fn end_frame(out: &mut Vec<u8>, start: usize) -> Result<(), WireError> {
+    let len = out.len() - start - HEADER_LEN;
+    if len > MAX_FRAME {
+        out.truncate(start);
+        return Err(WireError::Protocol(format!(
+            "frame of {len} bytes exceeds {MAX_FRAME}"
+        )));
+    }
+    out[start + 1..start + HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
+/// Append a whole frame to `out`.
+///
+/// # Errors
+/// As [`end_frame`].
+pub(crate) fn append_frame(out: &mut Vec<u8>, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
+    let start = begin_frame(out, kind);
+    out.extend_from_slice(payload);
+    end_frame(out, start)
+}
+
 /// Write one frame (not flushed).
 ///
 /// # Errors
@@ -172,7 +227,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
             payload.len()
         )));
     }
-    let mut header = [0u8; 5];
+    let mut header = [0u8; HEADER_LEN];
     header[0] = kind as u8;
     header[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     w.write_all(&header).await?;
@@ -183,38 +238,80 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 /// Read one frame. `None` on a clean end of stream before a header.
 ///
 /// # Errors
-/// [`WireError`]; an `Abort` frame becomes [`WireError::Aborted`].
+/// [`WireError`]; an `Abort` frame becomes [`WireError::Aborted`] (or
+/// [`WireError::RejectedChunk`]).
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, WireError> {
-    let mut header = [0u8; 5];
-    let mut got = 0;
-    while got < header.len() {
-        let n = r.read(&mut header[got..]).await?;
-        if n == 0 {
-            if got == 0 {
-                return Ok(None);
+    FrameReader::default().next(r).await
+}
+
+/// Reads frames, keeping a partly read frame between calls: a
+/// [`FrameReader::next`] future may be dropped at any await point without
+/// losing bytes (cancel-safe), so a receiver can ask "is another frame
+/// ready right now?" and hand over what it has if not.
+#[derive(Debug, Default)]
+pub(crate) struct FrameReader {
+    header: [u8; HEADER_LEN],
+    /// Header bytes read.
+    got: usize,
+    /// The payload being read, once the header is complete.
+    payload: Option<Vec<u8>>,
+    /// Payload bytes read.
+    filled: usize,
+}
+
+impl FrameReader {
+    /// The next frame. `None` on a clean end of stream before a header.
+    ///
+    /// # Errors
+    /// As [`read_frame`].
+    pub(crate) async fn next<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+    ) -> Result<Option<Frame>, WireError> {
+        while self.got < HEADER_LEN {
+            let n = r.read(&mut self.header[self.got..]).await?;
+            if n == 0 {
+                if self.got == 0 {
+                    return Ok(None);
+                }
+                return Err(WireError::Protocol(
+                    "stream ended inside a frame header".into(),
+                ));
             }
-            return Err(WireError::Protocol(
-                "stream ended inside a frame header".into(),
-            ));
+            self.got += n;
         }
-        got += n;
+        let h = self.header;
+        let kind = Kind::from_u8(h[0])
+            .ok_or_else(|| WireError::Protocol(format!("unknown frame kind {}", h[0])))?;
+        let len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]) as usize;
+        if len > MAX_FRAME {
+            return Err(WireError::Protocol(format!(
+                "frame of {len} bytes exceeds {MAX_FRAME}"
+            )));
+        }
+        let payload = self.payload.get_or_insert_with(|| vec![0u8; len]);
+        while self.filled < len {
+            let n = r.read(&mut payload[self.filled..]).await?;
+            if n == 0 {
+                return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            self.filled += n;
+        }
+        let payload = self.payload.take().unwrap_or_default();
+        (self.got, self.filled) = (0, 0);
+        let frame = Frame { kind, payload };
+        if kind == Kind::Abort {
+            let a: Abort = frame.parse()?;
+            return Err(match a.bad_chunk {
+                Some(chunk) => WireError::RejectedChunk {
+                    chunk,
+                    reason: a.reason,
+                },
+                None => WireError::Aborted(a.reason),
+            });
+        }
+        Ok(Some(frame))
     }
-    let kind = Kind::from_u8(header[0])
-        .ok_or_else(|| WireError::Protocol(format!("unknown frame kind {}", header[0])))?;
-    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if len > MAX_FRAME {
-        return Err(WireError::Protocol(format!(
-            "frame of {len} bytes exceeds {MAX_FRAME}"
-        )));
-    }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await?;
-    let frame = Frame { kind, payload };
-    if kind == Kind::Abort {
-        let a: Abort = frame.parse()?;
-        return Err(WireError::Aborted(a.reason));
-    }
-    Ok(Some(frame))
 }
 
 /// Read a frame that must exist and be of `kind`.
@@ -236,10 +333,21 @@ pub async fn expect_frame<R: AsyncRead + Unpin>(r: &mut R, kind: Kind) -> Result
 
 /// Send an abort (best effort) and close.
 pub async fn abort<W: AsyncWrite + Unpin>(w: &mut W, reason: &str) {
+    abort_with(w, reason, None).await;
+}
+
+/// Send an abort naming the chunk that failed verification, if any (best
+/// effort), and close.
+pub async fn abort_with<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    reason: &str,
+    bad_chunk: Option<crate::ChunkId>,
+) {
     let f = Frame::json(
         Kind::Abort,
         &Abort {
             reason: reason.to_string(),
+            bad_chunk,
         },
     );
     let _ = write_frame(w, f.kind, &f.payload).await;
@@ -308,6 +416,115 @@ mod tests {
         abort(&mut buf, "chunk failed verification").await;
         let r = read_frame(&mut Cursor::new(buf.into_inner())).await;
         assert!(matches!(r, Err(WireError::Aborted(m)) if m.contains("verification")));
+    }
+
+    #[tokio::test]
+    async fn an_abort_naming_a_chunk_says_which() {
+        let id = crate::ChunkId::of(b"x");
+        let mut buf = Cursor::new(Vec::new());
+        abort_with(&mut buf, "hash mismatch", Some(id)).await;
+        let r = read_frame(&mut Cursor::new(buf.into_inner())).await;
+        assert!(
+            matches!(&r, Err(WireError::RejectedChunk { chunk, reason }) if *chunk == id && reason == "hash mismatch"),
+            "{r:?}"
+        );
+        // what an older receiver sends still parses
+        let old = br#"{"reason":"no"}"#;
+        let f = Frame {
+            kind: Kind::Abort,
+            payload: old.to_vec(),
+        };
+        assert_eq!(f.parse::<Abort>().unwrap().bad_chunk, None);
+    }
+
+    #[tokio::test]
+    async fn frames_built_in_place_read_back_as_frames() {
+        let mut out = Vec::new();
+        let start = begin_frame(&mut out, Kind::Chunk);
+        out.extend_from_slice(b"payload!");
+        end_frame(&mut out, start).unwrap();
+        append_frame(&mut out, Kind::Delta, b"d").unwrap();
+        assert_eq!(out.len(), 2 * HEADER_LEN + 9);
+        let too_big = vec![0u8; MAX_FRAME + 1];
+        assert!(matches!(
+            append_frame(&mut out, Kind::Chunk, &too_big),
+            Err(WireError::Protocol(_))
+        ));
+        assert_eq!(
+            out.len(),
+            2 * HEADER_LEN + 9,
+            "a refused frame leaves nothing behind"
+        );
+        let mut r = Cursor::new(out);
+        let f = read_frame(&mut r).await.unwrap().unwrap();
+        assert_eq!(
+            (f.kind, f.payload.as_slice()),
+            (Kind::Chunk, &b"payload!"[..])
+        );
+        let f = read_frame(&mut r).await.unwrap().unwrap();
+        assert_eq!((f.kind, f.payload.as_slice()), (Kind::Delta, &b"d"[..]));
+        assert!(read_frame(&mut r).await.unwrap().is_none());
+    }
+
+    /// A reader that hands out at most `step` bytes per call and is not
+    /// ready every other call.
+    struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        step: usize,
+        ready: bool,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.ready = !self.ready;
+            if !self.ready {
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            let n = self.step.min(buf.len()).min(self.data.len() - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn a_frame_reader_loses_nothing_when_its_future_is_dropped() {
+        use futures::FutureExt;
+        let mut wire = Vec::new();
+        for i in 0..20u8 {
+            append_frame(&mut wire, Kind::Chunk, &vec![i; 1000 + usize::from(i)]).unwrap();
+        }
+        let mut r = Trickle {
+            data: wire,
+            pos: 0,
+            step: 3,
+            ready: false,
+        };
+        let mut reader = FrameReader::default();
+        let mut frames = Vec::new();
+        let mut polls = 0;
+        loop {
+            polls += 1;
+            assert!(polls < 100_000, "no progress");
+            // Poll once, then drop the future, as a receiver asking "is a
+            // frame ready now?" does.
+            match reader.next(&mut r).now_or_never() {
+                None => continue,
+                Some(Ok(Some(f))) => frames.push(f),
+                Some(Ok(None)) => break,
+                Some(Err(e)) => panic!("{e}"),
+            }
+        }
+        assert_eq!(frames.len(), 20);
+        for (i, f) in frames.iter().enumerate() {
+            assert_eq!(f.payload, vec![i as u8; 1000 + i]);
+        }
     }
 
     proptest! {
