@@ -216,17 +216,19 @@ impl Engine {
         )
     }
 
-    /// Builds the response for a stored object.
+    /// Builds the response for a stored object; `st` is `obj`'s
+    /// [`Stored`] (its headers become the response's, without a copy).
     fn cached_response(
         &self,
         req: &CacheRequest,
         obj: &Object,
+        st: Stored,
         cs: CacheStatus,
         now: u64,
     ) -> Response<Body> {
-        let st = to_stored(&obj.meta);
-        let mut headers = obj.meta.headers.clone();
-        headers.insert(header::AGE, HeaderValue::from(st.current_age(now)));
+        let age = st.current_age(now);
+        let mut headers = st.headers;
+        headers.insert(header::AGE, HeaderValue::from(age));
         headers.insert("cache-status", hv(&cs.render(&self.name)));
         self.decorate(req, &mut headers);
         let not_modified = obj.meta.status == 200
@@ -289,7 +291,6 @@ impl Engine {
                 None
             }
         };
-        let usable = self.health.host_usable(&req.target.authority());
         let mut fwd = if vary.is_some() {
             Fwd::VaryMiss
         } else {
@@ -304,6 +305,7 @@ impl Engine {
                     return self.cached_response(
                         &req,
                         obj,
+                        st,
                         CacheStatus {
                             hit: true,
                             ttl: Some(ev.ttl),
@@ -312,7 +314,8 @@ impl Engine {
                         now,
                     );
                 }
-                _ if !usable => {
+                // Link health only matters once the object is not fresh.
+                _ if !self.health.host_usable(&req.target.authority()) => {
                     // RFC 9111 §4.2.4: disconnected. Tiles are ours to serve
                     // (we are their origin); proxied objects obey their
                     // must-revalidate.
@@ -322,6 +325,7 @@ impl Engine {
                         return self.cached_response(
                             &req,
                             obj,
+                            st,
                             CacheStatus {
                                 hit: true,
                                 ttl: Some(ev.ttl),
@@ -341,6 +345,7 @@ impl Engine {
                     return self.cached_response(
                         &req,
                         obj,
+                        st,
                         CacheStatus {
                             hit: true,
                             ttl: Some(ev.ttl),
@@ -360,6 +365,7 @@ impl Engine {
             }
         }
         Self::inc(&self.counters.misses);
+        let usable = self.health.host_usable(&req.target.authority());
         if stored.is_none() && !usable && self.peers.candidates(&kh).is_empty() {
             return self.offline_504(fwd);
         }
@@ -427,13 +433,15 @@ impl Engine {
                     return None;
                 }
                 Self::inc(&self.counters.stale_hits);
+                let ttl = st.ttl(now);
                 Some(self.cached_response(
                     &req,
                     obj,
+                    st,
                     CacheStatus {
                         fwd: Some(Fwd::Stale),
                         fwd_status,
-                        ttl: Some(st.ttl(now)),
+                        ttl: Some(ttl),
                         collapsed,
                         detail: Some(if kind_unreachable && !self.health.backhaul_up() {
                             "offline"
@@ -448,10 +456,12 @@ impl Engine {
         match sub.head().await {
             Head::Revalidated => match self.store.get(&kh).ok().flatten() {
                 Some(obj) => {
-                    let ttl = to_stored(&obj.meta).ttl((self.clock)());
+                    let st = to_stored(&obj.meta);
+                    let ttl = st.ttl((self.clock)());
                     self.cached_response(
                         &req,
                         &obj,
+                        st,
                         CacheStatus {
                             fwd: Some(Fwd::Stale),
                             fwd_status: Some(304),

@@ -23,7 +23,8 @@
 //! - [`mesh`]: peer traits, no-op implementations, the key digest.
 //! - [`tiles`]: tile paths, URL templates, TileJSON, bbox → tiles.
 //! - [`seed`]: bulk seeding of a region (resumable, rate-limited).
-//! - [`mbtiles`]: MBTiles import (pinned, offline-ready) and export.
+//! - [`mbtiles`]: MBTiles and PMTiles import (pinned, offline-ready), MBTiles export.
+//! - [`pmtiles`]: PMTiles v3 reader (validating) and a minimal writer.
 //! - [`engine`]: the caching pipeline.
 //! - [`server`]: hyper server, routing, CONNECT, PAC, prober.
 //! - [`stats`]: status document and Prometheus counters.
@@ -36,6 +37,7 @@ pub mod health;
 pub mod http_cache;
 pub mod mbtiles;
 pub mod mesh;
+pub mod pmtiles;
 pub mod seed;
 pub mod server;
 pub mod stats;

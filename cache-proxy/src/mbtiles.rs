@@ -1,5 +1,5 @@
-//! MBTiles import and export: preloading a rack before it ships, and handing
-//! a region to a field laptop or phone.
+//! MBTiles (and PMTiles) import and MBTiles export: preloading a rack
+//! before it ships, and handing a region to a field laptop or phone.
 //!
 //! [MBTiles 1.3] is SQLite with a `metadata(name, value)` table and
 //! `tiles(zoom_level, tile_column, tile_row, tile_data)`, rows in TMS order
@@ -56,6 +56,20 @@
 //! (readers detect gzip by its signature), and one stored with another
 //! content coding (`br`...) is skipped and counted.
 //!
+//! **PMTiles**: [`import`] also takes a PMTiles v3 archive, recognised by
+//! its first bytes (`PMTiles`, version 3) whatever the file is called. The
+//! archive is validated whole first ([`crate::pmtiles::Archive::validate`]:
+//! every directory walked, every entry inside its section, tile ids in
+//! order, the header's counts right), so a truncated or lying archive is
+//! refused ([`ImportError::Pmtiles`]) before anything is stored. The
+//! header's tile type stands for `metadata.format` (unknown: the first
+//! tile's signature); tile compression `none` or `gzip` (a gzipped tile is
+//! stored only if its gzip stream inflates completely); each tile of a run
+//! is stored under its own key (the store keeps the body once), and the
+//! parts of runs outside the source's zooms are counted as skipped without
+//! being walked. `total` and `read` count addressed tiles. A vector
+//! archive's `vector_layers` metadata is kept like MBTiles' `json`.
+//!
 //! [MBTiles 1.3]: https://github.com/mapbox/mbtiles-spec/blob/master/1.3/spec.md
 
 use std::collections::HashMap;
@@ -72,6 +86,7 @@ use tokio::sync::mpsc;
 use crate::config::{TileFormat, TileSource};
 use crate::engine::Engine;
 use crate::http_cache::fmt_date;
+use crate::pmtiles::{self, Archive, PmtilesError, TileType};
 use crate::store::{key_hash, KeyHash, ObjectMeta, StoreError, MAX_OBJECT_BYTES};
 use crate::tiles::{self, BBox, TileId, MAX_ZOOM};
 use crate::ProxyHandle;
@@ -117,11 +132,21 @@ pub enum ImportError {
         /// Cause.
         source: std::io::Error,
     },
-    /// The file is not an SQLite database.
-    #[error("{path} is not an MBTiles file: not an SQLite database")]
+    /// The file is neither an SQLite database nor a PMTiles archive.
+    #[error("{path} is not an MBTiles or PMTiles file: not an SQLite database, no PMTiles magic")]
     NotSqlite {
         /// The file.
         path: PathBuf,
+    },
+    /// The file starts like a PMTiles archive but cannot be imported:
+    /// another version, truncated, inconsistent, or compressed in a way not
+    /// supported. Checked before anything is stored.
+    #[error("{path} is not a usable PMTiles v3 archive: {source}")]
+    Pmtiles {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: PmtilesError,
     },
     /// A required table (or view) is missing.
     #[error("{path} is not an MBTiles file: no {table:?} table or view")]
@@ -224,7 +249,7 @@ pub enum ExportError {
 /// Import progress, and the final report.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ImportReport {
-    /// Rows in the file's `tiles`.
+    /// Rows in the file's `tiles` (PMTiles: tiles addressed).
     pub total: u64,
     /// Rows read so far.
     pub read: u64,
@@ -323,11 +348,13 @@ struct FileInfo {
     total: u64,
 }
 
-/// One row, as the reader judged it.
+/// One row (or a run of PMTiles tiles), as the reader judged it.
 enum Item {
     Tile(TileId, Bytes),
-    OutOfRange,
-    Invalid,
+    /// This many tiles outside the source's zoom range.
+    OutOfRange(u64),
+    /// This many tiles with impossible coordinates or bytes not of the format.
+    Invalid(u64),
     Failed(ImportError),
 }
 
@@ -483,23 +510,23 @@ fn judge(row: &rusqlite::Row<'_>, format: TileFormat, zooms: (u8, u8)) -> rusqli
     let x = row.get_ref(1)?.as_i64().ok();
     let tms = row.get_ref(2)?.as_i64().ok();
     let (Some(z), Some(x), Some(tms)) = (z, x, tms) else {
-        return Ok(Item::Invalid);
+        return Ok(Item::Invalid(1));
     };
     if !(0..=i64::from(MAX_ZOOM)).contains(&z) {
-        return Ok(Item::Invalid);
+        return Ok(Item::Invalid(1));
     }
     let side = 1i64 << z;
     if !(0..side).contains(&x) || !(0..side).contains(&tms) {
-        return Ok(Item::Invalid);
+        return Ok(Item::Invalid(1));
     }
     if z < i64::from(zooms.0) || z > i64::from(zooms.1) {
-        return Ok(Item::OutOfRange);
+        return Ok(Item::OutOfRange(1));
     }
     let Ok(data) = row.get_ref(3)?.as_blob() else {
-        return Ok(Item::Invalid);
+        return Ok(Item::Invalid(1));
     };
     if data.len() > MAX_OBJECT_BYTES || sniff(data) != Some(format) {
-        return Ok(Item::Invalid);
+        return Ok(Item::Invalid(1));
     }
     Ok(Item::Tile(
         TileId {
@@ -547,6 +574,172 @@ fn read_rows(
         if tx.blocking_send(item).is_err() {
             return; // the import was cancelled or failed
         }
+    }
+}
+
+/// An opened, validated file.
+enum Opened {
+    Mbtiles(Connection, &'static str),
+    Pmtiles(Archive),
+}
+
+/// Opens an MBTiles or PMTiles file, told apart by their first bytes
+/// (`SQLite format 3\0`, `PMTiles` + version), whatever the file's name.
+fn open_file(path: &Path) -> Result<(Opened, FileInfo), ImportError> {
+    let mut head = [0u8; 7];
+    let n = {
+        let mut f = std::fs::File::open(path).map_err(|source| ImportError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        std::io::Read::read(&mut f, &mut head).map_err(|source| ImportError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?
+    };
+    if n == head.len() && &head == pmtiles::MAGIC {
+        let (a, info) = open_pmtiles(path).map_err(|source| match source {
+            PmtilesError::Io(source) => ImportError::Open {
+                path: path.to_path_buf(),
+                source,
+            },
+            source => ImportError::Pmtiles {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+        return Ok((Opened::Pmtiles(a), info));
+    }
+    let (conn, info, query) = open_mbtiles(path)?;
+    Ok((Opened::Mbtiles(conn, query), info))
+}
+
+/// Opens and validates a PMTiles archive: every directory is walked and
+/// checked before a tile is read (see [`pmtiles::Archive::validate`]).
+fn open_pmtiles(path: &Path) -> Result<(Archive, FileInfo), PmtilesError> {
+    let mut a = Archive::open(path)?;
+    let summary = a.validate()?;
+    let h = a.header().clone();
+    let tile_gzip = match h.tile_compression {
+        pmtiles::Compression::None | pmtiles::Compression::Unknown => false,
+        pmtiles::Compression::Gzip => true,
+        code => {
+            return Err(PmtilesError::Compression { what: "tile", code });
+        }
+    };
+    let (format_text, format) = match h.tile_type {
+        TileType::Mvt => ("mvt".to_string(), Some(TileFormat::Pbf)),
+        TileType::Png => ("png".to_string(), Some(TileFormat::Png)),
+        TileType::Jpeg => ("jpg".to_string(), Some(TileFormat::Jpg)),
+        TileType::Webp => ("webp".to_string(), Some(TileFormat::Webp)),
+        TileType::Avif => ("avif".to_string(), None),
+        TileType::Other(c) => (format!("(tile type {c})"), None),
+        TileType::Unknown => {
+            // Judge by the first tile, as for an MBTiles 1.0 file.
+            let mut first = None;
+            a.for_each_entry(|a, e| {
+                first = Some(a.tile_data(e)?);
+                Ok(false)
+            })?;
+            match first.as_deref().and_then(sniff) {
+                Some(f) => (f.extension().to_string(), Some(f)),
+                None if first.is_none() => ("(no tile type, no tiles)".into(), None),
+                None => ("(no tile type; first tile unrecognised)".into(), None),
+            }
+        }
+    };
+    if tile_gzip && format != Some(TileFormat::Pbf) {
+        return Err(PmtilesError::Compression {
+            what: "tile",
+            code: h.tile_compression,
+        });
+    }
+    // Vector layers, kept like MBTiles' `json` for export.
+    let json = if format == Some(TileFormat::Pbf) {
+        let meta = a.metadata()?;
+        serde_json::from_slice::<serde_json::Value>(&meta)
+            .ok()
+            .and_then(|v| {
+                let layers = v.get("vector_layers")?.clone();
+                Some(serde_json::json!({ "vector_layers": layers }).to_string())
+            })
+    } else {
+        None
+    };
+    Ok((
+        a,
+        FileInfo {
+            format_text,
+            format,
+            json,
+            total: summary.addressed_tiles,
+        },
+    ))
+}
+
+/// Whether `data` is one complete gzip stream (of at most
+/// [`MAX_OBJECT_BYTES`] once inflated).
+fn gzip_complete(data: &[u8]) -> bool {
+    use std::io::Read;
+    let mut d = flate2::read::GzDecoder::new(data).take(MAX_OBJECT_BYTES as u64 + 1);
+    std::io::copy(&mut d, &mut std::io::sink()).is_ok_and(|n| n <= MAX_OBJECT_BYTES as u64)
+}
+
+/// The PMTiles reader thread: every tile of every run, judged like an
+/// MBTiles row, into `tx` until the archive ends or the receiver is gone.
+/// Tile ids of a zoom are contiguous, so the parts of a run outside the
+/// source's zooms are counted without being walked tile by tile.
+fn read_pmtiles(
+    a: &mut Archive,
+    path: &Path,
+    format: TileFormat,
+    zooms: (u8, u8),
+    tx: &mpsc::Sender<Item>,
+) {
+    let first = pmtiles::zoom_base(zooms.0);
+    let end = pmtiles::zoom_base(zooms.1.min(MAX_ZOOM) + 1);
+    let walked = a.for_each_entry(|a, e| {
+        let (lo, hi) = (e.tile_id, e.tile_id + u64::from(e.run_length));
+        let (in_lo, in_hi) = (lo.max(first), hi.min(end));
+        let outside = if in_lo < in_hi {
+            (hi - lo) - (in_hi - in_lo)
+        } else {
+            hi - lo
+        };
+        if outside > 0 && tx.blocking_send(Item::OutOfRange(outside)).is_err() {
+            return Ok(false);
+        }
+        if in_lo >= in_hi {
+            return Ok(true);
+        }
+        let n = in_hi - in_lo;
+        let body = if e.length as usize > MAX_OBJECT_BYTES {
+            None
+        } else {
+            let data = a.tile_data(e)?;
+            let ok = sniff(&data) == Some(format)
+                && (!data.starts_with(GZIP_MAGIC) || gzip_complete(&data));
+            ok.then(|| Bytes::from(data))
+        };
+        let Some(body) = body else {
+            return Ok(tx.blocking_send(Item::Invalid(n)).is_ok());
+        };
+        for id in in_lo..in_hi {
+            let item = match pmtiles::tile_of(id) {
+                Some(t) => Item::Tile(t, body.clone()),
+                None => Item::Invalid(1),
+            };
+            if tx.blocking_send(item).is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    });
+    if let Err(source) = walked {
+        let _ = tx.blocking_send(Item::Failed(ImportError::Pmtiles {
+            path: path.to_path_buf(),
+            source,
+        }));
     }
 }
 
@@ -614,7 +807,7 @@ pub async fn import(
     let file = path.to_path_buf();
     let (format, zooms) = (src.format, (src.min_zoom, src.max_zoom));
     let reader = tokio::task::spawn_blocking(move || {
-        let (conn, info, query) = match open_mbtiles(&file) {
+        let (opened, info) = match open_file(&file) {
             Ok(x) => x,
             Err(e) => {
                 let _ = info_tx.send(Err(e));
@@ -624,12 +817,19 @@ pub async fn import(
         let _ = info_tx.send(Ok(info));
         // Stream only once the format has been accepted.
         if go_rx.recv().is_ok() {
-            read_rows(&conn, &file, query, format, zooms, &tx);
+            match opened {
+                Opened::Mbtiles(conn, query) => {
+                    read_rows(&conn, &file, query, format, zooms, &tx);
+                }
+                Opened::Pmtiles(mut archive) => {
+                    read_pmtiles(&mut archive, &file, format, zooms, &tx);
+                }
+            }
         }
     });
     let info = info_rx.await.map_err(|_| ImportError::Open {
         path: path.to_path_buf(),
-        source: std::io::Error::other("the MBTiles reader thread failed"),
+        source: std::io::Error::other("the tile file reader thread failed"),
     })??;
     if info.format != Some(src.format) {
         drop(go_tx);
@@ -684,21 +884,23 @@ pub async fn import(
         })
     };
     while let Some(item) = rx.recv().await {
-        report.read += 1;
         let (tile, body) = match item {
             Item::Tile(t, b) => (t, b),
-            Item::OutOfRange => {
-                report.skipped += 1;
+            Item::OutOfRange(n) => {
+                report.read += n;
+                report.skipped += n;
                 progress(&report);
                 continue;
             }
-            Item::Invalid => {
-                report.invalid += 1;
+            Item::Invalid(n) => {
+                report.read += n;
+                report.invalid += n;
                 progress(&report);
                 continue;
             }
             Item::Failed(e) => return Err(e),
         };
+        report.read += 1;
         let kh: KeyHash = key_hash(&tiles::cache_key(&src.name, tile));
         let etag = etag_for(&body);
         if let Ok(Some(m)) = store.get_meta(&kh) {

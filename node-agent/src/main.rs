@@ -165,9 +165,9 @@ enum TilesCmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Preload tiles from an MBTiles file (pinned; served offline) before or after shipping.
+    /// Preload tiles from an MBTiles or PMTiles v3 file (pinned; served offline) before or after shipping.
     Import {
-        /// The .mbtiles file (on the rack).
+        /// The .mbtiles or .pmtiles file (on the rack; told apart by content).
         file: PathBuf,
         /// The [[tile_source]] the tiles belong to.
         #[arg(long)]

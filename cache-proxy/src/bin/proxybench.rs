@@ -5,22 +5,37 @@
 //! ```text
 //! cargo build --release -p cache-proxy --bin proxybench
 //! target/release/proxybench [--tiles 1000] [--secs 10] [--conns 32] [--core 0]
+//!                           [--rounds 3] [--pacing thread|tokio] [--rate REQ_PER_SEC]
 //! ```
 //!
 //! What it does:
 //! 1. starts an origin (in this process) serving 1000 tiles of a few KB;
-//! 2. starts `proxybench serve-fieldrack` (a child, under `taskset -c CORE`)
-//!    and, if `nginx` is installed, nginx with one worker under the same
-//!    `taskset` and a `proxy_cache` configuration (`proxy_cache_lock on`,
-//!    validity one day);
-//! 3. warms both caches with every tile, then checks hits do not reach the
+//! 2. starts, each under `taskset -c CORE`: `proxybench serve-fieldrack`
+//!    (a child), nginx (if installed) with one worker and a `proxy_cache`
+//!    configuration (`proxy_cache_lock on`, validity one day), and
+//!    `proxybench serve-static`, a bare hyper server answering every
+//!    request with one fixed 4 KB body from memory: the floor any hyper
+//!    server on that core reaches with this client;
+//! 3. warms the caches with every tile, then checks hits do not reach the
 //!    origin;
-//! 4. measures peak requests/s and p99 latency: with `wrk` (pinned to the
-//!    other cores) if installed, else with the built-in closed-loop client;
-//! 5. measures p99 at a constant rate of half nginx's peak (built-in
-//!    open-loop client, latency counted from the scheduled send time).
+//! 4. measures peak requests/s and p99 latency: with the built-in
+//!    closed-loop client, and with `wrk` (pinned to the other cores) if
+//!    installed;
+//! 5. measures latency at a constant rate of half nginx's peak, `--rounds`
+//!    times, alternating the servers so background load hits them alike.
+//!    The open-loop client (this process, pinned to the other cores, one
+//!    runtime worker per core) releases request `k` at `t0 + k/rate` from a
+//!    dedicated pacing thread (`std::thread::sleep`, not tokio's 1 ms
+//!    timer) to connection `k % conns`, and counts latency from that due
+//!    time, so time spent queued behind a slow response is charged to the
+//!    server (no coordinated omission). It also reports its own delays:
+//!    how late the pacer released requests and how late a connection
+//!    started one it was free to send; both are inside every latency.
 //!
-//! It prints one table. Load goes only to 127.0.0.1.
+//! It prints one table and the load average before and after (other
+//! processes on the machine move the numbers). Load goes only to
+//! 127.0.0.1. It installs nothing: missing `nginx`, `wrk` or `taskset` is
+//! reported and that part skipped.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -40,6 +55,11 @@ struct Args {
     secs: u64,
     conns: usize,
     core: usize,
+    rounds: usize,
+    pacing: Pacing,
+    /// Constant load in req/s instead of half nginx's peak (to compare runs
+    /// on a machine whose background load moves the peaks).
+    rate: Option<f64>,
 }
 
 fn parse_args() -> Args {
@@ -48,17 +68,29 @@ fn parse_args() -> Args {
         secs: 10,
         conns: 32,
         core: 0,
+        rounds: 1,
+        pacing: Pacing::Thread,
+        rate: None,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
-    while i + 1 < v.len() {
-        let n = &v[i + 1];
+    while i < v.len() {
+        let n = v.get(i + 1).map(String::as_str).unwrap_or("");
         match v[i].as_str() {
             "--tiles" => a.tiles = n.parse().expect("--tiles N"),
             "--secs" => a.secs = n.parse().expect("--secs N"),
             "--conns" => a.conns = n.parse().expect("--conns N"),
             "--core" => a.core = n.parse().expect("--core N"),
-            _ => {}
+            "--rounds" => a.rounds = n.parse::<usize>().expect("--rounds N").max(1),
+            "--rate" => a.rate = Some(n.parse().expect("--rate REQ_PER_SEC")),
+            "--pacing" => {
+                a.pacing = match n {
+                    "thread" => Pacing::Thread,
+                    "tokio" => Pacing::Tokio,
+                    _ => panic!("--pacing thread|tokio"),
+                }
+            }
+            other => panic!("unknown argument {other}"),
         }
         i += 2;
     }
@@ -205,7 +237,18 @@ struct LoadResult {
     rps: f64,
     p50_us: u64,
     p99_us: u64,
+    p999_us: u64,
     errors: u64,
+    /// Open loop only: p99 of how late the client itself started a request
+    /// (after its scheduled time or the previous response on its
+    /// connection, whichever is later): the generator's own delay, which
+    /// is inside every latency it reports.
+    start_delay_p99_us: u64,
+    /// Open loop only: p99 of how late the pacer released a request.
+    pacer_late_p99_us: u64,
+    /// Open loop only: requests dropped because their connection had
+    /// [`TICKET_QUEUE`] requests waiting (the server is seconds behind).
+    overruns: u64,
 }
 
 fn pct(lat: &mut [u64], p: f64) -> u64 {
@@ -216,14 +259,18 @@ fn pct(lat: &mut [u64], p: f64) -> u64 {
     lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)]
 }
 
-/// Closed loop (`rate` = None) or open loop at `rate` req/s.
-async fn load(
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Closed loop: each connection sends its next request when the previous
+/// response is complete; latency from send to complete body.
+async fn closed_loop(
     addr: SocketAddr,
     prefix: &str,
     tiles: u32,
     conns: usize,
     secs: u64,
-    rate: Option<f64>,
 ) -> LoadResult {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let errors = Arc::new(AtomicU64::new(0));
@@ -237,24 +284,12 @@ async fn load(
             let host = addr.to_string();
             let mut lat = Vec::with_capacity(100_000);
             let mut i = c as u32 * 7919;
-            let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
-            let mut next = Instant::now()
-                + interval
-                    .map(|iv| iv.mul_f64(c as f64 / conns as f64))
-                    .unwrap_or_default();
             while Instant::now() < deadline {
-                let scheduled = if let Some(iv) = interval {
-                    tokio::time::sleep_until(next.into()).await;
-                    let s = next;
-                    next += iv;
-                    s
-                } else {
-                    Instant::now()
-                };
+                let sent = Instant::now();
                 let path = format!("{prefix}{}", tile_path(i % tiles));
                 i = i.wrapping_add(1);
                 match fetch(&mut sender, &host, &path).await {
-                    Some(_) => lat.push(scheduled.elapsed().as_micros() as u64),
+                    Some(_) => lat.push(micros(sent.elapsed())),
                     None => {
                         errors.fetch_add(1, Ordering::Relaxed);
                         sender = connect(addr).await;
@@ -273,7 +308,138 @@ async fn load(
         rps: all.len() as f64 / elapsed,
         p50_us: pct(&mut all, 0.50),
         p99_us: pct(&mut all, 0.99),
+        p999_us: pct(&mut all, 0.999),
         errors: errors.load(Ordering::Relaxed),
+        start_delay_p99_us: 0,
+        pacer_late_p99_us: 0,
+        overruns: 0,
+    }
+}
+
+/// Requests that may wait on one connection of the open-loop client.
+const TICKET_QUEUE: usize = 4096;
+
+/// How the open-loop client times its sends.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Pacing {
+    /// A dedicated OS thread sleeping with `std::thread::sleep`
+    /// (`clock_nanosleep`, tens of µs late).
+    Thread,
+    /// A tokio task with `sleep_until`: tokio's timer wheel has 1 ms ticks
+    /// and rounds deadlines up, and mio rounds the `epoll_wait` timeout up
+    /// to whole ms, so sends leave 0-2 ms after their scheduled time. Kept
+    /// only to show what that costs (`--pacing tokio`).
+    Tokio,
+}
+
+/// Open loop at `rate` req/s over `conns` connections. Request `k` is due
+/// at `t0 + k/rate` and goes to connection `k % conns`; latency counts from
+/// the due time, so a request queued behind a slow response is charged the
+/// wait (no coordinated omission).
+async fn open_loop(
+    addr: SocketAddr,
+    prefix: &str,
+    tiles: u32,
+    conns: usize,
+    secs: u64,
+    rate: f64,
+    pacing: Pacing,
+) -> LoadResult {
+    let total = (rate * secs as f64) as u64;
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut txs = Vec::with_capacity(conns);
+    let mut tasks = Vec::with_capacity(conns);
+    for c in 0..conns {
+        // Connect before the clock starts.
+        let mut sender = connect(addr).await;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Instant>(TICKET_QUEUE);
+        txs.push(tx);
+        let prefix = prefix.to_string();
+        let errors = errors.clone();
+        tasks.push(tokio::spawn(async move {
+            let host = addr.to_string();
+            let mut lat = Vec::with_capacity(total as usize / conns + 1);
+            let mut delay = Vec::with_capacity(total as usize / conns + 1);
+            let mut i = c as u32 * 7919;
+            let mut prev_done = Instant::now();
+            while let Some(due) = rx.recv().await {
+                delay.push(micros(
+                    Instant::now().saturating_duration_since(due.max(prev_done)),
+                ));
+                let path = format!("{prefix}{}", tile_path(i % tiles));
+                i = i.wrapping_add(1);
+                let ok = fetch(&mut sender, &host, &path).await.is_some();
+                prev_done = Instant::now();
+                if ok {
+                    lat.push(micros(prev_done.saturating_duration_since(due)));
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    sender = connect(addr).await;
+                }
+            }
+            (lat, delay)
+        }));
+    }
+    let overruns = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now() + Duration::from_millis(5);
+    let due = move |k: u64| t0 + Duration::from_secs_f64(k as f64 / rate);
+    let release = {
+        let overruns = overruns.clone();
+        move |txs: &[tokio::sync::mpsc::Sender<Instant>], k: u64, at: Instant| {
+            if txs[(k % txs.len() as u64) as usize].try_send(at).is_err() {
+                overruns.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    };
+    let late: Vec<u64> = match pacing {
+        Pacing::Thread => {
+            let pacer = std::thread::spawn(move || {
+                let mut late = Vec::with_capacity(total as usize);
+                for k in 0..total {
+                    let at = due(k);
+                    let now = Instant::now();
+                    if at > now {
+                        std::thread::sleep(at - now);
+                    }
+                    late.push(micros(Instant::now().saturating_duration_since(at)));
+                    release(&txs, k, at);
+                }
+                late
+            });
+            tokio::task::spawn_blocking(move || pacer.join().expect("pacer thread"))
+                .await
+                .expect("pacer join")
+        }
+        Pacing::Tokio => {
+            let mut late = Vec::with_capacity(total as usize);
+            for k in 0..total {
+                let at = due(k);
+                tokio::time::sleep_until(at.into()).await;
+                late.push(micros(Instant::now().saturating_duration_since(at)));
+                release(&txs, k, at);
+            }
+            drop(txs);
+            late
+        }
+    };
+    let mut all = Vec::new();
+    let mut delays = Vec::new();
+    for t in tasks {
+        let (l, d) = t.await.expect("load task");
+        all.extend(l);
+        delays.extend(d);
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let mut late = late;
+    LoadResult {
+        rps: all.len() as f64 / elapsed,
+        p50_us: pct(&mut all, 0.50),
+        p99_us: pct(&mut all, 0.99),
+        p999_us: pct(&mut all, 0.999),
+        errors: errors.load(Ordering::Relaxed),
+        start_delay_p99_us: pct(&mut delays, 0.99),
+        pacer_late_p99_us: pct(&mut late, 0.99),
+        overruns: overruns.load(Ordering::Relaxed),
     }
 }
 
@@ -297,12 +463,18 @@ fn wrk_peak(
          done = function(summary, latency, requests)\n  io.write(string.format(\"RESULT %f %d\\n\", summary.requests / (summary.duration / 1e6), latency:percentile(99)))\nend\n"
     );
     std::fs::write(&script, lua).ok()?;
-    let out = Command::new("taskset")
+    // One wrk thread per load core.
+    let threads = cores.split(',').count();
+    let mut cmd = if which("taskset") {
+        let mut c = Command::new("taskset");
+        c.args(["-c", cores, "wrk"]);
+        c
+    } else {
+        Command::new("wrk")
+    };
+    let out = cmd
         .args([
-            "-c",
-            cores,
-            "wrk",
-            "-t2",
+            &format!("-t{threads}"),
             &format!("-c{conns}"),
             &format!("-d{secs}s"),
             "-s",
@@ -357,28 +529,84 @@ async fn serve_fieldrack(listen: &str, origin: &str, dir: &str) {
     }
 }
 
+/// The `serve-static` floor: hyper, the same runtime as `serve-fieldrack`,
+/// one fixed body from memory for every request.
+async fn serve_static(listen: &str) {
+    let l = TcpListener::bind(listen).await.expect("bind static");
+    let body = body_for("static");
+    let body = {
+        let mut v = body.to_vec();
+        v.resize(4096, b'x');
+        Bytes::from(v)
+    };
+    loop {
+        let Ok((s, _)) = l.accept().await else {
+            continue;
+        };
+        let _ = s.set_nodelay(true);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
+                let mut r = Response::new(Full::new(body.clone()));
+                r.headers_mut()
+                    .insert("content-type", "image/png".parse().expect("static"));
+                async move { Ok::<_, std::convert::Infallible>(r) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}
+
+/// The servers' runtime: one worker thread, the whole server on the core
+/// taskset gave it (what the agent runs, multi-thread, sized to one core).
+fn server_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some("serve-fieldrack") {
-        // One worker thread: the whole server on the core taskset gave us.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(serve_fieldrack(&argv[2], &argv[3], &argv[4]));
-        return;
+    match argv.get(1).map(String::as_str) {
+        Some("serve-fieldrack") => {
+            server_runtime().block_on(serve_fieldrack(&argv[2], &argv[3], &argv[4]));
+            return;
+        }
+        Some("serve-static") => {
+            server_runtime().block_on(serve_static(&argv[2]));
+            return;
+        }
+        _ => {}
     }
     let args = parse_args();
     // The load generator stays off the servers' core.
     let nproc = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
-    if nproc > 1 && which("taskset") {
-        let cores: Vec<String> = (0..nproc)
-            .filter(|c| *c != args.core)
-            .map(|c| c.to_string())
-            .collect();
+    let has_taskset = which("taskset");
+    if !has_taskset {
+        eprintln!(
+            "taskset not found (apt-get install -y util-linux): servers and client are NOT pinned"
+        );
+    }
+    let load_cores: Vec<usize> = if nproc > 1 {
+        (0..nproc).filter(|c| *c != args.core).collect()
+    } else {
+        eprintln!("one CPU: client and servers share it");
+        vec![0]
+    };
+    if nproc > 1 && has_taskset {
+        let cores: Vec<String> = load_cores.iter().map(|c| c.to_string()).collect();
         let _ = Command::new("taskset")
             .args([
                 "-a",
@@ -389,40 +617,35 @@ fn main() {
             .stdout(Stdio::null())
             .status();
     }
+    // One client worker per client core: more would only take turns.
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(load_cores.len())
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(bench(args));
+    let cores = load_cores
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    rt.block_on(bench(args, cores));
 }
 
-async fn bench(args: Args) {
+async fn bench(args: Args, load_cores: String) {
+    let load_before = loadavg();
     let origin_hits = Arc::new(AtomicU64::new(0));
     let origin = run_origin(origin_hits.clone()).await;
     let tmp = std::env::temp_dir().join(format!("proxybench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("tmp");
     let exe = std::env::current_exe().expect("exe");
-    let nproc = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let load_cores = if nproc > 1 {
-        (0..nproc)
-            .filter(|c| *c != args.core)
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    } else {
-        "0".into()
-    };
+    let exe = exe.to_str().expect("utf8 path");
 
     let mut results: Vec<ServerResult> = Vec::new();
-    let fr_port = free_port();
-    let fr_addr: SocketAddr = format!("127.0.0.1:{fr_port}").parse().expect("addr");
+    let fr_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let fr_dir = tmp.join("fieldrack");
     let mut children: Vec<Child> = vec![spawn_pinned(
         args.core,
-        exe.to_str().expect("utf8 path"),
+        exe,
         &[
             "serve-fieldrack",
             &fr_addr.to_string(),
@@ -452,8 +675,20 @@ async fn bench(args: Args) {
             format!("127.0.0.1:{ng_port}").parse().expect("addr"),
         ));
     } else {
-        eprintln!("nginx not installed (apt-get install -y nginx): measuring Fieldrack only");
+        eprintln!("nginx not installed (apt-get install -y nginx-light): measuring Fieldrack only");
     }
+    if !which("wrk") {
+        eprintln!(
+            "wrk not installed (apt-get install -y wrk): peaks from the built-in client only"
+        );
+    }
+    let st_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    children.push(spawn_pinned(
+        args.core,
+        exe,
+        &["serve-static", &st_addr.to_string()],
+    ));
+    servers.push(("static".into(), st_addr));
     for (name, addr) in &servers {
         wait_up(*addr).await;
         // Warm: every tile once, then check hits stay off the origin.
@@ -477,15 +712,7 @@ async fn bench(args: Args) {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before = origin_hits.load(Ordering::Relaxed);
-        let peak = load(
-            *addr,
-            "/tiles/test/",
-            args.tiles,
-            args.conns,
-            args.secs,
-            None,
-        )
-        .await;
+        let peak = closed_loop(*addr, "/tiles/test/", args.tiles, args.conns, args.secs).await;
         let leaked = origin_hits.load(Ordering::Relaxed) - before;
         let wrk = wrk_peak(
             *addr,
@@ -497,7 +724,7 @@ async fn bench(args: Args) {
         );
         results.push((name.clone(), Some(peak), wrk, leaked));
     }
-    // p99 at half of nginx's peak (or of Fieldrack's if nginx is absent).
+    // Constant load at half of nginx's peak (or of Fieldrack's if nginx is absent).
     let reference = results
         .iter()
         .find(|r| r.0 == "nginx")
@@ -507,54 +734,104 @@ async fn bench(args: Args) {
                 .unwrap_or_else(|| r.1.as_ref().map(|l| l.rps).unwrap_or(1000.0))
         })
         .unwrap_or(1000.0);
-    let half = reference / 2.0;
-    println!("Cache-hit benchmark: {} tiles of ~1.5-6.6 KB, {} connections, {} s per run, servers pinned to core {}", args.tiles, args.conns, args.secs, args.core);
+    let half = args.rate.unwrap_or(reference / 2.0);
+    // (round, server, result) in the order measured.
+    let mut at_half: Vec<(usize, &str, LoadResult)> = Vec::new();
+    for round in 1..=args.rounds {
+        for (name, addr) in &servers {
+            at_half.push((
+                round,
+                name,
+                open_loop(
+                    *addr,
+                    "/tiles/test/",
+                    args.tiles,
+                    args.conns,
+                    args.secs,
+                    half,
+                    args.pacing,
+                )
+                .await,
+            ));
+        }
+    }
     println!(
-        "{:<10} {:>14} {:>12} {:>14} {:>12} {:>18} {:>8}",
-        "server", "peak req/s", "p99 ms", "wrk req/s", "wrk p99 ms", "p99 ms @ half-peak", "misses"
+        "Cache-hit benchmark: {} tiles of ~1.5-6.6 KB, {} connections, {} s per run, servers pinned to core {}, client on core(s) {}",
+        args.tiles, args.conns, args.secs, args.core, load_cores
+    );
+    println!(
+        "{:<10} {:>11} {:>8} {:>10} {:>8} {:>7}",
+        "server", "peak req/s", "p99 ms", "wrk req/s", "wrk p99", "misses"
     );
     let mut peaks = Vec::new();
-    for (name, addr) in &servers {
-        let at_half = load(
-            *addr,
-            "/tiles/test/",
-            args.tiles,
-            args.conns,
-            args.secs,
-            Some(half),
-        )
-        .await;
+    for (name, _) in &servers {
         let r = results.iter().find(|r| &r.0 == name).expect("result");
         let peak = r.1.as_ref().expect("peak");
         let (wrps, wp99) =
             r.2.map(|(a, b)| (format!("{a:.0}"), format!("{:.2}", b as f64 / 1000.0)))
                 .unwrap_or(("-".into(), "-".into()));
+        let misses = if name == "static" {
+            "-".to_string()
+        } else {
+            r.3.to_string()
+        };
         println!(
-            "{:<10} {:>14.0} {:>12.2} {:>14} {:>12} {:>18.2} {:>8}",
+            "{:<10} {:>11.0} {:>8.2} {:>10} {:>8} {:>7}",
             name,
             peak.rps,
             peak.p99_us as f64 / 1000.0,
             wrps,
             wp99,
-            at_half.p99_us as f64 / 1000.0,
-            r.3
+            misses
         );
-        if peak.errors + at_half.errors > 0 {
-            println!("  ({} errors)", peak.errors + at_half.errors);
+        if peak.errors > 0 {
+            println!("  ({} errors)", peak.errors);
         }
-        peaks.push((
-            name.clone(),
-            r.2.map(|w| w.0).unwrap_or(peak.rps),
-            peak.p50_us,
-        ));
+        peaks.push((name.clone(), r.2.map(|w| w.0).unwrap_or(peak.rps)));
     }
-    println!("half-peak rate used: {half:.0} req/s");
-    if peaks.len() == 2 {
+    println!(
+        "constant load {half:.0} req/s ({}), {:?} pacing, latency from each request's due time:",
+        if args.rate.is_some() {
+            "--rate"
+        } else {
+            "half nginx's peak"
+        },
+        args.pacing
+    );
+    println!(
+        "{:<10} {:>5} {:>9} {:>7} {:>7} {:>8} {:>12} {:>12} {:>7}",
+        "server",
+        "round",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "pacer-late",
+        "start-delay",
+        "errors"
+    );
+    for (round, name, h) in &at_half {
         println!(
-            "ratio fieldrack/nginx (peak req/s): {:.2}",
-            peaks[0].1 / peaks[1].1
+            "{:<10} {:>5} {:>9.0} {:>7.2} {:>7.2} {:>8.2} {:>9} µs {:>9} µs {:>7}",
+            name,
+            round,
+            h.rps,
+            h.p50_us as f64 / 1000.0,
+            h.p99_us as f64 / 1000.0,
+            h.p999_us as f64 / 1000.0,
+            h.pacer_late_p99_us,
+            h.start_delay_p99_us,
+            h.errors + h.overruns
         );
     }
+    println!("(pacer-late, start-delay: p99 of the client's own delays, see the module doc)");
+    if let (Some(f), Some(n)) = (
+        peaks.iter().find(|p| p.0 == "fieldrack"),
+        peaks.iter().find(|p| p.0 == "nginx"),
+    ) {
+        println!("ratio fieldrack/nginx (peak req/s): {:.2}", f.1 / n.1);
+    }
+    println!("load average before: {load_before}; after: {}", loadavg());
     for mut c in children {
         let _ = c.kill();
         let _ = c.wait();
