@@ -1,0 +1,284 @@
+//! Fencing by leases, as pure bookkeeping over injected instants.
+//!
+//! A rack renews its lease by committing [`Command::Renew`] through Raft.
+//! The lease counts from the moment the rack *sent* the renewal, which is
+//! before the quorum committed it, so:
+//!
+//! ```text
+//! owner's lease ends  ≤  sent_at + lease  ≤  commit + lease  ≤  apply on any rack + lease
+//! ```
+//!
+//! A renewal applied after the appliance was reassigned does not cover it
+//! (the grant list is computed at apply time, in log order). Hence a new
+//! owner that starts no earlier than *its own* apply time of the previous
+//! owner's last renewal before the reassignment, plus the lease, plus a
+//! margin for clock-rate drift, never overlaps the old owner. That is
+//! [`LeaseWatch::gate`]. Only monotonic clocks and durations are used;
+//! wall clocks never decide anything.
+//!
+//! The owner side is [`Lease`]: an appliance may run while the latest
+//! granted renewal lists it at its current epoch and the lease has more
+//! than `fence_before` left; past that the rack stops (fences) it, so it is
+//! down before any other rack may start it.
+//!
+//! [`Command::Renew`]: crate::field::Command::Renew
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+/// Lease timings (`[control]` in rack.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// How long a granted renewal lets a rack run its appliances.
+    pub lease: Duration,
+    /// Added on the new owner's side for clock-rate drift and scheduling.
+    pub drift_margin: Duration,
+    /// An owner stops its appliances this long before its lease ends.
+    pub fence_before: Duration,
+    /// How often a rack renews.
+    pub renew_every: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(8),
+            drift_margin: Duration::from_secs(1),
+            fence_before: Duration::from_secs(3),
+            renew_every: Duration::from_millis(1000),
+        }
+    }
+}
+
+impl LeaseConfig {
+    /// Whether the timings make sense together.
+    ///
+    /// # Errors
+    /// A sentence naming the problem.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.fence_before >= self.lease {
+            return Err("fence_before_ms must be shorter than lease_ms".into());
+        }
+        if self.renew_every * 2 > self.lease - self.fence_before {
+            return Err(
+                "renew_every_ms must leave at least two renewals before fencing starts".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The lease this rack holds.
+#[derive(Debug, Clone, Default)]
+pub struct Lease {
+    sent_at: Option<Instant>,
+    grants: BTreeMap<String, u64>,
+}
+
+impl Lease {
+    /// A renewal sent at `sent_at` was committed and granted these.
+    /// An older renewal answered late never replaces a newer one.
+    pub fn granted(&mut self, sent_at: Instant, grants: Vec<(String, u64)>) {
+        if self.sent_at.is_some_and(|s| s > sent_at) {
+            return;
+        }
+        self.sent_at = Some(sent_at);
+        self.grants = grants.into_iter().collect();
+    }
+
+    /// When the lease ends (none: never granted).
+    #[must_use]
+    pub fn expires(&self, cfg: &LeaseConfig) -> Option<Instant> {
+        self.sent_at.map(|s| s + cfg.lease)
+    }
+
+    /// When this rack must have begun stopping what it runs.
+    #[must_use]
+    pub fn fence_at(&self, cfg: &LeaseConfig) -> Option<Instant> {
+        self.sent_at.map(|s| s + cfg.lease - cfg.fence_before)
+    }
+
+    /// Whether `app` at `epoch` may run (or keep running) at `now`.
+    #[must_use]
+    pub fn may_run(&self, app: &str, epoch: u64, now: Instant, cfg: &LeaseConfig) -> bool {
+        self.grants.get(app) == Some(&epoch) && self.fence_at(cfg).is_some_and(|f| now < f)
+    }
+
+    /// Whether the lease is current at all (some renewal still valid).
+    #[must_use]
+    pub fn held(&self, now: Instant, cfg: &LeaseConfig) -> bool {
+        self.fence_at(cfg).is_some_and(|f| now < f)
+    }
+
+    /// The grants of the latest renewal.
+    #[must_use]
+    pub fn grants(&self) -> &BTreeMap<String, u64> {
+        &self.grants
+    }
+}
+
+/// What one rack learns, by applying the log, about when other racks'
+/// leases certainly ended. Kept in memory only: after a restart or a
+/// snapshot install everything counts from that moment (`horizon`), which
+/// only ever makes a gate later.
+#[derive(Debug, Clone)]
+pub struct LeaseWatch {
+    cfg: LeaseConfig,
+    horizon: Instant,
+    last_renew: HashMap<String, Instant>,
+    gates: HashMap<String, (u64, Instant)>,
+}
+
+impl LeaseWatch {
+    /// Start knowing nothing at `now`.
+    #[must_use]
+    pub fn new(cfg: LeaseConfig, now: Instant) -> Self {
+        Self {
+            cfg,
+            horizon: now,
+            last_renew: HashMap::new(),
+            gates: HashMap::new(),
+        }
+    }
+
+    /// A renewal of `rack` was applied at `now`.
+    pub fn renew_applied(&mut self, rack: &str, now: Instant) {
+        self.last_renew.insert(rack.to_owned(), now);
+    }
+
+    /// The assignment of `app` moved from `from` under the new `epoch`,
+    /// applied at `now`.
+    pub fn assignment_applied(&mut self, app: &str, epoch: u64, from: Option<&str>) {
+        let from_gate = from.map_or(self.horizon, |r| {
+            self.last_renew
+                .get(r)
+                .copied()
+                .unwrap_or(self.horizon)
+                .max(self.horizon)
+        }) + self.cfg.lease
+            + self.cfg.drift_margin;
+        // An owner from two assignments ago (stopped, then placed again)
+        // may still hold its lease: never let a gate move earlier.
+        let gate = match self.gates.get(app) {
+            Some((_, g)) => from_gate.max(*g),
+            None => from_gate,
+        };
+        self.gates.insert(app.to_owned(), (epoch, gate));
+    }
+
+    /// A snapshot replaced the state at `now`: renewals before it are unknown.
+    pub fn snapshot_installed(&mut self, now: Instant) {
+        self.horizon = now;
+    }
+
+    /// The earliest instant at which `app` may start under `epoch` on this
+    /// rack without a handover from its previous owner.
+    #[must_use]
+    pub fn gate(&self, app: &str, epoch: u64) -> Instant {
+        let unknown = self.horizon + self.cfg.lease + self.cfg.drift_margin;
+        match self.gates.get(app) {
+            Some((e, g)) if *e == epoch => *g,
+            _ => unknown,
+        }
+    }
+
+    /// The timings.
+    #[must_use]
+    pub fn config(&self) -> &LeaseConfig {
+        &self.cfg
+    }
+
+    /// How long ago `rack`'s last renewal was applied here (none: not
+    /// since `horizon`).
+    #[must_use]
+    pub fn renew_age(&self, rack: &str, now: Instant) -> Option<Duration> {
+        self.last_renew
+            .get(rack)
+            .map(|t| now.saturating_duration_since(*t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> LeaseConfig {
+        LeaseConfig::default()
+    }
+
+    #[test]
+    fn an_owner_fences_before_its_lease_ends() {
+        let t0 = Instant::now();
+        let mut l = Lease::default();
+        assert!(!l.may_run("a", 1, t0, &cfg()), "no lease before a grant");
+        l.granted(t0, vec![("a".into(), 1)]);
+        assert!(l.may_run("a", 1, t0 + Duration::from_secs(4), &cfg()));
+        assert!(!l.may_run("a", 2, t0, &cfg()), "another epoch is not granted");
+        assert!(!l.may_run("b", 1, t0, &cfg()));
+        let fence = l.fence_at(&cfg()).unwrap();
+        assert!(!l.may_run("a", 1, fence, &cfg()));
+        assert!(fence + cfg().fence_before == l.expires(&cfg()).unwrap());
+    }
+
+    #[test]
+    fn a_late_answer_never_replaces_a_newer_grant() {
+        let t0 = Instant::now();
+        let mut l = Lease::default();
+        l.granted(t0 + Duration::from_secs(2), vec![]);
+        l.granted(t0, vec![("a".into(), 1)]);
+        assert!(!l.may_run("a", 1, t0 + Duration::from_secs(2), &cfg()));
+    }
+
+    #[test]
+    fn the_gate_is_the_last_renewal_before_the_move_plus_lease_and_margin() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let mut w = LeaseWatch::new(c, t0);
+        w.renew_applied("r1", t0 + Duration::from_secs(10));
+        w.assignment_applied("app", 2, Some("r1"));
+        // Renewals applied after the move do not cover the app.
+        w.renew_applied("r1", t0 + Duration::from_secs(11));
+        assert_eq!(
+            w.gate("app", 2),
+            t0 + Duration::from_secs(10) + c.lease + c.drift_margin
+        );
+        // Any other epoch is unknown: counts from the horizon.
+        assert_eq!(w.gate("app", 3), t0 + c.lease + c.drift_margin);
+    }
+
+    #[test]
+    fn a_gate_never_moves_earlier_across_an_unplaced_step() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let mut w = LeaseWatch::new(c, t0);
+        w.renew_applied("r1", t0 + Duration::from_secs(30));
+        w.assignment_applied("app", 2, Some("r1")); // preempted: owner none
+        w.assignment_applied("app", 3, None); // placed elsewhere later
+        assert_eq!(
+            w.gate("app", 3),
+            t0 + Duration::from_secs(30) + c.lease + c.drift_margin
+        );
+    }
+
+    #[test]
+    fn after_a_restart_or_snapshot_everything_waits_a_full_lease() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let mut w = LeaseWatch::new(c, t0);
+        w.renew_applied("r1", t0);
+        let later = t0 + Duration::from_secs(100);
+        w.snapshot_installed(later);
+        w.assignment_applied("app", 5, Some("r1"));
+        assert_eq!(w.gate("app", 5), later + c.lease + c.drift_margin);
+    }
+
+    #[test]
+    fn default_timings_are_consistent() {
+        assert!(cfg().validate().is_ok());
+        let bad = LeaseConfig {
+            fence_before: Duration::from_secs(9),
+            ..cfg()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,58 @@
+//! The field's control plane.
+//!
+//! Every rack and witness of a field is a voter of one Raft group
+//! (openraft), spoken over the fleet mesh and stored in sled. The group
+//! holds the desired state ([`field::FieldState`]): which appliances exist,
+//! which rack owns each one under which epoch, and each rack's latest
+//! report (capacity, power, volume generations, appliance states).
+//!
+//! Layout:
+//! - [`field`]: the replicated state and its commands (pure, deterministic).
+//! - [`placement`]: who should own what (pure; run by the leader).
+//! - [`lease`]: fencing by leases (pure bookkeeping over injected instants).
+//! - [`store`]: the Raft log and state machine in sled.
+//! - [`net`]: Raft calls over mesh streams, relayed around a cut link.
+//! - [`node`]: the running control plane of one rack.
+
+pub mod field;
+pub mod lease;
+pub mod net;
+pub mod node;
+pub mod placement;
+pub mod store;
+
+pub use field::{AppRecord, AppReport, AppState, Command, FieldState, RackReport, Response, Transfer};
+pub use lease::{Lease, LeaseConfig, LeaseWatch};
+pub use node::{Control, ControlError, ControlSettings, ControlStatus};
+
+use serde::{Deserialize, Serialize};
+
+/// A Raft node id: derived from the rack's PeerId, so every rack computes
+/// every other rack's id without asking.
+pub type NodeId = u64;
+
+/// What Raft knows of a member: enough to reach it over the mesh.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RackNode {
+    /// Rack name.
+    pub rack: String,
+    /// Its libp2p PeerId (base58).
+    pub peer_id: String,
+}
+
+openraft::declare_raft_types!(
+    /// The control plane's Raft types.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = RackNode,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+);
+
+/// The Raft node id of a PeerId.
+#[must_use]
+pub fn node_id(peer: &libp2p::PeerId) -> NodeId {
+    let h = blake3::hash(&peer.to_bytes());
+    u64::from_be_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+}

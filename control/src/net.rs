@@ -1,0 +1,373 @@
+//! Raft messages over the mesh: one raw libp2p stream per call on the
+//! fleet-authenticated connection (`/fieldrack/raft/1`), a length-prefixed
+//! JSON request and its reply.
+//!
+//! Radio links fail one at a time: when rack A cannot reach rack B but both
+//! reach C, a call from A to B is relayed by C (one hop). Raft then sees a
+//! connected field and a single cut link changes nothing: no election
+//! churn, no lost lease, no failover.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::PeerId;
+use mesh::MeshHandle;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::field::{Command, Response};
+use crate::{NodeId, RackNode, TypeConfig};
+
+/// The stream protocol.
+pub const RAFT_PROTOCOL: &str = "/fieldrack/raft/1";
+/// Largest frame accepted (a snapshot of a big field, or a long append).
+pub const MAX_FRAME: usize = 32 << 20;
+/// After a direct call to a peer fails, go through a relay first for this long.
+const DIRECT_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A call.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// Raft: append entries / heartbeat.
+    Append(AppendEntriesRequest<TypeConfig>),
+    /// Raft: vote.
+    Vote(VoteRequest<NodeId>),
+    /// Raft: snapshot chunk.
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// Apply a command (sent to the leader).
+    Propose(Command),
+    /// Who are you, and are you in a cluster?
+    Hello,
+    /// Pass `request` on to `to` (base58 PeerId) directly.
+    Relay {
+        /// Final target.
+        to: String,
+        /// What to pass on.
+        request: Box<Request>,
+    },
+}
+
+/// The answer to a [`Request::Propose`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ProposeReply {
+    /// Committed and applied.
+    Applied(Response),
+    /// Not the leader; this one may be.
+    NotLeader(Option<NodeId>),
+    /// Failed.
+    Failed(String),
+}
+
+/// A reply.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Reply {
+    /// To [`Request::Append`].
+    Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// To [`Request::Vote`].
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// To [`Request::Snapshot`].
+    Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    /// To [`Request::Propose`].
+    Propose(ProposeReply),
+    /// To [`Request::Hello`].
+    Hello {
+        /// Its Raft node id.
+        node_id: NodeId,
+        /// Whether it is in a cluster.
+        initialized: bool,
+        /// The leader it knows of.
+        leader: Option<NodeId>,
+    },
+    /// The call could not be served (relay target unreachable...).
+    Error(String),
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NetError {
+    /// No stream, or it broke.
+    #[error("{0}")]
+    Io(String),
+    /// No answer in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// A malformed frame.
+    #[error("bad frame: {0}")]
+    Frame(String),
+}
+
+/// Write one frame.
+///
+/// # Errors
+/// I/O errors.
+pub async fn write_frame<W: futures::AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    msg: &T,
+) -> Result<(), NetError> {
+    let body = serde_json::to_vec(msg).map_err(|e| NetError::Frame(e.to_string()))?;
+    if body.len() > MAX_FRAME {
+        return Err(NetError::Frame(format!("{} bytes is too large", body.len())));
+    }
+    let len = u32::try_from(body.len()).expect("bounded by MAX_FRAME");
+    let io = |e: std::io::Error| NetError::Io(e.to_string());
+    w.write_all(&len.to_be_bytes()).await.map_err(io)?;
+    w.write_all(&body).await.map_err(io)?;
+    w.flush().await.map_err(io)
+}
+
+/// Read one frame.
+///
+/// # Errors
+/// I/O errors, oversize or undecodable frames.
+pub async fn read_frame<R: futures::AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> Result<T, NetError> {
+    let io = |e: std::io::Error| NetError::Io(e.to_string());
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await.map_err(io)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(NetError::Frame(format!("{len} bytes is too large")));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(io)?;
+    serde_json::from_slice(&body).map_err(|e| NetError::Frame(e.to_string()))
+}
+
+/// Calls to other racks, direct or relayed.
+pub struct Net {
+    mesh: MeshHandle,
+    direct_failed: Mutex<HashMap<PeerId, Instant>>,
+}
+
+impl Net {
+    /// Over `mesh`.
+    #[must_use]
+    pub fn new(mesh: MeshHandle) -> Self {
+        Self {
+            mesh,
+            direct_failed: Mutex::default(),
+        }
+    }
+
+    /// One call on a direct stream.
+    ///
+    /// # Errors
+    /// [`NetError`].
+    pub async fn direct(
+        &self,
+        peer: PeerId,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Reply, NetError> {
+        let call = async {
+            let mut s = self
+                .mesh
+                .open_stream(peer, RAFT_PROTOCOL)
+                .await
+                .map_err(|e| NetError::Io(e.to_string()))?;
+            write_frame(&mut s, req).await?;
+            let reply = read_frame(&mut s).await?;
+            let _ = s.close().await;
+            Ok(reply)
+        };
+        let r = match tokio::time::timeout(timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(NetError::Timeout(timeout)),
+        };
+        let mut failed = self.direct_failed.lock().expect("direct_failed lock");
+        match &r {
+            Ok(_) => {
+                failed.remove(&peer);
+            }
+            Err(_) => {
+                failed.insert(peer, Instant::now());
+            }
+        }
+        r
+    }
+
+    async fn relayed(
+        &self,
+        peer: PeerId,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Reply, NetError> {
+        // `Relay` borrows nothing: serialise once through a JSON value.
+        let inner: Request = serde_json::from_value(
+            serde_json::to_value(req).map_err(|e| NetError::Frame(e.to_string()))?,
+        )
+        .map_err(|e| NetError::Frame(e.to_string()))?;
+        let relay_req = Request::Relay {
+            to: peer.to_base58(),
+            request: Box::new(inner),
+        };
+        let deadline = Instant::now() + timeout;
+        let mut last = NetError::Io("no relay reaches it".into());
+        for (via, _) in self.mesh.admitted() {
+            if via == peer {
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(NetError::Timeout(timeout));
+            }
+            match self.direct(via, &relay_req, left).await {
+                Ok(Reply::Error(e)) => last = NetError::Io(e),
+                Ok(r) => return Ok(r),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// A call to `peer`: direct, else through a relay (relay first while
+    /// the direct path is known to fail).
+    ///
+    /// # Errors
+    /// [`NetError`] when neither path answers within `timeout`.
+    pub async fn call(&self, peer: PeerId, req: &Request, timeout: Duration) -> Result<Reply, NetError> {
+        let recently_failed = self
+            .direct_failed
+            .lock()
+            .expect("direct_failed lock")
+            .get(&peer)
+            .is_some_and(|t| t.elapsed() < DIRECT_BACKOFF);
+        let half = timeout / 2;
+        if recently_failed {
+            match self.relayed(peer, req, half).await {
+                Ok(r) => Ok(r),
+                Err(_) => self.direct(peer, req, half).await,
+            }
+        } else {
+            match self.direct(peer, req, half).await {
+                Ok(r) => Ok(r),
+                Err(_) => self.relayed(peer, req, half).await,
+            }
+        }
+    }
+}
+
+/// Makes a [`Conn`] per target node.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    pub(crate) net: Arc<Net>,
+}
+
+/// Raft's connection to one node.
+pub struct Conn {
+    net: Arc<Net>,
+    target: NodeId,
+    peer: Option<PeerId>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Conn;
+
+    async fn new_client(&mut self, target: NodeId, node: &RackNode) -> Conn {
+        Conn {
+            net: self.net.clone(),
+            target,
+            peer: node.peer_id.parse().ok(),
+        }
+    }
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, RackNode, RaftError<NodeId, E>>;
+
+impl Conn {
+    async fn call(&self, req: Request, timeout: Duration) -> Result<Reply, Unreachable> {
+        let peer = self
+            .peer
+            .ok_or_else(|| Unreachable::new(&NetError::Io(format!("node {} has no PeerId", self.target))))?;
+        self.net
+            .call(peer, &req, timeout)
+            .await
+            .map_err(|e| Unreachable::new(&e))
+    }
+}
+
+fn unexpected<E: std::error::Error>(r: &Reply) -> RpcErr<E> {
+    let what = match r {
+        Reply::Error(e) => e.clone(),
+        other => format!("unexpected reply {other:?}"),
+    };
+    RPCError::Network(NetworkError::new(&NetError::Frame(what)))
+}
+
+impl RaftNetwork<TypeConfig> for Conn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        match self.call(Request::Append(rpc), option.hard_ttl()).await? {
+            Reply::Append(Ok(r)) => Ok(r),
+            Reply::Append(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        match self.call(Request::Snapshot(rpc), option.hard_ttl()).await? {
+            Reply::Snapshot(Ok(r)) => Ok(r),
+            Reply::Snapshot(Err(e)) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr> {
+        match self.call(Request::Vote(rpc), option.hard_ttl()).await? {
+            Reply::Vote(Ok(r)) => Ok(r),
+            Reply::Vote(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_oversize_is_refused() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &Request::Hello).await.unwrap();
+        let mut r = futures::io::Cursor::new(buf);
+        let back: Request = read_frame(&mut r).await.unwrap();
+        assert!(matches!(back, Request::Hello));
+
+        let mut huge = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        let mut r = futures::io::Cursor::new(huge);
+        let e = read_frame::<_, Request>(&mut r).await.unwrap_err();
+        assert!(e.to_string().contains("too large"), "{e}");
+
+        let mut garbage = 3u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(b"{{{");
+        let mut r = futures::io::Cursor::new(garbage);
+        assert!(matches!(
+            read_frame::<_, Request>(&mut r).await,
+            Err(NetError::Frame(_))
+        ));
+    }
+}

@@ -1,0 +1,559 @@
+//! One rack's part of the control plane: the Raft node, the server for
+//! inbound calls, cluster formation and growth, and (on the leader) the
+//! placement loop.
+//!
+//! Cluster formation: a rack whose Raft state is empty waits `settle`
+//! after start, then asks every admitted peer whether it is in a cluster.
+//! If none is, and its node id is the lowest among them, it initialises a
+//! cluster of itself; the leader then adds every admitted rack and witness
+//! as a voter. A rack that finds a cluster waits to be added.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use libp2p::PeerId;
+use mesh::membership::State;
+use mesh::MeshHandle;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Config, Raft, ServerState, SnapshotPolicy};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::field::{Command, FieldState, Response};
+use crate::lease::{LeaseConfig, LeaseWatch};
+use crate::net::{
+    read_frame, write_frame, Net, NetworkFactory, ProposeReply, Reply, Request, RAFT_PROTOCOL,
+};
+use crate::placement::{plan, RackView};
+use crate::store::{open_db, Applies, LogStore, StateMachine};
+use crate::{node_id, NodeId, RackNode, TypeConfig};
+
+/// How the control plane runs (`[control]` in rack.toml).
+#[derive(Debug, Clone)]
+pub struct ControlSettings {
+    /// Where its sled database lives.
+    pub dir: std::path::PathBuf,
+    /// This rack's name.
+    pub rack: String,
+    /// Lease timings.
+    pub lease: LeaseConfig,
+    /// Raft heartbeat.
+    pub heartbeat: Duration,
+    /// Raft election timeout (min; max is 2×).
+    pub election_timeout: Duration,
+    /// Wait this long after start before forming a new cluster.
+    pub settle: Duration,
+    /// How often the leader re-plans.
+    pub plan_every: Duration,
+}
+
+impl ControlSettings {
+    /// Defaults for a rack named `rack` with its state under `dir`.
+    #[must_use]
+    pub fn new(dir: std::path::PathBuf, rack: &str) -> Self {
+        Self {
+            dir,
+            rack: rack.to_owned(),
+            lease: LeaseConfig::default(),
+            heartbeat: Duration::from_millis(250),
+            election_timeout: Duration::from_millis(1500),
+            settle: Duration::from_secs(2),
+            plan_every: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Why a control-plane operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The database could not be opened or used.
+    #[error("control store: {0}")]
+    Store(String),
+    /// Raft refused to start.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// No leader could be reached in time (no quorum on this side?).
+    #[error("no control-plane leader reachable within {0:?} (is a majority of racks up and reachable?)")]
+    NoLeader(Duration),
+    /// The command was committed but refused by the state machine.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What `status` shows of the control plane.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ControlStatus {
+    /// This rack's Raft node id.
+    pub node_id: NodeId,
+    /// Whether this rack is in a cluster.
+    pub initialized: bool,
+    /// `leader`, `follower`, `candidate` or `learner`.
+    pub role: String,
+    /// The leader's rack name, if known.
+    pub leader: Option<String>,
+    /// Current term.
+    pub term: u64,
+    /// Voting racks (names).
+    pub voters: Vec<String>,
+    /// Last applied log index.
+    pub applied: Option<u64>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The running control plane of one rack.
+pub struct Control {
+    raft: Raft<TypeConfig>,
+    id: NodeId,
+    settings: ControlSettings,
+    net: Arc<Net>,
+    mesh: MeshHandle,
+    applies: Applies,
+    started: Instant,
+    down_since: Mutex<HashMap<String, u64>>,
+}
+
+impl Control {
+    /// Open the store, start Raft and the loops; they stop on `cancel`
+    /// (then call [`Control::shutdown`]).
+    ///
+    /// # Errors
+    /// [`ControlError`] if the store cannot be opened or Raft cannot start.
+    pub async fn start(
+        settings: ControlSettings,
+        mesh: MeshHandle,
+        local_peer: PeerId,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Self>, ControlError> {
+        settings.lease.validate().map_err(ControlError::Raft)?;
+        let db = open_db(&settings.dir).map_err(|e| ControlError::Store(e.to_string()))?;
+        let log = LogStore::new(&db).map_err(|e| ControlError::Store(e.to_string()))?;
+        let now = Instant::now();
+        let (sm, applies) = StateMachine::open(&db, LeaseWatch::new(settings.lease, now))
+            .map_err(ControlError::Store)?;
+        let et = settings.election_timeout.as_millis() as u64;
+        let config = Config {
+            cluster_name: "fieldrack".into(),
+            heartbeat_interval: settings.heartbeat.as_millis() as u64,
+            election_timeout_min: et,
+            election_timeout_max: et * 2,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(2000),
+            max_in_snapshot_log_to_keep: 500,
+            install_snapshot_timeout: 5000,
+            ..Config::default()
+        }
+        .validate()
+        .map_err(|e| ControlError::Raft(e.to_string()))?;
+        let net = Arc::new(Net::new(mesh.clone()));
+        let id = node_id(&local_peer);
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            NetworkFactory { net: net.clone() },
+            log,
+            sm,
+        )
+        .await
+        .map_err(|e| ControlError::Raft(e.to_string()))?;
+        let me = Arc::new(Self {
+            raft,
+            id,
+            settings,
+            net,
+            mesh: mesh.clone(),
+            applies,
+            started: now,
+            down_since: Mutex::default(),
+        });
+        let streams = mesh
+            .accept_streams(RAFT_PROTOCOL)
+            .map_err(|e| ControlError::Raft(e.to_string()))?;
+        tokio::spawn(me.clone().serve(streams, cancel.clone()));
+        tokio::spawn(me.clone().membership_loop(local_peer, cancel.clone()));
+        tokio::spawn(me.clone().placement_loop(cancel));
+        Ok(me)
+    }
+
+    /// Stop Raft.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+
+    /// This rack's node id.
+    #[must_use]
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The applied field state (this rack's copy; may lag the leader's).
+    #[must_use]
+    pub fn state(&self) -> watch::Receiver<Arc<FieldState>> {
+        self.applies.state.clone()
+    }
+
+    /// What applying the log taught about other racks' leases.
+    #[must_use]
+    pub fn leases(&self) -> Arc<Mutex<LeaseWatch>> {
+        self.applies.leases.clone()
+    }
+
+    /// Lease timings.
+    #[must_use]
+    pub fn lease_config(&self) -> LeaseConfig {
+        self.settings.lease
+    }
+
+    /// Whether this rack leads right now.
+    #[must_use]
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+
+    /// Status for `fieldrack status`.
+    #[must_use]
+    pub fn status(&self) -> ControlStatus {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let membership = m.membership_config.membership();
+        let name = |id: &NodeId| {
+            membership
+                .get_node(id)
+                .map_or_else(|| id.to_string(), |n| n.rack.clone())
+        };
+        let voters: Vec<String> = membership.voter_ids().map(|id| name(&id)).collect();
+        ControlStatus {
+            node_id: self.id,
+            initialized: !voters.is_empty(),
+            role: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            }
+            .into(),
+            leader: m.current_leader.as_ref().map(name),
+            term: m.current_term,
+            voters,
+            applied: m.last_applied.map(|l| l.index),
+        }
+    }
+
+    fn leader_peer(&self, leader: NodeId) -> Option<PeerId> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config
+            .membership()
+            .get_node(&leader)
+            .and_then(|n| n.peer_id.parse().ok())
+    }
+
+    /// Commit `cmd` through the leader (forwarding to it if need be) and
+    /// return what applying it said.
+    ///
+    /// # Errors
+    /// [`ControlError::NoLeader`] if no leader answers within `timeout`;
+    /// [`ControlError::Refused`] if the state machine refused the command.
+    pub async fn propose(&self, cmd: Command, timeout: Duration) -> Result<Response, ControlError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ControlError::NoLeader(timeout));
+            }
+            let leader = match tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await {
+                Err(_) => return Err(ControlError::NoLeader(timeout)),
+                Ok(Ok(r)) => return refused(r.data),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => f.leader_id,
+                Ok(Err(e)) => return Err(ControlError::Raft(e.to_string())),
+            };
+            if let Some(peer) = leader.filter(|l| *l != self.id).and_then(|l| self.leader_peer(l)) {
+                match self
+                    .net
+                    .call(peer, &Request::Propose(cmd.clone()), left.min(Duration::from_secs(3)))
+                    .await
+                {
+                    Ok(Reply::Propose(ProposeReply::Applied(r))) => return refused(r),
+                    Ok(Reply::Propose(ProposeReply::Failed(e))) => {
+                        return Err(ControlError::Raft(e))
+                    }
+                    Ok(_) | Err(_) => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100).min(left)).await;
+        }
+    }
+
+    async fn serve(self: Arc<Self>, mut streams: mesh::AdmittedStreams, cancel: CancellationToken) {
+        let inflight = Arc::new(tokio::sync::Semaphore::new(64));
+        loop {
+            let (peer, mut stream) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                s = streams.next() => match s { Some(s) => s, None => return },
+            };
+            let Ok(permit) = inflight.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many raft calls in flight; dropping one");
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let req: Request = match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut stream)).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "bad raft call");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let reply = me.handle(req).await;
+                let _ = write_frame(&mut stream, &reply).await;
+                let _ = futures::AsyncWriteExt::close(&mut stream).await;
+            });
+        }
+    }
+
+    async fn handle(&self, req: Request) -> Reply {
+        match req {
+            Request::Append(r) => Reply::Append(self.raft.append_entries(r).await),
+            Request::Vote(r) => Reply::Vote(self.raft.vote(r).await),
+            Request::Snapshot(r) => Reply::Snapshot(self.raft.install_snapshot(r).await),
+            Request::Propose(cmd) => Reply::Propose(if self.is_leader() {
+                match self.raft.client_write(cmd).await {
+                    Ok(r) => ProposeReply::Applied(r.data),
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                        ProposeReply::NotLeader(f.leader_id)
+                    }
+                    Err(e) => ProposeReply::Failed(e.to_string()),
+                }
+            } else {
+                ProposeReply::NotLeader(self.raft.current_leader().await)
+            }),
+            Request::Hello => Reply::Hello {
+                node_id: self.id,
+                initialized: self.raft.is_initialized().await.unwrap_or(false),
+                leader: self.raft.current_leader().await,
+            },
+            Request::Relay { to, request } => {
+                if matches!(*request, Request::Relay { .. }) {
+                    return Reply::Error("relays are one hop".into());
+                }
+                match to.parse::<PeerId>() {
+                    Ok(p) => match self.net.direct(p, &request, Duration::from_secs(2)).await {
+                        Ok(r) => r,
+                        Err(e) => Reply::Error(format!("relay to {to}: {e}")),
+                    },
+                    Err(e) => Reply::Error(format!("relay target {to:?}: {e}")),
+                }
+            }
+        }
+    }
+
+    /// Racks admitted and alive in membership: (peer, rack).
+    async fn live_peers(&self) -> Vec<(PeerId, String)> {
+        let Ok(status) = self.mesh.status().await else {
+            return Vec::new();
+        };
+        let alive: BTreeSet<PeerId> = status
+            .peers
+            .iter()
+            .filter(|p| p.state == State::Alive)
+            .map(|p| p.peer_id)
+            .collect();
+        self.mesh
+            .admitted()
+            .into_iter()
+            .filter(|(p, _)| alive.contains(p))
+            .collect()
+    }
+
+    async fn membership_loop(self: Arc<Self>, local_peer: PeerId, cancel: CancellationToken) {
+        let me = RackNode {
+            rack: self.settings.rack.clone(),
+            peer_id: local_peer.to_base58(),
+        };
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            let initialized = self.raft.is_initialized().await.unwrap_or(false);
+            if !initialized {
+                if self.started.elapsed() >= self.settings.settle {
+                    self.maybe_initialize(&me).await;
+                }
+                continue;
+            }
+            if self.is_leader() {
+                self.grow().await;
+            }
+        }
+    }
+
+    async fn maybe_initialize(&self, me: &RackNode) {
+        let peers = self.mesh.admitted();
+        if peers.iter().any(|(p, _)| node_id(p) < self.id) {
+            return; // the lowest id forms the cluster
+        }
+        for (p, rack) in &peers {
+            match self.net.direct(*p, &Request::Hello, Duration::from_secs(1)).await {
+                Ok(Reply::Hello { initialized: true, .. }) => {
+                    tracing::info!(%rack, "a cluster exists; waiting to be added to it");
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(%rack, error = %e, "no answer before forming a cluster");
+                    return;
+                }
+            }
+        }
+        let members = BTreeMap::from([(self.id, me.clone())]);
+        match self.raft.initialize(members).await {
+            Ok(()) => tracing::info!("formed a new control-plane cluster"),
+            Err(e) => tracing::debug!(error = %e, "initialize"),
+        }
+    }
+
+    /// On the leader: make every live admitted rack a voter.
+    async fn grow(&self) {
+        let (voters, nodes) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let mem = m.membership_config.membership();
+            let voters: BTreeSet<NodeId> = mem.voter_ids().collect();
+            let nodes: BTreeSet<NodeId> = mem.nodes().map(|(k, _)| *k).collect();
+            (voters, nodes)
+        };
+        for (peer, rack) in self.live_peers().await {
+            let id = node_id(&peer);
+            if voters.contains(&id) {
+                continue;
+            }
+            let node = RackNode {
+                rack: rack.clone(),
+                peer_id: peer.to_base58(),
+            };
+            if !nodes.contains(&id) {
+                let add = self.raft.add_learner(id, node, true);
+                match tokio::time::timeout(Duration::from_secs(10), add).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(%rack, error = %e, "adding a learner");
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%rack, "adding a learner timed out");
+                        continue;
+                    }
+                }
+            }
+            let change = self
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false);
+            match tokio::time::timeout(Duration::from_secs(10), change).await {
+                Ok(Ok(_)) => tracing::info!(%rack, "joined the control plane as a voter"),
+                Ok(Err(e)) => tracing::warn!(%rack, error = %e, "promoting to voter"),
+                Err(_) => tracing::warn!(%rack, "promoting to voter timed out"),
+            }
+            return; // one membership change at a time
+        }
+    }
+
+    /// The racks as placement sees them: up = alive in membership (or us)
+    /// and renewing within one lease.
+    async fn rack_views(&self, state: &FieldState) -> Vec<RackView> {
+        let now = Instant::now();
+        let mesh_state: HashMap<String, State> = match self.mesh.status().await {
+            Ok(s) => s
+                .peers
+                .iter()
+                .filter_map(|p| Some((p.rack.clone()?, p.state)))
+                .collect(),
+            Err(_) => HashMap::new(),
+        };
+        let lease = self.settings.lease.lease;
+        let young = self.started.elapsed() < lease;
+        let leases = self.applies.leases.lock().expect("lease watch lock").clone();
+        let mut down = self.down_since.lock().expect("down_since lock");
+        state
+            .racks
+            .keys()
+            .map(|rack| {
+                let in_mesh = *rack == self.settings.rack
+                    || mesh_state.get(rack).is_some_and(|s| *s != State::Dead);
+                let renewing = match leases.renew_age(rack, now) {
+                    Some(age) => age < lease,
+                    None => young,
+                };
+                let up = in_mesh && renewing;
+                let down_since_ms = if up {
+                    down.remove(rack);
+                    None
+                } else {
+                    Some(*down.entry(rack.clone()).or_insert_with(unix_ms))
+                };
+                RackView {
+                    name: rack.clone(),
+                    up,
+                    down_since_ms,
+                }
+            })
+            .collect()
+    }
+
+    async fn placement_loop(self: Arc<Self>, cancel: CancellationToken) {
+        let mut state_rx = self.applies.state.clone();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.settings.plan_every) => {}
+                _ = state_rx.changed() => {}
+            }
+            if !self.is_leader() {
+                continue;
+            }
+            let state = self.applies.state.borrow().clone();
+            let views = self.rack_views(&state).await;
+            for cmd in plan(&state, &views, unix_ms()) {
+                if let Command::Assign { name, owner, transfer, .. } = &cmd {
+                    tracing::info!(
+                        appliance = %name,
+                        to = owner.as_deref().unwrap_or("-"),
+                        from = transfer.from.as_deref().unwrap_or("-"),
+                        reason = %transfer.reason,
+                        "placement"
+                    );
+                }
+                match self.raft.client_write(cmd).await {
+                    Ok(r) => {
+                        if let Response::Refused(why) = r.data {
+                            tracing::debug!(%why, "placement decision refused (stale)");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "placement decision not committed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn refused(r: Response) -> Result<Response, ControlError> {
+    match r {
+        Response::Refused(why) => Err(ControlError::Refused(why)),
+        other => Ok(other),
+    }
+}

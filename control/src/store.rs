@@ -1,0 +1,405 @@
+//! Raft storage in sled: the log (and vote) in [`LogStore`], the applied
+//! field state and snapshots in [`StateMachine`].
+//!
+//! Durability: a log append is acknowledged to openraft (`LogFlushed`) only
+//! after sled has flushed it; the vote is flushed before `save_vote`
+//! returns. The applied state is written (and flushed) after every applied
+//! batch, so a restart resumes from it; if it were lost, openraft would
+//! re-apply from the log, which is never purged past the last snapshot.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::field::{Command, FieldState, Response};
+use crate::lease::LeaseWatch;
+use crate::{NodeId, RackNode, TypeConfig};
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+fn io_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::write(&std::io::Error::other(e.to_string())).into()
+}
+
+fn read_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::read(&std::io::Error::other(e.to_string())).into()
+}
+
+fn get_json<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, key: &[u8]) -> StorageResult<Option<T>> {
+    match tree.get(key).map_err(read_err)? {
+        Some(b) => serde_json::from_slice(&b).map(Some).map_err(read_err),
+        None => Ok(None),
+    }
+}
+
+fn put_json<T: Serialize>(tree: &sled::Tree, key: &[u8], v: &T) -> StorageResult<()> {
+    let b = serde_json::to_vec(v).map_err(io_err)?;
+    tree.insert(key, b).map_err(io_err)?;
+    Ok(())
+}
+
+/// Open (or create) the control plane's sled database.
+///
+/// # Errors
+/// If sled cannot open it.
+pub fn open_db(path: &std::path::Path) -> Result<sled::Db, sled::Error> {
+    sled::Config::new()
+        .path(path)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+}
+
+/// The Raft log and vote.
+#[derive(Clone)]
+pub struct LogStore {
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl LogStore {
+    /// On `db`.
+    ///
+    /// # Errors
+    /// If sled cannot open its trees.
+    pub fn new(db: &sled::Db) -> Result<Self, sled::Error> {
+        Ok(Self {
+            log: db.open_tree("raft-log")?,
+            meta: db.open_tree("raft-meta")?,
+        })
+    }
+
+    async fn flush(&self) -> StorageResult<()> {
+        self.log.flush_async().await.map_err(io_err)?;
+        self.meta.flush_async().await.map_err(io_err)?;
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        use std::ops::Bound;
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        for kv in self.log.range(start.to_be_bytes()..) {
+            let (k, v) = kv.map_err(read_err)?;
+            let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(read_err)?);
+            if !range.contains(&idx) {
+                break;
+            }
+            out.push(serde_json::from_slice(&v).map_err(read_err)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let purged: Option<LogId<NodeId>> = get_json(&self.meta, b"purged")?;
+        let last = match self.log.last().map_err(read_err)? {
+            Some((_, v)) => {
+                let e: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(read_err)?;
+                Some(e.log_id)
+            }
+            None => purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        put_json(&self.meta, b"vote", vote)?;
+        self.meta.flush_async().await.map_err(io_err)?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        get_json(&self.meta, b"vote")
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        put_json(&self.meta, b"committed", &committed)
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(get_json::<Option<LogId<NodeId>>>(&self.meta, b"committed")?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            let b = serde_json::to_vec(&e).map_err(io_err)?;
+            batch.insert(&e.log_id.index.to_be_bytes(), b);
+        }
+        self.log.apply_batch(batch).map_err(io_err)?;
+        let r = self.log.flush_async().await.map(|_| ());
+        callback.log_io_completed(r.map_err(std::io::Error::other));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let keys: Vec<_> = self
+            .log
+            .range(log_id.index.to_be_bytes()..)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(read_err)?;
+        for k in keys {
+            self.log.remove(k).map_err(io_err)?;
+        }
+        self.flush().await
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        put_json(&self.meta, b"purged", &Some(log_id))?;
+        self.meta.flush_async().await.map_err(io_err)?;
+        let keys: Vec<_> = self
+            .log
+            .range(..=log_id.index.to_be_bytes())
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(read_err)?;
+        for k in keys {
+            self.log.remove(k).map_err(io_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the state machine persists.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Applied {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, RackNode>,
+    state: FieldState,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, RackNode>,
+    data: Vec<u8>,
+}
+
+/// Shared with the rest of the rack: the applied state, and what applying
+/// it taught about other racks' leases.
+#[derive(Clone)]
+pub struct Applies {
+    /// The latest applied field state.
+    pub state: watch::Receiver<Arc<FieldState>>,
+    /// Lease knowledge from the apply order.
+    pub leases: Arc<Mutex<LeaseWatch>>,
+}
+
+/// The applied field state, persisted in sled.
+pub struct StateMachine {
+    tree: sled::Tree,
+    applied: Applied,
+    tx: watch::Sender<Arc<FieldState>>,
+    leases: Arc<Mutex<LeaseWatch>>,
+    snapshot_seq: u64,
+}
+
+impl StateMachine {
+    /// Open on `db`, resuming from the persisted state.
+    ///
+    /// # Errors
+    /// If sled cannot be read or a record does not decode.
+    pub fn open(db: &sled::Db, leases: LeaseWatch) -> Result<(Self, Applies), String> {
+        let tree = db.open_tree("raft-sm").map_err(|e| e.to_string())?;
+        let applied: Applied = get_json(&tree, b"applied")
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        let (tx, rx) = watch::channel(Arc::new(applied.state.clone()));
+        let leases = Arc::new(Mutex::new(leases));
+        Ok((
+            Self {
+                tree,
+                applied,
+                tx,
+                leases: leases.clone(),
+                snapshot_seq: 0,
+            },
+            Applies { state: rx, leases },
+        ))
+    }
+
+    async fn persist(&self) -> StorageResult<()> {
+        put_json(&self.tree, b"applied", &self.applied)?;
+        self.tree.flush_async().await.map_err(io_err)?;
+        Ok(())
+    }
+
+    fn apply_one(&mut self, cmd: &Command, now: Instant) -> Response {
+        let before = match cmd {
+            Command::Assign { name, .. } => self.applied.state.apps.get(name).map(|a| a.owner.clone()),
+            _ => None,
+        };
+        let r = self.applied.state.apply(cmd);
+        let mut leases = self.leases.lock().expect("lease watch lock");
+        match (cmd, &r) {
+            (Command::Renew { rack, .. }, _) => leases.renew_applied(rack, now),
+            (Command::Assign { name, .. }, Response::Ok) => {
+                let epoch = self.applied.state.apps[name].epoch;
+                leases.assignment_applied(name, epoch, before.flatten().as_deref());
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+/// Builds snapshots from a copy of the applied state.
+pub struct SnapshotBuilder {
+    tree: sled::Tree,
+    applied: Applied,
+    id: String,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let data = serde_json::to_vec(&self.applied.state).map_err(io_err)?;
+        let meta = SnapshotMeta {
+            last_log_id: self.applied.last_applied,
+            last_membership: self.applied.membership.clone(),
+            snapshot_id: self.id.clone(),
+        };
+        put_json(
+            &self.tree,
+            b"snapshot",
+            &StoredSnapshot {
+                meta: meta.clone(),
+                data: data.clone(),
+            },
+        )?;
+        self.tree.flush_async().await.map_err(io_err)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, RackNode>)> {
+        Ok((self.applied.last_applied, self.applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Response>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for e in entries {
+            self.applied.last_applied = Some(e.log_id);
+            out.push(match e.payload {
+                EntryPayload::Blank => Response::Ok,
+                EntryPayload::Normal(cmd) => self.apply_one(&cmd, now),
+                EntryPayload::Membership(m) => {
+                    self.applied.membership = StoredMembership::new(Some(e.log_id), m);
+                    Response::Ok
+                }
+            });
+        }
+        self.persist().await?;
+        self.tx.send_replace(Arc::new(self.applied.state.clone()));
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.snapshot_seq += 1;
+        let last = self
+            .applied
+            .last_applied
+            .map_or_else(|| "none".to_owned(), |l| format!("{}-{}", l.leader_id, l.index));
+        SnapshotBuilder {
+            tree: self.tree.clone(),
+            applied: self.applied.clone(),
+            id: format!("{last}-{}", self.snapshot_seq),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, RackNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let data = snapshot.into_inner();
+        let state: FieldState = serde_json::from_slice(&data).map_err(read_err)?;
+        self.applied = Applied {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            state,
+        };
+        put_json(
+            &self.tree,
+            b"snapshot",
+            &StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            },
+        )?;
+        self.persist().await?;
+        self.leases
+            .lock()
+            .expect("lease watch lock")
+            .snapshot_installed(Instant::now());
+        self.tx.send_replace(Arc::new(self.applied.state.clone()));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let s: Option<StoredSnapshot> = get_json(&self.tree, b"snapshot")?;
+        Ok(s.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
+
+/// Voters and their nodes from a stored membership.
+#[must_use]
+pub fn members(m: &StoredMembership<NodeId, RackNode>) -> BTreeMap<NodeId, RackNode> {
+    m.nodes().map(|(k, v)| (*k, v.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests;
