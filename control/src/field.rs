@@ -278,8 +278,11 @@ impl FieldState {
                 return Response::Refused(format!("appliance {:?} is given twice", s.name));
             }
         }
-        let mut all: BTreeMap<&str, &ApplianceSpec> =
-            self.apps.iter().map(|(k, v)| (k.as_str(), &v.spec)).collect();
+        let mut all: BTreeMap<&str, &ApplianceSpec> = self
+            .apps
+            .iter()
+            .map(|(k, v)| (k.as_str(), &v.spec))
+            .collect();
         for s in specs {
             all.insert(&s.name, s);
         }

@@ -213,7 +213,10 @@ mod tests {
         assert!(!l.may_run("a", 1, t0, &cfg()), "no lease before a grant");
         l.granted(t0, vec![("a".into(), 1)]);
         assert!(l.may_run("a", 1, t0 + Duration::from_secs(4), &cfg()));
-        assert!(!l.may_run("a", 2, t0, &cfg()), "another epoch is not granted");
+        assert!(
+            !l.may_run("a", 2, t0, &cfg()),
+            "another epoch is not granted"
+        );
         assert!(!l.may_run("b", 1, t0, &cfg()));
         let fence = l.fence_at(&cfg()).unwrap();
         assert!(!l.may_run("a", 1, fence, &cfg()));

@@ -21,7 +21,9 @@ pub mod node;
 pub mod placement;
 pub mod store;
 
-pub use field::{AppRecord, AppReport, AppState, Command, FieldState, RackReport, Response, Transfer};
+pub use field::{
+    AppRecord, AppReport, AppState, Command, FieldState, RackReport, Response, Transfer,
+};
 pub use lease::{Lease, LeaseConfig, LeaseWatch};
 pub use node::{Control, ControlError, ControlSettings, ControlStatus};
 

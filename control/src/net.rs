@@ -115,7 +115,10 @@ pub async fn write_frame<W: futures::AsyncWrite + Unpin, T: Serialize>(
 ) -> Result<(), NetError> {
     let body = serde_json::to_vec(msg).map_err(|e| NetError::Frame(e.to_string()))?;
     if body.len() > MAX_FRAME {
-        return Err(NetError::Frame(format!("{} bytes is too large", body.len())));
+        return Err(NetError::Frame(format!(
+            "{} bytes is too large",
+            body.len()
+        )));
     }
     let len = u32::try_from(body.len()).expect("bounded by MAX_FRAME");
     let io = |e: std::io::Error| NetError::Io(e.to_string());
@@ -235,7 +238,12 @@ impl Net {
     ///
     /// # Errors
     /// [`NetError`] when neither path answers within `timeout`.
-    pub async fn call(&self, peer: PeerId, req: &Request, timeout: Duration) -> Result<Reply, NetError> {
+    pub async fn call(
+        &self,
+        peer: PeerId,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Reply, NetError> {
         let recently_failed = self
             .direct_failed
             .lock()
@@ -286,9 +294,9 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, RackNode, RaftEr
 
 impl Conn {
     async fn call(&self, req: Request, timeout: Duration) -> Result<Reply, Unreachable> {
-        let peer = self
-            .peer
-            .ok_or_else(|| Unreachable::new(&NetError::Io(format!("node {} has no PeerId", self.target))))?;
+        let peer = self.peer.ok_or_else(|| {
+            Unreachable::new(&NetError::Io(format!("node {} has no PeerId", self.target)))
+        })?;
         self.net
             .call(peer, &req, timeout)
             .await
@@ -324,9 +332,7 @@ impl RaftNetwork<TypeConfig> for Conn {
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
         match self.call(Request::Snapshot(rpc), option.hard_ttl()).await? {
             Reply::Snapshot(Ok(r)) => Ok(r),
-            Reply::Snapshot(Err(e)) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            Reply::Snapshot(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             other => Err(unexpected(&other)),
         }
     }

@@ -74,7 +74,9 @@ pub enum ControlError {
     #[error("raft: {0}")]
     Raft(String),
     /// No leader could be reached in time (no quorum on this side?).
-    #[error("no control-plane leader reachable within {0:?} (is a majority of racks up and reachable?)")]
+    #[error(
+        "no control-plane leader reachable within {0:?} (is a majority of racks up and reachable?)"
+    )]
     NoLeader(Duration),
     /// The command was committed but refused by the state machine.
     #[error("{0}")]
@@ -271,16 +273,24 @@ impl Control {
             if left.is_zero() {
                 return Err(ControlError::NoLeader(timeout));
             }
-            let leader = match tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await {
+            let leader = match tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await
+            {
                 Err(_) => return Err(ControlError::NoLeader(timeout)),
                 Ok(Ok(r)) => return refused(r.data),
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => f.leader_id,
                 Ok(Err(e)) => return Err(ControlError::Raft(e.to_string())),
             };
-            if let Some(peer) = leader.filter(|l| *l != self.id).and_then(|l| self.leader_peer(l)) {
+            if let Some(peer) = leader
+                .filter(|l| *l != self.id)
+                .and_then(|l| self.leader_peer(l))
+            {
                 match self
                     .net
-                    .call(peer, &Request::Propose(cmd.clone()), left.min(Duration::from_secs(3)))
+                    .call(
+                        peer,
+                        &Request::Propose(cmd.clone()),
+                        left.min(Duration::from_secs(3)),
+                    )
                     .await
                 {
                     Ok(Reply::Propose(ProposeReply::Applied(r))) => return refused(r),
@@ -308,14 +318,17 @@ impl Control {
             let me = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let req: Request = match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut stream)).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "bad raft call");
-                        return;
-                    }
-                    Err(_) => return,
-                };
+                let req: Request =
+                    match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut stream))
+                        .await
+                    {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "bad raft call");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
                 let reply = me.handle(req).await;
                 let _ = write_frame(&mut stream, &reply).await;
                 let _ = futures::AsyncWriteExt::close(&mut stream).await;
@@ -406,8 +419,14 @@ impl Control {
             return; // the lowest id forms the cluster
         }
         for (p, rack) in &peers {
-            match self.net.direct(*p, &Request::Hello, Duration::from_secs(1)).await {
-                Ok(Reply::Hello { initialized: true, .. }) => {
+            match self
+                .net
+                .direct(*p, &Request::Hello, Duration::from_secs(1))
+                .await
+            {
+                Ok(Reply::Hello {
+                    initialized: true, ..
+                }) => {
                     tracing::info!(%rack, "a cluster exists; waiting to be added to it");
                     return;
                 }
@@ -484,7 +503,12 @@ impl Control {
         };
         let lease = self.settings.lease.lease;
         let young = self.started.elapsed() < lease;
-        let leases = self.applies.leases.lock().expect("lease watch lock").clone();
+        let leases = self
+            .applies
+            .leases
+            .lock()
+            .expect("lease watch lock")
+            .clone();
         let mut down = self.down_since.lock().expect("down_since lock");
         state
             .racks
@@ -526,7 +550,13 @@ impl Control {
             let state = self.applies.state.borrow().clone();
             let views = self.rack_views(&state).await;
             for cmd in plan(&state, &views, unix_ms()) {
-                if let Command::Assign { name, owner, transfer, .. } = &cmd {
+                if let Command::Assign {
+                    name,
+                    owner,
+                    transfer,
+                    ..
+                } = &cmd
+                {
                     tracing::info!(
                         appliance = %name,
                         to = owner.as_deref().unwrap_or("-"),

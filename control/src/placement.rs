@@ -82,14 +82,22 @@ impl<'a> Planner<'a> {
     fn take(&mut self, rack: &str, spec: &ApplianceSpec, sign: i64) {
         let u = self.used.entry(rack.to_owned()).or_default();
         let apply = |v: &mut u64, d: u64| {
-            *v = if sign > 0 { *v + d } else { v.saturating_sub(d) };
+            *v = if sign > 0 {
+                *v + d
+            } else {
+                v.saturating_sub(d)
+            };
         };
         apply(&mut u.cpus, u64::from(spec.cpus));
         apply(&mut u.memory_mb, spec.memory_mb);
     }
 
     /// Ranking key: larger is better.
-    fn score(&self, rack: &str, spec: &ApplianceSpec) -> (bool, bool, usize, u64, i64, std::cmp::Reverse<String>) {
+    fn score(
+        &self,
+        rack: &str,
+        spec: &ApplianceSpec,
+    ) -> (bool, bool, usize, u64, i64, std::cmp::Reverse<String>) {
         let report = &self.state.racks[rack];
         let held: Vec<u64> = spec
             .volume
@@ -99,7 +107,7 @@ impl<'a> Planner<'a> {
         let u = self.used.get(rack).copied().unwrap_or_default();
         (
             spec.placement.racks.iter().any(|r| r == rack),
-            spec.placement.sites.iter().any(|s| *s == report.site),
+            spec.placement.sites.contains(&report.site),
             held.len(),
             held.iter().sum(),
             -(u.cpus as i64),
@@ -124,8 +132,12 @@ impl<'a> Planner<'a> {
             if self.anti_affine(rack, spec) {
                 continue;
             }
-            let mut victims: Vec<&AppRecord> =
-                self.apps_on(rack).filter(|a| a.spec.tier > tier).collect();
+            // Only running appliances use room; a stopped one still owned
+            // here frees nothing.
+            let mut victims: Vec<&AppRecord> = self
+                .apps_on(rack)
+                .filter(|a| a.running && a.spec.tier > tier)
+                .collect();
             victims.sort_by_key(|a| (std::cmp::Reverse(a.spec.tier), a.spec.name.clone()));
             let r = &self.state.racks[rack];
             let mut u = self.used.get(rack.as_str()).copied().unwrap_or_default();
@@ -175,21 +187,24 @@ pub fn plan(state: &FieldState, racks: &[RackView], now_ms: u64) -> Vec<Command>
     order.sort_by_key(|a| (a.spec.tier, a.spec.name.clone()));
     let mut out = Vec::new();
     let mut decided: BTreeSet<String> = BTreeSet::new();
-    let transfer = |from: Option<&str>, reason: &str, planned: bool, detected: Option<u64>| Transfer {
-        from: from.map(str::to_owned),
-        reason: reason.into(),
-        planned,
-        released: None,
-        detected_ms: detected,
-        decided_ms: now_ms,
-    };
+    let transfer =
+        |from: Option<&str>, reason: &str, planned: bool, detected: Option<u64>| Transfer {
+            from: from.map(str::to_owned),
+            reason: reason.into(),
+            planned,
+            released: None,
+            detected_ms: detected,
+            decided_ms: now_ms,
+        };
     for a in order {
         let name = &a.spec.name;
         if decided.contains(name) {
             continue;
         }
         let cur = p.owner.get(name).cloned().flatten();
-        let cur_up = cur.as_deref().is_some_and(|o| p.up.get(o).is_some_and(|v| v.up));
+        let cur_up = cur
+            .as_deref()
+            .is_some_and(|o| p.up.get(o).is_some_and(|v| v.up));
         if !a.running {
             if let Some(o) = cur.as_deref() {
                 out.push(assign(a, None, transfer(Some(o), "stopped", cur_up, None)));
@@ -225,7 +240,11 @@ pub fn plan(state: &FieldState, racks: &[RackView], now_ms: u64) -> Vec<Command>
                         let va = &state.apps[&v];
                         p.take(&t, &va.spec, -1);
                         p.owner.insert(v.clone(), None);
-                        out.push(assign(va, None, transfer(Some(&t), "preempted", true, None)));
+                        out.push(assign(
+                            va,
+                            None,
+                            transfer(Some(&t), "preempted", true, None),
+                        ));
                         decided.insert(v);
                     }
                     Some(t)
@@ -236,7 +255,11 @@ pub fn plan(state: &FieldState, racks: &[RackView], now_ms: u64) -> Vec<Command>
         if let Some(t) = target {
             p.take(&t, &a.spec, 1);
             p.owner.insert(name.clone(), Some(t.clone()));
-            out.push(assign(a, Some(&t), transfer(cur.as_deref(), reason, dying, detected)));
+            out.push(assign(
+                a,
+                Some(&t),
+                transfer(cur.as_deref(), reason, dying, detected),
+            ));
             decided.insert(name.clone());
         }
     }

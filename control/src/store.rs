@@ -7,6 +7,9 @@
 //! batch, so a restart resumes from it; if it were lost, openraft would
 //! re-apply from the log, which is never purged past the last snapshot.
 
+// openraft's StorageError is large; it is the type its traits demand.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -36,7 +39,10 @@ fn read_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::read(&std::io::Error::other(e.to_string())).into()
 }
 
-fn get_json<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, key: &[u8]) -> StorageResult<Option<T>> {
+fn get_json<T: for<'de> Deserialize<'de>>(
+    tree: &sled::Tree,
+    key: &[u8],
+) -> StorageResult<Option<T>> {
     match tree.get(key).map_err(read_err)? {
         Some(b) => serde_json::from_slice(&b).map(Some).map_err(read_err),
         None => Ok(None),
@@ -260,7 +266,9 @@ impl StateMachine {
 
     fn apply_one(&mut self, cmd: &Command, now: Instant) -> Response {
         let before = match cmd {
-            Command::Assign { name, .. } => self.applied.state.apps.get(name).map(|a| a.owner.clone()),
+            Command::Assign { name, .. } => {
+                self.applied.state.apps.get(name).map(|a| a.owner.clone())
+            }
             _ => None,
         };
         let r = self.applied.state.apply(cmd);
@@ -342,10 +350,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.snapshot_seq += 1;
-        let last = self
-            .applied
-            .last_applied
-            .map_or_else(|| "none".to_owned(), |l| format!("{}-{}", l.leader_id, l.index));
+        let last = self.applied.last_applied.map_or_else(
+            || "none".to_owned(),
+            |l| format!("{}-{}", l.leader_id, l.index),
+        );
         SnapshotBuilder {
             tree: self.tree.clone(),
             applied: self.applied.clone(),

@@ -57,6 +57,9 @@ pub struct RackConfig {
     /// Volume snapshots and replication.
     #[serde(default)]
     pub volumes: VolumesConfig,
+    /// The control plane: leases and Raft timings (`[control]`).
+    #[serde(default)]
+    pub control: ControlConfig,
     /// The caching HTTP proxy and tile server (`[proxy]`); absent: no proxy.
     /// Its fields are defined and validated by the `cache-proxy` crate (the
     /// agent checks them at start and exits 64 naming the field).
@@ -244,6 +247,42 @@ impl Default for VolumesConfig {
     }
 }
 
+/// `[control]`: fencing leases and Raft timings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// How long a granted lease lets a rack run its appliances.
+    pub lease_ms: u64,
+    /// How often a rack renews its lease.
+    pub renew_every_ms: u64,
+    /// A rack that cannot renew stops its appliances this long before its
+    /// lease ends.
+    pub fence_before_ms: u64,
+    /// Added to the lease before another rack may start an appliance
+    /// (clock-rate drift, scheduling).
+    pub drift_margin_ms: u64,
+    /// Raft heartbeat.
+    pub heartbeat_ms: u64,
+    /// Raft election timeout (min; max is twice this).
+    pub election_timeout_ms: u64,
+    /// Wait this long after start before forming a new cluster.
+    pub settle_ms: u64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            lease_ms: 8_000,
+            renew_every_ms: 1_000,
+            fence_before_ms: 3_000,
+            drift_margin_ms: 1_000,
+            heartbeat_ms: 250,
+            election_timeout_ms: 1_500,
+            settle_ms: 2_000,
+        }
+    }
+}
+
 /// `[capacity]`: zero means "detect from this machine".
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -398,6 +437,25 @@ impl RackConfig {
         }
         if let Err(e) = crate::cert::decode_public_key(&self.fleet.public_key) {
             return bad("fleet.public_key", e.to_string());
+        }
+        let c = &self.control;
+        if c.fence_before_ms >= c.lease_ms {
+            return bad(
+                "control.fence_before_ms",
+                "must be shorter than control.lease_ms".into(),
+            );
+        }
+        if c.renew_every_ms == 0 || c.renew_every_ms * 2 > c.lease_ms - c.fence_before_ms {
+            return bad(
+                "control.renew_every_ms",
+                "must leave at least two renewals before fencing starts (2 × renew_every_ms ≤ lease_ms − fence_before_ms)".into(),
+            );
+        }
+        if c.heartbeat_ms == 0 || c.heartbeat_ms * 3 > c.election_timeout_ms {
+            return bad(
+                "control.heartbeat_ms",
+                "must be positive and at most a third of control.election_timeout_ms".into(),
+            );
         }
         if self.mesh.listen.is_empty() {
             return bad(

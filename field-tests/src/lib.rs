@@ -16,6 +16,7 @@
 //! `field-tests` CLI only.
 
 pub mod agent;
+pub mod appliance;
 pub mod netns;
 
 use std::sync::{Mutex, MutexGuard};

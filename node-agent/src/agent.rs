@@ -66,6 +66,8 @@ pub struct Rack {
     pub fleet_key: libp2p::identity::ed25519::PublicKey,
     /// The caching proxy and tile server, if this rack runs one.
     pub proxy: Option<crate::proxy::RunningProxy>,
+    /// Appliances: lease renewal and the supervisor (with the control plane).
+    pub appliances: Arc<crate::appliances::Appliances>,
     started: Instant,
 }
 
@@ -126,6 +128,8 @@ impl Rack {
                 .map(|p| serde_json::to_value(p.handle.status()).expect("cache status serializes")),
             revoked,
             store: self.recovery.clone(),
+            appliances: self.appliances.status(),
+            control: Some(self.appliances.control().status()),
         })
     }
 
@@ -342,9 +346,48 @@ pub async fn run(
         ),
         None => None,
     };
+    let c = &config.control;
+    let lease = control::LeaseConfig {
+        lease: Duration::from_millis(c.lease_ms),
+        drift_margin: Duration::from_millis(c.drift_margin_ms),
+        fence_before: Duration::from_millis(c.fence_before_ms),
+        renew_every: Duration::from_millis(c.renew_every_ms),
+    };
+    let control_settings = control::ControlSettings {
+        lease,
+        heartbeat: Duration::from_millis(c.heartbeat_ms),
+        election_timeout: Duration::from_millis(c.election_timeout_ms),
+        settle: Duration::from_millis(c.settle_ms),
+        ..control::ControlSettings::new(config.data_dir.join("control"), &config.rack)
+    };
+    let control_cancel = CancellationToken::new();
+    let control = control::Control::start(
+        control_settings,
+        mesh.clone(),
+        mesh.peer_id,
+        control_cancel.clone(),
+    )
+    .await
+    .context("starting the control plane")?;
+    let appliances = crate::appliances::Appliances::new(
+        &config.rack,
+        config.role,
+        &config.site,
+        if config.role == Role::Witness {
+            (0, 0)
+        } else {
+            detect_capacity(&config)
+        },
+        control.clone(),
+        volumes.clone(),
+        power.clone(),
+        state.clone(),
+        config.data_dir.join("appliances"),
+    );
     let rack = Arc::new(Rack {
         fleet_key,
         proxy,
+        appliances: appliances.clone(),
         volumes: volumes.clone(),
         config: config.clone(),
         state: state.clone(),
@@ -363,9 +406,17 @@ pub async fn run(
     tasks.spawn(record_mesh_events(rack.clone(), cancel.child_token()));
     tasks.spawn(publish_power(rack.clone(), cancel.child_token()));
     tasks.spawn(volumes.run(config.role, cancel.child_token()));
+    let supervisor_cancel = cancel.child_token();
+    let supervisor = tokio::spawn(appliances.run(supervisor_cancel.clone()));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
+    // Appliances stop first (while the mesh still carries lease renewals),
+    // then the control plane, then everything else.
+    supervisor_cancel.cancel();
+    let _ = tokio::time::timeout(SHUTDOWN_DEADLINE / 2, supervisor).await;
+    control_cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), control.shutdown()).await;
     cancel.cancel();
     let drained = tokio::time::timeout(SHUTDOWN_DEADLINE, async {
         while tasks.join_next().await.is_some() {}

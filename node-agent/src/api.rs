@@ -296,6 +296,30 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
             )
         }
         (Method::POST, p) if p.starts_with("/api/v1/volumes/") => volume_action(req, rack, p).await,
+        (Method::GET, "/api/v1/apps") => json(StatusCode::OK, &rack.appliances.status()),
+        (Method::POST, "/api/v1/apps") => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Deploy {
+                manifest: String,
+            }
+            let d: Deploy = match json_body(req, r#"{"manifest": "<manifest TOML>"}"#).await {
+                Ok(d) => d,
+                Err(resp) => return resp,
+            };
+            let specs = match deploy::appliance::parse_manifest(&d.manifest) {
+                Ok(s) => s,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+            };
+            let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+            propose(
+                rack,
+                control::Command::Deploy { specs },
+                serde_json::json!({ "deployed": names }),
+            )
+            .await
+        }
+        (Method::POST, p) if p.starts_with("/api/v1/apps/") => app_action(req, rack, p).await,
         (Method::POST, "/api/v1/cache/offline") => {
             let Some(proxy) = &rack.proxy else {
                 return error(StatusCode::NOT_FOUND, "this rack runs no proxy");
@@ -324,6 +348,7 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
             | "/metrics"
             | "/api/v1/revocations"
             | "/api/v1/events"
+            | "/api/v1/apps"
             | "/api/v1/volumes",
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -537,6 +562,67 @@ fn parse_limit(query: &str) -> Result<usize, String> {
 
 /// Read and parse a JSON request body; a malformed one is a 400 that says
 /// what was expected.
+/// Commit a control-plane command; 400 if refused, 503 without a leader.
+async fn propose(rack: &Rack, cmd: control::Command, ok: serde_json::Value) -> Response<Body> {
+    match rack
+        .appliances
+        .control()
+        .propose(cmd, std::time::Duration::from_secs(10))
+        .await
+    {
+        Ok(_) => json(StatusCode::OK, &ok),
+        Err(control::ControlError::Refused(why)) => error(StatusCode::BAD_REQUEST, why),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `POST /api/v1/apps/{name}/{stop|start|move}`.
+async fn app_action(req: Request<Incoming>, rack: &Rack, path: &str) -> Response<Body> {
+    let rest = &path["/api/v1/apps/".len()..];
+    let Some((name, action)) = rest.split_once('/') else {
+        return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"));
+    };
+    let name = name.to_owned();
+    match action {
+        "stop" | "start" => {
+            let running = action == "start";
+            propose(
+                rack,
+                control::Command::SetRunning {
+                    name: name.clone(),
+                    running,
+                },
+                serde_json::json!({ "appliance": name, "running": running }),
+            )
+            .await
+        }
+        "move" => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Move {
+                to: String,
+            }
+            let m: Move = match json_body(req, r#"{"to": "<rack>"}"#).await {
+                Ok(m) => m,
+                Err(resp) => return resp,
+            };
+            propose(
+                rack,
+                control::Command::Move {
+                    name: name.clone(),
+                    to: m.to.clone(),
+                },
+                serde_json::json!({ "appliance": name, "to": m.to }),
+            )
+            .await
+        }
+        other => error(
+            StatusCode::NOT_FOUND,
+            format!("no appliance action {other:?} (stop, start, move)"),
+        ),
+    }
+}
+
 async fn json_body<T: serde::de::DeserializeOwned>(
     req: Request<Incoming>,
     expected: &str,

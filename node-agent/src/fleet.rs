@@ -288,6 +288,7 @@ fn provision_rack(
         power: Default::default(),
         capacity: Default::default(),
         volumes: Default::default(),
+        control: Default::default(),
         proxy: (spec.role == Role::Rack)
             .then(|| proxy_table(fleet.local))
             .transpose()?,

@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod appliances;
 pub mod cache_mesh;
 pub mod client;
 pub mod demo;

@@ -68,6 +68,9 @@ enum Cmd {
     /// Volumes: appliance disk images, snapshotted and replicated between racks.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Appliances: deploy, list, stop, start and move them.
+    #[command(subcommand)]
+    App(AppCmd),
     /// Map tiles: seed a region into the rack's cache.
     #[command(subcommand)]
     Tiles(TilesCmd),
@@ -88,6 +91,54 @@ enum Cmd {
         /// Provision into this directory instead of a temporary one.
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppCmd {
+    /// Deploy (or update) the appliances of a manifest file.
+    Deploy {
+        /// The manifest (`[[appliance]]` tables).
+        manifest: PathBuf,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Every appliance of the field, where it runs and its state.
+    List {
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop an appliance (it stays deployed).
+    Stop {
+        /// Appliance name.
+        name: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start a stopped appliance again.
+    Start {
+        /// Appliance name.
+        name: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Move an appliance to another rack (a planned handover: no data lost).
+    Move {
+        /// Appliance name.
+        name: String,
+        /// Target rack.
+        #[arg(long)]
+        to: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -377,6 +428,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Volume(cmd) => volume_cmd(cmd).await,
+        Cmd::App(cmd) => app_cmd(cmd).await,
         Cmd::Discover { timeout } => {
             let found =
                 node_agent::proxy::discover(std::time::Duration::from_secs(timeout)).await?;
@@ -500,6 +552,96 @@ fn progress_printer(what: &'static str) -> impl FnMut(u64, u64) {
 /// Progress in tiles: `seed: 42% (420 of 1000 tiles)`.
 fn count_printer(what: &'static str) -> impl FnMut(u64, u64) {
     printer(what, |d, t| format!("{d} of {t} tiles"))
+}
+
+async fn app_cmd(cmd: AppCmd) -> Result<ExitCode> {
+    let post = |config: &PathBuf, path: String, body: serde_json::Value| {
+        let client = client_for(config);
+        async move {
+            let (status, body) = client?
+                .request(hyper::Method::POST, &path, Some(serde_json::to_vec(&body)?))
+                .await?;
+            if status != 200 {
+                anyhow::bail!("{}", String::from_utf8_lossy(&body));
+            }
+            Ok(serde_json::from_slice::<serde_json::Value>(&body)?)
+        }
+    };
+    match cmd {
+        AppCmd::Deploy { manifest, config } => {
+            // Parse here too: errors name the file, the appliance and the field.
+            let specs = match deploy::appliance::load(&manifest) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("fieldrack: {e}");
+                    return Ok(ExitCode::from(65));
+                }
+            };
+            let text = std::fs::read_to_string(&manifest)?;
+            post(
+                &config,
+                "/api/v1/apps".into(),
+                serde_json::json!({ "manifest": text }),
+            )
+            .await?;
+            for s in specs {
+                println!("deployed {} (tier {}, driver {})", s.name, s.tier, s.driver);
+            }
+        }
+        AppCmd::List { config, json } => {
+            let client = client_for(&config)?;
+            let apps: Vec<node_agent::appliances::ApplianceStatus> =
+                client.get_json("/api/v1/apps").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&apps)?);
+            } else {
+                println!(
+                    "{:<20} {:<12} {:<9} {:>4} {:>6} {:>8}  REASON",
+                    "APPLIANCE", "OWNER", "STATE", "TIER", "EPOCH", "SINCE_S"
+                );
+                for a in apps {
+                    println!(
+                        "{:<20} {:<12} {:<9} {:>4} {:>6} {:>8}  {}",
+                        a.name,
+                        a.owner.as_deref().unwrap_or("-"),
+                        a.state,
+                        a.tier,
+                        a.epoch,
+                        a.since_s.map_or("-".into(), |s| format!("{s:.1}")),
+                        a.reason.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        AppCmd::Stop { name, config } => {
+            post(
+                &config,
+                format!("/api/v1/apps/{name}/stop"),
+                serde_json::json!({}),
+            )
+            .await?;
+            println!("{name}: stopping");
+        }
+        AppCmd::Start { name, config } => {
+            post(
+                &config,
+                format!("/api/v1/apps/{name}/start"),
+                serde_json::json!({}),
+            )
+            .await?;
+            println!("{name}: starting");
+        }
+        AppCmd::Move { name, to, config } => {
+            post(
+                &config,
+                format!("/api/v1/apps/{name}/move"),
+                serde_json::json!({ "to": to }),
+            )
+            .await?;
+            println!("{name}: moving to {to}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn volume_cmd(cmd: VolumeCmd) -> Result<ExitCode> {

@@ -41,6 +41,12 @@ pub struct Status {
     /// absent when this rack runs no proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<serde_json::Value>,
+    /// Every appliance of the field: who runs it, in what state.
+    #[serde(default)]
+    pub appliances: Vec<crate::appliances::ApplianceStatus>,
+    /// The control plane as this rack sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<control::ControlStatus>,
 }
 
 /// One peer in the status document.
@@ -145,6 +151,34 @@ pub fn render_table(s: &Status) -> String {
     }
     if peers.is_empty() {
         let _ = writeln!(out, "(no peers yet)");
+    }
+    if let Some(c) = &s.control {
+        let _ = writeln!(
+            out,
+            "control: {} (leader {}, term {}, voters {})",
+            c.role,
+            c.leader.as_deref().unwrap_or("none"),
+            c.term,
+            c.voters.join(",")
+        );
+    }
+    if !s.appliances.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<12} {:<9} {:>4} {:>6}",
+            "APPLIANCE", "RACK", "STATE", "TIER", "EPOCH"
+        );
+        for a in &s.appliances {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<12} {:<9} {:>4} {:>6}",
+                a.name,
+                a.owner.as_deref().unwrap_or("-"),
+                a.state,
+                a.tier,
+                a.epoch
+            );
+        }
     }
     if !s.volumes.is_empty() {
         let _ = writeln!(

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use datastore::replicate::limiter::LinkLimiter;
 use datastore::replicate::plan::{choose_replicas, RackView};
 use datastore::replicate::{fetch, push, TransferCounters, FETCH_PROTOCOL, PUSH_PROTOCOL};
-use datastore::{Manifest, NoPause, VolumeStore};
+use datastore::{Manifest, NoPause, PauseHooks, VolumeStore};
 use deploy::config::VolumesConfig;
 use deploy::Role;
 use mesh::membership::State;
@@ -158,7 +158,12 @@ pub struct VolumeEngine {
     running: Mutex<Running>,
     failed_at: Mutex<HashMap<(String, String), std::time::Instant>>,
     wake: Notify,
+    /// How to freeze the appliance writing a volume while it is captured.
+    pause: Mutex<HashMap<String, SharedPause>>,
 }
+
+/// Pause hooks shared between the appliance supervisor and snapshots.
+pub type SharedPause = Arc<dyn PauseHooks + Send + Sync>;
 
 /// Why a volume operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +211,7 @@ impl VolumeEngine {
             running: Mutex::default(),
             failed_at: Mutex::default(),
             wake: Notify::new(),
+            pause: Mutex::default(),
         }))
     }
 
@@ -242,10 +248,14 @@ impl VolumeEngine {
     /// [`VolumeError`].
     pub async fn snapshot(&self, name: String) -> Result<Manifest, VolumeError> {
         let st = self.store.clone();
-        let m = tokio::task::spawn_blocking(move || st.snapshot(&name, &NoPause, &mut |_, _| {}))
-            .await
-            .expect("snapshot task")
-            .map_err(store_err)?;
+        let hooks = self.pause.lock().expect("pause lock").get(&name).cloned();
+        let m = tokio::task::spawn_blocking(move || match hooks {
+            Some(h) => st.snapshot(&name, h.as_ref(), &mut |_, _| {}),
+            None => st.snapshot(&name, &NoPause, &mut |_, _| {}),
+        })
+        .await
+        .expect("snapshot task")
+        .map_err(store_err)?;
         self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
         self.wake.notify_one();
         Ok(m)
@@ -290,6 +300,127 @@ impl VolumeEngine {
         .await
         .expect("export task")
         .map_err(store_err)
+    }
+
+    /// Snapshots of `volume` pause its appliance with `hooks` (none: no
+    /// appliance runs on it).
+    pub fn set_pause_hooks(&self, volume: &str, hooks: Option<SharedPause>) {
+        let mut p = self.pause.lock().expect("pause lock");
+        match hooks {
+            Some(h) => p.insert(volume.to_owned(), h),
+            None => p.remove(volume),
+        };
+    }
+
+    /// Newest complete generation held of every volume (owned or replica).
+    pub async fn held_generations(&self) -> std::collections::BTreeMap<String, u64> {
+        let st = self.store.clone();
+        tokio::task::spawn_blocking(move || st.list())
+            .await
+            .expect("list task")
+            .map(|l| {
+                l.into_iter()
+                    .filter(|v| v.generation > 0 || v.has_live_image)
+                    .map(|v| (v.name, v.generation))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Make sure this rack owns `name` with a live image: already owned,
+    /// else promoted from the newest replica generation held, else created
+    /// empty with `size`. Returns the image path and how it was obtained.
+    ///
+    /// # Errors
+    /// [`VolumeError`].
+    pub async fn ensure_owned(
+        &self,
+        name: &str,
+        size: u64,
+    ) -> Result<(PathBuf, &'static str), VolumeError> {
+        let st = self.store.clone();
+        let n = name.to_owned();
+        let how = tokio::task::spawn_blocking(move || -> Result<&'static str, VolumeError> {
+            if st.owns(&n).map_err(store_err)? {
+                return Ok("owned");
+            }
+            if st.latest(&n).map_err(store_err)?.is_some() {
+                st.promote(&n, &mut |_, _| {}).map_err(store_err)?;
+                return Ok("promoted");
+            }
+            st.create(&n, size).map_err(store_err)?;
+            Ok("created")
+        })
+        .await
+        .expect("ensure task")?;
+        if how == "promoted" {
+            // We own it now: forget whose replica it was.
+            let mut records = self.records.lock().expect("records lock");
+            let rec = records.entry(name.to_owned()).or_default();
+            rec.owner = None;
+            let rec = rec.clone();
+            drop(records);
+            self.save_record(name, &rec);
+        }
+        self.wake.notify_one();
+        Ok((self.store.image_path(name), how))
+    }
+
+    /// Hand a volume over: snapshot it (its appliance is stopped) and push
+    /// that generation to `rack`, waiting for the replica to publish it.
+    ///
+    /// # Errors
+    /// [`VolumeError`] if the snapshot or the push fails.
+    pub async fn ship(&self, name: &str, rack: &str) -> Result<u64, VolumeError> {
+        let m = self.snapshot(name.to_owned()).await?;
+        let generation = m.generation;
+        let peer = self
+            .mesh
+            .admitted()
+            .into_iter()
+            .find(|(_, r)| r == rack)
+            .map(|(p, _)| p)
+            .ok_or_else(|| VolumeError::Store(format!("{rack} is not connected")))?;
+        let stream = self
+            .mesh
+            .open_stream(peer, PUSH_PROTOCOL)
+            .await
+            .map_err(store_err)?;
+        let counters = VolumeMetrics::counters(&self.metrics.sent, rack);
+        let limiter = self.limiter(rack);
+        let progress = push::TransferProgress::default();
+        push::push_with_progress(
+            self.store.clone(),
+            &self.rack,
+            m,
+            stream,
+            &limiter,
+            &counters,
+            &progress,
+        )
+        .await
+        .map_err(store_err)?;
+        Ok(generation)
+    }
+
+    /// Stop owning `name`: another rack is its primary now. The local copy
+    /// (live image and generations) is dropped, so the new owner's
+    /// generations replace it without conflict; shared chunks stay until
+    /// the next prune and are not resent.
+    ///
+    /// # Errors
+    /// [`VolumeError`].
+    pub async fn demote(&self, name: &str) -> Result<(), VolumeError> {
+        self.set_pause_hooks(name, None);
+        let st = self.store.clone();
+        let n = name.to_owned();
+        tokio::task::spawn_blocking(move || st.delete(&n))
+            .await
+            .expect("delete task")
+            .map_err(store_err)?;
+        self.records.lock().expect("records lock").remove(name);
+        tracing::info!(volume = %name, "demoted: another rack owns it now");
+        Ok(())
     }
 
     /// The `volumes` part of the status document.
