@@ -170,5 +170,40 @@ async fn a_killed_racks_appliance_restarts_on_a_survivor_from_its_replica() {
     // Events: the failover is recorded with its timings.
     let (ok, ev) = cli(&f, &new_owner, &["events"]);
     assert!(ok && ev.contains("failover"), "{ev}");
+
+    // A planned move loses nothing: every record written before it is on
+    // the target.
+    let target = survivors.iter().copied().find(|r| *r != new_owner).unwrap();
+    let (ok, out) = cli(&f, target, &["app", "move", "registry", "--to", target]);
+    assert!(ok, "{out}");
+    wait_until(Duration::from_secs(60), "registry moved", || async {
+        app(&f, &new_owner, "registry")
+            .await
+            .is_some_and(|a| a.state == "running" && a.owner.as_deref() == Some(target))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = status(&f.client(target)).await.unwrap();
+    let image = s
+        .volumes
+        .iter()
+        .find(|v| v.name == "registry-data")
+        .and_then(|v| v.image.clone())
+        .unwrap();
+    let records = check_records(std::path::Path::new(&image)).unwrap();
+    let runs = check_witness(&witness).unwrap();
+    let moved_epoch = *records.epochs.keys().last().unwrap();
+    let before = records.epochs.range(..moved_epoch).next_back().unwrap();
+    assert_eq!(
+        before.1 .1 + 1,
+        records.epochs[&moved_epoch].0,
+        "the move continues right after the last record"
+    );
+    assert_eq!(
+        runs[before.0].records,
+        before.1 .1 - before.1 .0 + 1,
+        "every record of epoch {} is on {target}",
+        before.0
+    );
     drop(agents);
 }

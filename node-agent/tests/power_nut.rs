@@ -11,6 +11,8 @@
 //!
 //! If NUT is not installed, the test fails and says to run the setup script.
 
+mod common;
+
 use std::fs;
 use std::io::Read as _;
 use std::net::{TcpListener, TcpStream};
@@ -527,4 +529,130 @@ async fn command_source() {
     )
     .await;
     assert_eq!((s.source, s.dying), (PowerSource::Grid, false));
+}
+
+/// With NUT's dummy-ups reporting rack a's battery running down, its
+/// appliance moves to another rack before the runtime reaches zero, and
+/// every record it wrote on a is on the new owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dying_rack_hands_its_appliance_over_before_the_battery_runs_out() {
+    use field_tests::appliance::{check_records, check_witness, recorder_manifest};
+
+    let nut = Nut::start("ups.status: OL\nbattery.charge: 100\nbattery.runtime: 3600\n");
+    let f = common::Fleet::init("a,b,c", &[]);
+    for r in ["a", "b", "c"] {
+        let p = f.config(r);
+        let mut text = fs::read_to_string(&p).unwrap().replace(
+            "[volumes]\nreplication_factor = 2\nsnapshot_interval_s = 10",
+            "[volumes]\nreplication_factor = 2\nsnapshot_interval_s = 1",
+        );
+        if r == "a" {
+            text = text.replace(
+                "[power]\n",
+                &format!(
+                    "[power]\nnut = {{ addr = \"{}\", ups = \"dummy\" }}\n",
+                    nut.addr()
+                ),
+            );
+            text = text
+                .replace("poll_interval_ms = 2000", "poll_interval_ms = 500")
+                .replace("dying_runtime_s = 300", "dying_runtime_s = 30");
+        }
+        fs::write(&p, text).unwrap();
+    }
+    let _agents: Vec<common::Agent> = ["a", "b", "c"].iter().map(|r| f.start(r)).collect();
+    let client = |r: &str| f.client(r);
+    let app = |r: &'static str| {
+        let c = client(r);
+        async move {
+            common::status(&c)
+                .await
+                .and_then(|s| s.appliances.into_iter().find(|a| a.name == "radio"))
+        }
+    };
+    let witness = f.dir.path().join("witness.log");
+    let manifest = f.dir.path().join("radio.toml");
+    fs::write(
+        &manifest,
+        recorder_manifest("radio", 0, &witness)
+            .replace("tier = 0\n", "tier = 0\nplacement = { racks = [\"a\"] }\n"),
+    )
+    .unwrap();
+    common::wait_until(
+        Duration::from_secs(30),
+        "a control plane of 3 voters",
+        || async {
+            common::status(&client("b"))
+                .await
+                .and_then(|s| s.control)
+                .is_some_and(|c| c.voters.len() == 3 && c.leader.is_some())
+        },
+    )
+    .await;
+    let out = Command::new(common::BIN)
+        .args(["app", "deploy"])
+        .arg(&manifest)
+        .arg("--config")
+        .arg(f.config("b"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::wait_until(Duration::from_secs(30), "radio running on a", || async {
+        app("b")
+            .await
+            .is_some_and(|a| a.state == "running" && a.owner.as_deref() == Some("a"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The generator stops: on battery, the runtime counts down in real time.
+    let t0 = Instant::now();
+    let mut runtime = 45i64;
+    let moved = loop {
+        nut.set_dummy(&format!(
+            "ups.status: OB\nbattery.charge: 20\nbattery.runtime: {runtime}\n"
+        ));
+        if let Some(a) = app("c").await {
+            if a.state == "running" && a.owner.as_deref() != Some("a") {
+                break a;
+            }
+        }
+        assert!(
+            runtime > 0,
+            "the battery ran out before radio moved: {:?}\n{}",
+            app("c").await,
+            nut.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        runtime = 45 - t0.elapsed().as_secs() as i64;
+    };
+    println!(
+        "battery on at runtime 45 s, dying below 30 s; radio running on {} after {:.1} s (runtime left {runtime} s)",
+        moved.owner.as_deref().unwrap(),
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(moved.reason.as_deref(), Some("power"));
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let owner = moved.owner.unwrap();
+    let s = common::status(&f.client(&owner)).await.unwrap();
+    let image = s
+        .volumes
+        .iter()
+        .find(|v| v.name == "radio-data")
+        .and_then(|v| v.image.clone())
+        .unwrap();
+    let records = check_records(Path::new(&image)).unwrap();
+    let runs = check_witness(&witness).unwrap();
+    let (old_epoch, &(_, last_old, ref rack)) = records.epochs.iter().next().unwrap();
+    assert_eq!(rack, "a");
+    assert_eq!(
+        last_old + 1,
+        runs[old_epoch].records,
+        "every record written on a is on {owner}"
+    );
 }
