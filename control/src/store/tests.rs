@@ -1,0 +1,479 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deploy::appliance::parse_manifest;
+use deploy::Role;
+use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::storage::{RaftLogStorage, RaftStateMachine};
+use openraft::testing::{log_id, StoreBuilder, Suite};
+use openraft::{
+    Config, Entry, EntryPayload, Membership, Raft, RaftLogReader, RaftSnapshotBuilder, ServerState,
+    StorageError,
+};
+use tempfile::TempDir;
+
+use super::*;
+use crate::field::{RackReport, Transfer};
+use crate::lease::LeaseConfig;
+
+fn cfg() -> LeaseConfig {
+    LeaseConfig::default()
+}
+
+fn open(dir: &Path) -> sled::Db {
+    // A db dropped a moment ago (by a Raft shutting down) may still hold
+    // its lock briefly.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match open_db(dir) {
+            Ok(db) => return db,
+            Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("open {}: {e}", dir.display()),
+        }
+    }
+}
+
+fn deploy_cmd(names: &[&str]) -> Command {
+    let text: String = names
+        .iter()
+        .map(|n| {
+            format!(
+                "[[appliance]]\nname = \"{n}\"\ndriver = \"process\"\ncommand = [\"/bin/true\"]\n\
+                 [[appliance.volume]]\nname = \"{n}-data\"\nsize = \"64M\"\n"
+            )
+        })
+        .collect();
+    Command::Deploy {
+        specs: parse_manifest(&text).expect("valid manifest"),
+    }
+}
+
+fn renew_cmd(rack: &str) -> Command {
+    Command::Renew {
+        rack: rack.into(),
+        report: RackReport {
+            role: Role::Rack,
+            cpus: 4,
+            memory_mb: 1024,
+            ..RackReport::default()
+        },
+    }
+}
+
+fn assign_cmd(name: &str, owner: &str, expect_epoch: u64) -> Command {
+    Command::Assign {
+        name: name.into(),
+        owner: Some(owner.into()),
+        expect_epoch,
+        transfer: Transfer {
+            from: None,
+            reason: "placed".into(),
+            planned: false,
+            released: None,
+            detected_ms: None,
+            decided_ms: 0,
+        },
+    }
+}
+
+fn normal(term: u64, index: u64, cmd: Command) -> Entry<TypeConfig> {
+    Entry {
+        log_id: log_id(term, 1, index),
+        payload: EntryPayload::Normal(cmd),
+    }
+}
+
+fn membership_entry(term: u64, index: u64) -> Entry<TypeConfig> {
+    let nodes = BTreeMap::from([(
+        1,
+        RackNode {
+            rack: "a".into(),
+            peer_id: "p".into(),
+        },
+    )]);
+    Entry {
+        log_id: log_id(term, 1, index),
+        payload: EntryPayload::Membership(Membership::new(vec![[1].into()], nodes)),
+    }
+}
+
+/// openraft's own storage conformance suite, on a fresh sled db each time.
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<NodeId>> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = open_db(dir.path()).map_err(io_err)?;
+        let log = LogStore::new(&db).map_err(io_err)?;
+        let (sm, _) =
+            StateMachine::open(&db, LeaseWatch::new(cfg(), Instant::now())).map_err(io_err)?;
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn passes_the_openraft_storage_suite() {
+    Suite::test_all(Builder).expect("storage suite");
+}
+
+#[tokio::test]
+async fn the_state_machine_persists_and_reopens_to_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, last) = {
+        let db = open(dir.path());
+        let (mut sm, applies) =
+            StateMachine::open(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+        let r = sm
+            .apply([
+                membership_entry(1, 1),
+                normal(1, 2, deploy_cmd(&["db", "web"])),
+                normal(1, 3, renew_cmd("a")),
+                normal(1, 4, assign_cmd("db", "a", 0)),
+                normal(1, 5, assign_cmd("db", "b", 0)),
+                normal(1, 6, renew_cmd("a")),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(r.len(), 6);
+        assert_eq!(r[0], Response::Ok);
+        assert_eq!(r[2], Response::Granted(vec![]));
+        assert_eq!(r[3], Response::Ok);
+        assert!(matches!(r[4], Response::Refused(_)), "stale: {:?}", r[4]);
+        assert_eq!(r[5], Response::Granted(vec![("db".into(), 1)]));
+        let state = applies.state.borrow().clone();
+        assert_eq!(state.apps["db"].owner.as_deref(), Some("a"));
+        assert_eq!(state.apps.len(), 2);
+        let (last, membership) = sm.applied_state().await.unwrap();
+        assert_eq!(last, Some(log_id(1, 1, 6)));
+        assert_eq!(membership.log_id(), &Some(log_id(1, 1, 1)));
+        assert_eq!(members(&membership).len(), 1);
+        ((*state).clone(), last)
+    };
+    let db = open(dir.path());
+    let (mut sm, applies) =
+        StateMachine::open(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+    assert_eq!(**applies.state.borrow(), state);
+    let (last_again, membership) = sm.applied_state().await.unwrap();
+    assert_eq!(last_again, last);
+    assert_eq!(members(&membership)[&1].rack, "a");
+}
+
+#[tokio::test]
+async fn a_snapshot_installed_elsewhere_gives_the_same_state() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let db1 = open(d1.path());
+    let db2 = open(d2.path());
+    let (mut sm1, a1) = StateMachine::open(&db1, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+    let (mut sm2, a2) = StateMachine::open(&db2, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+    sm1.apply([
+        membership_entry(1, 1),
+        normal(1, 2, deploy_cmd(&["db"])),
+        normal(2, 3, renew_cmd("a")),
+        normal(2, 4, assign_cmd("db", "a", 0)),
+    ])
+    .await
+    .unwrap();
+    let snap = sm1
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    assert_eq!(snap.meta.last_log_id, Some(log_id(2, 1, 4)));
+    // The built snapshot is the current one.
+    let current = sm1.get_current_snapshot().await.unwrap().expect("stored");
+    assert_eq!(current.meta, snap.meta);
+    assert_eq!(current.snapshot.get_ref(), snap.snapshot.get_ref());
+
+    let before = Instant::now();
+    sm2.install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(**a2.state.borrow(), **a1.state.borrow());
+    assert_eq!(
+        sm2.applied_state().await.unwrap(),
+        sm1.applied_state().await.unwrap()
+    );
+    let got = sm2
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("installed");
+    assert_eq!(got.meta, current.meta);
+    // What came before the snapshot is unknown: a gate counts from the install.
+    let gate = a2.leases.lock().unwrap().gate("db", 1);
+    assert!(gate >= before + cfg().lease + cfg().drift_margin);
+    // Applying on from there works as on the original.
+    for sm in [&mut sm1, &mut sm2] {
+        let r = sm.apply([normal(2, 5, renew_cmd("a"))]).await.unwrap();
+        assert_eq!(r, vec![Response::Granted(vec![("db".into(), 1)])]);
+    }
+    assert_eq!(**a2.state.borrow(), **a1.state.borrow());
+}
+
+#[tokio::test]
+async fn the_lease_watch_learns_renewals_and_assignments_in_apply_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let c = cfg();
+    let t0 = Instant::now();
+    let (mut sm, applies) = StateMachine::open(&db, LeaseWatch::new(c, t0)).unwrap();
+    sm.apply([
+        normal(1, 1, deploy_cmd(&["db"])),
+        normal(1, 2, assign_cmd("db", "a", 0)),
+    ])
+    .await
+    .unwrap();
+    let before_renew = Instant::now();
+    sm.apply([normal(1, 3, renew_cmd("a"))]).await.unwrap();
+    let after_renew = Instant::now();
+    {
+        let w = applies.leases.lock().unwrap();
+        let age = w.renew_age("a", after_renew).expect("renewal seen");
+        assert!(age <= after_renew - before_renew);
+        assert!(w.renew_age("b", after_renew).is_none());
+        // Placed from nowhere: counts from the horizon.
+        assert_eq!(w.gate("db", 1), t0 + c.lease + c.drift_margin);
+    }
+    // Failover a → b: b waits for a's last renewal plus lease and margin.
+    sm.apply([normal(1, 4, assign_cmd("db", "b", 1))])
+        .await
+        .unwrap();
+    let gate = applies.leases.lock().unwrap().gate("db", 2);
+    assert!(gate >= before_renew + c.lease + c.drift_margin);
+    assert!(gate <= after_renew + c.lease + c.drift_margin);
+    // A refused (stale) assignment teaches nothing.
+    sm.apply([normal(1, 5, assign_cmd("db", "c", 1))])
+        .await
+        .unwrap();
+    assert_eq!(applies.leases.lock().unwrap().gate("db", 2), gate);
+    assert_eq!(
+        applies.state.borrow().apps["db"].owner.as_deref(),
+        Some("b")
+    );
+}
+
+/// A network for a cluster of one: never used.
+#[derive(Clone)]
+struct NoNet;
+
+fn unreachable<E: std::error::Error>() -> RPCError<NodeId, RackNode, RaftError<NodeId, E>> {
+    RPCError::Unreachable(Unreachable::new(&std::io::Error::other("single node")))
+}
+
+impl RaftNetworkFactory<TypeConfig> for NoNet {
+    type Network = NoNet;
+    async fn new_client(&mut self, _target: NodeId, _node: &RackNode) -> NoNet {
+        NoNet
+    }
+}
+
+impl RaftNetwork<TypeConfig> for NoNet {
+    async fn append_entries(
+        &mut self,
+        _rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, RackNode, RaftError<NodeId>>> {
+        Err(unreachable())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, RackNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        Err(unreachable())
+    }
+
+    async fn vote(
+        &mut self,
+        _rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, RackNode, RaftError<NodeId>>> {
+        Err(unreachable())
+    }
+}
+
+async fn single_node(db: &sled::Db) -> (Raft<TypeConfig>, Applies) {
+    let log = LogStore::new(db).unwrap();
+    let (sm, applies) = StateMachine::open(db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+    let config = Config {
+        heartbeat_interval: 50,
+        election_timeout_min: 150,
+        election_timeout_max: 300,
+        ..Config::default()
+    }
+    .validate()
+    .unwrap();
+    let raft = Raft::new(1, Arc::new(config), NoNet, log, sm)
+        .await
+        .unwrap();
+    (raft, applies)
+}
+
+async fn wait_leader(raft: &Raft<TypeConfig>) {
+    raft.wait(Some(Duration::from_secs(10)))
+        .state(ServerState::Leader, "single node leads")
+        .await
+        .expect("a single node elects itself");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_raft_commits_and_recovers_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, last_index) = {
+        let db = open(dir.path());
+        let (raft, applies) = single_node(&db).await;
+        let node = RackNode {
+            rack: "a".into(),
+            peer_id: "p".into(),
+        };
+        raft.initialize(BTreeMap::from([(1, node)])).await.unwrap();
+        wait_leader(&raft).await;
+        let mut last = None;
+        for cmd in [
+            deploy_cmd(&["db", "web"]),
+            renew_cmd("a"),
+            assign_cmd("db", "a", 0),
+            renew_cmd("a"),
+        ] {
+            let r = raft.client_write(cmd).await.unwrap();
+            last = Some((r.log_id, r.data));
+        }
+        let (last_id, data) = last.unwrap();
+        assert_eq!(data, Response::Granted(vec![("db".into(), 1)]));
+        let state = applies.state.borrow().clone();
+        assert_eq!(state.apps["db"].owner.as_deref(), Some("a"));
+        raft.shutdown().await.unwrap();
+        ((*state).clone(), last_id.index)
+    };
+
+    // The log itself, read back straight from sled.
+    {
+        let db = open(dir.path());
+        let mut log = LogStore::new(&db).unwrap();
+        let st = log.get_log_state().await.unwrap();
+        assert_eq!(st.last_purged_log_id, None);
+        assert_eq!(st.last_log_id.map(|l| l.index), Some(last_index));
+        let vote = log.read_vote().await.unwrap().expect("a vote was saved");
+        assert_eq!(vote.leader_id().voted_for(), Some(1));
+        assert!(vote.is_committed());
+        let all = log.try_get_log_entries(0..).await.unwrap();
+        assert_eq!(all.len() as u64, last_index + 1, "indexes 0..=last");
+        for (i, e) in all.iter().enumerate() {
+            assert_eq!(e.log_id.index, i as u64);
+        }
+        let cmds = all
+            .iter()
+            .filter(|e| matches!(e.payload, EntryPayload::Normal(_)))
+            .count();
+        assert_eq!(cmds, 4);
+        let mid = log.try_get_log_entries(2..=3).await.unwrap();
+        assert_eq!(
+            mid.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert!(log
+            .try_get_log_entries(last_index + 1..)
+            .await
+            .unwrap()
+            .is_empty());
+        let (sm, applies) =
+            StateMachine::open(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+        drop(sm);
+        assert_eq!(
+            **applies.state.borrow(),
+            state,
+            "the applied state survives"
+        );
+    }
+
+    // Restart Raft on the same db: recovered, and still accepting writes.
+    let db = open(dir.path());
+    let (raft, applies) = single_node(&db).await;
+    assert_eq!(**applies.state.borrow(), state);
+    wait_leader(&raft).await;
+    let r = raft.client_write(assign_cmd("web", "a", 0)).await.unwrap();
+    assert_eq!(r.data, Response::Ok);
+    assert!(r.log_id.index > last_index);
+    assert_eq!(
+        raft.client_write(renew_cmd("a")).await.unwrap().data,
+        Response::Granted(vec![("db".into(), 1), ("web".into(), 1)])
+    );
+    raft.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn truncate_purge_and_vote_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    // Fill a log through a single-node Raft (append needs openraft's callback).
+    {
+        let db = open(dir.path());
+        let (raft, _) = single_node(&db).await;
+        let node = RackNode {
+            rack: "a".into(),
+            peer_id: "p".into(),
+        };
+        raft.initialize(BTreeMap::from([(1, node)])).await.unwrap();
+        wait_leader(&raft).await;
+        for i in 0..8 {
+            raft.client_write(renew_cmd(&format!("r{i}")))
+                .await
+                .unwrap();
+        }
+        raft.shutdown().await.unwrap();
+    }
+    let last = {
+        let db = open(dir.path());
+        let mut log = LogStore::new(&db).unwrap();
+        let last = log.get_log_state().await.unwrap().last_log_id.unwrap();
+        assert!(last.index >= 9, "{last:?}");
+        let keep = log.try_get_log_entries(..=last.index).await.unwrap();
+        // Truncate the last two, purge up to 3.
+        let cut = keep[keep.len() - 2].log_id;
+        log.truncate(cut).await.unwrap();
+        let purged = keep[3].log_id;
+        log.purge(purged).await.unwrap();
+        let vote = Vote::new(7, 1);
+        log.save_vote(&vote).await.unwrap();
+        log.save_committed(Some(keep[4].log_id)).await.unwrap();
+        (keep, cut, purged, vote)
+    };
+    let (keep, cut, purged, vote) = last;
+    let db = open(dir.path());
+    let mut log = LogStore::new(&db).unwrap();
+    let st = log.get_log_state().await.unwrap();
+    assert_eq!(st.last_purged_log_id, Some(purged));
+    assert_eq!(st.last_log_id, Some(keep[cut.index as usize - 1].log_id));
+    assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    assert_eq!(log.read_committed().await.unwrap(), Some(keep[4].log_id));
+    let left = log.try_get_log_entries(0..).await.unwrap();
+    assert_eq!(
+        left.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+        (purged.index + 1..cut.index).collect::<Vec<_>>()
+    );
+    assert_eq!(left[0].log_id, keep[purged.index as usize + 1].log_id);
+    // Purging everything: the log state falls back to the purged id.
+    let last_left = left.last().unwrap().log_id;
+    log.purge(last_left).await.unwrap();
+    drop(log);
+    drop(db);
+    let db = open(dir.path());
+    let mut log = LogStore::new(&db).unwrap();
+    let st = log.get_log_state().await.unwrap();
+    assert_eq!(st.last_purged_log_id, Some(last_left));
+    assert_eq!(st.last_log_id, Some(last_left));
+    assert!(log.try_get_log_entries(0..).await.unwrap().is_empty());
+}
