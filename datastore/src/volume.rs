@@ -820,6 +820,24 @@ impl VolumeStore {
         Ok(self.snapshot_report(name, hooks, progress)?.manifest)
     }
 
+    /// Record `source`, a point-in-time copy of the live image made by its
+    /// appliance's own machinery (QEMU's `drive-backup` over QMP), as
+    /// generation + 1. Nothing writes `source`, so nothing is paused; the
+    /// live image is not read.
+    ///
+    /// # Errors
+    /// [`SnapshotError`]; the volume stays at its previous generation.
+    pub fn snapshot_from(
+        &self,
+        name: &str,
+        source: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Manifest, SnapshotError> {
+        Ok(self
+            .snapshot_inner(name, Some(source), &NoPause, progress)?
+            .manifest)
+    }
+
     /// Capture a crash-consistent point in time of the live image as
     /// generation + 1, durably (chunks synced before the manifest).
     ///
@@ -845,12 +863,25 @@ impl VolumeStore {
         hooks: &dyn PauseHooks,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<SnapshotReport, SnapshotError> {
+        self.snapshot_inner(name, None, hooks, progress)
+    }
+
+    fn snapshot_inner(
+        &self,
+        name: &str,
+        source: Option<&Path>,
+        hooks: &dyn PauseHooks,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<SnapshotReport, SnapshotError> {
         let started = Instant::now();
         let _g = self.gc_shared();
         let vl = self.vol_lock(name);
         let _v = lock(&vl);
         let rec = self.existing(name)?;
-        let path = self.image_path(name);
+        if source.is_some() && !self.image_path(name).exists() {
+            return Err(SnapshotError::NoLiveImage(name.to_owned()));
+        }
+        let path = source.map_or_else(|| self.image_path(name), Path::to_path_buf);
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {

@@ -61,6 +61,8 @@ struct Local {
     pending_event: Option<serde_json::Value>,
     /// Why it last failed to start (shown in events).
     last_error: Option<String>,
+    /// When its volumes were last captured through QEMU.
+    last_capture: Instant,
 }
 
 impl Local {
@@ -76,6 +78,7 @@ impl Local {
             restarts: Vec::new(),
             pending_event: None,
             last_error: None,
+            last_capture: Instant::now(),
         }
     }
 
@@ -284,6 +287,7 @@ impl Appliances {
             if let Some(a) = rec {
                 for v in &a.spec.volume {
                     self.volumes.set_pause_hooks(&v.name, None);
+                    self.volumes.set_external_capture(&v.name, false);
                 }
             }
             tracing::warn!(appliance = %name, epoch = l.epoch, fenced, ?exit, "appliance stopped");
@@ -380,6 +384,47 @@ impl Appliances {
                         inst.stop(Duration::from_millis(a.spec.stop_grace_ms)).await;
                         self.after_exit(l, &a.spec, true);
                     }
+                }
+            }
+        }
+
+        // QEMU appliances: point-in-time copies made by QEMU itself
+        // (drive-backup over QMP), so the VM is never paused for a snapshot.
+        let every = self.volumes.snapshot_interval();
+        for (name, l) in local.iter_mut() {
+            let Some(a) = state.apps.get(name) else {
+                continue;
+            };
+            let Some(inst) = l.inst.as_ref() else {
+                continue;
+            };
+            if a.spec.driver != deploy::appliance::DriverKind::Qemu
+                || l.last_capture.elapsed() < every
+            {
+                continue;
+            }
+            l.last_capture = Instant::now();
+            for v in &a.spec.volume {
+                let dest = self
+                    .run_root
+                    .join(name)
+                    .join(format!("capture-{}.raw", v.name));
+                let r = match inst.capture(&v.name, &dest).await {
+                    Ok(true) => self
+                        .volumes
+                        .snapshot_from(&v.name, dest.clone())
+                        .await
+                        .map(|m| m.generation)
+                        .map_err(|e| e.to_string()),
+                    Ok(false) => Err("driver cannot capture".into()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = std::fs::remove_file(&dest);
+                match r {
+                    Ok(g) => {
+                        tracing::info!(volume = %v.name, generation = g, "captured through QMP")
+                    }
+                    Err(e) => tracing::warn!(volume = %v.name, error = %e, "QMP capture failed"),
                 }
             }
         }
@@ -522,8 +567,10 @@ impl Appliances {
         match drivers::launch(spec).await {
             Ok(inst) => {
                 let hooks = inst.pause_hooks();
+                let qemu = a.spec.driver == deploy::appliance::DriverKind::Qemu;
                 for v in &a.spec.volume {
                     self.volumes.set_pause_hooks(&v.name, Some(hooks.clone()));
+                    self.volumes.set_external_capture(&v.name, qemu);
                 }
                 tracing::info!(appliance = %name, epoch = a.epoch, pid = inst.pid(), volumes = ?how, "appliance started");
                 l.inst = Some(inst);
@@ -591,6 +638,7 @@ impl Appliances {
         };
         for v in &spec.volume {
             self.volumes.set_pause_hooks(&v.name, None);
+            self.volumes.set_external_capture(&v.name, false);
         }
         if !restart {
             l.set(if failed {

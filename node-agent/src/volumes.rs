@@ -160,6 +160,9 @@ pub struct VolumeEngine {
     wake: Notify,
     /// How to freeze the appliance writing a volume while it is captured.
     pause: Mutex<HashMap<String, SharedPause>>,
+    /// Volumes whose appliance captures them itself (QEMU over QMP): the
+    /// snapshot loop leaves them to the supervisor.
+    external: Mutex<HashSet<String>>,
 }
 
 /// Pause hooks shared between the appliance supervisor and snapshots.
@@ -212,6 +215,7 @@ impl VolumeEngine {
             failed_at: Mutex::default(),
             wake: Notify::new(),
             pause: Mutex::default(),
+            external: Mutex::default(),
         }))
     }
 
@@ -310,6 +314,45 @@ impl VolumeEngine {
             Some(h) => p.insert(volume.to_owned(), h),
             None => p.remove(volume),
         };
+    }
+
+    /// While set, `volume` is snapshotted by its appliance's driver (a
+    /// point-in-time copy recorded with [`VolumeEngine::snapshot_from`]),
+    /// not by the snapshot loop.
+    pub fn set_external_capture(&self, volume: &str, on: bool) {
+        let mut e = self.external.lock().expect("external lock");
+        if on {
+            e.insert(volume.to_owned());
+        } else {
+            e.remove(volume);
+        }
+    }
+
+    /// How often owned volumes are snapshotted.
+    #[must_use]
+    pub fn snapshot_interval(&self) -> Duration {
+        Duration::from_secs(self.config.snapshot_interval_s)
+    }
+
+    /// Record a point-in-time copy of an owned volume as its next
+    /// generation (see `VolumeStore::snapshot_from`).
+    ///
+    /// # Errors
+    /// [`VolumeError`].
+    pub async fn snapshot_from(
+        &self,
+        name: &str,
+        source: PathBuf,
+    ) -> Result<Manifest, VolumeError> {
+        let st = self.store.clone();
+        let n = name.to_owned();
+        let m = tokio::task::spawn_blocking(move || st.snapshot_from(&n, &source, &mut |_, _| {}))
+            .await
+            .expect("snapshot task")
+            .map_err(store_err)?;
+        self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+        self.wake.notify_one();
+        Ok(m)
     }
 
     /// Newest complete generation held of every volume (owned or replica).
@@ -538,6 +581,9 @@ impl VolumeEngine {
                 })
                 .unwrap_or_default();
             for name in owned {
+                if self.external.lock().expect("external lock").contains(&name) {
+                    continue;
+                }
                 // An idle volume gets no new generation: each would cost a
                 // manifest on every replica link for nothing. (ctime moves on
                 // every write, mmap'd ones included once flushed.)

@@ -217,9 +217,11 @@ async fn a_qemu_appliance_runs_and_stops() {
     }
     let f = fleet("a");
     let _agent = f.start("a");
-    wait_until(Duration::from_secs(30), "a control plane of one", || async {
-        voters(&f, "a").await == 1
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "a control plane of one",
+        || async { voters(&f, "a").await == 1 },
+    )
     .await;
     let manifest = f.dir.path().join("vm.toml");
     std::fs::write(
@@ -230,7 +232,9 @@ async fn a_qemu_appliance_runs_and_stops() {
     let (ok, out) = cli(&f, "a", &["app", "deploy", manifest.to_str().unwrap()]);
     assert!(ok, "{out}");
     wait_until(Duration::from_secs(60), "vm running", || async {
-        app(&f, "a", "vm").await.is_some_and(|a| a.state == "running")
+        app(&f, "a", "vm")
+            .await
+            .is_some_and(|a| a.state == "running")
     })
     .await;
     let qemu_running = || {
@@ -242,10 +246,59 @@ async fn a_qemu_appliance_runs_and_stops() {
             .success()
     };
     assert!(qemu_running(), "a qemu process with the vm's disk");
+
+    // Snapshots of a running VM's disk are point-in-time copies made by
+    // QEMU (drive-backup over QMP): new bytes on the disk reach a new
+    // generation while the VM runs.
+    let gen_of = || async {
+        status(&f.client("a"))
+            .await
+            .and_then(|s| s.volumes.into_iter().find(|v| v.name == "vm-disk"))
+    };
+    let vol = gen_of().await.expect("vm-disk on a");
+    let image = vol.image.clone().expect("live image");
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        file.write_all_at(&[0x5a; 4096], 8192).unwrap();
+    }
+    let before = vol.generation;
+    wait_until(
+        Duration::from_secs(30),
+        "a new generation of vm-disk",
+        || async { gen_of().await.is_some_and(|v| v.generation > before) },
+    )
+    .await;
+    let out_img = f.dir.path().join("vm-disk.out");
+    let (ok, out) = cli(
+        &f,
+        "a",
+        &[
+            "volume",
+            "export",
+            "vm-disk",
+            "--to",
+            out_img.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    let data = std::fs::read(&out_img).unwrap();
+    assert_eq!(&data[8192..8192 + 4096], &[0x5a; 4096][..]);
+    let log = std::fs::read_to_string(f.dir.path().join("a.log")).unwrap();
+    assert!(
+        log.contains("captured through QMP"),
+        "snapshots went through QEMU"
+    );
     let (ok, out) = cli(&f, "a", &["app", "stop", "vm"]);
     assert!(ok, "{out}");
     wait_until(Duration::from_secs(30), "vm stopped", || async {
-        app(&f, "a", "vm").await.is_some_and(|a| a.state == "stopped") && !qemu_running()
+        app(&f, "a", "vm")
+            .await
+            .is_some_and(|a| a.state == "stopped")
+            && !qemu_running()
     })
     .await;
 }
