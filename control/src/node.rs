@@ -119,6 +119,8 @@ pub struct Control {
     applies: Applies,
     started: Instant,
     down_since: Mutex<HashMap<String, u64>>,
+    elect_enabled: std::sync::atomic::AtomicBool,
+    last_append: Mutex<Instant>,
 }
 
 impl Control {
@@ -172,13 +174,16 @@ impl Control {
             applies,
             started: now,
             down_since: Mutex::default(),
+            elect_enabled: std::sync::atomic::AtomicBool::new(true),
+            last_append: Mutex::new(now),
         });
         let streams = mesh
             .accept_streams(RAFT_PROTOCOL)
             .map_err(|e| ControlError::Raft(e.to_string()))?;
         tokio::spawn(me.clone().serve(streams, cancel.clone()));
         tokio::spawn(me.clone().membership_loop(local_peer, cancel.clone()));
-        tokio::spawn(me.clone().placement_loop(cancel));
+        tokio::spawn(me.clone().placement_loop(cancel.clone()));
+        tokio::spawn(me.clone().election_guard_loop(cancel));
         Ok(me)
     }
 
@@ -338,7 +343,15 @@ impl Control {
 
     async fn handle(&self, req: Request) -> Reply {
         match req {
-            Request::Append(r) => Reply::Append(self.raft.append_entries(r).await),
+            Request::Append(r) => {
+                let reply = self.raft.append_entries(r).await;
+                if reply.as_ref().is_ok_and(|r| {
+                    !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))
+                }) {
+                    *self.last_append.lock().expect("last_append lock") = Instant::now();
+                }
+                Reply::Append(reply)
+            }
             Request::Vote(r) => Reply::Vote(self.raft.vote(r).await),
             Request::Snapshot(r) => Reply::Snapshot(self.raft.install_snapshot(r).await),
             Request::Propose(cmd) => Reply::Propose(if self.is_leader() {
@@ -411,6 +424,77 @@ impl Control {
                 self.grow().await;
             }
         }
+    }
+
+    /// Pre-vote by hand (openraft 0.9 has none): a rack that stops hearing
+    /// from the leader may start elections only if it reaches a majority of
+    /// the voters and none of those it reaches follows a leader that it
+    /// reaches too. Otherwise every election it tried while cut off would
+    /// raise its term, and on reconnecting that term would depose a healthy
+    /// leader, leaving the field leaderless long enough for leases to lapse.
+    async fn guard_elections(&self) {
+        if self.is_leader() {
+            self.set_elect(true, 0, 0);
+            return;
+        }
+        let heard = Instant::now()
+            .saturating_duration_since(*self.last_append.lock().expect("last_append lock"));
+        if heard < self.settings.heartbeat * 3 {
+            self.set_elect(true, 0, 0);
+            return;
+        }
+        let voters: Vec<(NodeId, RackNode)> = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let mem = m.membership_config.membership();
+            mem.voter_ids()
+                .filter_map(|id| mem.get_node(&id).map(|n| (id, n.clone())))
+                .collect()
+        };
+        if voters.is_empty() {
+            return;
+        }
+        let timeout = self.settings.heartbeat.max(Duration::from_millis(400));
+        let pings = voters
+            .iter()
+            .filter(|(id, _)| *id != self.id)
+            .filter_map(|(id, n)| Some((*id, n.peer_id.parse::<PeerId>().ok()?)))
+            .map(|(id, peer)| async move {
+                match self.net.call(peer, &Request::Hello, timeout).await {
+                    Ok(Reply::Hello { leader, .. }) => Some((id, leader)),
+                    _ => None,
+                }
+            });
+        let answers: Vec<(NodeId, Option<NodeId>)> = futures::future::join_all(pings)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let reachable: BTreeSet<NodeId> = answers.iter().map(|(id, _)| *id).collect();
+        let leader_alive = answers
+            .iter()
+            .any(|(_, l)| l.is_some_and(|l| l != self.id && reachable.contains(&l)));
+        let majority = (reachable.len() + 1) * 2 > voters.len();
+        self.set_elect(majority && !leader_alive, reachable.len() + 1, voters.len());
+    }
+
+    fn set_elect(&self, on: bool, reachable: usize, voters: usize) {
+        if on
+            != self
+                .elect_enabled
+                .swap(on, std::sync::atomic::Ordering::Relaxed)
+        {
+            if on {
+                tracing::info!(reachable, voters, "elections enabled");
+            } else {
+                tracing::info!(
+                    reachable,
+                    voters,
+                    "elections held: no majority reachable, or a live leader exists"
+                );
+            }
+        }
+        self.raft.runtime_config().elect(on);
     }
 
     async fn maybe_initialize(&self, me: &RackNode) {
@@ -534,6 +618,16 @@ impl Control {
                 }
             })
             .collect()
+    }
+
+    async fn election_guard_loop(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.settings.heartbeat) => {}
+            }
+            self.guard_elections().await;
+        }
     }
 
     async fn placement_loop(self: Arc<Self>, cancel: CancellationToken) {

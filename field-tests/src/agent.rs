@@ -312,6 +312,66 @@ impl Fleet {
         })
     }
 
+    /// Runs `fieldrack ARGS --config <rack.toml>` inside the rack's
+    /// namespace (the CLI talks to that rack's API on its loopback) and
+    /// returns its stdout.
+    ///
+    /// # Errors
+    /// If it fails or times out (its output is in the error).
+    pub fn cli(&self, field: &Field, rack: &str, args: &[&str]) -> Result<String> {
+        let mut cmd = field.command(rack, &self.bin)?;
+        cmd.args(args).arg("--config").arg(self.config(rack));
+        let out = output_with_timeout(cmd, STATUS_TIMEOUT)?;
+        ensure!(
+            out.status.success(),
+            "fieldrack {} on rack {rack} failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `fieldrack events` of `rack`: its recent event log, one JSON object
+    /// per event (`seq`, `at_ms`, `kind`, `detail`), oldest first.
+    ///
+    /// # Errors
+    /// If the command fails or prints a line that is not JSON.
+    pub fn events(
+        &self,
+        field: &Field,
+        rack: &str,
+        limit: usize,
+    ) -> Result<Vec<serde_json::Value>> {
+        let out = self.cli(field, rack, &["events", "--limit", &limit.to_string()])?;
+        out.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).with_context(|| format!("event line {l:?}")))
+            .collect()
+    }
+
+    /// Replaces `from` by `to` in every rack's `rack.toml` (before the
+    /// agents start), e.g. to snapshot volumes every second.
+    ///
+    /// # Errors
+    /// If a config cannot be rewritten or does not contain `from`.
+    pub fn edit_configs(&self, from: &str, to: &str) -> Result<()> {
+        for rack in self.racks() {
+            let path = self.config(rack);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            ensure!(
+                text.contains(from),
+                "{} does not contain {from:?}",
+                path.display()
+            );
+            std::fs::write(&path, text.replace(from, to))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    }
+
     /// The last `lines` lines of the rack's log.
     pub fn log_tail(&self, rack: &str, lines: usize) -> String {
         let text = std::fs::read_to_string(self.log_path(rack)).unwrap_or_default();
@@ -471,6 +531,83 @@ pub struct Status {
     /// Power state, kept raw: the harness does not interpret it yet.
     #[serde(default)]
     pub power: serde_json::Value,
+    /// Every appliance of the field, as this rack sees it.
+    #[serde(default)]
+    pub appliances: Vec<ApplianceStatus>,
+    /// Volumes held here (owned or replicated).
+    #[serde(default)]
+    pub volumes: Vec<VolumeStatus>,
+    /// The control plane as this rack sees it; `None` before it starts.
+    #[serde(default)]
+    pub control: Option<ControlStatus>,
+}
+
+/// `appliances[]` of the status: one appliance of the field.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ApplianceStatus {
+    /// Its name.
+    pub name: String,
+    /// The rack its assignment names, if any.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// `running`, `starting`, `stopped`, `failed` or `fenced`.
+    #[serde(default)]
+    pub state: String,
+    /// Tier (0 = most important).
+    #[serde(default)]
+    pub tier: u8,
+    /// Assignment epoch.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Seconds in this state, as the owner reports it.
+    #[serde(default)]
+    pub since_s: Option<f64>,
+}
+
+/// `volumes[]` of the status: a volume this rack holds.
+#[derive(Clone, Debug, Deserialize)]
+pub struct VolumeStatus {
+    /// Volume name.
+    pub name: String,
+    /// Owning rack.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Newest generation held here.
+    #[serde(default)]
+    pub generation: Option<u64>,
+    /// Replicas (owner side only).
+    #[serde(default)]
+    pub replicas: Vec<ReplicaStatus>,
+    /// Path of the live raw image (owner side only).
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+/// `volumes[].replicas[]`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ReplicaStatus {
+    /// Replica rack.
+    pub rack: String,
+    /// Newest generation it holds.
+    #[serde(default)]
+    pub generation: Option<u64>,
+}
+
+/// `control` of the status.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ControlStatus {
+    /// `leader`, `follower`, `candidate` or `learner`.
+    #[serde(default)]
+    pub role: String,
+    /// The leader's rack, if known.
+    #[serde(default)]
+    pub leader: Option<String>,
+    /// Current term.
+    #[serde(default)]
+    pub term: u64,
+    /// Voting racks.
+    #[serde(default)]
+    pub voters: Vec<String>,
 }
 
 /// One peer as seen by a rack.
@@ -512,6 +649,23 @@ impl Status {
     /// The state of `rack` as seen here; `None` if not known.
     pub fn state_of(&self, rack: &str) -> Option<PeerState> {
         self.peer(rack).map(|p| p.state)
+    }
+
+    /// The appliance `name`, if this rack knows it.
+    pub fn appliance(&self, name: &str) -> Option<&ApplianceStatus> {
+        self.appliances.iter().find(|a| a.name == name)
+    }
+
+    /// The volume `name`, if this rack holds it.
+    pub fn volume(&self, name: &str) -> Option<&VolumeStatus> {
+        self.volumes.iter().find(|v| v.name == name)
+    }
+
+    /// Whether this rack sees a control plane with a leader and `n` voters.
+    pub fn has_control_of(&self, n: usize) -> bool {
+        self.control
+            .as_ref()
+            .is_some_and(|c| c.leader.is_some() && c.voters.len() == n)
     }
 
     /// One-line summary, e.g. `a: b=alive(1.2ms) c=dead`.

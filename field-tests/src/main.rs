@@ -3,6 +3,10 @@
 //! - `field-tests check`: build a 3-rack field, ping between racks, check
 //!   multicast, a cut and a heal, tear down. A smoke check of the harness
 //!   itself; it does not need the `fieldrack` binary.
+//! - `field-tests drill kill-rack [--runs N] [--keep]`: SIGKILL the owner
+//!   of a tier-0 appliance N times and time each failover (see [`drill`]).
+
+mod drill;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -29,6 +33,22 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "a,b,c")]
         racks: Vec<String>,
     },
+    /// Repeated faults on a live 3-rack field, with timings.
+    #[command(subcommand)]
+    Drill(DrillCmd),
+}
+
+#[derive(Subcommand)]
+enum DrillCmd {
+    /// SIGKILL the owner of a tier-0 appliance, time its failover, repeat.
+    KillRack {
+        /// How many kills.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Keep the fleet dir (configs, logs, witness) afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +64,7 @@ fn main() -> ExitCode {
 fn run() -> Result<ExitCode> {
     match Cli::parse().command {
         Cmd::Check { racks } => check(&racks),
+        Cmd::Drill(DrillCmd::KillRack { runs, keep }) => drill::kill_rack(runs, keep),
     }
 }
 
