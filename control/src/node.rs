@@ -598,7 +598,15 @@ impl Control {
             .racks
             .keys()
             .map(|rack| {
+                // A renewal applied moments ago proves the rack is up and
+                // reaches the quorum, whatever gossip says: a rack that was
+                // cut off comes back believing the others dead, and until
+                // they refute it SWIM repeats that.
+                let fresh = leases
+                    .renew_age(rack, now)
+                    .is_some_and(|a| a < self.settings.lease.renew_every * 3);
                 let in_mesh = *rack == self.settings.rack
+                    || fresh
                     || mesh_state.get(rack).is_some_and(|s| *s != State::Dead);
                 let renewing = match leases.renew_age(rack, now) {
                     Some(age) => age < lease,
