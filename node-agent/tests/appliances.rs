@@ -13,7 +13,11 @@ use node_agent::appliances::ApplianceStatus;
 
 /// Racks that snapshot every second.
 fn fleet(racks: &str) -> Fleet {
-    let f = Fleet::init(racks, &[]);
+    fleet_with(racks, &[])
+}
+
+fn fleet_with(racks: &str, extra: &[&str]) -> Fleet {
+    let f = Fleet::init(racks, extra);
     for r in racks.split(',') {
         let p = f.config(r);
         let text = std::fs::read_to_string(&p).unwrap().replace(
@@ -309,4 +313,55 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
             .map(|d| d.join(program))
             .find(|p| p.is_file())
     })
+}
+
+/// Two racks and a witness fail over like three racks: the witness votes
+/// (so the survivor keeps a majority) but never runs the appliance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_racks_and_a_witness_fail_over() {
+    let f = fleet_with("a,b", &["--witness", "w"]);
+    let mut agents: Vec<(&str, Agent)> = ["a", "b", "w"].iter().map(|r| (*r, f.start(r))).collect();
+    wait_until(
+        Duration::from_secs(30),
+        "a control plane of 3 voters",
+        || async { voters(&f, "a").await == 3 && voters(&f, "w").await == 3 },
+    )
+    .await;
+    let witness = f.dir.path().join("witness.log");
+    let manifest = f.dir.path().join("radio.toml");
+    std::fs::write(&manifest, recorder_manifest("radio", 0, &witness)).unwrap();
+    let (ok, out) = cli(&f, "w", &["app", "deploy", manifest.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    wait_until(Duration::from_secs(30), "radio running", || async {
+        app(&f, "w", "radio")
+            .await
+            .is_some_and(|a| a.state == "running")
+    })
+    .await;
+    let first = app(&f, "w", "radio").await.unwrap();
+    let owner = first.owner.clone().unwrap();
+    assert_ne!(owner, "w", "a witness never runs appliances");
+    let other = if owner == "a" { "b" } else { "a" };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    agents
+        .iter_mut()
+        .find(|(r, _)| *r == owner)
+        .unwrap()
+        .1
+        .sigkill();
+    let took = wait_until(
+        Duration::from_secs(60),
+        "radio running on the other rack",
+        || async {
+            app(&f, "w", "radio").await.is_some_and(|a| {
+                a.state == "running" && a.owner.as_deref() == Some(other) && a.epoch > first.epoch
+            })
+        },
+    )
+    .await;
+    println!(
+        "two racks + witness: SIGKILL of {owner} → radio running on {other}: {:.1} s",
+        took.as_secs_f64()
+    );
+    check_witness(&witness).unwrap();
 }
