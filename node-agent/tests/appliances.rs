@@ -171,6 +171,24 @@ async fn a_killed_racks_appliance_restarts_on_a_survivor_from_its_replica() {
     // Snapshots every second, 50 records a second: at most a few seconds lost.
     assert!(lost < 50 * 15, "lost {lost} records");
 
+    // The promoted copy is the new primary, replicated to a second rack.
+    wait_until(
+        Duration::from_secs(60),
+        "a new second copy of registry-data",
+        || async {
+            let Some(s) = status(&f.client(&new_owner)).await else {
+                return false;
+            };
+            s.volumes.iter().any(|v| {
+                v.name == "registry-data"
+                    && v.replicas
+                        .iter()
+                        .any(|r| r.rack != owner && r.generation.is_some())
+            })
+        },
+    )
+    .await;
+
     // Events: the failover is recorded with its timings.
     let (ok, ev) = cli(&f, &new_owner, &["events"]);
     assert!(ok && ev.contains("failover"), "{ev}");
