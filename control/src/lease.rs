@@ -146,8 +146,8 @@ impl LeaseWatch {
         self.last_renew.insert(rack.to_owned(), now);
     }
 
-    /// The assignment of `app` moved from `from` under the new `epoch`,
-    /// applied at `now`.
+    /// The assignment of `app` moved from `from` under the new `epoch`
+    /// (called as it is applied).
     pub fn assignment_applied(&mut self, app: &str, epoch: u64, from: Option<&str>) {
         let from_gate = from.map_or(self.horizon, |r| {
             self.last_renew

@@ -35,7 +35,7 @@ pub const MAX_FRAME: usize = 32 << 20;
 const DIRECT_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A call.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
     /// Raft: append entries / heartbeat.
     Append(AppendEntriesRequest<TypeConfig>),
@@ -205,14 +205,9 @@ impl Net {
         req: &Request,
         timeout: Duration,
     ) -> Result<Reply, NetError> {
-        // `Relay` borrows nothing: serialise once through a JSON value.
-        let inner: Request = serde_json::from_value(
-            serde_json::to_value(req).map_err(|e| NetError::Frame(e.to_string()))?,
-        )
-        .map_err(|e| NetError::Frame(e.to_string()))?;
         let relay_req = Request::Relay {
             to: peer.to_base58(),
-            request: Box::new(inner),
+            request: Box::new(req.clone()),
         };
         let deadline = Instant::now() + timeout;
         let mut last = NetError::Io("no relay reaches it".into());

@@ -307,23 +307,25 @@ impl Appliances {
             if running_here {
                 continue;
             }
-            if let Some(t) = a.transfer.as_ref().filter(|t| {
+            let handing_over = a.transfer.as_ref().is_some_and(|t| {
                 t.planned && t.from.as_deref() == Some(self.rack.as_str()) && t.released.is_none()
-            }) {
-                let _ = t;
+            });
+            if handing_over {
                 self.hand_over(a.spec.clone(), a.epoch, owner).await;
                 continue;
             }
-            // The new owner holds the volume now: our old copy would only
+            // The new owner runs it on its own copy now: ours would only
             // conflict with its generations.
-            let owner_has = state.racks.get(owner);
+            let Some(report) = state
+                .racks
+                .get(owner)
+                .filter(|r| r.apps.get(&a.spec.name).is_some_and(|x| x.epoch == a.epoch))
+            else {
+                continue;
+            };
             for v in &a.spec.volume {
                 let owned_here = self.volumes.store.owns(&v.name).unwrap_or(false);
-                let owner_holds = owner_has.is_some_and(|r| r.volumes.contains_key(&v.name))
-                    && owner_has.is_some_and(|r| {
-                        r.apps.get(&a.spec.name).is_some_and(|x| x.epoch == a.epoch)
-                    });
-                if owned_here && owner_holds {
+                if owned_here && report.volumes.contains_key(&v.name) {
                     if let Err(e) = self.volumes.demote(&v.name).await {
                         tracing::warn!(volume = %v.name, error = %e, "demote failed");
                     }
@@ -454,7 +456,7 @@ impl Appliances {
             if !lease.may_run(name, a.epoch, now, &cfg) {
                 continue;
             }
-            if !self.previous_owner_gone(a, now) {
+            if !self.previous_owner_gone(a, now).await {
                 continue;
             }
             let deps_ok = a.spec.after.iter().all(|d| {
@@ -489,46 +491,32 @@ impl Appliances {
     }
 
     /// Whether the previous owner of `a`'s current assignment has certainly
-    /// stopped it.
-    fn previous_owner_gone(&self, a: &control::AppRecord, now: Instant) -> bool {
-        let Some(t) = a.transfer.as_ref() else {
+    /// stopped it: it released it and we hold what it shipped, or its lease
+    /// has certainly expired. An assignment nobody held before needs neither.
+    async fn previous_owner_gone(&self, a: &control::AppRecord, now: Instant) -> bool {
+        let from_elsewhere = a
+            .transfer
+            .as_ref()
+            .and_then(|t| t.from.as_deref())
+            .is_some_and(|f| f != self.rack);
+        if !from_elsewhere && a.epoch <= 1 {
             return true;
-        };
-        let from = t.from.as_deref().filter(|f| *f != self.rack);
-        let Some(_) = from else {
-            // Never owned elsewhere since it was placed (or it was ours).
-            if a.epoch <= 1 {
-                return true;
-            }
-            return now
-                >= self
-                    .control
-                    .leases()
-                    .lock()
-                    .expect("lease watch")
-                    .gate(&a.spec.name, a.epoch);
-        };
-        if let Some(released) = &t.released {
-            // The old owner stopped it and shipped these generations.
-            let held = self.volumes_held_sync();
-            return released
-                .iter()
-                .all(|(v, g)| held.get(v).is_some_and(|h| h >= g));
         }
-        now >= self
+        if let Some(released) = a.transfer.as_ref().and_then(|t| t.released.as_ref()) {
+            if from_elsewhere {
+                let held = self.volumes.held_generations().await;
+                return released
+                    .iter()
+                    .all(|(v, g)| held.get(v).is_some_and(|h| h >= g));
+            }
+        }
+        let gate = self
             .control
             .leases()
             .lock()
             .expect("lease watch")
-            .gate(&a.spec.name, a.epoch)
-    }
-
-    fn volumes_held_sync(&self) -> BTreeMap<String, u64> {
-        self.volumes
-            .store
-            .list()
-            .map(|l| l.into_iter().map(|v| (v.name, v.generation)).collect())
-            .unwrap_or_default()
+            .gate(&a.spec.name, a.epoch);
+        now >= gate
     }
 
     async fn start(&self, a: &control::AppRecord, l: &mut Local) {

@@ -234,7 +234,8 @@ async fn a_killed_racks_appliance_restarts_on_a_survivor_from_its_replica() {
 /// an empty disk never gets past the firmware, which is enough), stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qemu_appliance_runs_and_stops() {
-    if which("qemu-system-x86_64").is_none() {
+    let path = std::env::var("PATH").unwrap_or_default();
+    if node_agent::drivers::find_in_path("qemu-system-x86_64", &path).is_none() {
         panic!("qemu-system-x86_64 is missing: run ./scripts/setup (package qemu-system-x86)");
     }
     let f = fleet("a");
@@ -323,14 +324,6 @@ async fn a_qemu_appliance_runs_and_stops() {
             && !qemu_running()
     })
     .await;
-}
-
-fn which(program: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(program))
-            .find(|p| p.is_file())
-    })
 }
 
 /// Two racks and a witness fail over like three racks: the witness votes

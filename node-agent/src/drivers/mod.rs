@@ -623,7 +623,7 @@ fn is_executable(p: &Path) -> bool {
 }
 
 /// Resolve a program like `execvp` does.
-pub(crate) fn find_in_path(program: &str, path: &str) -> Option<PathBuf> {
+pub fn find_in_path(program: &str, path: &str) -> Option<PathBuf> {
     if program.contains('/') {
         let p = PathBuf::from(program);
         return is_executable(&p).then_some(p);
