@@ -44,6 +44,7 @@
 //!   the call returns [`ChunkStoreError::DiskFull`], and a later `sync`
 //!   retries once space was freed. Nothing already synced is ever lost.
 
+mod active;
 pub(crate) mod pack;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -54,6 +55,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use active::{Active, Flush, PackBuf};
 use pack::{Location, PackInfo, PACK_HEADER_LEN, REC_HEADER_LEN};
 
 use crate::fsutil;
@@ -285,23 +287,6 @@ struct Pending {
     old: Option<Location>,
 }
 
-/// The pack being appended to.
-struct Active {
-    no: u32,
-    file: Arc<File>,
-    path: PathBuf,
-    /// Bytes already handed to the kernel.
-    written: u64,
-    /// Bytes appended after `written`, not yet handed to the kernel.
-    buf: Vec<u8>,
-}
-
-impl Active {
-    fn end(&self) -> u64 {
-        self.written + self.buf.len() as u64
-    }
-}
-
 /// Everything that changes on insert/remove, behind one mutex.
 struct Writer {
     active: Active,
@@ -509,18 +494,19 @@ impl ChunkStore {
                     .write(true)
                     .open(&path)
                     .map_err(io_err("open", &path))?;
-                Active {
+                Active::resume(
                     no,
-                    file: Arc::new(file),
-                    path,
-                    written: len,
-                    buf: Vec::with_capacity(WRITE_BUF),
-                }
+                    file,
+                    path.clone(),
+                    len,
+                    PackBuf::with_capacity(WRITE_BUF),
+                )
+                .map_err(io_err("open", &path))?
             }
             None => {
                 let no = max_pack + 1;
                 live.insert(no, PackInfo::default());
-                create_pack(&packs_dir, no)?
+                create_pack(&packs_dir, no, PackBuf::with_capacity(WRITE_BUF))?
             }
         };
         let max_pack = max_pack.max(active.no);
@@ -691,8 +677,10 @@ impl ChunkStore {
                 };
                 let a = &w.active;
                 if loc.pack == a.no && loc.offset + u64::from(loc.len) > a.written {
-                    // Still (at least partly: a write that hit a full disk
-                    // may have split it) in the write buffer.
+                    // Not (all) in the file yet: the rest is in the write
+                    // buffer (a write that hit a full disk may have split
+                    // it). Bytes in both are read from the file, like any
+                    // other, so damage on disk is seen.
                     let in_file =
                         usize::try_from(a.written.saturating_sub(loc.offset)).unwrap_or(0);
                     out.resize(base + in_file, 0);
@@ -702,8 +690,8 @@ impl ChunkStore {
                             return Err(io_err("read", &a.path)(e));
                         }
                     }
-                    let start =
-                        usize::try_from(loc.offset.saturating_sub(a.written)).unwrap_or(usize::MAX);
+                    let start = usize::try_from(loc.offset.max(a.written) - a.buf_start)
+                        .unwrap_or(usize::MAX);
                     match a.buf.get(start..start + loc.len as usize - in_file) {
                         Some(rest) => {
                             out.extend_from_slice(rest);
@@ -805,14 +793,7 @@ impl ChunkStore {
     /// # Errors
     /// [`ChunkStoreError::HashMismatch`], and as [`ChunkStore::insert`].
     pub fn insert_verified(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
-        let actual = ChunkId::of(data);
-        if actual != *id {
-            return Err(ChunkStoreError::HashMismatch {
-                expected: *id,
-                actual,
-            });
-        }
-        self.insert_hashed(actual, data)
+        self.insert_hashed(check_id(id, data)?, data)
     }
 
     /// Store many chunks, hashing them in parallel. Zero chunks are skipped
@@ -835,16 +816,33 @@ impl ChunkStore {
 
     /// Insert `data` whose id the caller computed itself.
     pub(crate) fn insert_hashed(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
-        self.insert_inner(id, data, true)
+        self.insert_inner(id, data, true, false)
     }
 
     /// Insert without the implicit sync past `max_pending_bytes`: for
     /// captures inside an appliance's pause, which must not wait for disks.
     pub(crate) fn insert_hashed_no_sync(&self, id: ChunkId, data: &[u8]) -> Result<bool> {
-        self.insert_inner(id, data, false)
+        self.insert_inner(id, data, false, false)
     }
 
-    fn insert_inner(&self, id: ChunkId, data: &[u8], may_sync: bool) -> Result<bool> {
+    /// [`ChunkStore::insert_verified`] for chunks nobody will read soon (a
+    /// replica receiving a push): their bytes go to the disk without
+    /// passing through the page cache where the filesystem allows (see
+    /// `active.rs`); pair with [`ChunkStore::sync_uncached`].
+    ///
+    /// # Errors
+    /// As [`ChunkStore::insert_verified`].
+    pub fn insert_verified_uncached(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
+        self.insert_inner(check_id(id, data)?, data, true, true)
+    }
+
+    fn insert_inner(
+        &self,
+        id: ChunkId,
+        data: &[u8],
+        may_sync: bool,
+        uncached: bool,
+    ) -> Result<bool> {
         if data.len() > MAX_CHUNK_LEN {
             return Err(ChunkStoreError::TooLarge { len: data.len() });
         }
@@ -858,27 +856,33 @@ impl ChunkStore {
                 self.dedup_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(false);
             }
-            let loc = self.append(&mut w, &id, data)?;
+            let loc = self.append(&mut w, &id, data, uncached)?;
             self.set(&mut w, id, Some(loc))?;
             w.pending_bytes += u64::from(loc.len);
             w.pending_bytes >= self.opts.max_pending_bytes
         };
         if need_sync && may_sync {
-            self.sync()?;
+            self.sync_inner(uncached)?;
         }
         Ok(true)
     }
 
     /// Append a record to the active pack (rotating it first if full).
-    fn append(&self, w: &mut Writer, id: &ChunkId, data: &[u8]) -> Result<Location> {
+    fn append(
+        &self,
+        w: &mut Writer,
+        id: &ChunkId,
+        data: &[u8],
+        uncached: bool,
+    ) -> Result<Location> {
         let len =
             u32::try_from(data.len()).map_err(|_| ChunkStoreError::TooLarge { len: data.len() })?;
         let rec = REC_HEADER_LEN + u64::from(len);
         if w.active.end() > PACK_HEADER_LEN && w.active.end() + rec > self.opts.pack_target {
-            self.rotate(w)?;
+            self.rotate(w, uncached)?;
         }
         if w.active.buf.len() >= WRITE_BUF {
-            self.flush_buf(w)?;
+            self.flush_buf(w, Flush::Room, uncached)?;
             if w.active.buf.len() >= WRITE_BUF {
                 // A previous write failed and left bytes behind; do not grow
                 // the buffer without bound.
@@ -899,38 +903,21 @@ impl ChunkStore {
         })
     }
 
-    /// Hand buffered pack bytes to the kernel. On failure (a full disk),
-    /// the bytes not written stay buffered and nothing is lost.
-    fn flush_buf(&self, w: &mut Writer) -> Result<()> {
+    /// Hand buffered pack bytes to the kernel (see `active.rs`). On
+    /// failure (a full disk), the bytes not written stay buffered and
+    /// nothing is lost.
+    fn flush_buf(&self, w: &mut Writer, how: Flush, uncached: bool) -> Result<()> {
         let a = &mut w.active;
-        let mut done = 0usize;
-        let mut result = Ok(());
-        while done < a.buf.len() {
-            match a.file.write_at(&a.buf[done..], a.written + done as u64) {
-                Ok(0) => {
-                    result = Err(io::Error::from(io::ErrorKind::WriteZero));
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        a.buf.drain(..done);
-        a.written += done as u64;
-        result.map_err(io_err("write", &a.path))
+        a.flush(how, uncached).map_err(io_err("write", &a.path))
     }
 
     /// Seal the active pack (its bytes handed to the kernel; the next sync
     /// fsyncs it) and start a new one.
-    fn rotate(&self, w: &mut Writer) -> Result<()> {
-        self.flush_buf(w)?;
+    fn rotate(&self, w: &mut Writer, uncached: bool) -> Result<()> {
+        self.flush_buf(w, Flush::All, uncached)?;
         let sealed_len = w.active.written;
         let next = w.max_pack + 1;
-        let new = create_pack(&self.packs_dir, next)?;
+        let new = create_pack(&self.packs_dir, next, w.active.take_buf())?;
         let old = std::mem::replace(&mut w.active, new);
         w.sealed.insert(old.no, (Arc::clone(&old.file), sealed_len));
         w.dir_dirty = true;
@@ -970,10 +957,10 @@ impl ChunkStore {
         self.check()?;
         let (snap, file, path, active_no, flushed, sealed, dir_dirty) = {
             let mut w = lock(&self.w);
-            if w.pending.is_empty() && w.sealed.is_empty() && w.active.buf.is_empty() {
+            if w.pending.is_empty() && w.sealed.is_empty() && w.active.written == w.active.end() {
                 return Ok(());
             }
-            self.flush_buf(&mut w)?;
+            self.flush_buf(&mut w, Flush::All, drop_cache)?;
             let snap: Vec<(ChunkId, Pending)> = w.pending.iter().map(|(k, v)| (*k, *v)).collect();
             w.pending_bytes = 0;
             let dir_dirty = std::mem::take(&mut w.dir_dirty);
@@ -1331,7 +1318,7 @@ impl ChunkStore {
                 if self.lookup(&w, &id)? != Some(loc) {
                     continue; // removed or moved meanwhile
                 }
-                let new = self.append(&mut w, &id, &data)?;
+                let new = self.append(&mut w, &id, &data, false)?;
                 self.set(&mut w, id, Some(new))?;
                 report.moved_chunks += 1;
                 report.moved_bytes += u64::from(loc.len);
@@ -1509,25 +1496,24 @@ impl std::fmt::Debug for ChunkStore {
     }
 }
 
-/// Create pack `no` with its header. Its directory entry is made durable
-/// by the next sync, before any index entry pointing into it.
-fn create_pack(packs_dir: &Path, no: u32) -> Result<Active> {
+/// `id`, if `data` hashes to it.
+fn check_id(id: &ChunkId, data: &[u8]) -> Result<ChunkId> {
+    let actual = ChunkId::of(data);
+    if actual != *id {
+        return Err(ChunkStoreError::HashMismatch {
+            expected: *id,
+            actual,
+        });
+    }
+    Ok(actual)
+}
+
+/// Create pack `no` with its header, reusing `buf`'s memory. Its directory
+/// entry is made durable by the next sync, before any index entry pointing
+/// into it.
+fn create_pack(packs_dir: &Path, no: u32, buf: PackBuf) -> Result<Active> {
     let path = packs_dir.join(pack::pack_file_name(no));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(io_err("create", &path))?;
-    file.write_all_at(&pack::pack_header(no), 0)
-        .map_err(io_err("write", &path))?;
-    Ok(Active {
-        no,
-        file: Arc::new(file),
-        path,
-        written: PACK_HEADER_LEN,
-        buf: Vec::with_capacity(WRITE_BUF),
-    })
+    Active::create(packs_dir, no, buf).map_err(io_err("create", &path))
 }
 
 /// Write `FORMAT` in a new store, or check it in an existing one.

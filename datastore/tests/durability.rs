@@ -65,6 +65,7 @@ fn child(dir: &Path, seed: u64) -> ! {
         let n = rng.gen_range(1..24);
         let mut chunks = Vec::with_capacity(n);
         let mut synced = Vec::new();
+        let uncached = i % 2 == 1;
         for _ in 0..n {
             let data = match rng.gen_range(0..10) {
                 0..=1 => None,
@@ -77,7 +78,13 @@ fn child(dir: &Path, seed: u64) -> ! {
             };
             chunks.push(data.map(|d| {
                 let id = ChunkId::of(&d);
-                store.chunks().insert_verified(&id, &d).unwrap();
+                // Half the generations arrive as a replica stores a push
+                // (direct writes), half through the page cache.
+                if uncached {
+                    store.chunks().insert_verified_uncached(&id, &d).unwrap();
+                } else {
+                    store.chunks().insert_verified(&id, &d).unwrap();
+                }
                 synced.push(id);
                 id
             }));
@@ -86,7 +93,11 @@ fn child(dir: &Path, seed: u64) -> ! {
         let mut junk = vec![0u8; 20_000];
         rng.fill_bytes(&mut junk);
         store.chunks().insert(&junk).unwrap();
-        store.chunks().sync().unwrap();
+        if uncached {
+            store.chunks().sync_uncached().unwrap();
+        } else {
+            store.chunks().sync().unwrap();
+        }
         for id in synced {
             log(format!("synced {id}"));
         }

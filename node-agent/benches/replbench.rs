@@ -347,7 +347,16 @@ impl Bench {
 
     /// CPU seconds used so far by both processes.
     fn cpu(&self) -> f64 {
-        cpu_secs(std::process::id()) + self.child.id().map_or(0.0, cpu_secs)
+        let (owner, replica) = self.cpu_sides();
+        owner + replica
+    }
+
+    /// CPU seconds so far of (this process, the replica process).
+    fn cpu_sides(&self) -> (f64, f64) {
+        (
+            cpu_secs(std::process::id()),
+            self.child.id().map_or(0.0, cpu_secs),
+        )
     }
 
     async fn import(&self, name: &str, src: &Path) -> anyhow::Result<Manifest> {
@@ -640,10 +649,14 @@ async fn figure1(b: &mut Bench, size: u64, rounds: usize) -> anyhow::Result<Row>
     let mut raw_rates = Vec::new();
     let (mut push_cpu, mut raw_cpu, mut sink_cpu, mut bytes) = (0f64, 0f64, 0f64, 0u64);
     let mut sink_rates = Vec::new();
+    let (mut push_sides, mut raw_sides) = ((0f64, 0f64), (0f64, 0f64));
     for r in 0..rounds {
-        let c0 = b.cpu();
+        let c0 = b.cpu_sides();
         let p = b.push_one(&format!("bulk-{r}")).await?;
-        push_cpu += b.cpu() - c0;
+        let c1 = b.cpu_sides();
+        push_cpu += (c1.0 - c0.0) + (c1.1 - c0.1);
+        push_sides.0 += c1.0 - c0.0;
+        push_sides.1 += c1.1 - c0.1;
         bytes += p.sent;
         let rate = mbps(p.sent, p.secs);
         println!(
@@ -655,9 +668,12 @@ async fn figure1(b: &mut Bench, size: u64, rounds: usize) -> anyhow::Result<Row>
             rate
         );
         push_rates.push(rate);
-        let c0 = b.cpu();
+        let c0 = b.cpu_sides();
         let secs = b.raw_quic(p.sent).await?;
-        raw_cpu += b.cpu() - c0;
+        let c1 = b.cpu_sides();
+        raw_cpu += (c1.0 - c0.0) + (c1.1 - c0.1);
+        raw_sides.0 += c1.0 - c0.0;
+        raw_sides.1 += c1.1 - c0.1;
         let raw = mbps(p.sent, secs);
         println!(
             "           raw quinn, same bytes: {:.2} s = {raw:.0} MB/s",
@@ -705,6 +721,13 @@ async fn figure1(b: &mut Bench, size: u64, rounds: usize) -> anyhow::Result<Row>
         sink_cpu / gb,
         raw_cpu / gb,
         raw_cpu / push_cpu
+    );
+    println!(
+        "  CPU per GB by side (sender / receiver): full path {:.2} / {:.2} s, raw quinn {:.2} / {:.2} s",
+        push_sides.0 / gb,
+        push_sides.1 / gb,
+        raw_sides.0 / gb,
+        raw_sides.1 / gb
     );
     println!(
         "  (diagnostic) median mesh-stream sink rate {:.0} MB/s = {:.2} of raw quinn",

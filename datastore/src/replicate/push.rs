@@ -25,9 +25,10 @@ use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::limiter::{Class, LinkLimiter};
+use super::recv::{BufferPool, DataBatch, DataReader, Received};
 use super::wire::{
     self, append_frame, begin_frame, end_frame, expect_frame, read_frame, write_frame, Committed,
-    Frame, FrameReader, Hello, Kind, NeedEnd, WireError, HEADER_LEN, MAX_FRAME, PROTO,
+    Frame, Hello, Kind, NeedEnd, WireError, HEADER_LEN, MAX_FRAME, PROTO,
 };
 use super::{
     blocking, delta, TransferCounters, BATCH_BYTES, PIPELINE_BATCHES, SYNC_EVERY, SYNC_EVERY_BYTES,
@@ -230,11 +231,21 @@ where
     // side: send them. Reads are not re-hashed: the replica verifies every
     // chunk, and a chunk it rejects is checked here (`check_rejected`).
     let (tx, mut rx) = mpsc::channel::<Result<Batch, PushError>>(PIPELINE_BATCHES);
+    // Sent batches' buffers go back to the disk side: the same few buffers
+    // carry the whole transfer (no allocation, page faults or regrowth per
+    // batch, and they stay warm in the CPU caches).
+    let (recycle, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIPELINE_BATCHES + 2);
     let producer = {
         let store = store.clone();
         let manifest_chunks = manifest.chunks.clone();
         tokio::task::spawn_blocking(move || {
-            let mut batch = Batch::default();
+            let fresh = || Batch {
+                bytes: recycled
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(BATCH_CAPACITY)),
+                ..Batch::default()
+            };
+            let mut batch = fresh();
             for i in missing {
                 let id = manifest_chunks[i].expect("filtered to present chunks");
                 // The base is what the replica holds at this index: a chunk,
@@ -249,7 +260,9 @@ where
                     }
                 }
                 if batch.bytes.len() >= BATCH_BYTES
-                    && tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err()
+                    && tx
+                        .blocking_send(Ok(std::mem::replace(&mut batch, fresh())))
+                        .is_err()
                 {
                     return;
                 }
@@ -282,6 +295,9 @@ where
             counters.bytes.fetch_add(len, Relaxed);
             counters.chunks.fetch_add(batch.chunks, Relaxed);
             counters.deltas.fetch_add(batch.deltas, Relaxed);
+            let mut buffer = batch.bytes;
+            buffer.clear();
+            let _ = recycle.try_send(buffer);
         }
         Ok(())
     }
@@ -371,6 +387,10 @@ struct Batch {
     /// Delta frames in it.
     deltas: u64,
 }
+
+/// Capacity of a batch buffer: a batch is sent once it holds
+/// [`BATCH_BYTES`], so it never holds more than that plus one frame.
+const BATCH_CAPACITY: usize = BATCH_BYTES + HEADER_LEN + 32 + crate::CHUNK_SIZE as usize;
 
 /// Tokens are taken from the link limiter in steps of at most this many
 /// bytes (a chunk frame), whatever the batch size: the limiter grants at
@@ -561,59 +581,40 @@ where
     stream.flush().await?;
 
     // Receive, verify and store, off the runtime, pipelined: frames go to
-    // the disk side in batches of up to BATCH_BYTES, or whatever has arrived
-    // when the stream has nothing more for now.
-    let (tx, mut rx) = mpsc::channel::<Vec<Frame>>(PIPELINE_BATCHES);
-    let st = store.clone();
-    let writer = tokio::task::spawn_blocking(move || store_frames(&st, wanted, &mut rx));
-    let mut bytes = 0u64;
+    // the disk side in the buffers they were read into, in batches of up to
+    // BATCH_BYTES, or whatever has arrived when the stream has nothing more
+    // for now; the disk side hands the buffers back for reuse.
+    let (tx, mut rx) = mpsc::channel::<DataBatch>(PIPELINE_BATCHES);
+    let pool = BufferPool::default();
+    let (st, disk_pool) = (store.clone(), pool.clone());
+    let writer =
+        tokio::task::spawn_blocking(move || store_frames(&st, wanted, &mut rx, &disk_pool));
+    let mut reader = DataReader::new(pool);
     let received: Result<(), PushError> = async {
-        use futures::FutureExt;
-        let mut reader = FrameReader::default();
-        let (mut batch, mut batch_bytes) = (Vec::new(), 0usize);
+        let mut counted = 0;
         loop {
-            let next = match reader.next(&mut stream).now_or_never() {
-                Some(next) => next,
-                None => {
-                    // Nothing more right now: hand over what arrived
-                    // before waiting (the reader keeps any partial frame).
-                    if !batch.is_empty() {
-                        batch_bytes = 0;
-                        if tx.send(std::mem::take(&mut batch)).await.is_err() {
-                            return Ok(()); // the writer stopped: its error explains why
-                        }
-                    }
-                    reader.next(&mut stream).await
-                }
+            let next = reader.next(&mut stream, BATCH_BYTES).await;
+            // Live byte counts (metrics, progress) as batches arrive.
+            counters
+                .bytes
+                .fetch_add(reader.wire_bytes - counted, Relaxed);
+            counted = reader.wire_bytes;
+            let (batch, done) = match next? {
+                Received::Batch(b) => (Some(b), false),
+                Received::Done(b) => (b, true),
             };
-            let f =
-                next?.ok_or_else(|| WireError::Protocol("sender vanished mid-transfer".into()))?;
-            match f.kind {
-                Kind::Done => {
-                    if !batch.is_empty() {
-                        let _ = tx.send(batch).await;
-                    }
-                    return Ok(());
+            if let Some(b) = batch {
+                if tx.send(b).await.is_err() {
+                    return Ok(()); // the writer stopped: its error explains why
                 }
-                Kind::Chunk | Kind::Delta => {
-                    bytes += f.wire_len() as u64;
-                    counters.bytes.fetch_add(f.wire_len() as u64, Relaxed);
-                    batch_bytes += f.payload.len();
-                    batch.push(f);
-                    if batch_bytes >= BATCH_BYTES {
-                        batch_bytes = 0;
-                        if tx.send(std::mem::take(&mut batch)).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                }
-                other => {
-                    return Err(WireError::Protocol(format!("unexpected {other:?} in data")).into())
-                }
+            }
+            if done {
+                return Ok(());
             }
         }
     }
     .await;
+    let bytes = reader.wire_bytes;
     drop(tx);
     let written = writer
         .await
@@ -666,10 +667,11 @@ type Rejection = (PushError, Option<ChunkId>);
 fn store_frames(
     st: &Arc<VolumeStore>,
     wanted: HashSet<ChunkId>,
-    rx: &mut mpsc::Receiver<Vec<Frame>>,
+    rx: &mut mpsc::Receiver<DataBatch>,
+    pool: &BufferPool,
 ) -> Result<(u64, u64), Rejection> {
     let mut syncer = BackgroundSync::start(st.clone()).map_err(|e| (e, None))?;
-    let stored = store_frames_with(st, wanted, rx, &mut syncer);
+    let stored = store_frames_with(st, wanted, rx, pool, &mut syncer);
     let synced = syncer.finish();
     let counts = match (stored, synced) {
         // A refused sync request is explained by the failed sync.
@@ -685,100 +687,92 @@ fn store_frames(
 fn store_frames_with(
     st: &VolumeStore,
     mut wanted: HashSet<ChunkId>,
-    rx: &mut mpsc::Receiver<Vec<Frame>>,
+    rx: &mut mpsc::Receiver<DataBatch>,
+    pool: &BufferPool,
     syncer: &mut BackgroundSync,
 ) -> Result<(u64, u64), Rejection> {
-    let bad = |e: PushError| (e, None);
-    let (mut chunks, mut deltas, mut since_sync) = (0u64, 0u64, 0u64);
-    let mut last_sync = std::time::Instant::now();
-    let frames = Frames {
-        rx,
-        batch: Vec::new().into_iter(),
-    };
-    for f in frames {
-        since_sync += f.payload.len() as u64;
-        let rebuilt;
-        let (id, data): (ChunkId, &[u8]) = match f.kind {
-            Kind::Chunk => {
-                if f.payload.len() < 32 {
-                    return Err(bad(PushError::BadData("chunk frame too short".into())));
-                }
-                chunks += 1;
-                (
-                    ChunkId(f.payload[..32].try_into().expect("32")),
-                    &f.payload[32..],
-                )
+    let mut counts = (0u64, 0u64);
+    let (mut since_sync, mut last_sync) = (0u64, std::time::Instant::now());
+    while let Some(batch) = rx.blocking_recv() {
+        for (kind, range) in &batch.frames {
+            let payload = &batch.buf[range.clone()];
+            since_sync += payload.len() as u64;
+            store_frame(st, &mut wanted, *kind, payload, &mut counts)?;
+            if since_sync >= SYNC_EVERY_BYTES || last_sync.elapsed() >= SYNC_EVERY {
+                syncer.request().map_err(|e| (e, None))?;
+                since_sync = 0;
+                last_sync = std::time::Instant::now();
             }
-            Kind::Delta => {
-                let h = delta::header(&f.payload).map_err(|e| bad(PushError::BadData(e)))?;
-                let base = if h.base_id == delta::ZERO_BASE {
-                    if h.len > crate::CHUNK_SIZE as usize {
-                        return Err(bad(PushError::BadData(format!(
-                            "delta for a {}-byte chunk",
-                            h.len
-                        ))));
-                    }
-                    vec![0u8; h.len]
-                } else {
-                    st.chunks()
-                        .read(&ChunkId(h.base_id))
-                        .map_err(|e| bad(store_err(e)))?
-                        .ok_or_else(|| {
-                            bad(PushError::BadData(
-                                "delta against a chunk we do not hold".into(),
-                            ))
-                        })?
-                };
-                deltas += 1;
-                rebuilt =
-                    delta::apply(&base, &f.payload).map_err(|e| bad(PushError::BadData(e)))?;
-                (ChunkId(h.new_id), rebuilt.as_slice())
-            }
-            other => {
-                return Err(bad(WireError::Protocol(format!(
-                    "unexpected {other:?} in data"
-                ))
-                .into()))
-            }
-        };
-        if !wanted.remove(&id) {
-            return Err(bad(PushError::BadData(format!("unsolicited chunk {id}"))));
         }
-        match st.chunks().insert_verified(&id, data) {
-            Ok(_) => {}
-            Err(e @ ChunkStoreError::HashMismatch { .. }) => {
-                return Err((PushError::BadData(format!("chunk {id}: {e}")), Some(id)))
-            }
-            Err(e @ (ChunkStoreError::ZeroChunk | ChunkStoreError::TooLarge { .. })) => {
-                return Err(bad(PushError::BadData(format!("chunk {id}: {e}"))))
-            }
-            Err(e) => return Err(bad(store_err(e))),
-        }
-        if since_sync >= SYNC_EVERY_BYTES || last_sync.elapsed() >= SYNC_EVERY {
-            syncer.request().map_err(bad)?;
-            since_sync = 0;
-            last_sync = std::time::Instant::now();
-        }
+        pool.put(batch.buf);
     }
-    Ok((chunks, deltas))
+    Ok(counts)
 }
 
-/// The frames of the batches arriving from the network side, one by one.
-struct Frames<'a> {
-    rx: &'a mut mpsc::Receiver<Vec<Frame>>,
-    batch: std::vec::IntoIter<Frame>,
-}
-
-impl Iterator for Frames<'_> {
-    type Item = Frame;
-
-    fn next(&mut self) -> Option<Frame> {
-        loop {
-            if let Some(f) = self.batch.next() {
-                return Some(f);
+/// Verify and store one data frame; counts `(chunks, deltas)`.
+fn store_frame(
+    st: &VolumeStore,
+    wanted: &mut HashSet<ChunkId>,
+    kind: Kind,
+    payload: &[u8],
+    (chunks, deltas): &mut (u64, u64),
+) -> Result<(), Rejection> {
+    let bad = |e: PushError| (e, None);
+    let rebuilt;
+    let (id, data): (ChunkId, &[u8]) = match kind {
+        Kind::Chunk => {
+            if payload.len() < 32 {
+                return Err(bad(PushError::BadData("chunk frame too short".into())));
             }
-            self.batch = self.rx.blocking_recv()?.into_iter();
+            *chunks += 1;
+            (
+                ChunkId(payload[..32].try_into().expect("32")),
+                &payload[32..],
+            )
         }
+        Kind::Delta => {
+            let h = delta::header(payload).map_err(|e| bad(PushError::BadData(e)))?;
+            let base = if h.base_id == delta::ZERO_BASE {
+                if h.len > crate::CHUNK_SIZE as usize {
+                    return Err(bad(PushError::BadData(format!(
+                        "delta for a {}-byte chunk",
+                        h.len
+                    ))));
+                }
+                vec![0u8; h.len]
+            } else {
+                st.chunks()
+                    .read(&ChunkId(h.base_id))
+                    .map_err(|e| bad(store_err(e)))?
+                    .ok_or_else(|| {
+                        bad(PushError::BadData(
+                            "delta against a chunk we do not hold".into(),
+                        ))
+                    })?
+            };
+            *deltas += 1;
+            rebuilt = delta::apply(&base, payload).map_err(|e| bad(PushError::BadData(e)))?;
+            (ChunkId(h.new_id), rebuilt.as_slice())
+        }
+        other => {
+            return Err(bad(WireError::Protocol(format!(
+                "unexpected {other:?} in data"
+            ))
+            .into()))
+        }
+    };
+    if !wanted.remove(&id) {
+        return Err(bad(PushError::BadData(format!("unsolicited chunk {id}"))));
+    }
+    match st.chunks().insert_verified_uncached(&id, data) {
+        Ok(_) => Ok(()),
+        Err(e @ ChunkStoreError::HashMismatch { .. }) => {
+            Err((PushError::BadData(format!("chunk {id}: {e}")), Some(id)))
+        }
+        Err(e @ (ChunkStoreError::ZeroChunk | ChunkStoreError::TooLarge { .. })) => {
+            Err(bad(PushError::BadData(format!("chunk {id}: {e}"))))
+        }
+        Err(e) => Err(bad(store_err(e))),
     }
 }
 

@@ -44,7 +44,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn from_u8(b: u8) -> Option<Kind> {
+    pub(crate) fn from_u8(b: u8) -> Option<Kind> {
         use Kind::*;
         Some(match b {
             1 => Hello,
@@ -301,16 +301,21 @@ impl FrameReader {
         (self.got, self.filled) = (0, 0);
         let frame = Frame { kind, payload };
         if kind == Kind::Abort {
-            let a: Abort = frame.parse()?;
-            return Err(match a.bad_chunk {
-                Some(chunk) => WireError::RejectedChunk {
-                    chunk,
-                    reason: a.reason,
-                },
-                None => WireError::Aborted(a.reason),
-            });
+            return Err(abort_error(&frame.payload));
         }
         Ok(Some(frame))
+    }
+}
+
+/// The error an `Abort` frame with this payload stands for.
+pub(crate) fn abort_error(payload: &[u8]) -> WireError {
+    match serde_json::from_slice::<Abort>(payload) {
+        Ok(Abort {
+            reason,
+            bad_chunk: Some(chunk),
+        }) => WireError::RejectedChunk { chunk, reason },
+        Ok(Abort { reason, .. }) => WireError::Aborted(reason),
+        Err(e) => WireError::Protocol(format!("bad Abort frame: {e}")),
     }
 }
 
@@ -356,7 +361,7 @@ pub async fn abort_with<W: AsyncWrite + Unpin>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use futures::io::Cursor;
     use proptest::prelude::*;
@@ -467,12 +472,23 @@ mod tests {
     }
 
     /// A reader that hands out at most `step` bytes per call and is not
-    /// ready every other call.
-    struct Trickle {
+    /// ready every other call (it wakes itself, so awaiting it works).
+    pub(crate) struct Trickle {
         data: Vec<u8>,
         pos: usize,
         step: usize,
         ready: bool,
+    }
+
+    impl Trickle {
+        pub(crate) fn new(data: Vec<u8>, step: usize) -> Self {
+            Self {
+                data,
+                pos: 0,
+                step,
+                ready: false,
+            }
+        }
     }
 
     impl AsyncRead for Trickle {
@@ -500,12 +516,7 @@ mod tests {
         for i in 0..20u8 {
             append_frame(&mut wire, Kind::Chunk, &vec![i; 1000 + usize::from(i)]).unwrap();
         }
-        let mut r = Trickle {
-            data: wire,
-            pos: 0,
-            step: 3,
-            ready: false,
-        };
+        let mut r = Trickle::new(wire, 3);
         let mut reader = FrameReader::default();
         let mut frames = Vec::new();
         let mut polls = 0;
