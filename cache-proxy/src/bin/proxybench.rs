@@ -50,6 +50,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
+/// The issue's latency target at half of nginx's peak.
+const TARGET_P99_US: u64 = 2_000;
+
 struct Args {
     tiles: u32,
     secs: u64,
@@ -61,6 +64,10 @@ struct Args {
     /// on a machine whose background load moves the peaks).
     rate: Option<f64>,
 }
+
+const USAGE: &str = "usage: proxybench [--tiles 1000] [--secs 10] [--conns 32] [--core 0] [--rounds 3]\n                  [--pacing thread|tokio] [--rate REQ_PER_SEC]\n\
+Cache-hit requests/s and p99 of Fieldrack's tile server against nginx proxy_cache and a bare\n\
+hyper server, each pinned to --core; p99 at a constant half of nginx's peak over --rounds rounds.";
 
 fn parse_args() -> Args {
     let mut a = Args {
@@ -90,7 +97,14 @@ fn parse_args() -> Args {
                     _ => panic!("--pacing thread|tokio"),
                 }
             }
-            other => panic!("unknown argument {other}"),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => {
+                eprintln!("unknown argument {other}\n{USAGE}");
+                std::process::exit(2);
+            }
         }
         i += 2;
     }
@@ -825,11 +839,39 @@ async fn bench(args: Args, load_cores: String) {
         );
     }
     println!("(pacer-late, start-delay: p99 of the client's own delays, see the module doc)");
+    for (name, _) in &servers {
+        let mut p99s: Vec<u64> = at_half
+            .iter()
+            .filter(|(_, n, _)| *n == name)
+            .map(|(_, _, h)| h.p99_us)
+            .collect();
+        p99s.sort_unstable();
+        if let Some(median) = p99s.get(p99s.len() / 2) {
+            let verdict = if name == "fieldrack" {
+                if *median <= TARGET_P99_US {
+                    "  target <= 2 ms: PASS"
+                } else {
+                    "  target <= 2 ms: FAIL"
+                }
+            } else {
+                ""
+            };
+            println!(
+                "median p99 over {} rounds at {half:.0} req/s: {name} {:.2} ms{verdict}",
+                p99s.len(),
+                *median as f64 / 1000.0
+            );
+        }
+    }
     if let (Some(f), Some(n)) = (
         peaks.iter().find(|p| p.0 == "fieldrack"),
         peaks.iter().find(|p| p.0 == "nginx"),
     ) {
-        println!("ratio fieldrack/nginx (peak req/s): {:.2}", f.1 / n.1);
+        let ratio = f.1 / n.1;
+        println!(
+            "ratio fieldrack/nginx (peak req/s): {ratio:.2}  target >= 1.0: {}",
+            if ratio >= 1.0 { "PASS" } else { "FAIL" }
+        );
     }
     println!("load average before: {load_before}; after: {}", loadavg());
     for mut c in children {
