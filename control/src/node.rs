@@ -46,6 +46,10 @@ pub struct ControlSettings {
     pub settle: Duration,
     /// How often the leader re-plans.
     pub plan_every: Duration,
+    /// The leader takes a voter dead this long out of the cluster (added
+    /// back by growth when it returns); `None`: never. Revoked racks go at
+    /// once.
+    pub remove_dead_after: Option<Duration>,
 }
 
 impl ControlSettings {
@@ -60,6 +64,7 @@ impl ControlSettings {
             election_timeout: Duration::from_millis(1500),
             settle: Duration::from_secs(2),
             plan_every: Duration::from_millis(500),
+            remove_dead_after: Some(Duration::from_secs(600)),
         }
     }
 }
@@ -119,6 +124,8 @@ pub struct Control {
     applies: Applies,
     started: Instant,
     down_since: Mutex<HashMap<String, u64>>,
+    /// Since when the leader has seen each voter dead.
+    voter_dead_since: Mutex<HashMap<NodeId, Instant>>,
     elect_enabled: std::sync::atomic::AtomicBool,
     last_append: Mutex<Instant>,
 }
@@ -174,6 +181,7 @@ impl Control {
             applies,
             started: now,
             down_since: Mutex::default(),
+            voter_dead_since: Mutex::default(),
             elect_enabled: std::sync::atomic::AtomicBool::new(true),
             last_append: Mutex::new(now),
         });
@@ -422,6 +430,7 @@ impl Control {
             }
             if self.is_leader() {
                 self.grow().await;
+                self.shrink().await;
             }
         }
     }
@@ -570,6 +579,125 @@ impl Control {
                 Err(_) => tracing::warn!(%rack, "promoting to voter timed out"),
             }
             return; // one membership change at a time
+        }
+    }
+
+    /// On the leader: take out of the cluster a rack whose certificate was
+    /// revoked (and forget its report), or a voter dead for
+    /// `remove_dead_after` (growth adds it back if it returns). Never
+    /// itself; one change at a time.
+    async fn shrink(&self) {
+        let nodes: Vec<(NodeId, RackNode, bool)> = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let mem = m.membership_config.membership();
+            let voters: BTreeSet<NodeId> = mem.voter_ids().collect();
+            mem.nodes()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(id, n)| (*id, n.clone(), voters.contains(id)))
+                .collect()
+        };
+        let Ok(status) = self.mesh.status().await else {
+            return;
+        };
+        let revoked: BTreeSet<String> = status
+            .revoked_peers
+            .iter()
+            .map(|(p, _)| p.to_base58())
+            .collect();
+        // A revoked rack's report goes too, member or not (it may have been
+        // taken out for being dead before it was revoked).
+        // Not if a rack of that name is admitted again (a replacement given
+        // a new certificate under the old name).
+        let state = self.applies.state.borrow().clone();
+        let admitted: BTreeSet<String> = self.mesh.admitted().into_iter().map(|(_, r)| r).collect();
+        for (peer, rack) in &status.revoked_peers {
+            let member = nodes.iter().any(|(_, n, _)| n.peer_id == peer.to_base58());
+            let reused = *rack == self.settings.rack || admitted.contains(rack);
+            if !member && !reused && state.racks.contains_key(rack) {
+                let cmd = Command::ForgetRack { rack: rack.clone() };
+                match self.raft.client_write(cmd).await {
+                    Ok(_) => tracing::warn!(%rack, "forgot a revoked rack"),
+                    Err(e) => tracing::warn!(%rack, error = %e, "forgetting a revoked rack"),
+                }
+                return;
+            }
+        }
+        let alive: BTreeSet<String> = status
+            .peers
+            .iter()
+            .filter(|p| p.state != State::Dead)
+            .map(|p| p.peer_id.to_base58())
+            .collect();
+        let now = Instant::now();
+        let mut gone = None;
+        {
+            let mut dead = self.voter_dead_since.lock().expect("voter_dead_since lock");
+            dead.retain(|id, _| nodes.iter().any(|(n, _, _)| n == id));
+            for (id, node, voter) in &nodes {
+                if revoked.contains(&node.peer_id) {
+                    gone = Some((
+                        *id,
+                        node.clone(),
+                        *voter,
+                        true,
+                        "its certificate was revoked".to_owned(),
+                    ));
+                    break;
+                }
+                if !voter || alive.contains(&node.peer_id) {
+                    dead.remove(id);
+                    continue;
+                }
+                let since = *dead.entry(*id).or_insert(now);
+                if let Some(limit) = self.settings.remove_dead_after {
+                    if now.duration_since(since) >= limit {
+                        gone = Some((
+                            *id,
+                            node.clone(),
+                            true,
+                            false,
+                            format!("dead for {limit:?}"),
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+        let Some((id, node, voter, forget, why)) = gone else {
+            return;
+        };
+        let mut changes = vec![ChangeMembers::RemoveNodes(BTreeSet::from([id]))];
+        if voter {
+            changes.insert(0, ChangeMembers::RemoveVoters(BTreeSet::from([id])));
+        }
+        for change in changes {
+            let change = self.raft.change_membership(change, false);
+            match tokio::time::timeout(Duration::from_secs(10), change).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(rack = %node.rack, error = %e, "removing from the control plane");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(rack = %node.rack, "removing from the control plane timed out");
+                    return;
+                }
+            }
+        }
+        tracing::warn!(rack = %node.rack, %why, "removed from the control plane");
+        self.voter_dead_since
+            .lock()
+            .expect("voter_dead_since lock")
+            .remove(&id);
+        let reused = self.mesh.admitted().iter().any(|(_, r)| *r == node.rack);
+        if forget && !reused {
+            let cmd = Command::ForgetRack {
+                rack: node.rack.clone(),
+            };
+            if let Err(e) = self.raft.client_write(cmd).await {
+                tracing::warn!(rack = %node.rack, error = %e, "forgetting a revoked rack");
+            }
         }
     }
 

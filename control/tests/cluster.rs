@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use control::{Command, Control, ControlSettings, FieldState, RackReport, Response};
 use deploy::appliance::parse_manifest;
-use deploy::cert::{CertBody, CERT_VERSION};
+use deploy::cert::{CertBody, RevocationBody, CERT_VERSION};
 use deploy::power::PowerStatus;
 use deploy::{Certificate, FleetKey, Role};
 use libp2p::identity::Keypair;
@@ -85,6 +85,8 @@ async fn addr_of(h: &MeshHandle) -> Multiaddr {
 
 struct Rack {
     name: &'static str,
+    peer: PeerId,
+    mesh: MeshHandle,
     mesh_cancel: CancellationToken,
     control_cancel: CancellationToken,
     control: Arc<Control>,
@@ -164,12 +166,15 @@ async fn three_racks_elect_place_and_survive_the_leader() {
         settings.election_timeout = Duration::from_millis(600);
         settings.settle = Duration::from_millis(1000);
         settings.plan_every = Duration::from_millis(200);
+        settings.remove_dead_after = Some(Duration::from_secs(2));
         let control_cancel = CancellationToken::new();
-        let control = Control::start(settings, mesh, peer, control_cancel.clone())
+        let control = Control::start(settings, mesh.clone(), peer, control_cancel.clone())
             .await
             .unwrap();
         racks.push(Rack {
             name,
+            peer,
+            mesh,
             mesh_cancel,
             control_cancel,
             control,
@@ -299,6 +304,60 @@ async fn three_racks_elect_place_and_survive_the_leader() {
             racks
                 .iter()
                 .all(|r| state_of(r).apps.get("web").is_some_and(|a| !a.running))
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Dead for longer than remove_dead_after: the old leader leaves the
+    // voters (its report stays: it is dead, not revoked).
+    until(
+        Duration::from_secs(20),
+        "the dead rack taken out of the voters",
+        async || {
+            racks
+                .iter()
+                .all(|r| {
+                    let v = r.control.status().voters;
+                    v.len() == 2 && !v.contains(&leader)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(racks
+        .iter()
+        .all(|r| state_of(r).racks.contains_key(&leader)));
+    let r = follower
+        .control
+        .propose(
+            Command::SetRunning {
+                name: "web".into(),
+                running: true,
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, Response::Ok, "two voters of two still commit");
+
+    // Revoked: its report is forgotten too.
+    let revocation = fleet.revoke(&RevocationBody {
+        version: CERT_VERSION,
+        fleet: "test".into(),
+        rack: leader.clone(),
+        peer_id: dead.peer.to_base58(),
+        revoked_at: now_s(),
+        reason: "test".into(),
+    });
+    racks[0].mesh.revoke(revocation).await.unwrap();
+    until(
+        Duration::from_secs(10),
+        "the revoked rack forgotten on both survivors",
+        async || {
+            racks
+                .iter()
+                .all(|r| !state_of(r).racks.contains_key(&leader))
                 .then_some(())
         },
     )

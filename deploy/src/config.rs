@@ -267,6 +267,11 @@ pub struct ControlConfig {
     pub election_timeout_ms: u64,
     /// Wait this long after start before forming a new cluster.
     pub settle_ms: u64,
+    /// The leader takes a rack that has been dead this long out of the
+    /// control plane's voters, so that a field which lost racks for good
+    /// keeps a majority for the next loss (the rack is added back when it
+    /// returns). 0: never. Revoked racks are taken out at once.
+    pub remove_dead_voter_after_s: u64,
 }
 
 impl Default for ControlConfig {
@@ -279,6 +284,7 @@ impl Default for ControlConfig {
             heartbeat_ms: 250,
             election_timeout_ms: 1_500,
             settle_ms: 2_000,
+            remove_dead_voter_after_s: 600,
         }
     }
 }

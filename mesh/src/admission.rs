@@ -7,7 +7,7 @@
 //! nothing but its own certificate and accepts nothing but its certificate;
 //! if none arrives within the admission timeout the peer is disconnected.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use deploy::cert::{CertBody, CertError};
@@ -56,7 +56,8 @@ pub struct Admission {
     /// Admitted peers and what their certificate says.
     admitted: HashMap<PeerId, CertBody>,
     /// Revoked PeerIds.
-    revoked: HashSet<PeerId>,
+    /// Revoked PeerIds, with the rack names their revocations give.
+    revoked: HashMap<PeerId, String>,
     /// The signed revocations, to pass on.
     revocations: Vec<Revocation>,
 }
@@ -70,7 +71,7 @@ impl Admission {
             timeout,
             pending: HashMap::new(),
             admitted: HashMap::new(),
-            revoked: HashSet::new(),
+            revoked: HashMap::new(),
             revocations: Vec::new(),
         }
     }
@@ -78,7 +79,7 @@ impl Admission {
     /// A connection to `peer` was established. Returns false if the peer is
     /// revoked or too many peers are pending (disconnect it now).
     pub fn connected(&mut self, peer: PeerId, now: Instant) -> bool {
-        if self.revoked.contains(&peer) {
+        if self.revoked.contains_key(&peer) {
             return false;
         }
         if self.admitted.contains_key(&peer) || self.pending.contains_key(&peer) {
@@ -109,7 +110,7 @@ impl Admission {
         cert: &Certificate,
         unix_now: u64,
     ) -> Result<(CertBody, bool), AdmitError> {
-        if self.revoked.contains(&peer) {
+        if self.revoked.contains_key(&peer) {
             return Err(AdmitError::Revoked(peer));
         }
         let body = cert.verify(&self.fleet_key, &self.fleet_name, &peer, unix_now)?;
@@ -157,13 +158,13 @@ impl Admission {
             .peer_id
             .parse()
             .expect("verified by Revocation::verify");
-        if self.revoked.contains(&peer) {
+        if self.revoked.contains_key(&peer) {
             return Ok(RevokeOutcome::Known);
         }
         if self.revoked.len() >= MAX_REVOKED {
             return Err(CertError::Malformed("revocation list full".into()));
         }
-        self.revoked.insert(peer);
+        self.revoked.insert(peer, body.rack.clone());
         self.revocations.push(rev.clone());
         self.pending.remove(&peer);
         self.admitted.remove(&peer);
@@ -172,7 +173,12 @@ impl Admission {
 
     /// Is `peer` revoked?
     pub fn is_revoked(&self, peer: &PeerId) -> bool {
-        self.revoked.contains(peer)
+        self.revoked.contains_key(peer)
+    }
+
+    /// Every revoked peer, with its rack's name.
+    pub fn revoked_peers(&self) -> impl Iterator<Item = (&PeerId, &String)> {
+        self.revoked.iter()
     }
 
     /// Every revocation known, to pass on to newly admitted peers.

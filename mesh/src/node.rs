@@ -158,6 +158,9 @@ pub struct MeshStatus {
     pub peers: Vec<PeerStatus>,
     /// Revocations we know of.
     pub revocations: Vec<Revocation>,
+    /// The peers they revoke, with their racks' names (each revocation
+    /// verified when it arrived).
+    pub revoked_peers: Vec<(PeerId, String)>,
 }
 
 /// Counters for `/metrics`. Atomics so the API reads them without a round
@@ -1221,6 +1224,11 @@ impl Actor {
             listen_addrs: self.listen_addrs.clone(),
             peers,
             revocations: self.admission.revocations().to_vec(),
+            revoked_peers: self
+                .admission
+                .revoked_peers()
+                .map(|(p, r)| (*p, r.clone()))
+                .collect(),
         }
     }
 }

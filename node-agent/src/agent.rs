@@ -358,6 +358,8 @@ pub async fn run(
         heartbeat: Duration::from_millis(c.heartbeat_ms),
         election_timeout: Duration::from_millis(c.election_timeout_ms),
         settle: Duration::from_millis(c.settle_ms),
+        remove_dead_after: (c.remove_dead_voter_after_s > 0)
+            .then(|| Duration::from_secs(c.remove_dead_voter_after_s)),
         ..control::ControlSettings::new(config.data_dir.join("control"), &config.rack)
     };
     let control_cancel = CancellationToken::new();
