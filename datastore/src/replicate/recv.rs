@@ -20,6 +20,16 @@ use super::wire::{abort_error, Kind, WireError, HEADER_LEN, MAX_FRAME};
 /// Size of a receive buffer.
 pub(crate) const RECV_BUFFER: usize = 1 << 20;
 
+/// A partial batch is handed over when the stream pauses only once it
+/// holds this much: on a fast link the stream pauses between almost every
+/// pair of chunks, and handing over each one woke the disk side 10,000
+/// times a second (measured: 5,000 batches of ~100 KB per 512 MiB).
+const MIN_PARTIAL: usize = 256 << 10;
+
+/// ... or once nothing more arrived for this long (a slow or stalled
+/// link: what arrived still reaches the disk and its next sync soon).
+const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Buffers kept for reuse: the batches in flight to the disk side, the one
 /// being filled and one spare.
 const POOL_BUFFERS: usize = super::PIPELINE_BATCHES + 2;
@@ -102,8 +112,9 @@ impl DataReader {
         }
     }
 
-    /// The next batch of data frames: as many as arrived without waiting
-    /// (up to about `batch_bytes`), or, if none had, the first that arrive.
+    /// The next batch of data frames: about `batch_bytes` of them, or fewer
+    /// when the stream has nothing more right now and either at least
+    /// [`MIN_PARTIAL`] arrived or nothing more came for [`LINGER`].
     ///
     /// # Errors
     /// The stream failed or ended before `Done`, a frame is malformed or
@@ -165,12 +176,21 @@ impl DataReader {
             }
             let read = match r.read(&mut self.buf[self.filled..]).now_or_never() {
                 Some(read) => read,
+                None if self.frames.is_empty() => r.read(&mut self.buf[self.filled..]).await,
+                None if self.batch_bytes >= MIN_PARTIAL => {
+                    // Nothing more right now: hand over what arrived.
+                    return Ok(Received::Batch(self.take_batch(need).expect("frames")));
+                }
                 None => {
-                    // Nothing more right now: hand over what arrived first.
-                    if let Some(b) = self.take_batch(need) {
-                        return Ok(Received::Batch(b));
+                    // A little arrived: wait a moment for more rather than
+                    // wake the disk side for every chunk.
+                    let more = r.read(&mut self.buf[self.filled..]);
+                    match tokio::time::timeout(LINGER, more).await {
+                        Ok(read) => read,
+                        Err(_) => {
+                            return Ok(Received::Batch(self.take_batch(need).expect("frames")))
+                        }
                     }
-                    r.read(&mut self.buf[self.filled..]).await
                 }
             };
             match read? {
@@ -271,6 +291,38 @@ mod tests {
             let got = read_all(stream(&payloads, true), step).await.expect("read");
             assert_eq!(got, payloads, "step {step}");
         }
+    }
+
+    /// Hands out its bytes, then never anything more (a stalled link).
+    struct Stalls(Vec<u8>);
+
+    impl AsyncRead for Stalls {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if self.0.is_empty() {
+                return std::task::Poll::Pending;
+            }
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0.drain(..n);
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_small_batch_is_handed_over_when_the_link_stalls() {
+        let mut reader = DataReader::new(BufferPool::default());
+        let mut r = Stalls(stream(&[vec![3u8; 100], vec![4u8; 200]], false));
+        let t = std::time::Instant::now();
+        let Received::Batch(b) = reader.next(&mut r, 1 << 20).await.expect("batch") else {
+            panic!("not done yet");
+        };
+        assert_eq!(b.frames.len(), 2);
+        assert_eq!(&b.buf[b.frames[1].1.clone()], &[4u8; 200][..]);
+        assert!(t.elapsed() >= LINGER, "waited for more first");
     }
 
     #[tokio::test]
