@@ -168,6 +168,28 @@ pub enum Command {
         /// The rack.
         rack: String,
     },
+    /// Appliances a rack brought from a cluster it left (two clusters that
+    /// formed apart met): added unless the field has one of the same name,
+    /// keeping their epochs so that fencing tokens never go back.
+    Adopt {
+        /// The appliances.
+        apps: Vec<Carried>,
+    },
+}
+
+/// An appliance carried from a cluster that merged into this one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Carried {
+    /// Its definition.
+    pub spec: ApplianceSpec,
+    /// Its last epoch there.
+    pub epoch: u64,
+    /// Whether the operator wanted it running.
+    pub running: bool,
+    /// The rack that held it there: it keeps it if it is up (it stopped
+    /// its copy when it left, and starts it again under its lease here);
+    /// otherwise placement moves it, behind the usual start gates.
+    pub owner: Option<String>,
 }
 
 /// What applying a command says back to its proposer.
@@ -268,7 +290,27 @@ impl FieldState {
                 self.racks.remove(rack);
                 Response::Ok
             }
+            Command::Adopt { apps } => self.adopt(apps),
         }
+    }
+
+    fn adopt(&mut self, apps: &[Carried]) -> Response {
+        let new: Vec<&Carried> = apps
+            .iter()
+            .filter(|c| !self.apps.contains_key(&c.spec.name))
+            .collect();
+        let specs: Vec<ApplianceSpec> = new.iter().map(|c| c.spec.clone()).collect();
+        let r = self.deploy(&specs);
+        if r == Response::Ok {
+            for c in new {
+                if let Some(a) = self.apps.get_mut(&c.spec.name) {
+                    a.epoch = c.epoch;
+                    a.running = c.running;
+                    a.owner = c.owner.clone();
+                }
+            }
+        }
+        r
     }
 
     fn deploy(&mut self, specs: &[ApplianceSpec]) -> Response {

@@ -166,6 +166,19 @@ impl LeaseWatch {
         self.gates.insert(app.to_owned(), (epoch, gate));
     }
 
+    /// An appliance carried over from a cluster that merged into this one
+    /// was adopted at `now`. Its owner there stopped it before leaving, but
+    /// this cluster never saw that owner's lease: no rack starts it before
+    /// a whole lease (and the drift margin) from now.
+    pub fn adopted(&mut self, app: &str, epoch: u64, now: Instant) {
+        let gate = now + self.cfg.lease + self.cfg.drift_margin;
+        let gate = match self.gates.get(app) {
+            Some((_, g)) => gate.max(*g),
+            None => gate,
+        };
+        self.gates.insert(app.to_owned(), (epoch, gate));
+    }
+
     /// A snapshot replaced the state at `now`: renewals before it are unknown.
     pub fn snapshot_installed(&mut self, now: Instant) {
         self.horizon = now;
@@ -247,6 +260,20 @@ mod tests {
         );
         // Any other epoch is unknown: counts from the horizon.
         assert_eq!(w.gate("app", 3), t0 + c.lease + c.drift_margin);
+    }
+
+    #[test]
+    fn an_adopted_appliance_waits_a_full_lease_wherever_it_goes_next() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let mut w = LeaseWatch::new(c, t0);
+        let adopted_at = t0 + Duration::from_secs(100);
+        w.adopted("app", 7, adopted_at);
+        let gate = adopted_at + c.lease + c.drift_margin;
+        assert_eq!(w.gate("app", 7), gate, "its old owner keeps it: waits");
+        // Placed elsewhere (its old owner, unknown here, is not renewing).
+        w.assignment_applied("app", 8, Some("old"));
+        assert_eq!(w.gate("app", 8), gate, "never earlier");
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub enum Reply {
         initialized: bool,
         /// The leader it knows of.
         leader: Option<NodeId>,
+        /// The voters of its cluster (empty when it is in none).
+        #[serde(default)]
+        voters: Vec<NodeId>,
     },
     /// The call could not be served (relay target unreachable...).
     Error(String),

@@ -20,7 +20,7 @@ use openraft::{ChangeMembers, Config, Raft, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::field::{Command, FieldState, Response};
+use crate::field::{Carried, Command, FieldState, Response};
 use crate::lease::{LeaseConfig, LeaseWatch};
 use crate::net::{
     read_frame, write_frame, Net, NetworkFactory, ProposeReply, Reply, Request, RAFT_PROTOCOL,
@@ -116,7 +116,22 @@ fn unix_ms() -> u64 {
 
 /// The running control plane of one rack.
 pub struct Control {
-    raft: Raft<TypeConfig>,
+    /// The Raft node; replaced when this rack leaves its cluster to join
+    /// another (see [`Control::leave`]).
+    raft: std::sync::RwLock<Raft<TypeConfig>>,
+    db: sled::Db,
+    config: Arc<Config>,
+    /// Where the state machine publishes the applied state (kept across a
+    /// reset, so watchers keep watching).
+    state_tx: watch::Sender<Arc<FieldState>>,
+    /// Appliances this rack brought from a cluster it left, to deploy in the
+    /// one it joined.
+    carried: Mutex<Vec<Carried>>,
+    /// Consecutive checks that saw a larger (winning) cluster.
+    foreign_seen: Mutex<u32>,
+    /// The voters of the cluster this rack left, refused until it is in
+    /// the new one (its old leader would pull it back otherwise).
+    left: Mutex<BTreeSet<NodeId>>,
     id: NodeId,
     settings: ControlSettings,
     net: Arc<Net>,
@@ -146,8 +161,10 @@ impl Control {
         let db = open_db(&settings.dir).map_err(|e| ControlError::Store(e.to_string()))?;
         let log = LogStore::new(&db).map_err(|e| ControlError::Store(e.to_string()))?;
         let now = Instant::now();
-        let (sm, applies) = StateMachine::open(&db, LeaseWatch::new(settings.lease, now))
-            .map_err(ControlError::Store)?;
+        let (state_tx, _) = watch::channel(Arc::new(FieldState::default()));
+        let leases = Arc::new(Mutex::new(LeaseWatch::new(settings.lease, now)));
+        let (sm, applies) =
+            StateMachine::open(&db, leases, state_tx.clone()).map_err(ControlError::Store)?;
         let et = settings.election_timeout.as_millis() as u64;
         let config = Config {
             cluster_name: "fieldrack".into(),
@@ -161,11 +178,12 @@ impl Control {
         }
         .validate()
         .map_err(|e| ControlError::Raft(e.to_string()))?;
+        let config = Arc::new(config);
         let net = Arc::new(Net::new(mesh.clone()));
         let id = node_id(&local_peer);
         let raft = Raft::new(
             id,
-            Arc::new(config),
+            config.clone(),
             NetworkFactory { net: net.clone() },
             log,
             sm,
@@ -173,7 +191,13 @@ impl Control {
         .await
         .map_err(|e| ControlError::Raft(e.to_string()))?;
         let me = Arc::new(Self {
-            raft,
+            raft: std::sync::RwLock::new(raft),
+            db,
+            config,
+            state_tx,
+            carried: Mutex::default(),
+            foreign_seen: Mutex::new(0),
+            left: Mutex::default(),
             id,
             settings,
             net,
@@ -195,9 +219,14 @@ impl Control {
         Ok(me)
     }
 
+    /// The current Raft node.
+    fn raft(&self) -> Raft<TypeConfig> {
+        self.raft.read().expect("raft lock").clone()
+    }
+
     /// Stop Raft.
     pub async fn shutdown(&self) {
-        if let Err(e) = self.raft.shutdown().await {
+        if let Err(e) = self.raft().shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
     }
@@ -229,7 +258,7 @@ impl Control {
     /// Whether this rack leads right now.
     #[must_use]
     pub fn is_leader(&self) -> bool {
-        let m = self.raft.metrics();
+        let m = self.raft().metrics();
         let m = m.borrow();
         m.state == ServerState::Leader && m.current_leader == Some(self.id)
     }
@@ -237,7 +266,7 @@ impl Control {
     /// Status for `fieldrack status`.
     #[must_use]
     pub fn status(&self) -> ControlStatus {
-        let m = self.raft.metrics();
+        let m = self.raft().metrics();
         let m = m.borrow();
         let membership = m.membership_config.membership();
         let name = |id: &NodeId| {
@@ -265,7 +294,7 @@ impl Control {
     }
 
     fn leader_peer(&self, leader: NodeId) -> Option<PeerId> {
-        let m = self.raft.metrics();
+        let m = self.raft().metrics();
         let m = m.borrow();
         m.membership_config
             .membership()
@@ -286,8 +315,8 @@ impl Control {
             if left.is_zero() {
                 return Err(ControlError::NoLeader(timeout));
             }
-            let leader = match tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await
-            {
+            let raft = self.raft();
+            let leader = match tokio::time::timeout(left, raft.client_write(cmd.clone())).await {
                 Err(_) => return Err(ControlError::NoLeader(timeout)),
                 Ok(Ok(r)) => return refused(r.data),
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => f.leader_id,
@@ -352,7 +381,10 @@ impl Control {
     async fn handle(&self, req: Request) -> Reply {
         match req {
             Request::Append(r) => {
-                let reply = self.raft.append_entries(r).await;
+                if let Some(why) = self.foreign(r.vote.leader_id().voted_for()) {
+                    return Reply::Error(why);
+                }
+                let reply = self.raft().append_entries(r).await;
                 if reply.as_ref().is_ok_and(|r| {
                     !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))
                 }) {
@@ -360,10 +392,13 @@ impl Control {
                 }
                 Reply::Append(reply)
             }
-            Request::Vote(r) => Reply::Vote(self.raft.vote(r).await),
-            Request::Snapshot(r) => Reply::Snapshot(self.raft.install_snapshot(r).await),
+            Request::Vote(r) => match self.foreign(r.vote.leader_id().voted_for()) {
+                Some(why) => Reply::Error(why),
+                None => Reply::Vote(self.raft().vote(r).await),
+            },
+            Request::Snapshot(r) => Reply::Snapshot(self.raft().install_snapshot(r).await),
             Request::Propose(cmd) => Reply::Propose(if self.is_leader() {
-                match self.raft.client_write(cmd).await {
+                match self.raft().client_write(cmd).await {
                     Ok(r) => ProposeReply::Applied(r.data),
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                         ProposeReply::NotLeader(f.leader_id)
@@ -371,12 +406,13 @@ impl Control {
                     Err(e) => ProposeReply::Failed(e.to_string()),
                 }
             } else {
-                ProposeReply::NotLeader(self.raft.current_leader().await)
+                ProposeReply::NotLeader(self.raft().current_leader().await)
             }),
             Request::Hello => Reply::Hello {
                 node_id: self.id,
-                initialized: self.raft.is_initialized().await.unwrap_or(false),
-                leader: self.raft.current_leader().await,
+                initialized: self.raft().is_initialized().await.unwrap_or(false),
+                leader: self.raft().current_leader().await,
+                voters: self.voters().into_iter().collect(),
             },
             Request::Relay { to, request } => {
                 if matches!(*request, Request::Relay { .. }) {
@@ -393,21 +429,20 @@ impl Control {
         }
     }
 
-    /// Racks admitted and alive in membership: (peer, rack).
+    /// Racks alive in the mesh's membership, with their names: (peer,
+    /// rack). Not only the ones this rack is connected to: a rack that
+    /// only reaches the field through another (one radio link) is reached
+    /// through a relay.
     async fn live_peers(&self) -> Vec<(PeerId, String)> {
         let Ok(status) = self.mesh.status().await else {
             return Vec::new();
         };
-        let alive: BTreeSet<PeerId> = status
+        let revoked: BTreeSet<PeerId> = status.revoked_peers.iter().map(|(p, _)| *p).collect();
+        status
             .peers
             .iter()
-            .filter(|p| p.state == State::Alive)
-            .map(|p| p.peer_id)
-            .collect();
-        self.mesh
-            .admitted()
-            .into_iter()
-            .filter(|(p, _)| alive.contains(p))
+            .filter(|p| p.state == State::Alive && !revoked.contains(&p.peer_id))
+            .filter_map(|p| Some((p.peer_id, p.rack.clone()?)))
             .collect()
     }
 
@@ -421,16 +456,193 @@ impl Control {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
-            let initialized = self.raft.is_initialized().await.unwrap_or(false);
+            let initialized = self.raft().is_initialized().await.unwrap_or(false);
             if !initialized {
                 if self.started.elapsed() >= self.settings.settle {
                     self.maybe_initialize(&me).await;
                 }
                 continue;
             }
+            if self.merge().await {
+                continue;
+            }
+            self.left.lock().expect("left lock").clear();
+            self.deploy_carried().await;
             if self.is_leader() {
                 self.grow().await;
                 self.shrink().await;
+            }
+        }
+    }
+
+    /// This cluster's voters (empty when in none).
+    fn voters(&self) -> BTreeSet<NodeId> {
+        let m = self.raft().metrics();
+        let m = m.borrow();
+        m.membership_config.membership().voter_ids().collect()
+    }
+
+    /// Why a Raft call from `from` (a leader or candidate) is refused: it is
+    /// not in this rack's cluster. Two clusters that met (racks that formed
+    /// their own while cut off) never mix their logs; one of them leaves.
+    fn foreign(&self, from: Option<NodeId>) -> Option<String> {
+        let from = from?;
+        let m = self.raft().metrics();
+        let m = m.borrow();
+        let mem = m.membership_config.membership();
+        if mem.voter_ids().next().is_none() {
+            // In no cluster: anyone may add us, except the one we left.
+            return self
+                .left
+                .lock()
+                .expect("left lock")
+                .contains(&from)
+                .then(|| format!("node {from} is in the cluster this rack left"));
+        }
+        if mem.nodes().any(|(id, _)| *id == from) {
+            return None;
+        }
+        Some(format!(
+            "node {from} is not in this rack's control-plane cluster"
+        ))
+    }
+
+    /// Two clusters met: racks cut off from each other at first boot each
+    /// formed one. The larger (by voters; on a tie, the one holding the
+    /// lowest node id) stays; every rack of the other leaves its cluster,
+    /// forgetting its Raft state, and is added to the winner by its leader,
+    /// carrying its appliances' definitions over (deployed there unless the
+    /// winner has appliances of the same names). Its appliances stop when
+    /// its cluster state empties; the winner places them again. Returns
+    /// whether this rack left.
+    async fn merge(&self) -> bool {
+        let ours = self.voters();
+        if ours.is_empty() {
+            return false;
+        }
+        // Every other live rack: strangers, and our own voters too (one
+        // that moved to another cluster tells us of it).
+        let others: Vec<PeerId> = self
+            .live_peers()
+            .await
+            .into_iter()
+            .map(|(p, _)| p)
+            .filter(|p| node_id(p) != self.id)
+            .collect();
+        let mut winner: Option<BTreeSet<NodeId>> = None;
+        for peer in others {
+            let Ok(Reply::Hello { voters, .. }) = self
+                .net
+                .call(peer, &Request::Hello, Duration::from_secs(1))
+                .await
+            else {
+                continue;
+            };
+            let theirs: BTreeSet<NodeId> = voters.into_iter().collect();
+            // Another cluster: it is in none of ours and we are in none of
+            // its. (Racks that already moved over sit in both lists: they
+            // count for neither side.)
+            if theirs.is_empty() || theirs.contains(&self.id) {
+                continue;
+            }
+            if wins(&theirs, &ours) && winner.as_ref().is_none_or(|w| wins(&theirs, w)) {
+                winner = Some(theirs);
+            }
+        }
+        let seen = {
+            let mut n = self.foreign_seen.lock().expect("foreign_seen lock");
+            *n = if winner.is_some() { *n + 1 } else { 0 };
+            *n
+        };
+        // Seen on several checks in a row (settle), not a passing view.
+        let needed = (self.settings.settle.as_millis() / 500).max(2) as u32;
+        let Some(winner) = winner.filter(|_| seen >= needed) else {
+            return false;
+        };
+        tracing::warn!(
+            our_voters = ours.len(),
+            their_voters = winner.len(),
+            "met a control-plane cluster that wins over ours (more voters of its own, or the lowest node id); leaving ours to join it"
+        );
+        if let Err(e) = self.leave().await {
+            tracing::error!(error = %e, "leaving the control-plane cluster failed");
+        }
+        true
+    }
+
+    /// Forget this rack's cluster: keep its appliances' definitions to
+    /// carry over, stop Raft, wipe its state, start an empty node.
+    async fn leave(&self) -> Result<(), ControlError> {
+        let specs: Vec<Carried> = self
+            .applies
+            .state
+            .borrow()
+            .apps
+            .values()
+            .map(|a| Carried {
+                spec: a.spec.clone(),
+                epoch: a.epoch,
+                running: a.running,
+                owner: a.owner.clone(),
+            })
+            .collect();
+        self.carried.lock().expect("carried lock").extend(specs);
+        *self.left.lock().expect("left lock") = self.voters();
+        let old = self.raft();
+        if let Err(e) = old.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        crate::store::wipe(&self.db).map_err(|e| ControlError::Store(e.to_string()))?;
+        let log = LogStore::new(&self.db).map_err(|e| ControlError::Store(e.to_string()))?;
+        let (sm, _) =
+            StateMachine::open(&self.db, self.applies.leases.clone(), self.state_tx.clone())
+                .map_err(ControlError::Store)?;
+        let raft = Raft::new(
+            self.id,
+            self.config.clone(),
+            NetworkFactory {
+                net: self.net.clone(),
+            },
+            log,
+            sm,
+        )
+        .await
+        .map_err(|e| ControlError::Raft(e.to_string()))?;
+        *self.raft.write().expect("raft lock") = raft;
+        *self.foreign_seen.lock().expect("foreign_seen lock") = 0;
+        // What the old cluster's log taught about leases means nothing in
+        // the new one.
+        *self.applies.leases.lock().expect("lease watch lock") =
+            LeaseWatch::new(self.settings.lease, Instant::now());
+        Ok(())
+    }
+
+    /// Once in the new cluster: deploy what this rack carried over from
+    /// the cluster it left, except appliances the field already has under
+    /// those names (kept for a retry while no leader answers).
+    async fn deploy_carried(&self) {
+        let specs = std::mem::take(&mut *self.carried.lock().expect("carried lock"));
+        if specs.is_empty() {
+            return;
+        }
+        let state = self.applies.state.borrow().clone();
+        let new: Vec<Carried> = specs
+            .into_iter()
+            .filter(|c| !state.apps.contains_key(&c.spec.name))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        let names: Vec<String> = new.iter().map(|c| c.spec.name.clone()).collect();
+        let deploy = Command::Adopt { apps: new.clone() };
+        match self.propose(deploy, Duration::from_secs(5)).await {
+            Ok(_) => tracing::info!(?names, "deployed appliances carried from a merged cluster"),
+            Err(ControlError::Refused(why)) => {
+                tracing::warn!(?names, %why, "appliances carried from a merged cluster refused");
+            }
+            Err(e) => {
+                tracing::debug!(?names, error = %e, "deploying carried appliances; will retry");
+                self.carried.lock().expect("carried lock").extend(new);
             }
         }
     }
@@ -453,7 +665,7 @@ impl Control {
             return;
         }
         let voters: Vec<(NodeId, RackNode)> = {
-            let m = self.raft.metrics();
+            let m = self.raft().metrics();
             let m = m.borrow();
             let mem = m.membership_config.membership();
             mem.voter_ids()
@@ -503,7 +715,7 @@ impl Control {
                 );
             }
         }
-        self.raft.runtime_config().elect(on);
+        self.raft().runtime_config().elect(on);
     }
 
     async fn maybe_initialize(&self, me: &RackNode) {
@@ -531,7 +743,7 @@ impl Control {
             }
         }
         let members = BTreeMap::from([(self.id, me.clone())]);
-        match self.raft.initialize(members).await {
+        match self.raft().initialize(members).await {
             Ok(()) => tracing::info!("formed a new control-plane cluster"),
             Err(e) => tracing::debug!(error = %e, "initialize"),
         }
@@ -540,7 +752,7 @@ impl Control {
     /// On the leader: make every live admitted rack a voter.
     async fn grow(&self) {
         let (voters, nodes) = {
-            let m = self.raft.metrics();
+            let m = self.raft().metrics();
             let m = m.borrow();
             let mem = m.membership_config.membership();
             let voters: BTreeSet<NodeId> = mem.voter_ids().collect();
@@ -557,7 +769,18 @@ impl Control {
                 peer_id: peer.to_base58(),
             };
             if !nodes.contains(&id) {
-                let add = self.raft.add_learner(id, node, true);
+                // Only a rack in no cluster: one in another cluster would
+                // refuse our calls (it leaves its cluster first if ours wins).
+                match self
+                    .net
+                    .call(peer, &Request::Hello, Duration::from_secs(1))
+                    .await
+                {
+                    Ok(Reply::Hello { voters, .. }) if voters.is_empty() => {}
+                    _ => continue,
+                }
+                let raft = self.raft();
+                let add = raft.add_learner(id, node, true);
                 match tokio::time::timeout(Duration::from_secs(10), add).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
@@ -570,9 +793,9 @@ impl Control {
                     }
                 }
             }
-            let change = self
-                .raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false);
+            let raft = self.raft();
+            let change =
+                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false);
             match tokio::time::timeout(Duration::from_secs(10), change).await {
                 Ok(Ok(_)) => tracing::info!(%rack, "joined the control plane as a voter"),
                 Ok(Err(e)) => tracing::warn!(%rack, error = %e, "promoting to voter"),
@@ -588,7 +811,7 @@ impl Control {
     /// itself; one change at a time.
     async fn shrink(&self) {
         let nodes: Vec<(NodeId, RackNode, bool)> = {
-            let m = self.raft.metrics();
+            let m = self.raft().metrics();
             let m = m.borrow();
             let mem = m.membership_config.membership();
             let voters: BTreeSet<NodeId> = mem.voter_ids().collect();
@@ -616,7 +839,7 @@ impl Control {
             let reused = *rack == self.settings.rack || admitted.contains(rack);
             if !member && !reused && state.racks.contains_key(rack) {
                 let cmd = Command::ForgetRack { rack: rack.clone() };
-                match self.raft.client_write(cmd).await {
+                match self.raft().client_write(cmd).await {
                     Ok(_) => tracing::warn!(%rack, "forgot a revoked rack"),
                     Err(e) => tracing::warn!(%rack, error = %e, "forgetting a revoked rack"),
                 }
@@ -672,7 +895,8 @@ impl Control {
             changes.insert(0, ChangeMembers::RemoveVoters(BTreeSet::from([id])));
         }
         for change in changes {
-            let change = self.raft.change_membership(change, false);
+            let raft = self.raft();
+            let change = raft.change_membership(change, false);
             match tokio::time::timeout(Duration::from_secs(10), change).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
@@ -695,7 +919,7 @@ impl Control {
             let cmd = Command::ForgetRack {
                 rack: node.rack.clone(),
             };
-            if let Err(e) = self.raft.client_write(cmd).await {
+            if let Err(e) = self.raft().client_write(cmd).await {
                 tracing::warn!(rack = %node.rack, error = %e, "forgetting a revoked rack");
             }
         }
@@ -795,7 +1019,7 @@ impl Control {
                         "placement"
                     );
                 }
-                match self.raft.client_write(cmd).await {
+                match self.raft().client_write(cmd).await {
                     Ok(r) => {
                         if let Response::Refused(why) = r.data {
                             tracing::debug!(%why, "placement decision refused (stale)");
@@ -809,6 +1033,16 @@ impl Control {
             }
         }
     }
+}
+
+/// Whether cluster `a` (its voters) wins over cluster `b` when they meet:
+/// more voters of its own (not in both), then the lowest such node id.
+/// Both sides decide alike from the same two lists.
+fn wins(a: &BTreeSet<NodeId>, b: &BTreeSet<NodeId>) -> bool {
+    let only_a: BTreeSet<NodeId> = a.difference(b).copied().collect();
+    let only_b: BTreeSet<NodeId> = b.difference(a).copied().collect();
+    (std::cmp::Reverse(only_a.len()), only_a.first())
+        < (std::cmp::Reverse(only_b.len()), only_b.first())
 }
 
 fn refused(r: Response) -> Result<Response, ControlError> {

@@ -59,6 +59,19 @@ fn put_json<T: Serialize>(tree: &sled::Tree, key: &[u8], v: &T) -> StorageResult
 ///
 /// # Errors
 /// If sled cannot open it.
+/// Forget this rack's Raft log, vote and applied state (it leaves its
+/// cluster to join another). Call with no Raft node running on `db`.
+///
+/// # Errors
+/// If sled fails.
+pub fn wipe(db: &sled::Db) -> Result<(), sled::Error> {
+    for name in ["raft-log", "raft-meta", "raft-sm"] {
+        db.open_tree(name)?.clear()?;
+    }
+    db.flush()?;
+    Ok(())
+}
+
 pub fn open_db(path: &std::path::Path) -> Result<sled::Db, sled::Error> {
     sled::Config::new()
         .path(path)
@@ -239,13 +252,19 @@ impl StateMachine {
     ///
     /// # Errors
     /// If sled cannot be read or a record does not decode.
-    pub fn open(db: &sled::Db, leases: LeaseWatch) -> Result<(Self, Applies), String> {
+    /// `tx` publishes every applied state (it gets the resumed one at
+    /// once); `leases` learns from the apply order.
+    pub fn open(
+        db: &sled::Db,
+        leases: Arc<Mutex<LeaseWatch>>,
+        tx: watch::Sender<Arc<FieldState>>,
+    ) -> Result<(Self, Applies), String> {
         let tree = db.open_tree("raft-sm").map_err(|e| e.to_string())?;
         let applied: Applied = get_json(&tree, b"applied")
             .map_err(|e| e.to_string())?
             .unwrap_or_default();
-        let (tx, rx) = watch::channel(Arc::new(applied.state.clone()));
-        let leases = Arc::new(Mutex::new(leases));
+        tx.send_replace(Arc::new(applied.state.clone()));
+        let rx = tx.subscribe();
         Ok((
             Self {
                 tree,
@@ -271,6 +290,14 @@ impl StateMachine {
             }
             _ => None,
         };
+        let adopted: Vec<String> = match cmd {
+            Command::Adopt { apps } => apps
+                .iter()
+                .map(|c| c.spec.name.clone())
+                .filter(|n| !self.applied.state.apps.contains_key(n))
+                .collect(),
+            _ => Vec::new(),
+        };
         let r = self.applied.state.apply(cmd);
         let mut leases = self.leases.lock().expect("lease watch lock");
         match (cmd, &r) {
@@ -278,6 +305,12 @@ impl StateMachine {
             (Command::Assign { name, .. }, Response::Ok) => {
                 let epoch = self.applied.state.apps[name].epoch;
                 leases.assignment_applied(name, epoch, before.flatten().as_deref());
+            }
+            (Command::Adopt { .. }, Response::Ok) => {
+                for name in adopted {
+                    let epoch = self.applied.state.apps[&name].epoch;
+                    leases.adopted(&name, epoch, now);
+                }
             }
             _ => {}
         }

@@ -1,5 +1,7 @@
-//! Three racks on loopback meshes form one control plane, place an
-//! appliance, and keep committing after the leader dies.
+//! Racks on loopback meshes form one control plane, place an appliance,
+//! keep committing after the leader dies (which leaves the voters, and
+//! whose report goes when it is revoked); clusters that formed apart merge
+//! when they meet.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -148,38 +150,20 @@ async fn three_racks_elect_place_and_survive_the_leader() {
     let mut addrs: Vec<Multiaddr> = Vec::new();
     let mut meshes = Vec::new();
     for name in RACKS {
-        let key = Keypair::generate_ed25519();
-        let peer = PeerId::from(key.public());
-        let mesh_cancel = CancellationToken::new();
         let bootstrap = addrs.clone();
-        let (mesh, _) = mesh::start(
-            mesh_settings(&fleet, name, key, bootstrap),
-            mesh_cancel.clone(),
-        )
-        .await
-        .unwrap();
-        addrs.push(addr_of(&mesh).await);
-        meshes.push(mesh.clone());
-        let dir = tempfile::tempdir().unwrap();
-        let mut settings = ControlSettings::new(dir.path().join("control"), name);
-        settings.heartbeat = Duration::from_millis(100);
-        settings.election_timeout = Duration::from_millis(600);
-        settings.settle = Duration::from_millis(1000);
-        settings.plan_every = Duration::from_millis(200);
-        settings.remove_dead_after = Some(Duration::from_secs(2));
-        let control_cancel = CancellationToken::new();
-        let control = Control::start(settings, mesh.clone(), peer, control_cancel.clone())
-            .await
-            .unwrap();
-        racks.push(Rack {
+        let rack = start_rack(
+            &fleet,
             name,
-            peer,
-            mesh,
-            mesh_cancel,
-            control_cancel,
-            control,
-            _dir: dir,
-        });
+            |m| m.bootstrap = bootstrap,
+            |c| {
+                c.settle = Duration::from_millis(1000);
+                c.remove_dead_after = Some(Duration::from_secs(2));
+            },
+        )
+        .await;
+        addrs.push(addr_of(&rack.mesh).await);
+        meshes.push(rack.mesh.clone());
+        racks.push(rack);
     }
 
     until(Duration::from_secs(10), "a full mesh", async || {
@@ -271,28 +255,9 @@ async fn three_racks_elect_place_and_survive_the_leader() {
 
     // A proposal from the remaining follower is forwarded and commits.
     let follower = racks.iter().find(|r| r.name != new_leader).unwrap();
-    let r = follower
-        .control
-        .propose(
-            Command::SetRunning {
-                name: "web".into(),
-                running: false,
-            },
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+    let r = set_running(follower, "web", false).await.unwrap();
     assert_eq!(r, Response::Ok);
-    let refused = follower
-        .control
-        .propose(
-            Command::SetRunning {
-                name: "nope".into(),
-                running: false,
-            },
-            Duration::from_secs(5),
-        )
-        .await;
+    let refused = set_running(follower, "nope", false).await;
     assert!(
         matches!(refused, Err(control::ControlError::Refused(_))),
         "{refused:?}"
@@ -328,17 +293,7 @@ async fn three_racks_elect_place_and_survive_the_leader() {
     assert!(racks
         .iter()
         .all(|r| state_of(r).racks.contains_key(&leader)));
-    let r = follower
-        .control
-        .propose(
-            Command::SetRunning {
-                name: "web".into(),
-                running: true,
-            },
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+    let r = set_running(follower, "web", true).await.unwrap();
     assert_eq!(r, Response::Ok, "two voters of two still commit");
 
     // Revoked: its report is forgotten too.
@@ -364,9 +319,322 @@ async fn three_racks_elect_place_and_survive_the_leader() {
     .await;
 
     for r in &racks {
-        r.control_cancel.cancel();
-        r.control.shutdown().await;
-        r.mesh_cancel.cancel();
+        stop(r).await;
     }
     assert!(t0.elapsed() < Duration::from_secs(60));
+}
+
+/// Commit `SetRunning` through `rack`.
+async fn set_running(
+    rack: &Rack,
+    name: &str,
+    running: bool,
+) -> Result<Response, control::ControlError> {
+    let cmd = Command::SetRunning {
+        name: name.into(),
+        running,
+    };
+    rack.control.propose(cmd, Duration::from_secs(5)).await
+}
+
+/// Stop a rack's control plane and mesh.
+async fn stop(r: &Rack) {
+    r.control_cancel.cancel();
+    r.control.shutdown().await;
+    r.mesh_cancel.cancel();
+}
+
+/// Logs of the control plane in the test output (`RUST_LOG` to change).
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "control=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Start a rack's mesh and control plane.
+async fn start_rack(
+    fleet: &FleetKey,
+    name: &'static str,
+    mesh_settings_of: impl FnOnce(&mut MeshSettings),
+    control_settings_of: impl FnOnce(&mut ControlSettings),
+) -> Rack {
+    let key = Keypair::generate_ed25519();
+    let peer = PeerId::from(key.public());
+    let mut ms = mesh_settings(fleet, name, key, vec![]);
+    mesh_settings_of(&mut ms);
+    let mesh_cancel = CancellationToken::new();
+    let (mesh, _) = mesh::start(ms, mesh_cancel.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = ControlSettings::new(dir.path().join("control"), name);
+    settings.heartbeat = Duration::from_millis(100);
+    settings.election_timeout = Duration::from_millis(600);
+    settings.settle = Duration::from_millis(500);
+    settings.plan_every = Duration::from_millis(200);
+    control_settings_of(&mut settings);
+    let control_cancel = CancellationToken::new();
+    let control = Control::start(settings, mesh.clone(), peer, control_cancel.clone())
+        .await
+        .unwrap();
+    Rack {
+        name,
+        peer,
+        mesh,
+        mesh_cancel,
+        control_cancel,
+        control,
+        _dir: dir,
+    }
+}
+
+fn deploy_one(name: &str) -> Command {
+    let specs = parse_manifest(&format!(
+        "[[appliance]]\nname = \"{name}\"\ndriver = \"process\"\ncommand = [\"/bin/true\"]\ntier = 1\n"
+    ))
+    .unwrap();
+    Command::Deploy { specs }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_clusters_formed_apart_merge_into_one() {
+    init_tracing();
+    let fleet = FleetKey::generate();
+    // b dials a through a gate that stays shut until both formed a
+    // cluster of their own (as racks cut off at first boot do).
+    let a = start_rack(&fleet, "a", |_| {}, |_| {}).await;
+    let gate = Gate::to(udp_of(&a).await).await;
+    let b = start_rack(
+        &fleet,
+        "b",
+        |s| {
+            s.bootstrap = vec![gate.multiaddr()];
+            s.reconnect_initial = Duration::from_millis(500);
+            s.reconnect_max = Duration::from_secs(1);
+        },
+        |_| {},
+    )
+    .await;
+    for r in [&a, &b] {
+        until(Duration::from_secs(5), "a cluster of one", async || {
+            (r.control.status().voters == vec![r.name.to_string()]).then_some(())
+        })
+        .await;
+    }
+    assert!(a.mesh.admitted().is_empty(), "the two formed apart");
+    for (r, app) in [(&a, "web"), (&b, "db")] {
+        let got = r
+            .control
+            .propose(deploy_one(app), Duration::from_secs(5))
+            .await;
+        assert_eq!(got.unwrap(), Response::Ok);
+        let renew = Command::Renew {
+            rack: r.name.into(),
+            report: report(),
+        };
+        r.control
+            .propose(renew, Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+    // Each placed its appliance on itself (epoch 1 or more).
+    let mut epochs = std::collections::BTreeMap::new();
+    for (r, app) in [(&a, "web"), (&b, "db")] {
+        let e = until(Duration::from_secs(10), "placed", async || {
+            let st = state_of(r);
+            let rec = st.apps.get(app)?;
+            (rec.owner.as_deref() == Some(r.name)).then_some(rec.epoch)
+        })
+        .await;
+        assert!(e >= 1);
+        epochs.insert(app, e);
+    }
+
+    // The meshes meet: one cluster of both, with both appliances.
+    gate.open();
+    until(Duration::from_secs(30), "one cluster of two", async || {
+        [&a, &b]
+            .iter()
+            .all(|r| {
+                let s = r.control.status();
+                s.voters.len() == 2 && s.leader.is_some()
+            })
+            .then_some(())
+    })
+    .await;
+    until(
+        Duration::from_secs(15),
+        "both appliances in the merged field",
+        async || {
+            [&a, &b]
+                .iter()
+                .all(|r| {
+                    let st = state_of(r);
+                    st.apps.contains_key("web") && st.apps.contains_key("db")
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let leaders: Vec<_> = [&a, &b].iter().map(|r| r.control.status().leader).collect();
+    assert_eq!(leaders[0], leaders[1], "one leader");
+    for (app, before) in &epochs {
+        let now = state_of(&a).apps[*app].epoch;
+        assert!(
+            now >= *before,
+            "{app}: epoch {now} after the merge, {before} before"
+        );
+    }
+    // And it keeps committing.
+    let r = set_running(&a, "db", false).await.unwrap();
+    assert_eq!(r, Response::Ok);
+    for r in [a, b] {
+        stop(&r).await;
+    }
+}
+
+/// The UDP address a rack's mesh listens on.
+async fn udp_of(r: &Rack) -> std::net::SocketAddr {
+    let s = r.mesh.status().await.unwrap();
+    let port = s.listen_addrs.iter().find_map(|m| {
+        m.iter().find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Udp(port) => Some(port),
+            _ => None,
+        })
+    });
+    format!("127.0.0.1:{}", port.unwrap()).parse().unwrap()
+}
+
+/// A UDP relay on loopback that drops everything until opened: two groups
+/// of racks that must not meet yet (formed apart, as racks cut off at
+/// first boot are) dial each other through it.
+struct Gate {
+    addr: std::net::SocketAddr,
+    open: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Gate {
+    async fn to(target: std::net::SocketAddr) -> Gate {
+        use std::collections::HashMap;
+        use std::sync::atomic::Ordering;
+        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gate = open.clone();
+        tokio::spawn(async move {
+            // One upstream socket per client, relaying replies back.
+            let mut ups: HashMap<std::net::SocketAddr, Arc<tokio::net::UdpSocket>> = HashMap::new();
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                let Ok((n, from)) = front.recv_from(&mut buf).await else {
+                    return;
+                };
+                if !gate.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let up = match ups.get(&from) {
+                    Some(u) => u.clone(),
+                    None => {
+                        let u = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                        u.connect(target).await.unwrap();
+                        let (u2, front2) = (u.clone(), front.clone());
+                        tokio::spawn(async move {
+                            let mut b = vec![0u8; 65_536];
+                            while let Ok(n) = u2.recv(&mut b).await {
+                                let _ = front2.send_to(&b[..n], from).await;
+                            }
+                        });
+                        ups.insert(from, u.clone());
+                        u
+                    }
+                };
+                let _ = up.send(&buf[..n]).await;
+            }
+        });
+        Gate { addr, open }
+    }
+
+    fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn multiaddr(&self) -> Multiaddr {
+        format!("/ip4/127.0.0.1/udp/{}/quic-v1", self.addr.port())
+            .parse()
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_clusters_of_two_merge_into_one_of_four() {
+    init_tracing();
+    let fleet = FleetKey::generate();
+    let a = start_rack(&fleet, "a", |_| {}, |_| {}).await;
+    let a_addr = addr_of(&a.mesh).await;
+    let b = start_rack(&fleet, "b", |s| s.bootstrap = vec![a_addr.clone()], |_| {}).await;
+    // Two gated links, a-d and b-c, so that every rack reaches every
+    // other directly or through one relay once they open (Raft calls
+    // relay one hop).
+    let gate_a = Gate::to(udp_of(&a).await).await;
+    let gate_b = Gate::to(udp_of(&b).await).await;
+    let redial = |s: &mut MeshSettings, to: Vec<Multiaddr>| {
+        s.bootstrap = to;
+        s.reconnect_initial = Duration::from_millis(500);
+        s.reconnect_max = Duration::from_secs(1);
+    };
+    let c = start_rack(&fleet, "c", |s| redial(s, vec![gate_b.multiaddr()]), |_| {}).await;
+    let c_addr = addr_of(&c.mesh).await;
+    let d = start_rack(
+        &fleet,
+        "d",
+        |s| redial(s, vec![c_addr.clone(), gate_a.multiaddr()]),
+        |_| {},
+    )
+    .await;
+    let groups = [[&a, &b], [&c, &d]];
+    for g in &groups {
+        until(Duration::from_secs(15), "a cluster of two", async || {
+            g.iter()
+                .all(|r| r.control.status().voters.len() == 2)
+                .then_some(())
+        })
+        .await;
+    }
+    for (g, app) in groups.iter().zip(["web", "db"]) {
+        let got = g[0]
+            .control
+            .propose(deploy_one(app), Duration::from_secs(5))
+            .await;
+        assert_eq!(got.unwrap(), Response::Ok);
+    }
+    assert!(a.mesh.admitted().iter().all(|(_, r)| r == "b"), "apart");
+
+    gate_a.open();
+    gate_b.open();
+    let all = [&a, &b, &c, &d];
+    until(Duration::from_secs(40), "one cluster of four", async || {
+        let st: Vec<_> = all.iter().map(|r| r.control.status()).collect();
+        (st.iter().all(|s| s.voters.len() == 4 && s.leader.is_some())
+            && st.iter().all(|s| s.leader == st[0].leader))
+        .then_some(())
+    })
+    .await;
+    until(
+        Duration::from_secs(15),
+        "both appliances on every rack",
+        async || {
+            all.iter()
+                .all(|r| {
+                    let st = state_of(r);
+                    st.apps.contains_key("web") && st.apps.contains_key("db")
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    for r in [a, b, c, d] {
+        stop(&r).await;
+    }
 }

@@ -262,6 +262,15 @@ impl Scene {
 /// Runs `body` on a freshly started 3-rack fleet; on failure prints
 /// statuses and the agents' log tails and keeps their dir.
 fn scenario(body: impl FnOnce(&mut Scene) -> Result<()>) -> Result<()> {
+    scenario_with(|_| Ok(()), body)
+}
+
+/// [`scenario`], with `prepare` applied to the field before the agents
+/// start (a fault present from first boot).
+fn scenario_with(
+    prepare: impl FnOnce(&Field) -> Result<()>,
+    body: impl FnOnce(&mut Scene) -> Result<()>,
+) -> Result<()> {
     if let Err(why) = field_tests::available() {
         println!("SKIP: {why}");
         return Ok(());
@@ -272,6 +281,7 @@ fn scenario(body: impl FnOnce(&mut Scene) -> Result<()>) -> Result<()> {
     let fleet = Fleet::provision(&RACKS)?;
     fleet.edit_configs("snapshot_interval_s = 10", "snapshot_interval_s = 1")?;
     let witness = fleet.dir().join("witness.log");
+    prepare(&field)?;
     let agents = fleet.start_all(&field)?;
     let mut scene = Scene {
         agents,
@@ -467,4 +477,78 @@ fn one_cut_link() -> Result<()> {
         println!("{} records, all of epoch {e0} on {owner}", records.count);
         Ok(())
     })
+}
+
+/// Rack c is cut off when the field boots: a and b form a control plane,
+/// c forms one of its own and runs the recorder. When the link comes up,
+/// c's cluster (one voter) joins a and b's (two): one control plane of
+/// three, the recorder adopted with its epoch, running again, and never
+/// two copies at once (the witness).
+#[test]
+fn split_at_first_boot_merges_when_the_link_comes_up() -> Result<()> {
+    scenario_with(
+        |field| field.isolate("c"),
+        |scene| {
+            wait_until(CONTROL_TIMEOUT, "a+b and c formed apart", || {
+                Ok(scene.status("a")?.has_control_of(2)
+                    && scene.status("b")?.has_control_of(2)
+                    && scene.status("c")?.has_control_of(1))
+            })?;
+            let manifest = scene.fleet.dir().join(format!("{APP}.toml"));
+            std::fs::write(&manifest, recorder_manifest(APP, 0, &scene.witness))?;
+            let manifest = manifest.to_str().context("temp path is UTF-8")?;
+            scene
+                .fleet
+                .cli(&scene.field, "c", &["app", "deploy", manifest])?;
+            wait_until(RUNNING_TIMEOUT, "the recorder running on c", || {
+                let a = scene.app("c")?;
+                Ok(a.state == "running" && a.owner.as_deref() == Some("c"))
+            })?;
+            let e0 = scene.app("c")?.epoch;
+            std::thread::sleep(Duration::from_secs(3));
+            scene.field.heal_all()?;
+            let healed = Instant::now();
+            let took = wait_until(CONTROL_TIMEOUT, "one control plane of three", || {
+                for rack in RACKS {
+                    if !scene.status(rack)?.has_control_of(3) {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            })?;
+            println!(
+                "one control plane of 3 voters {:.1} s after the link came up",
+                took.as_secs_f64()
+            );
+            let mut seen = None;
+            let took = wait_until(FAILOVER_TIMEOUT, "the recorder running again", || {
+                let mut views = Vec::new();
+                for rack in RACKS {
+                    views.push(scene.app(rack)?);
+                }
+                let ok = views.iter().all(|v| {
+                    v.state == "running" && v.owner == views[0].owner && v.epoch == views[0].epoch
+                });
+                seen = ok.then(|| (views[0].owner.clone(), views[0].epoch));
+                Ok(ok)
+            })?;
+            let (owner, e1) = seen.expect("set when the wait succeeds");
+            let owner = owner.context("running has an owner")?;
+            println!(
+            "{APP} running on {owner} at epoch {e1} {:.1} s after the merge ({:.1} s after the link came up)",
+            took.as_secs_f64(),
+            healed.elapsed().as_secs_f64()
+        );
+            ensure!(e1 >= e0, "epoch went back from {e0} to {e1}");
+            std::thread::sleep(Duration::from_secs(3));
+            let runs = check_witness(&scene.witness)?;
+            println!("witness: {runs:?}");
+            let records = check_records(&scene.image(&owner)?)?;
+            println!(
+                "records in {owner}'s image: {} in epochs {:?}",
+                records.count, records.epochs
+            );
+            Ok(())
+        },
+    )
 }

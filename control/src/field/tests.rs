@@ -485,3 +485,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn adopted_appliances_keep_their_epochs_and_never_replace_ours() {
+    let mut s = FieldState::default();
+    assert_eq!(
+        deploy(&mut s, vec![app("web", "", &["web-data"])]),
+        Response::Ok
+    );
+    let carried = |name: &str, epoch, running, vols: &[&str]| Carried {
+        spec: app(name, "", vols),
+        epoch,
+        running,
+        owner: Some("x".into()),
+    };
+    let r = s.apply(&Command::Adopt {
+        apps: vec![
+            carried("web", 9, true, &[]),
+            carried("db", 7, false, &["db-data"]),
+        ],
+    });
+    assert_eq!(r, Response::Ok);
+    assert_eq!(s.apps["web"].epoch, 0, "ours stays as it was");
+    assert_eq!(s.apps["web"].spec.volume.len(), 1);
+    assert_eq!(s.apps["db"].epoch, 7, "the carried epoch is kept");
+    assert_eq!(s.apps["db"].owner.as_deref(), Some("x"), "and its owner");
+    assert!(!s.apps["db"].running);
+    // A carried appliance that would share our volume is refused whole.
+    let r = s.apply(&Command::Adopt {
+        apps: vec![carried("cache", 3, true, &["web-data"])],
+    });
+    assert!(matches!(r, Response::Refused(_)), "{r:?}");
+    assert!(!s.apps.contains_key("cache"));
+}

@@ -23,6 +23,12 @@ use super::*;
 use crate::field::{RackReport, Transfer};
 use crate::lease::LeaseConfig;
 
+/// A state machine on `db` with its own publication channel.
+fn open_sm(db: &sled::Db, leases: LeaseWatch) -> Result<(StateMachine, Applies), String> {
+    let (tx, _) = tokio::sync::watch::channel(std::sync::Arc::new(crate::FieldState::default()));
+    StateMachine::open(db, std::sync::Arc::new(std::sync::Mutex::new(leases)), tx)
+}
+
 fn cfg() -> LeaseConfig {
     LeaseConfig::default()
 }
@@ -114,8 +120,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Builder {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = open_db(dir.path()).map_err(io_err)?;
         let log = LogStore::new(&db).map_err(io_err)?;
-        let (sm, _) =
-            StateMachine::open(&db, LeaseWatch::new(cfg(), Instant::now())).map_err(io_err)?;
+        let (sm, _) = open_sm(&db, LeaseWatch::new(cfg(), Instant::now())).map_err(io_err)?;
         Ok((dir, log, sm))
     }
 }
@@ -130,8 +135,7 @@ async fn the_state_machine_persists_and_reopens_to_the_same_state() {
     let dir = tempfile::tempdir().unwrap();
     let (state, last) = {
         let db = open(dir.path());
-        let (mut sm, applies) =
-            StateMachine::open(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+        let (mut sm, applies) = open_sm(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
         let r = sm
             .apply([
                 membership_entry(1, 1),
@@ -159,8 +163,7 @@ async fn the_state_machine_persists_and_reopens_to_the_same_state() {
         ((*state).clone(), last)
     };
     let db = open(dir.path());
-    let (mut sm, applies) =
-        StateMachine::open(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+    let (mut sm, applies) = open_sm(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
     assert_eq!(**applies.state.borrow(), state);
     let (last_again, membership) = sm.applied_state().await.unwrap();
     assert_eq!(last_again, last);
@@ -172,8 +175,8 @@ async fn a_snapshot_installed_elsewhere_gives_the_same_state() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let db1 = open(d1.path());
     let db2 = open(d2.path());
-    let (mut sm1, a1) = StateMachine::open(&db1, LeaseWatch::new(cfg(), Instant::now())).unwrap();
-    let (mut sm2, a2) = StateMachine::open(&db2, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+    let (mut sm1, a1) = open_sm(&db1, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+    let (mut sm2, a2) = open_sm(&db2, LeaseWatch::new(cfg(), Instant::now())).unwrap();
     sm1.apply([
         membership_entry(1, 1),
         normal(1, 2, deploy_cmd(&["db"])),
@@ -226,7 +229,7 @@ async fn the_lease_watch_learns_renewals_and_assignments_in_apply_order() {
     let db = open(dir.path());
     let c = cfg();
     let t0 = Instant::now();
-    let (mut sm, applies) = StateMachine::open(&db, LeaseWatch::new(c, t0)).unwrap();
+    let (mut sm, applies) = open_sm(&db, LeaseWatch::new(c, t0)).unwrap();
     sm.apply([
         normal(1, 1, deploy_cmd(&["db"])),
         normal(1, 2, assign_cmd("db", "a", 0)),
@@ -308,7 +311,7 @@ impl RaftNetwork<TypeConfig> for NoNet {
 
 async fn single_node(db: &sled::Db) -> (Raft<TypeConfig>, Applies) {
     let log = LogStore::new(db).unwrap();
-    let (sm, applies) = StateMachine::open(db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+    let (sm, applies) = open_sm(db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
     let config = Config {
         heartbeat_interval: 50,
         election_timeout_min: 150,
@@ -390,8 +393,7 @@ async fn a_single_node_raft_commits_and_recovers_across_a_restart() {
             .await
             .unwrap()
             .is_empty());
-        let (sm, applies) =
-            StateMachine::open(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+        let (sm, applies) = open_sm(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
         drop(sm);
         assert_eq!(
             **applies.state.borrow(),
