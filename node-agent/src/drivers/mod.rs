@@ -405,6 +405,10 @@ impl Instance {
                 tracing::info!(appliance = %self.name, "main process exited: killing the rest of its group");
                 self.group.signal(Signal::SIGKILL);
             }
+            let escaped = self.group.kill_escapees();
+            if escaped > 0 {
+                tracing::info!(appliance = %self.name, escaped, "killed processes that had left its group");
+            }
             self.group.set_done();
         }
     }
@@ -414,6 +418,7 @@ impl Drop for Instance {
     fn drop(&mut self) {
         if self.exit.is_none() {
             self.group.signal(Signal::SIGKILL);
+            self.group.kill_escapees();
         }
     }
 }
@@ -423,14 +428,28 @@ impl Drop for Instance {
 pub(crate) struct Group {
     pgid: i32,
     done: AtomicBool,
+    /// `FIELDRACK_RUN_DIR=<dir>`, inherited by every process the appliance
+    /// starts, also those that leave its group (`setsid`): how the ones
+    /// that escaped are found once it is gone.
+    marker: Option<String>,
 }
 
 impl Group {
-    fn new(pgid: i32) -> Self {
+    fn new(pgid: i32, marker: Option<String>) -> Self {
         Self {
             pgid,
             done: AtomicBool::new(false),
+            marker,
         }
+    }
+
+    /// SIGKILL every process that carries the appliance's marker (called
+    /// once its main process is gone: they are all leftovers); how many.
+    fn kill_escapees(&self) -> usize {
+        let Some(marker) = &self.marker else {
+            return 0;
+        };
+        kill_marked(marker)
     }
 
     /// Signal every member; false if the group is done or gone.
@@ -568,7 +587,11 @@ pub(crate) async fn spawn_appliance(
             source,
         })?;
     let pid = child.id().expect("a just-spawned child has a pid");
-    let group = Arc::new(Group::new(pid as i32));
+    let marker = env
+        .iter()
+        .find(|(k, _)| k == RUN_DIR_ENV)
+        .map(|(k, v)| format!("{k}={v}"));
+    let group = Arc::new(Group::new(pid as i32, marker));
 
     // From here on a failure must not leave the child running.
     let guard = KillGuard(group.clone());
@@ -686,6 +709,12 @@ pub fn kill_leftover(run_dir: &Path) -> Result<Option<u32>, DriverError> {
             || procfs::environ_has(p, &marker)
     });
     remove();
+    // Whatever carries this run dir's marker is a leftover of ours, in the
+    // group or not (a process that called setsid).
+    let marked = kill_marked(&marker);
+    if marked > 0 {
+        tracing::warn!(dir = %run_dir.display(), marked, "killed leftovers of an earlier run");
+    }
     if !ours {
         return Ok(None);
     }
@@ -697,6 +726,14 @@ pub fn kill_leftover(run_dir: &Path) -> Result<Option<u32>, DriverError> {
             source: io::Error::from(e),
         }),
     }
+}
+
+/// SIGKILL every live process whose environment holds `marker`; how many.
+fn kill_marked(marker: &str) -> usize {
+    procfs::with_env(marker)
+        .into_iter()
+        .filter(|pid| nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL).is_ok())
+        .count()
 }
 
 /// Appends to `<name>.log`, rotating once to `<name>.log.1` at `cap`.

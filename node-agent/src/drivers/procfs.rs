@@ -64,6 +64,21 @@ pub(crate) fn cmdline(pid: i32) -> Option<Vec<u8>> {
     std::fs::read(Path::new("/proc").join(pid.to_string()).join("cmdline")).ok()
 }
 
+/// Every live process whose environment holds exactly `entry` (`K=V`):
+/// an appliance's processes, also those that left its process group.
+pub(crate) fn with_env(entry: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| environ_has(*pid, entry))
+        .filter(|pid| {
+            matches!(stat_of(&Path::new("/proc").join(pid.to_string()).join("stat")),
+                Some((state, _)) if !is_gone(state))
+        })
+        .collect()
+}
+
 /// Whether `/proc/<pid>/environ` holds exactly the entry `entry` (`K=V`).
 pub(crate) fn environ_has(pid: i32, entry: &str) -> bool {
     std::fs::read(Path::new("/proc").join(pid.to_string()).join("environ"))

@@ -176,6 +176,18 @@ async fn the_whole_group_dies() {
         "grandchild {grandchild} outlived its appliance"
     );
 
+    // a grandchild that left the group (setsid) dies with the appliance
+    let dir = tempfile::tempdir().unwrap();
+    let script = "setsid sleep 1000 & echo $! > child.pid; touch ready; exit 0";
+    let mut inst = start_ready(dir.path(), &sh("escaping", script)).await;
+    let escaped = read_pid(&dir.path().join("child.pid"));
+    assert!(eventually(|| own_session(escaped)).await, "setsid ran");
+    assert!(inst.wait().await.success());
+    assert!(
+        eventually(|| !is_alive(escaped)).await,
+        "{escaped}, which left the group, outlived its appliance"
+    );
+
     // drop: an untracked appliance is a second copy waiting to happen
     let dir = tempfile::tempdir().unwrap();
     let inst = start_ready(dir.path(), &sh("dropped", "touch ready; exec sleep 1000")).await;
@@ -185,6 +197,11 @@ async fn the_whole_group_dies() {
         eventually(|| !is_alive(pid)).await,
         "dropping the Instance left {pid} running"
     );
+}
+
+/// Whether `pid` leads its own session (it called setsid).
+fn own_session(pid: i32) -> bool {
+    nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid))).is_ok_and(|s| s.as_raw() == pid)
 }
 
 fn size(p: &Path) -> u64 {
@@ -291,6 +308,34 @@ async fn leftovers_of_an_earlier_run_are_killed_only_if_ours() {
     std::fs::write(&pid_file, format!("{}\n", inst.pid())).unwrap();
     assert_eq!(kill_leftover(&run_dir).unwrap(), Some(inst.pid()));
     assert!(eventually(|| !is_alive(child)).await);
+    inst.group.set_done();
+    drop(inst);
+
+    // A leftover that left the group (setsid), its group gone: found by
+    // its environment.
+    let mut inst = start_ready(
+        &run_dir,
+        &sh(
+            "old",
+            "setsid sleep 1000 & echo $! > child.pid; touch ready; exec sleep 1000",
+        ),
+    )
+    .await;
+    let escaped = read_pid(&run_dir.join("child.pid"));
+    assert!(eventually(|| own_session(escaped)).await, "setsid ran");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(inst.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = inst.child.wait().await;
+    assert!(is_alive(escaped));
+    std::fs::write(&pid_file, format!("{}\n", inst.pid())).unwrap();
+    assert_eq!(kill_leftover(&run_dir).unwrap(), None, "its group is gone");
+    assert!(
+        eventually(|| !is_alive(escaped)).await,
+        "{escaped} survived"
+    );
     inst.group.set_done();
     drop(inst);
 
