@@ -25,7 +25,7 @@ pub use field::{
     AppRecord, AppReport, AppState, Carried, Command, FieldState, RackReport, Response, Transfer,
 };
 pub use lease::{Lease, LeaseConfig, LeaseWatch};
-pub use node::{Control, ControlError, ControlSettings, ControlStatus};
+pub use node::{Control, ControlError, ControlEvent, ControlSettings, ControlStatus};
 
 use serde::{Deserialize, Serialize};
 

@@ -69,6 +69,54 @@ impl ControlSettings {
     }
 }
 
+/// What the control plane did that operators want in the event log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlEvent {
+    /// This rack left its cluster to join one that won (they formed apart).
+    LeftCluster {
+        /// Voters of the cluster it left.
+        our_voters: usize,
+        /// Voters of the cluster it joins.
+        their_voters: usize,
+        /// Appliances it carries over.
+        carried: Vec<String>,
+    },
+    /// Appliances carried from a merged cluster were adopted.
+    Adopted {
+        /// Their names.
+        names: Vec<String>,
+    },
+    /// The leader took a rack out of the voters.
+    VoterRemoved {
+        /// The rack.
+        rack: String,
+        /// Why (dead for how long, or revoked).
+        why: String,
+    },
+    /// A revoked rack's report was forgotten.
+    RackForgotten {
+        /// The rack.
+        rack: String,
+    },
+}
+
+impl ControlEvent {
+    /// The event's kind in the agent's event log.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ControlEvent::LeftCluster { .. } => "control_left_cluster",
+            ControlEvent::Adopted { .. } => "control_adopted",
+            ControlEvent::VoterRemoved { .. } => "control_voter_removed",
+            ControlEvent::RackForgotten { .. } => "control_rack_forgotten",
+        }
+    }
+}
+
+/// Control events buffered for slow subscribers.
+const EVENT_QUEUE: usize = 64;
+
 /// Why a control-plane operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -129,6 +177,7 @@ pub struct Control {
     carried: Mutex<Vec<Carried>>,
     /// Consecutive checks that saw a larger (winning) cluster.
     foreign_seen: Mutex<u32>,
+    events: tokio::sync::broadcast::Sender<ControlEvent>,
     /// The voters of the cluster this rack left, refused until it is in
     /// the new one (its old leader would pull it back otherwise).
     left: Mutex<BTreeSet<NodeId>>,
@@ -197,6 +246,7 @@ impl Control {
             state_tx,
             carried: Mutex::default(),
             foreign_seen: Mutex::new(0),
+            events: tokio::sync::broadcast::channel(EVENT_QUEUE).0,
             left: Mutex::default(),
             id,
             settings,
@@ -217,6 +267,16 @@ impl Control {
         tokio::spawn(me.clone().placement_loop(cancel.clone()));
         tokio::spawn(me.clone().election_guard_loop(cancel));
         Ok(me)
+    }
+
+    /// Membership changes, merges and adoptions, as they happen.
+    #[must_use]
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<ControlEvent> {
+        self.events.subscribe()
+    }
+
+    fn event(&self, ev: ControlEvent) {
+        let _ = self.events.send(ev);
     }
 
     /// The current Raft node.
@@ -564,8 +624,14 @@ impl Control {
             their_voters = winner.len(),
             "met a control-plane cluster that wins over ours (more voters of its own, or the lowest node id); leaving ours to join it"
         );
-        if let Err(e) = self.leave().await {
-            tracing::error!(error = %e, "leaving the control-plane cluster failed");
+        let carried: Vec<String> = self.applies.state.borrow().apps.keys().cloned().collect();
+        match self.leave().await {
+            Ok(()) => self.event(ControlEvent::LeftCluster {
+                our_voters: ours.len(),
+                their_voters: winner.len(),
+                carried,
+            }),
+            Err(e) => tracing::error!(error = %e, "leaving the control-plane cluster failed"),
         }
         true
     }
@@ -636,7 +702,10 @@ impl Control {
         let names: Vec<String> = new.iter().map(|c| c.spec.name.clone()).collect();
         let deploy = Command::Adopt { apps: new.clone() };
         match self.propose(deploy, Duration::from_secs(5)).await {
-            Ok(_) => tracing::info!(?names, "deployed appliances carried from a merged cluster"),
+            Ok(_) => {
+                tracing::info!(?names, "deployed appliances carried from a merged cluster");
+                self.event(ControlEvent::Adopted { names });
+            }
             Err(ControlError::Refused(why)) => {
                 tracing::warn!(?names, %why, "appliances carried from a merged cluster refused");
             }
@@ -840,7 +909,10 @@ impl Control {
             if !member && !reused && state.racks.contains_key(rack) {
                 let cmd = Command::ForgetRack { rack: rack.clone() };
                 match self.raft().client_write(cmd).await {
-                    Ok(_) => tracing::warn!(%rack, "forgot a revoked rack"),
+                    Ok(_) => {
+                        tracing::warn!(%rack, "forgot a revoked rack");
+                        self.event(ControlEvent::RackForgotten { rack: rack.clone() });
+                    }
                     Err(e) => tracing::warn!(%rack, error = %e, "forgetting a revoked rack"),
                 }
                 return;
@@ -910,6 +982,10 @@ impl Control {
             }
         }
         tracing::warn!(rack = %node.rack, %why, "removed from the control plane");
+        self.event(ControlEvent::VoterRemoved {
+            rack: node.rack.clone(),
+            why: why.clone(),
+        });
         self.voter_dead_since
             .lock()
             .expect("voter_dead_since lock")
@@ -919,8 +995,13 @@ impl Control {
             let cmd = Command::ForgetRack {
                 rack: node.rack.clone(),
             };
-            if let Err(e) = self.raft().client_write(cmd).await {
-                tracing::warn!(rack = %node.rack, error = %e, "forgetting a revoked rack");
+            match self.raft().client_write(cmd).await {
+                Ok(_) => self.event(ControlEvent::RackForgotten {
+                    rack: node.rack.clone(),
+                }),
+                Err(e) => {
+                    tracing::warn!(rack = %node.rack, error = %e, "forgetting a revoked rack");
+                }
             }
         }
     }

@@ -453,6 +453,7 @@ async fn two_clusters_formed_apart_merge_into_one() {
     }
 
     // The meshes meet: one cluster of both, with both appliances.
+    let mut events = [a.control.subscribe(), b.control.subscribe()];
     gate.open();
     until(Duration::from_secs(30), "one cluster of two", async || {
         [&a, &b]
@@ -480,6 +481,23 @@ async fn two_clusters_formed_apart_merge_into_one() {
     .await;
     let leaders: Vec<_> = [&a, &b].iter().map(|r| r.control.status().leader).collect();
     assert_eq!(leaders[0], leaders[1], "one leader");
+    // The rack that left said so, and adopted what it carried.
+    let mut seen = Vec::new();
+    until(Duration::from_secs(5), "the merge's events", async || {
+        for rx in &mut events {
+            while let Ok(ev) = rx.try_recv() {
+                seen.push(ev.kind());
+            }
+        }
+        (seen.len() >= 2).then_some(())
+    })
+    .await;
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        ["control_adopted", "control_left_cluster"],
+        "{seen:?}"
+    );
     for (app, before) in &epochs {
         let now = state_of(&a).apps[*app].epoch;
         assert!(

@@ -543,6 +543,13 @@ fn split_at_first_boot_merges_when_the_link_comes_up() -> Result<()> {
             std::thread::sleep(Duration::from_secs(3));
             let runs = check_witness(&scene.witness)?;
             println!("witness: {runs:?}");
+            let events = scene
+                .fleet
+                .cli(&scene.field, "c", &["events", "--limit", "500"])?;
+            ensure!(
+                events.contains("control_left_cluster") && events.contains("control_adopted"),
+                "c's event log does not show the merge"
+            );
             let records = check_records(&scene.image(&owner)?)?;
             println!(
                 "records in {owner}'s image: {} in epochs {:?}",

@@ -406,6 +406,11 @@ pub async fn run(
         cancel.child_token(),
     ));
     tasks.spawn(record_mesh_events(rack.clone(), cancel.child_token()));
+    tasks.spawn(record_control_events(
+        state.clone(),
+        control.subscribe(),
+        cancel.child_token(),
+    ));
     tasks.spawn(publish_power(rack.clone(), cancel.child_token()));
     tasks.spawn(volumes.run(config.role, cancel.child_token()));
     let supervisor_cancel = cancel.child_token();
@@ -432,6 +437,33 @@ pub async fn run(
         tracing::error!(error = %e, "final flush failed");
     }
     Ok(())
+}
+
+/// Record what the control plane does to the field's membership (merges,
+/// voters taken out, revoked racks forgotten) in the event log.
+async fn record_control_events(
+    state: crate::state::AgentState,
+    mut rx: tokio::sync::broadcast::Receiver<control::ControlEvent>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let ev = tokio::select! {
+            _ = cancel.cancelled() => return,
+            ev = rx.recv() => ev,
+        };
+        match ev {
+            Ok(ev) => {
+                let detail = serde_json::to_value(&ev).unwrap_or_default();
+                if let Err(e) = state.record_event(ev.kind(), detail) {
+                    tracing::warn!(error = %e, "cannot record a control event");
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "control event recorder lagged");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }
 
 /// Persist what the mesh learns: revocations (durably) and state changes
