@@ -580,24 +580,32 @@ impl Control {
         if ours.is_empty() {
             return false;
         }
-        // Every other live rack: strangers, and our own voters too (one
-        // that moved to another cluster tells us of it).
+        // Live racks outside our voters; and, while we have no leader, our
+        // own voters too (the leader may have moved to another cluster,
+        // leaving us behind). A healthy field asks nobody.
+        let heard = Instant::now()
+            .saturating_duration_since(*self.last_append.lock().expect("last_append lock"));
+        let leaderless = !self.is_leader() && heard > self.settings.heartbeat * 3;
         let others: Vec<PeerId> = self
             .live_peers()
             .await
             .into_iter()
             .map(|(p, _)| p)
-            .filter(|p| node_id(p) != self.id)
+            .filter(|p| node_id(p) != self.id && (leaderless || !ours.contains(&node_id(p))))
             .collect();
-        let mut winner: Option<BTreeSet<NodeId>> = None;
-        for peer in others {
-            let Ok(Reply::Hello { voters, .. }) = self
+        let hellos = others.into_iter().map(|peer| async move {
+            match self
                 .net
                 .call(peer, &Request::Hello, Duration::from_secs(1))
                 .await
-            else {
-                continue;
-            };
+            {
+                Ok(Reply::Hello { voters, .. }) => Some(voters),
+                _ => None,
+            }
+        });
+        let answers = futures::future::join_all(hellos).await;
+        let mut winner: Option<BTreeSet<NodeId>> = None;
+        for voters in answers.into_iter().flatten() {
             let theirs: BTreeSet<NodeId> = voters.into_iter().collect();
             // Another cluster: it is in none of ours and we are in none of
             // its. (Racks that already moved over sit in both lists: they
@@ -637,7 +645,8 @@ impl Control {
     }
 
     /// Forget this rack's cluster: keep its appliances' definitions to
-    /// carry over, stop Raft, wipe its state, start an empty node.
+    /// carry over, stop Raft, start an empty node on a new incarnation of
+    /// the store (fresh trees; the old ones are dropped at the next start).
     async fn leave(&self) -> Result<(), ControlError> {
         let specs: Vec<Carried> = self
             .applies
@@ -658,7 +667,8 @@ impl Control {
         if let Err(e) = old.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
-        crate::store::wipe(&self.db).map_err(|e| ControlError::Store(e.to_string()))?;
+        crate::store::leave_incarnation(&self.db)
+            .map_err(|e| ControlError::Store(e.to_string()))?;
         let log = LogStore::new(&self.db).map_err(|e| ControlError::Store(e.to_string()))?;
         let (sm, _) =
             StateMachine::open(&self.db, self.applies.leases.clone(), self.state_tx.clone())
@@ -838,14 +848,17 @@ impl Control {
                 peer_id: peer.to_base58(),
             };
             if !nodes.contains(&id) {
-                // Only a rack in no cluster: one in another cluster would
-                // refuse our calls (it leaves its cluster first if ours wins).
+                // Only a rack in no cluster, or one of ours that was taken
+                // out while it was dead (its stale voters overlap ours): a
+                // rack of another cluster would refuse our calls (it leaves
+                // its cluster first if ours wins).
                 match self
                     .net
                     .call(peer, &Request::Hello, Duration::from_secs(1))
                     .await
                 {
-                    Ok(Reply::Hello { voters, .. }) if voters.is_empty() => {}
+                    Ok(Reply::Hello { voters: theirs, .. })
+                        if theirs.is_empty() || theirs.iter().any(|v| voters.contains(v)) => {}
                     _ => continue,
                 }
                 let raft = self.raft();

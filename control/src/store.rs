@@ -55,28 +55,70 @@ fn put_json<T: Serialize>(tree: &sled::Tree, key: &[u8], v: &T) -> StorageResult
     Ok(())
 }
 
-/// Open (or create) the control plane's sled database.
+/// Open (or create) the control plane's sled database, dropping the trees
+/// of incarnations this rack left (see [`leave_incarnation`]).
 ///
 /// # Errors
 /// If sled cannot open it.
-/// Forget this rack's Raft log, vote and applied state (it leaves its
-/// cluster to join another). Call with no Raft node running on `db`.
+pub fn open_db(path: &std::path::Path) -> Result<sled::Db, sled::Error> {
+    let db = sled::Config::new()
+        .path(path)
+        .mode(sled::Mode::HighThroughput)
+        .open()?;
+    let current = incarnation(&db)?;
+    for name in db.tree_names() {
+        let Ok(name) = std::str::from_utf8(&name).map(str::to_owned) else {
+            continue;
+        };
+        let stale = TREES
+            .iter()
+            .any(|base| (0..current).any(|n| tree_name(base, n) == name));
+        if stale {
+            db.drop_tree(name.as_bytes())?;
+        }
+    }
+    Ok(db)
+}
+
+/// The trees one incarnation of the Raft node uses.
+const TREES: [&str; 3] = ["raft-log", "raft-meta", "raft-sm"];
+
+/// Where the current incarnation number is kept (default tree).
+const INCARNATION_KEY: &[u8] = b"control-incarnation";
+
+/// A tree's name in incarnation `n` (0: the names of the first).
+fn tree_name(base: &str, n: u64) -> String {
+    if n == 0 {
+        base.to_owned()
+    } else {
+        format!("{base}-{n}")
+    }
+}
+
+/// The current incarnation of this rack's Raft node.
 ///
 /// # Errors
 /// If sled fails.
-pub fn wipe(db: &sled::Db) -> Result<(), sled::Error> {
-    for name in ["raft-log", "raft-meta", "raft-sm"] {
-        db.open_tree(name)?.clear()?;
-    }
-    db.flush()?;
-    Ok(())
+pub fn incarnation(db: &sled::Db) -> Result<u64, sled::Error> {
+    Ok(db
+        .get(INCARNATION_KEY)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(0, u64::from_le_bytes))
 }
 
-pub fn open_db(path: &std::path::Path) -> Result<sled::Db, sled::Error> {
-    sled::Config::new()
-        .path(path)
-        .mode(sled::Mode::HighThroughput)
-        .open()
+/// Start a new, empty incarnation (this rack leaves its cluster to join
+/// another): later [`LogStore::new`] and [`StateMachine::open`] use fresh
+/// trees, so the stopping node's tasks, which may still write to the old
+/// ones, cannot touch the new node's state; the old trees are dropped at
+/// the next open. Durable before it returns.
+///
+/// # Errors
+/// If sled fails.
+pub fn leave_incarnation(db: &sled::Db) -> Result<u64, sled::Error> {
+    let next = incarnation(db)? + 1;
+    db.insert(INCARNATION_KEY, &next.to_le_bytes())?;
+    db.flush()?;
+    Ok(next)
 }
 
 /// The Raft log and vote.
@@ -92,9 +134,10 @@ impl LogStore {
     /// # Errors
     /// If sled cannot open its trees.
     pub fn new(db: &sled::Db) -> Result<Self, sled::Error> {
+        let n = incarnation(db)?;
         Ok(Self {
-            log: db.open_tree("raft-log")?,
-            meta: db.open_tree("raft-meta")?,
+            log: db.open_tree(tree_name(TREES[0], n))?,
+            meta: db.open_tree(tree_name(TREES[1], n))?,
         })
     }
 
@@ -259,7 +302,10 @@ impl StateMachine {
         leases: Arc<Mutex<LeaseWatch>>,
         tx: watch::Sender<Arc<FieldState>>,
     ) -> Result<(Self, Applies), String> {
-        let tree = db.open_tree("raft-sm").map_err(|e| e.to_string())?;
+        let n = incarnation(db).map_err(|e| e.to_string())?;
+        let tree = db
+            .open_tree(tree_name(TREES[2], n))
+            .map_err(|e| e.to_string())?;
         let applied: Applied = get_json(&tree, b"applied")
             .map_err(|e| e.to_string())?
             .unwrap_or_default();

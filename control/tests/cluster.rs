@@ -363,12 +363,24 @@ async fn start_rack(
     control_settings_of: impl FnOnce(&mut ControlSettings),
 ) -> Rack {
     let key = Keypair::generate_ed25519();
+    let dir = tempfile::tempdir().unwrap();
+    start_rack_in(fleet, name, key, dir, mesh_settings_of, control_settings_of).await
+}
+
+/// [`start_rack`] with a given identity and state directory (a restart).
+async fn start_rack_in(
+    fleet: &FleetKey,
+    name: &'static str,
+    key: Keypair,
+    dir: TempDir,
+    mesh_settings_of: impl FnOnce(&mut MeshSettings),
+    control_settings_of: impl FnOnce(&mut ControlSettings),
+) -> Rack {
     let peer = PeerId::from(key.public());
     let mut ms = mesh_settings(fleet, name, key, vec![]);
     mesh_settings_of(&mut ms);
     let mesh_cancel = CancellationToken::new();
     let (mesh, _) = mesh::start(ms, mesh_cancel.clone()).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
     let mut settings = ControlSettings::new(dir.path().join("control"), name);
     settings.heartbeat = Duration::from_millis(100);
     settings.election_timeout = Duration::from_millis(600);
@@ -376,9 +388,19 @@ async fn start_rack(
     settings.plan_every = Duration::from_millis(200);
     control_settings_of(&mut settings);
     let control_cancel = CancellationToken::new();
-    let control = Control::start(settings, mesh.clone(), peer, control_cancel.clone())
-        .await
-        .unwrap();
+    // A restarted rack's store may still be held by its stopping
+    // predecessor's tasks (a new process would not wait).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let control = loop {
+        match Control::start(settings.clone(), mesh.clone(), peer, control_cancel.clone()).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "control store busy; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("starting the control plane: {e}"),
+        }
+    };
     Rack {
         name,
         peer,

@@ -81,6 +81,19 @@ impl Scene {
         self.fleet.status(&self.field, rack)
     }
 
+    /// Waits until every rack sees one control plane of all racks as
+    /// voters, with a leader; how long that took.
+    fn control_of_all(&self, within: Duration) -> Result<Duration> {
+        wait_until(within, "a control plane of every rack", || {
+            for rack in RACKS {
+                if !self.status(rack)?.has_control_of(RACKS.len()) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+    }
+
     /// The appliance as `rack` sees it.
     fn app(&self, rack: &str) -> Result<ApplianceStatus> {
         self.status(rack)?
@@ -127,14 +140,7 @@ impl Scene {
     /// runs and a replica holds a few generations. Returns its owner and
     /// epoch.
     fn deploy(&self) -> Result<(String, u64)> {
-        let took = wait_until(CONTROL_TIMEOUT, "a control plane of 3 voters", || {
-            for rack in RACKS {
-                if !self.status(rack)?.has_control_of(RACKS.len()) {
-                    return Ok(false);
-                }
-            }
-            Ok(true)
-        })?;
+        let took = self.control_of_all(CONTROL_TIMEOUT)?;
         println!(
             "control plane of 3 voters after {:.1} s",
             took.as_secs_f64()
@@ -262,13 +268,13 @@ impl Scene {
 /// Runs `body` on a freshly started 3-rack fleet; on failure prints
 /// statuses and the agents' log tails and keeps their dir.
 fn scenario(body: impl FnOnce(&mut Scene) -> Result<()>) -> Result<()> {
-    scenario_with(|_| Ok(()), body)
+    scenario_with(|_, _| Ok(()), body)
 }
 
-/// [`scenario`], with `prepare` applied to the field before the agents
-/// start (a fault present from first boot).
+/// [`scenario`], with `prepare` applied to the field and the configs
+/// before the agents start (a fault present from first boot, a setting).
 fn scenario_with(
-    prepare: impl FnOnce(&Field) -> Result<()>,
+    prepare: impl FnOnce(&Field, &Fleet) -> Result<()>,
     body: impl FnOnce(&mut Scene) -> Result<()>,
 ) -> Result<()> {
     if let Err(why) = field_tests::available() {
@@ -281,7 +287,7 @@ fn scenario_with(
     let fleet = Fleet::provision(&RACKS)?;
     fleet.edit_configs("snapshot_interval_s = 10", "snapshot_interval_s = 1")?;
     let witness = fleet.dir().join("witness.log");
-    prepare(&field)?;
+    prepare(&field, &fleet)?;
     let agents = fleet.start_all(&field)?;
     let mut scene = Scene {
         agents,
@@ -487,7 +493,7 @@ fn one_cut_link() -> Result<()> {
 #[test]
 fn split_at_first_boot_merges_when_the_link_comes_up() -> Result<()> {
     scenario_with(
-        |field| field.isolate("c"),
+        |field, _| field.isolate("c"),
         |scene| {
             wait_until(CONTROL_TIMEOUT, "a+b and c formed apart", || {
                 Ok(scene.status("a")?.has_control_of(2)
@@ -508,14 +514,7 @@ fn split_at_first_boot_merges_when_the_link_comes_up() -> Result<()> {
             std::thread::sleep(Duration::from_secs(3));
             scene.field.heal_all()?;
             let healed = Instant::now();
-            let took = wait_until(CONTROL_TIMEOUT, "one control plane of three", || {
-                for rack in RACKS {
-                    if !scene.status(rack)?.has_control_of(3) {
-                        return Ok(false);
-                    }
-                }
-                Ok(true)
-            })?;
+            let took = scene.control_of_all(CONTROL_TIMEOUT)?;
             println!(
                 "one control plane of 3 voters {:.1} s after the link came up",
                 took.as_secs_f64()
@@ -554,6 +553,52 @@ fn split_at_first_boot_merges_when_the_link_comes_up() -> Result<()> {
             println!(
                 "records in {owner}'s image: {} in epochs {:?}",
                 records.count, records.epochs
+            );
+            Ok(())
+        },
+    )
+}
+
+/// A rack dead for longer than `remove_dead_voter_after_s` leaves the
+/// control plane's voters (so the field keeps a majority for its next
+/// loss), and is a voter again once it is back.
+#[test]
+fn a_rack_long_dead_leaves_the_voters_and_returns() -> Result<()> {
+    scenario_with(
+        |_, fleet| {
+            fleet.edit_configs(
+                "remove_dead_voter_after_s = 600",
+                "remove_dead_voter_after_s = 5",
+            )
+        },
+        |scene| {
+            scene.control_of_all(CONTROL_TIMEOUT)?;
+            scene.field.isolate("c")?;
+            let took = wait_until(Duration::from_secs(60), "c out of the voters", || {
+                Ok(scene.status("a")?.has_control_of(2) && scene.status("b")?.has_control_of(2))
+            })?;
+            println!(
+                "c out of the voters {:.1} s after it was cut off",
+                took.as_secs_f64()
+            );
+            // The leader (a or b) took it out and recorded it.
+            let mut logged = false;
+            for rack in ["a", "b"] {
+                let events = scene
+                    .fleet
+                    .cli(&scene.field, rack, &["events", "--limit", "500"])?;
+                logged |= events.contains("control_voter_removed");
+            }
+            ensure!(logged, "no event log shows c taken out");
+            scene.field.heal_all()?;
+            let took = scene.control_of_all(CONTROL_TIMEOUT)?;
+            println!("c a voter again {:.1} s after the heal", took.as_secs_f64());
+            let left = scene
+                .fleet
+                .cli(&scene.field, "c", &["events", "--limit", "500"])?;
+            ensure!(
+                !left.contains("control_left_cluster"),
+                "c left its cluster instead of rejoining it"
             );
             Ok(())
         },

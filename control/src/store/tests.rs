@@ -479,3 +479,43 @@ async fn truncate_purge_and_vote_survive_a_reopen() {
     assert_eq!(st.last_log_id, Some(last_left));
     assert!(log.try_get_log_entries(0..).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_new_incarnation_starts_empty_and_the_old_one_goes_at_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = open(dir.path());
+        let (mut sm, _) = open_sm(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+        sm.apply([membership_entry(1, 1), normal(1, 2, deploy_cmd(&["db"]))])
+            .await
+            .unwrap();
+        let mut log = LogStore::new(&db).unwrap();
+        log.save_vote(&openraft::Vote::new(3, 1)).await.unwrap();
+        // Leave: what the old node's tasks still hold is theirs alone.
+        assert_eq!(crate::store::leave_incarnation(&db).unwrap(), 1);
+        sm.apply([normal(1, 3, deploy_cmd(&["late"]))])
+            .await
+            .unwrap();
+        let (mut fresh, applies) = open_sm(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+        assert!(
+            applies.state.borrow().apps.is_empty(),
+            "a new node starts empty"
+        );
+        assert_eq!(fresh.applied_state().await.unwrap().0, None);
+        let mut log = LogStore::new(&db).unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), None);
+    }
+    let db = open(dir.path());
+    assert_eq!(crate::store::incarnation(&db).unwrap(), 1);
+    let names: Vec<String> = db
+        .tree_names()
+        .iter()
+        .filter_map(|n| String::from_utf8(n.to_vec()).ok())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n == "raft-sm" || n == "raft-log"),
+        "{names:?}"
+    );
+    let (_, applies) = open_sm(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+    assert!(applies.state.borrow().apps.is_empty());
+}

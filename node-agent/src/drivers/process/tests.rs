@@ -312,7 +312,10 @@ async fn leftovers_of_an_earlier_run_are_killed_only_if_ours() {
     drop(inst);
 
     // A leftover that left the group (setsid), its group gone: found by
-    // its environment.
+    // its environment. (The same run dir: the last run's files go first.)
+    for f in ["ready", "child.pid"] {
+        let _ = std::fs::remove_file(run_dir.join(f));
+    }
     let mut inst = start_ready(
         &run_dir,
         &sh(
