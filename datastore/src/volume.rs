@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use image::MaterialiseError;
-pub use names::{parse_size, validate_name, NameError, SizeError, MAX_NAME_LEN};
+pub use names::{validate_name, NameError, MAX_NAME_LEN};
 
 use crate::chunk_store::{ChunkStore, ChunkStoreError, ChunkStoreOptions, GcReport, ScrubReport};
 use crate::fsutil::{self, TempFile};

@@ -579,18 +579,31 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Parse a size: plain bytes or `<digits>[K|M|G|T][i][B]` (binary,
-/// case-insensitive), like `fieldrack volume create --size`.
+/// Why a size string is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SizeError {
+    /// Not `<digits>[K|M|G|T][i][B]`.
+    #[error("size {0:?} is not a number with an optional K, M, G or T suffix")]
+    Syntax(String),
+    /// Does not fit in 64 bits.
+    #[error("size {0:?} is too large")]
+    Overflow(String),
+}
+
+/// Parse a size as operators write it (manifests, `fieldrack volume
+/// create --size`): `4G`, `64M`, `512K`, `1T`, `4096`; suffixes are binary
+/// (K = 1024) and may be followed by `i` and/or `B` (`4GiB`, `4GB`);
+/// case-insensitive.
 ///
 /// # Errors
-/// Why, as text.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+/// [`SizeError`].
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits_end);
-    let syntax = || format!("size {s:?} is not a number with an optional K, M, G or T suffix");
     if num.is_empty() {
-        return Err(syntax());
+        return Err(SizeError::Syntax(s.to_owned()));
     }
     let suffix = suffix.trim().to_ascii_lowercase();
     let suffix = suffix.strip_suffix('b').unwrap_or(&suffix);
@@ -601,11 +614,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "m" => 20,
         "g" => 30,
         "t" => 40,
-        _ => return Err(syntax()),
+        _ => return Err(SizeError::Syntax(s.to_owned())),
     };
-    let too_large = || format!("size {s:?} is too large");
-    let n: u64 = num.parse().map_err(|_| too_large())?;
-    n.checked_mul(1u64 << shift).ok_or_else(too_large)
+    let n: u64 = num.parse().map_err(|_| SizeError::Overflow(s.to_owned()))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| SizeError::Overflow(s.to_owned()))
 }
 
 fn deserialize_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -1151,20 +1164,26 @@ size = 4096
     #[test]
     fn sizes() {
         assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("64m"), Ok(64 << 20));
         assert_eq!(parse_size("4G"), Ok(4 << 30));
         assert_eq!(parse_size("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_size("4 GB"), Ok(4 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
         assert_eq!(parse_size("8k"), Ok(8192));
         assert_eq!(parse_size("4096"), Ok(4096));
-        for bad in [
-            "",
-            "M",
-            "4X",
-            "4.5G",
-            "-4G",
-            "99999999999999999999",
-            "20000000T",
-        ] {
-            assert!(parse_size(bad).is_err(), "{bad}");
+        assert_eq!(parse_size(" 8B "), Ok(8));
+        for bad in ["", "M", "G", "4X", "4.5G", "-4G", "4GG", "4iG"] {
+            assert!(
+                matches!(parse_size(bad), Err(SizeError::Syntax(_))),
+                "{bad}"
+            );
+        }
+        for big in ["99999999999999999999", "20000000T"] {
+            assert!(
+                matches!(parse_size(big), Err(SizeError::Overflow(_))),
+                "{big}"
+            );
         }
         let neg = error_of(&with("[[appliance.volume]]\nname = \"v\"\nsize = -4096\n"));
         assert!(neg.contains("negative"), "{neg}");

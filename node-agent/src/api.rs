@@ -276,7 +276,7 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
                 Ok(c) => c,
                 Err(resp) => return resp,
             };
-            let size = match datastore::parse_size(&c.size) {
+            let size = match deploy::appliance::parse_size(&c.size) {
                 Ok(s) => s,
                 Err(e) => return error(StatusCode::BAD_REQUEST, format!("size: {e}")),
             };

@@ -59,7 +59,7 @@ fn distinct_nonzero_chunks(data: &[u8]) -> HashSet<ChunkId> {
 fn create_makes_a_sparse_owned_volume() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let info = s.create("web-01", parse_size("64M").unwrap()).unwrap();
+    let info = s.create("web-01", 64 << 20).unwrap();
     assert_eq!(info.generation, 0);
     let meta = std::fs::metadata(s.image_path("web-01")).unwrap();
     assert_eq!(meta.len(), 64 << 20);
