@@ -253,6 +253,19 @@ impl std::fmt::Debug for Instance {
 }
 
 impl Instance {
+    /// A just-spawned appliance, tracked as a plain process.
+    pub(crate) fn spawned(name: &str, s: Spawned) -> Self {
+        Self {
+            name: name.to_owned(),
+            pid: s.pid,
+            child: s.child,
+            group: s.group,
+            exit: None,
+            log_pump: Some(s.log_pump),
+            kind: Kind::Process,
+        }
+    }
+
     /// The appliance's main process (also its process group id).
     pub fn pid(&self) -> u32 {
         self.pid

@@ -16,8 +16,7 @@ use deploy::appliance::volume_env_name;
 use nix::sys::signal::Signal;
 
 use super::{
-    procfs, spawn_appliance, DriverError, Group, Instance, Kind, LaunchSpec, DEFAULT_PATH,
-    RUN_DIR_ENV,
+    procfs, spawn_appliance, DriverError, Group, Instance, LaunchSpec, DEFAULT_PATH, RUN_DIR_ENV,
 };
 
 /// How long a pause may take to see every thread of the group stopped
@@ -42,15 +41,7 @@ pub async fn launch(l: LaunchSpec<'_>) -> Result<Instance, DriverError> {
     let env = environment(&l);
     let s = spawn_appliance(&l, &spec.command, &env).await?;
     tracing::info!(appliance = %spec.name, pid = s.pid, epoch = l.epoch, log = %s.log_path.display(), "process appliance started");
-    Ok(Instance {
-        name: spec.name.clone(),
-        pid: s.pid,
-        child: s.child,
-        group: s.group,
-        exit: None,
-        log_pump: Some(s.log_pump),
-        kind: Kind::Process,
-    })
+    Ok(Instance::spawned(&spec.name, s))
 }
 
 /// Every volume of the spec has exactly one path, and nothing else does.

@@ -228,15 +228,9 @@ pub async fn launch(l: LaunchSpec<'_>, accel: Accel) -> Result<Instance, DriverE
 
     let env = vec![("PATH".to_string(), agent_path)];
     let s = spawn_appliance(&l, &argv, &env).await?;
-    let mut instance = Instance {
-        name: spec.name.clone(),
-        pid: s.pid,
-        child: s.child,
-        group: s.group,
-        exit: None,
-        log_pump: Some(s.log_pump),
-        kind: Kind::Process,
-    };
+    let log_path = s.log_path.clone();
+    // A plain process until its monitor answers (then `Kind::Qemu`).
+    let mut instance = Instance::spawned(&spec.name, s);
     let qmp = match connect_monitor(&mut instance, &qmp_socket).await {
         Ok(q) => q,
         Err(e) => {
@@ -246,7 +240,7 @@ pub async fn launch(l: LaunchSpec<'_>, accel: Accel) -> Result<Instance, DriverE
                 None => DriverError::QemuExited {
                     appliance: spec.name.clone(),
                     exit,
-                    log_tail: log_tail(&s.log_path, 5),
+                    log_tail: log_tail(&log_path, 5),
                 },
                 Some(e) => e,
             });
@@ -256,7 +250,7 @@ pub async fn launch(l: LaunchSpec<'_>, accel: Accel) -> Result<Instance, DriverE
         Ok(v) if v["enabled"] == json!(true) => "kvm",
         _ => "tcg",
     };
-    tracing::info!(appliance = %spec.name, pid = s.pid, accel, epoch = l.epoch, "VM appliance started");
+    tracing::info!(appliance = %spec.name, pid = instance.pid(), accel, epoch = l.epoch, "VM appliance started");
     instance.kind = Kind::Qemu(Vm {
         qmp,
         accel: accel.into(),

@@ -42,17 +42,23 @@ fn node_names_fit_qemu() {
     assert_eq!(n, drive_id(&long), "stable");
 }
 
+/// A 16 MiB sparse disk image in `dir`.
+fn sparse_image(dir: &Path) -> std::path::PathBuf {
+    let image = dir.join("x.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    image
+}
+
 #[tokio::test]
 async fn vm_runs_pauses_captures_and_stops() {
     if qemu_missing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("x.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    let image = sparse_image(dir.path());
     let spec = vm_spec(128);
     let mut inst = launch(
         LaunchSpec {
@@ -130,11 +136,7 @@ async fn qemu_failing_at_start_reports_its_log() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("x.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    let image = sparse_image(dir.path());
     // More memory than x86_64 can address.
     let spec = vm_spec(1 << 40);
     let e = launch(
