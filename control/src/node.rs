@@ -493,10 +493,7 @@ impl Control {
     /// rack). Not only the ones this rack is connected to: a rack that
     /// only reaches the field through another (one radio link) is reached
     /// through a relay.
-    async fn live_peers(&self) -> Vec<(PeerId, String)> {
-        let Ok(status) = self.mesh.status().await else {
-            return Vec::new();
-        };
+    fn live_peers(status: &mesh::MeshStatus) -> Vec<(PeerId, String)> {
         let revoked: BTreeSet<PeerId> = status.revoked_peers.iter().map(|(p, _)| *p).collect();
         status
             .peers
@@ -523,14 +520,18 @@ impl Control {
                 }
                 continue;
             }
-            if self.merge().await {
+            // One view of the mesh for this round's checks.
+            let Ok(status) = self.mesh.status().await else {
+                continue;
+            };
+            if self.merge(&status).await {
                 continue;
             }
             self.left.lock().expect("left lock").clear();
             self.deploy_carried().await;
             if self.is_leader() {
-                self.grow().await;
-                self.shrink().await;
+                self.grow(&status).await;
+                self.shrink(&status).await;
             }
         }
     }
@@ -575,7 +576,7 @@ impl Control {
     /// winner has appliances of the same names). Its appliances stop when
     /// its cluster state empties; the winner places them again. Returns
     /// whether this rack left.
-    async fn merge(&self) -> bool {
+    async fn merge(&self, status: &mesh::MeshStatus) -> bool {
         let ours = self.voters();
         if ours.is_empty() {
             return false;
@@ -586,9 +587,7 @@ impl Control {
         let heard = Instant::now()
             .saturating_duration_since(*self.last_append.lock().expect("last_append lock"));
         let leaderless = !self.is_leader() && heard > self.settings.heartbeat * 3;
-        let others: Vec<PeerId> = self
-            .live_peers()
-            .await
+        let others: Vec<PeerId> = Self::live_peers(status)
             .into_iter()
             .map(|(p, _)| p)
             .filter(|p| node_id(p) != self.id && (leaderless || !ours.contains(&node_id(p))))
@@ -829,7 +828,7 @@ impl Control {
     }
 
     /// On the leader: make every live admitted rack a voter.
-    async fn grow(&self) {
+    async fn grow(&self, status: &mesh::MeshStatus) {
         let (voters, nodes) = {
             let m = self.raft().metrics();
             let m = m.borrow();
@@ -838,7 +837,7 @@ impl Control {
             let nodes: BTreeSet<NodeId> = mem.nodes().map(|(k, _)| *k).collect();
             (voters, nodes)
         };
-        for (peer, rack) in self.live_peers().await {
+        for (peer, rack) in Self::live_peers(status) {
             let id = node_id(&peer);
             if voters.contains(&id) {
                 continue;
@@ -891,7 +890,7 @@ impl Control {
     /// revoked (and forget its report), or a voter dead for
     /// `remove_dead_after` (growth adds it back if it returns). Never
     /// itself; one change at a time.
-    async fn shrink(&self) {
+    async fn shrink(&self, status: &mesh::MeshStatus) {
         let nodes: Vec<(NodeId, RackNode, bool)> = {
             let m = self.raft().metrics();
             let m = m.borrow();
@@ -901,9 +900,6 @@ impl Control {
                 .filter(|(id, _)| **id != self.id)
                 .map(|(id, n)| (*id, n.clone(), voters.contains(id)))
                 .collect()
-        };
-        let Ok(status) = self.mesh.status().await else {
-            return;
         };
         let revoked: BTreeSet<String> = status
             .revoked_peers
