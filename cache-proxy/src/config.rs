@@ -29,6 +29,11 @@ pub struct Config {
     /// `[[tile_source]]`: upstream tile servers served under `/tiles/{name}/`.
     #[serde(default)]
     pub tile_source: Vec<TileSource>,
+    /// The embedding agent's other listening sockets (admin API, mesh): the
+    /// destination policy always refuses them, like the proxy's own. Not a
+    /// `rack.toml` key: the agent fills it from its own configuration.
+    #[serde(skip)]
+    pub reserved_sockets: Vec<SocketAddr>,
 }
 
 /// `[proxy]`: the forward proxy, its cache and the backhaul it uses.
@@ -54,6 +59,29 @@ pub struct ProxyConfig {
     /// Operator switch: behave as if the backhaul were down (serve only from
     /// the cache and the mesh, never touch the satellite link).
     pub offline: bool,
+    /// Internal destinations (CIDRs) a client's forward-proxy request or
+    /// `CONNECT` may reach anyway: a site intranet, `10.20.0.0/16`. Without
+    /// an entry, loopback, link-local, private and reserved addresses are
+    /// refused (403). The rack's own listening sockets and own addresses are
+    /// refused whatever this says.
+    pub allow_destinations: Vec<String>,
+    /// Ports `CONNECT` may open tunnels to.
+    pub connect_ports: Vec<u16>,
+    /// A client must send a complete request head within this (ms) of
+    /// connecting or of its previous response: also the keep-alive idle
+    /// limit.
+    pub header_timeout_ms: u64,
+    /// A request or `CONNECT` tunnel during which no byte moves either way
+    /// for this long (ms) is closed (a stalled upload, a client that stopped
+    /// reading, an idle tunnel).
+    pub idle_timeout_ms: u64,
+    /// Connections at once from one client address; more are answered 429
+    /// and closed.
+    pub max_connections_per_client: usize,
+    /// Connections at once in all. 0: derived from the process's open-file
+    /// limit (see [`crate::listener::connection_cap`]), so a flood of the proxy
+    /// leaves descriptors for the admin API and the mesh.
+    pub max_connections: usize,
     /// The satellite link: budget, probes, timeouts.
     pub backhaul: BackhaulConfig,
 }
@@ -67,6 +95,12 @@ impl Default for ProxyConfig {
             max_cache_bytes: 20 * 1024 * 1024 * 1024,
             allow_networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
             offline: false,
+            allow_destinations: Vec::new(),
+            connect_ports: vec![443],
+            header_timeout_ms: 10_000,
+            idle_timeout_ms: 120_000,
+            max_connections_per_client: 128,
+            max_connections: 0,
             backhaul: BackhaulConfig::default(),
         }
     }
@@ -246,6 +280,22 @@ pub enum ConfigError {
         /// The offending text.
         value: String,
     },
+    /// `proxy.allow_destinations[i]` is not a CIDR.
+    #[error("proxy.allow_destinations[{index}]: {value:?} is not an address or CIDR")]
+    BadDestination {
+        /// Index in the list.
+        index: usize,
+        /// The offending text.
+        value: String,
+    },
+    /// A `[proxy]` number out of its range.
+    #[error("proxy.{field}: {reason}")]
+    OutOfRange {
+        /// The key.
+        field: &'static str,
+        /// The accepted range.
+        reason: &'static str,
+    },
     /// `proxy.name` has characters that do not fit in a header token.
     #[error("proxy.name: {0:?} must be 1-64 chars of [a-zA-Z0-9._-]")]
     BadName(String),
@@ -284,6 +334,47 @@ impl Config {
                 });
             }
         }
+        for (index, value) in self.proxy.allow_destinations.iter().enumerate() {
+            if Cidr::parse(value).is_none() {
+                return Err(ConfigError::BadDestination {
+                    index,
+                    value: value.clone(),
+                });
+            }
+        }
+        let p = &self.proxy;
+        let range = |field, ok: bool, reason| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::OutOfRange { field, reason })
+            }
+        };
+        range(
+            "connect_ports",
+            !p.connect_ports.contains(&0),
+            "ports are 1-65535",
+        )?;
+        range(
+            "header_timeout_ms",
+            (100..=600_000).contains(&p.header_timeout_ms),
+            "between 100 and 600000",
+        )?;
+        range(
+            "idle_timeout_ms",
+            (100..=86_400_000).contains(&p.idle_timeout_ms),
+            "between 100 and 86400000",
+        )?;
+        range(
+            "max_connections_per_client",
+            (1..=crate::server::MAX_CONNECTIONS).contains(&p.max_connections_per_client),
+            "between 1 and 4096",
+        )?;
+        range(
+            "max_connections",
+            p.max_connections <= crate::server::MAX_CONNECTIONS,
+            "at most 4096 (0 derives it from the open-file limit)",
+        )?;
         let mut seen = std::collections::HashSet::new();
         for (index, s) in self.tile_source.iter().enumerate() {
             let bad = |field, reason: &str| ConfigError::BadTileSource {

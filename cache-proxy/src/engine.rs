@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::budget::{Budget, Class};
 use crate::config::TileSource;
-use crate::flight::{FailKind, Flight, Flights, Head};
+use crate::flight::{FailKind, Flight, Flights, Head, Subscriber};
 use crate::health::Health;
 use crate::http_cache::{self, evaluate, CacheStatus, Fwd, Stored, Verdict};
 use crate::mesh::{PeerDirectory, PeerObject, Replicator};
@@ -39,6 +39,11 @@ pub const MAX_PEER_TRIES: usize = 2;
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upstream body silence that aborts a fetch.
 pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bodies up to this size (declared `Content-Length`) are answered once
+/// stored, so `Cache-Status` can say `stored` truthfully; a tile waits for
+/// one group commit. Larger or streamed bodies are answered at once and make
+/// no claim.
+pub const CONFIRM_STORED_BYTES: usize = 256 * 1024;
 /// Background revalidations (stale-while-revalidate) at once; beyond this
 /// they are skipped (the next request tries again).
 pub const MAX_BACKGROUND_REVALIDATIONS: usize = 64;
@@ -369,13 +374,15 @@ impl Engine {
         if stored.is_none() && !usable && self.peers.candidates(&kh).is_empty() {
             return self.offline_504(fwd);
         }
-        let (flight, leader) = self.flights.join(&kh);
+        // Subscribed before the fetch starts: a fetch with no subscriber
+        // for a body it will not store is abandoned.
+        let (flight, sub, leader) = self.flights.join(&kh);
         if leader {
-            self.start_fetch(&req, kh, stored.clone(), flight.clone(), usable);
+            self.start_fetch(&req, kh, stored.clone(), flight, usable);
         } else {
             Self::inc(&self.counters.coalesced);
         }
-        self.answer_from_flight(req, kh, stored, &flight, !leader, fwd)
+        self.answer_from_flight(req, kh, stored, sub, !leader, fwd)
             .await
     }
 
@@ -383,7 +390,9 @@ impl Engine {
         let Ok(permit) = self.background.clone().try_acquire_owned() else {
             return;
         };
-        let (flight, leader) = self.flights.join(&kh);
+        // Nobody waits on a background revalidation: if its answer will
+        // not be stored, it is abandoned as soon as that is known.
+        let (flight, _nobody, leader) = self.flights.join(&kh);
         if !leader {
             return; // someone is already fetching it
         }
@@ -414,12 +423,11 @@ impl Engine {
         req: CacheRequest,
         kh: KeyHash,
         stored: Option<Object>,
-        flight: &Arc<Flight>,
+        mut sub: Subscriber,
         collapsed: bool,
         fwd: Fwd,
     ) -> Response<Body> {
         let now = (self.clock)();
-        let mut sub = flight.subscribe();
         let stale_fallback =
             |kind_unreachable: bool, fwd_status: Option<u16>| -> Option<Response<Body>> {
                 let obj = stored.as_ref()?;
@@ -478,6 +486,9 @@ impl Engine {
                     CacheStatus::default(),
                 ),
             },
+            Head::Failed(FailKind::Refused(r)) => {
+                crate::server::refused(self, r, &req.target.authority())
+            }
             Head::Failed(kind) => {
                 let unreachable = matches!(
                     kind,
@@ -511,6 +522,7 @@ impl Engine {
                         "503 Service Unavailable: today's satellite backhaul quota is used up; only cached content is available.",
                         cs,
                     ),
+                    FailKind::Refused(r) => crate::server::refused(self, r, &req.target.authority()),
                     FailKind::WrongContent => self.error_response(
                         StatusCode::BAD_GATEWAY,
                         "502 Bad Gateway: the tile source answered with something that is not a tile (a captive portal or login page?); not stored.",
@@ -538,11 +550,21 @@ impl Engine {
                     response_time,
                 };
                 headers.insert(header::AGE, HeaderValue::from(st.current_age(now)));
+                // `stored` only when it was: for a small body (a tile) the
+                // answer waits for the store; a large or streamed one is
+                // answered at once, without the claim.
+                let small = from_peer
+                    || headers
+                        .get(header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .is_some_and(|n| n <= CONFIRM_STORED_BYTES);
+                let was_stored = storing && small && sub.stored().await;
                 let cs = CacheStatus {
                     fwd: Some(fwd),
                     fwd_status: Some(status),
                     ttl: storing.then(|| st.ttl(now)),
-                    stored: storing,
+                    stored: was_stored,
                     collapsed,
                     detail: from_peer.then_some("peer"),
                     ..Default::default()
@@ -577,6 +599,8 @@ impl Engine {
     }
 
     /// The flight leader's work: peers, then the backhaul; store; replicate.
+    /// The table entry goes once the outcome is known (stored or not), so
+    /// later requests find the object in the store.
     async fn fetch(
         self: Arc<Self>,
         req: CacheRequest,
@@ -616,13 +640,25 @@ impl Engine {
                 request_time: obj.meta.request_time,
                 response_time: obj.meta.response_time,
             });
-            flight.push(obj.body.clone(), &self.flights, &kh);
+            let fits = matches!(
+                flight.push(obj.body.clone(), &self.flights, &kh).await,
+                Ok(true)
+            );
             flight.finish(true);
             let mut meta = obj.meta;
             meta.pinned = false;
-            if let Err(e) = self.store.put(kh, meta, obj.body).await {
-                tracing::warn!(error = %e, "storing a peer's object failed");
+            let ok = fits
+                && match self.store.put(kh, meta, obj.body).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "storing a peer's object failed");
+                        false
+                    }
+                };
+            if !ok {
+                Self::inc(&self.counters.not_stored);
             }
+            flight.set_stored(ok);
             return true;
         }
         false
@@ -692,6 +728,7 @@ impl Engine {
                     tracing::debug!(target = %req.target.authority(), error = %e, "upstream fetch failed");
                     let kind = match e {
                         FetchError::Offline => FailKind::Offline,
+                        FetchError::Refused(r) => FailKind::Refused(r),
                         e if e.is_link_failure() => FailKind::Unreachable,
                         _ => FailKind::Upstream,
                     };
@@ -764,9 +801,23 @@ impl Engine {
                 request_time,
                 response_time,
             });
-            let mut buf: Vec<u8> = Vec::with_capacity(declared.unwrap_or(0).min(MAX_OBJECT_BYTES));
+            if !storing {
+                flight.stop_keeping(&self.flights, &kh);
+            }
+            // The flight holds the only copy of the body while it arrives.
             loop {
-                match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
+                let frame = tokio::select! {
+                    f = tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()) => f,
+                    _ = flight.readers_gone(), if !storing => {
+                        // Nobody waits and it will not be stored: stop the
+                        // transfer (dropping the body closes the connection).
+                        Self::inc(&self.counters.abandoned_fetches);
+                        tracing::debug!(target = %req.target.authority(), "fetch abandoned: no waiter left");
+                        flight.finish(false);
+                        return;
+                    }
+                };
+                match frame {
                     Ok(Some(Ok(frame))) => {
                         let Ok(data) = frame.into_data() else {
                             continue;
@@ -775,12 +826,20 @@ impl Engine {
                         self.counters
                             .upstream_bytes
                             .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        if storing {
-                            buf.extend_from_slice(&data);
-                        }
-                        if !flight.push(data, &self.flights, &kh) {
-                            storing = false;
-                            buf = Vec::new();
+                        match flight.push(data, &self.flights, &kh).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                if storing {
+                                    Self::inc(&self.counters.not_stored);
+                                }
+                                storing = false;
+                            }
+                            Err(e) => {
+                                Self::inc(&self.counters.abandoned_fetches);
+                                tracing::debug!(target = %req.target.authority(), error = %e, "fetch abandoned");
+                                flight.finish(false);
+                                return;
+                            }
                         }
                     }
                     Ok(None) => break,
@@ -793,18 +852,22 @@ impl Engine {
             }
             flight.finish(true);
             self.client.release(conn);
-            if storing {
-                self.store_response(
-                    req,
-                    kh,
-                    status,
-                    headers,
-                    request_time,
-                    response_time,
-                    Bytes::from(buf),
-                )
-                .await;
-            }
+            let ok = match flight.body().filter(|_| storing) {
+                Some(body) => {
+                    self.store_response(
+                        req,
+                        kh,
+                        status,
+                        headers,
+                        request_time,
+                        response_time,
+                        body,
+                    )
+                    .await
+                }
+                None => false,
+            };
+            flight.set_stored(ok);
             return;
         }
         flight.set_head(Head::Failed(FailKind::Upstream));
@@ -820,7 +883,7 @@ impl Engine {
         request_time: u64,
         response_time: u64,
         body: Bytes,
-    ) {
+    ) -> bool {
         let mut key = kh;
         if req.tile.is_none() {
             let primary = key_hash(&req.key);
@@ -854,8 +917,13 @@ impl Engine {
                 if let Some(obj) = replicate {
                     self.replicator.replicate(&key, &obj);
                 }
+                true
             }
-            Err(e) => tracing::warn!(error = %e, "storing a response failed"),
+            Err(e) => {
+                Self::inc(&self.counters.not_stored);
+                tracing::warn!(error = %e, "storing a response failed");
+                false
+            }
         }
     }
 
@@ -896,6 +964,9 @@ impl Engine {
         Self::inc(&self.counters.upstream_requests);
         let (resp, _conn) = match self.client.send(&target, r).await {
             Ok(x) => x,
+            Err(FetchError::Refused(r)) => {
+                return crate::server::refused(self, r, &target.authority())
+            }
             Err(e) => {
                 let status = if e.is_link_failure() {
                     StatusCode::GATEWAY_TIMEOUT

@@ -25,6 +25,8 @@
 //! - [`seed`]: bulk seeding of a region (resumable, rate-limited).
 //! - [`mbtiles`]: MBTiles and PMTiles import (pinned, offline-ready), MBTiles export.
 //! - [`pmtiles`]: PMTiles v3 reader (validating) and a minimal writer.
+//! - [`policy`]: where the proxy may connect on a client's behalf (sans-IO).
+//! - [`listener`]: connection caps (global, per client) and idle timeouts.
 //! - [`engine`]: the caching pipeline.
 //! - [`server`]: hyper server, routing, CONNECT, PAC, prober.
 //! - [`stats`]: status document and Prometheus counters.
@@ -35,9 +37,11 @@ pub mod engine;
 pub mod flight;
 pub mod health;
 pub mod http_cache;
+pub mod listener;
 pub mod mbtiles;
 pub mod mesh;
 pub mod pmtiles;
+pub mod policy;
 pub mod seed;
 pub mod server;
 pub mod stats;
@@ -153,6 +157,7 @@ impl ProxyHandle {
             e.health.backhaul_up(),
             e.health.forced_offline(),
             e.flights.len() as u64,
+            e.flights.bytes_held(),
         )
     }
 
@@ -226,13 +231,30 @@ impl ProxyHandle {
     }
 }
 
-fn build_engine(config: &Config, deps: Deps, store: Store) -> Arc<Engine> {
+/// The destination policy of a proxy listening on `listen`.
+fn build_policy(config: &Config, listen: SocketAddr) -> policy::Policy {
+    let p = &config.proxy;
+    policy::Policy {
+        allow: p
+            .allow_destinations
+            .iter()
+            .filter_map(|c| Cidr::parse(c))
+            .collect(),
+        connect_ports: p.connect_ports.clone(),
+        own_sockets: std::iter::once(listen)
+            .chain(config.reserved_sockets.iter().copied())
+            .collect(),
+    }
+}
+
+fn build_engine(config: &Config, deps: Deps, store: Store, listen: SocketAddr) -> Arc<Engine> {
     let p = &config.proxy;
     let health = health::Health::new(p.offline);
     let client = upstream::Client::new(
         health.clone(),
         Duration::from_millis(p.backhaul.connect_timeout_ms),
         Duration::from_millis(p.backhaul.response_timeout_ms),
+        Arc::new(build_policy(config, listen)),
     );
     let limiters: HashMap<String, Arc<RateLimiter>> = config
         .tile_source
@@ -289,7 +311,7 @@ impl Proxy {
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
-        let engine = build_engine(&config, deps, store);
+        let engine = build_engine(&config, deps, store, local_addr);
         engine
             .client
             .trust_extra_cas(&config.proxy.backhaul.extra_ca_files)?;
@@ -330,10 +352,22 @@ impl Proxy {
             .iter()
             .filter_map(|c| Cidr::parse(c))
             .collect();
+        let p = &self.config.proxy;
+        let max_connections = listener::connection_cap(p.max_connections);
+        tracing::info!(
+            event = "proxy_connection_caps",
+            max_connections,
+            per_client = p.max_connections_per_client,
+            "proxy connection caps"
+        );
         let ctx = Arc::new(server::Ctx {
             engine: self.engine.clone(),
             allow,
             listen: self.local_addr,
+            max_connections,
+            slots: listener::ClientSlots::new(p.max_connections_per_client),
+            header_timeout: Duration::from_millis(p.header_timeout_ms),
+            idle_timeout: Duration::from_millis(p.idle_timeout_ms),
         });
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(server::prober(

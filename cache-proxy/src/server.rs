@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -30,22 +30,66 @@ use crate::budget::Class;
 use crate::config::Cidr;
 use crate::engine::{full, Body, CacheRequest, Engine};
 use crate::http_cache::{self, CacheStatus, Fwd};
+use crate::listener::{Activity, ClientSlots, ConnGuard, Watched};
+use crate::policy::{kernel_is_local, Host as PolicyHost, Policy, Refusal};
+use crate::stats::Counters;
 use crate::tiles::{self, TilePathError, TileRequest};
-use crate::upstream::{connect_tcp, Target};
+use crate::upstream::{connect_tcp, FetchError, Target};
 
-/// Concurrent client connections. Map clients open 6-8 each; a relief site
-/// has a few hundred devices.
-pub const MAX_CONNECTIONS: usize = 4096;
+pub use crate::listener::MAX_CONNECTIONS;
 /// How long open connections get to finish on shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Buffer per direction of a CONNECT tunnel.
 pub const TUNNEL_BUFFER: usize = 16 * 1024;
+
+/// The answer written to a connection over its client's cap, before
+/// closing it (nothing is read from it).
+const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 58\r\nconnection: close\r\n\r\n429 Too Many Requests: too many connections from your address\n";
 
 /// Everything a connection needs.
 pub(crate) struct Ctx {
     pub engine: Arc<Engine>,
     pub allow: Vec<Cidr>,
     pub listen: SocketAddr,
+    /// Global connection cap.
+    pub max_connections: usize,
+    /// Per-client connection slots.
+    pub slots: Arc<ClientSlots>,
+    /// Time to receive a request head (also the keep-alive idle limit).
+    pub header_timeout: Duration,
+    /// A request or tunnel with no byte moving for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// A 403 naming the destination rule that refused a client's request;
+/// counted per rule. Never stored (it is the proxy's own answer).
+pub(crate) fn refused(e: &Engine, r: Refusal, what: &str) -> Response<Body> {
+    e.counters.refused[r.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(event = "proxy_destination_refused", destination = what, rule = r.label(), "refused a destination");
+    text(
+        StatusCode::FORBIDDEN,
+        &format!(
+            "403 Forbidden: {}; this proxy does not connect clients to internal destinations (rule: {}).",
+            r.explain(),
+            r.label()
+        ),
+        e,
+    )
+}
+
+/// The early check of a client's destination: refuses addresses and
+/// `localhost` from their spelling alone, before the cache is consulted.
+/// Names are judged after resolution, when a connection is made.
+fn literal_refusal(e: &Engine, host: &str, port: u16) -> Option<Refusal> {
+    match Policy::parse_host(host) {
+        Err(r) => Some(r),
+        Ok(PolicyHost::Ip(ip)) => e
+            .client
+            .policy()
+            .check_addr(SocketAddr::new(ip, port), &kernel_is_local)
+            .err(),
+        Ok(PolicyHost::Name(_)) => None,
+    }
 }
 
 fn text(status: StatusCode, msg: &str, engine: &Engine) -> Response<Body> {
@@ -59,9 +103,12 @@ fn text(status: StatusCode, msg: &str, engine: &Engine) -> Response<Body> {
     )
 }
 
-/// Serves connections from `listener` until `cancel`.
+/// Serves connections from `listener` until `cancel`: a client outside
+/// `allow_networks` is dropped at accept, before anything is read; one over
+/// its per-client cap gets a 429 and is closed; every connection has a
+/// header-read timeout and an idle timeout.
 pub(crate) async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, cancel: CancellationToken) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limit = Arc::new(Semaphore::new(ctx.max_connections));
     let mut conns = JoinSet::new();
     loop {
         let permit = tokio::select! {
@@ -82,27 +129,59 @@ pub(crate) async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, cancel: Ca
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
+        let e = &ctx.engine;
+        if !ctx.allow.iter().any(|c| c.contains(peer.ip())) {
+            Counters::inc(&e.counters.forbidden);
+            tracing::debug!(client = %peer, "dropped at accept: not in allow_networks");
+            drop(stream);
+            continue;
+        }
+        let Some(slot) = ctx.slots.try_take(peer.ip()) else {
+            Counters::inc(&e.counters.over_client_cap);
+            tracing::debug!(client = %peer, "refused: too many connections from this client");
+            let _ = stream.try_write(TOO_MANY);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::default());
+        let guard = Arc::new(ConnGuard {
+            _global: permit,
+            _client: slot,
+            activity: activity.clone(),
+        });
+        let io = Watched::new(stream, activity.clone());
         let ctx = ctx.clone();
         let cancel = cancel.clone();
         conns.spawn(async move {
-            let _permit = permit;
+            let idle = ctx.idle_timeout;
+            let header = ctx.header_timeout;
+            let e = ctx.engine.clone();
+            let g = guard.clone();
             let svc = service_fn(move |req| {
                 let ctx = ctx.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(ctx, peer, req).await) }
+                let g = g.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(ctx, peer, g, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header)
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
+                _ = activity.idle(idle) => {
+                    Counters::inc(&e.counters.idle_closed);
+                    tracing::debug!(client = %peer, "closed: idle");
+                }
                 _ = cancel.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
                 }
             }
+            drop(guard);
         });
         // Reap finished connections so the set stays small.
         while conns.try_join_next().is_some() {}
@@ -114,8 +193,14 @@ pub(crate) async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, cancel: Ca
     conns.abort_all();
 }
 
-async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    ctx: Arc<Ctx>,
+    peer: SocketAddr,
+    guard: Arc<ConnGuard>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let e = &ctx.engine;
+    // Checked at accept already; kept as defence in depth.
     if !ctx.allow.iter().any(|c| c.contains(peer.ip())) {
         e.counters
             .forbidden
@@ -135,7 +220,7 @@ async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Resp
         );
     }
     if req.method() == Method::CONNECT {
-        return connect(ctx.clone(), req).await;
+        return connect(ctx.clone(), guard, req).await;
     }
     if req.uri().scheme().is_some() {
         return proxy(ctx.clone(), req).await;
@@ -227,7 +312,7 @@ fn client_headers(req: &Request<Incoming>) -> HeaderMap {
 
 async fn proxy(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     let e = &ctx.engine;
-    let target = match Target::from_uri(req.uri()) {
+    let mut target = match Target::from_uri(req.uri()) {
         Ok(t) => t,
         Err(err) => {
             return text(
@@ -237,6 +322,10 @@ async fn proxy(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
             );
         }
     };
+    if let Some(r) = literal_refusal(e, &target.host, target.port) {
+        return refused(e, r, &target.authority());
+    }
+    target.judged = true;
 
     let headers = client_headers(&req);
     let method = req.method().clone();
@@ -346,7 +435,7 @@ async fn tile(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-async fn connect(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+async fn connect(ctx: Arc<Ctx>, guard: Arc<ConnGuard>, req: Request<Incoming>) -> Response<Body> {
     let e = ctx.engine.clone();
     let Some(auth) = req.uri().authority().cloned() else {
         return text(
@@ -368,6 +457,12 @@ async fn connect(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         .trim_end_matches(']')
         .to_string();
     let key = auth.as_str().to_string();
+    if let Err(r) = e.client.policy().check_connect_port(port) {
+        return refused(&e, r, &key);
+    }
+    if let Some(r) = literal_refusal(&e, &host, port) {
+        return refused(&e, r, &key);
+    }
     if !e.health.host_usable(&key) {
         return text(
             StatusCode::GATEWAY_TIMEOUT,
@@ -375,8 +470,9 @@ async fn connect(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
             &e,
         );
     }
-    let upstream = match e.client.connect_tcp(&host, port).await {
+    let upstream = match e.client.connect_tcp(&host, port, true).await {
         Ok(s) => s,
+        Err(FetchError::Refused(r)) => return refused(&e, r, &key),
         Err(err) => {
             let status = if err.is_link_failure() {
                 StatusCode::GATEWAY_TIMEOUT
@@ -390,9 +486,19 @@ async fn connect(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         .tunnels
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tasks = e.tasks.clone();
+    let idle = ctx.idle_timeout;
     tasks.spawn(async move {
         match hyper::upgrade::on(req).await {
-            Ok(upgraded) => tunnel(e, TokioIo::new(upgraded), upstream).await,
+            Ok(upgraded) => {
+                // The guard keeps the connection's slots while the tunnel
+                // lives; the tunnel closes when nothing moved for `idle`.
+                let activity = guard.activity.clone();
+                tokio::select! {
+                    _ = tunnel(e.clone(), TokioIo::new(upgraded), upstream) => {}
+                    _ = activity.idle(idle) => Counters::inc(&e.counters.idle_closed),
+                }
+                drop(guard);
+            }
             Err(err) => tracing::debug!(error = %err, "CONNECT upgrade failed"),
         }
     });

@@ -36,8 +36,23 @@ pub struct Counters {
     pub wrong_content: AtomicU64,
     /// CONNECT tunnels opened.
     pub tunnels: AtomicU64,
-    /// Requests refused by access control.
+    /// Connections and requests refused by access control
+    /// (`allow_networks`).
     pub forbidden: AtomicU64,
+    /// Client requests refused by the destination policy, by rule
+    /// ([`crate::policy::Refusal::index`]).
+    pub refused: [AtomicU64; 12],
+    /// Connections closed at accept because their client had too many.
+    pub over_client_cap: AtomicU64,
+    /// Connections and tunnels closed because nothing moved for the idle
+    /// timeout.
+    pub idle_closed: AtomicU64,
+    /// Upstream fetches abandoned because nobody waited for an object that
+    /// would not be stored.
+    pub abandoned_fetches: AtomicU64,
+    /// Responses that were to be stored but were not (too big for the
+    /// in-flight byte budget, cut short, or a store error).
+    pub not_stored: AtomicU64,
 }
 
 impl Counters {
@@ -91,6 +106,18 @@ pub struct Snapshot {
     pub tunnels: u64,
     /// See [`Counters`].
     pub forbidden: u64,
+    /// See [`Counters`]: `(rule, count)`.
+    pub refused: Vec<(&'static str, u64)>,
+    /// See [`Counters`].
+    pub over_client_cap: u64,
+    /// See [`Counters`].
+    pub idle_closed: u64,
+    /// See [`Counters`].
+    pub abandoned_fetches: u64,
+    /// See [`Counters`].
+    pub not_stored: u64,
+    /// Body bytes held by fetches in flight (see [`crate::flight`]).
+    pub flight_bytes: u64,
     /// Whether the backhaul is up.
     pub backhaul_up: bool,
     /// Forced offline by the operator.
@@ -112,6 +139,7 @@ impl Snapshot {
         backhaul_up: bool,
         forced_offline: bool,
         in_flight: u64,
+        flight_bytes: u64,
     ) -> Snapshot {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Snapshot {
@@ -128,6 +156,15 @@ impl Snapshot {
             wrong_content: l(&c.wrong_content),
             tunnels: l(&c.tunnels),
             forbidden: l(&c.forbidden),
+            refused: crate::policy::Refusal::ALL
+                .iter()
+                .map(|r| (r.label(), l(&c.refused[r.index()])))
+                .collect(),
+            over_client_cap: l(&c.over_client_cap),
+            idle_closed: l(&c.idle_closed),
+            abandoned_fetches: l(&c.abandoned_fetches),
+            not_stored: l(&c.not_stored),
+            flight_bytes,
             backhaul_up,
             forced_offline,
             store,
@@ -276,6 +313,51 @@ impl Snapshot {
             "Upstream fetches in progress.",
             self.in_flight.to_string(),
         );
+        m(
+            "flight_bytes",
+            "gauge",
+            "Body bytes held in memory by fetches in progress.",
+            self.flight_bytes.to_string(),
+        );
+        m(
+            "forbidden_total",
+            "counter",
+            "Connections and requests from clients outside allow_networks.",
+            self.forbidden.to_string(),
+        );
+        m(
+            "over_client_cap_total",
+            "counter",
+            "Connections closed at accept: their client had too many open.",
+            self.over_client_cap.to_string(),
+        );
+        m(
+            "idle_closed_total",
+            "counter",
+            "Connections and tunnels closed after the idle timeout.",
+            self.idle_closed.to_string(),
+        );
+        m(
+            "abandoned_fetches_total",
+            "counter",
+            "Upstream fetches stopped because no client waited for an uncacheable body.",
+            self.abandoned_fetches.to_string(),
+        );
+        m(
+            "not_stored_total",
+            "counter",
+            "Cacheable responses that could not be stored after all.",
+            self.not_stored.to_string(),
+        );
+        s.push_str(
+            "# HELP fieldrack_cache_refused_total Client requests refused by the destination policy, by rule.\n\
+             # TYPE fieldrack_cache_refused_total counter\n",
+        );
+        for (rule, n) in &self.refused {
+            s.push_str(&format!(
+                "fieldrack_cache_refused_total{{reason=\"{rule}\"}} {n}\n"
+            ));
+        }
         s
     }
 }

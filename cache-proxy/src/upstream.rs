@@ -16,6 +16,7 @@
 //! Browsers reach HTTPS sites through `CONNECT`, which needs no TLS here.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
@@ -33,6 +34,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::health::{Health, Outcome};
+use crate::policy::{kernel_is_local, Host as PolicyHost, Policy};
 
 /// Idle connections kept per upstream host.
 pub const MAX_IDLE_PER_HOST: usize = 16;
@@ -62,6 +64,11 @@ pub struct Target {
     pub port: u16,
     /// Origin-form request target (`/path?query`).
     pub path_and_query: String,
+    /// A client's forward-proxy request: the destination policy
+    /// ([`crate::policy`]) judges every address the host resolves to before
+    /// any connection, and the connection goes to a checked address. False
+    /// for upstreams named in `rack.toml` (tile sources, probes).
+    pub judged: bool,
 }
 
 /// A URL we cannot use.
@@ -122,6 +129,7 @@ impl Target {
             host,
             port,
             path_and_query,
+            judged: false,
         })
     }
 
@@ -205,6 +213,9 @@ pub enum FetchError {
     /// The host cannot be a TLS server name.
     #[error("{0:?} is not a valid TLS server name")]
     ServerName(String),
+    /// The destination policy refused the destination; nothing was sent.
+    #[error("refused: {}", .0.explain())]
+    Refused(crate::policy::Refusal),
 }
 
 impl FetchError {
@@ -336,6 +347,8 @@ pub struct Conn {
 #[derive(Clone)]
 pub struct Client {
     pool: Arc<Mutex<HashMap<String, Vec<SendRequest<UpBody>>>>>,
+    /// Judges the destinations of clients' forward-proxy requests.
+    policy: Arc<Policy>,
     health: Health,
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -353,9 +366,15 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// A client reporting to `health`, trusting the `webpki-roots` only
     /// (see [`Client::set_tls`]).
-    pub fn new(health: Health, connect_timeout: Duration, response_timeout: Duration) -> Client {
+    pub fn new(
+        health: Health,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+        policy: Arc<Policy>,
+    ) -> Client {
         Client {
             pool: Arc::default(),
+            policy,
             health,
             connect_timeout,
             response_timeout,
@@ -371,7 +390,7 @@ impl Client {
         self.pool
             .lock()
             .expect("lock")
-            .retain(|k, _| !k.starts_with("https://"));
+            .retain(|k, _| !k.contains("https://"));
     }
 
     /// Loads `extra_ca_files` (see [`tls_client_config`]) and trusts them
@@ -384,20 +403,65 @@ impl Client {
         Ok(())
     }
 
-    /// Opens a TCP connection with the connect timeout, reporting link
-    /// failures to health.
+    /// The destination policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Resolves `host` (within the connect timeout) and checks every
+    /// address against the destination policy: the addresses to connect to.
     ///
     /// # Errors
-    /// DNS, timeout or connect errors.
-    pub async fn connect_tcp(&self, host: &str, port: u16) -> Result<TcpStream, FetchError> {
+    /// [`FetchError::Refused`], or DNS errors.
+    pub async fn resolve_checked(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, FetchError> {
+        let addrs = match Policy::parse_host(host).map_err(FetchError::Refused)? {
+            PolicyHost::Ip(ip) => vec![SocketAddr::new(ip, port)],
+            PolicyHost::Name(name) => {
+                let lookup = tokio::net::lookup_host((name.as_str(), port));
+                match tokio::time::timeout(self.connect_timeout, lookup).await {
+                    Ok(Ok(a)) => a.collect(),
+                    Ok(Err(_)) => return Err(FetchError::Dns(host.to_string())),
+                    Err(_) => return Err(FetchError::ConnectTimeout(format!("{host}:{port}"))),
+                }
+            }
+        };
+        if addrs.is_empty() {
+            return Err(FetchError::Dns(host.to_string()));
+        }
+        self.policy
+            .check(&addrs, &kernel_is_local)
+            .map_err(FetchError::Refused)?;
+        Ok(addrs)
+    }
+
+    /// Opens a TCP connection with the connect timeout, reporting link
+    /// failures to health. `judged`: a client's destination, checked by the
+    /// destination policy and connected to at a checked address only.
+    ///
+    /// # Errors
+    /// [`FetchError::Refused`], DNS, timeout or connect errors.
+    pub async fn connect_tcp(
+        &self,
+        host: &str,
+        port: u16,
+        judged: bool,
+    ) -> Result<TcpStream, FetchError> {
         let authority = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
             format!("{host}:{port}")
         };
-        let r = connect_tcp(host, port, self.connect_timeout).await;
+        let r = if judged {
+            match self.resolve_checked(host, port).await {
+                Ok(addrs) => connect_addrs(&addrs, &authority, self.connect_timeout).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            connect_tcp(host, port, self.connect_timeout).await
+        };
         match &r {
             Ok(_) => self.health.record(&authority, Outcome::Success),
+            Err(FetchError::Refused(_)) => {}
             Err(e) if e.is_link_failure() => self.health.record(&authority, Outcome::LinkFailure),
             Err(_) => self.health.record(&authority, Outcome::ServiceFailure),
         }
@@ -417,7 +481,9 @@ impl Client {
         let authority = target.authority();
         let name = ServerName::try_from(target.host.clone())
             .map_err(|_| FetchError::ServerName(target.host.clone()))?;
-        let tcp = self.connect_tcp(&target.host, target.port).await?;
+        let tcp = self
+            .connect_tcp(&target.host, target.port, target.judged)
+            .await?;
         let config = self.tls.read().expect("lock").clone();
         let r = tls_handshake(config, name, tcp, self.connect_timeout, &authority).await;
         match &r {
@@ -480,7 +546,9 @@ impl Client {
             Some(s) => s,
             None => match target.scheme {
                 Scheme::Http => {
-                    let stream = self.connect_tcp(&target.host, target.port).await?;
+                    let stream = self
+                        .connect_tcp(&target.host, target.port, target.judged)
+                        .await?;
                     self.handshake_http(stream).await?
                 }
                 Scheme::Https => {
@@ -562,13 +630,16 @@ impl Client {
     }
 }
 
-/// The pool key of a target: scheme and authority.
+/// The pool key of a target: scheme and authority, and whether it was
+/// judged (a connection made for a trusted upstream by name was never
+/// checked, so a client's request must not reuse it).
 fn pool_key(target: &Target) -> String {
     let s = match target.scheme {
         Scheme::Http => "http",
         Scheme::Https => "https",
     };
-    format!("{s}://{}", target.authority())
+    let j = if target.judged { "judged+" } else { "" };
+    format!("{j}{s}://{}", target.authority())
 }
 
 /// One TLS handshake within `timeout`, errors classified.
@@ -615,6 +686,37 @@ impl crate::ProxyHandle {
     /// See [`TlsConfigError`]; on error the trust in force is unchanged.
     pub fn trust_upstream_cas(&self, pem_files: &[PathBuf]) -> Result<(), TlsConfigError> {
         self.engine.client.trust_extra_cas(pem_files)
+    }
+}
+
+/// Connects to the first of `addrs` that answers, within one timeout.
+///
+/// # Errors
+/// Timeout or connect errors.
+pub async fn connect_addrs(
+    addrs: &[SocketAddr],
+    authority: &str,
+    timeout: Duration,
+) -> Result<TcpStream, FetchError> {
+    let fut = async {
+        let mut last = None;
+        for a in addrs {
+            match TcpStream::connect(a).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok(s);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(match last {
+            Some(e) => FetchError::Connect(authority.to_string(), e),
+            None => FetchError::Dns(authority.to_string()),
+        })
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(FetchError::ConnectTimeout(authority.to_string())),
     }
 }
 

@@ -492,7 +492,9 @@ async fn tile_server_paths_tilejson_and_captive_portals() {
 async fn access_control_pac_connect_and_bad_requests() {
     let o = origin().await;
     // PAC, CONNECT and a bad request from an allowed client.
-    let p = start(base_config(&o), Deps::default()).await;
+    let mut c = base_config(&o);
+    c.proxy.connect_ports = vec![o.addr.port()];
+    let p = start(c, Deps::default()).await;
     let r = get(p.addr, "/proxy.pac").await;
     assert_eq!(r.status, 200);
     let pac = String::from_utf8_lossy(&r.body).to_string();
@@ -532,10 +534,18 @@ async fn access_control_pac_connect_and_bad_requests() {
     let mut c = base_config(&o);
     c.proxy.allow_networks = vec!["10.0.0.0/8".into()];
     let p = start(c, Deps::default()).await;
-    let r = get(p.addr, &o.url("/page/x")).await;
-    assert_eq!(r.status, 403);
-    assert_eq!(get(p.addr, "/tiles/test/1/0/0.png").await.status, 403);
+    // Dropped at accept: nothing is read, nothing is answered.
+    for target in [o.url("/page/x"), "/tiles/test/1/0/0.png".to_string()] {
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        let _ = s
+            .write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await;
+        let mut all = Vec::new();
+        let _ = s.read_to_end(&mut all).await;
+        assert!(all.is_empty(), "{}", String::from_utf8_lossy(&all));
+    }
     assert_eq!(o.path_count("/page/x"), 0);
+    assert_eq!(p.handle.snapshot().forbidden, 2);
     p.stop().await;
 }
 

@@ -240,6 +240,7 @@ fn client(timeout_ms: u64) -> Client {
         Health::new(false),
         Duration::from_millis(timeout_ms),
         Duration::from_millis(timeout_ms),
+        std::sync::Arc::default(),
     )
 }
 

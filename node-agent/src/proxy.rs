@@ -69,6 +69,7 @@ pub fn config(rc: &RackConfig) -> Result<Option<Config>, ProxyConfigError> {
             *ca = rc.data_dir.join(&*ca);
         }
     }
+    cfg.reserved_sockets = own_sockets(rc);
     cfg.validate().map_err(|e| {
         let msg = e.to_string();
         ProxyConfigError {
@@ -77,6 +78,30 @@ pub fn config(rc: &RackConfig) -> Result<Option<Config>, ProxyConfigError> {
         }
     })?;
     Ok(Some(cfg))
+}
+
+/// The rack's other listening sockets, which the proxy's destination policy
+/// always refuses: the admin API's, and the mesh's (from its multiaddrs,
+/// `/ip4/0.0.0.0/udp/7400/quic-v1`; a port 0 is not known in advance).
+pub fn own_sockets(rc: &RackConfig) -> Vec<std::net::SocketAddr> {
+    let mut v: Vec<std::net::SocketAddr> = rc.api.listen.parse().ok().into_iter().collect();
+    for ma in &rc.mesh.listen {
+        let parts: Vec<&str> = ma.split('/').collect();
+        let ip = parts.windows(2).find_map(|w| match w[0] {
+            "ip4" | "ip6" => w[1].parse::<std::net::IpAddr>().ok(),
+            _ => None,
+        });
+        let port = parts.windows(2).find_map(|w| match w[0] {
+            "udp" | "tcp" => w[1].parse::<u16>().ok(),
+            _ => None,
+        });
+        if let (Some(ip), Some(port)) = (ip, port) {
+            if port != 0 {
+                v.push(std::net::SocketAddr::new(ip, port));
+            }
+        }
+    }
+    v
 }
 
 /// Best effort: the first `word.word` or `tile_source[N]...` in a message.
@@ -216,4 +241,25 @@ pub async fn start(
         handle,
         mesh: cache_mesh,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_and_mesh_sockets_are_reserved() {
+        let text = "rack = \"a\"\n[fleet]\nname = \"haiti\"\npublic_key = \"11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=\"\n\
+                    [api]\nlisten = \"127.0.0.1:7480\"\n\
+                    [mesh]\nlisten = [\"/ip4/0.0.0.0/udp/7400/quic-v1\", \"/ip6/::/udp/0/quic-v1\"]\n\
+                    [proxy]\nlisten = \"127.0.0.1:0\"\n";
+        let rc = RackConfig::parse(text, std::path::Path::new("rack.toml")).unwrap();
+        let want: Vec<std::net::SocketAddr> = vec![
+            "127.0.0.1:7480".parse().unwrap(),
+            "0.0.0.0:7400".parse().unwrap(),
+        ];
+        assert_eq!(own_sockets(&rc), want);
+        let cfg = config(&rc).unwrap().unwrap();
+        assert_eq!(cfg.reserved_sockets, want);
+    }
 }
