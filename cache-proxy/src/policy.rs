@@ -496,7 +496,7 @@ mod tests {
             Ok(Host::Name("tile.example.org".into()))
         );
         // Numeric-looking but not an address: never handed to a resolver.
-        for s in ["1.2.3.4.5", "256.1.1.1", "0x1g", "1.2.3.256", "09.1.1.1", "4294967296"] {
+        for s in ["1.2.3.4.5", "256.1.1.1", "1.2.3.256", "09.1.1.1", "4294967296", "0x1.0x2.3.4.5"] {
             assert_eq!(Policy::parse_host(s), Err(Refusal::MalformedAddress), "{s}");
         }
         assert_eq!(

@@ -379,7 +379,7 @@ async fn a_flood_from_one_address_leaves_other_clients_answered() {
         sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
         let mut s = sock.connect(p.addr).await.unwrap();
         s.write_all(
-            format!("GET /tiles/test/3/{i}/1.png HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            format!("GET /tiles/test/5/{i}/1.png HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 .as_bytes(),
         )
         .await
