@@ -79,7 +79,10 @@ async fn fresh_hits_never_reach_origin_and_carry_age_and_cache_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_misses_one_upstream_request_streamed() {
     let o = origin().await;
-    let p = start(base_config(&o), Deps::default()).await;
+    // 200 clients on one address: more than one client's default cap.
+    let mut c = base_config(&o);
+    c.proxy.max_connections_per_client = 256;
+    let p = start(c, Deps::default()).await;
     let url = o.url("/slow/big");
     let started = Instant::now();
     let mut tasks = Vec::new();
