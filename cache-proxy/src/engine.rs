@@ -854,16 +854,8 @@ impl Engine {
             self.client.release(conn);
             let ok = match flight.body().filter(|_| storing) {
                 Some(body) => {
-                    self.store_response(
-                        req,
-                        kh,
-                        status,
-                        headers,
-                        request_time,
-                        response_time,
-                        body,
-                    )
-                    .await
+                    self.store_response(req, kh, status, headers, request_time, response_time, body)
+                        .await
                 }
                 None => false,
             };

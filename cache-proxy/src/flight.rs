@@ -532,14 +532,19 @@ mod tests {
         assert!(leader);
         f.set_head(Head::Revalidated);
         assert!(matches!(early.head().await, Head::Revalidated));
-        assert!(f.push(Bytes::from_static(b"ab"), &flights, &key).await.unwrap());
+        assert!(f
+            .push(Bytes::from_static(b"ab"), &flights, &key)
+            .await
+            .unwrap());
         assert_eq!(early.next_chunk().await.unwrap().unwrap(), "ab");
         // A late joiner still gets the body from the start.
         let (g, mut late, leader2) = flights.join(&key);
         assert!(!leader2);
         assert!(Arc::ptr_eq(&f, &g));
         let waiter = tokio::spawn(async move { late.collect().await });
-        f.push(Bytes::from_static(b"cd"), &flights, &key).await.unwrap();
+        f.push(Bytes::from_static(b"cd"), &flights, &key)
+            .await
+            .unwrap();
         f.finish(true);
         assert_eq!(waiter.await.unwrap().unwrap(), "abcd");
         assert_eq!(f.body().unwrap(), "abcd");
@@ -601,26 +606,33 @@ mod tests {
         let flights = Flights::with_budget(10_000);
         let (a, _sa, _) = flights.join(&[4u8; 16]);
         let (b, mut sb, _) = flights.join(&[5u8; 16]);
-        assert!(a.push(Bytes::from(vec![0; 6000]), &flights, &[4u8; 16]).await.unwrap());
-        assert!(b.push(Bytes::from(vec![0; 3000]), &flights, &[5u8; 16]).await.unwrap());
+        assert!(a
+            .push(Bytes::from(vec![0; 6000]), &flights, &[4u8; 16])
+            .await
+            .unwrap());
+        assert!(b
+            .push(Bytes::from(vec![0; 3000]), &flights, &[5u8; 16])
+            .await
+            .unwrap());
         // No room for b's next chunk: b gives up storing, keeps what its
         // reader lacks, and waits for it to read.
         let key_b = [5u8; 16];
         let b2 = b.clone();
         let flights = Arc::new(flights);
         let fl = flights.clone();
-        let push = tokio::spawn(async move {
-            b2.push(Bytes::from(vec![0; 2000]), &fl, &key_b).await
-        });
+        let push =
+            tokio::spawn(async move { b2.push(Bytes::from(vec![0; 2000]), &fl, &key_b).await });
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!push.is_finished());
         sb.next_chunk().await.unwrap().unwrap();
-        assert_eq!(push.await.unwrap(), Ok(false), "pushed, but no longer storable");
+        assert_eq!(
+            push.await.unwrap(),
+            Ok(false),
+            "pushed, but no longer storable"
+        );
         assert!(flights.bytes_held() <= 10_000);
         // A flight that cannot get room while its reader sleeps is abandoned.
-        let r = b
-            .push(Bytes::from(vec![0; 9000]), &flights, &key_b)
-            .await;
+        let r = b.push(Bytes::from(vec![0; 9000]), &flights, &key_b).await;
         assert_eq!(r, Err(PushError::Starved));
     }
 }

@@ -274,7 +274,10 @@ mod tests {
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
         let one = s.try_take(a).unwrap();
         let _two = s.try_take(mapped).unwrap();
-        assert!(s.try_take(a).is_none(), "mapped form counts as the same client");
+        assert!(
+            s.try_take(a).is_none(),
+            "mapped form counts as the same client"
+        );
         assert!(s.try_take("10.0.0.2".parse().unwrap()).is_some());
         drop(one);
         assert_eq!(s.count(a), 1);

@@ -376,8 +376,7 @@ impl Policy {
                 return Err(Refusal::OwnSocket);
             }
         }
-        if class != Some(Refusal::Loopback) && class != Some(Refusal::Unspecified) && is_local(ip)
-        {
+        if class != Some(Refusal::Loopback) && class != Some(Refusal::Unspecified) && is_local(ip) {
             return Err(Refusal::OwnAddress);
         }
         match class {
@@ -496,7 +495,14 @@ mod tests {
             Ok(Host::Name("tile.example.org".into()))
         );
         // Numeric-looking but not an address: never handed to a resolver.
-        for s in ["1.2.3.4.5", "256.1.1.1", "1.2.3.256", "09.1.1.1", "4294967296", "0x1.0x2.3.4.5"] {
+        for s in [
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1.2.3.256",
+            "09.1.1.1",
+            "4294967296",
+            "0x1.0x2.3.4.5",
+        ] {
             assert_eq!(Policy::parse_host(s), Err(Refusal::MalformedAddress), "{s}");
         }
         assert_eq!(

@@ -65,7 +65,12 @@ pub(crate) struct Ctx {
 /// counted per rule. Never stored (it is the proxy's own answer).
 pub(crate) fn refused(e: &Engine, r: Refusal, what: &str) -> Response<Body> {
     e.counters.refused[r.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(event = "proxy_destination_refused", destination = what, rule = r.label(), "refused a destination");
+    tracing::info!(
+        event = "proxy_destination_refused",
+        destination = what,
+        rule = r.label(),
+        "refused a destination"
+    );
     text(
         StatusCode::FORBIDDEN,
         &format!(

@@ -413,7 +413,11 @@ impl Client {
     ///
     /// # Errors
     /// [`FetchError::Refused`], or DNS errors.
-    pub async fn resolve_checked(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, FetchError> {
+    pub async fn resolve_checked(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<Vec<SocketAddr>, FetchError> {
         let addrs = match Policy::parse_host(host).map_err(FetchError::Refused)? {
             PolicyHost::Ip(ip) => vec![SocketAddr::new(ip, port)],
             PolicyHost::Name(name) => {

@@ -155,7 +155,11 @@ async fn every_spelling_of_loopback_is_refused_for_get_and_connect() {
     )
     .await;
     assert!(r.starts_with("HTTP/1.1 403"), "{r}");
-    assert_eq!(s.hits.load(Ordering::SeqCst), 0, "the loopback service was reached");
+    assert_eq!(
+        s.hits.load(Ordering::SeqCst),
+        0,
+        "the loopback service was reached"
+    );
     assert!(refused_count(&p, "loopback") >= 10);
     assert!(refused_count(&p, "unspecified") >= 3);
     assert!(refused_count(&p, "localhost_name") >= 4);
@@ -195,7 +199,11 @@ async fn connect_only_to_allowed_ports_and_never_to_the_racks_own_services() {
         .await;
         assert!(r.starts_with("HTTP/1.1 403"), "{host}: {r}");
         assert!(r.contains("own_socket"), "{r}");
-        let r = raw(p.addr, &format!("CONNECT {host}:{sp} HTTP/1.1\r\nHost: x\r\n\r\n")).await;
+        let r = raw(
+            p.addr,
+            &format!("CONNECT {host}:{sp} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        )
+        .await;
         assert!(r.starts_with("HTTP/1.1 403"), "{r}");
     }
     assert_eq!(s.hits.load(Ordering::SeqCst), 0);
@@ -212,13 +220,19 @@ async fn connect_only_to_allowed_ports_and_never_to_the_racks_own_services() {
     for host in ["127.0.0.1", "0.0.0.0", "[::ffff:127.0.0.1]", "127.9.9.9"] {
         let r = raw(
             q.addr,
-            &format!("CONNECT {host}:{0} HTTP/1.1\r\nHost: x\r\n\r\n", fixed.port()),
+            &format!(
+                "CONNECT {host}:{0} HTTP/1.1\r\nHost: x\r\n\r\n",
+                fixed.port()
+            ),
         )
         .await;
         assert!(r.starts_with("HTTP/1.1 403"), "{host}: {r}");
         let r = raw(
             q.addr,
-            &format!("GET http://{host}:{0}/proxy.pac HTTP/1.1\r\nHost: x\r\n\r\n", fixed.port()),
+            &format!(
+                "GET http://{host}:{0}/proxy.pac HTTP/1.1\r\nHost: x\r\n\r\n",
+                fixed.port()
+            ),
         )
         .await;
         assert!(r.starts_with("HTTP/1.1 403"), "{host}: {r}");
@@ -231,7 +245,10 @@ async fn connect_only_to_allowed_ports_and_never_to_the_racks_own_services() {
         &format!("CONNECT {0} HTTP/1.1\r\nHost: x\r\n\r\n", o.addr),
     )
     .await;
-    assert!(r.starts_with("HTTP/1.1 403") && r.contains("rule: port"), "{r}");
+    assert!(
+        r.starts_with("HTTP/1.1 403") && r.contains("rule: port"),
+        "{r}"
+    );
     assert_eq!(o.count(), 0);
     q.stop().await;
 }
@@ -341,7 +358,15 @@ async fn silent_and_half_sent_connections_are_closed_within_the_header_timeout()
     let p = start(c, Deps::default()).await;
     let t0 = Instant::now();
     let mut conns = open_many(p.addr, "127.0.0.1", 250, b"").await;
-    conns.extend(open_many(p.addr, "127.0.0.1", 250, b"GET http://example.org/ HTTP/1.1\r\nHo").await);
+    conns.extend(
+        open_many(
+            p.addr,
+            "127.0.0.1",
+            250,
+            b"GET http://example.org/ HTTP/1.1\r\nHo",
+        )
+        .await,
+    );
     let last = all_closed(conns, t0, Duration::from_secs(30)).await;
     eprintln!("500 connections from a non-allowed address: all closed after {last:?}");
     assert_eq!(p.handle.snapshot().forbidden, 500);
@@ -358,7 +383,9 @@ async fn silent_and_half_sent_connections_are_closed_within_the_header_timeout()
     conns.extend(open_many(p.addr, "127.0.0.1", 250, b"GET /proxy.pac HTTP/1.1\r\nHo").await);
     let opened = t0.elapsed();
     let last = all_closed(conns, t0, Duration::from_secs(30)).await;
-    eprintln!("500 silent or half-sent connections: opened in {opened:?}, all closed after {last:?}");
+    eprintln!(
+        "500 silent or half-sent connections: opened in {opened:?}, all closed after {last:?}"
+    );
     // Each closes one header timeout after it opened, give or take
     // scheduling on a loaded test machine.
     assert!(
@@ -389,7 +416,11 @@ async fn a_flood_from_one_address_leaves_other_clients_answered() {
             .await
             .expect("answered")
             .unwrap();
-        assert!(all.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&all));
+        assert!(
+            all.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&all)
+        );
     }
     let snap = p.handle.snapshot();
     assert!(
@@ -397,7 +428,40 @@ async fn a_flood_from_one_address_leaves_other_clients_answered() {
         "over_client_cap {}",
         snap.over_client_cap
     );
-    drop(flood);
+    // The last flood connections were told why before being closed.
+    let mut last = flood.into_iter().last().unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), last.read_to_end(&mut all))
+        .await
+        .expect("closed")
+        .unwrap();
+    assert!(
+        all.starts_with(b"HTTP/1.1 429"),
+        "{}",
+        String::from_utf8_lossy(&all)
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_is_closed() {
+    let o = origin().await;
+    let mut c = base_config(&o);
+    c.proxy.connect_ports = vec![o.addr.port()];
+    c.proxy.idle_timeout_ms = 300;
+    let p = start(c, Deps::default()).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", o.addr).as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // Nothing sent either way: the tunnel is closed by the idle timeout.
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+    assert_eq!(p.handle.snapshot().idle_closed, 1);
+    assert_eq!(p.handle.snapshot().tunnels, 1);
     p.stop().await;
 }
 
@@ -559,7 +623,12 @@ async fn measure_latency_of_another_client_during_a_flood() {
     c.proxy.header_timeout_ms = 600_000;
     let p = start(c, Deps::default()).await;
     for i in 0..50 {
-        assert_eq!(get(p.addr, &format!("/tiles/test/6/{i}/1.png")).await.status, 200);
+        assert_eq!(
+            get(p.addr, &format!("/tiles/test/6/{i}/1.png"))
+                .await
+                .status,
+            200
+        );
     }
     let measure = |label: &'static str| {
         let addr = p.addr;
