@@ -551,4 +551,40 @@ user_agent = "fieldrack/0.1 (ops@example.org)"
             .to_string()
             .contains("allow_networks[2]"));
     }
+
+    #[test]
+    fn perimeter_keys_are_checked() {
+        let text = r#"
+[proxy]
+allow_destinations = ["10.20.0.0/16", "fd00::/8"]
+connect_ports = [443, 8443]
+header_timeout_ms = 5000
+idle_timeout_ms = 60000
+max_connections_per_client = 32
+max_connections = 1000
+"#;
+        let c: Config = toml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
+        c.validate().unwrap();
+        assert_eq!(c.proxy.connect_ports, vec![443, 8443]);
+        let bad = |edit: fn(&mut ProxyConfig), field: &str| {
+            let mut c = Config::default();
+            edit(&mut c.proxy);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        };
+        bad(
+            |p| p.allow_destinations = vec!["10.0.0.0/8".into(), "intranet".into()],
+            "proxy.allow_destinations[1]",
+        );
+        bad(|p| p.connect_ports = vec![0], "proxy.connect_ports");
+        bad(|p| p.header_timeout_ms = 0, "proxy.header_timeout_ms");
+        bad(|p| p.idle_timeout_ms = u64::MAX, "proxy.idle_timeout_ms");
+        bad(
+            |p| p.max_connections_per_client = 0,
+            "proxy.max_connections_per_client",
+        );
+        bad(|p| p.max_connections = 1 << 20, "proxy.max_connections");
+        assert_eq!(Config::default().proxy.connect_ports, vec![443]);
+        assert!(Config::default().proxy.allow_destinations.is_empty());
+    }
 }

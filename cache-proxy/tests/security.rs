@@ -610,6 +610,38 @@ async fn measure_rss_of_abandoned_large_downloads() {
         big.written.load(Ordering::SeqCst) / (1024 * 1024),
         p.handle.snapshot().flight_bytes
     );
+    // Twelve clients that stay connected and stop reading after 1 MB.
+    let before = vm_rss_kib();
+    let mut peak = before;
+    let mut held = Vec::new();
+    for i in 0..12 {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(
+            format!(
+                "GET http://{}/stall/{i} HTTP/1.1\r\nHost: x\r\n\r\n",
+                big.addr
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = vec![0u8; 1024 * 1024];
+        let _ = s.read_exact(&mut buf).await;
+        held.push(s);
+    }
+    let mut max_flight = 0;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        peak = peak.max(vm_rss_kib());
+        max_flight = max_flight.max(p.handle.snapshot().flight_bytes);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "stalled clients: RSS before {before} KiB, peak {peak} KiB (+{} MiB); flight bytes at most {} MiB",
+        (peak - before) / 1024,
+        max_flight / (1024 * 1024)
+    );
+    drop(held);
     p.stop().await;
 }
 
