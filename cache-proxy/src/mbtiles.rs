@@ -70,11 +70,47 @@
 //! being walked. `total` and `read` count addressed tiles. A vector
 //! archive's `vector_layers` metadata is kept like MBTiles' `json`.
 //!
+//! **Budgets and untrusted files.** A tile file comes from outside the
+//! rack and is read by the agent, so it is never allowed to run work of its
+//! own or to cost more than a bound:
+//! - MBTiles is opened read-only with SQLite's defensive settings
+//!   (`SQLITE_DBCONFIG_DEFENSIVE`, `trusted_schema = OFF`,
+//!   `query_only = ON`) and no string or blob over [`MAX_SQL_VALUE_BYTES`].
+//!   Only plain tables are read: a file with a trigger, or whose `metadata`
+//!   is a view or a virtual table, is refused ([`ImportError::UnsafeSchema`]);
+//!   a `tiles` *view* is read through the `map` and `images` tables it
+//!   stands for (the deduplicated layout, [`export`]'s own), never through
+//!   its own SQL, and refused when those tables are not there. So no query
+//!   the file defines is ever run (a recursive view cannot run forever).
+//! - `metadata`: at most [`MAX_METADATA_ROWS`] rows and
+//!   [`MAX_METADATA_BYTES`] bytes; tiles: at most [`MAX_IMPORT_TILES`] rows
+//!   (PMTiles: addressed tiles, [`crate::pmtiles::MAX_ADDRESSED_TILES`],
+//!   with the archive's own budgets on directories).
+//! - A gzipped tile is inflated to check it (into nothing; the bytes are
+//!   stored as given) up to [`MAX_GZIP_RATIO`] times its size (at least
+//!   [`GZIP_RATIO_FLOOR`], at most [`MAX_INFLATED_TILE`]); one that inflates
+//!   further refuses the import ([`ImportError::GzipBomb`]); a broken stream
+//!   is counted invalid and skipped.
+//!
+//! **Cancellation and roll-back.** [`import_cancellable`] stops when its
+//! token fires (the API fires it when the client that started the import
+//! goes away, and at shutdown): the reader thread is stopped at its next
+//! row or directory and an SQLite statement in progress is interrupted.
+//! An import that does not complete (cancelled, refused mid-way by a
+//! budget, a read or store failure) removes every tile *this run* stored
+//! (their keys are journalled in an anonymous temp file, 16 bytes each),
+//! so it leaves the store as it found it, except that a tile it had
+//! replaced is gone rather than restored (the proxy fetches it again). Only
+//! a crash, or dropping the future, leaves what was acknowledged; a re-run
+//! completes it.
+//!
 //! [MBTiles 1.3]: https://github.com/mapbox/mbtiles-spec/blob/master/1.3/spec.md
 
 use std::collections::HashMap;
+use std::io::{BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
@@ -82,6 +118,7 @@ use futures::StreamExt;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{TileFormat, TileSource};
 use crate::engine::Engine;
@@ -112,8 +149,33 @@ pub const IMPORTED_S_MAXAGE: u64 = 2_147_483_648;
 /// Freshness of an imported tile for the client (`max-age`): a day, so a
 /// phone re-checks (and gets a 304) once a day instead of every view.
 pub const IMPORTED_CLIENT_MAX_AGE: u64 = 86_400;
-/// `metadata` rows read at most (a sane file has a dozen).
+/// `metadata` rows read at most (a sane file has a dozen); more refuse the
+/// file.
 pub const MAX_METADATA_ROWS: usize = 1024;
+/// `metadata` bytes (names and values) read at most: the largest value a
+/// sane file has is the vector layer list, tens of kilobytes.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024 * 1024;
+/// Tile rows an MBTiles import reads at most, the same budget as the tiles
+/// a PMTiles archive may address (each becomes a pinned object).
+pub const MAX_IMPORT_TILES: u64 = pmtiles::MAX_ADDRESSED_TILES;
+/// Largest string or blob SQLite may produce while reading an MBTiles file
+/// (`SQLITE_LIMIT_LENGTH`): a stored object's limit and a little, so no
+/// value, however computed, allocates gigabytes.
+pub const MAX_SQL_VALUE_BYTES: usize = MAX_OBJECT_BYTES + 64 * 1024;
+/// A gzipped tile may inflate to this many times its size: vector tiles
+/// compress 3–10×; a stream inflating further is built to.
+pub const MAX_GZIP_RATIO: u64 = 64;
+/// Inflated bytes always allowed, whatever the ratio (a tiny tile of a few
+/// repeated features compresses well).
+pub const GZIP_RATIO_FLOOR: u64 = 64 * 1024;
+/// Inflated bytes never exceeded: a vector tile over a few megabytes is
+/// unusable by any client.
+pub const MAX_INFLATED_TILE: u64 = 32 * 1024 * 1024;
+/// Rows or tiles between two checks of the cancellation flag by the reader
+/// thread (an SQLite step in progress is interrupted at once anyway).
+const CANCEL_CHECK_EVERY: u64 = 64;
+/// Stored tiles removed at once when an import rolls back.
+const ROLLBACK_IN_FLIGHT: usize = 256;
 /// Store key prefix of a vector source's `json` metadata.
 pub const JSON_KEY_PREFIX: &str = "mbtiles-json:";
 
@@ -196,10 +258,54 @@ pub enum ImportError {
         /// Cause.
         source: rusqlite::Error,
     },
-    /// The store refused a write (disk full...). Tiles acknowledged before
-    /// it are kept; re-run the import once fixed.
+    /// The store refused a write (disk full...). The tiles this run had
+    /// stored are removed; re-run the import once fixed.
     #[error("storing tiles: {0}")]
     Store(#[from] StoreError),
+    /// The file's schema would make SQLite run something of the file's own
+    /// (a trigger, a view, a virtual table) where a plain table is read.
+    #[error("{path}: refusing an MBTiles file whose {what}; only plain tables are read")]
+    UnsafeSchema {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, e.g. "`metadata` is a view".
+        what: String,
+    },
+    /// The file is larger than an import may be.
+    #[error("{path} exceeds the import budget: {what} over {max}")]
+    Budget {
+        /// The file.
+        path: PathBuf,
+        /// `tile rows`, `metadata rows`, `metadata bytes`.
+        what: &'static str,
+        /// The budget.
+        max: u64,
+    },
+    /// A gzipped tile inflates past its bound (see [`MAX_GZIP_RATIO`]).
+    #[error(
+        "{path}: tile {z}/{x}/{y} is a gzip bomb ({compressed} bytes inflate past {limit}); refusing the import"
+    )]
+    GzipBomb {
+        /// The file.
+        path: PathBuf,
+        /// Zoom.
+        z: u8,
+        /// Column.
+        x: u32,
+        /// Row (XYZ).
+        y: u32,
+        /// The tile's bytes.
+        compressed: u64,
+        /// The bound it passed.
+        limit: u64,
+    },
+    /// The import was cancelled (its client went away, or the agent is
+    /// shutting down); what it had stored was removed.
+    #[error("the import was cancelled; the tiles it had stored were removed")]
+    Cancelled,
+    /// Writing the roll-back journal failed.
+    #[error("writing the import's roll-back journal: {0}")]
+    Journal(std::io::Error),
 }
 
 /// Why an export was refused or failed.
@@ -244,6 +350,9 @@ pub enum ExportError {
         /// Cause.
         source: rusqlite::Error,
     },
+    /// The export was cancelled; the partial file was removed.
+    #[error("the export was cancelled; nothing was written")]
+    Cancelled,
 }
 
 /// Import progress, and the final report.
@@ -370,9 +479,86 @@ fn columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
     Ok(names)
 }
 
+/// How [`open_mbtiles`] names a plain table.
+const TABLE: &str = "a table";
+/// `sqlite_master` rows looked at: an MBTiles file has a handful.
+const MAX_SCHEMA_OBJECTS: usize = 10_000;
+
+/// SQLite's defences against a hostile database file: no schema-defined
+/// functions run with privileges, no writes of any kind, no huge values.
+fn harden(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::config::DbConfig;
+    use rusqlite::limits::Limit;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
+    conn.execute_batch("PRAGMA trusted_schema = OFF; PRAGMA query_only = ON;")?;
+    conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, MAX_SQL_VALUE_BYTES as i32);
+    Ok(())
+}
+
+/// How the reader thread is told to stop: a flag it checks between rows,
+/// directories and tiles, and the interrupt handle of its SQLite
+/// connection, for a statement in progress.
+#[derive(Default)]
+struct Stop {
+    flag: Arc<AtomicBool>,
+    sqlite: Mutex<Option<rusqlite::InterruptHandle>>,
+}
+
+impl Stop {
+    fn fire(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        if let Some(h) = self
+            .sqlite
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            h.interrupt();
+        }
+    }
+
+    fn fired(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    fn set_sqlite(&self, h: rusqlite::InterruptHandle) {
+        *self.sqlite.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+        // Fired before the handle was there: interrupt now.
+        if self.fired() {
+            self.fire();
+        }
+    }
+
+    /// An SQLite error, or [`ImportError::Cancelled`] if it came from
+    /// being interrupted.
+    fn error(&self, path: &Path, source: rusqlite::Error) -> ImportError {
+        if self.fired() {
+            ImportError::Cancelled
+        } else {
+            ImportError::Sqlite {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+/// Fires a [`Stop`] when dropped: an import future dropped mid-way stops
+/// its reader thread too.
+struct FireOnDrop(Arc<Stop>);
+
+impl Drop for FireOnDrop {
+    fn drop(&mut self) {
+        self.0.fire();
+    }
+}
+
 /// Opens and validates a file; returns the connection, what it holds and
 /// the query that streams its tiles.
-fn open_mbtiles(path: &Path) -> Result<(Connection, FileInfo, &'static str), ImportError> {
+fn open_mbtiles(
+    path: &Path,
+    stop: &Stop,
+) -> Result<(Connection, FileInfo, &'static str), ImportError> {
     let sql = |source| ImportError::Sqlite {
         path: path.to_path_buf(),
         source,
@@ -395,23 +581,54 @@ fn open_mbtiles(path: &Path) -> Result<(Connection, FileInfo, &'static str), Imp
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(sql)?;
-    let objects: HashMap<String, String> = {
+    stop.set_sqlite(conn.get_interrupt_handle());
+    harden(&conn).map_err(sql)?;
+    let unsafe_schema = |what: String| ImportError::UnsafeSchema {
+        path: path.to_path_buf(),
+        what,
+    };
+    // What each name is: a plain table, a view, a virtual table.
+    let mut objects: HashMap<String, &'static str> = HashMap::new();
+    {
         let mut st = conn
-            .prepare(
-                "SELECT name, type FROM sqlite_master WHERE type IN ('table', 'view') \
-                 AND name IN ('metadata', 'tiles', 'map', 'images')",
-            )
+            .prepare(&format!(
+                "SELECT type, name, coalesce(sql, '') FROM sqlite_master LIMIT {MAX_SCHEMA_OBJECTS}"
+            ))
             .map_err(|e| match e.sqlite_error_code() {
                 Some(rusqlite::ErrorCode::NotADatabase) => ImportError::NotSqlite {
                     path: path.to_path_buf(),
                 },
                 _ => sql(e),
             })?;
-        let rows = st
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .map_err(sql)?;
-        rows.collect::<Result<_, _>>().map_err(sql)?
-    };
+        let mut rows = st.query([]).map_err(sql)?;
+        while let Some(r) = rows.next().map_err(sql)? {
+            let kind: String = r.get(0).map_err(sql)?;
+            let name: String = r.get(1).map_err(sql)?;
+            let text: String = r.get(2).map_err(sql)?;
+            if kind == "trigger" {
+                return Err(unsafe_schema(format!("schema holds a trigger ({name:?})")));
+            }
+            let name = name.to_ascii_lowercase();
+            if !["metadata", "tiles", "map", "images"].contains(&name.as_str()) {
+                continue;
+            }
+            let what = match kind.as_str() {
+                "view" => "a view",
+                "table"
+                    if text
+                        .trim_start()
+                        .get(..20)
+                        .is_some_and(|h| h.eq_ignore_ascii_case("create virtual table")) =>
+                {
+                    "a virtual table"
+                }
+                "table" => TABLE,
+                _ => continue,
+            };
+            objects.insert(name, what);
+        }
+    }
+    let plain = |name: &str| objects.get(name) == Some(&TABLE);
     let missing_table = |table| ImportError::MissingTable {
         path: path.to_path_buf(),
         table,
@@ -429,47 +646,79 @@ fn open_mbtiles(path: &Path) -> Result<(Connection, FileInfo, &'static str), Imp
         }
         Ok(())
     };
-    if !objects.contains_key("metadata") {
-        return Err(missing_table("metadata"));
+    match objects.get("metadata") {
+        None => return Err(missing_table("metadata")),
+        Some(&what) if what != TABLE => {
+            return Err(unsafe_schema(format!("`metadata` is {what}")));
+        }
+        Some(_) => {}
     }
     require("metadata", &["name", "value"])?;
-    let query = if objects.contains_key("tiles") {
+    let query = if plain("tiles") {
         require(
             "tiles",
             &["zoom_level", "tile_column", "tile_row", "tile_data"],
         )?;
         TILES_QUERY
-    } else if objects.contains_key("map") && objects.contains_key("images") {
+    } else if plain("map") && plain("images") {
+        // The deduplicated layout; a `tiles` view over it is not run.
         require("map", &["zoom_level", "tile_column", "tile_row", "tile_id"])?;
         require("images", &["tile_data", "tile_id"])?;
         JOIN_QUERY
+    } else if let Some(what) = objects.get("tiles") {
+        return Err(unsafe_schema(format!(
+            "`tiles` is {what} without plain `map` and `images` tables"
+        )));
     } else {
         return Err(missing_table("tiles"));
+    };
+    let budget = |what: &'static str, max: u64| ImportError::Budget {
+        path: path.to_path_buf(),
+        what,
+        max,
     };
     let mut meta: HashMap<String, String> = HashMap::new();
     {
         let mut st = conn
             .prepare(&format!(
-                "SELECT name, value FROM metadata LIMIT {MAX_METADATA_ROWS}"
+                "SELECT name, value FROM metadata LIMIT {}",
+                MAX_METADATA_ROWS + 1
             ))
             .map_err(sql)?;
         let mut rows = st.query([]).map_err(sql)?;
-        while let Some(r) = rows.next().map_err(sql)? {
+        let (mut n, mut bytes) = (0usize, 0usize);
+        while let Some(r) = rows.next().map_err(|e| stop.error(path, e))? {
+            n += 1;
+            if n > MAX_METADATA_ROWS {
+                return Err(budget("metadata rows", MAX_METADATA_ROWS as u64));
+            }
             let (Ok(Some(name)), Ok(Some(value))) = (
                 r.get_ref(0).map(|v| v.as_str_or_null().ok().flatten()),
                 r.get_ref(1).map(|v| v.as_str_or_null().ok().flatten()),
             ) else {
                 continue;
             };
+            bytes += name.len() + value.len();
+            if bytes > MAX_METADATA_BYTES {
+                return Err(budget("metadata bytes", MAX_METADATA_BYTES as u64));
+            }
             meta.insert(name.to_ascii_lowercase(), value.to_string());
         }
     }
     let total: u64 = conn
-        .query_row(&format!("SELECT count(*) FROM ({query})"), [], |r| {
-            r.get::<_, i64>(0)
-        })
-        .map_err(sql)?
+        .query_row(
+            &format!(
+                "SELECT count(*) FROM ({query} LIMIT {})",
+                MAX_IMPORT_TILES + 1
+            ),
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(|e| stop.error(path, e))?
         .max(0) as u64;
+    if total > MAX_IMPORT_TILES {
+        return Err(budget("tile rows", MAX_IMPORT_TILES));
+    }
     let (format_text, format) = match meta.get("format") {
         Some(f) => (f.clone(), parse_format(f)),
         None => {
@@ -483,7 +732,7 @@ fn open_mbtiles(path: &Path) -> Result<(Connection, FileInfo, &'static str), Imp
                     rusqlite::Error::QueryReturnedNoRows => Ok(None),
                     e => Err(e),
                 })
-                .map_err(sql)?
+                .map_err(|e| stop.error(path, e))?
                 .flatten();
             match first.as_deref().and_then(sniff) {
                 Some(f) => (f.extension().to_string(), Some(f)),
@@ -505,7 +754,12 @@ fn open_mbtiles(path: &Path) -> Result<(Connection, FileInfo, &'static str), Imp
 }
 
 /// Judges one row.
-fn judge(row: &rusqlite::Row<'_>, format: TileFormat, zooms: (u8, u8)) -> rusqlite::Result<Item> {
+fn judge(
+    row: &rusqlite::Row<'_>,
+    path: &Path,
+    format: TileFormat,
+    zooms: (u8, u8),
+) -> rusqlite::Result<Item> {
     let z = row.get_ref(0)?.as_i64().ok();
     let x = row.get_ref(1)?.as_i64().ok();
     let tms = row.get_ref(2)?.as_i64().ok();
@@ -528,14 +782,58 @@ fn judge(row: &rusqlite::Row<'_>, format: TileFormat, zooms: (u8, u8)) -> rusqli
     if data.len() > MAX_OBJECT_BYTES || sniff(data) != Some(format) {
         return Ok(Item::Invalid(1));
     }
-    Ok(Item::Tile(
-        TileId {
-            z: z as u8,
-            x: x as u32,
-            y: (side - 1 - tms) as u32,
-        },
-        Bytes::copy_from_slice(data),
-    ))
+    let tile = TileId {
+        z: z as u8,
+        x: x as u32,
+        y: (side - 1 - tms) as u32,
+    };
+    Ok(match check_gzip(data) {
+        Gzip::Plain | Gzip::Complete => Item::Tile(tile, Bytes::copy_from_slice(data)),
+        Gzip::Broken => Item::Invalid(1),
+        Gzip::Bomb { limit } => Item::Failed(gzip_bomb(path, tile, data.len(), limit)),
+    })
+}
+
+/// What [`check_gzip`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Gzip {
+    /// No gzip signature: nothing to check.
+    Plain,
+    /// One complete stream within its bound.
+    Complete,
+    /// Cut short or corrupt.
+    Broken,
+    /// Inflates past `limit` bytes.
+    Bomb { limit: u64 },
+}
+
+/// Inflates a gzipped tile into nothing, up to its bound (see
+/// [`MAX_GZIP_RATIO`]), to tell a complete stream from a broken one or a
+/// bomb; never holds the inflated bytes.
+fn check_gzip(data: &[u8]) -> Gzip {
+    if !data.starts_with(GZIP_MAGIC) {
+        return Gzip::Plain;
+    }
+    let limit = (data.len() as u64)
+        .saturating_mul(MAX_GZIP_RATIO)
+        .clamp(GZIP_RATIO_FLOOR, MAX_INFLATED_TILE);
+    let mut d = flate2::read::GzDecoder::new(data).take(limit + 1);
+    match std::io::copy(&mut d, &mut std::io::sink()) {
+        Ok(n) if n > limit => Gzip::Bomb { limit },
+        Ok(_) => Gzip::Complete,
+        Err(_) => Gzip::Broken,
+    }
+}
+
+fn gzip_bomb(path: &Path, t: TileId, compressed: usize, limit: u64) -> ImportError {
+    ImportError::GzipBomb {
+        path: path.to_path_buf(),
+        z: t.z,
+        x: t.x,
+        y: t.y,
+        compressed: compressed as u64,
+        limit,
+    }
 }
 
 /// The reader thread: streams judged rows into `tx` until the file ends or
@@ -546,14 +844,13 @@ fn read_rows(
     query: &str,
     format: TileFormat,
     zooms: (u8, u8),
+    stop: &Stop,
     tx: &mpsc::Sender<Item>,
 ) {
     let fail = |source| {
-        let _ = tx.blocking_send(Item::Failed(ImportError::Sqlite {
-            path: path.to_path_buf(),
-            source,
-        }));
+        let _ = tx.blocking_send(Item::Failed(stop.error(path, source)));
     };
+    let mut n = 0u64;
     let mut st = match conn.prepare(query) {
         Ok(s) => s,
         Err(e) => return fail(e),
@@ -563,8 +860,21 @@ fn read_rows(
         Err(e) => return fail(e),
     };
     loop {
+        n += 1;
+        if n.is_multiple_of(CANCEL_CHECK_EVERY) && stop.fired() {
+            let _ = tx.blocking_send(Item::Failed(ImportError::Cancelled));
+            return;
+        }
+        if n > MAX_IMPORT_TILES {
+            let _ = tx.blocking_send(Item::Failed(ImportError::Budget {
+                path: path.to_path_buf(),
+                what: "tile rows",
+                max: MAX_IMPORT_TILES,
+            }));
+            return;
+        }
         let item = match rows.next() {
-            Ok(Some(row)) => match judge(row, format, zooms) {
+            Ok(Some(row)) => match judge(row, path, format, zooms) {
                 Ok(i) => i,
                 Err(e) => return fail(e),
             },
@@ -585,7 +895,7 @@ enum Opened {
 
 /// Opens an MBTiles or PMTiles file, told apart by their first bytes
 /// (`SQLite format 3\0`, `PMTiles` + version), whatever the file's name.
-fn open_file(path: &Path) -> Result<(Opened, FileInfo), ImportError> {
+fn open_file(path: &Path, stop: &Stop) -> Result<(Opened, FileInfo), ImportError> {
     let mut head = [0u8; 7];
     let n = {
         let mut f = std::fs::File::open(path).map_err(|source| ImportError::Open {
@@ -598,7 +908,8 @@ fn open_file(path: &Path) -> Result<(Opened, FileInfo), ImportError> {
         })?
     };
     if n == head.len() && &head == pmtiles::MAGIC {
-        let (a, info) = open_pmtiles(path).map_err(|source| match source {
+        let (a, info) = open_pmtiles(path, &stop.flag).map_err(|source| match source {
+            PmtilesError::Cancelled => ImportError::Cancelled,
             PmtilesError::Io(source) => ImportError::Open {
                 path: path.to_path_buf(),
                 source,
@@ -610,14 +921,15 @@ fn open_file(path: &Path) -> Result<(Opened, FileInfo), ImportError> {
         })?;
         return Ok((Opened::Pmtiles(a), info));
     }
-    let (conn, info, query) = open_mbtiles(path)?;
+    let (conn, info, query) = open_mbtiles(path, stop)?;
     Ok((Opened::Mbtiles(conn, query), info))
 }
 
 /// Opens and validates a PMTiles archive: every directory is walked and
 /// checked before a tile is read (see [`pmtiles::Archive::validate`]).
-fn open_pmtiles(path: &Path) -> Result<(Archive, FileInfo), PmtilesError> {
+fn open_pmtiles(path: &Path, stop: &Arc<AtomicBool>) -> Result<(Archive, FileInfo), PmtilesError> {
     let mut a = Archive::open(path)?;
+    a.set_cancel(stop.clone());
     let summary = a.validate()?;
     let h = a.header().clone();
     let tile_gzip = match h.tile_compression {
@@ -677,14 +989,6 @@ fn open_pmtiles(path: &Path) -> Result<(Archive, FileInfo), PmtilesError> {
     ))
 }
 
-/// Whether `data` is one complete gzip stream (of at most
-/// [`MAX_OBJECT_BYTES`] once inflated).
-fn gzip_complete(data: &[u8]) -> bool {
-    use std::io::Read;
-    let mut d = flate2::read::GzDecoder::new(data).take(MAX_OBJECT_BYTES as u64 + 1);
-    std::io::copy(&mut d, &mut std::io::sink()).is_ok_and(|n| n <= MAX_OBJECT_BYTES as u64)
-}
-
 /// The PMTiles reader thread: every tile of every run, judged like an
 /// MBTiles row, into `tx` until the archive ends or the receiver is gone.
 /// Tile ids of a zoom are contiguous, so the parts of a run outside the
@@ -694,6 +998,7 @@ fn read_pmtiles(
     path: &Path,
     format: TileFormat,
     zooms: (u8, u8),
+    stop: &Stop,
     tx: &mpsc::Sender<Item>,
 ) {
     let first = pmtiles::zoom_base(zooms.0);
@@ -717,14 +1022,24 @@ fn read_pmtiles(
             None
         } else {
             let data = a.tile_data(e)?;
-            let ok = sniff(&data) == Some(format)
-                && (!data.starts_with(GZIP_MAGIC) || gzip_complete(&data));
-            ok.then(|| Bytes::from(data))
+            match check_gzip(&data) {
+                _ if sniff(&data) != Some(format) => None,
+                Gzip::Broken => None,
+                Gzip::Bomb { limit } => {
+                    let t = pmtiles::tile_of(in_lo).unwrap_or(TileId { z: 0, x: 0, y: 0 });
+                    let _ = tx.blocking_send(Item::Failed(gzip_bomb(path, t, data.len(), limit)));
+                    return Ok(false);
+                }
+                Gzip::Plain | Gzip::Complete => Some(Bytes::from(data)),
+            }
         };
         let Some(body) = body else {
             return Ok(tx.blocking_send(Item::Invalid(n)).is_ok());
         };
         for id in in_lo..in_hi {
+            if (id - in_lo).is_multiple_of(CANCEL_CHECK_EVERY) && stop.fired() {
+                return Err(PmtilesError::Cancelled);
+            }
             let item = match pmtiles::tile_of(id) {
                 Some(t) => Item::Tile(t, body.clone()),
                 None => Item::Invalid(1),
@@ -735,12 +1050,15 @@ fn read_pmtiles(
         }
         Ok(true)
     });
-    if let Err(source) = walked {
-        let _ = tx.blocking_send(Item::Failed(ImportError::Pmtiles {
+    let failed = match walked {
+        Ok(_) => return,
+        Err(PmtilesError::Cancelled) => ImportError::Cancelled,
+        Err(source) => ImportError::Pmtiles {
             path: path.to_path_buf(),
             source,
-        }));
-    }
+        },
+    };
+    let _ = tx.blocking_send(Item::Failed(failed));
 }
 
 /// The `ETag` of an imported body.
@@ -778,36 +1096,121 @@ fn import_headers(format: TileFormat, now: u64) -> HeaderMap {
 
 type PutResult = (usize, Result<(), StoreError>);
 
-/// Imports an MBTiles file into the cache as tiles of `source`, pinned (see
-/// the module docs). `progress` is called after every row. Needs no
-/// backhaul; the proxy need not be running yet (a handle from
+/// The keys of the tiles one import run stored, in an anonymous temp file
+/// (16 bytes each), so an import that does not complete can remove them
+/// without holding millions of keys in memory.
+struct Journal {
+    file: BufWriter<std::fs::File>,
+    count: u64,
+}
+
+impl Journal {
+    fn new() -> Result<Journal, ImportError> {
+        let file = tempfile::tempfile().map_err(ImportError::Journal)?;
+        Ok(Journal {
+            file: BufWriter::new(file),
+            count: 0,
+        })
+    }
+
+    fn record(&mut self, key: &KeyHash) -> Result<(), ImportError> {
+        self.file.write_all(key).map_err(ImportError::Journal)?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Removes every journalled key from the store; returns how many.
+    async fn roll_back(self, store: &crate::store::Store) -> Result<u64, ImportError> {
+        let mut file = self
+            .file
+            .into_inner()
+            .map_err(|e| ImportError::Journal(e.into_error()))?;
+        file.rewind().map_err(ImportError::Journal)?;
+        let mut reader = std::io::BufReader::new(file);
+        let mut removing = FuturesUnordered::new();
+        let mut removed = 0u64;
+        for _ in 0..self.count {
+            let mut key: KeyHash = [0; 16];
+            reader.read_exact(&mut key).map_err(ImportError::Journal)?;
+            if removing.len() >= ROLLBACK_IN_FLIGHT {
+                if let Some(Err(e)) = removing.next().await {
+                    tracing::warn!(error = %e, "removing a tile of a cancelled import failed");
+                }
+            }
+            let store = store.clone();
+            removing.push(async move { store.remove(key).await });
+            removed += 1;
+        }
+        while let Some(r) = removing.next().await {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "removing a tile of a cancelled import failed");
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Imports an MBTiles or PMTiles file into the cache as tiles of `source`,
+/// pinned (see the module docs). `progress` is called after every row.
+/// Needs no backhaul; the proxy need not be running yet (a handle from
 /// [`crate::Proxy::handle`] after `bind` works).
 ///
-/// Cancel-safe in the sense that matters: dropping the future stops the
-/// import; every tile reported stored is durable, and re-running the same
-/// import completes it without rewriting those.
+/// Like [`import_cancellable`] with a token nobody fires. Dropping the
+/// future stops the import (and its reader thread); every tile reported
+/// stored is durable, and re-running the same import completes it without
+/// rewriting those.
 ///
 /// # Errors
-/// See [`ImportError`]: the file is refused before anything is stored when
-/// it is not an MBTiles file or not of the source's format; a read or store
-/// failure mid-way stops the import (what was stored stays).
+/// See [`ImportError`].
 pub async fn import(
     proxy: &ProxyHandle,
     source: &str,
     path: &Path,
+    progress: impl FnMut(&ImportReport),
+) -> Result<ImportReport, ImportError> {
+    import_cancellable(proxy, source, path, &CancellationToken::new(), progress).await
+}
+
+/// [`import`], stopped by `cancel`: the reader thread stops at its next
+/// row or directory (an SQLite statement in progress is interrupted), the
+/// tiles this run stored are removed, and the import fails with
+/// [`ImportError::Cancelled`].
+///
+/// # Errors
+/// See [`ImportError`]: the file is refused before anything is stored when
+/// it is not a tile file, not of the source's format, or over a budget
+/// that can be told up front; a refusal, read or store failure mid-way
+/// stops the import and removes what this run stored.
+pub async fn import_cancellable(
+    proxy: &ProxyHandle,
+    source: &str,
+    path: &Path,
+    cancel: &CancellationToken,
     mut progress: impl FnMut(&ImportReport),
 ) -> Result<ImportReport, ImportError> {
     let engine = &proxy.engine;
     let src = find_source(engine, source)
         .ok_or_else(|| ImportError::UnknownSource(source.to_string()))?
         .clone();
+    let stop = Arc::new(Stop::default());
+    let _stop_on_drop = FireOnDrop(stop.clone());
+    let bridge = {
+        let (stop, cancel) = (stop.clone(), cancel.clone());
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            stop.fire();
+        })
+    };
+    let _bridge = tokio_util::task::AbortOnDropHandle::new(bridge);
     let (info_tx, info_rx) = tokio::sync::oneshot::channel();
     let (tx, mut rx) = mpsc::channel::<Item>(IMPORT_QUEUE);
     let (go_tx, go_rx) = std::sync::mpsc::sync_channel::<()>(1);
     let file = path.to_path_buf();
     let (format, zooms) = (src.format, (src.min_zoom, src.max_zoom));
+    let reader_stop = stop.clone();
     let reader = tokio::task::spawn_blocking(move || {
-        let (opened, info) = match open_file(&file) {
+        let stop = reader_stop;
+        let (opened, info) = match open_file(&file, &stop) {
             Ok(x) => x,
             Err(e) => {
                 let _ = info_tx.send(Err(e));
@@ -819,15 +1222,25 @@ pub async fn import(
         if go_rx.recv().is_ok() {
             match opened {
                 Opened::Mbtiles(conn, query) => {
-                    read_rows(&conn, &file, query, format, zooms, &tx);
+                    read_rows(&conn, &file, query, format, zooms, &stop, &tx);
                 }
                 Opened::Pmtiles(mut archive) => {
-                    read_pmtiles(&mut archive, &file, format, zooms, &tx);
+                    read_pmtiles(&mut archive, &file, format, zooms, &stop, &tx);
                 }
             }
         }
     });
-    let info = info_rx.await.map_err(|_| ImportError::Open {
+    let info = tokio::select! {
+        biased;
+        () = cancel.cancelled() => {
+            stop.fire();
+            drop(go_tx);
+            let _ = reader.await;
+            return Err(ImportError::Cancelled);
+        }
+        info = info_rx => info,
+    };
+    let info = info.map_err(|_| ImportError::Open {
         path: path.to_path_buf(),
         source: std::io::Error::other("the tile file reader thread failed"),
     })??;
@@ -848,6 +1261,64 @@ pub async fn import(
         });
     }
     let _ = go_tx.send(());
+    let mut journal = Journal::new()?;
+    let mut report = ImportReport {
+        total: info.total,
+        ..Default::default()
+    };
+    let outcome = store_tiles(
+        engine,
+        &src,
+        &info,
+        &mut rx,
+        cancel,
+        &mut journal,
+        &mut report,
+        &mut progress,
+    )
+    .await;
+    stop.fire();
+    drop(rx);
+    let _ = reader.await;
+    if let Err(e) = outcome {
+        let removed = journal.roll_back(&engine.store).await?;
+        tracing::warn!(
+            event = "mbtiles_import_rolled_back",
+            source = %src.name,
+            file = %path.display(),
+            removed,
+            error = %e,
+            "tile import stopped; the tiles it stored were removed"
+        );
+        return Err(e);
+    }
+    tracing::info!(
+        event = "mbtiles_imported",
+        source = %src.name,
+        file = %path.display(),
+        tiles = report.tiles,
+        unchanged = report.unchanged,
+        skipped = report.skipped,
+        invalid = report.invalid,
+        "MBTiles import finished"
+    );
+    Ok(report)
+}
+
+/// The storing half of an import: every judged item from the reader into
+/// the store, each new key journalled before its write is issued. Returns
+/// at the first failure (after the writes in flight settled).
+#[allow(clippy::too_many_arguments)]
+async fn store_tiles(
+    engine: &Engine,
+    src: &TileSource,
+    info: &FileInfo,
+    rx: &mut mpsc::Receiver<Item>,
+    cancel: &CancellationToken,
+    journal: &mut Journal,
+    report: &mut ImportReport,
+    progress: &mut impl FnMut(&ImportReport),
+) -> Result<(), ImportError> {
     let now = (engine.clock)();
     let store = engine.store.clone();
     if let (TileFormat::Pbf, Some(json)) = (src.format, &info.json) {
@@ -864,15 +1335,12 @@ pub async fn import(
             pinned: true,
         };
         let key = key_hash(&format!("{JSON_KEY_PREFIX}{}", src.name));
+        journal.record(&key)?;
         store
             .put(key, meta, Bytes::from(json.clone().into_bytes()))
             .await?;
     }
     let base = import_headers(src.format, now);
-    let mut report = ImportReport {
-        total: info.total,
-        ..Default::default()
-    };
     let mut in_flight = FuturesUnordered::new();
     let mut in_flight_bytes = 0usize;
     let settle = |r: PutResult, report: &mut ImportReport, bytes: &mut usize| {
@@ -883,22 +1351,37 @@ pub async fn import(
             report.bytes += len as u64;
         })
     };
-    while let Some(item) = rx.recv().await {
+    let mut failed: Option<ImportError> = None;
+    loop {
+        let item = tokio::select! {
+            biased;
+            () = cancel.cancelled() => {
+                failed = Some(ImportError::Cancelled);
+                break;
+            }
+            item = rx.recv() => match item {
+                Some(item) => item,
+                None => break,
+            },
+        };
         let (tile, body) = match item {
             Item::Tile(t, b) => (t, b),
             Item::OutOfRange(n) => {
                 report.read += n;
                 report.skipped += n;
-                progress(&report);
+                progress(report);
                 continue;
             }
             Item::Invalid(n) => {
                 report.read += n;
                 report.invalid += n;
-                progress(&report);
+                progress(report);
                 continue;
             }
-            Item::Failed(e) => return Err(e),
+            Item::Failed(e) => {
+                failed = Some(e);
+                break;
+            }
         };
         report.read += 1;
         let kh: KeyHash = key_hash(&tiles::cache_key(&src.name, tile));
@@ -906,7 +1389,7 @@ pub async fn import(
         if let Ok(Some(m)) = store.get_meta(&kh) {
             if m.pinned && m.status == 200 && m.headers.get(header::ETAG) == Some(&etag) {
                 report.unchanged += 1;
-                progress(&report);
+                progress(report);
                 continue;
             }
         }
@@ -928,29 +1411,41 @@ pub async fn import(
                 || in_flight_bytes + len > IMPORT_IN_FLIGHT_BYTES)
         {
             let r = in_flight.next().await.expect("not empty");
-            settle(r, &mut report, &mut in_flight_bytes)?;
-            progress(&report);
+            if let Err(e) = settle(r, report, &mut in_flight_bytes) {
+                failed = Some(e.into());
+                break;
+            }
+            progress(report);
+        }
+        if failed.is_some() {
+            break;
+        }
+        if let Err(e) = journal.record(&kh) {
+            failed = Some(e);
+            break;
         }
         in_flight_bytes += len;
         let store = store.clone();
         in_flight.push(async move { (len, store.put(kh, meta, body).await) });
     }
+    // Writes in flight settle either way: on failure they are journalled
+    // and removed with the rest.
     while let Some(r) = in_flight.next().await {
-        settle(r, &mut report, &mut in_flight_bytes)?;
-        progress(&report);
+        match settle(r, report, &mut in_flight_bytes) {
+            Ok(()) => progress(report),
+            Err(e) => {
+                failed.get_or_insert(e.into());
+            }
+        }
     }
-    let _ = reader.await;
-    tracing::info!(
-        event = "mbtiles_imported",
-        source = %src.name,
-        file = %path.display(),
-        tiles = report.tiles,
-        unchanged = report.unchanged,
-        skipped = report.skipped,
-        invalid = report.invalid,
-        "MBTiles import finished"
-    );
-    Ok(report)
+    if failed.is_none() && cancel.is_cancelled() {
+        // Cancelled while the last writes settled: still not done.
+        failed = Some(ImportError::Cancelled);
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// What the export writer thread receives.
@@ -1038,6 +1533,21 @@ pub async fn export(
     proxy: &ProxyHandle,
     plan: &ExportPlan,
     out: &Path,
+    progress: impl FnMut(&ExportReport),
+) -> Result<ExportReport, ExportError> {
+    export_cancellable(proxy, plan, out, &CancellationToken::new(), progress).await
+}
+
+/// [`export`], stopped by `cancel` ([`ExportError::Cancelled`]; the
+/// partial file is removed and `out` is untouched).
+///
+/// # Errors
+/// See [`ExportError`].
+pub async fn export_cancellable(
+    proxy: &ProxyHandle,
+    plan: &ExportPlan,
+    out: &Path,
+    cancel: &CancellationToken,
     mut progress: impl FnMut(&ExportReport),
 ) -> Result<ExportReport, ExportError> {
     let engine = &proxy.engine;
@@ -1089,6 +1599,13 @@ pub async fn export(
         report.done += 1;
         if report.done.is_multiple_of(1024) {
             tokio::task::yield_now().await;
+        }
+        if cancel.is_cancelled() {
+            // Dropping `tx` without `Finish` makes the writer remove the
+            // partial file.
+            drop(tx);
+            let _ = writer.await;
+            return Err(ExportError::Cancelled);
         }
         let kh = key_hash(&tiles::cache_key(&src.name, t));
         let obj = match engine.store.get(&kh) {
@@ -1156,6 +1673,11 @@ pub async fn export(
     report.unique = unique;
     let (tmp2, out2) = (tmp.clone(), out.to_path_buf());
     tokio::task::spawn_blocking(move || -> Result<(), ExportError> {
+        // A region of the cache, for whoever holds the file: the agent's
+        // user only, like a volume export.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp2, std::fs::Permissions::from_mode(0o600))
+            .map_err(io(&tmp2))?;
         std::fs::File::open(&tmp2)
             .and_then(|f| f.sync_all())
             .map_err(io(&tmp2))?;

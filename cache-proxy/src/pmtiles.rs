@@ -18,9 +18,22 @@
 //! [`Archive::validate`] then walks every directory before anything is
 //! imported and refuses the archive, with the reason, when a section or
 //! an entry lies outside the file, a varint or a gzip stream is cut short,
-//! tile ids go backwards or overlap, leaves nest deeper than
-//! [`MAX_DEPTH`], or the header's tile counts disagree with the
-//! directories. Only internal compression `none` or `gzip` is read.
+//! tile ids go backwards or overlap, a leaf directory points to another
+//! leaf (the layout writers produce is root → leaves, [`MAX_DEPTH`]), or
+//! the header's tile counts disagree with the directories. Only internal
+//! compression `none` or `gzip` is read.
+//!
+//! **Budgets.** A small archive can describe an enormous one: leaves that
+//! point at the same leaf again and again, a gzip stream that inflates a
+//! thousandfold, a 207-byte entry whose run length addresses 2³²−1 tiles.
+//! So the walk is bounded by what it *costs*, not by the file's size:
+//! every directory at most [`MAX_DIRECTORY_BYTES`] once inflated, all of
+//! them together at most [`MAX_TOTAL_DIRECTORY_BYTES`], at most
+//! [`MAX_ADDRESSED_TILES`] tiles addressed (a header that claims more is
+//! refused before any directory is read), every leaf non-empty and read
+//! once (a leaf pointed at twice repeats its tile ids and is refused), no
+//! tile id beyond zoom [`MAX_ZOOM`]. A walk can also be cancelled from
+//! another thread ([`Archive::set_cancel`]).
 //!
 //! [PMTiles v3]: https://github.com/protomaps/PMTiles/blob/main/spec/v3/spec.md
 
@@ -28,6 +41,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::tiles::{TileId, MAX_ZOOM};
 
@@ -43,8 +58,23 @@ pub const HEADER_LEN: usize = 127;
 pub const MAX_DIRECTORY_BYTES: u64 = 32 * 1024 * 1024;
 /// Largest metadata JSON read, compressed or not.
 pub const MAX_METADATA_BYTES: u64 = 16 * 1024 * 1024;
-/// Directory levels below the root that are followed (writers use one).
-pub const MAX_DEPTH: u32 = 3;
+/// Directory levels below the root that are followed: writers produce a
+/// root and one level of leaves, and every further level multiplies the
+/// work a tiny file can ask for (three levels of 2,048 pointers to one leaf
+/// are 8.6 billion directory reads), so a leaf that points to a leaf is
+/// refused.
+pub const MAX_DEPTH: u32 = 1;
+/// Inflated directory bytes one walk reads at most, all directories
+/// together: a country extract's leaves are a few megabytes, and
+/// [`MAX_ADDRESSED_TILES`] entries of a few bytes each fit well within it;
+/// it stops an archive whose root points at the same huge leaf millions of
+/// times.
+pub const MAX_TOTAL_DIRECTORY_BYTES: u64 = 256 * 1024 * 1024;
+/// Tiles an archive may address (sum of run lengths): every addressed
+/// tile becomes a pinned object of ~120 bytes of index, so 16 Mi tiles are
+/// about 2 GB of index, a large country to zoom 14. Extract a region
+/// (`pmtiles extract`) to import part of a bigger archive.
+pub const MAX_ADDRESSED_TILES: u64 = 16 * 1024 * 1024;
 /// Entries per leaf the writer uses when the root would hold more than
 /// [`WriteOptions::root_entries`].
 pub const LEAF_ENTRIES: usize = 4096;
@@ -205,9 +235,21 @@ pub enum PmtilesError {
     /// Tile ids repeat or go backwards.
     #[error("tile id {0} repeats or goes backwards")]
     Order(u64),
-    /// Leaf directories nested deeper than [`MAX_DEPTH`].
-    #[error("leaf directories nested deeper than {MAX_DEPTH} levels")]
+    /// A leaf directory points to another leaf directory (only root →
+    /// leaves is followed, see [`MAX_DEPTH`]).
+    #[error("a leaf directory points to another leaf directory (only {MAX_DEPTH} level of leaves is read)")]
     TooDeep,
+    /// Reading the archive would cost more than a budget allows.
+    #[error("the archive exceeds the import budget: {what} over {max}")]
+    Budget {
+        /// `tiles addressed`, `directory bytes (all directories, inflated)`.
+        what: &'static str,
+        /// The budget.
+        max: u64,
+    },
+    /// The walk was cancelled ([`Archive::set_cancel`]).
+    #[error("cancelled")]
+    Cancelled,
     /// The header's counts disagree with the directories.
     #[error("the header says {header} {what} but the directories hold {found}")]
     Mismatch {
@@ -590,12 +632,21 @@ pub struct Archive {
     file: File,
     len: u64,
     header: Header,
+    /// Set by another thread to stop a walk at the next directory or entry.
+    cancel: Option<Arc<AtomicBool>>,
 }
 
-/// Tile ids seen so far by a walk.
+/// Tile ids seen so far by a walk, and what it has cost.
 struct Walk {
     next_id: u64,
     summary: Summary,
+    /// Inflated directory bytes read so far.
+    directory_bytes: u64,
+}
+
+/// One past the last tile id of zoom [`MAX_ZOOM`].
+fn tile_id_end() -> u64 {
+    zoom_base(MAX_ZOOM + 1)
 }
 
 impl Archive {
@@ -653,7 +704,25 @@ impl Archive {
                 code: header.internal_compression,
             });
         }
-        Ok(Archive { file, len, header })
+        check_counts(&header)?;
+        Ok(Archive {
+            file,
+            len,
+            header,
+            cancel: None,
+        })
+    }
+
+    /// Walks stop with [`PmtilesError::Cancelled`] once `flag` is set.
+    pub fn set_cancel(&mut self, flag: Arc<AtomicBool>) {
+        self.cancel = Some(flag);
+    }
+
+    fn check_cancel(&self) -> Result<(), PmtilesError> {
+        match &self.cancel {
+            Some(c) if c.load(Ordering::Relaxed) => Err(PmtilesError::Cancelled),
+            _ => Ok(()),
+        }
     }
 
     /// The header.
@@ -686,7 +755,15 @@ impl Archive {
         Ok(buf)
     }
 
-    fn directory(&mut self, at: u64, n: u64) -> Result<Vec<Entry>, PmtilesError> {
+    fn directory(&mut self, at: u64, n: u64, w: &mut Walk) -> Result<Vec<Entry>, PmtilesError> {
+        self.check_cancel()?;
+        let over_budget = PmtilesError::Budget {
+            what: "directory bytes (all directories, inflated)",
+            max: MAX_TOTAL_DIRECTORY_BYTES,
+        };
+        if w.directory_bytes.saturating_add(n) > MAX_TOTAL_DIRECTORY_BYTES {
+            return Err(over_budget);
+        }
         if n > MAX_DIRECTORY_BYTES {
             return Err(PmtilesError::TooLarge {
                 what: "directory",
@@ -700,6 +777,10 @@ impl Archive {
             raw,
             MAX_DIRECTORY_BYTES,
         )?;
+        w.directory_bytes = w.directory_bytes.saturating_add(b.len() as u64);
+        if w.directory_bytes > MAX_TOTAL_DIRECTORY_BYTES {
+            return Err(over_budget);
+        }
         decode_directory(&b)
     }
 
@@ -754,6 +835,7 @@ impl Archive {
         let mut w = Walk {
             next_id: 0,
             summary: Summary::default(),
+            directory_bytes: 0,
         };
         let (at, n) = (self.header.root_offset, self.header.root_length);
         self.walk(at, n, 0, &mut w, &mut visit)?;
@@ -768,7 +850,14 @@ impl Archive {
         w: &mut Walk,
         visit: &mut dyn FnMut(&mut Archive, &Entry) -> Result<bool, PmtilesError>,
     ) -> Result<bool, PmtilesError> {
-        for e in self.directory(at, n)? {
+        let entries = self.directory(at, n, w)?;
+        if depth > 0 && entries.is_empty() {
+            // The spec wants directories non-empty; an empty leaf would also
+            // let the same leaf be visited again without tile ids advancing.
+            return Err(corrupt("directory", "an empty leaf directory"));
+        }
+        for e in entries {
+            self.check_cancel()?;
             if e.run_length == 0 {
                 if depth >= MAX_DEPTH {
                     return Err(PmtilesError::TooDeep);
@@ -776,6 +865,9 @@ impl Archive {
                 if e.tile_id < w.next_id {
                     return Err(PmtilesError::Order(e.tile_id));
                 }
+                // The leaf's tiles start at its pointer's id: what it holds
+                // below that id would repeat tiles already walked.
+                w.next_id = e.tile_id;
                 if e.offset.saturating_add(u64::from(e.length)) > self.header.leaf_length {
                     return Err(PmtilesError::OutOfBounds {
                         tile_id: e.tile_id,
@@ -801,7 +893,16 @@ impl Archive {
                 .tile_id
                 .checked_add(u64::from(e.run_length))
                 .ok_or(corrupt("directory", "tile id overflows"))?;
+            if w.next_id > tile_id_end() {
+                return Err(corrupt("directory", "a tile id beyond the highest zoom"));
+            }
             w.summary.addressed_tiles += u64::from(e.run_length);
+            if w.summary.addressed_tiles > MAX_ADDRESSED_TILES {
+                return Err(PmtilesError::Budget {
+                    what: "tiles addressed",
+                    max: MAX_ADDRESSED_TILES,
+                });
+            }
             w.summary.tile_entries += 1;
             if !visit(self, &e)? {
                 return Ok(false);
@@ -832,6 +933,25 @@ impl Archive {
         }
         Ok(s)
     }
+}
+
+/// The header's own counts, before any directory is read: a claim beyond
+/// the budget, or counts that cannot all be true, refuse the archive.
+fn check_counts(h: &Header) -> Result<(), PmtilesError> {
+    if h.addressed_tiles > MAX_ADDRESSED_TILES {
+        return Err(PmtilesError::Budget {
+            what: "tiles addressed",
+            max: MAX_ADDRESSED_TILES,
+        });
+    }
+    let stated = |n: u64| n != 0;
+    if stated(h.addressed_tiles) && stated(h.tile_entries) && h.tile_entries > h.addressed_tiles {
+        return Err(corrupt("header", "more tile entries than tiles addressed"));
+    }
+    if stated(h.tile_entries) && stated(h.tile_contents) && h.tile_contents > h.tile_entries {
+        return Err(corrupt("header", "more tile contents than tile entries"));
+    }
+    Ok(())
 }
 
 /// What [`write`] makes.

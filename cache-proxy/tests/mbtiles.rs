@@ -302,12 +302,12 @@ async fn imported_tiles_are_served_offline_exactly_and_export_round_trips() {
 async fn gzipped_vector_tiles_from_a_deduplicated_file() {
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("vector.mbtiles");
-    // Stand-ins for gzipped MVT (the bytes are stored as given; only the
-    // gzip signature matters here), one raw MVT, and an empty tile.
+    // Gzipped MVT stand-ins (stored as given once their gzip stream
+    // inflates completely), one raw MVT, and an empty tile.
     let gz = |n: u8| {
-        let mut v = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3];
+        let mut v = vec![0x1a, 3];
         v.extend(std::iter::repeat_n(n, 40 + n as usize));
-        v
+        gz(&v)
     };
     let tiles: Tiles = vec![
         ((0, 0, 0), gz(1)),
@@ -647,5 +647,348 @@ async fn import_and_export_throughput() {
         t0.elapsed()
     );
     assert_eq!(e.tiles, tiles.len() as u64);
+    p.stop().await;
+}
+
+/// A gzip stream of `inflated` zero bytes (about a thousandth of it).
+fn gzip_of_zeros(inflated: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let block = vec![0u8; 1 << 20];
+    let mut left = inflated;
+    while left > 0 {
+        let n = left.min(block.len());
+        e.write_all(&block[..n]).unwrap();
+        left -= n;
+    }
+    e.finish().unwrap()
+}
+
+fn gz(b: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(b).unwrap();
+    e.finish().unwrap()
+}
+
+/// A file made by `sql` (a whole schema and its rows).
+fn make_sql(path: &Path, sql: &str) {
+    let c = Connection::open(path).unwrap();
+    c.execute_batch(sql).unwrap();
+}
+
+/// Imports `name` from `dir` and returns the error, failing the test if
+/// the import does not end within 10 s or changed the object count.
+async fn refused(p: &TestProxy, dir: &Path, name: &str) -> ImportError {
+    let file = dir.join(name);
+    let before = p.handle.status().objects;
+    let e = tokio::time::timeout(
+        Duration::from_secs(10),
+        mbtiles::import(&p.handle, "region", &file, |_| {}),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{name}: the import did not end within 10 s"))
+    .expect_err(name);
+    assert_eq!(p.handle.status().objects, before, "{name} stored something");
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_triggers_and_oversized_metadata_are_refused_without_running_them() {
+    let work = tempfile::tempdir().unwrap();
+    let p = start(offline_config(TileFormat::Png), Deps::default()).await;
+    let unsafe_schema = |e: &ImportError, what: &str| {
+        assert!(matches!(e, ImportError::UnsafeSchema { .. }), "{e}");
+        assert!(e.to_string().contains(what), "{e}");
+    };
+
+    // `tiles` a recursive view that never ends.
+    make_sql(
+        &work.path().join("recursive.mbtiles"),
+        "CREATE TABLE metadata (name text, value text);
+         INSERT INTO metadata VALUES ('format', 'png');
+         CREATE VIEW tiles AS WITH RECURSIVE c(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM c)
+           SELECT 0 AS zoom_level, 0 AS tile_column, 0 AS tile_row, x'89' AS tile_data
+           FROM c WHERE x < 0;",
+    );
+    let e = refused(&p, work.path(), "recursive.mbtiles").await;
+    unsafe_schema(
+        &e,
+        "`tiles` is a view without plain `map` and `images` tables",
+    );
+
+    // `metadata` a view of huge strings.
+    make_sql(
+        &work.path().join("hugemeta.mbtiles"),
+        "CREATE VIEW metadata AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100)
+           SELECT 'k' || x AS name, printf('%.*c', 100000000, 'x') AS value FROM c;
+         CREATE TABLE tiles (zoom_level int, tile_column int, tile_row int, tile_data blob);",
+    );
+    let e = refused(&p, work.path(), "hugemeta.mbtiles").await;
+    unsafe_schema(&e, "`metadata` is a view");
+
+    // A trigger, even one that can never fire on a read.
+    make_sql(
+        &work.path().join("trigger.mbtiles"),
+        "CREATE TABLE metadata (name text, value text);
+         CREATE TABLE tiles (zoom_level int, tile_column int, tile_row int, tile_data blob);
+         CREATE TRIGGER t AFTER INSERT ON tiles BEGIN DELETE FROM metadata; END;",
+    );
+    let e = refused(&p, work.path(), "trigger.mbtiles").await;
+    unsafe_schema(&e, "schema holds a trigger");
+
+    // Too many metadata rows; too many metadata bytes.
+    make_sql(
+        &work.path().join("rows.mbtiles"),
+        &format!(
+            "CREATE TABLE metadata (name text, value text);
+             CREATE TABLE tiles (zoom_level int, tile_column int, tile_row int, tile_data blob);
+             WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {})
+               INSERT INTO metadata SELECT 'k' || x, 'v' FROM c;",
+            mbtiles::MAX_METADATA_ROWS + 1
+        ),
+    );
+    let e = refused(&p, work.path(), "rows.mbtiles").await;
+    assert!(
+        matches!(
+            e,
+            ImportError::Budget {
+                what: "metadata rows",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    make_sql(
+        &work.path().join("bytes.mbtiles"),
+        "CREATE TABLE metadata (name text, value text);
+         CREATE TABLE tiles (zoom_level int, tile_column int, tile_row int, tile_data blob);
+         INSERT INTO metadata VALUES ('a', printf('%.*c', 10000000, 'x'));
+         INSERT INTO metadata VALUES ('b', printf('%.*c', 10000000, 'x'));",
+    );
+    let e = refused(&p, work.path(), "bytes.mbtiles").await;
+    assert!(
+        matches!(
+            e,
+            ImportError::Budget {
+                what: "metadata bytes",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("exceeds the import budget"), "{e}");
+
+    // A `tiles` view over real `map` and `images` tables (the usual
+    // deduplicated layout) is still read, through those tables.
+    make_dedup(
+        &work.path().join("dedup.mbtiles"),
+        &[("format", "png")],
+        &vec![((0, 0, 0), png(1))],
+    );
+    let r = mbtiles::import(
+        &p.handle,
+        "region",
+        &work.path().join("dedup.mbtiles"),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.tiles, 1);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_bomb_tile_refuses_the_import_and_removes_what_it_stored() {
+    let work = tempfile::tempdir().unwrap();
+    let p = start(offline_config(TileFormat::Pbf), Deps::default()).await;
+    let bomb = gzip_of_zeros(1 << 30);
+    assert!(bomb.len() < 2 << 20, "{}", bomb.len());
+    let mut tiles: Tiles = Vec::new();
+    for x in 0..8u32 {
+        for y in 0..8u32 {
+            tiles.push(((3, x, y), gz(&[0x1a, 3, b'a', x as u8, y as u8])));
+        }
+    }
+    tiles.push(((4, 0, 0), bomb));
+    make_plain(
+        &work.path().join("bomb.mbtiles"),
+        &[("format", "pbf")],
+        &tiles,
+    );
+    let started = Instant::now();
+    let e = refused(&p, work.path(), "bomb.mbtiles").await;
+    assert!(
+        matches!(
+            e,
+            ImportError::GzipBomb {
+                z: 4,
+                x: 0,
+                y: 0,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    eprintln!("gzip bomb refused in {:?}", started.elapsed());
+    // A broken gzip stream is only counted invalid.
+    let mut cut = gz(&[0x1a, 3, b'c']);
+    cut.truncate(cut.len() - 4);
+    make_plain(
+        &work.path().join("cut.mbtiles"),
+        &[("format", "pbf")],
+        &vec![((0, 0, 0), gz(&[0x1a, 1])), ((1, 0, 0), cut)],
+    );
+    let r = mbtiles::import(
+        &p.handle,
+        "region",
+        &work.path().join("cut.mbtiles"),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.tiles, r.invalid), (1, 1), "{r:?}");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_import_removes_the_tiles_it_stored_and_keeps_the_rest() {
+    let work = tempfile::tempdir().unwrap();
+    let mut config = offline_config(TileFormat::Png);
+    config.tile_source[0].max_zoom = 8;
+    let p = start(config, Deps::default()).await;
+    // Tiles already there (an earlier import) stay.
+    make_plain(
+        &work.path().join("first.mbtiles"),
+        &[("format", "png")],
+        &vec![((0, 0, 0), png(1)), ((1, 0, 0), png(2))],
+    );
+    mbtiles::import(
+        &p.handle,
+        "region",
+        &work.path().join("first.mbtiles"),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let before = p.handle.status().objects;
+    assert_eq!(before, 2);
+    let mut tiles: Tiles = Vec::new();
+    tiles.push(((0, 0, 0), png(1))); // identical: unchanged, never removed
+    for x in 0..64u32 {
+        for y in 0..64u32 {
+            tiles.push(((6, x, y), png(100 + x * 64 + y)));
+        }
+    }
+    make_plain(
+        &work.path().join("big.mbtiles"),
+        &[("format", "png")],
+        &tiles,
+    );
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let c = cancel.clone();
+    let stored = Arc::new(AtomicU64::new(0));
+    let s = stored.clone();
+    let e = tokio::time::timeout(
+        Duration::from_secs(10),
+        mbtiles::import_cancellable(
+            &p.handle,
+            "region",
+            &work.path().join("big.mbtiles"),
+            &cancel,
+            move |r| {
+                s.store(r.tiles, Ordering::SeqCst);
+                if r.tiles >= 300 {
+                    c.cancel();
+                }
+            },
+        ),
+    )
+    .await
+    .expect("a cancelled import ends")
+    .unwrap_err();
+    assert!(matches!(e, ImportError::Cancelled), "{e}");
+    let stored = stored.load(Ordering::SeqCst);
+    assert!(
+        (300..4096).contains(&stored),
+        "it had stored {stored} tiles"
+    );
+    assert_eq!(
+        p.handle.status().objects,
+        before,
+        "what the cancelled run stored was removed, what was there stays"
+    );
+    let r = get(p.addr, "/tiles/region/0/0/0.png").await;
+    assert_eq!(r.status, 200);
+    let r = get(p.addr, "/tiles/region/6/0/0.png").await;
+    assert_eq!(r.status, 504);
+    p.stop().await;
+}
+
+/// Peak memory while every import attack runs (not run by default:
+/// `cargo test -p cache-proxy --test mbtiles -- --ignored --nocapture import_attacks_peak_rss`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn import_attacks_peak_rss() {
+    fn vm(key: &str) -> u64 {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        s.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+    let work = tempfile::tempdir().unwrap();
+    let bomb = gzip_of_zeros(1 << 30);
+    let mut tiles: Tiles = vec![((0, 0, 0), gz(&[0x1a, 1]))];
+    tiles.push(((1, 0, 0), bomb.clone()));
+    make_plain(
+        &work.path().join("bomb.mbtiles"),
+        &[("format", "pbf")],
+        &tiles,
+    );
+    make_sql(
+        &work.path().join("recursive.mbtiles"),
+        "CREATE TABLE metadata (name text, value text);
+         INSERT INTO metadata VALUES ('format', 'pbf');
+         CREATE VIEW tiles AS WITH RECURSIVE c(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM c)
+           SELECT 0 AS zoom_level, 0 AS tile_column, 0 AS tile_row, x'1a' AS tile_data FROM c;",
+    );
+    make_sql(
+        &work.path().join("hugemeta.mbtiles"),
+        "CREATE VIEW metadata AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100)
+           SELECT 'k' || x AS name, printf('%.*c', 100000000, 'x') AS value FROM c;
+         CREATE TABLE tiles (zoom_level int, tile_column int, tile_row int, tile_data blob);",
+    );
+    make_sql(
+        &work.path().join("bigmeta.mbtiles"),
+        "CREATE TABLE metadata (name text, value text);
+         CREATE TABLE tiles (zoom_level int, tile_column int, tile_row int, tile_data blob);
+         WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3)
+           INSERT INTO metadata SELECT 'k' || x, printf('%.*c', 60000000, 'x') FROM c;",
+    );
+    let p = start(offline_config(TileFormat::Pbf), Deps::default()).await;
+    // Reset the peak (VmHWM) so building the files above does not count.
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let base = vm("VmRSS:");
+    for name in [
+        "bomb.mbtiles",
+        "recursive.mbtiles",
+        "hugemeta.mbtiles",
+        "bigmeta.mbtiles",
+    ] {
+        let t0 = Instant::now();
+        let e = refused(&p, work.path(), name).await;
+        println!(
+            "{name}: refused in {:?} ({e}); peak RSS so far {} MiB",
+            t0.elapsed(),
+            vm("VmHWM:") / 1024
+        );
+    }
+    println!(
+        "RSS before the attacks {} MiB, peak during them {} MiB (the whole test process)",
+        base / 1024,
+        vm("VmHWM:") / 1024
+    );
     p.stop().await;
 }

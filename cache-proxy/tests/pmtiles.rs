@@ -308,3 +308,329 @@ async fn truncated_or_lying_archives_are_refused_with_the_reason_and_store_nothi
     ));
     p.stop().await;
 }
+
+/// A gzip stream of `inflated` zero bytes (about a thousandth of it),
+/// built in 1 MiB steps so the test never holds the inflated bytes.
+fn gzip_of_zeros(inflated: usize) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let block = vec![0u8; 1 << 20];
+    let mut left = inflated;
+    while left > 0 {
+        let n = left.min(block.len());
+        e.write_all(&block[..n]).unwrap();
+        left -= n;
+    }
+    e.finish().unwrap()
+}
+
+/// An archive with an uncompressed root and leaf section as given, over
+/// `data`; header counts not stated.
+fn with_leaves(root: &[Entry], leaves: &[u8], data: &[u8], tile_type: TileType) -> Vec<u8> {
+    let dir = pmtiles::encode_directory(root);
+    let root_offset = HEADER_LEN as u64;
+    let leaf_offset = root_offset + dir.len() as u64;
+    let data_offset = leaf_offset + leaves.len() as u64;
+    let h = Header {
+        root_offset,
+        root_length: dir.len() as u64,
+        metadata_offset: leaf_offset,
+        metadata_length: 0,
+        leaf_offset,
+        leaf_length: leaves.len() as u64,
+        data_offset,
+        data_length: data.len() as u64,
+        addressed_tiles: 0,
+        tile_entries: 0,
+        tile_contents: 0,
+        clustered: false,
+        internal_compression: Compression::None,
+        tile_compression: if tile_type == TileType::Mvt {
+            Compression::Gzip
+        } else {
+            Compression::None
+        },
+        tile_type,
+        min_zoom: 0,
+        max_zoom: 4,
+        bounds_e7: [0; 4],
+        center_zoom: 0,
+        center_e7: [0, 0],
+    };
+    let mut out = h.encode().to_vec();
+    out.extend_from_slice(&dir);
+    out.extend_from_slice(leaves);
+    out.extend_from_slice(data);
+    out
+}
+
+/// A leaf of `n` entries that all point back at the leaf itself (offset
+/// 0 of the leaf section), its length written inside it: found by
+/// iterating to the fixed point.
+fn self_pointing_leaf(n: u64) -> Vec<u8> {
+    let mut len = 0u32;
+    loop {
+        let entries: Vec<Entry> = (0..n).map(|i| entry(i, 0, len, 0)).collect();
+        let b = pmtiles::encode_directory(&entries);
+        if b.len() as u32 == len {
+            return b;
+        }
+        len = b.len() as u32;
+    }
+}
+
+/// Imports `bytes` as `name` and returns the error, failing the test if
+/// the import does not end within 10 s (a walk that never ends) or stored
+/// anything.
+async fn refused(p: &TestProxy, work: &Path, name: &str, bytes: &[u8]) -> ImportError {
+    let file = save(work, name, bytes);
+    let before = p.handle.status().objects;
+    let e = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        mbtiles::import(&p.handle, "region", &file, |_| {}),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{name}: the import did not end within 10 s"))
+    .expect_err(name);
+    assert_eq!(p.handle.status().objects, before, "{name} stored something");
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaves_pointing_at_leaves_or_at_one_leaf_again_are_refused_at_once() {
+    let work = tempfile::tempdir().unwrap();
+    let p = start(offline_config(TileFormat::Png), Deps::default()).await;
+    let body = png(1);
+
+    // Three levels of 2,048 pointers to one leaf: 8.6 billion directory
+    // reads if followed. A leaf may not point to a leaf.
+    let leaf = self_pointing_leaf(2048);
+    let root: Vec<Entry> = (0..2048)
+        .map(|i| entry(i, 0, leaf.len() as u32, 0))
+        .collect();
+    let bytes = with_leaves(&root, &leaf, &body, TileType::Png);
+    assert!(bytes.len() < 40_000, "a small file: {}", bytes.len());
+    let started = std::time::Instant::now();
+    let e = refused(&p, work.path(), "loop.pmtiles", &bytes).await;
+    assert!(
+        matches!(
+            e,
+            ImportError::Pmtiles {
+                source: PmtilesError::TooDeep,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("a leaf directory points to another leaf directory"),
+        "{e}"
+    );
+    eprintln!("leaf loop refused in {:?}", started.elapsed());
+
+    // One level, 2,048 pointers to the same leaf of one tile: the second
+    // visit repeats the leaf's tile ids.
+    let one = pmtiles::encode_directory(&[entry(0, 0, body.len() as u32, 1)]);
+    let root: Vec<Entry> = (0..2048)
+        .map(|i| entry(i, 0, one.len() as u32, 0))
+        .collect();
+    let e = refused(
+        &p,
+        work.path(),
+        "again.pmtiles",
+        &with_leaves(&root, &one, &body, TileType::Png),
+    )
+    .await;
+    assert!(
+        matches!(
+            e,
+            ImportError::Pmtiles {
+                source: PmtilesError::Order(_),
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    // An empty leaf is refused (directories are never empty).
+    let empty = pmtiles::encode_directory(&[]);
+    let root = [entry(0, 0, empty.len() as u32, 0)];
+    let e = refused(
+        &p,
+        work.path(),
+        "empty.pmtiles",
+        &with_leaves(&root, &empty, &body, TileType::Png),
+    )
+    .await;
+    assert!(e.to_string().contains("an empty leaf directory"), "{e}");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_over_the_tile_budget_or_a_lying_header_is_refused_before_storing() {
+    let work = tempfile::tempdir().unwrap();
+    let p = start(offline_config(TileFormat::Png), Deps::default()).await;
+    let body = png(1);
+    let n = body.len() as u32;
+
+    // One entry, run length 2^32 - 1: a tiny file addressing 4 billion
+    // tiles.
+    let bytes = hand_made(&[entry(0, 0, n, u32::MAX)], &body, (0, 0));
+    let e = refused(&p, work.path(), "run.pmtiles", &bytes).await;
+    assert!(
+        matches!(
+            e,
+            ImportError::Pmtiles {
+                source: PmtilesError::Budget {
+                    what: "tiles addressed",
+                    ..
+                },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("exceeds the import budget"), "{e}");
+
+    // Runs that add up past the budget, each under it.
+    let half = (pmtiles::MAX_ADDRESSED_TILES / 2 + 1) as u32;
+    let bytes = hand_made(
+        &[entry(0, 0, n, half), entry(u64::from(half), 0, n, half)],
+        &body,
+        (0, 0),
+    );
+    let e = refused(&p, work.path(), "runs.pmtiles", &bytes).await;
+    assert!(
+        matches!(
+            e,
+            ImportError::Pmtiles {
+                source: PmtilesError::Budget { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    // A header claiming more than the budget is refused before any
+    // directory is read.
+    let bytes = hand_made(&[entry(0, 0, n, 1)], &body, (1 << 40, 1));
+    let e = refused(&p, work.path(), "claims.pmtiles", &bytes).await;
+    assert!(
+        matches!(
+            e,
+            ImportError::Pmtiles {
+                source: PmtilesError::Budget { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Counts that cannot all be true.
+    let bytes = hand_made(&[entry(0, 0, n, 1)], &body, (1, 2));
+    let e = refused(&p, work.path(), "entries.pmtiles", &bytes).await;
+    assert!(
+        e.to_string()
+            .contains("more tile entries than tiles addressed"),
+        "{e}"
+    );
+    // A tile id past the highest zoom.
+    let beyond = pmtiles::zoom_base(cache_proxy::tiles::MAX_ZOOM + 1);
+    let bytes = hand_made(&[entry(beyond - 1, 0, n, 2)], &body, (0, 0));
+    let e = refused(&p, work.path(), "beyond.pmtiles", &bytes).await;
+    assert!(e.to_string().contains("beyond the highest zoom"), "{e}");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_bomb_tile_refuses_the_import_and_what_was_stored_is_removed() {
+    let work = tempfile::tempdir().unwrap();
+    let p = start(offline_config(TileFormat::Pbf), Deps::default()).await;
+    // 1 GiB of zeros in about a megabyte.
+    let bomb = gzip_of_zeros(1 << 30);
+    assert!(bomb.len() < 2 << 20, "{}", bomb.len());
+    let raw = |n: u8| [0x1a, 3, b'a', b'b', n].to_vec();
+    // Good tiles first (stored, then removed), the bomb last.
+    let mut tiles: Vec<(TileId, Vec<u8>)> = Vec::new();
+    for x in 0..4u32 {
+        for y in 0..4u32 {
+            tiles.push((t(2, x, y), gz(&raw((x * 4 + y) as u8))));
+        }
+    }
+    tiles.push((t(4, 15, 15), bomb));
+    let bytes = pmtiles::write(
+        &tiles,
+        &WriteOptions {
+            tile_type: TileType::Mvt,
+            tile_compression: Compression::Gzip,
+            ..WriteOptions::default()
+        },
+    );
+    let started = std::time::Instant::now();
+    let e = refused(&p, work.path(), "bomb.pmtiles", &bytes).await;
+    assert!(matches!(e, ImportError::GzipBomb { z: 4, .. }), "{e}");
+    assert!(e.to_string().contains("gzip bomb"), "{e}");
+    eprintln!("gzip bomb refused in {:?}", started.elapsed());
+    let r = get(p.addr, "/tiles/region/2/0/0.pbf").await;
+    assert_eq!(
+        r.status, 504,
+        "the tiles stored before the bomb were removed"
+    );
+    p.stop().await;
+}
+
+/// Peak memory while the PMTiles attacks run (not run by default:
+/// `cargo test -p cache-proxy --test pmtiles -- --ignored --nocapture pmtiles_attacks_peak_rss`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn pmtiles_attacks_peak_rss() {
+    fn vm(key: &str) -> u64 {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        s.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+    let work = tempfile::tempdir().unwrap();
+    let body = png(1);
+    let leaf = self_pointing_leaf(2048);
+    let root: Vec<Entry> = (0..2048)
+        .map(|i| entry(i, 0, leaf.len() as u32, 0))
+        .collect();
+    let looped = with_leaves(&root, &leaf, &body, TileType::Png);
+    let run = hand_made(&[entry(0, 0, body.len() as u32, u32::MAX)], &body, (0, 0));
+    let raw = [0x1a, 3, b'a'].to_vec();
+    let bomb = pmtiles::write(
+        &[(t(0, 0, 0), gz(&raw)), (t(1, 0, 0), gzip_of_zeros(1 << 30))],
+        &WriteOptions {
+            tile_type: TileType::Mvt,
+            tile_compression: Compression::Gzip,
+            ..WriteOptions::default()
+        },
+    );
+    let png_proxy = start(offline_config(TileFormat::Png), Deps::default()).await;
+    let pbf_proxy = start(offline_config(TileFormat::Pbf), Deps::default()).await;
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let base = vm("VmRSS:");
+    for (name, bytes, p) in [
+        ("loop.pmtiles", &looped, &png_proxy),
+        ("run.pmtiles", &run, &png_proxy),
+        ("bomb.pmtiles", &bomb, &pbf_proxy),
+    ] {
+        let t0 = std::time::Instant::now();
+        let e = refused(p, work.path(), name, bytes).await;
+        println!(
+            "{name} ({} bytes): refused in {:?} ({e}); peak RSS so far {} MiB",
+            bytes.len(),
+            t0.elapsed(),
+            vm("VmHWM:") / 1024
+        );
+    }
+    println!(
+        "RSS before the attacks {} MiB, peak during them {} MiB (the whole test process)",
+        base / 1024,
+        vm("VmHWM:") / 1024
+    );
+    png_proxy.stop().await;
+    pbf_proxy.stop().await;
+}

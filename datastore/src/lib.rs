@@ -73,6 +73,6 @@ pub use chunk_store::{
 pub use id::{hash_many, is_zero, ChunkId, ParseChunkIdError, MAX_HASH_THREADS};
 pub use manifest::Manifest;
 pub use volume::{
-    validate_name, CaptureMethod, NoPause, PauseHooks, SnapshotReport, VolumeInfo, VolumeStore,
-    VolumeStoreOptions, CHUNK_SIZE, DEFAULT_KEEP,
+    validate_name, CaptureMethod, ImportSource, NoPause, PauseHooks, SnapshotReport, SourceError,
+    VolumeInfo, VolumeStore, VolumeStoreOptions, CHUNK_SIZE, DEFAULT_KEEP,
 };

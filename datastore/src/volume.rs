@@ -27,10 +27,11 @@
 
 pub mod image;
 pub mod names;
+pub mod source;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +40,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use image::MaterialiseError;
 pub use names::{validate_name, NameError, MAX_NAME_LEN};
+pub use source::{ImportSource, SourceError};
 
 use crate::chunk_store::{ChunkStore, ChunkStoreError, ChunkStoreOptions, GcReport, ScrubReport};
 use crate::fsutil::{self, TempFile};
@@ -100,6 +102,17 @@ const MAX_PRECOPY_PASSES: u32 = 2;
 const SECTOR: u64 = 512;
 
 const FORMAT: &str = "fieldrack-volume-store 1\n";
+/// Mode of an exported image: it is a copy of an appliance's whole disk
+/// (its keys, its data), readable by the agent's user only.
+pub const EXPORT_MODE: u32 = 0o600;
+/// Mode a promoted live image is created with (before the umask), as a
+/// created or imported one: the appliance's driver opens it.
+const LIVE_IMAGE_MODE: u32 = 0o644;
+/// How long [`VolumeStore::prune`] waits for operations holding the gc
+/// lock shared (snapshots take well under this) before giving up for this
+/// round with [`PruneError::Busy`]: long enough for snapshots, short enough
+/// that the snapshot loop running prune never stalls behind an import.
+pub const PRUNE_WAIT: Duration = Duration::from_secs(2);
 const RECORD_VERSION: u32 = 1;
 
 /// How a running appliance is frozen while a snapshot captures its disk.
@@ -322,6 +335,10 @@ pub enum SnapshotError {
     /// The pause hook failed (resume was still called).
     #[error("pausing the appliance: {0}")]
     Pause(io::Error),
+    /// Another operation on the volume (an import) is running
+    /// ([`VolumeStore::snapshot_if_idle`] only).
+    #[error("volume {0} is busy (an import or another operation is running)")]
+    Busy(String),
     /// Anything else.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -357,6 +374,12 @@ pub enum ImportError {
         /// The end of its stderr.
         stderr: String,
     },
+    /// The source was refused (not a regular file, not allowed...).
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The import was cancelled; the volume is unchanged.
+    #[error("the import was cancelled; the volume is unchanged")]
+    Cancelled,
     /// Anything else.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -439,6 +462,10 @@ pub enum PruneError {
     /// `keep` must be at least 1: the latest generation is never dropped.
     #[error("prune must keep at least one generation")]
     KeepZero,
+    /// A long operation (an import, an export, a promote) held the gc lock
+    /// for longer than [`PRUNE_WAIT`]; nothing was pruned, try again later.
+    #[error("the volume store is busy (an import or export is running); pruning deferred")]
+    Busy,
     /// Anything else.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -703,6 +730,24 @@ impl VolumeStore {
         Arc::clone(lock(&self.vol_locks).entry(name.to_owned()).or_default())
     }
 
+    /// The gc lock, exclusively, waiting at most [`PRUNE_WAIT`]. Never
+    /// queues behind a long import or export: a writer waiting on a std
+    /// `RwLock` blocks new readers, so a blocking `write()` behind one
+    /// import would stall every other volume's snapshots.
+    fn gc_exclusive(&self) -> Result<std::sync::RwLockWriteGuard<'_, ()>, PruneError> {
+        let deadline = Instant::now() + PRUNE_WAIT;
+        loop {
+            match self.gc_lock.try_write() {
+                Ok(g) => return Ok(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return Err(PruneError::Busy),
+            }
+        }
+    }
+
     fn gc_shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.gc_lock
             .read()
@@ -834,7 +879,7 @@ impl VolumeStore {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Manifest, SnapshotError> {
         Ok(self
-            .snapshot_inner(name, Some(source), &NoPause, progress)?
+            .snapshot_inner(name, Some(source), true, &NoPause, progress)?
             .manifest)
     }
 
@@ -863,20 +908,48 @@ impl VolumeStore {
         hooks: &dyn PauseHooks,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<SnapshotReport, SnapshotError> {
-        self.snapshot_inner(name, None, hooks, progress)
+        self.snapshot_inner(name, None, true, hooks, progress)
+    }
+
+    /// [`VolumeStore::snapshot`], unless another operation holds the
+    /// volume (an import copying gigabytes): then [`SnapshotError::Busy`]
+    /// at once, so a loop over every volume never waits on one of them.
+    ///
+    /// # Errors
+    /// [`SnapshotError`].
+    pub fn snapshot_if_idle(
+        &self,
+        name: &str,
+        hooks: &dyn PauseHooks,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Manifest, SnapshotError> {
+        Ok(self
+            .snapshot_inner(name, None, false, hooks, progress)?
+            .manifest)
     }
 
     fn snapshot_inner(
         &self,
         name: &str,
         source: Option<&Path>,
+        wait: bool,
         hooks: &dyn PauseHooks,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<SnapshotReport, SnapshotError> {
         let started = Instant::now();
         let _g = self.gc_shared();
         let vl = self.vol_lock(name);
-        let _v = lock(&vl);
+        let _v = if wait {
+            lock(&vl)
+        } else {
+            match vl.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    return Err(SnapshotError::Busy(name.to_owned()))
+                }
+            }
+        };
         let rec = self.existing(name)?;
         if source.is_some() && !self.image_path(name).exists() {
             return Err(SnapshotError::NoLiveImage(name.to_owned()));
@@ -1048,7 +1121,50 @@ impl VolumeStore {
         from: &Path,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Manifest, ImportError> {
+        let src = ImportSource::open(from, None)?;
+        self.import_source(name, src, &AtomicBool::new(false), progress)
+    }
+
+    /// [`VolumeStore::import`] from a source already opened and checked
+    /// ([`ImportSource::open`], which never blocks), stopping with
+    /// [`ImportError::Cancelled`] (nothing changed) once `cancel` is set.
+    ///
+    /// Locks: a qcow2 image is converted before any lock is taken; the copy
+    /// holds this volume's lock (other volumes' snapshots go on) and the
+    /// shared gc lock, which [`VolumeStore::prune`] waits for only briefly.
+    ///
+    /// # Errors
+    /// [`ImportError`].
+    pub fn import_source(
+        &self,
+        name: &str,
+        src: ImportSource,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Manifest, ImportError> {
         validate_name(name)?;
+        let from = src.path.clone();
+        let from = from.as_path();
+        let mut src_file = src.file;
+        let _converted;
+        if src.qcow2 {
+            let out = TempFile::new(
+                self.tmp_dir
+                    .join(fsutil::unique_tmp_name(&format!("{name}-import"))),
+            );
+            qemu_img_to_raw(&src_file, from, out.path())?;
+            src_file = File::open(out.path()).map_err(io_err("open", out.path()))?;
+            _converted = out;
+        }
+        let src = src_file;
+        let size = src.metadata().map_err(io_err("stat", from))?.len();
+        if size == 0 || size > MAX_VOLUME_SIZE || size % SECTOR != 0 {
+            return Err(ImportError::InvalidSize(size));
+        }
+        if cancel.load(Ordering::Relaxed) {
+            return Err(ImportError::Cancelled);
+        }
+
         let _g = self.gc_shared();
         let vl = self.vol_lock(name);
         let _v = lock(&vl);
@@ -1056,24 +1172,6 @@ impl VolumeStore {
         let image = self.image_path(name);
         if rec.is_some() && !image.exists() {
             return Err(ImportError::NotOwner(name.to_owned()));
-        }
-
-        let mut magic = [0u8; 4];
-        let mut src = File::open(from).map_err(io_err("open", from))?;
-        let n = src.read(&mut magic).map_err(io_err("read", from))?;
-        let _converted;
-        if n == 4 && magic == *b"QFI\xfb" {
-            let out = TempFile::new(
-                self.tmp_dir
-                    .join(fsutil::unique_tmp_name(&format!("{name}-import"))),
-            );
-            qemu_img_to_raw(from, out.path())?;
-            src = File::open(out.path()).map_err(io_err("open", out.path()))?;
-            _converted = out;
-        }
-        let size = src.metadata().map_err(io_err("stat", from))?.len();
-        if size == 0 || size > MAX_VOLUME_SIZE {
-            return Err(ImportError::InvalidSize(size));
         }
         if let Some(r) = &rec {
             if size < r.size {
@@ -1099,8 +1197,12 @@ impl VolumeStore {
         enum SinkErr {
             Chunks(ChunkStoreError),
             Write(io::Error),
+            Cancelled,
         }
         let entries = image::scan(&src, size, CHUNK_SIZE, progress, &mut |i, data, id| {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(SinkErr::Cancelled);
+            }
             self.chunks
                 .insert_hashed(id, data)
                 .map_err(SinkErr::Chunks)?;
@@ -1112,6 +1214,7 @@ impl VolumeStore {
                 image::ScanError::Read(e) => io_err("read", from)(e).into(),
                 image::ScanError::Sink(SinkErr::Chunks(e)) => e.into(),
                 image::ScanError::Sink(SinkErr::Write(e)) => io_err("write", tmp.path())(e).into(),
+                image::ScanError::Sink(SinkErr::Cancelled) => ImportError::Cancelled,
             }
         })?;
         self.chunks.sync()?;
@@ -1175,7 +1278,7 @@ impl VolumeStore {
                 .latest(name)?
                 .ok_or_else(|| ExportError::NoSnapshot(name.to_owned()))?,
         };
-        image::materialise(&self.chunks, &m, to, progress)?;
+        image::materialise(&self.chunks, &m, to, EXPORT_MODE, progress)?;
         Ok(m)
     }
 
@@ -1423,7 +1526,7 @@ impl VolumeStore {
         let m = self
             .latest(name)?
             .ok_or_else(|| PromoteError::NoSnapshot(name.to_owned()))?;
-        image::materialise(&self.chunks, &m, &image, progress)?;
+        image::materialise(&self.chunks, &m, &image, LIVE_IMAGE_MODE, progress)?;
         tracing::info!(
             volume = name,
             generation = m.generation,
@@ -1442,10 +1545,7 @@ impl VolumeStore {
         if keep == 0 {
             return Err(PruneError::KeepZero);
         }
-        let _g = self
-            .gc_lock
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _g = self.gc_exclusive()?;
         let mut report = PruneReport::default();
         let mut batch = sled::Batch::default();
         let mut live: HashSet<ChunkId> = HashSet::new();
@@ -1530,12 +1630,16 @@ fn clean_tmp(dir: &Path, matches: impl Fn(&str) -> bool) -> Result<(), StoreErro
 }
 
 /// Convert a qcow2 image to a (sparse) raw file with `qemu-img convert`.
-fn qemu_img_to_raw(from: &Path, to: &Path) -> Result<(), ImportError> {
+/// Converts the qcow2 image open as `src` (named `from` in errors) to a
+/// raw image at `to`. `qemu-img` reads the very file that was opened and
+/// checked (handed over as its stdin and named `/dev/stdin`), never
+/// whatever `from` names by now.
+fn qemu_img_to_raw(src: &File, from: &Path, to: &Path) -> Result<(), ImportError> {
+    let stdin = src.try_clone().map_err(io_err("dup", from))?;
     let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
-        .arg(from)
+        .args(["convert", "-q", "-f", "qcow2", "-O", "raw", "/dev/stdin"])
         .arg(to)
-        .stdin(std::process::Stdio::null())
+        .stdin(std::process::Stdio::from(stdin))
         .output();
     match out {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ImportError::QemuImgMissing),

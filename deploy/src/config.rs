@@ -233,6 +233,11 @@ pub struct VolumesConfig {
     pub link_bytes_per_s: u64,
     /// How often stored chunks are re-verified (0 = never).
     pub scrub_interval_s: u64,
+    /// Directories (absolute) a volume import may read images from, besides
+    /// `<data_dir>/import`, which is always allowed. An image elsewhere is
+    /// refused: the API would otherwise read any file the agent can (a key,
+    /// `/etc/shadow`) into a volume for whoever holds the token.
+    pub import_dirs: Vec<PathBuf>,
 }
 
 impl Default for VolumesConfig {
@@ -243,6 +248,7 @@ impl Default for VolumesConfig {
             keep_snapshots: 3,
             link_bytes_per_s: 0,
             scrub_interval_s: 3600,
+            import_dirs: Vec::new(),
         }
     }
 }
@@ -534,6 +540,12 @@ impl RackConfig {
         }
         if self.volumes.keep_snapshots == 0 {
             return bad("volumes.keep_snapshots", "must be at least 1".into());
+        }
+        if let Some(d) = self.volumes.import_dirs.iter().find(|d| !d.is_absolute()) {
+            return bad(
+                "volumes.import_dirs",
+                format!("{} is not an absolute path", d.display()),
+            );
         }
         if self.membership.max_piggyback == 0 {
             return bad("membership.max_piggyback", "must be greater than 0".into());

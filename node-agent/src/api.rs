@@ -358,6 +358,48 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
     }
 }
 
+/// Like [`stream_operation`], for an import or export whose client may go
+/// away: the job gets a token that fires when the client disconnects (its
+/// response body, the NDJSON stream, is dropped) or when this task is
+/// dropped (the runtime shutting down). The job then stops on its own
+/// terms (a tile import removes what it stored, a volume import leaves the
+/// volume unchanged) and its result goes nowhere.
+fn stream_cancellable<T, E, Fut>(
+    op: impl FnOnce(ProgressFn, CancellationToken) -> Fut + Send + 'static,
+) -> Response<Body>
+where
+    T: serde::Serialize,
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<T, E>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(PROGRESS_QUEUE);
+    let progress: ProgressFn = Box::new(progress_sender(tx.clone()));
+    tokio::spawn(async move {
+        let cancel = CancellationToken::new();
+        let _cancel_on_drop = cancel.clone().drop_guard();
+        // Watches for the client leaving (the receiver, in the response
+        // body, dropped); gone with this task.
+        let watcher = {
+            let (tx, cancel) = (tx.clone(), cancel.clone());
+            tokio::spawn(async move {
+                tx.closed().await;
+                tracing::info!(
+                    event = "job_client_gone",
+                    "the client left; cancelling its job"
+                );
+                cancel.cancel();
+            })
+        };
+        let _watcher = tokio_util::task::AbortOnDropHandle::new(watcher);
+        let line = match op(progress, cancel).await {
+            Ok(v) => serde_json::json!({ "result": v }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        let _ = tx.send(line).await;
+    });
+    ndjson_stream(rx)
+}
+
 /// `POST /api/v1/volumes/{name}/{snapshot|import|export}`.
 async fn volume_action(req: Request<Incoming>, rack: &Rack, path: &str) -> Response<Body> {
     let rest = &path["/api/v1/volumes/".len()..];
@@ -395,11 +437,13 @@ async fn volume_action(req: Request<Incoming>, rack: &Rack, path: &str) -> Respo
         "import" | "export" => {
             let volumes = rack.volumes.clone();
             match (action, args.from, args.to) {
-                ("import", Some(from), _) => stream_operation(None, move |progress| async move {
-                    volumes.import(name, from, progress).await.map(
-                        |m| serde_json::json!({ "volume": m.volume, "generation": m.generation }),
-                    )
-                }),
+                ("import", Some(from), _) => {
+                    stream_cancellable(move |progress, cancel| async move {
+                        volumes.import(name, from, cancel, progress).await.map(
+                            |m| serde_json::json!({ "volume": m.volume, "generation": m.generation }),
+                        )
+                    })
+                }
                 ("export", _, Some(to)) => stream_operation(None, move |progress| async move {
                     volumes
                         .export(name, args.generation, to.clone(), progress)
@@ -496,8 +540,8 @@ async fn tiles_mbtiles(req: Request<Incoming>, rack: &Rack, path: &str) -> Respo
                 "import needs {\"source\", \"from\"}",
             );
         };
-        return stream_operation(None, move |mut progress| async move {
-            cache_proxy::mbtiles::import(&handle, &a.source, &from, move |p| {
+        return stream_cancellable(move |mut progress, cancel| async move {
+            cache_proxy::mbtiles::import_cancellable(&handle, &a.source, &from, &cancel, move |p| {
                 progress(p.read, p.total)
             })
             .await
@@ -523,8 +567,11 @@ async fn tiles_mbtiles(req: Request<Incoming>, rack: &Rack, path: &str) -> Respo
         min_zoom,
         max_zoom,
     };
-    stream_operation(None, move |mut progress| async move {
-        cache_proxy::mbtiles::export(&handle, &plan, &to, move |p| progress(p.done, p.total)).await
+    stream_cancellable(move |mut progress, cancel| async move {
+        cache_proxy::mbtiles::export_cancellable(&handle, &plan, &to, &cancel, move |p| {
+            progress(p.done, p.total)
+        })
+        .await
     })
 }
 

@@ -5,17 +5,25 @@
 //! Bulk data travels on raw libp2p streams over the fleet-authenticated
 //! mesh connection (`MeshHandle::open_stream`, which refuses peers that
 //! are not admitted).
+//!
+//! Imports read only regular files inside the import directories
+//! (`<data_dir>/import` and `[volumes] import_dirs`), opened without
+//! blocking before any lock is taken ([`datastore::ImportSource`]); an
+//! import holds only its own volume, and the snapshot loop skips a volume
+//! that is busy instead of waiting for it, so one slow or stuck import
+//! never delays the snapshots of other volumes.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use datastore::replicate::limiter::LinkLimiter;
 use datastore::replicate::plan::{choose_replicas, RackView};
 use datastore::replicate::{fetch, push, TransferCounters, FETCH_PROTOCOL, PUSH_PROTOCOL};
-use datastore::{Manifest, NoPause, PauseHooks, VolumeStore};
+use datastore::volume::{PruneError, SnapshotError};
+use datastore::{ImportSource, Manifest, NoPause, PauseHooks, VolumeStore};
 use deploy::config::VolumesConfig;
 use deploy::Role;
 use mesh::membership::State;
@@ -25,6 +33,18 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::state::AgentState;
+
+/// The import directory every rack has, under its data directory.
+pub const IMPORT_DIR: &str = "import";
+
+/// Sets a flag when dropped: a blocking job whose future went away stops.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
 
 /// Pushes running at once across all peers (at most one per peer link):
 /// each keeps a link busy; more would only contend for the same disk.
@@ -148,6 +168,9 @@ pub struct VolumeEngine {
     rack: String,
     site: String,
     config: VolumesConfig,
+    /// Where imports may read images: `<data_dir>/import` and
+    /// `[volumes] import_dirs`.
+    import_dirs: Vec<PathBuf>,
     mesh: MeshHandle,
     state: AgentState,
     /// Counters.
@@ -201,10 +224,20 @@ impl VolumeEngine {
                 .map_err(|e| anyhow::anyhow!("opening the volume store: {e}"))?,
         );
         let records = state.volume_records()?;
+        let default_import = data_dir.join(IMPORT_DIR);
+        std::fs::create_dir_all(&default_import).map_err(|e| {
+            anyhow::anyhow!(
+                "creating the import directory {}: {e}",
+                default_import.display()
+            )
+        })?;
+        let mut import_dirs = vec![default_import];
+        import_dirs.extend(config.import_dirs.iter().cloned());
         Ok(Arc::new(Self {
             store,
             rack: rack.to_string(),
             site: site.to_string(),
+            import_dirs,
             config,
             mesh,
             state,
@@ -265,7 +298,32 @@ impl VolumeEngine {
         Ok(m)
     }
 
+    /// The directories imports may read from.
+    pub fn import_dirs(&self) -> &[PathBuf] {
+        &self.import_dirs
+    }
+
+    /// A snapshot for the loop: [`SnapshotError::Busy`] at once if another
+    /// operation holds the volume.
+    async fn snapshot_if_idle(&self, name: String) -> Result<Manifest, SnapshotError> {
+        let st = self.store.clone();
+        let hooks = self.pause.lock().expect("pause lock").get(&name).cloned();
+        let m = tokio::task::spawn_blocking(move || match hooks {
+            Some(h) => st.snapshot_if_idle(&name, h.as_ref(), &mut |_, _| {}),
+            None => st.snapshot_if_idle(&name, &NoPause, &mut |_, _| {}),
+        })
+        .await
+        .expect("snapshot task")?;
+        self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+        self.wake.notify_one();
+        Ok(m)
+    }
+
     /// Import a raw or qcow2 image into a volume (its next generation).
+    /// `from` must be an absolute path to a regular file inside
+    /// [`VolumeEngine::import_dirs`]; it is opened and checked before any
+    /// lock is taken. Stops, leaving the volume unchanged, when `cancel`
+    /// fires or the future is dropped.
     ///
     /// # Errors
     /// [`VolumeError`].
@@ -273,14 +331,31 @@ impl VolumeEngine {
         &self,
         name: String,
         from: PathBuf,
+        cancel: CancellationToken,
         progress: impl FnMut(u64, u64) + Send + 'static,
     ) -> Result<Manifest, VolumeError> {
         let st = self.store.clone();
+        let dirs = self.import_dirs.clone();
         let mut progress = progress;
-        let m = tokio::task::spawn_blocking(move || st.import(&name, &from, &mut progress))
-            .await
-            .expect("import task")
-            .map_err(store_err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let _stop_on_drop = SetOnDrop(stop.clone());
+        let bridge = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                cancel.cancelled().await;
+                stop.store(true, Ordering::SeqCst);
+            })
+        };
+        let _bridge = tokio_util::task::AbortOnDropHandle::new(bridge);
+        let m = tokio::task::spawn_blocking(
+            move || -> Result<Manifest, datastore::volume::ImportError> {
+                let src = ImportSource::open(&from, Some(dirs.as_slice()))?;
+                st.import_source(&name, src, &stop, &mut progress)
+            },
+        )
+        .await
+        .expect("import task")
+        .map_err(store_err)?;
         self.wake.notify_one();
         Ok(m)
     }
@@ -591,7 +666,10 @@ impl VolumeEngine {
                 if seen.is_some() && last_stamp.get(&name) == seen.as_ref() {
                     continue;
                 }
-                match self.snapshot(name.clone()).await {
+                match self.snapshot_if_idle(name.clone()).await {
+                    Err(SnapshotError::Busy(_)) => {
+                        tracing::debug!(volume = %name, "busy (an import?); snapshot skipped this round");
+                    }
                     Ok(m) => {
                         tracing::debug!(volume = %name, generation = m.generation, "snapshot");
                         if let Some(stamp) = seen {
@@ -602,11 +680,15 @@ impl VolumeEngine {
                 }
             }
             let (st, keep) = (self.store.clone(), self.config.keep_snapshots);
-            if let Err(e) = tokio::task::spawn_blocking(move || st.prune(keep))
+            match tokio::task::spawn_blocking(move || st.prune(keep))
                 .await
                 .expect("prune task")
             {
-                tracing::warn!(error = %e, "pruning old snapshots failed");
+                Ok(_) => {}
+                Err(PruneError::Busy) => {
+                    tracing::debug!("volume store busy; pruning deferred to the next round");
+                }
+                Err(e) => tracing::warn!(error = %e, "pruning old snapshots failed"),
             }
         }
     }

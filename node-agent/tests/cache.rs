@@ -470,3 +470,95 @@ async fn a_seeded_region_reaches_every_rack_of_the_site_pinned() {
     }
     assert_eq!(hits.load(Ordering::SeqCst), 5, "b never touched the origin");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_import_cancels_it_and_its_tiles_are_removed() {
+    use cache_proxy::pmtiles::{self, WriteOptions};
+    use cache_proxy::tiles::TileId;
+    let fleet = Fleet::init("a", &[]);
+    // Nobody listens on the discard port: offline, tiles come only from the import.
+    let proxy = add_tile_source(&fleet, "a", 9);
+    let _a = fleet.start("a");
+    wait_until(Duration::from_secs(10), "a up", || async {
+        status(&fleet.client("a")).await.is_some()
+    })
+    .await;
+    assert!(fieldrack(&fleet, "a", &["cache", "offline", "on"])
+        .status
+        .success());
+    // 200,000 distinct tiles at zoom 12: seconds of storing.
+    let tiles: Vec<(TileId, Vec<u8>)> = (0..200_000u32)
+        .map(|i| {
+            let mut b = b"\x89PNG\r\n\x1a\n".to_vec();
+            b.extend_from_slice(&i.to_le_bytes());
+            (
+                TileId {
+                    z: 12,
+                    x: i % 4096,
+                    y: i / 4096,
+                },
+                b,
+            )
+        })
+        .collect();
+    let file = fleet.dir.path().join("big.pmtiles");
+    std::fs::write(&file, pmtiles::write(&tiles, &WriteOptions::default())).unwrap();
+
+    let cfg = deploy::RackConfig::load(&fleet.config("a")).unwrap();
+    let token = std::fs::read_to_string(
+        fleet
+            .dir
+            .path()
+            .join("a")
+            .join(deploy::config::API_TOKEN_FILE),
+    )
+    .unwrap();
+    let body = serde_json::to_vec(&serde_json::json!({ "source": "test", "from": file })).unwrap();
+    let mut s = tokio::net::TcpStream::connect(&cfg.api.listen)
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "POST /api/v1/tiles/import HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            token.trim(),
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.write_all(&body).await.unwrap();
+    // Wait for the first progress line: tiles are being stored.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !String::from_utf8_lossy(&got).contains("\"progress\"") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the agent closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("a progress line");
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(
+        !text.contains("\"result\""),
+        "the import already finished: {text}"
+    );
+    drop(s); // the client goes away
+    let log = fleet.dir.path().join("a.log");
+    wait_until(
+        Duration::from_secs(30),
+        "the import rolled back",
+        || async {
+            let l = std::fs::read_to_string(&log).unwrap_or_default();
+            l.contains("job_client_gone") && l.contains("mbtiles_import_rolled_back")
+        },
+    )
+    .await;
+    // The first tiles of the file had been stored; they are gone.
+    for (x, y) in [(0, 0), (1, 0), (100, 0)] {
+        let (code, head, _) = get(&proxy, &format!("/tiles/test/12/{x}/{y}.png")).await;
+        assert_eq!(code, 504, "12/{x}/{y} was left behind: {head}");
+    }
+}

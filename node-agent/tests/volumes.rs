@@ -28,6 +28,11 @@ fn fleet(racks: &str, link_bytes_per_s: u64) -> Fleet {
             "link_bytes_per_s = 0",
             &format!("link_bytes_per_s = {link_bytes_per_s}"),
         );
+        // The tests write their images at the fleet directory's top.
+        text = text.replace(
+            "import_dirs = []",
+            &format!("import_dirs = [{:?}]", f.dir.path().display().to_string()),
+        );
         std::fs::write(&p, text).unwrap();
     }
     f
@@ -448,4 +453,111 @@ async fn wait_for_replica(fleet: &Fleet, g: u64) -> String {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `fieldrack volume import` on `rack`, off the test's runtime, failing the
+/// test if it has not answered within 10 s (an import blocked on a FIFO
+/// used to hang, holding the volume lock).
+async fn import_answers_at_once(fleet: &Fleet, rack: &str, name: &str, from: &Path) -> String {
+    let (config, from) = (fleet.config(rack), from.to_owned());
+    let name = name.to_string();
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(["volume", "import", &name, "--from"])
+                .arg(&from)
+                .arg("--config")
+                .arg(&config)
+                .output()
+                .unwrap()
+        }),
+    )
+    .await
+    .expect("the import answered within 10 s")
+    .unwrap();
+    assert!(!out.status.success(), "refused");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imports_refuse_fifos_and_files_outside_the_import_directories_at_once() {
+    let fleet = Fleet::init("a", &[]);
+    let p = fleet.config("a");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("snapshot_interval_s = 10", "snapshot_interval_s = 1");
+    std::fs::write(&p, text).unwrap();
+    let _a = fleet.start("a");
+    wait_until(Duration::from_secs(10), "a up", || async {
+        status(&fleet.client("a")).await.is_some()
+    })
+    .await;
+    let import_dir = fleet.dir.path().join("a/data/import");
+    assert!(import_dir.is_dir(), "the agent made its import directory");
+    // A volume that snapshots while the refused imports are tried.
+    let ok = write_file(&import_dir, "ok.img", &image(MIB, 1));
+    cli(
+        &fleet,
+        "a",
+        &["volume", "import", "steady", "--from", ok.to_str().unwrap()],
+    );
+
+    let fifo = import_dir.join("fifo.img");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let err = import_answers_at_once(&fleet, "a", "x", &fifo).await;
+    assert!(err.contains("is a FIFO, not a regular file"), "{err}");
+
+    let err = import_answers_at_once(&fleet, "a", "x", Path::new("/etc/passwd")).await;
+    assert!(err.contains("outside the import directories"), "{err}");
+
+    let odd = write_file(&import_dir, "odd.img", &[1u8; 1000]);
+    let err = import_answers_at_once(&fleet, "a", "x", &odd).await;
+    assert!(err.contains("not a multiple of 512"), "{err}");
+
+    // The API itself refuses a relative path and a symlink (the CLI would
+    // resolve both before asking).
+    let client = fleet.client("a");
+    let post = |from: serde_json::Value| {
+        let client = &client;
+        async move {
+            let body = serde_json::to_vec(&serde_json::json!({ "from": from })).unwrap();
+            let (_, body) = client
+                .request(Method::POST, "/api/v1/volumes/x/import", Some(body))
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&body).into_owned()
+        }
+    };
+    let body = post(serde_json::json!("ok.img")).await;
+    assert!(body.contains("not an absolute path"), "{body}");
+    let link = import_dir.join("link.img");
+    std::os::unix::fs::symlink(&ok, &link).unwrap();
+    let body = post(serde_json::json!(link)).await;
+    assert!(body.contains("is a symbolic link"), "{body}");
+
+    // The other volume keeps snapshotting.
+    let g0 = generation_on(&fleet, "a", "steady").await.unwrap();
+    let live = fleet.dir.path().join("a/data/volumes/volumes/steady.img");
+    std::fs::write(&live, image(MIB, 2)).unwrap();
+    wait_until(Duration::from_secs(10), "a new snapshot", || async {
+        generation_on(&fleet, "a", "steady").await > Some(g0)
+    })
+    .await;
+    assert!(volumes(&fleet, "a").await.iter().all(|v| v.name != "x"));
+
+    // Exports are private to the agent's user.
+    use std::os::unix::fs::PermissionsExt;
+    let out = fleet.dir.path().join("steady-export.img");
+    cli(
+        &fleet,
+        "a",
+        &["volume", "export", "steady", "--to", out.to_str().unwrap()],
+    );
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
 }

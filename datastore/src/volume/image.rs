@@ -212,14 +212,17 @@ pub(crate) fn materialise(
     store: &ChunkStore,
     m: &Manifest,
     dst: &Path,
+    mode: u32,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), MaterialiseError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = fsutil::parent_or_dot(dst);
     let base = dst.file_name().and_then(|n| n.to_str()).unwrap_or("image");
     let tmp = TempFile::new(dir.join(fsutil::unique_tmp_name(&format!(".{base}"))));
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(mode)
         .open(tmp.path())
         .map_err(mat_io(tmp.path()))?;
     file.set_len(m.size).map_err(mat_io(tmp.path()))?;

@@ -750,7 +750,8 @@ proptest! {
     fn random_images_round_trip(seed in any::<u64>(), chunks in 1usize..40, tail in 0usize..CS, zeros in 0.0f64..0.9) {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
-        let len = (chunks - 1) * CS + tail.max(1);
+        // Whole sectors: imports refuse anything else.
+        let len = (chunks - 1) * CS + tail.max(1).div_ceil(512) * 512;
         let data = random_image(len, seed, zeros);
         let src = dir.path().join("img.raw");
         std::fs::write(&src, &data).unwrap();
@@ -761,4 +762,237 @@ proptest! {
         prop_assert_eq!(s.chunks().stats().unwrap().chunks, distinct.len() as u64);
         prop_assert!(export_bytes(&s, "p", None, dir.path()) == data);
     }
+}
+
+/// Runs `f` on a thread and fails the test if it does not return within
+/// `secs` (an `open` that blocks on a FIFO would hang forever).
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what} did not return within {secs} s"))
+}
+
+#[test]
+fn imports_read_regular_files_only_and_refuse_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(open(&dir.path().join("store")));
+    let good = dir.path().join("good.raw");
+    std::fs::write(&good, random_image(1 << 20, 3, 0.2)).unwrap();
+
+    // A FIFO nobody writes to: refused at once, never opened for reading
+    // in a way that blocks.
+    let fifo = dir.path().join("fifo");
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .unwrap();
+    let (s2, f2) = (s.clone(), fifo.clone());
+    let r = within(5, "import from a FIFO", move || {
+        s2.import("v", &f2, &mut |_, _| {}).map(|_| ())
+    });
+    assert!(
+        matches!(
+            r,
+            Err(ImportError::Source(SourceError::NotRegular {
+                kind: "a FIFO",
+                ..
+            }))
+        ),
+        "{r:?}"
+    );
+    assert!(r.unwrap_err().to_string().contains("not a regular file"));
+
+    // A symlink to a good image, a relative path, a directory, a device,
+    // a size that is not whole sectors.
+    let link = dir.path().join("link.raw");
+    std::os::unix::fs::symlink(&good, &link).unwrap();
+    assert!(matches!(
+        s.import("v", &link, &mut |_, _| {}),
+        Err(ImportError::Source(SourceError::Symlink(_)))
+    ));
+    assert!(matches!(
+        s.import("v", Path::new("good.raw"), &mut |_, _| {}),
+        Err(ImportError::Source(SourceError::Relative(_)))
+    ));
+    assert!(matches!(
+        s.import("v", dir.path(), &mut |_, _| {}),
+        Err(ImportError::Source(SourceError::NotRegular {
+            kind: "a directory",
+            ..
+        }))
+    ));
+    assert!(matches!(
+        s.import("v", Path::new("/dev/null"), &mut |_, _| {}),
+        Err(ImportError::Source(SourceError::NotRegular {
+            kind: "a character device",
+            ..
+        }))
+    ));
+    let odd = dir.path().join("odd.raw");
+    std::fs::write(&odd, vec![1u8; 1000]).unwrap();
+    let e = s.import("v", &odd, &mut |_, _| {}).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ImportError::Source(SourceError::Unaligned { size: 1000, .. })
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("not a multiple of 512"), "{e}");
+    assert!(s.list().unwrap().is_empty(), "nothing was created");
+    s.import("v", &good, &mut |_, _| {}).unwrap();
+}
+
+#[test]
+fn the_import_directories_are_where_the_opened_file_really_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = dir.path().join("import");
+    let outside = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&allowed).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    let inside_file = allowed.join("a.raw");
+    std::fs::write(&inside_file, vec![0u8; 4096]).unwrap();
+    let secret = outside.join("secret.raw");
+    std::fs::write(&secret, vec![7u8; 4096]).unwrap();
+    let dirs = [allowed.clone()];
+    assert!(ImportSource::open(&inside_file, Some(&dirs[..])).is_ok());
+    let e = ImportSource::open(&secret, Some(&dirs[..])).unwrap_err();
+    assert!(matches!(e, SourceError::NotAllowed { .. }), "{e}");
+    assert!(e.to_string().contains("[volumes] import_dirs"), "{e}");
+    // A directory symlink inside the allowed one, pointing out of it.
+    std::os::unix::fs::symlink(&outside, allowed.join("sneaky")).unwrap();
+    let e = ImportSource::open(&allowed.join("sneaky/secret.raw"), Some(&dirs[..])).unwrap_err();
+    assert!(matches!(e, SourceError::NotAllowed { .. }), "{e}");
+    // `..` out of it.
+    let e =
+        ImportSource::open(&allowed.join("../elsewhere/secret.raw"), Some(&dirs[..])).unwrap_err();
+    assert!(matches!(e, SourceError::NotAllowed { .. }), "{e}");
+}
+
+#[test]
+fn a_slow_import_blocks_neither_other_volumes_snapshots_nor_prune() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(open(&dir.path().join("store")));
+    s.create("other", 1 << 20).unwrap();
+    write_image(&s, "other", &random_image(1 << 20, 5, 0.2));
+    let src = dir.path().join("big.raw");
+    std::fs::write(&src, random_image(16 << 20, 6, 0.2)).unwrap();
+    // The import stops in its progress callback (locks held) until told.
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (s2, src2) = (s.clone(), src.clone());
+    let importer = std::thread::spawn(move || {
+        let mut first = true;
+        s2.import("slow", &src2, &mut |_, _| {
+            if std::mem::take(&mut first) {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            }
+        })
+    });
+    started_rx.recv().unwrap();
+    // Another volume snapshots normally.
+    let s3 = s.clone();
+    let m = within(10, "a snapshot of another volume", move || {
+        s3.snapshot("other", &NoPause, &mut |_, _| {})
+    })
+    .unwrap();
+    assert_eq!(m.generation, 1);
+    // Prune does not queue behind the import (a queued writer would block
+    // every later snapshot): it gives up for this round.
+    let s4 = s.clone();
+    within(10, "prune", move || {
+        assert!(matches!(s4.prune(DEFAULT_KEEP), Err(PruneError::Busy)));
+    });
+    // Snapshots still go on while prune gave up (it never queued).
+    let s5 = s.clone();
+    within(10, "a second snapshot", move || {
+        write_image(&s5, "other", &random_image(1 << 20, 8, 0.2));
+        s5.snapshot("other", &NoPause, &mut |_, _| {}).unwrap()
+    });
+    release_tx.send(()).unwrap();
+    let m = importer.join().unwrap().unwrap();
+    assert_eq!(m.generation, 1);
+    s.prune(DEFAULT_KEEP).unwrap();
+}
+
+#[test]
+fn a_busy_volume_is_skipped_by_snapshot_if_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(open(&dir.path().join("store")));
+    s.create("v", 1 << 20).unwrap();
+    let src = dir.path().join("big.raw");
+    std::fs::write(&src, random_image(8 << 20, 9, 0.2)).unwrap();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (s2, src2) = (s.clone(), src.clone());
+    let importer = std::thread::spawn(move || {
+        let mut first = true;
+        s2.import("v", &src2, &mut |_, _| {
+            if std::mem::take(&mut first) {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            }
+        })
+    });
+    started_rx.recv().unwrap();
+    assert!(matches!(
+        s.snapshot_if_idle("v", &NoPause, &mut |_, _| {}),
+        Err(SnapshotError::Busy(_))
+    ));
+    release_tx.send(()).unwrap();
+    importer.join().unwrap().unwrap();
+    assert!(s.snapshot_if_idle("v", &NoPause, &mut |_, _| {}).is_ok());
+}
+
+#[test]
+fn a_cancelled_import_leaves_the_volume_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir.path().join("store"));
+    let v1 = random_image(1 << 20, 1, 0.2);
+    let src1 = dir.path().join("v1.raw");
+    std::fs::write(&src1, &v1).unwrap();
+    s.import("v", &src1, &mut |_, _| {}).unwrap();
+    let src2 = dir.path().join("v2.raw");
+    std::fs::write(&src2, random_image(16 << 20, 2, 0.2)).unwrap();
+    let cancel = AtomicBool::new(false);
+    let r = s.import_source(
+        "v",
+        ImportSource::open(&src2, None).unwrap(),
+        &cancel,
+        &mut |_, _| cancel.store(true, Ordering::SeqCst),
+    );
+    assert!(matches!(r, Err(ImportError::Cancelled)), "{r:?}");
+    assert_eq!(s.info("v").unwrap().generations_held, vec![1]);
+    assert_eq!(std::fs::read(s.image_path("v")).unwrap(), v1);
+    let tmp_left = std::fs::read_dir(dir.path().join("store/volumes"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".tmp")
+        })
+        .count();
+    assert_eq!(tmp_left, 0, "no temp image left");
+}
+
+#[test]
+fn exports_are_private_to_the_agent() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir.path().join("store"));
+    let src = dir.path().join("v.raw");
+    std::fs::write(&src, random_image(1 << 20, 4, 0.2)).unwrap();
+    s.import("v", &src, &mut |_, _| {}).unwrap();
+    let out = dir.path().join("out.img");
+    s.export("v", None, &out, &mut |_, _| {}).unwrap();
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
 }
