@@ -19,7 +19,7 @@
 //!   probes and QEMU captures each in a task of their own that reports
 //!   back over one bounded channel. No lock is held across an await.
 //! - [`order`]: shutdown stops appliances before those they start `after`.
-//! - [`status`]: `status.appliances`.
+//! - [`status`]: the rows of `status.appliances`.
 
 pub mod instance;
 pub mod order;

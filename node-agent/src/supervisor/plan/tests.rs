@@ -128,6 +128,10 @@ fn start(app: &str, epoch: u64) -> Action {
 
 const S: fn(u64) -> Duration = Duration::from_secs;
 
+/// One row of the table: what, the world, how long after the grant, what
+/// the plan must contain, what it must not.
+type Case = (&'static str, World, Duration, Vec<Action>, Vec<Action>);
+
 #[test]
 fn table() {
     let cfg = LeaseConfig::default();
@@ -139,7 +143,7 @@ fn table() {
         w
     };
     // (what, world, seconds after the grant, must contain, must not contain)
-    let cases: Vec<(&str, World, Duration, Vec<Action>, Vec<Action>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "first placement starts at once",
             World::new()
