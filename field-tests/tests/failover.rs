@@ -2,16 +2,22 @@
 //! rack (3 racks, mDNS, the default non-`--local` config with volumes
 //! snapshotted every second): a tier-0 recorder appliance (see
 //! `field_tests::appliance`) is deployed, then its owner is killed, cut off
-//! from the majority, or loses one link.
+//! from the majority, or loses one link. The fencing tests run many
+//! appliances on rack a (eight recorders that ignore SIGTERM, two QEMU VMs,
+//! or a recorder next to an appliance being handed over through a 1 MB/s
+//! link) and cut a off: every one must be dead before a's lease ends (the
+//! `lease_left_ms` a records with each `appliance_fenced` event), then run
+//! on the majority.
 //!
-//! Every test ends with the history checker (`field_tests::history`) on
-//! the recorders' shared witness log (no two copies of an appliance ever
-//! wrote at the same time)
-//! and, where the appliance moved, `check_records` on the new owner's live
-//! image (an unbroken prefix of records, epochs in order). The only
-//! ordering asserted is the one the witness proves: the old owner stopped
-//! writing before the new one began. Everything else waits with generous
-//! bounds: the machine has 2 cores and runs three agents.
+//! Every test with recorders ends with the history checker
+//! (`field_tests::history`) on their shared witness log: no two copies of
+//! an appliance ever wrote at the same time. Where the appliance moved,
+//! `check_records` checks the new owner's live image (an unbroken prefix
+//! of records, epochs in order). The only orderings asserted are the ones
+//! the witness (or, for VMs, the event logs on one clock) prove: the old
+//! copy stopped before the new one began. Everything else waits with
+//! generous bounds: the machine has 2 cores and runs three agents; each
+//! test takes 15-45 s.
 //!
 //! Tests run one at a time (`field_tests::serial()`). Needs root, iproute2
 //! and nftables; skips (printing `SKIP:`) only when namespaces cannot be
