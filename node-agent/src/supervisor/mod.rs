@@ -18,9 +18,12 @@
 //!   handovers (final snapshot shipped, `Released`), demotions, health
 //!   probes and QEMU captures each in a task of their own that reports
 //!   back over one bounded channel. No lock is held across an await.
+//! - `effects`: the tasks behind the actions that take time (an
+//!   instance's life, a handover, a QEMU capture).
 //! - [`order`]: shutdown stops appliances before those they start `after`.
 //! - [`status`]: the rows of `status.appliances`.
 
+mod effects;
 pub mod instance;
 pub mod order;
 pub mod plan;
@@ -32,17 +35,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use control::{AppReport, AppState, Command, Control, FieldState, Lease, RackReport, Response};
-use deploy::appliance::{ApplianceSpec, DriverKind};
+use deploy::appliance::ApplianceSpec;
 use deploy::power::PowerStatus;
 use deploy::Role;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::drivers::{self, Capturer, LaunchSpec};
+use crate::drivers::{self, Capturer};
 use crate::state::AgentState;
 use crate::volumes::VolumeEngine;
-use instance::{Ended, Guard, StopRequest};
+use instance::{Ended, StopRequest};
 use plan::{Action, AfterExit, Chores, Probed, Slot, StopWhy, Task, View};
 
 pub use status::ApplianceStatus;
@@ -393,7 +396,7 @@ impl Shell {
                 slot.task = Task::Starting;
                 slot.not_before = None;
                 let (stop_tx, stop_rx) = watch::channel(None);
-                let task = tokio::spawn(run_instance(
+                let task = tokio::spawn(effects::run_instance(
                     sup.clone(),
                     rec.spec.clone(),
                     epoch,
@@ -417,7 +420,7 @@ impl Shell {
                 let spec = rec.spec.clone();
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
-                    let ok = hand_over(&sup, &spec, epoch, &to).await;
+                    let ok = effects::hand_over(&sup, &spec, epoch, &to).await;
                     let _ = tx.send(Report::HandedOver { app, ok }).await;
                 });
             }
@@ -472,7 +475,7 @@ impl Shell {
                 let spec = rec.spec.clone();
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
-                    capture(&sup, &spec, &capturer).await;
+                    effects::capture(&sup, &spec, &capturer).await;
                     let _ = tx.send(Report::Captured { app }).await;
                 });
             }
@@ -769,172 +772,6 @@ impl Shell {
         }
         while let Ok(r) = rx.try_recv() {
             self.on_report(r);
-        }
-    }
-}
-
-/// An instance's whole life, in its own task: prepare its volumes
-/// (promotion), launch it unless its deadline or a stop comes first, then
-/// own it until it ended (see [`instance::supervise`]).
-async fn run_instance(
-    sup: Arc<Supervisor>,
-    spec: ApplianceSpec,
-    epoch: u64,
-    stop: watch::Receiver<Option<StopRequest>>,
-    tx: mpsc::Sender<Report>,
-) {
-    let app = spec.name.clone();
-    let started = Instant::now();
-    let mut vols = Vec::new();
-    let mut how = BTreeMap::new();
-    for v in &spec.volume {
-        match sup.volumes.ensure_owned(&v.name, v.size).await {
-            Ok((path, h)) => {
-                how.insert(v.name.clone(), h);
-                vols.push((v.name.clone(), path));
-            }
-            Err(e) => {
-                let error = format!("volume {}: {e}", v.name);
-                let _ = tx
-                    .send(Report::NotLaunched {
-                        app,
-                        epoch,
-                        error,
-                        volumes: true,
-                    })
-                    .await;
-                return;
-            }
-        }
-    }
-    let mut guard = Guard {
-        app: app.clone(),
-        epoch,
-        cfg: sup.control.lease_config(),
-        stop_grace: Duration::from_millis(spec.stop_grace_ms),
-        lease: sup.lease.subscribe(),
-        stop,
-    };
-    let launch = drivers::launch(LaunchSpec {
-        rack: &sup.rack,
-        spec: &spec,
-        epoch,
-        volumes: vols,
-        run_dir: sup.run_root.join(&app),
-    });
-    let launched = tokio::select! {
-        biased;
-        () = guard.must_not_run() => None,
-        r = launch => Some(r),
-    };
-    let inst = match launched {
-        Some(Ok(inst)) => inst,
-        Some(Err(e)) => {
-            let _ = tx
-                .send(Report::NotLaunched {
-                    app,
-                    epoch,
-                    error: e.to_string(),
-                    volumes: false,
-                })
-                .await;
-            return;
-        }
-        None => {
-            let _ = tx
-                .send(Report::NotLaunched {
-                    app,
-                    epoch,
-                    error: "stopped before it was launched".into(),
-                    volumes: true,
-                })
-                .await;
-            return;
-        }
-    };
-    let hooks = inst.pause_hooks();
-    let qemu = spec.driver == DriverKind::Qemu;
-    for v in &spec.volume {
-        sup.volumes.set_pause_hooks(&v.name, Some(hooks.clone()));
-        sup.volumes.set_external_capture(&v.name, qemu);
-    }
-    let launched = Report::Launched {
-        app: app.clone(),
-        epoch,
-        pid: inst.pid(),
-        capturer: inst.capturer(),
-        volumes: how,
-        prepare_ms: started.elapsed().as_millis() as u64,
-    };
-    // Supervision starts now; the report waits for queue room alongside.
-    let (ended, _) = tokio::join!(instance::supervise(inst, guard), tx.send(launched));
-    for v in &spec.volume {
-        sup.volumes.set_pause_hooks(&v.name, None);
-        sup.volumes.set_external_capture(&v.name, false);
-    }
-    let _ = tx.send(Report::Ended { app, epoch, ended }).await;
-}
-
-/// Planned transfer away from us, once the appliance is stopped: ship
-/// its volumes to the new owner, then release it. True once released.
-async fn hand_over(sup: &Supervisor, spec: &ApplianceSpec, epoch: u64, to: &str) -> bool {
-    let mut shipped = BTreeMap::new();
-    for v in &spec.volume {
-        if !sup.owns(&v.name).await {
-            continue;
-        }
-        match sup.volumes.ship(&v.name, to).await {
-            Ok(g) => {
-                shipped.insert(v.name.clone(), g);
-            }
-            Err(e) => {
-                tracing::warn!(appliance = %spec.name, volume = %v.name, %to, error = %e, "handover shipment failed; will retry");
-                return false;
-            }
-        }
-    }
-    let cmd = Command::Released {
-        name: spec.name.clone(),
-        epoch,
-        volumes: shipped.clone(),
-    };
-    match sup.control.propose(cmd, Duration::from_secs(5)).await {
-        Ok(_) => {
-            tracing::info!(appliance = %spec.name, %to, ?shipped, "handed over");
-            sup.event(
-                "appliance_handed_over",
-                serde_json::json!({"appliance": spec.name, "epoch": epoch, "to": to, "volumes": shipped}),
-            );
-            true
-        }
-        Err(e) => {
-            tracing::warn!(appliance = %spec.name, error = %e, "release not committed; will retry");
-            false
-        }
-    }
-}
-
-/// QEMU appliances: point-in-time copies made by QEMU itself
-/// (`blockdev-backup` over QMP), so the VM is never paused for a snapshot.
-async fn capture(sup: &Supervisor, spec: &ApplianceSpec, capturer: &Capturer) {
-    for v in &spec.volume {
-        let dest = sup
-            .run_root
-            .join(&spec.name)
-            .join(format!("capture-{}.raw", v.name));
-        let r = match capturer.capture(&v.name, &dest).await {
-            Ok(()) => sup
-                .volumes
-                .snapshot_from(&v.name, dest.clone())
-                .await
-                .map(|m| m.generation)
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        let _ = std::fs::remove_file(&dest);
-        match r {
-            Ok(g) => tracing::info!(volume = %v.name, generation = g, "captured through QMP"),
-            Err(e) => tracing::warn!(volume = %v.name, error = %e, "QMP capture failed"),
         }
     }
 }
