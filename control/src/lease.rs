@@ -21,10 +21,42 @@
 //! than `fence_before` left; past that the rack stops (fences) it, so it is
 //! down before any other rack may start it.
 //!
+//! # Why fencing always ends before the lease
+//!
+//! Each running instance is stopped by a task of its own whose only
+//! deadline is [`Lease::deadline`] (the *fence time* `sent + lease −
+//! fence_before` of the latest grant listing it): SIGTERM, at most
+//! `fence_grace`, then SIGKILL, which takes effect and is reaped within
+//! [`KILL_REAP`]. Instances are fenced concurrently, so their number does
+//! not add up, and nothing else (a renewal, a transfer, a health probe)
+//! runs in that task. [`LeaseConfig::validate`] requires
+//! `fence_grace + KILL_REAP < fence_before`, which gives, for the old
+//! owner's last renewal sent at `sent` and applied on the new owner at
+//! `apply`:
+//!
+//! ```text
+//! fencing ends ≤ sent + lease − fence_before + fence_grace + KILL_REAP   (one task per instance)
+//!              < sent + lease                                            (validate)
+//!              ≤ apply + lease                                           (sent before commit ≤ apply)
+//!              < apply + lease + drift_margin = gate                     (the new owner's start)
+//! ```
+//!
+//! so the new owner starts at least `fence_before − fence_grace −
+//! KILL_REAP + drift_margin` (by default 3 − 1.5 − 0.5 + 1 = 2 s) after the
+//! old owner's copy is certainly dead ([`LeaseConfig::gate_margin`]).
+//! A renewal that is delayed or fails never moves a deadline later: only
+//! a newer grant does, and it counts from its own `sent`.
+//!
 //! [`Command::Renew`]: crate::field::Command::Renew
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
+
+/// Upper bound for a SIGKILLed appliance (a whole process group, or a QEMU
+/// process) to be dead and reaped after the signal: the kernel tears a
+/// killed process down in milliseconds even under load; 500 ms leaves room
+/// for a busy 2-core rack. Part of the fencing budget (module doc).
+pub const KILL_REAP: Duration = Duration::from_millis(deploy::config::KILL_REAP_MS);
 
 /// Lease timings (`[control]` in rack.toml).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +69,9 @@ pub struct LeaseConfig {
     pub fence_before: Duration,
     /// How often a rack renews.
     pub renew_every: Duration,
+    /// When fencing, how long an appliance gets between SIGTERM (QMP
+    /// `quit`) and SIGKILL; its own `stop_grace_ms` if shorter.
+    pub fence_grace: Duration,
 }
 
 impl Default for LeaseConfig {
@@ -46,6 +81,7 @@ impl Default for LeaseConfig {
             drift_margin: Duration::from_secs(1),
             fence_before: Duration::from_secs(3),
             renew_every: Duration::from_millis(1000),
+            fence_grace: Duration::from_millis(1500),
         }
     }
 }
@@ -64,7 +100,29 @@ impl LeaseConfig {
                 "renew_every_ms must leave at least two renewals before fencing starts".into(),
             );
         }
+        if self.fence_grace + KILL_REAP >= self.fence_before {
+            return Err(format!(
+                "fence_grace_ms + {} ms (SIGKILL and reap) must be shorter than fence_before_ms",
+                KILL_REAP.as_millis()
+            ));
+        }
         Ok(())
+    }
+
+    /// The latest an instance fenced from `fence_at` is certainly dead:
+    /// SIGTERM at `fence_at`, SIGKILL `fence_grace` later, reaped within
+    /// [`KILL_REAP`].
+    #[must_use]
+    pub fn fencing_ends(&self, fence_at: Instant) -> Instant {
+        fence_at + self.fence_grace + KILL_REAP
+    }
+
+    /// How long after the old owner's copy is certainly dead a new owner
+    /// may start it at the earliest (see the module doc); zero if the
+    /// timings are invalid.
+    #[must_use]
+    pub fn gate_margin(&self) -> Duration {
+        (self.fence_before + self.drift_margin).saturating_sub(self.fence_grace + KILL_REAP)
     }
 }
 
@@ -102,6 +160,24 @@ impl Lease {
     #[must_use]
     pub fn may_run(&self, app: &str, epoch: u64, now: Instant, cfg: &LeaseConfig) -> bool {
         self.grants.get(app) == Some(&epoch) && self.fence_at(cfg).is_some_and(|f| now < f)
+    }
+
+    /// The instant by which `app` at `epoch` must be stopped: the fence
+    /// time of the latest grant listing it; `None` if that grant does not
+    /// list it (stop now). Only a newer grant moves it.
+    #[must_use]
+    pub fn deadline(&self, app: &str, epoch: u64, cfg: &LeaseConfig) -> Option<Instant> {
+        if self.grants.get(app) == Some(&epoch) {
+            self.fence_at(cfg)
+        } else {
+            None
+        }
+    }
+
+    /// When the latest grant was sent (none: never granted).
+    #[must_use]
+    pub fn sent_at(&self) -> Option<Instant> {
+        self.sent_at
     }
 
     /// Whether the lease is current at all (some renewal still valid).
@@ -300,6 +376,62 @@ mod tests {
         w.snapshot_installed(later);
         w.assignment_applied("app", 5, Some("r1"));
         assert_eq!(w.gate("app", 5), later + c.lease + c.drift_margin);
+    }
+
+    /// The inequality chain of the module doc, for the defaults and for
+    /// timings at the edge of what `validate` accepts.
+    #[test]
+    fn fencing_ends_before_the_lease_and_well_before_any_gate() {
+        let edge = LeaseConfig {
+            fence_grace: Duration::from_millis(2499),
+            ..cfg()
+        };
+        for c in [cfg(), edge] {
+            c.validate().unwrap();
+            let t0 = Instant::now();
+            let sent = t0 + Duration::from_secs(5);
+            let mut l = Lease::default();
+            l.granted(sent, vec![("app".into(), 3)]);
+            let deadline = l.deadline("app", 3, &c).unwrap();
+            let dead = c.fencing_ends(deadline);
+            assert!(dead < l.expires(&c).unwrap(), "{c:?}");
+            // The new owner applied that renewal no earlier than it was sent.
+            let mut w = LeaseWatch::new(c, t0);
+            w.renew_applied("old", sent);
+            w.assignment_applied("app", 4, Some("old"));
+            let gate = w.gate("app", 4);
+            assert!(gate >= dead + c.gate_margin(), "{c:?}");
+            assert!(c.gate_margin() > c.drift_margin, "{c:?}");
+        }
+        assert_eq!(cfg().gate_margin(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_grace_that_leaves_no_time_to_kill_is_refused() {
+        let bad = LeaseConfig {
+            fence_grace: Duration::from_millis(2500),
+            ..cfg()
+        };
+        let e = bad.validate().unwrap_err();
+        assert!(e.contains("fence_grace_ms"), "{e}");
+    }
+
+    #[test]
+    fn a_deadline_moves_only_with_a_newer_grant() {
+        let c = cfg();
+        let t0 = Instant::now();
+        let mut l = Lease::default();
+        assert_eq!(l.deadline("a", 1, &c), None);
+        l.granted(t0, vec![("a".into(), 1)]);
+        let d0 = l.deadline("a", 1, &c).unwrap();
+        assert_eq!(d0, t0 + c.lease - c.fence_before);
+        // A late answer to an older renewal changes nothing.
+        l.granted(t0 - Duration::from_secs(1), vec![("a".into(), 1)]);
+        assert_eq!(l.deadline("a", 1, &c), Some(d0));
+        // Another epoch, or a grant without it: stop now.
+        assert_eq!(l.deadline("a", 2, &c), None);
+        l.granted(t0 + Duration::from_secs(1), vec![]);
+        assert_eq!(l.deadline("a", 1, &c), None);
     }
 
     #[test]

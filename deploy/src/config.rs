@@ -253,6 +253,11 @@ impl Default for VolumesConfig {
     }
 }
 
+/// Bound (ms) for a SIGKILLed appliance to be dead and reaped; part of the
+/// fencing budget: `fence_grace_ms` + this must be shorter than
+/// `fence_before_ms` (see `control::lease`).
+pub const KILL_REAP_MS: u64 = 500;
+
 /// `[control]`: fencing leases and Raft timings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -264,6 +269,12 @@ pub struct ControlConfig {
     /// A rack that cannot renew stops its appliances this long before its
     /// lease ends.
     pub fence_before_ms: u64,
+    /// When fencing, how long an appliance gets to stop after SIGTERM (a
+    /// VM: QMP `quit`) before SIGKILL; its `stop_grace_ms` if shorter.
+    /// Every appliance is fenced at once, so `fence_grace_ms` +
+    /// [`KILL_REAP_MS`] < `fence_before_ms` keeps all of them dead before
+    /// the lease ends, however many there are.
+    pub fence_grace_ms: u64,
     /// Added to the lease before another rack may start an appliance
     /// (clock-rate drift, scheduling).
     pub drift_margin_ms: u64,
@@ -286,6 +297,7 @@ impl Default for ControlConfig {
             lease_ms: 8_000,
             renew_every_ms: 1_000,
             fence_before_ms: 3_000,
+            fence_grace_ms: 1_500,
             drift_margin_ms: 1_000,
             heartbeat_ms: 250,
             election_timeout_ms: 1_500,
@@ -461,6 +473,12 @@ impl RackConfig {
             return bad(
                 "control.renew_every_ms",
                 "must leave at least two renewals before fencing starts (2 × renew_every_ms ≤ lease_ms − fence_before_ms)".into(),
+            );
+        }
+        if c.fence_grace_ms + KILL_REAP_MS >= c.fence_before_ms {
+            return bad(
+                "control.fence_grace_ms",
+                format!("fence_grace_ms + {KILL_REAP_MS} ms (SIGKILL and reap) must be shorter than control.fence_before_ms, so every appliance is dead before the lease ends"),
             );
         }
         if c.heartbeat_ms == 0 || c.heartbeat_ms * 3 > c.election_timeout_ms {
@@ -654,6 +672,14 @@ mod tests {
         assert_eq!(
             field_of(&format!("{m}[power.nut]\nups = \"\"\n")),
             "power.nut.ups"
+        );
+        assert_eq!(
+            field_of(&format!("{m}[control]\nfence_grace_ms = 2500\n")),
+            "control.fence_grace_ms"
+        );
+        assert_eq!(
+            field_of(&format!("{m}[control]\nfence_grace_ms = 2499\n")),
+            "ok"
         );
         assert!(field_of(&format!("{m}typo = 1\n")).contains("typo"));
         assert!(field_of(&format!("{m}[mesh]\nmdns = \"yes\"\n")).contains("mdns"));

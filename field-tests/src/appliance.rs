@@ -4,8 +4,10 @@
 //!
 //! - [`check_records`]: a volume image holds an unbroken prefix of records
 //!   (numbered from 0, no torn record, no reordering, epochs never go back);
-//! - [`check_witness`]: from the appliances' own log, no two epochs ever
-//!   ran at the same time (no duplicate appliance), each on one rack.
+//! - [`check_witness`]: from one appliance's own log, no two epochs ever
+//!   ran at the same time (no duplicate appliance), each on one rack (the
+//!   general checker, for logs shared by many appliances, is
+//!   [`crate::history`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,21 +29,70 @@ pub fn recorder_script() -> PathBuf {
 /// record is also logged to `witness`.
 #[must_use]
 pub fn recorder_manifest(name: &str, tier: u8, witness: &Path) -> String {
-    format!(
-        r#"[[appliance]]
+    Recorder {
+        name,
+        tier,
+        witness,
+        stop_grace_ms: Some(1000),
+        ignore_term: false,
+        size: "64M",
+        prefer: None,
+    }
+    .manifest()
+}
+
+/// A recorder appliance's manifest, with its knobs.
+#[derive(Debug, Clone, Copy)]
+pub struct Recorder<'a> {
+    /// Appliance name (its volume is `<name>-data`).
+    pub name: &'a str,
+    /// Tier.
+    pub tier: u8,
+    /// The shared witness log.
+    pub witness: &'a Path,
+    /// `stop_grace_ms`; `None` leaves the default.
+    pub stop_grace_ms: Option<u64>,
+    /// Ignore SIGTERM and write on until SIGKILL.
+    pub ignore_term: bool,
+    /// Volume size (`64M`...).
+    pub size: &'a str,
+    /// The rack placement should prefer.
+    pub prefer: Option<&'a str>,
+}
+
+impl Recorder<'_> {
+    /// The `[[appliance]]` table.
+    #[must_use]
+    pub fn manifest(&self) -> String {
+        let grace = self
+            .stop_grace_ms
+            .map_or(String::new(), |g| format!("stop_grace_ms = {g}\n"));
+        let term = if self.ignore_term {
+            ", IGNORE_TERM = \"1\""
+        } else {
+            ""
+        };
+        format!(
+            r#"[[appliance]]
 name = "{name}"
 driver = "process"
 command = ["/usr/bin/python3", "{script}"]
 tier = {tier}
-stop_grace_ms = 1000
-env = {{ WITNESS = "{witness}" }}
+{grace}env = {{ WITNESS = "{witness}"{term} }}
 [[appliance.volume]]
 name = "{name}-data"
-size = "64M"
-"#,
-        script = recorder_script().display(),
-        witness = witness.display(),
-    )
+size = "{size}"
+{prefer}"#,
+            prefer = self.prefer.map_or(String::new(), |r| format!(
+                "[appliance.placement]\nracks = [\"{r}\"]\n"
+            )),
+            name = self.name,
+            tier = self.tier,
+            size = self.size,
+            script = recorder_script().display(),
+            witness = self.witness.display(),
+        )
+    }
 }
 
 /// What a volume image holds.
@@ -129,9 +180,10 @@ pub fn check_witness(path: &Path) -> Result<BTreeMap<u64, EpochRun>> {
     let mut runs: BTreeMap<u64, EpochRun> = BTreeMap::new();
     for (n, line) in text.lines().enumerate() {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let [rack, epoch, _seq, ms] = f[..] else {
+        let (rack, epoch, ms) = match f[..] {
+            [rack, epoch, _seq, ms] | [rack, epoch, _seq, ms, _] => (rack, epoch, ms),
             // A line cut by a kill at the very end of the log.
-            continue;
+            _ => continue,
         };
         let (Ok(epoch), Ok(ms)) = (epoch.parse::<u64>(), ms.parse::<u64>()) else {
             continue;

@@ -4,6 +4,8 @@
 //! Layout:
 //! - [`netns`]: [`Field`], one namespace per rack on a virtual switch, with
 //!   faults (`cut`, `cut_oneway`, `isolate`, `heal_all`) and probes;
+//! - [`history`]: the history checker: from the recorders' shared witness
+//!   log, every interval in which two copies of one appliance wrote;
 //! - [`agent`]: finding the binary, provisioning a [`Fleet`], running
 //!   [`Agent`]s inside a field, reading their [`Status`];
 //! - this file: [`available`], [`serial`], and the polling helpers
@@ -17,6 +19,7 @@
 
 pub mod agent;
 pub mod appliance;
+pub mod history;
 pub mod netns;
 
 use std::sync::{Mutex, MutexGuard};

@@ -2,27 +2,36 @@
 //! rack (3 racks, mDNS, the default non-`--local` config with volumes
 //! snapshotted every second): a tier-0 recorder appliance (see
 //! `field_tests::appliance`) is deployed, then its owner is killed, cut off
-//! from the majority, or loses one link.
+//! from the majority, or loses one link. The fencing tests run many
+//! appliances on rack a (eight recorders that ignore SIGTERM, two QEMU VMs,
+//! or a recorder next to an appliance being handed over through a 1 MB/s
+//! link) and cut a off: every one must be dead before a's lease ends (the
+//! `lease_left_ms` a records with each `appliance_fenced` event), then run
+//! on the majority.
 //!
-//! Every test ends with `check_witness` on the recorder's shared witness
-//! log (no two epochs ever wrote at the same time, each epoch on one rack)
-//! and, where the appliance moved, `check_records` on the new owner's live
-//! image (an unbroken prefix of records, epochs in order). The only
-//! ordering asserted is the one the witness proves: the old owner stopped
-//! writing before the new one began. Everything else waits with generous
-//! bounds: the machine has 2 cores and runs three agents.
+//! Every test with recorders ends with the history checker
+//! (`field_tests::history`) on their shared witness log: no two copies of
+//! an appliance ever wrote at the same time. Where the appliance moved,
+//! `check_records` checks the new owner's live image (an unbroken prefix
+//! of records, epochs in order). The only orderings asserted are the ones
+//! the witness (or, for VMs, the event logs on one clock) prove: the old
+//! copy stopped before the new one began. Everything else waits with
+//! generous bounds: the machine has 2 cores and runs three agents; each
+//! test takes 15-45 s.
 //!
 //! Tests run one at a time (`field_tests::serial()`). Needs root, iproute2
 //! and nftables; skips (printing `SKIP:`) only when namespaces cannot be
 //! created. `FIELDTESTS_KEEP=1` keeps configs, logs and the witness; a
 //! failing test keeps them anyway and prints the logs' tails.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use field_tests::agent::ApplianceStatus;
-use field_tests::appliance::{check_records, check_witness, recorder_manifest, Records};
+use field_tests::appliance::{check_records, recorder_manifest, Recorder, Records};
+use field_tests::history::{check_history, Copy};
 use field_tests::{hold_for, wait_until, Agent, Field, Fleet, PeerState, Status};
 
 const RACKS: [&str; 3] = ["a", "b", "c"];
@@ -221,26 +230,20 @@ impl Scene {
     /// `new` (epoch `e1`): two epochs, each on its rack, never at once; the
     /// image holds both, in order.
     fn check_moved(&self, old: &str, e0: u64, new: &str, e1: u64) -> Result<Records> {
-        let runs = check_witness(&self.witness)?;
-        println!("witness: {runs:?}");
-        let epochs: Vec<u64> = runs.keys().copied().collect();
+        let h = check_history(&self.witness, APP)?;
+        let copies: Vec<Copy> = h.of(APP).to_vec();
+        println!("witness: {copies:?}");
+        let epochs: Vec<u64> = copies.iter().map(|c| c.epoch).collect();
         ensure!(
             epochs == [e0, e1],
             "witness epochs {epochs:?}, want [{e0}, {e1}]"
         );
-        ensure!(
-            runs[&e0].rack == old,
-            "epoch {e0} ran on {}",
-            runs[&e0].rack
-        );
-        ensure!(
-            runs[&e1].rack == new,
-            "epoch {e1} ran on {}",
-            runs[&e1].rack
-        );
+        let (c0, c1) = (&copies[0], &copies[1]);
+        ensure!(c0.rack == old, "epoch {e0} ran on {}", c0.rack);
+        ensure!(c1.rack == new, "epoch {e1} ran on {}", c1.rack);
         println!(
             "gap between epochs: {} ms (old owner's last record to new owner's first)",
-            runs[&e1].first_ms.saturating_sub(runs[&e0].last_ms)
+            c1.first_ms.saturating_sub(c0.last_ms)
         );
         let records = check_records(&self.image(new)?)?;
         println!(
@@ -258,8 +261,8 @@ impl Scene {
         let restored = records.epochs[&e0].1 + 1;
         println!(
             "epoch {e0} wrote {} records, {restored} restored, {} lost since the last replicated snapshot",
-            runs[&e0].records,
-            runs[&e0].records.saturating_sub(restored)
+            c0.records,
+            c0.records.saturating_sub(restored)
         );
         Ok(records)
     }
@@ -309,6 +312,317 @@ fn scenario_with(
     }
     println!("scenario took {:.1} s", started.elapsed().as_secs_f64());
     result
+}
+
+/// Every rack offers 32 CPUs, so that placement keeps many appliances on
+/// the rack they prefer (the machine's 2 cores would fit only two).
+fn roomy(fleet: &Fleet) -> Result<()> {
+    fleet.edit_configs("[capacity]\ncpus = 0", "[capacity]\ncpus = 32")
+}
+
+/// The appliances that ignore SIGTERM in the fencing tests.
+fn stubborn(scene: &Scene, names: &[String], prefer: &str) -> String {
+    names
+        .iter()
+        .map(|n| {
+            Recorder {
+                name: n,
+                tier: 0,
+                witness: &scene.witness,
+                stop_grace_ms: None,
+                ignore_term: true,
+                size: "4M",
+                prefer: Some(prefer),
+            }
+            .manifest()
+        })
+        .collect()
+}
+
+impl Scene {
+    /// Writes `manifest` and deploys it through rack a.
+    fn deploy_manifest(&self, file: &str, manifest: &str) -> Result<()> {
+        let path = self.fleet.dir().join(format!("{file}.toml"));
+        std::fs::write(&path, manifest)?;
+        let path = path.to_str().context("temp path is UTF-8")?;
+        wait_until(Duration::from_secs(30), "app deploy accepted", || {
+            self.fleet
+                .cli(&self.field, "a", &["app", "deploy", path])
+                .map(|_| true)
+        })?;
+        Ok(())
+    }
+
+    /// Waits until `viewer` sees every one of `names` running on one of
+    /// `racks` at an epoch above `after` (if given); their owners and
+    /// epochs.
+    fn all_running(
+        &self,
+        names: &[String],
+        viewer: &str,
+        racks: &[&str],
+        after: Option<&BTreeMap<String, u64>>,
+        within: Duration,
+    ) -> Result<BTreeMap<String, (String, u64)>> {
+        let mut found = BTreeMap::new();
+        let took = wait_until(within, "every appliance running", || {
+            let s = self.status(viewer)?;
+            found.clear();
+            for n in names {
+                let Some(a) = s.appliance(n) else {
+                    return Ok(false);
+                };
+                let on = a.owner.as_deref().filter(|o| racks.contains(o));
+                let newer = after.is_none_or(|e| e.get(n).is_none_or(|e0| a.epoch > *e0));
+                match on {
+                    Some(o) if a.state == "running" && newer => {
+                        found.insert(n.clone(), (o.to_owned(), a.epoch));
+                    }
+                    _ => return Ok(false),
+                }
+            }
+            Ok(true)
+        })?;
+        println!(
+            "{} appliance(s) running on {racks:?} after {:.1} s",
+            names.len(),
+            took.as_secs_f64()
+        );
+        Ok(found)
+    }
+
+    /// Waits until `rack`'s event log shows an `appliance_fenced` event of
+    /// every one of `names` at its epoch; those events.
+    fn fences(
+        &self,
+        rack: &str,
+        names: &BTreeMap<String, u64>,
+        within: Duration,
+    ) -> Result<BTreeMap<String, serde_json::Value>> {
+        let mut fenced = BTreeMap::new();
+        wait_until(within, "every appliance fenced", || {
+            fenced.clear();
+            for e in self.fleet.events(&self.field, rack, 1000)? {
+                let d = &e["detail"];
+                let (Some(app), Some(epoch)) = (d["appliance"].as_str(), d["epoch"].as_u64())
+                else {
+                    continue;
+                };
+                if e["kind"] == "appliance_fenced" && names.get(app) == Some(&epoch) {
+                    fenced.insert(app.to_owned(), e.clone());
+                }
+            }
+            Ok(fenced.len() == names.len())
+        })?;
+        Ok(fenced)
+    }
+
+    /// Whether `rack`'s event log has an event `kind` about `app`.
+    fn logged(&self, rack: &str, kind: &str, app: &str) -> Result<bool> {
+        Ok(self
+            .fleet
+            .events(&self.field, rack, 1000)?
+            .iter()
+            .any(|e| e["kind"] == kind && e["detail"]["appliance"] == app))
+    }
+}
+
+/// Every appliance was dead before its lease ended, as the fenced rack
+/// recorded it; returns the smallest margin (ms).
+fn dead_before_lease_end(fences: &BTreeMap<String, serde_json::Value>) -> Result<i64> {
+    let mut least = i64::MAX;
+    for (app, e) in fences {
+        let left = e["detail"]["lease_left_ms"]
+            .as_i64()
+            .with_context(|| format!("{app}: fence without lease_left_ms: {e}"))?;
+        println!(
+            "  {app}: fenced at {} ms ({}, signal {}), dead {left} ms before its lease ended",
+            e["at_ms"], e["detail"]["why"], e["detail"]["signal"]
+        );
+        ensure!(left > 0, "{app} outlived its lease by {} ms: {e}", -left);
+        least = least.min(left);
+    }
+    Ok(least)
+}
+
+/// Rack a runs eight appliances that ignore SIGTERM (with the default
+/// `stop_grace_ms`) and is cut off from the majority: every one is dead
+/// before a's lease ends (fenced concurrently, SIGKILL after the fence
+/// grace), the majority restarts all eight, and no two copies of any of
+/// them ever wrote at once.
+#[test]
+fn eight_stubborn_appliances_are_all_fenced_before_the_lease_ends() -> Result<()> {
+    scenario_with(
+        |_, fleet| roomy(fleet),
+        |scene| {
+            scene.control_of_all(CONTROL_TIMEOUT)?;
+            let names: Vec<String> = (0..8).map(|i| format!("stubborn{i}")).collect();
+            scene.deploy_manifest("stubborn", &stubborn(scene, &names, "a"))?;
+            let on_a = scene.all_running(&names, "a", &["a"], None, RUNNING_TIMEOUT)?;
+            let e0: BTreeMap<String, u64> =
+                on_a.iter().map(|(n, (_, e))| (n.clone(), *e)).collect();
+            std::thread::sleep(Duration::from_secs(2));
+            scene.field.isolate("a")?;
+            println!("isolated a");
+            let fences = scene.fences("a", &e0, Duration::from_secs(30))?;
+            let least = dead_before_lease_end(&fences)?;
+            println!("all eight dead at least {least} ms before a's lease ended");
+            let moved = scene.all_running(&names, "b", &["b", "c"], Some(&e0), FAILOVER_TIMEOUT)?;
+            println!("restarted by the majority: {moved:?}");
+            std::thread::sleep(Duration::from_secs(2));
+            let h = check_history(&scene.witness, "-")?;
+            for n in &names {
+                let copies = h.of(n);
+                ensure!(
+                    copies.len() == 2 && copies[0].rack == "a" && copies[1].rack != "a",
+                    "{n}: copies {copies:?}, want one on a, then one on the majority"
+                );
+                println!(
+                    "  {n}: last record on a {} ms before the first on {}",
+                    copies[1].first_ms as i64 - copies[0].last_ms as i64,
+                    copies[1].rack
+                );
+            }
+            Ok(())
+        },
+    )
+}
+
+/// While rack a ships a large final snapshot of X to b over a link limited
+/// to 1 MB/s (`app move X --to b`), a is cut off from the majority: its
+/// other appliance Y (which ignores SIGTERM) is still dead before a's
+/// lease ends, and no two copies of Y ever wrote at once.
+#[test]
+fn fencing_is_never_delayed_by_a_handover() -> Result<()> {
+    const BIG: &str = "big";
+    const Y: &str = "stubborn";
+    scenario_with(
+        |_, fleet| {
+            roomy(fleet)?;
+            fleet.edit_configs("link_bytes_per_s = 0", "link_bytes_per_s = 1000000")
+        },
+        |scene| {
+            scene.control_of_all(CONTROL_TIMEOUT)?;
+            // X fills 24 MiB of its volume with random data (24 s at
+            // 1 MB/s), then idles.
+            let fill = r#"import os, time
+p = [v for k, v in os.environ.items() if k.startswith("FIELDRACK_VOLUME_")][0]
+with open(p, "r+b") as f:
+    f.write(os.urandom(24 << 20)); f.flush(); os.fsync(f.fileno())
+print("filled", flush=True)
+time.sleep(1e6)"#;
+            let big = format!(
+                "[[appliance]]\nname = \"{BIG}\"\ndriver = \"process\"\ncommand = [\"/usr/bin/python3\", \"-c\", '''{fill}''']\ntier = 1\nstop_grace_ms = 1000\n[[appliance.volume]]\nname = \"{BIG}-data\"\nsize = \"32M\"\n[appliance.placement]\nracks = [\"a\"]\n"
+            );
+            let manifest = format!("{big}{}", stubborn(scene, &[Y.to_owned()], "a"));
+            scene.deploy_manifest("handover", &manifest)?;
+            let names = [BIG.to_owned(), Y.to_owned()];
+            let on_a = scene.all_running(&names, "a", &["a"], None, RUNNING_TIMEOUT)?;
+            let e0 = BTreeMap::from([(Y.to_owned(), on_a[Y].1)]);
+            std::thread::sleep(Duration::from_secs(2));
+            scene
+                .fleet
+                .cli(&scene.field, "a", &["app", "move", BIG, "--to", "b"])?;
+            let moving = Instant::now();
+            // a stops X, then ships its final snapshot to b.
+            wait_until(
+                Duration::from_secs(30),
+                "a stops X for the handover",
+                || scene.logged("a", "appliance_stopped", BIG),
+            )?;
+            std::thread::sleep(Duration::from_secs(1));
+            ensure!(
+                !scene.logged("a", "appliance_handed_over", BIG)?,
+                "the handover of {BIG} ended before the partition: the volume is too small for the link"
+            );
+            scene.field.isolate("a")?;
+            println!(
+                "isolated a {:.1} s after the move, during the final snapshot's shipment",
+                moving.elapsed().as_secs_f64()
+            );
+            let fences = scene.fences("a", &e0, Duration::from_secs(30))?;
+            dead_before_lease_end(&fences)?;
+            ensure!(
+                !scene.logged("a", "appliance_handed_over", BIG)?,
+                "the handover of {BIG} ended while a was cut off"
+            );
+            let moved = scene.all_running(
+                &[Y.to_owned()],
+                "b",
+                &["b", "c"],
+                Some(&e0),
+                FAILOVER_TIMEOUT,
+            )?;
+            println!("{Y} restarted by the majority: {moved:?}");
+            std::thread::sleep(Duration::from_secs(2));
+            let h = check_history(&scene.witness, "-")?;
+            let copies = h.of(Y);
+            ensure!(
+                copies.len() == 2 && copies[0].rack == "a" && copies[1].rack != "a",
+                "{Y}: copies {copies:?}"
+            );
+            Ok(())
+        },
+    )
+}
+
+/// Two QEMU VMs on rack a (TCG without KVM), cut off from the majority:
+/// both stopped before a's lease ends, and started on the majority only
+/// after a had stopped them (event logs; all racks share one clock).
+#[test]
+fn two_vms_are_fenced_before_the_lease_ends() -> Result<()> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    ensure!(
+        path.split(':')
+            .any(|d| std::path::Path::new(d).join("qemu-system-x86_64").is_file()),
+        "qemu-system-x86_64 is missing: run ./scripts/setup (package qemu-system-x86)"
+    );
+    scenario_with(
+        |_, fleet| roomy(fleet),
+        |scene| {
+            scene.control_of_all(CONTROL_TIMEOUT)?;
+            let names: Vec<String> = (0..2).map(|i| format!("vm{i}")).collect();
+            let manifest: String = names
+                .iter()
+                .map(|n| format!("[[appliance]]\nname = \"{n}\"\ndriver = \"qemu\"\ntier = 0\nmemory_mb = 64\n[[appliance.volume]]\nname = \"{n}-disk\"\nsize = \"16M\"\n[appliance.placement]\nracks = [\"a\"]\n"))
+                .collect();
+            scene.deploy_manifest("vms", &manifest)?;
+            let on_a = scene.all_running(&names, "a", &["a"], None, RUNNING_TIMEOUT)?;
+            let e0: BTreeMap<String, u64> =
+                on_a.iter().map(|(n, (_, e))| (n.clone(), *e)).collect();
+            std::thread::sleep(Duration::from_secs(2));
+            scene.field.isolate("a")?;
+            println!("isolated a");
+            let fences = scene.fences("a", &e0, Duration::from_secs(30))?;
+            dead_before_lease_end(&fences)?;
+            let moved = scene.all_running(&names, "b", &["b", "c"], Some(&e0), FAILOVER_TIMEOUT)?;
+            for (n, (rack, epoch)) in &moved {
+                let started = scene
+                    .fleet
+                    .events(&scene.field, rack, 1000)?
+                    .into_iter()
+                    .find(|e| {
+                        e["kind"] == "appliance_started"
+                            && e["detail"]["appliance"] == n.as_str()
+                            && e["detail"]["epoch"].as_u64() == Some(*epoch)
+                    })
+                    .with_context(|| format!("{rack} has no start event of {n}"))?;
+                let (stopped_ms, started_ms) = (
+                    fences[n]["at_ms"].as_u64().context("at_ms")?,
+                    started["at_ms"].as_u64().context("at_ms")?,
+                );
+                println!(
+                    "  {n}: stopped on a at {stopped_ms}, started on {rack} at {started_ms} ({} ms later)",
+                    started_ms as i64 - stopped_ms as i64
+                );
+                ensure!(
+                    stopped_ms < started_ms,
+                    "{n} started on {rack} before a had stopped it"
+                );
+            }
+            Ok(())
+        },
+    )
 }
 
 fn others<'a>(rack: &str) -> Vec<&'a str> {
@@ -373,8 +687,12 @@ fn partition_owner_minority() -> Result<()> {
         // Let the new owner write and snapshot for a while, then count what
         // its epoch wrote before the heal.
         std::thread::sleep(Duration::from_secs(4));
-        let before_heal = check_witness(&scene.witness)?;
-        let written = before_heal.get(&e1).map_or(0, |r| r.records);
+        let before_heal = check_history(&scene.witness, APP)?;
+        let written = before_heal
+            .of(APP)
+            .iter()
+            .find(|c| c.epoch == e1)
+            .map_or(0, |c| c.records);
         ensure!(written > 0, "epoch {e1} wrote nothing before the heal");
         scene.field.heal_all()?;
         let healed_at = Instant::now();
@@ -462,17 +780,18 @@ fn one_cut_link() -> Result<()> {
             bail!("the {owner} <-> {peer} cut was not in force");
         }
         scene.field.heal_all()?;
-        let runs = check_witness(&scene.witness)?;
-        println!("witness: {runs:?}");
-        let epochs: Vec<u64> = runs.keys().copied().collect();
+        let h = check_history(&scene.witness, APP)?;
+        let copies = h.of(APP);
+        println!("witness: {copies:?}");
+        let epochs: Vec<u64> = copies.iter().map(|c| c.epoch).collect();
         ensure!(
             epochs == [e0],
             "witness epochs {epochs:?}, want only [{e0}]"
         );
         ensure!(
-            runs[&e0].rack == owner,
+            copies[0].rack == owner,
             "epoch {e0} ran on {}",
-            runs[&e0].rack
+            copies[0].rack
         );
         let records = check_records(&scene.image(&owner)?)?;
         ensure!(
@@ -540,8 +859,8 @@ fn split_at_first_boot_merges_when_the_link_comes_up() -> Result<()> {
         );
             ensure!(e1 >= e0, "epoch went back from {e0} to {e1}");
             std::thread::sleep(Duration::from_secs(3));
-            let runs = check_witness(&scene.witness)?;
-            println!("witness: {runs:?}");
+            let h = check_history(&scene.witness, APP)?;
+            println!("witness: {:?}", h.of(APP));
             let events = scene
                 .fleet
                 .cli(&scene.field, "c", &["events", "--limit", "500"])?;

@@ -67,7 +67,7 @@ pub struct Rack {
     /// The caching proxy and tile server, if this rack runs one.
     pub proxy: Option<crate::proxy::RunningProxy>,
     /// Appliances: lease renewal and the supervisor (with the control plane).
-    pub appliances: Arc<crate::appliances::Appliances>,
+    pub appliances: Arc<crate::supervisor::Supervisor>,
     started: Instant,
 }
 
@@ -352,6 +352,7 @@ pub async fn run(
         drift_margin: Duration::from_millis(c.drift_margin_ms),
         fence_before: Duration::from_millis(c.fence_before_ms),
         renew_every: Duration::from_millis(c.renew_every_ms),
+        fence_grace: Duration::from_millis(c.fence_grace_ms),
     };
     let control_settings = control::ControlSettings {
         lease,
@@ -371,7 +372,7 @@ pub async fn run(
     )
     .await
     .context("starting the control plane")?;
-    let appliances = crate::appliances::Appliances::new(
+    let appliances = crate::supervisor::Supervisor::new(
         &config.rack,
         config.role,
         &config.site,

@@ -12,10 +12,11 @@
 //! - [`power`]: power telemetry (NUT, generator file or command).
 //! - [`state`] / [`store`]: durable local state in sled behind a trait.
 //! - [`status`]: the status document and its table rendering.
+//! - [`supervisor`]: runs the appliances this rack's lease covers (a pure
+//!   planner, one fencing task per instance).
 
 pub mod agent;
 pub mod api;
-pub mod appliances;
 pub mod cache_mesh;
 pub mod client;
 pub mod demo;
@@ -28,4 +29,5 @@ pub mod proxy;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod supervisor;
 pub mod volumes;

@@ -590,7 +590,7 @@ async fn app_cmd(cmd: AppCmd) -> Result<ExitCode> {
         }
         AppCmd::List { config, json } => {
             let client = client_for(&config)?;
-            let apps: Vec<node_agent::appliances::ApplianceStatus> =
+            let apps: Vec<node_agent::supervisor::ApplianceStatus> =
                 client.get_json("/api/v1/apps").await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&apps)?);

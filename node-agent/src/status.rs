@@ -43,7 +43,7 @@ pub struct Status {
     pub cache: Option<serde_json::Value>,
     /// Every appliance of the field: who runs it, in what state.
     #[serde(default)]
-    pub appliances: Vec<crate::appliances::ApplianceStatus>,
+    pub appliances: Vec<crate::supervisor::ApplianceStatus>,
     /// The control plane as this rack sees it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<control::ControlStatus>,

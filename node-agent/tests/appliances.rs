@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{status, wait_until, Agent, Fleet, BIN};
 use field_tests::appliance::{check_records, check_witness, recorder_manifest};
-use node_agent::appliances::ApplianceStatus;
+use node_agent::supervisor::ApplianceStatus;
 
 /// Racks that snapshot every second.
 fn fleet(racks: &str) -> Fleet {

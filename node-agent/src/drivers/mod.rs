@@ -216,6 +216,9 @@ impl std::fmt::Display for ExitInfo {
 /// Start an appliance with the driver its spec names. Kills a leftover
 /// group recorded in `run_dir` first (see [`kill_leftover`]).
 ///
+/// Cancel-safe: dropping the future kills whatever it had started (the
+/// process group once spawned, the child of a spawn still in flight).
+///
 /// # Errors
 /// [`DriverError`]: a missing program or binary, a volume without a path,
 /// a spawn failure, QEMU failing to start.
@@ -239,7 +242,9 @@ pub struct Instance {
 
 enum Kind {
     Process,
-    Qemu(qemu::Vm),
+    /// Shared with [`Capturer`]s, so a capture runs in a task of its own
+    /// while the instance's owner can still stop it at any moment.
+    Qemu(Arc<qemu::Vm>),
 }
 
 impl std::fmt::Debug for Instance {
@@ -371,6 +376,19 @@ impl Instance {
         }
     }
 
+    /// A handle that makes point-in-time copies of this VM's volumes from
+    /// another task (none for a process appliance). It does not keep the
+    /// VM alive: once the instance is stopped its captures fail.
+    pub fn capturer(&self) -> Option<Capturer> {
+        match &self.kind {
+            Kind::Process => None,
+            Kind::Qemu(vm) => Some(Capturer {
+                name: self.name.clone(),
+                vm: vm.clone(),
+            }),
+        }
+    }
+
     /// Run one QMP command (QEMU only) and return its `return` value.
     ///
     /// # Errors
@@ -424,6 +442,32 @@ impl Instance {
             }
             self.group.set_done();
         }
+    }
+}
+
+/// Captures of a running VM's volumes, usable while another task owns
+/// the [`Instance`] (see [`Instance::capturer`]).
+#[derive(Clone)]
+pub struct Capturer {
+    name: String,
+    vm: Arc<qemu::Vm>,
+}
+
+impl std::fmt::Debug for Capturer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capturer")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Capturer {
+    /// As [`Instance::capture`] on a VM.
+    ///
+    /// # Errors
+    /// [`DriverError::UnknownVolume`], QMP and block-job errors, I/O on `dest`.
+    pub async fn capture(&self, volume: &str, dest: &Path) -> Result<(), DriverError> {
+        self.vm.capture(&self.name, volume, dest).await
     }
 }
 
@@ -517,7 +561,14 @@ async fn spawn_on_spawner(mut cmd: tokio::process::Command) -> io::Result<tokio:
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job: SpawnJob = Box::new(move || {
         let _runtime = handle.enter();
-        let _ = tx.send(cmd.spawn());
+        // The caller gave up (a launch raced against a fence): the child
+        // must not outlive the spawn nobody waits for.
+        if let Err(Ok(mut orphan)) = tx.send(cmd.spawn()) {
+            if let Some(pid) = orphan.id() {
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            let _ = orphan.start_kill();
+        }
     });
     spawner
         .send(job)

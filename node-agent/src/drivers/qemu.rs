@@ -251,13 +251,13 @@ pub async fn launch(l: LaunchSpec<'_>, accel: Accel) -> Result<Instance, DriverE
         _ => "tcg",
     };
     tracing::info!(appliance = %spec.name, pid = instance.pid(), accel, epoch = l.epoch, "VM appliance started");
-    instance.kind = Kind::Qemu(Vm {
+    instance.kind = Kind::Qemu(Arc::new(Vm {
         qmp,
         accel: accel.into(),
         pause_socket,
         drives,
         captures: AtomicU64::new(0),
-    });
+    }));
     Ok(instance)
 }
 
