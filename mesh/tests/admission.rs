@@ -345,14 +345,15 @@ async fn certificate_expiring_while_connected_is_expelled() {
     assert!(alive_peers(&b).await.contains(&a.peer_id));
 
     // Redials of the rejected rack are held off: over the next 5 s, a
-    // handful of refusals at most (before the hold-off, about ten a second).
+    // handful of refusals at most (before the hold-off, about ten a second
+    // per rack).
     let refused = |h: &MeshHandle| h.stats.rejected_total.load(Ordering::Relaxed);
     let before = refused(&a) + refused(&b);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let during = refused(&a) + refused(&b) - before;
     eprintln!("refusals of x in the 5 s after expulsion: {during}");
     assert!(
-        during <= 4,
+        during <= 8,
         "{during} refusals in 5 s: redials are not held off"
     );
     // And x stays out.
