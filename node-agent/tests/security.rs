@@ -139,9 +139,9 @@ fn start_blocking_job(fleet: &Fleet, dir: &std::path::Path) -> (std::process::Ch
     let fifo = dir.join("never-written.img");
     let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(made.success());
-    let import = |from: &std::path::Path| {
+    let import = |volume: &str, from: &std::path::Path| {
         Command::new(BIN)
-            .args(["volume", "import", "stuck", "--from"])
+            .args(["volume", "import", volume, "--from"])
             .arg(from)
             .arg("--config")
             .arg(fleet.config("a"))
@@ -150,7 +150,7 @@ fn start_blocking_job(fleet: &Fleet, dir: &std::path::Path) -> (std::process::Ch
             .spawn()
             .unwrap()
     };
-    let mut cli = import(&fifo);
+    let mut cli = import("stuck", &fifo);
     std::thread::sleep(Duration::from_millis(1500));
     if cli.try_wait().unwrap().is_none() {
         return (cli, "volume import from a FIFO");
@@ -167,7 +167,7 @@ fn start_blocking_job(fleet: &Fleet, dir: &std::path::Path) -> (std::process::Ch
         }
         f.flush().unwrap();
     }
-    let mut cli = import(&big);
+    let mut cli = import("big", &big);
     let mut err = cli.stderr.take().unwrap();
     // Wait for the first progress line: the blocking task is running.
     let mut seen = Vec::new();
