@@ -6,6 +6,7 @@
 //! name the offending field so `fieldrack` can exit 64 with a useful message.
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -462,6 +463,18 @@ impl RackConfig {
         if let Err(e) = crate::cert::decode_public_key(&self.fleet.public_key) {
             return bad("fleet.public_key", e.to_string());
         }
+        for (field, value, range) in self.bounded_numbers() {
+            if !range.contains(&value) {
+                return bad(
+                    field,
+                    format!(
+                        "{value} is out of range: expected {}..={}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+            }
+        }
         let c = &self.control;
         if c.fence_before_ms >= c.lease_ms {
             return bad(
@@ -469,22 +482,32 @@ impl RackConfig {
                 "must be shorter than control.lease_ms".into(),
             );
         }
-        if c.renew_every_ms == 0 || c.renew_every_ms * 2 > c.lease_ms - c.fence_before_ms {
+        // Checked arithmetic: the bounds above keep these small, but a
+        // validation must never be the thing that overflows.
+        let renewals_fit = c
+            .renew_every_ms
+            .checked_mul(2)
+            .is_some_and(|two| two <= c.lease_ms - c.fence_before_ms);
+        if !renewals_fit {
             return bad(
                 "control.renew_every_ms",
                 "must leave at least two renewals before fencing starts (2 × renew_every_ms ≤ lease_ms − fence_before_ms)".into(),
             );
         }
-        if c.fence_grace_ms + KILL_REAP_MS >= c.fence_before_ms {
+        if c.fence_grace_ms.saturating_add(KILL_REAP_MS) >= c.fence_before_ms {
             return bad(
                 "control.fence_grace_ms",
                 format!("fence_grace_ms + {KILL_REAP_MS} ms (SIGKILL and reap) must be shorter than control.fence_before_ms, so every appliance is dead before the lease ends"),
             );
         }
-        if c.heartbeat_ms == 0 || c.heartbeat_ms * 3 > c.election_timeout_ms {
+        let heartbeat_fits = c
+            .heartbeat_ms
+            .checked_mul(3)
+            .is_some_and(|three| three <= c.election_timeout_ms);
+        if !heartbeat_fits {
             return bad(
                 "control.heartbeat_ms",
-                "must be positive and at most a third of control.election_timeout_ms".into(),
+                "must be at most a third of control.election_timeout_ms".into(),
             );
         }
         if self.mesh.listen.is_empty() {
@@ -503,38 +526,6 @@ impl RackConfig {
                 return bad(&format!("mesh.bootstrap[{i}]"), e);
             }
         }
-        for (field, v) in [
-            ("mesh.admission_timeout_ms", self.mesh.admission_timeout_ms),
-            ("mesh.idle_timeout_ms", self.mesh.idle_timeout_ms),
-            ("mesh.reconnect_initial_ms", self.mesh.reconnect_initial_ms),
-            ("mesh.reconnect_max_ms", self.mesh.reconnect_max_ms),
-            (
-                "membership.probe_interval_ms",
-                self.membership.probe_interval_ms,
-            ),
-            (
-                "membership.probe_timeout_ms",
-                self.membership.probe_timeout_ms,
-            ),
-            (
-                "membership.suspect_timeout_ms",
-                self.membership.suspect_timeout_ms,
-            ),
-            ("power.poll_interval_ms", self.power.poll_interval_ms),
-        ] {
-            if v == 0 {
-                return bad(field, "must be greater than 0".into());
-            }
-        }
-        if self.mesh.max_connections == 0 {
-            return bad("mesh.max_connections", "must be greater than 0".into());
-        }
-        if self.mesh.max_connections_per_peer == 0 {
-            return bad(
-                "mesh.max_connections_per_peer",
-                "must be greater than 0".into(),
-            );
-        }
         if self.mesh.reconnect_max_ms < self.mesh.reconnect_initial_ms {
             return bad(
                 "mesh.reconnect_max_ms",
@@ -547,26 +538,11 @@ impl RackConfig {
                 "must be shorter than membership.probe_interval_ms".into(),
             );
         }
-        if self.volumes.replication_factor == 0 {
-            return bad("volumes.replication_factor", "must be at least 1".into());
-        }
-        if self.volumes.snapshot_interval_s == 0 {
-            return bad(
-                "volumes.snapshot_interval_s",
-                "must be greater than 0".into(),
-            );
-        }
-        if self.volumes.keep_snapshots == 0 {
-            return bad("volumes.keep_snapshots", "must be at least 1".into());
-        }
         if let Some(d) = self.volumes.import_dirs.iter().find(|d| !d.is_absolute()) {
             return bad(
                 "volumes.import_dirs",
                 format!("{} is not an absolute path", d.display()),
             );
-        }
-        if self.membership.max_piggyback == 0 {
-            return bad("membership.max_piggyback", "must be greater than 0".into());
         }
         if let Err(e) = self.api.listen.parse::<SocketAddr>() {
             return bad("api.listen", format!("expected host:port ({e})"));
@@ -586,8 +562,8 @@ impl RackConfig {
             if nut.ups.is_empty() {
                 return bad("power.nut.ups", "must not be empty".into());
             }
-            if nut.addr.is_empty() {
-                return bad("power.nut.addr", "must not be empty".into());
+            if let Err(reason) = validate_host_port(&nut.addr) {
+                return bad("power.nut.addr", reason);
             }
         }
         if let Some(cmd) = &self.power.command {
@@ -595,7 +571,207 @@ impl RackConfig {
                 return bad("power.command", "must name a program".into());
             }
         }
+        if let Some(level) = &self.log.level {
+            if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(level) {
+                return bad(
+                    "log.level",
+                    format!("not a tracing filter such as `info` or `mesh=debug,info`: {e}"),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// Every numeric knob with its allowed range (see [`limits`]): values
+    /// outside are refused at start, so no timeout is ever so large that
+    /// deadline arithmetic (`Instant + Duration`, `× 3`) could overflow, and
+    /// none is zero where zero would mean "spin".
+    fn bounded_numbers(&self) -> Vec<(&'static str, u64, RangeInclusive<u64>)> {
+        use limits::*;
+        let m = &self.mesh;
+        let s = &self.membership;
+        let p = &self.power;
+        let v = &self.volumes;
+        let c = &self.control;
+        let n = |x: usize| u64::try_from(x).unwrap_or(u64::MAX);
+        vec![
+            (
+                "mesh.admission_timeout_ms",
+                m.admission_timeout_ms,
+                1..=MAX_ADMISSION_MS,
+            ),
+            (
+                "mesh.max_connections",
+                u64::from(m.max_connections),
+                1..=MAX_MESH_CONNECTIONS,
+            ),
+            (
+                "mesh.max_connections_per_peer",
+                u64::from(m.max_connections_per_peer),
+                1..=MAX_CONNECTIONS_PER_PEER,
+            ),
+            (
+                "mesh.idle_timeout_ms",
+                m.idle_timeout_ms,
+                1..=MAX_TIMEOUT_MS,
+            ),
+            (
+                "mesh.reconnect_initial_ms",
+                m.reconnect_initial_ms,
+                1..=MAX_TIMEOUT_MS,
+            ),
+            (
+                "mesh.reconnect_max_ms",
+                m.reconnect_max_ms,
+                1..=MAX_TIMEOUT_MS,
+            ),
+            (
+                "membership.probe_interval_ms",
+                s.probe_interval_ms,
+                1..=MAX_PROBE_MS,
+            ),
+            (
+                "membership.probe_timeout_ms",
+                s.probe_timeout_ms,
+                1..=MAX_PROBE_MS,
+            ),
+            (
+                "membership.indirect_probes",
+                n(s.indirect_probes),
+                0..=MAX_INDIRECT_PROBES,
+            ),
+            (
+                "membership.suspect_timeout_ms",
+                s.suspect_timeout_ms,
+                1..=MAX_TIMEOUT_MS,
+            ),
+            (
+                "membership.max_piggyback",
+                n(s.max_piggyback),
+                1..=MAX_PIGGYBACK,
+            ),
+            (
+                "power.poll_interval_ms",
+                p.poll_interval_ms,
+                1..=MAX_TIMEOUT_MS,
+            ),
+            (
+                "power.dying_runtime_s",
+                p.dying_runtime_s,
+                0..=MAX_RUNTIME_S,
+            ),
+            (
+                "volumes.replication_factor",
+                n(v.replication_factor),
+                1..=MAX_REPLICATION_FACTOR,
+            ),
+            (
+                "volumes.snapshot_interval_s",
+                v.snapshot_interval_s,
+                1..=MAX_INTERVAL_S,
+            ),
+            (
+                "volumes.keep_snapshots",
+                n(v.keep_snapshots),
+                1..=MAX_KEEP_SNAPSHOTS,
+            ),
+            (
+                "volumes.scrub_interval_s",
+                v.scrub_interval_s,
+                0..=MAX_INTERVAL_S,
+            ),
+            ("control.lease_ms", c.lease_ms, 1..=MAX_TIMEOUT_MS),
+            (
+                "control.renew_every_ms",
+                c.renew_every_ms,
+                1..=MAX_TIMEOUT_MS,
+            ),
+            (
+                "control.fence_before_ms",
+                c.fence_before_ms,
+                0..=MAX_TIMEOUT_MS,
+            ),
+            (
+                "control.drift_margin_ms",
+                c.drift_margin_ms,
+                0..=MAX_TIMEOUT_MS,
+            ),
+            ("control.heartbeat_ms", c.heartbeat_ms, 1..=MAX_TIMEOUT_MS),
+            (
+                "control.election_timeout_ms",
+                c.election_timeout_ms,
+                1..=MAX_TIMEOUT_MS,
+            ),
+            ("control.settle_ms", c.settle_ms, 0..=MAX_TIMEOUT_MS),
+            (
+                "control.remove_dead_voter_after_s",
+                c.remove_dead_voter_after_s,
+                0..=MAX_INTERVAL_S,
+            ),
+        ]
+    }
+}
+
+/// The ranges `rack.toml`'s numeric knobs must fall in. Each is far beyond
+/// any sensible setting and far below anything that could overflow the
+/// arithmetic done on it (`Instant + Duration`, small multiples).
+pub mod limits {
+    /// Most `*_ms` timeouts and intervals: one hour. A longer timeout is
+    /// indistinguishable from "never" for a rack in the field.
+    pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
+    /// `mesh.admission_timeout_ms`: ten minutes. A peer that has not shown
+    /// a certificate by then never will; it only holds a connection slot.
+    pub const MAX_ADMISSION_MS: u64 = 600_000;
+    /// `membership.probe_*_ms`: one minute. A slower failure detector
+    /// detects nothing useful.
+    pub const MAX_PROBE_MS: u64 = 60_000;
+    /// `*_interval_s` (snapshots, scrub, dead-voter removal): thirty days.
+    pub const MAX_INTERVAL_S: u64 = 30 * 86_400;
+    /// `power.dying_runtime_s`: one week of battery is more than any rack has.
+    pub const MAX_RUNTIME_S: u64 = 7 * 86_400;
+    /// `mesh.max_connections`: QUIC connections share one socket, but each
+    /// costs memory; a fleet is tens of racks.
+    pub const MAX_MESH_CONNECTIONS: u64 = 65_536;
+    /// `mesh.max_connections_per_peer`: a rack has a few radios.
+    pub const MAX_CONNECTIONS_PER_PEER: u64 = 64;
+    /// `membership.indirect_probes` (the SWIM core uses at most 16 anyway).
+    pub const MAX_INDIRECT_PROBES: u64 = 16;
+    /// `membership.max_piggyback`: updates per SWIM message.
+    pub const MAX_PIGGYBACK: u64 = 1024;
+    /// `volumes.replication_factor`: copies of a volume.
+    pub const MAX_REPLICATION_FACTOR: u64 = 64;
+    /// `volumes.keep_snapshots`.
+    pub const MAX_KEEP_SNAPSHOTS: u64 = 10_000;
+}
+
+/// `host:port` with a non-zero port and a host that is an IP address
+/// (IPv6 in brackets) or a DNS name.
+fn validate_host_port(addr: &str) -> Result<(), String> {
+    let expected = || format!("expected host:port such as 127.0.0.1:3493, got {addr:?}");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(expected)?;
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => return Err(expected()),
+        Ok(_) => {}
+    }
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6
+            .parse::<std::net::Ipv6Addr>()
+            .map(|_| ())
+            .map_err(|_| expected());
+    }
+    let is_name = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if is_name || host.parse::<std::net::Ipv4Addr>().is_ok() {
+        Ok(())
+    } else {
+        Err(expected())
     }
 }
 
@@ -681,12 +857,189 @@ mod tests {
             field_of(&format!("{m}[control]\nfence_grace_ms = 2499\n")),
             "ok"
         );
+        assert_eq!(
+            field_of(&format!("{m}[mesh]\nadmission_timeout_ms = {}\n", i64::MAX)),
+            "mesh.admission_timeout_ms"
+        );
+        assert_eq!(
+            field_of(&format!("{m}[control]\nheartbeat_ms = {}\n", i64::MAX)),
+            "control.heartbeat_ms"
+        );
+        assert_eq!(
+            field_of(&format!(
+                "{m}[control]\nlease_ms = {0}\nrenew_every_ms = {0}\n",
+                u64::MAX / 2
+            )),
+            "control.lease_ms"
+        );
+        assert_eq!(
+            field_of(&format!("{m}[membership]\nprobe_interval_ms = 0\n")),
+            "membership.probe_interval_ms"
+        );
+        assert_eq!(
+            field_of(&format!(
+                "{m}[volumes]\nsnapshot_interval_s = {}\n",
+                i64::MAX
+            )),
+            "volumes.snapshot_interval_s"
+        );
+        for addr in [
+            "nope",
+            "host:",
+            ":3493",
+            "host:0",
+            "host:99999",
+            "a b:1",
+            "[::1:1",
+            "-x-:1",
+        ] {
+            assert_eq!(
+                field_of(&format!("{m}[power.nut]\nups = \"u\"\naddr = \"{addr}\"\n")),
+                "power.nut.addr",
+                "{addr}"
+            );
+        }
+        for addr in ["127.0.0.1:3493", "ups.local:3493", "[::1]:3493", "upsd:1"] {
+            assert_eq!(
+                field_of(&format!("{m}[power.nut]\nups = \"u\"\naddr = \"{addr}\"\n")),
+                "ok",
+                "{addr}"
+            );
+        }
+        for level in ["info,,=x", "[[[", "mesh=loudest"] {
+            assert_eq!(
+                field_of(&format!("{m}[log]\nlevel = \"{level}\"\n")),
+                "log.level",
+                "{level}"
+            );
+        }
+        assert_eq!(
+            field_of(&format!("{m}[log]\nlevel = \"mesh=debug,info\"\n")),
+            "ok"
+        );
         assert!(field_of(&format!("{m}typo = 1\n")).contains("typo"));
         assert!(field_of(&format!("{m}[mesh]\nmdns = \"yes\"\n")).contains("mdns"));
         assert!(field_of("rack = ").starts_with("parse"));
     }
 
+    /// Every numeric knob of rack.toml, as `(table, key)`.
+    const KNOBS: &[(&str, &str)] = &[
+        ("mesh", "admission_timeout_ms"),
+        ("mesh", "max_connections"),
+        ("mesh", "max_connections_per_peer"),
+        ("mesh", "idle_timeout_ms"),
+        ("mesh", "reconnect_initial_ms"),
+        ("mesh", "reconnect_max_ms"),
+        ("membership", "probe_interval_ms"),
+        ("membership", "probe_timeout_ms"),
+        ("membership", "indirect_probes"),
+        ("membership", "suspect_timeout_ms"),
+        ("membership", "max_piggyback"),
+        ("power", "poll_interval_ms"),
+        ("power", "dying_runtime_s"),
+        ("volumes", "replication_factor"),
+        ("volumes", "snapshot_interval_s"),
+        ("volumes", "keep_snapshots"),
+        ("volumes", "scrub_interval_s"),
+        ("control", "lease_ms"),
+        ("control", "renew_every_ms"),
+        ("control", "fence_before_ms"),
+        ("control", "drift_margin_ms"),
+        ("control", "heartbeat_ms"),
+        ("control", "election_timeout_ms"),
+        ("control", "settle_ms"),
+        ("control", "remove_dead_voter_after_s"),
+    ];
+
+    /// Values that find edges: zero, small, defaults' neighbourhood, the
+    /// limits, and the huge.
+    fn knob_value() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            Just(0i64),
+            1i64..10_000,
+            Just(limits::MAX_TIMEOUT_MS as i64),
+            Just(limits::MAX_TIMEOUT_MS as i64 + 1),
+            Just(i64::MAX),
+            Just(i64::MAX / 2),
+            Just(i64::MAX / 3 + 1),
+            any::<i64>(),
+        ]
+    }
+
+    /// What the components do with an accepted config: every duration
+    /// becomes a `Duration` added to `Instant::now()` (a few times over, for
+    /// derived deadlines such as lease + drift + fence), and the control
+    /// plane's multiples. None of it may overflow.
+    fn converts_without_overflow(c: &RackConfig) -> Result<(), String> {
+        let now = std::time::Instant::now();
+        for (field, value, _) in c.bounded_numbers() {
+            let d = if field.ends_with("_s") {
+                std::time::Duration::from_secs(value)
+            } else {
+                std::time::Duration::from_millis(value)
+            };
+            d.checked_mul(8)
+                .and_then(|d8| now.checked_add(d8))
+                .ok_or_else(|| format!("{field} = {value} overflows a deadline"))?;
+        }
+        let k = &c.control;
+        k.lease_ms
+            .checked_add(k.drift_margin_ms)
+            .and_then(|x| x.checked_add(k.fence_before_ms))
+            .and_then(|x| x.checked_add(k.renew_every_ms.checked_mul(3)?))
+            .and_then(|x| x.checked_add(k.election_timeout_ms.checked_mul(2)?))
+            .ok_or("control sums overflow")?;
+        let m = &c.membership;
+        m.probe_interval_ms
+            .checked_add(m.suspect_timeout_ms)
+            .and_then(|x| x.checked_mul(4))
+            .ok_or("membership sums overflow")?;
+        Ok(())
+    }
+
     proptest! {
+        /// Any accepted rack.toml converts into component settings without
+        /// overflow; any refused one names one of the knobs it set.
+        #[test]
+        fn accepted_configs_convert_without_overflow(
+            knobs in prop::collection::vec((prop::sample::select(KNOBS), knob_value()), 1..8),
+        ) {
+            let mut tables: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+            let mut set: Vec<String> = Vec::new();
+            for ((table, key), value) in &knobs {
+                let lines = tables.entry(*table).or_default();
+                if lines.iter().any(|l| l.starts_with(&format!("{key} ="))) {
+                    continue;
+                }
+                lines.push(format!("{key} = {value}"));
+                set.push(format!("{table}.{key}"));
+            }
+            let mut text = minimal();
+            for (table, lines) in &tables {
+                text.push_str(&format!("[{table}]\n{}\n", lines.join("\n")));
+            }
+            match RackConfig::parse(&text, Path::new("rack.toml")) {
+                Ok(c) => {
+                    if let Err(e) = converts_without_overflow(&c) {
+                        prop_assert!(false, "{e} for\n{text}");
+                    }
+                }
+                Err(ConfigError::Invalid { field, .. }) => {
+                    // Relations between knobs may name the partner knob
+                    // left at its default.
+                    let table = field.split('.').next().unwrap_or("");
+                    prop_assert!(
+                        set.contains(&field) || tables.contains_key(table),
+                        "{field} not set in\n{text}"
+                    );
+                }
+                Err(ConfigError::Parse { message, .. }) => {
+                    prop_assert!(set.iter().any(|f| message.contains(f.split('.').nth(1).unwrap())), "{message}");
+                }
+                Err(e) => prop_assert!(false, "unexpected {e}"),
+            }
+        }
+
         /// Arbitrary text never panics the parser.
         #[test]
         fn arbitrary_text_never_panics(text in ".{0,400}") {

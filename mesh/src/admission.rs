@@ -36,6 +36,36 @@ pub enum AdmitError {
     Revoked(PeerId),
 }
 
+/// Why an admitted peer lost its admission while connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lapse {
+    /// Its certificate is not valid at this time any more (it expired, or
+    /// the clock was stepped back before its `not_before`).
+    Expired {
+        /// The certificate's `not_before` (unix seconds).
+        not_before: u64,
+        /// The certificate's `not_after` (unix seconds).
+        not_after: u64,
+    },
+    /// Its PeerId is revoked.
+    Revoked,
+}
+
+impl std::fmt::Display for Lapse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lapse::Expired {
+                not_before,
+                not_after,
+            } => write!(
+                f,
+                "certificate no longer valid (valid {not_before}..{not_after})"
+            ),
+            Lapse::Revoked => f.write_str("revoked"),
+        }
+    }
+}
+
 /// The result of offering a revocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RevokeOutcome {
@@ -133,6 +163,41 @@ impl Admission {
         late
     }
 
+    /// Re-check every admitted peer at `unix_now` (wall-clock seconds):
+    /// a certificate is checked at admission, but connections outlive it,
+    /// so this runs periodically while they stay up. The peers returned
+    /// are no longer admitted: disconnect them. A revoked peer is normally
+    /// dropped by [`Admission::revoke`] already; it is checked here too so
+    /// that no path can leave one admitted.
+    pub fn recheck(&mut self, unix_now: u64) -> Vec<(PeerId, CertBody, Lapse)> {
+        let lapsed: Vec<(PeerId, Lapse)> = self
+            .admitted
+            .iter()
+            .filter_map(|(peer, body)| {
+                if self.revoked.contains_key(peer) {
+                    Some((*peer, Lapse::Revoked))
+                } else if unix_now < body.not_before || unix_now >= body.not_after {
+                    Some((
+                        *peer,
+                        Lapse::Expired {
+                            not_before: body.not_before,
+                            not_after: body.not_after,
+                        },
+                    ))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        lapsed
+            .into_iter()
+            .filter_map(|(peer, why)| {
+                let body = self.admitted.remove(&peer)?;
+                Some((peer, body, why))
+            })
+            .collect()
+    }
+
     /// Is `peer` admitted (may rack data flow to and from it)?
     pub fn is_admitted(&self, peer: &PeerId) -> bool {
         self.admitted.contains_key(peer)
@@ -194,7 +259,11 @@ mod tests {
     use deploy::{FleetKey, Role};
 
     fn cert(fleet: &FleetKey, name: &str, peer: &PeerId) -> Certificate {
-        fleet.issue(&CertBody {
+        fleet.issue(&cert_body(name, peer))
+    }
+
+    fn cert_body(name: &str, peer: &PeerId) -> CertBody {
+        CertBody {
             version: CERT_VERSION,
             fleet: name.into(),
             rack: "b".into(),
@@ -204,7 +273,7 @@ mod tests {
             serial: 1,
             not_before: 0,
             not_after: 1_000,
-        })
+        }
     }
 
     fn revocation(fleet: &FleetKey, peer: &PeerId) -> Revocation {
@@ -259,6 +328,55 @@ mod tests {
         assert!(a.present(peer, &cert(&fleet, "f", &victim), 10).is_err());
         assert!(a.present(peer, &cert(&fleet, "f", &peer), 5_000).is_err());
         assert!(!a.is_admitted(&peer));
+    }
+
+    #[test]
+    fn certificates_are_rechecked_while_connected() {
+        let fleet = FleetKey::generate();
+        let mut a = Admission::new(fleet.public(), "f".into(), Duration::from_secs(3));
+        let (p, q) = (PeerId::random(), PeerId::random());
+        a.connected(p, Instant::now());
+        a.connected(q, Instant::now());
+        a.present(p, &cert(&fleet, "f", &p), 10).unwrap(); // valid 0..1000
+        let mut long = cert_body("f", &q);
+        long.not_after = 5_000;
+        a.present(q, &fleet.issue(&long), 10).unwrap();
+        // Table: (unix now, peers that lapse at that moment).
+        let table: [(u64, Vec<PeerId>); 4] = [
+            (10, vec![]),
+            (999, vec![]),
+            (1_000, vec![p]),
+            (4_999, vec![]),
+        ];
+        for (now, want) in table {
+            let got: Vec<PeerId> = a
+                .recheck(now)
+                .into_iter()
+                .map(|(peer, _, _)| peer)
+                .collect();
+            assert_eq!(got, want, "at {now}");
+        }
+        assert!(!a.is_admitted(&p));
+        assert!(a.is_admitted(&q));
+        // A clock stepped back before `not_before` lapses too.
+        let lapsed = a.recheck(0);
+        assert!(lapsed.is_empty(), "not_before is 0: {lapsed:?}");
+        let mut later = cert_body("f", &p);
+        later.not_before = 100;
+        a.connected(p, Instant::now());
+        a.present(p, &fleet.issue(&later), 200).unwrap();
+        let lapsed = a.recheck(50);
+        assert_eq!(lapsed.len(), 1);
+        assert!(matches!(
+            lapsed[0].2,
+            Lapse::Expired {
+                not_before: 100,
+                ..
+            }
+        ));
+        // The expired peer is refused if it presents the same certificate again.
+        assert!(a.present(p, &fleet.issue(&later), 500).is_ok());
+        assert!(a.present(q, &fleet.issue(&long), 5_000).is_err());
     }
 
     #[test]

@@ -232,6 +232,12 @@ pub enum Input<M> {
     Revoked { id: PeerId },
     /// Local metadata changed: bump `meta_version` and gossip it.
     SetMeta(M),
+    /// Its fleet admission lapsed while it was connected (its certificate
+    /// expired): declare it dead now, at its current incarnation, and
+    /// gossip that. Unlike [`Input::Revoked`] it may come back: once it is
+    /// admitted again (a renewed certificate) it refutes with a higher
+    /// incarnation like any rack returning from the dead.
+    Expelled { id: PeerId },
 }
 
 /// What the swarm actor must carry out (or report) after [`Membership::handle`].
@@ -466,6 +472,7 @@ impl<M: Meta> Membership<M> {
             Input::Discovered { id } => self.on_discovered(now, id, &mut out),
             Input::Revoked { id } => self.on_revoked(id),
             Input::SetMeta(meta) => self.on_set_meta(meta),
+            Input::Expelled { id } => self.on_expelled(now, id, &mut out),
         }
         out
     }
@@ -754,6 +761,30 @@ impl<M: Meta> Membership<M> {
             p.intermediaries.retain(|i| i != &id);
         }
         tracing::debug!(peer = %id, "membership: revoked");
+    }
+
+    fn on_expelled(&mut self, now: Instant, id: PeerId, out: &mut Vec<Output<M>>) {
+        let Some(e) = self.members.get_mut(&id) else {
+            return;
+        };
+        let from = e.member.state;
+        if from == State::Dead {
+            return;
+        }
+        e.member.state = State::Dead;
+        e.member.since = now;
+        e.suspect_deadline = None;
+        let record = e.record();
+        self.queue.push(record, false);
+        if self.probe.as_ref().is_some_and(|p| p.target == id) {
+            self.probe = None;
+        }
+        out.push(Output::Changed {
+            id,
+            from: Some(from),
+            to: State::Dead,
+        });
+        tracing::debug!(peer = %id, ?from, "membership: expelled (admission lapsed)");
     }
 
     fn on_set_meta(&mut self, meta: M) {

@@ -27,7 +27,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, RevokeOutcome};
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, Rejections, Verdict};
 use crate::discovery::{self, Discovered};
 use crate::membership::{self, Input, Membership, Message, Output, State};
 use crate::protocol::{
@@ -53,6 +53,10 @@ pub const MAX_ADDRS_PER_PEER: usize = 8;
 pub const TICK: Duration = Duration::from_millis(100);
 /// A refused peer gets this long to read the reason before we hang up.
 pub const REJECT_LINGER: Duration = Duration::from_millis(300);
+/// How often admitted peers' certificates are checked again: expiry is a
+/// wall-clock matter that no connection event reports, so a rack whose
+/// certificate expires while connected is disconnected within this.
+pub const CERT_RECHECK: Duration = Duration::from_secs(1);
 
 /// Everything the mesh needs to run.
 #[derive(Debug, Clone)]
@@ -187,6 +191,9 @@ pub struct MeshStats {
     pub revocations_total: AtomicU64,
     /// Inbound raw streams from peers not admitted, dropped.
     pub streams_refused_total: AtomicU64,
+    /// Admitted peers disconnected because their certificate expired while
+    /// they were connected.
+    pub expired_total: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -557,6 +564,18 @@ struct Actor {
     pending_acks: HashMap<(PeerId, u64), (ResponseChannel<RpcReply>, Instant)>,
     /// Refused peers to hang up on once they had time to read why.
     to_disconnect: Vec<(PeerId, Instant)>,
+    /// Peers that failed admission (either way): not dialled during their
+    /// hold-off, and logged once per backoff step.
+    rejections: Rejections<PeerId>,
+    /// Peers that timed out or found admission full: logged once per
+    /// backoff step, but not held off (a fleet rack on a bad link or
+    /// behind a flood must be redialled on its normal schedule).
+    quiet_failures: Rejections<PeerId>,
+    /// The peer last found behind each bootstrap address without a
+    /// `/p2p/` suffix (so a rejected one is held off like a known peer).
+    bootstrap_peers: HashMap<Multiaddr, PeerId>,
+    /// When admitted peers' certificates are next re-checked.
+    next_recheck: Instant,
 }
 
 impl Actor {
@@ -623,6 +642,10 @@ impl Actor {
             peer_backoff: HashMap::new(),
             pending_acks: HashMap::new(),
             to_disconnect: Vec::new(),
+            rejections: Rejections::default(),
+            quiet_failures: Rejections::default(),
+            bootstrap_peers: HashMap::new(),
+            next_recheck: now + CERT_RECHECK,
         }
     }
 
@@ -695,6 +718,7 @@ impl Actor {
                 }
                 self.addresses.remove(&peer);
                 self.peer_backoff.remove(&peer);
+                self.ping_rtt.remove(&peer);
                 let targets: Vec<PeerId> = self
                     .admission
                     .admitted_peers()
@@ -758,12 +782,19 @@ impl Actor {
         self.apply(out);
         for peer in self.admission.expired(now) {
             inc(&self.stats.admission_timeouts_total);
-            tracing::warn!(%peer, "no fleet certificate within the admission timeout: disconnecting");
-            let _ = self.events.send(MeshEvent::Rejected {
+            self.note_rejection(
                 peer,
-                reason: "admission timeout".into(),
-            });
+                "no fleet certificate within the admission timeout: disconnecting",
+                "admission timeout".into(),
+                false,
+            );
             let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        if now >= self.next_recheck {
+            self.next_recheck = now + CERT_RECHECK;
+            self.recheck_admitted(now);
+            self.rejections.prune(now);
+            self.quiet_failures.prune(now);
         }
         let due: Vec<PeerId> = self
             .to_disconnect
@@ -782,25 +813,87 @@ impl Actor {
         self.redial(now);
     }
 
+    /// Certificates expire while connections stay up: drop the admission
+    /// of every peer whose certificate is no longer valid, disconnect it,
+    /// and declare it dead (so it stops being alive, and a voter, in this
+    /// rack's view; the death is gossiped). It may come back with a
+    /// renewed certificate.
+    fn recheck_admitted(&mut self, now: Instant) {
+        let lapsed = self.admission.recheck(Self::unix_now());
+        if lapsed.is_empty() {
+            return;
+        }
+        self.sync_admitted();
+        for (peer, body, why) in lapsed {
+            inc(&self.stats.expired_total);
+            tracing::warn!(rack = %body.rack, %peer, %why, "admitted peer lost its admission: disconnecting");
+            let _ = self.events.send(MeshEvent::Rejected {
+                peer,
+                reason: why.to_string(),
+            });
+            let out = self.membership.handle(now, Input::Expelled { id: peer });
+            self.apply(out);
+            let _ = self.swarm.disconnect_peer_id(peer);
+            self.pending_acks.retain(|(p, _), _| *p != peer);
+            let j = self.jitter();
+            let _ = self.rejections.rejected(peer, now, j);
+        }
+    }
+
+    /// One more admission failure of `peer` (we refused it, it refused us,
+    /// or it timed out): log and record it once per backoff step rather
+    /// than once per attempt, and with `hold`, stop dialling it for the
+    /// step's duration.
+    fn note_rejection(&mut self, peer: PeerId, what: &'static str, reason: String, hold: bool) {
+        let now = Instant::now();
+        let j = self.jitter();
+        let table = if hold {
+            &mut self.rejections
+        } else {
+            &mut self.quiet_failures
+        };
+        match table.rejected(peer, now, j) {
+            Verdict::Warn {
+                suppressed,
+                retry_in,
+            } => {
+                tracing::warn!(%peer, %reason, suppressed, ?retry_in, "{what}");
+                let _ = self.events.send(MeshEvent::Rejected { peer, reason });
+            }
+            Verdict::Quiet => tracing::debug!(%peer, %reason, "{what} (again)"),
+        }
+        if !self.admission.is_admitted(&peer) && self.membership.member(&peer).is_none() {
+            self.ping_rtt.remove(&peer);
+        }
+    }
+
     /// Keep trying bootstrap addresses and known fleet peers we are not
     /// connected to, each on its own backoff.
     fn redial(&mut self, now: Instant) {
         for i in 0..self.bootstrap_backoff.len() {
             let addr = self.bootstrap_backoff[i].0.clone();
-            let connected = match p2p_of(&addr) {
+            let peer = p2p_of(&addr).or_else(|| self.bootstrap_peers.get(&addr).copied());
+            // The schedule starts over only once the peer there is
+            // admitted: a connection that is then refused must not reset it,
+            // or a rejected peer would be redialled every tick.
+            if peer.is_some_and(|p| self.admission.is_admitted(&p)) {
+                let (_, b) = &mut self.bootstrap_backoff[i];
+                b.reset(now);
+                continue;
+            }
+            let leave_alone = match peer {
                 Some(peer) => {
                     self.swarm.is_connected(&peer)
                         || self.admission.is_revoked(&peer)
                         || peer == self.membership.local_id()
+                        || self.rejections.holds(&peer, now)
                 }
-                None => self
-                    .connected_addrs
-                    .values()
-                    .any(|a| strip_p2p(a.clone()) == addr),
-            };
-            if connected {
-                let (_, b) = &mut self.bootstrap_backoff[i];
-                b.reset(now);
+                None => false,
+            } || self
+                .connected_addrs
+                .values()
+                .any(|a| strip_p2p(a.clone()) == addr);
+            if leave_alone {
                 continue;
             }
             if self.bootstrap_backoff[i].1.due(now) {
@@ -814,7 +907,10 @@ impl Actor {
         }
         let candidates: Vec<PeerId> = self.peer_backoff.keys().copied().collect();
         for peer in candidates {
-            if self.swarm.is_connected(&peer) || self.admission.is_revoked(&peer) {
+            if self.swarm.is_connected(&peer)
+                || self.admission.is_revoked(&peer)
+                || self.rejections.holds(&peer, now)
+            {
                 continue;
             }
             let Some(addrs) = self.addresses.get(&peer).cloned() else {
@@ -852,13 +948,23 @@ impl Actor {
                 let now = Instant::now();
                 if !self.admission.connected(peer_id, now) {
                     inc(&self.stats.rejected_total);
-                    tracing::info!(peer = %peer_id, "refusing connection from a revoked peer");
+                    let revoked = self.admission.is_revoked(&peer_id);
+                    let reason = if revoked {
+                        "revoked"
+                    } else {
+                        "too many peers waiting for admission"
+                    };
+                    self.note_rejection(peer_id, "refusing a connection", reason.into(), revoked);
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
                 self.connected_addrs
                     .insert(connection_id, endpoint.get_remote_address().clone());
                 if endpoint.is_dialer() {
+                    let remote = strip_p2p(endpoint.get_remote_address().clone());
+                    if self.bootstrap_backoff.iter().any(|(a, _)| *a == remote) {
+                        self.bootstrap_peers.insert(remote, peer_id);
+                    }
                     self.remember_addrs(peer_id, [endpoint.get_remote_address().clone()]);
                 }
                 // A fresh connection to a peer we hold suspect or dead means
@@ -896,6 +1002,10 @@ impl Actor {
                     self.admission.disconnected(&peer_id);
                     self.sync_admitted();
                     self.pending_acks.retain(|(p, _), _| *p != peer_id);
+                    if self.membership.member(&peer_id).is_none() {
+                        // Never a fleet member: nothing will show its RTT.
+                        self.ping_rtt.remove(&peer_id);
+                    }
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -921,7 +1031,11 @@ impl Actor {
                 result,
             })) => match result {
                 Ok(rtt) => {
-                    self.ping_rtt.insert(peer, rtt);
+                    // Only fleet members are shown (and their number is
+                    // bounded); pings also run before admission.
+                    if self.admission.is_admitted(&peer) {
+                        self.ping_rtt.insert(peer, rtt);
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "ping failed: closing connection");
@@ -960,6 +1074,8 @@ impl Actor {
                             .admit
                             .send_response(channel, AdmitResponse::Accepted);
                         self.rack_names.insert(peer, body.rack.clone());
+                        self.rejections.admitted(&peer);
+                        self.quiet_failures.admitted(&peer);
                         if newly {
                             inc(&self.stats.admitted_total);
                             self.sync_admitted();
@@ -997,11 +1113,7 @@ impl Actor {
                     Err(e) => {
                         inc(&self.stats.rejected_total);
                         let reason = e.to_string();
-                        tracing::warn!(%peer, %reason, "peer refused admission");
-                        let _ = self.events.send(MeshEvent::Rejected {
-                            peer,
-                            reason: reason.clone(),
-                        });
+                        self.note_rejection(peer, "peer refused admission", reason.clone(), true);
                         let _ = self
                             .swarm
                             .behaviour_mut()
@@ -1021,7 +1133,7 @@ impl Actor {
                     },
                 ..
             } => {
-                tracing::warn!(%peer, %reason, "peer refused our certificate");
+                self.note_rejection(peer, "peer refused our certificate", reason, true);
             }
             _ => {}
         }

@@ -224,3 +224,142 @@ async fn peer_with_a_stolen_certificate_is_never_admitted() {
 async fn revoked_peer_is_never_admitted() {
     run_outsider(|f, k| cert_for(f, "test", "x", k), true).await;
 }
+
+/// A rack whose certificate expires while it is connected is disconnected
+/// by every rack, loses its admission and is declared dead (so it stops
+/// being a voter); its redials are then held off instead of repeated
+/// every few hundred milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_expiring_while_connected_is_expelled() {
+    let fleet = FleetKey::generate();
+    let cancel = CancellationToken::new();
+    let (ka, kb, kx) = (
+        Keypair::generate_ed25519(),
+        Keypair::generate_ed25519(),
+        Keypair::generate_ed25519(),
+    );
+    let (a, _) = mesh::start(
+        settings(
+            &fleet,
+            "a",
+            ka.clone(),
+            cert_for(&fleet, "test", "a", &ka),
+            vec![],
+            vec![],
+        ),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    let a_addr = addr_of(&a).await;
+    let (b, _) = mesh::start(
+        settings(
+            &fleet,
+            "b",
+            kb.clone(),
+            cert_for(&fleet, "test", "b", &kb),
+            vec![a_addr.clone()],
+            vec![],
+        ),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    let b_addr = addr_of(&b).await;
+    // x's certificate runs out a few seconds from now.
+    let mut body = CertBody {
+        version: CERT_VERSION,
+        fleet: "test".into(),
+        rack: "x".into(),
+        peer_id: PeerId::from(kx.public()).to_base58(),
+        role: Role::Rack,
+        site: "s".into(),
+        serial: 1,
+        not_before: now() - 60,
+        not_after: 0,
+    };
+    body.not_after = now() + 6;
+    let expires_at = body.not_after;
+    let (x, _) = mesh::start(
+        settings(
+            &fleet,
+            "x",
+            kx.clone(),
+            fleet.issue(&body),
+            vec![a_addr, b_addr],
+            vec![],
+        ),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+
+    let t0 = std::time::Instant::now();
+    loop {
+        let ok = alive_peers(&a).await.contains(&x.peer_id)
+            && alive_peers(&b).await.contains(&x.peer_id)
+            && a.admitted().iter().any(|(p, _)| *p == x.peer_id);
+        if ok {
+            break;
+        }
+        assert!(
+            now() < expires_at,
+            "x never joined before its certificate expired"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(10), "x never joined");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("x admitted and alive after {:?}", t0.elapsed());
+
+    // After expiry: dead on both, admitted on neither, within a few seconds.
+    let state_of = |st: &mesh::MeshStatus, p: PeerId| {
+        st.peers.iter().find(|m| m.peer_id == p).map(|m| m.state)
+    };
+    loop {
+        let sa = a.status().await.unwrap();
+        let sb = b.status().await.unwrap();
+        let gone = |h: &MeshHandle, st: &mesh::MeshStatus| {
+            state_of(st, x.peer_id) == Some(State::Dead)
+                && !h.admitted().iter().any(|(p, _)| *p == x.peer_id)
+        };
+        if gone(&a, &sa) && gone(&b, &sb) {
+            break;
+        }
+        assert!(
+            now() < expires_at + 10,
+            "x still alive or admitted 10 s after its certificate expired: a {:?}, b {:?}",
+            state_of(&sa, x.peer_id),
+            state_of(&sb, x.peer_id)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "x expelled {} s after its certificate expired",
+        now().saturating_sub(expires_at)
+    );
+    let expired = a.stats.expired_total.load(Ordering::Relaxed)
+        + b.stats.expired_total.load(Ordering::Relaxed);
+    assert!(expired >= 1, "expulsion counted");
+    // a and b are untouched.
+    assert!(alive_peers(&a).await.contains(&b.peer_id));
+    assert!(alive_peers(&b).await.contains(&a.peer_id));
+
+    // Redials of the rejected rack are held off: over the next 5 s, a
+    // handful of refusals at most (before the hold-off, about ten a second
+    // per rack).
+    let refused = |h: &MeshHandle| h.stats.rejected_total.load(Ordering::Relaxed);
+    let before = refused(&a) + refused(&b);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let during = refused(&a) + refused(&b) - before;
+    eprintln!("refusals of x in the 5 s after expulsion: {during}");
+    assert!(
+        during <= 8,
+        "{during} refusals in 5 s: redials are not held off"
+    );
+    // And x stays out.
+    for h in [&a, &b] {
+        let st = h.status().await.unwrap();
+        assert_eq!(state_of(&st, x.peer_id), Some(State::Dead));
+    }
+    cancel.cancel();
+}

@@ -20,8 +20,20 @@ use crate::state::{AgentState, RecoveryReport};
 use crate::status::{PeerEntry, RevokedEntry, Status};
 use crate::store::{SledStore, Store};
 
-/// The whole shutdown must finish within this (SIGTERM → exit).
+/// The whole shutdown must finish within this (SIGTERM → return from
+/// [`run`]); every phase gets what is left of it. `main` then gives the
+/// runtime [`RUNTIME_SHUTDOWN_GRACE`] more and exits whatever still runs
+/// (a blocking import stuck in a system call cannot hold the process), so
+/// SIGTERM to exit stays under the 5 s the README promises.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
+/// What the runtime gets, after [`run`] returned, to finish its tasks
+/// before the process exits anyway (`Runtime::shutdown_timeout`).
+pub const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+/// The appliance supervisor's share of [`SHUTDOWN_DEADLINE`]: it stops
+/// appliances while the mesh still carries lease renewals.
+const SUPERVISOR_SHARE: Duration = Duration::from_secs(2);
+/// The control plane's share of [`SHUTDOWN_DEADLINE`].
+const CONTROL_SHARE: Duration = Duration::from_secs(1);
 
 /// Counters kept by the agent itself (the mesh keeps its own).
 #[derive(Debug, Default)]
@@ -68,6 +80,10 @@ pub struct Rack {
     pub proxy: Option<crate::proxy::RunningProxy>,
     /// Appliances: lease renewal and the supervisor (with the control plane).
     pub appliances: Arc<crate::supervisor::Supervisor>,
+    /// The admin API's connection pools (shared with `/metrics`).
+    pub api_slots: Arc<crate::api::slots::Slots>,
+    /// How the open-file limit is shared between listeners.
+    pub fd_budget: crate::limits::FdBudget,
     started: Instant,
 }
 
@@ -257,6 +273,29 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let (keypair, certificate) = load_identity(&config)?;
+    match crate::limits::raise_fd_limit() {
+        Ok(l) => tracing::info!(
+            before = l.before,
+            after = l.after,
+            hard = l.hard,
+            "open-file limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+    let fd_budget = crate::limits::fd_budget();
+    tracing::info!(
+        limit = fd_budget.limit,
+        api_handshakes = fd_budget.api_handshakes,
+        api_authenticated = fd_budget.api_authenticated,
+        proxy_connections = fd_budget.proxy_connections,
+        "listener connection caps"
+    );
+    if crate::limits::RESERVED_FDS + fd_budget.listeners_total() >= fd_budget.limit {
+        tracing::warn!(
+            limit = fd_budget.limit,
+            "the open-file limit is too low for the listeners' minimum caps; raise the hard limit (LimitNOFILE=)"
+        );
+    }
     let token_path = deploy::config::config_dir(config_path).join(API_TOKEN_FILE);
     let token = std::fs::read_to_string(&token_path)
         .with_context(|| format!("reading the API token {}", token_path.display()))?
@@ -334,7 +373,14 @@ pub async fn run(
     )?;
     let mut tasks = tokio::task::JoinSet::new();
     let proxy = match crate::proxy::config(&config).map_err(|e| anyhow::anyhow!("{e}"))? {
-        Some(cfg) => Some(
+        Some(mut cfg) => Some({
+            // One open-file budget for every listener: unless the operator
+            // set a cap, the proxy takes its share, not the whole limit.
+            if cfg.proxy.max_connections == 0 {
+                cfg.proxy.max_connections = fd_budget
+                    .proxy_connections
+                    .min(cache_proxy::server::MAX_CONNECTIONS);
+            }
             crate::proxy::start(
                 cfg,
                 &config.site,
@@ -342,8 +388,8 @@ pub async fn run(
                 &mut tasks,
                 cancel.child_token(),
             )
-            .await?,
-        ),
+            .await?
+        }),
         None => None,
     };
     let c = &config.control;
@@ -398,6 +444,10 @@ pub async fn run(
         power: power.clone(),
         metrics: AgentMetrics::default(),
         recovery,
+        api_slots: crate::api::slots::Slots::new(crate::api::slots::ApiLimits::from_budget(
+            &fd_budget,
+        )),
+        fd_budget,
         started: Instant::now(),
     });
     tasks.spawn(crate::api::serve(
@@ -419,14 +469,18 @@ pub async fn run(
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
-    // Appliances stop first (while the mesh still carries lease renewals),
-    // then the control plane, then everything else.
+    // One deadline for the whole shutdown; each phase gets its share of
+    // what is left. Appliances stop first (while the mesh still carries
+    // lease renewals), then the control plane, then everything else.
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
+    let share =
+        |d: Duration| d.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
     supervisor_cancel.cancel();
-    let _ = tokio::time::timeout(SHUTDOWN_DEADLINE / 2, supervisor).await;
+    let _ = tokio::time::timeout(share(SUPERVISOR_SHARE), supervisor).await;
     control_cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(1), control.shutdown()).await;
+    let _ = tokio::time::timeout(share(CONTROL_SHARE), control.shutdown()).await;
     cancel.cancel();
-    let drained = tokio::time::timeout(SHUTDOWN_DEADLINE, async {
+    let drained = tokio::time::timeout_at(deadline, async {
         while tasks.join_next().await.is_some() {}
         let _ = mesh_task.await;
     })
@@ -434,6 +488,9 @@ pub async fn run(
     if drained.is_err() {
         tracing::warn!("shutdown deadline passed; abandoning remaining tasks");
     }
+    // Tasks still running (a blocking import among them) are abandoned:
+    // aborting does not wait for them.
+    tasks.abort_all();
     if let Err(e) = state.flush() {
         tracing::error!(error = %e, "final flush failed");
     }

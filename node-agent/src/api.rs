@@ -8,9 +8,12 @@
 //! - `GET /api/v1/events?limit=N`: the local event log.
 //! - `GET /metrics`: Prometheus text.
 //!
-//! Every request needs `Authorization: Bearer <api-token>` (401 otherwise);
-//! malformed requests get 400 with a reason; bodies over
-//! [`MAX_BODY`] get 413.
+//! Every request needs `Authorization: Bearer <api-token>` (401 otherwise,
+//! and the connection is closed); malformed requests get 400 with a reason;
+//! bodies over [`MAX_BODY`] get 413.
+//!
+//! Connections are held in two bounded pools so that no flood of silent or
+//! unauthenticated connections can lock an operator out: see [`slots`].
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,16 +27,26 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::Rack;
 
+pub mod slots;
+
+use slots::Ticket;
+
 /// Largest request body accepted: a revocation is under 1 KiB.
 pub const MAX_BODY: usize = 64 * 1024;
-/// Concurrent API connections: the API serves operators and scrapers, not crowds.
-pub const MAX_CONNECTIONS: usize = 64;
+/// A connection must send a whole request head this soon after it is
+/// accepted, and after each response: the CLI sends its request at once,
+/// so a connection still silent after this is not an honest client. hyper
+/// restarts this timer whenever it waits for a request head, so it is also
+/// the keep-alive idle timeout (scrapers simply reconnect).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// After `accept` fails (`EMFILE`: out of descriptors), wait this long
+/// before trying again, instead of spinning on the error.
+pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// How long open connections get to finish on shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Most events returned by one `/api/v1/events` call.
@@ -140,7 +153,16 @@ fn token_matches(given: &[u8], want: &[u8]) -> bool {
         == 0
 }
 
-/// Serve the API on `listener` until `cancel`.
+fn closing(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
+/// Serve the API on `listener` until `cancel`, within the rack's
+/// [`slots::Slots`] (see [`slots`] for how connections are admitted and shed).
 pub async fn serve(
     listener: TcpListener,
     rack: Arc<Rack>,
@@ -148,48 +170,32 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let token = Arc::new(token);
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = rack.api_slots.clone();
     let mut conns = JoinSet::new();
     loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
-        let (stream, _) = tokio::select! {
+        // Accepting never waits for a slot: a new connection takes the
+        // place of the oldest silent one instead of queueing behind it.
+        let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "api accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    slots
+                        .stats
+                        .accept_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(error = %e, "api accept failed; pausing");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             },
         };
+        let ticket = Arc::new(slots.admit(peer.ip()));
         let rack = rack.clone();
         let token = token.clone();
         let cancel = cancel.clone();
         while conns.try_join_next().is_some() {}
-        conns.spawn(async move {
-            let _permit = permit;
-            let svc = service_fn(move |req| {
-                let rack = rack.clone();
-                let token = token.clone();
-                async move { Ok::<_, Infallible>(handle(req, &rack, &token).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => { if let Err(e) = r { tracing::debug!(error = %e, "api connection error"); } }
-                _ = cancel.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
-                }
-            }
-        });
+        conns.spawn(serve_connection(stream, ticket, rack, token, cancel));
     }
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while conns.join_next().await.is_some() {}
@@ -198,23 +204,92 @@ pub async fn serve(
     conns.abort_all();
 }
 
+/// One connection: hyper with a header-read (and so keep-alive idle)
+/// timeout, closed when shed, or after a 401/503.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    ticket: Arc<Ticket>,
+    rack: Arc<Rack>,
+    token: Arc<String>,
+    cancel: CancellationToken,
+) {
+    let svc = {
+        let ticket = ticket.clone();
+        service_fn(move |req: Request<Incoming>| {
+            let rack = rack.clone();
+            let token = token.clone();
+            let ticket = ticket.clone();
+            async move {
+                let resp = if !authorized(&req, &token) {
+                    rack.metrics
+                        .api_requests
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    closing(unauthorized())
+                } else if ticket.authenticate().is_err() {
+                    rack.metrics
+                        .api_requests
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    closing(error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many admin API connections; try again",
+                    ))
+                } else {
+                    handle(req, &rack, &token).await
+                };
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                if e.is_timeout() {
+                    ticket
+                        .stats()
+                        .timed_out
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                tracing::debug!(error = %e, "api connection error");
+            }
+        }
+        _ = ticket.shed.cancelled() => {
+            tracing::debug!("api connection shed for a newer one");
+        }
+        _ = cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.as_mut()).await;
+        }
+    }
+}
+
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    req.headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| token_matches(t.trim().as_bytes(), token.as_bytes()))
+}
+
+fn unauthorized() -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::UNAUTHORIZED)
+        .header("www-authenticate", "Bearer")
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"error":"missing or wrong bearer token (see the api-token file beside rack.toml)"}"#)).boxed())
+        .expect("valid")
+}
+
 async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Body> {
     rack.metrics
         .api_requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let authorized = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| token_matches(t.trim().as_bytes(), token.as_bytes()));
-    if !authorized {
-        return Response::builder()
-            .status(StatusCode::UNAUTHORIZED)
-            .header("www-authenticate", "Bearer")
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from_static(br#"{"error":"missing or wrong bearer token (see the api-token file beside rack.toml)"}"#)).boxed())
-            .expect("valid");
+    if !authorized(&req, token) {
+        return unauthorized();
     }
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();

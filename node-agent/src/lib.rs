@@ -8,6 +8,7 @@
 //! - [`drivers`]: appliance drivers (process, QEMU), health probes.
 //! - [`fleet`]: provisioning (`fleet init`, `add-rack`, `revoke`).
 //! - [`files`]: durable file writes.
+//! - [`limits`]: the open-file limit and each listener's share of it.
 //! - [`metrics`]: Prometheus text.
 //! - [`power`]: power telemetry (NUT, generator file or command).
 //! - [`state`] / [`store`]: durable local state in sled behind a trait.
@@ -23,6 +24,7 @@ pub mod demo;
 pub mod drivers;
 pub mod files;
 pub mod fleet;
+pub mod limits;
 pub mod metrics;
 pub mod power;
 pub mod proxy;

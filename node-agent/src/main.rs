@@ -356,7 +356,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match run(cli).await {
             Ok(code) => code,
             Err(e) => {
@@ -364,7 +364,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // Dropping a runtime waits for every blocking task (an import stuck
+    // reading a file would hold the process forever): give them a bounded
+    // grace, then exit regardless. `agent::run` has already flushed the
+    // store by now.
+    runtime.shutdown_timeout(node_agent::agent::RUNTIME_SHUTDOWN_GRACE);
+    code
 }
 
 fn log_format(cli: Option<LogFormatArg>, config: LogFormat) -> LogFormat {

@@ -66,6 +66,11 @@ pub async fn render(rack: &Rack) -> String {
             "Revocations learned since start.",
             &s.revocations_total,
         ),
+        (
+            "fieldrack_mesh_certificates_expired_total",
+            "Admitted peers disconnected because their certificate expired while connected.",
+            &s.expired_total,
+        ),
     ];
     for (name, help, c) in counters {
         family(&mut out, name, "counter", help);
@@ -81,6 +86,64 @@ pub async fn render(rack: &Rack) -> String {
         out,
         "fieldrack_api_requests_total{{{label}}} {}",
         rack.metrics.api_requests.load(Ordering::Relaxed)
+    );
+    let a = &rack.api_slots.stats;
+    let api_counters = [
+        (
+            "fieldrack_api_connections_accepted_total",
+            "Admin API connections accepted.",
+            &a.accepted,
+        ),
+        (
+            "fieldrack_api_connections_shed_total",
+            "Admin API connections that had sent no authorized request, closed to make room for a newer one.",
+            &a.shed,
+        ),
+        (
+            "fieldrack_api_connections_timed_out_total",
+            "Admin API connections closed for not sending a request head in time or idling too long.",
+            &a.timed_out,
+        ),
+        (
+            "fieldrack_api_connections_refused_total",
+            "Authorized admin API requests refused (503) because the authenticated pool was full.",
+            &a.refused,
+        ),
+        (
+            "fieldrack_api_accept_errors_total",
+            "Admin API accept failures (out of descriptors...), each followed by a pause.",
+            &a.accept_errors,
+        ),
+    ];
+    for (name, help, c) in api_counters {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name}{{{label}}} {}", c.load(Ordering::Relaxed));
+    }
+    let (waiting, authenticated) = rack.api_slots.occupancy();
+    family(
+        &mut out,
+        "fieldrack_api_connections",
+        "gauge",
+        "Open admin API connections by pool (waiting: no authorized request yet).",
+    );
+    let _ = writeln!(
+        out,
+        "fieldrack_api_connections{{{label},pool=\"waiting\"}} {waiting}"
+    );
+    let _ = writeln!(
+        out,
+        "fieldrack_api_connections{{{label},pool=\"authenticated\"}} {authenticated}"
+    );
+    family(
+        &mut out,
+        "fieldrack_fd_limit",
+        "gauge",
+        "The open-file soft limit the listeners' connection caps were derived from.",
+    );
+    let _ = writeln!(
+        out,
+        "fieldrack_fd_limit{{{label}}} {}",
+        rack.fd_budget.limit
     );
     family(
         &mut out,

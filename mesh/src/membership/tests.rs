@@ -591,6 +591,43 @@ fn revoked_members_stay_gone() {
 }
 
 #[test]
+fn expelled_member_is_dead_at_once_gossiped_and_may_return() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let (a, x) = (peer(1), peer(2));
+    m.handle(t0, Input::Discovered { id: a });
+    m.handle(t0, Input::Discovered { id: x });
+    gossip(&mut m, t0, a, vec![up(x, State::Alive, 5)]);
+    let out = m.handle(t0, Input::Expelled { id: x });
+    assert_eq!(changes(&out), vec![(x, Some(State::Alive), State::Dead)]);
+    assert_eq!(state(&m, &x), Some(State::Dead));
+    assert_eq!(m.member(&x).map(|mem| mem.incarnation), Some(5));
+    // Expelling again, or a stranger, changes nothing.
+    assert!(m.handle(t0, Input::Expelled { id: x }).is_empty());
+    assert!(m.handle(t0, Input::Expelled { id: peer(9) }).is_empty());
+    // An alive record at the same incarnation does not revive it...
+    gossip(&mut m, t0, a, vec![up(x, State::Alive, 5)]);
+    assert_eq!(state(&m, &x), Some(State::Dead));
+    // ...the death is gossiped to the others...
+    let mut now = t0;
+    let mut told = false;
+    for _ in 0..100 {
+        now += TICK;
+        for (to, msg) in sends(&m.handle(now, Input::Tick)) {
+            told |= to == a
+                && updates_of(&msg)
+                    .iter()
+                    .any(|u| u.id == x && u.state == State::Dead && u.incarnation == 5);
+        }
+    }
+    assert!(told, "the expulsion was never gossiped to a");
+    // ...and a refutation (re-admitted with a renewed certificate) brings
+    // it back, unlike a revocation.
+    gossip(&mut m, now, a, vec![up(x, State::Alive, 6)]);
+    assert_eq!(state(&m, &x), Some(State::Alive));
+}
+
+#[test]
 fn meta_spreads_and_highest_version_wins() {
     let t0 = Instant::now();
     let mut m = node(0, t0);
@@ -848,6 +885,7 @@ fn arb_input() -> impl Strategy<Value = (u64, Input<String>)> {
         6 => (0u8..6, msg).prop_map(|(from, msg)| Input::Received { from: peer(from), msg }),
         1 => (0u8..6).prop_map(|i| Input::Discovered { id: peer(i) }),
         1 => (1u8..6).prop_map(|i| Input::Revoked { id: peer(i) }),
+        1 => (0u8..6).prop_map(|i| Input::Expelled { id: peer(i) }),
         1 => "[a-c]".prop_map(Input::SetMeta),
     ];
     (0u64..700, input)
