@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use mesh::membership::State;
@@ -19,6 +19,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Config, Raft, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use util::time::unix_ms;
 
 use crate::field::{Carried, Command, FieldState, Response};
 use crate::lease::{LeaseConfig, LeaseWatch};
@@ -153,13 +154,6 @@ pub struct ControlStatus {
     pub voters: Vec<String>,
     /// Last applied log index.
     pub applied: Option<u64>,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The running control plane of one rack.

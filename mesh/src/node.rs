@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use deploy::cert::CertError;
 use deploy::{Certificate, Revocation};
@@ -25,6 +25,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use util::time::unix_secs;
 
 use crate::admission::{Admission, RevokeOutcome};
 use crate::backoff::Backoff;
@@ -642,13 +643,6 @@ impl Actor {
         tracing::info!("mesh stopping");
     }
 
-    fn unix_now() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    }
-
     fn jitter(&mut self) -> f64 {
         self.rng.gen_range(0.5..1.5)
     }
@@ -951,7 +945,7 @@ impl Actor {
             } => {
                 match self
                     .admission
-                    .present(peer, &request.certificate, Self::unix_now())
+                    .present(peer, &request.certificate, unix_secs())
                 {
                     Ok((body, newly)) => {
                         let _ = self

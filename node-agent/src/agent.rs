@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use deploy::config::{RackConfig, API_TOKEN_FILE};
@@ -15,6 +15,7 @@ use mesh::membership::State;
 use mesh::{MeshEvent, MeshHandle, MeshSettings, RackInfo};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use util::time::unix_secs;
 
 use crate::state::{AgentState, RecoveryReport};
 use crate::status::{PeerEntry, RevokedEntry, Status};
@@ -154,13 +155,6 @@ impl Rack {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn detect_capacity(config: &RackConfig) -> (u32, u64) {
     let cpus = if config.capacity.cpus > 0 {
         config.capacity.cpus
@@ -228,7 +222,7 @@ pub fn load_identity(config: &RackConfig) -> Result<(Keypair, Certificate)> {
             &fleet_key,
             &config.fleet.name,
             &PeerId::from(keypair.public()),
-            unix_now(),
+            unix_secs(),
         )
         .with_context(|| {
             format!(
@@ -278,7 +272,7 @@ pub async fn run(
             "the store held corrupt records; they were skipped"
         );
     }
-    let incarnation = state.bump_incarnation(unix_now())?;
+    let incarnation = state.bump_incarnation(unix_secs())?;
     let revocations = state.revocations()?;
     let api_listener = tokio::net::TcpListener::bind(config.api_addr())
         .await
@@ -333,7 +327,7 @@ pub async fn run(
         state.clone(),
     )?;
     let mut tasks = tokio::task::JoinSet::new();
-    let proxy = match crate::proxy::config(&config).map_err(|e| anyhow::anyhow!("{e}"))? {
+    let proxy = match crate::proxy::config(&config)? {
         Some(cfg) => Some(
             crate::proxy::start(
                 cfg,

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use control::{AppReport, AppState, Command, Control, FieldState, Lease, RackReport, Response};
 use deploy::appliance::{ApplianceSpec, RestartMode};
@@ -28,6 +28,7 @@ use deploy::Role;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
+use util::time::unix_ms;
 
 use crate::drivers::{self, Instance, LaunchSpec};
 use crate::state::AgentState;
@@ -39,13 +40,6 @@ const TICK: Duration = Duration::from_millis(200);
 const FENCE_GRACE: Duration = Duration::from_millis(1500);
 /// Unhealthy checks in a row before a running appliance is restarted.
 const UNHEALTHY_LIMIT: u32 = 3;
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// One appliance on this rack.
 /// The order to stop `running` appliances in: every appliance before the

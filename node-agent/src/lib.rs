@@ -7,7 +7,6 @@
 //! - [`demo`]: `fieldrack demo`, a local field of racks.
 //! - [`drivers`]: appliance drivers (process, QEMU), health probes.
 //! - [`fleet`]: provisioning (`fleet init`, `add-rack`, `revoke`).
-//! - [`files`]: durable file writes.
 //! - [`metrics`]: Prometheus text.
 //! - [`power`]: power telemetry (NUT, generator file or command).
 //! - [`state`] / [`store`]: durable local state in sled behind a trait.
@@ -20,7 +19,6 @@ pub mod cache_mesh;
 pub mod client;
 pub mod demo;
 pub mod drivers;
-pub mod files;
 pub mod fleet;
 pub mod metrics;
 pub mod power;

@@ -10,8 +10,9 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use anyhow::Context as _;
 use datastore::replicate::limiter::LinkLimiter;
 use datastore::replicate::plan::{choose_replicas, RackView};
 use datastore::replicate::{fetch, push, TransferCounters, FETCH_PROTOCOL, PUSH_PROTOCOL};
@@ -23,6 +24,7 @@ use mesh::MeshHandle;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use util::time::unix_ms;
 
 use crate::state::AgentState;
 
@@ -35,13 +37,6 @@ pub const MAX_SERVES: usize = 4;
 pub const RETRY_AFTER: Duration = Duration::from_secs(3);
 /// How often the replication loop looks for work when not woken.
 pub const REPLICATION_TICK: Duration = Duration::from_secs(1);
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// (ctime seconds, ctime nanoseconds, size) of a live image, taken before a
 /// snapshot starts: if it has not moved by the next tick, nothing was written.
