@@ -48,7 +48,7 @@ fn mesh_settings(
         rack: rack.into(),
         listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
         bootstrap,
-        mdns: false,
+        mdns: None,
         admission_timeout: Duration::from_millis(1500),
         max_connections: 64,
         max_connections_per_peer: 2,

@@ -72,8 +72,8 @@ pub struct MeshSettings {
     pub listen: Vec<Multiaddr>,
     /// Static peers.
     pub bootstrap: Vec<Multiaddr>,
-    /// Announce and browse with mDNS.
-    pub mdns: bool,
+    /// Announce and browse with mDNS, on the process's shared daemon.
+    pub mdns: Option<discovery::Mdns>,
     /// How long a peer has to present its certificate.
     pub admission_timeout: Duration,
     /// Connection limits.
@@ -428,7 +428,7 @@ pub async fn start(
         }
     }
     let (disc_tx, disc_rx) = mpsc::channel(DISCOVERY_QUEUE);
-    if settings.mdns {
+    if let Some(mdns) = &settings.mdns {
         let port = listen_addrs
             .iter()
             .find_map(|a| {
@@ -442,6 +442,7 @@ pub async fn start(
             })
             .unwrap_or(0);
         discovery::spawn(
+            mdns,
             &settings.fleet_name,
             &settings.rack,
             *swarm.local_peer_id(),

@@ -282,6 +282,9 @@ pub async fn run(
     let power = crate::power::PowerMonitor::spawn(config.power.clone(), cancel.child_token());
     let meta = rack_info(&config, power.borrow().clone());
     let fleet_key = deploy::cert::decode_public_key(&config.fleet.public_key)?;
+    // The process's one mDNS daemon: the mesh's discovery and the proxy's
+    // advertisement share it (started by the first of them that needs it).
+    let mdns = mesh::discovery::Mdns::new(cancel.child_token());
     let settings = MeshSettings {
         keypair,
         certificate,
@@ -300,7 +303,7 @@ pub async fn run(
             .iter()
             .map(|a| deploy::parse_quic_multiaddr(a).expect("validated"))
             .collect(),
-        mdns: config.mesh.mdns,
+        mdns: config.mesh.mdns.then(|| mdns.clone()),
         admission_timeout: Duration::from_millis(config.mesh.admission_timeout_ms),
         max_connections: config.mesh.max_connections,
         max_connections_per_peer: config.mesh.max_connections_per_peer,
@@ -333,6 +336,7 @@ pub async fn run(
                 cfg,
                 &config.site,
                 mesh.clone(),
+                &mdns,
                 &mut tasks,
                 cancel.child_token(),
             )

@@ -68,7 +68,7 @@ pub fn mesh_settings(
             .parse()
             .expect("static multiaddr")],
         bootstrap,
-        mdns: false,
+        mdns: None,
         admission_timeout: Duration::from_millis(d.admission_timeout_ms),
         max_connections: d.max_connections,
         max_connections_per_peer: d.max_connections_per_peer,
