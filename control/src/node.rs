@@ -122,8 +122,8 @@ const EVENT_QUEUE: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// The database could not be opened or used.
-    #[error("control store: {0}")]
-    Store(String),
+    #[error("control store")]
+    Store(#[from] crate::store::OpenError),
     /// Raft refused to start.
     #[error("raft: {0}")]
     Raft(String),
@@ -201,13 +201,12 @@ impl Control {
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, ControlError> {
         settings.lease.validate().map_err(ControlError::Raft)?;
-        let db = open_db(&settings.dir).map_err(|e| ControlError::Store(e.to_string()))?;
-        let log = LogStore::new(&db).map_err(|e| ControlError::Store(e.to_string()))?;
+        let db = open_db(&settings.dir)?;
+        let log = LogStore::new(&db).map_err(|e| ControlError::Store(e.into()))?;
         let now = Instant::now();
         let (state_tx, _) = watch::channel(Arc::new(FieldState::default()));
         let leases = Arc::new(Mutex::new(LeaseWatch::new(settings.lease, now)));
-        let (sm, applies) =
-            StateMachine::open(&db, leases, state_tx.clone()).map_err(ControlError::Store)?;
+        let (sm, applies) = StateMachine::open(&db, leases, state_tx.clone())?;
         let et = settings.election_timeout.as_millis() as u64;
         let config = Config {
             cluster_name: "fieldrack".into(),
@@ -660,12 +659,10 @@ impl Control {
         if let Err(e) = old.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
-        crate::store::leave_incarnation(&self.db)
-            .map_err(|e| ControlError::Store(e.to_string()))?;
-        let log = LogStore::new(&self.db).map_err(|e| ControlError::Store(e.to_string()))?;
+        crate::store::leave_incarnation(&self.db).map_err(|e| ControlError::Store(e.into()))?;
+        let log = LogStore::new(&self.db).map_err(|e| ControlError::Store(e.into()))?;
         let (sm, _) =
-            StateMachine::open(&self.db, self.applies.leases.clone(), self.state_tx.clone())
-                .map_err(ControlError::Store)?;
+            StateMachine::open(&self.db, self.applies.leases.clone(), self.state_tx.clone())?;
         let raft = Raft::new(
             self.id,
             self.config.clone(),
