@@ -133,8 +133,8 @@ pub enum ControlError {
     )]
     NoLeader(Duration),
     /// The command was committed but refused by the state machine.
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(#[from] crate::field::Refusal),
 }
 
 /// What `status` shows of the control plane.

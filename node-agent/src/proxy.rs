@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use anyhow::Context as _;
+
 use cache_proxy::{Config, Deps, Proxy, ProxyHandle};
 use deploy::{RackConfig, Role};
 use mesh::discovery::{DiscoveryError, Mdns};
@@ -203,7 +205,7 @@ pub async fn start(
     let name = cfg.proxy.name.clone();
     let proxy = Proxy::bind(cfg, deps)
         .await
-        .map_err(|e| anyhow::anyhow!("starting the proxy on {listen}: {e}"))?;
+        .with_context(|| format!("starting the proxy on {listen}"))?;
     let handle = proxy.handle();
     tracing::info!(addr = %proxy.local_addr(), "proxy and tile server up");
     if let Err(e) = advertise(mdns, &name, proxy.local_addr()) {
