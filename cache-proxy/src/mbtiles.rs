@@ -1515,10 +1515,6 @@ fn partial_path(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
 /// Exports every cached tile of a source in a region to a new MBTiles file
 /// at `out` (replacing it), in the deduplicated layout (see the module
 /// docs). Reads only the cache: needs no backhaul. `progress` is called
@@ -1678,15 +1674,8 @@ pub async fn export_cancellable(
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&tmp2, std::fs::Permissions::from_mode(0o600))
             .map_err(io(&tmp2))?;
-        std::fs::File::open(&tmp2)
-            .and_then(|f| f.sync_all())
-            .map_err(io(&tmp2))?;
-        std::fs::rename(&tmp2, &out2).map_err(io(&out2))?;
-        let dir = out2
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        fsync_dir(dir).map_err(io(dir))
+        util::fs::fsync_file(&tmp2).map_err(io(&tmp2))?;
+        util::fs::rename_durable(&tmp2, &out2).map_err(io(&out2))
     })
     .await
     .map_err(|_| ExportError::Io {

@@ -201,7 +201,74 @@ pub enum Response {
     /// A renewal: the assignments `(appliance, epoch)` this lease covers.
     Granted(Vec<(String, u64)>),
     /// Not applied, and why (unknown appliance, stale epoch...).
-    Refused(String),
+    Refused(Refusal),
+}
+
+/// Why the state machine refused a command. Typed so that the edge (the
+/// API) can tell an unknown name from a conflict from bad input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// No appliance of that name is deployed.
+    #[error("no appliance named {name:?}")]
+    UnknownAppliance {
+        /// The name asked for.
+        name: String,
+    },
+    /// No rack of that name reports, or it is a witness.
+    #[error("no rack named {rack:?} runs appliances")]
+    UnknownRack {
+        /// The rack asked for.
+        rack: String,
+    },
+    /// A decision taken against an epoch that has moved on since.
+    #[error("{name}: decision taken at epoch {expected}, now {now}")]
+    StaleEpoch {
+        /// The appliance.
+        name: String,
+        /// The epoch the decision was taken at.
+        expected: u64,
+        /// The current epoch.
+        now: u64,
+    },
+    /// A release for an epoch that is not a planned handover.
+    #[error("{name}: epoch {epoch} is not a handover")]
+    NotAHandover {
+        /// The appliance.
+        name: String,
+        /// The epoch released.
+        epoch: u64,
+    },
+    /// A release for an epoch that has moved on since.
+    #[error("{name}: release for epoch {epoch}, now {now}")]
+    StaleRelease {
+        /// The appliance.
+        name: String,
+        /// The epoch released.
+        epoch: u64,
+        /// The current epoch.
+        now: u64,
+    },
+    /// One manifest names an appliance twice.
+    #[error("appliance {name:?} is given twice")]
+    GivenTwice {
+        /// The name.
+        name: String,
+    },
+    /// `after` names a missing appliance or forms a cycle (the manifest
+    /// check's message).
+    #[error("{0}")]
+    Dependencies(String),
+    /// Two appliances would write one volume.
+    #[error("volume {volume:?} is used by both {first:?} and {second:?}")]
+    VolumeShared {
+        /// The volume.
+        volume: String,
+        /// The appliance that has it.
+        first: String,
+        /// The appliance that would also have it.
+        second: String,
+    },
 }
 
 /// The desired state of the field.
@@ -227,7 +294,7 @@ impl FieldState {
             },
             Command::Move { name, to } => {
                 if !self.racks.get(to).is_some_and(|r| r.role == Role::Rack) {
-                    return Response::Refused(format!("no rack named {to:?} runs appliances"));
+                    return Response::Refused(Refusal::UnknownRack { rack: to.clone() });
                 }
                 match self.apps.get_mut(name) {
                     Some(a) if a.owner.as_deref() == Some(to.as_str()) => {
@@ -251,10 +318,11 @@ impl FieldState {
                     return unknown(name);
                 };
                 if a.epoch != *expect_epoch {
-                    return Response::Refused(format!(
-                        "{name}: decision taken at epoch {expect_epoch}, now {}",
-                        a.epoch
-                    ));
+                    return Response::Refused(Refusal::StaleEpoch {
+                        name: name.clone(),
+                        expected: *expect_epoch,
+                        now: a.epoch,
+                    });
                 }
                 a.epoch += 1;
                 if a.move_to.is_some() && (a.move_to == *owner || transfer.reason == "move") {
@@ -278,12 +346,16 @@ impl FieldState {
                         t.released = Some(volumes.clone());
                         Response::Ok
                     }
-                    _ => Response::Refused(format!("{name}: epoch {epoch} is not a handover")),
+                    _ => Response::Refused(Refusal::NotAHandover {
+                        name: name.clone(),
+                        epoch: *epoch,
+                    }),
                 },
-                Some(a) => Response::Refused(format!(
-                    "{name}: release for epoch {epoch}, now {}",
-                    a.epoch
-                )),
+                Some(a) => Response::Refused(Refusal::StaleRelease {
+                    name: name.clone(),
+                    epoch: *epoch,
+                    now: a.epoch,
+                }),
                 None => unknown(name),
             },
             Command::ForgetRack { rack } => {
@@ -317,7 +389,9 @@ impl FieldState {
         let mut names = BTreeSet::new();
         for s in specs {
             if !names.insert(s.name.as_str()) {
-                return Response::Refused(format!("appliance {:?} is given twice", s.name));
+                return Response::Refused(Refusal::GivenTwice {
+                    name: s.name.clone(),
+                });
             }
         }
         let mut all: BTreeMap<&str, &ApplianceSpec> = self
@@ -330,7 +404,7 @@ impl FieldState {
         }
         let merged: Vec<ApplianceSpec> = all.values().map(|s| (*s).clone()).collect();
         if let Err(e) = check_dependencies(&merged) {
-            return Response::Refused(e.to_string());
+            return Response::Refused(Refusal::Dependencies(e.to_string()));
         }
         // A volume belongs to one appliance: two sharing a disk would both
         // write it.
@@ -338,10 +412,11 @@ impl FieldState {
         for s in &merged {
             for v in &s.volume {
                 if let Some(other) = volume_owner.insert(&v.name, &s.name) {
-                    return Response::Refused(format!(
-                        "volume {:?} is used by both {other:?} and {:?}",
-                        v.name, s.name
-                    ));
+                    return Response::Refused(Refusal::VolumeShared {
+                        volume: v.name.clone(),
+                        first: (*other).to_owned(),
+                        second: s.name.clone(),
+                    });
                 }
             }
         }
@@ -395,7 +470,9 @@ impl FieldState {
 }
 
 fn unknown(name: &str) -> Response {
-    Response::Refused(format!("no appliance named {name:?}"))
+    Response::Refused(Refusal::UnknownAppliance {
+        name: name.to_owned(),
+    })
 }
 
 #[cfg(test)]

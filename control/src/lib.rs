@@ -22,7 +22,8 @@ pub mod placement;
 pub mod store;
 
 pub use field::{
-    AppRecord, AppReport, AppState, Carried, Command, FieldState, RackReport, Response, Transfer,
+    AppRecord, AppReport, AppState, Carried, Command, FieldState, RackReport, Refusal, Response,
+    Transfer,
 };
 pub use lease::{Lease, LeaseConfig, LeaseWatch};
 pub use node::{Control, ControlError, ControlEvent, ControlSettings, ControlStatus};

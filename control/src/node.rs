@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use mesh::membership::State;
@@ -19,6 +19,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Config, Raft, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use util::time::unix_ms;
 
 use crate::field::{Carried, Command, FieldState, Response};
 use crate::lease::{LeaseConfig, LeaseWatch};
@@ -121,8 +122,8 @@ const EVENT_QUEUE: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// The database could not be opened or used.
-    #[error("control store: {0}")]
-    Store(String),
+    #[error("control store")]
+    Store(#[from] crate::store::OpenError),
     /// Raft refused to start.
     #[error("raft: {0}")]
     Raft(String),
@@ -132,8 +133,8 @@ pub enum ControlError {
     )]
     NoLeader(Duration),
     /// The command was committed but refused by the state machine.
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(#[from] crate::field::Refusal),
 }
 
 /// What `status` shows of the control plane.
@@ -153,13 +154,6 @@ pub struct ControlStatus {
     pub voters: Vec<String>,
     /// Last applied log index.
     pub applied: Option<u64>,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The running control plane of one rack.
@@ -207,13 +201,12 @@ impl Control {
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, ControlError> {
         settings.lease.validate().map_err(ControlError::Raft)?;
-        let db = open_db(&settings.dir).map_err(|e| ControlError::Store(e.to_string()))?;
-        let log = LogStore::new(&db).map_err(|e| ControlError::Store(e.to_string()))?;
+        let db = open_db(&settings.dir)?;
+        let log = LogStore::new(&db).map_err(|e| ControlError::Store(e.into()))?;
         let now = Instant::now();
         let (state_tx, _) = watch::channel(Arc::new(FieldState::default()));
         let leases = Arc::new(Mutex::new(LeaseWatch::new(settings.lease, now)));
-        let (sm, applies) =
-            StateMachine::open(&db, leases, state_tx.clone()).map_err(ControlError::Store)?;
+        let (sm, applies) = StateMachine::open(&db, leases, state_tx.clone())?;
         let et = settings.election_timeout.as_millis() as u64;
         let config = Config {
             cluster_name: "fieldrack".into(),
@@ -666,12 +659,10 @@ impl Control {
         if let Err(e) = old.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
-        crate::store::leave_incarnation(&self.db)
-            .map_err(|e| ControlError::Store(e.to_string()))?;
-        let log = LogStore::new(&self.db).map_err(|e| ControlError::Store(e.to_string()))?;
+        crate::store::leave_incarnation(&self.db).map_err(|e| ControlError::Store(e.into()))?;
+        let log = LogStore::new(&self.db).map_err(|e| ControlError::Store(e.into()))?;
         let (sm, _) =
-            StateMachine::open(&self.db, self.applies.leases.clone(), self.state_tx.clone())
-                .map_err(ControlError::Store)?;
+            StateMachine::open(&self.db, self.applies.leases.clone(), self.state_tx.clone())?;
         let raft = Raft::new(
             self.id,
             self.config.clone(),

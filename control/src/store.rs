@@ -6,6 +6,16 @@
 //! returns. The applied state is written (and flushed) after every applied
 //! batch, so a restart resumes from it; if it were lost, openraft would
 //! re-apply from the log, which is never purged past the last snapshot.
+//!
+//! Format: every value (log entry, vote, committed and purged ids, applied
+//! state, snapshot) is JSON in the `[version][crc32][payload]` envelope of
+//! `util::record`, checked when read. A record that fails the check is
+//! reported as a [`RecordReadError`] (inside openraft's `StorageError`,
+//! which stops the Raft node) and is never applied or sent to a peer. A
+//! database written before records carried an envelope is refused at open
+//! with [`OpenError::LegacyFormat`], which tells the operator to remove it:
+//! the agent is pre-release, and a rack whose control store is removed
+//! rejoins its cluster empty and receives the state from its leader.
 
 // openraft's StorageError is large; it is the type its traits demand.
 #![allow(clippy::result_large_err)]
@@ -31,6 +41,72 @@ use crate::{NodeId, RackNode, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
+/// Format version of every record's payload (the first byte of each value).
+pub const RECORD_VERSION: u8 = 1;
+
+/// Where the database's format is recorded (default tree): absent in a
+/// database written before records were versioned and checksummed.
+const FORMAT_KEY: &[u8] = b"control-format";
+
+/// Why the control plane's database could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// sled failed (I/O, a full disk, its own corruption checks).
+    #[error("control store database")]
+    Sled(#[from] sled::Error),
+    /// A record the state machine resumes from is corrupt.
+    #[error(transparent)]
+    Record(#[from] RecordReadError),
+    /// Written by an earlier build whose records had no version or checksum.
+    #[error(
+        "{path} was written by an older Fieldrack whose Raft records carry no version or \
+         checksum; stop the agent, remove {path} and start it again (the rack rejoins its \
+         cluster empty and receives the state from the leader)"
+    )]
+    LegacyFormat {
+        /// The database directory (`data_dir/control`).
+        path: std::path::PathBuf,
+    },
+    /// Written by a newer build.
+    #[error("{path} has control store format {found}; this build reads format {RECORD_VERSION}")]
+    UnknownFormat {
+        /// The database directory.
+        path: std::path::PathBuf,
+        /// The format it records.
+        found: u8,
+    },
+}
+
+/// A stored Raft record that cannot be used: it is reported, never applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordReadError {
+    /// The envelope's version or checksum is wrong (a flipped bit, a torn
+    /// write, a record of another format).
+    #[error("corrupt record {key} in {tree}")]
+    Corrupt {
+        /// The sled tree.
+        tree: String,
+        /// The key (a log index, `vote`, `applied`...).
+        key: String,
+        /// What the check found.
+        #[source]
+        source: util::record::RecordError,
+    },
+    /// The checksum holds but the payload is not what this build expects.
+    #[error("record {key} in {tree} does not decode")]
+    Decode {
+        /// The sled tree.
+        tree: String,
+        /// The key.
+        key: String,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 fn io_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::write(&std::io::Error::other(e.to_string())).into()
 }
@@ -39,32 +115,105 @@ fn read_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::read(&std::io::Error::other(e.to_string())).into()
 }
 
-fn get_json<T: for<'de> Deserialize<'de>>(
+/// A key as an operator reads it: a log index, or the key's name.
+fn key_label(key: &[u8]) -> String {
+    match <[u8; 8]>::try_from(key) {
+        Ok(idx) => format!("log index {}", u64::from_be_bytes(idx)),
+        Err(_) => String::from_utf8_lossy(key).into_owned(),
+    }
+}
+
+/// Check and decode one stored value.
+fn decode<T: for<'de> Deserialize<'de>>(
     tree: &sled::Tree,
     key: &[u8],
-) -> StorageResult<Option<T>> {
-    match tree.get(key).map_err(read_err)? {
-        Some(b) => serde_json::from_slice(&b).map(Some).map_err(read_err),
+    value: &[u8],
+) -> Result<T, RecordReadError> {
+    let label = || {
+        (
+            String::from_utf8_lossy(&tree.name()).into_owned(),
+            key_label(key),
+        )
+    };
+    let payload = util::record::open(RECORD_VERSION, value).map_err(|source| {
+        let (tree, key) = label();
+        RecordReadError::Corrupt { tree, key, source }
+    })?;
+    serde_json::from_slice(payload).map_err(|source| {
+        let (tree, key) = label();
+        RecordReadError::Decode { tree, key, source }
+    })
+}
+
+/// Encode one value for storage.
+fn encode<T: Serialize>(v: &T) -> StorageResult<Vec<u8>> {
+    let json = serde_json::to_vec(v).map_err(io_err)?;
+    Ok(util::record::seal(RECORD_VERSION, &json))
+}
+
+fn get_record<T: for<'de> Deserialize<'de>>(
+    tree: &sled::Tree,
+    key: &[u8],
+) -> Result<Option<T>, OpenError> {
+    match tree.get(key)? {
+        Some(b) => Ok(Some(decode(tree, key, &b)?)),
         None => Ok(None),
     }
 }
 
+fn get_json<T: for<'de> Deserialize<'de>>(
+    tree: &sled::Tree,
+    key: &[u8],
+) -> StorageResult<Option<T>> {
+    get_record(tree, key).map_err(|e| match e {
+        OpenError::Record(e) => StorageIOError::read(&e).into(),
+        e => read_err(e),
+    })
+}
+
 fn put_json<T: Serialize>(tree: &sled::Tree, key: &[u8], v: &T) -> StorageResult<()> {
-    let b = serde_json::to_vec(v).map_err(io_err)?;
-    tree.insert(key, b).map_err(io_err)?;
+    tree.insert(key, encode(v)?).map_err(io_err)?;
     Ok(())
+}
+
+/// Check that `db` holds records of this build's format, recording the
+/// format in a new database.
+fn check_format(db: &sled::Db, path: &std::path::Path) -> Result<(), OpenError> {
+    match db.get(FORMAT_KEY)?.as_deref() {
+        Some([RECORD_VERSION]) => Ok(()),
+        Some(other) => Err(OpenError::UnknownFormat {
+            path: path.to_owned(),
+            found: other.first().copied().unwrap_or(0),
+        }),
+        None => {
+            let raft_data = db.tree_names().iter().any(|name| {
+                TREES.iter().any(|base| name.starts_with(base.as_bytes()))
+                    && db.open_tree(name).is_ok_and(|t| !t.is_empty())
+            });
+            if raft_data {
+                return Err(OpenError::LegacyFormat {
+                    path: path.to_owned(),
+                });
+            }
+            db.insert(FORMAT_KEY, &[RECORD_VERSION])?;
+            db.flush()?;
+            Ok(())
+        }
+    }
 }
 
 /// Open (or create) the control plane's sled database, dropping the trees
 /// of incarnations this rack left (see [`leave_incarnation`]).
 ///
 /// # Errors
-/// If sled cannot open it.
-pub fn open_db(path: &std::path::Path) -> Result<sled::Db, sled::Error> {
+/// [`OpenError`]: sled cannot open it, or it holds records of another
+/// format.
+pub fn open_db(path: &std::path::Path) -> Result<sled::Db, OpenError> {
     let db = sled::Config::new()
         .path(path)
         .mode(sled::Mode::HighThroughput)
         .open()?;
+    check_format(&db, path)?;
     let current = incarnation(&db)?;
     for name in db.tree_names() {
         let Ok(name) = std::str::from_utf8(&name).map(str::to_owned) else {
@@ -166,7 +315,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&idx) {
                 break;
             }
-            out.push(serde_json::from_slice(&v).map_err(read_err)?);
+            out.push(decode(&self.log, &k, &v).map_err(|e| StorageIOError::read_logs(&e))?);
         }
         Ok(out)
     }
@@ -178,8 +327,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         let purged: Option<LogId<NodeId>> = get_json(&self.meta, b"purged")?;
         let last = match self.log.last().map_err(read_err)? {
-            Some((_, v)) => {
-                let e: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(read_err)?;
+            Some((k, v)) => {
+                let e: Entry<TypeConfig> =
+                    decode(&self.log, &k, &v).map_err(|e| StorageIOError::read_logs(&e))?;
                 Some(e.log_id)
             }
             None => purged,
@@ -219,8 +369,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         for e in entries {
-            let b = serde_json::to_vec(&e).map_err(io_err)?;
-            batch.insert(&e.log_id.index.to_be_bytes(), b);
+            batch.insert(&e.log_id.index.to_be_bytes(), encode(&e)?);
         }
         self.log.apply_batch(batch).map_err(io_err)?;
         let r = self.log.flush_async().await.map(|_| ());
@@ -294,21 +443,18 @@ impl StateMachine {
     /// Open on `db`, resuming from the persisted state.
     ///
     /// # Errors
-    /// If sled cannot be read or a record does not decode.
+    /// [`OpenError`] if sled cannot be read or the applied state is corrupt
+    /// (it is then not applied: the node does not start).
     /// `tx` publishes every applied state (it gets the resumed one at
     /// once); `leases` learns from the apply order.
     pub fn open(
         db: &sled::Db,
         leases: Arc<Mutex<LeaseWatch>>,
         tx: watch::Sender<Arc<FieldState>>,
-    ) -> Result<(Self, Applies), String> {
-        let n = incarnation(db).map_err(|e| e.to_string())?;
-        let tree = db
-            .open_tree(tree_name(TREES[2], n))
-            .map_err(|e| e.to_string())?;
-        let applied: Applied = get_json(&tree, b"applied")
-            .map_err(|e| e.to_string())?
-            .unwrap_or_default();
+    ) -> Result<(Self, Applies), OpenError> {
+        let n = incarnation(db)?;
+        let tree = db.open_tree(tree_name(TREES[2], n))?;
+        let applied: Applied = get_record(&tree, b"applied")?.unwrap_or_default();
         tx.send_replace(Arc::new(applied.state.clone()));
         let rx = tx.subscribe();
         Ok((

@@ -4,7 +4,7 @@
 //! when they meet.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use control::{Command, Control, ControlSettings, FieldState, RackReport, Response};
 use deploy::appliance::parse_manifest;
@@ -16,15 +16,9 @@ use libp2p::{Multiaddr, PeerId};
 use mesh::{MeshHandle, MeshSettings, RackInfo};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
+use util::time::unix_secs;
 
 const RACKS: [&str; 3] = ["a", "b", "c"];
-
-fn now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 fn cert_for(fleet: &FleetKey, rack: &str, key: &Keypair) -> Certificate {
     fleet.issue(&CertBody {
@@ -35,8 +29,8 @@ fn cert_for(fleet: &FleetKey, rack: &str, key: &Keypair) -> Certificate {
         role: Role::Rack,
         site: "s".into(),
         serial: 1,
-        not_before: now_s() - 60,
-        not_after: now_s() + 3600,
+        not_before: unix_secs() - 60,
+        not_after: unix_secs() + 3600,
     })
 }
 
@@ -54,7 +48,7 @@ fn mesh_settings(
         rack: rack.into(),
         listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
         bootstrap,
-        mdns: false,
+        mdns: None,
         admission_timeout: Duration::from_millis(1500),
         max_connections: 64,
         max_connections_per_peer: 2,
@@ -302,7 +296,7 @@ async fn three_racks_elect_place_and_survive_the_leader() {
         fleet: "test".into(),
         rack: leader.clone(),
         peer_id: dead.peer.to_base58(),
-        revoked_at: now_s(),
+        revoked_at: unix_secs(),
         reason: "test".into(),
     });
     racks[0].mesh.revoke(revocation).await.unwrap();

@@ -58,7 +58,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use active::{Active, Flush, PackBuf};
 use pack::{Location, PackInfo, PACK_HEADER_LEN, REC_HEADER_LEN};
 
-use crate::fsutil;
+use crate::fsutil::{self, FormatError};
 use crate::id::{hash_many, is_zero, ChunkId};
 
 /// Largest chunk the store accepts. Volume chunks are [`crate::CHUNK_SIZE`];
@@ -1518,20 +1518,12 @@ fn create_pack(packs_dir: &Path, no: u32, buf: PackBuf) -> Result<Active> {
 
 /// Write `FORMAT` in a new store, or check it in an existing one.
 fn check_format(dir: &Path) -> Result<()> {
-    let path = dir.join("FORMAT");
-    match std::fs::read_to_string(&path) {
-        Ok(s) if s == FORMAT => Ok(()),
-        Ok(s) => Err(ChunkStoreError::UnsupportedFormat { path, found: s }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let tmp = dir.join(fsutil::unique_tmp_name("FORMAT"));
-            std::fs::write(&tmp, FORMAT).map_err(io_err("write", &tmp))?;
-            File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err("fsync", &tmp))?;
-            fsutil::rename_durable(&tmp, &path).map_err(io_err("rename", &path))
+    fsutil::check_format(dir, FORMAT).map_err(|e| match e {
+        FormatError::Unsupported { path, found } => {
+            ChunkStoreError::UnsupportedFormat { path, found }
         }
-        Err(e) => Err(io_err("read", &path)(e)),
-    }
+        FormatError::Io { op, path, source } => io_err(op, &path)(source),
+    })
 }
 
 #[cfg(test)]

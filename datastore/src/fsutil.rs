@@ -1,69 +1,48 @@
-//! Small filesystem helpers shared by the chunk store and the volume store.
+//! Filesystem helpers of the chunk store and the volume store. The durable
+//! write primitives are `util::fs`'s, re-exported here.
 
-use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Whether an I/O error means "no space left" (ENOSPC) or "quota exceeded"
-/// (EDQUOT): both are surfaced as a distinct error so callers can free space
-/// (prune, gc) and retry instead of treating the store as broken.
-pub(crate) fn is_disk_full(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::StorageFull
-        || e.kind() == io::ErrorKind::QuotaExceeded
-        || matches!(e.raw_os_error(), Some(28 | 122))
+pub(crate) use util::fs::{
+    create_dir_durable, fsync_dir, fsync_file, is_disk_full, parent_or_dot, rename_durable,
+    unique_tmp_name,
+};
+/// Milliseconds since the Unix epoch (`util::time::unix_ms`).
+pub(crate) use util::time::unix_ms as now_ms;
+
+/// Why a store's `FORMAT` file could not be written or checked.
+#[derive(Debug)]
+pub(crate) enum FormatError {
+    /// The file names another format (version).
+    Unsupported { path: PathBuf, found: String },
+    /// Reading or writing it failed.
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
-/// fsync a directory, making renames and creations inside it durable.
-pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Create `dir` (and parents) and make its entry in the parent durable.
-pub(crate) fn create_dir_durable(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
+/// Write `format` to `dir/FORMAT` in a new store (durably), or check that
+/// an existing store's `FORMAT` says exactly `format`.
+pub(crate) fn check_format(dir: &Path, format: &str) -> Result<(), FormatError> {
+    let path = dir.join("FORMAT");
+    let io = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FormatError::Io { op, path, source }
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s == format => Ok(()),
+        Ok(found) => Err(FormatError::Unsupported { path, found }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let tmp = dir.join(unique_tmp_name("FORMAT"));
+            std::fs::write(&tmp, format).map_err(io("write", &tmp))?;
+            fsync_file(&tmp).map_err(io("fsync", &tmp))?;
+            rename_durable(&tmp, &path).map_err(io("rename", &path))
+        }
+        Err(e) => Err(io("read", &path)(e)),
     }
-    std::fs::create_dir_all(dir)?;
-    if let Some(parent) = dir.parent() {
-        fsync_dir(parent)?;
-    }
-    Ok(())
-}
-
-/// A file name that no other temp file of this process or another one will
-/// use: pid, a process-wide counter and the clock.
-pub(crate) fn unique_tmp_name(prefix: &str) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{prefix}-{}-{n}-{nanos:08x}.tmp", std::process::id())
-}
-
-/// Rename `tmp` over `dst` and fsync `dst`'s directory, so that after this
-/// returns the new file is what `dst` names, even after a crash.
-pub(crate) fn rename_durable(tmp: &Path, dst: &Path) -> io::Result<()> {
-    std::fs::rename(tmp, dst)?;
-    fsync_dir(parent_or_dot(dst))
-}
-
-/// The directory holding `p` ("." for a bare file name).
-pub(crate) fn parent_or_dot(p: &Path) -> &Path {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    }
-}
-
-/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Removes a file when dropped unless disarmed: temp files never outlive

@@ -43,7 +43,7 @@ pub use names::{validate_name, NameError, MAX_NAME_LEN};
 pub use source::{ImportSource, SourceError};
 
 use crate::chunk_store::{ChunkStore, ChunkStoreError, ChunkStoreOptions, GcReport, ScrubReport};
-use crate::fsutil::{self, TempFile};
+use crate::fsutil::{self, FormatError, TempFile};
 use crate::id::ChunkId;
 use crate::manifest::{chunk_count, InvalidManifest, Manifest, MAX_VOLUME_SIZE};
 
@@ -660,20 +660,12 @@ impl VolumeStore {
         for d in [&root, &volumes_dir, &tmp_dir] {
             fsutil::create_dir_durable(d).map_err(io_err("create", d))?;
         }
-        let fpath = root.join("FORMAT");
-        match std::fs::read_to_string(&fpath) {
-            Ok(s) if s == FORMAT => {}
-            Ok(found) => return Err(OpenError::UnsupportedFormat { path: fpath, found }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let tmp = root.join(fsutil::unique_tmp_name("FORMAT"));
-                std::fs::write(&tmp, FORMAT).map_err(io_err("write", &tmp))?;
-                File::open(&tmp)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io_err("fsync", &tmp))?;
-                fsutil::rename_durable(&tmp, &fpath).map_err(io_err("rename", &fpath))?;
+        fsutil::check_format(&root, FORMAT).map_err(|e| match e {
+            FormatError::Unsupported { path, found } => {
+                OpenError::UnsupportedFormat { path, found }
             }
-            Err(e) => return Err(io_err("read", &fpath)(e).into()),
-        }
+            FormatError::Io { op, path, source } => io_err(op, &path)(source).into(),
+        })?;
         // Leftovers of operations a crash interrupted.
         clean_tmp(&tmp_dir, |_| true)?;
         clean_tmp(&volumes_dir, |n| n.starts_with('.') && n.ends_with(".tmp"))?;

@@ -217,22 +217,8 @@ pub fn check_witness(path: &Path) -> Result<BTreeMap<u64, EpochRun>> {
     Ok(runs)
 }
 
-/// CRC-32 (IEEE), as Python's `zlib.crc32`.
-#[must_use]
-pub fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
+/// CRC-32 (IEEE), as Python's `zlib.crc32` (the recorder's checksum).
+pub use util::record::crc32;
 
 #[cfg(test)]
 mod tests {

@@ -13,12 +13,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
 use field_tests::agent::ApplianceStatus;
 use field_tests::appliance::{check_records, check_witness, recorder_manifest};
 use field_tests::{wait_until, Agent, Field, Fleet, PeerState, Status};
+use util::time::unix_ms;
 
 const RACKS: [&str; 3] = ["a", "b", "c"];
 const APP: &str = "recorder";
@@ -56,12 +57,6 @@ struct Run {
     /// From the `failover` event: detected, decided, started, healthy,
     /// each relative to the kill (seconds; negative if a clock says so).
     event: Option<[Option<f64>; 4]>,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn secs(d: Duration) -> String {

@@ -8,6 +8,7 @@
 //! radio links; static bootstrap addresses cover those.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
@@ -36,12 +37,68 @@ pub enum DiscoveryError {
     Mdns(#[from] mdns_sd::Error),
 }
 
-/// Start announcing and browsing. Found peers are sent on `found` (a full
-/// channel drops the sighting: the next announcement repeats it).
+/// The process's one mDNS responder, shared by everything that announces
+/// or browses (the mesh's discovery, the proxy's advertisement): a second
+/// `ServiceDaemon` would open a second set of multicast sockets and answer
+/// the same queries twice.
+///
+/// Cheap to clone. The daemon starts on first use (a rack that neither
+/// browses nor advertises never opens a multicast socket) and shuts down,
+/// sending goodbyes for every service registered on it, when the token
+/// given to [`Mdns::new`] is cancelled.
+#[derive(Clone)]
+pub struct Mdns {
+    daemon: Arc<Mutex<Option<ServiceDaemon>>>,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Mdns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let started = self.daemon.lock().map(|d| d.is_some()).unwrap_or(false);
+        f.debug_struct("Mdns").field("started", &started).finish()
+    }
+}
+
+impl Mdns {
+    /// A handle; nothing starts until [`Mdns::daemon`] is called.
+    #[must_use]
+    pub fn new(cancel: CancellationToken) -> Self {
+        Self {
+            daemon: Arc::default(),
+            cancel,
+        }
+    }
+
+    /// The daemon, started on the first call. Must be called within a
+    /// tokio runtime (the shutdown waits on a task).
+    ///
+    /// # Errors
+    /// [`DiscoveryError`] if mdns-sd cannot start.
+    pub fn daemon(&self) -> Result<ServiceDaemon, DiscoveryError> {
+        let mut slot = self.daemon.lock().expect("mdns lock");
+        if let Some(d) = &*slot {
+            return Ok(d.clone());
+        }
+        let daemon = ServiceDaemon::new()?;
+        let (cancel, stop) = (self.cancel.clone(), daemon.clone());
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            // Sends the goodbye announcements from mdns-sd's own thread.
+            let _ = stop.shutdown();
+        });
+        *slot = Some(daemon.clone());
+        Ok(daemon)
+    }
+}
+
+/// Start announcing and browsing on `mdns`. Found peers are sent on
+/// `found` (a full channel drops the sighting: the next announcement
+/// repeats it).
 ///
 /// # Errors
 /// [`DiscoveryError`] if the daemon cannot start or register.
 pub fn spawn(
+    mdns: &Mdns,
     fleet: &str,
     rack: &str,
     local: PeerId,
@@ -49,7 +106,7 @@ pub fn spawn(
     found: mpsc::Sender<Discovered>,
     cancel: CancellationToken,
 ) -> Result<(), DiscoveryError> {
-    let daemon = ServiceDaemon::new()?;
+    let daemon = mdns.daemon()?;
     let peer_b58 = local.to_base58();
     let short = &peer_b58[peer_b58.len().saturating_sub(8)..];
     let instance = format!("{rack}-{short}");
@@ -102,8 +159,9 @@ pub fn spawn(
                 }
             }
         }
-        // Sends the goodbye announcements from mdns-sd's own thread.
-        let _ = daemon.shutdown();
+        // The daemon is shared: stop browsing; the goodbyes go out when
+        // its owner shuts it down.
+        let _ = daemon.stop_browse(SERVICE_TYPE);
     });
     Ok(())
 }

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use deploy::cert::CertError;
 use deploy::{Certificate, Revocation};
@@ -25,6 +25,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use util::time::unix_secs;
 
 use crate::admission::{Admission, RevokeOutcome};
 use crate::backoff::{Backoff, Rejections, Verdict};
@@ -75,8 +76,8 @@ pub struct MeshSettings {
     pub listen: Vec<Multiaddr>,
     /// Static peers.
     pub bootstrap: Vec<Multiaddr>,
-    /// Announce and browse with mDNS.
-    pub mdns: bool,
+    /// Announce and browse with mDNS, on the process's shared daemon.
+    pub mdns: Option<discovery::Mdns>,
     /// How long a peer has to present its certificate.
     pub admission_timeout: Duration,
     /// Connection limits.
@@ -434,7 +435,7 @@ pub async fn start(
         }
     }
     let (disc_tx, disc_rx) = mpsc::channel(DISCOVERY_QUEUE);
-    if settings.mdns {
+    if let Some(mdns) = &settings.mdns {
         let port = listen_addrs
             .iter()
             .find_map(|a| {
@@ -448,6 +449,7 @@ pub async fn start(
             })
             .unwrap_or(0);
         discovery::spawn(
+            mdns,
             &settings.fleet_name,
             &settings.rack,
             *swarm.local_peer_id(),
@@ -663,13 +665,6 @@ impl Actor {
             }
         }
         tracing::info!("mesh stopping");
-    }
-
-    fn unix_now() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
     }
 
     fn jitter(&mut self) -> f64 {
@@ -1065,7 +1060,7 @@ impl Actor {
             } => {
                 match self
                     .admission
-                    .present(peer, &request.certificate, Self::unix_now())
+                    .present(peer, &request.certificate, unix_secs())
                 {
                     Ok((body, newly)) => {
                         let _ = self

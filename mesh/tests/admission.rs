@@ -6,7 +6,7 @@
 //! at zero is the proof that nothing flowed.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use deploy::cert::{CertBody, CERT_VERSION};
 use deploy::power::PowerStatus;
@@ -16,13 +16,7 @@ use libp2p::{Multiaddr, PeerId};
 use mesh::membership::State;
 use mesh::{MeshHandle, MeshSettings, RackInfo};
 use tokio_util::sync::CancellationToken;
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
+use util::time::unix_secs;
 
 fn cert_for(fleet: &FleetKey, name: &str, rack: &str, key: &Keypair) -> Certificate {
     fleet.issue(&CertBody {
@@ -33,8 +27,8 @@ fn cert_for(fleet: &FleetKey, name: &str, rack: &str, key: &Keypair) -> Certific
         role: Role::Rack,
         site: "s".into(),
         serial: 1,
-        not_before: now() - 60,
-        not_after: now() + 3600,
+        not_before: unix_secs() - 60,
+        not_after: unix_secs() + 3600,
     })
 }
 
@@ -54,7 +48,7 @@ fn settings(
         rack: rack.into(),
         listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
         bootstrap,
-        mdns: false,
+        mdns: None,
         admission_timeout: Duration::from_millis(1500),
         max_connections: 64,
         max_connections_per_peer: 2,
@@ -113,7 +107,7 @@ async fn run_outsider(
             fleet: "test".into(),
             rack: "x".into(),
             peer_id: PeerId::from(kx.public()).to_base58(),
-            revoked_at: now(),
+            revoked_at: unix_secs(),
             reason: "test".into(),
         })]
     } else {

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use deploy::config::{RackConfig, API_TOKEN_FILE};
@@ -15,6 +15,7 @@ use mesh::membership::State;
 use mesh::{MeshEvent, MeshHandle, MeshSettings, RackInfo};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use util::time::unix_secs;
 
 use crate::state::{AgentState, RecoveryReport};
 use crate::status::{PeerEntry, RevokedEntry, Status};
@@ -170,13 +171,6 @@ impl Rack {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn detect_capacity(config: &RackConfig) -> (u32, u64) {
     let cpus = if config.capacity.cpus > 0 {
         config.capacity.cpus
@@ -244,7 +238,7 @@ pub fn load_identity(config: &RackConfig) -> Result<(Keypair, Certificate)> {
             &fleet_key,
             &config.fleet.name,
             &PeerId::from(keypair.public()),
-            unix_now(),
+            unix_secs(),
         )
         .with_context(|| {
             format!(
@@ -317,7 +311,7 @@ pub async fn run(
             "the store held corrupt records; they were skipped"
         );
     }
-    let incarnation = state.bump_incarnation(unix_now())?;
+    let incarnation = state.bump_incarnation(unix_secs())?;
     let revocations = state.revocations()?;
     let api_listener = tokio::net::TcpListener::bind(config.api_addr())
         .await
@@ -327,6 +321,9 @@ pub async fn run(
     let power = crate::power::PowerMonitor::spawn(config.power.clone(), cancel.child_token());
     let meta = rack_info(&config, power.borrow().clone());
     let fleet_key = deploy::cert::decode_public_key(&config.fleet.public_key)?;
+    // The process's one mDNS daemon: the mesh's discovery and the proxy's
+    // advertisement share it (started by the first of them that needs it).
+    let mdns = mesh::discovery::Mdns::new(cancel.child_token());
     let settings = MeshSettings {
         keypair,
         certificate,
@@ -345,7 +342,7 @@ pub async fn run(
             .iter()
             .map(|a| deploy::parse_quic_multiaddr(a).expect("validated"))
             .collect(),
-        mdns: config.mesh.mdns,
+        mdns: config.mesh.mdns.then(|| mdns.clone()),
         admission_timeout: Duration::from_millis(config.mesh.admission_timeout_ms),
         max_connections: config.mesh.max_connections,
         max_connections_per_peer: config.mesh.max_connections_per_peer,
@@ -372,7 +369,7 @@ pub async fn run(
         state.clone(),
     )?;
     let mut tasks = tokio::task::JoinSet::new();
-    let proxy = match crate::proxy::config(&config).map_err(|e| anyhow::anyhow!("{e}"))? {
+    let proxy = match crate::proxy::config(&config)? {
         Some(mut cfg) => Some({
             // One open-file budget for every listener: unless the operator
             // set a cap, the proxy takes its share, not the whole limit.
@@ -385,6 +382,7 @@ pub async fn run(
                 cfg,
                 &config.site,
                 mesh.clone(),
+                &mdns,
                 &mut tasks,
                 cancel.child_token(),
             )

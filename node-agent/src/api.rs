@@ -10,7 +10,10 @@
 //!
 //! Every request needs `Authorization: Bearer <api-token>` (401 otherwise,
 //! and the connection is closed); malformed requests get 400 with a reason;
-//! bodies over [`MAX_BODY`] get 413.
+//! bodies over [`MAX_BODY`] get 413. A failed operation is answered by
+//! [`classify`], the one mapping from typed errors to status codes (507 disk
+//! full, 503 no majority, 404 unknown, 409 conflict, 400 naming the field),
+//! with the whole error chain in `error`.
 //!
 //! Connections are held in two bounded pools so that no flood of silent or
 //! unauthenticated connections can lock an operator out: see [`slots`].
@@ -139,6 +142,210 @@ fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Body> {
 
 fn error(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
     json(status, &serde_json::json!({ "error": reason.into() }))
+}
+
+/// How the API answers an error: its status and, for bad input, the field
+/// of the request at fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorClass {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The request field that was wrong (400 only).
+    pub field: Option<&'static str>,
+}
+
+impl ErrorClass {
+    const fn status(status: StatusCode) -> Self {
+        Self {
+            status,
+            field: None,
+        }
+    }
+
+    const fn bad(field: &'static str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            field: Some(field),
+        }
+    }
+}
+
+/// The one mapping from the typed errors the handlers meet to HTTP status:
+/// a full disk anywhere in the chain 507, no control-plane majority (or a
+/// stopped mesh, an unreachable rack) 503, an unknown volume or appliance
+/// 404, a conflict with what exists or who owns it 409, bad input 400
+/// naming the field; anything else 500.
+#[must_use]
+pub fn classify(e: &(dyn std::error::Error + 'static)) -> ErrorClass {
+    use crate::volumes::VolumeError;
+    use control::{ControlError, Refusal};
+    use datastore::volume::{
+        CreateError, ExportError, ImportError, NameError, PromoteError, SnapshotError,
+        StoreError as VolumeStoreError,
+    };
+    const NOT_FOUND: ErrorClass = ErrorClass::status(StatusCode::NOT_FOUND);
+    const CONFLICT: ErrorClass = ErrorClass::status(StatusCode::CONFLICT);
+    const UNAVAILABLE: ErrorClass = ErrorClass::status(StatusCode::SERVICE_UNAVAILABLE);
+    const INTERNAL: ErrorClass = ErrorClass::status(StatusCode::INTERNAL_SERVER_ERROR);
+
+    if is_disk_full(e) {
+        return ErrorClass::status(StatusCode::INSUFFICIENT_STORAGE);
+    }
+    // Wrappers: their `#[error(transparent)]` variants hide the inner error
+    // from `source()`, so they are unwrapped here.
+    if let Some(e) = e.downcast_ref::<VolumeError>() {
+        return match e {
+            VolumeError::Create(e) => classify(e),
+            VolumeError::Snapshot(e) => classify(e),
+            VolumeError::Import(e) => classify(e),
+            VolumeError::Export(e) => classify(e),
+            VolumeError::Promote(e) => classify(e),
+            VolumeError::Store(e) => classify(e),
+            VolumeError::NotConnected { .. } | VolumeError::Stream { .. } => UNAVAILABLE,
+            VolumeError::Witness => CONFLICT,
+            _ => INTERNAL,
+        };
+    }
+    if let Some(e) = e.downcast_ref::<CreateError>() {
+        return match e {
+            CreateError::AlreadyExists(_) => CONFLICT,
+            CreateError::InvalidSize(_) => ErrorClass::bad("size"),
+            CreateError::Store(e) => classify(e),
+            _ => INTERNAL,
+        };
+    }
+    if let Some(e) = e.downcast_ref::<SnapshotError>() {
+        return match e {
+            // A replica here: the volume is owned by another rack.
+            SnapshotError::NoLiveImage(_) => CONFLICT,
+            SnapshotError::Store(e) => classify(e),
+            _ => INTERNAL,
+        };
+    }
+    if let Some(e) = e.downcast_ref::<ImportError>() {
+        return match e {
+            ImportError::NotOwner(_) => CONFLICT,
+            ImportError::Shrink { .. }
+            | ImportError::InvalidSize(_)
+            | ImportError::QemuImg { .. } => ErrorClass::bad("from"),
+            ImportError::Store(e) => classify(e),
+            _ => INTERNAL,
+        };
+    }
+    if let Some(e) = e.downcast_ref::<ExportError>() {
+        return match e {
+            ExportError::NoSnapshot(_) | ExportError::NoSuchGeneration { .. } => NOT_FOUND,
+            ExportError::Store(e) => classify(e),
+            _ => INTERNAL,
+        };
+    }
+    if let Some(e) = e.downcast_ref::<PromoteError>() {
+        return match e {
+            PromoteError::AlreadyOwner(_) => CONFLICT,
+            PromoteError::NoSnapshot(_) => NOT_FOUND,
+            PromoteError::Store(e) => classify(e),
+            _ => INTERNAL,
+        };
+    }
+    if let Some(e) = e.downcast_ref::<VolumeStoreError>() {
+        return match e {
+            VolumeStoreError::NotFound(_) => NOT_FOUND,
+            VolumeStoreError::Name(_) => ErrorClass::bad("name"),
+            _ => INTERNAL,
+        };
+    }
+    if e.is::<NameError>() {
+        return ErrorClass::bad("name");
+    }
+    if let Some(e) = e.downcast_ref::<ControlError>() {
+        return match e {
+            ControlError::NoLeader(_) | ControlError::Raft(_) => UNAVAILABLE,
+            ControlError::Refused(r) => classify(r),
+            ControlError::Store(e) => classify(e),
+        };
+    }
+    if let Some(r) = e.downcast_ref::<Refusal>() {
+        return match r {
+            Refusal::UnknownAppliance { .. } | Refusal::UnknownRack { .. } => NOT_FOUND,
+            Refusal::StaleEpoch { .. }
+            | Refusal::NotAHandover { .. }
+            | Refusal::StaleRelease { .. }
+            | Refusal::VolumeShared { .. } => CONFLICT,
+            Refusal::GivenTwice { .. } | Refusal::Dependencies(_) => ErrorClass::bad("manifest"),
+            _ => INTERNAL,
+        };
+    }
+    if let Some(e) = e.downcast_ref::<crate::agent::RevokeError>() {
+        return match e {
+            crate::agent::RevokeError::Invalid(_) => ErrorClass::status(StatusCode::BAD_REQUEST),
+            crate::agent::RevokeError::Store(e) => classify(e),
+            crate::agent::RevokeError::Mesh(_) => UNAVAILABLE,
+        };
+    }
+    if e.is::<mesh::MeshError>() {
+        return UNAVAILABLE;
+    }
+    e.source().map_or(INTERNAL, classify)
+}
+
+/// Whether the disk (or quota) ran full, wherever in the chain: every
+/// storage error type knows it of itself.
+fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    use datastore::volume::{
+        CreateError, ExportError, ImportError, PromoteError, SnapshotError,
+        StoreError as VolumeStoreError,
+    };
+    let full = if let Some(e) = e.downcast_ref::<std::io::Error>() {
+        util::fs::is_disk_full(e)
+    } else if let Some(sled::Error::Io(e)) = e.downcast_ref::<sled::Error>() {
+        util::fs::is_disk_full(e)
+    } else if let Some(e) = e.downcast_ref::<VolumeStoreError>() {
+        e.is_disk_full()
+    } else if let Some(e) = e.downcast_ref::<CreateError>() {
+        e.is_disk_full()
+    } else if let Some(e) = e.downcast_ref::<SnapshotError>() {
+        e.is_disk_full()
+    } else if let Some(e) = e.downcast_ref::<ImportError>() {
+        e.is_disk_full()
+    } else if let Some(e) = e.downcast_ref::<ExportError>() {
+        e.is_disk_full()
+    } else if let Some(e) = e.downcast_ref::<PromoteError>() {
+        e.is_disk_full()
+    } else if let Some(e) = e.downcast_ref::<datastore::ChunkStoreError>() {
+        e.is_disk_full()
+    } else if let Some(e) = e.downcast_ref::<crate::store::StoreError>() {
+        e.is_disk_full()
+    } else {
+        false
+    };
+    full || e.source().is_some_and(is_disk_full)
+}
+
+/// The whole chain of `e`, outermost first, as `anyhow`'s `{:#}` prints it.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+/// The answer to a failed operation: [`classify`]'s status, the whole
+/// error chain as `error`, and for bad input the field as `field` (and at
+/// the head of the message).
+fn error_reply(e: &(dyn std::error::Error + 'static)) -> Response<Body> {
+    let class = classify(e);
+    let text = chain(e);
+    match class.field {
+        Some(field) => json(
+            class.status,
+            &serde_json::json!({ "error": format!("invalid `{field}`: {text}"), "field": field }),
+        ),
+        None => error(class.status, text),
+    }
 }
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte.
@@ -296,7 +503,7 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/api/v1/status") => match rack.status().await {
             Ok(s) => json(StatusCode::OK, &s),
-            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            Err(e) => error_reply(&e),
         },
         (Method::GET, "/metrics") => reply(
             StatusCode::OK,
@@ -305,7 +512,7 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
         ),
         (Method::GET, "/api/v1/revocations") => match rack.state.revocations() {
             Ok(list) => json(StatusCode::OK, &list),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            Err(e) => error_reply(&e),
         },
         (Method::POST, "/api/v1/revocations") => {
             let body = match read_body(req).await {
@@ -323,10 +530,7 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
             };
             match rack.revoke(rev).await {
                 Ok(new) => json(StatusCode::OK, &serde_json::json!({ "new": new })),
-                Err(crate::agent::RevokeError::Invalid(reason)) => {
-                    error(StatusCode::BAD_REQUEST, reason)
-                }
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                Err(e) => error_reply(&e),
             }
         }
         (Method::GET, "/api/v1/events") => {
@@ -336,7 +540,7 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
             };
             match rack.state.recent_events(limit) {
                 Ok(ev) => json(StatusCode::OK, &ev),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                Err(e) => error_reply(&e),
             }
         }
         (Method::GET, "/api/v1/volumes") => json(StatusCode::OK, &rack.volumes.status().await),
@@ -360,7 +564,7 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
                     StatusCode::CREATED,
                     &serde_json::json!({ "name": c.name, "size_bytes": size }),
                 ),
-                Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+                Err(e) => error_reply(&e),
             }
         }
         (Method::POST, "/api/v1/volumes/scrub") => {
@@ -507,7 +711,7 @@ async fn volume_action(req: Request<Incoming>, rack: &Rack, path: &str) -> Respo
                 StatusCode::OK,
                 &serde_json::json!({ "volume": m.volume, "generation": m.generation }),
             ),
-            Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+            Err(e) => error_reply(&e),
         },
         "import" | "export" => {
             let volumes = rack.volumes.clone();
@@ -684,7 +888,9 @@ fn parse_limit(query: &str) -> Result<usize, String> {
 
 /// Read and parse a JSON request body; a malformed one is a 400 that says
 /// what was expected.
-/// Commit a control-plane command; 400 if refused, 503 without a leader.
+/// Commit a control-plane command; a refusal or no leader is answered by
+/// [`classify`] (404 unknown, 409 conflict, 400 bad manifest, 503 no
+/// majority).
 async fn propose(rack: &Rack, cmd: control::Command, ok: serde_json::Value) -> Response<Body> {
     match rack
         .appliances
@@ -693,8 +899,7 @@ async fn propose(rack: &Rack, cmd: control::Command, ok: serde_json::Value) -> R
         .await
     {
         Ok(_) => json(StatusCode::OK, &ok),
-        Err(control::ControlError::Refused(why)) => error(StatusCode::BAD_REQUEST, why),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error_reply(&e),
     }
 }
 
@@ -779,6 +984,220 @@ mod tests {
         assert!(token_matches(b"abc", b"abc"));
         assert!(!token_matches(b"abd", b"abc"));
         assert!(!token_matches(b"ab", b"abc"));
+    }
+
+    mod errors {
+        use std::path::PathBuf;
+        use std::time::Duration;
+
+        use control::{ControlError, Refusal};
+        use datastore::volume::{
+            CreateError, ImportError, NameError, SnapshotError, StoreError as VolumeStoreError,
+        };
+        use hyper::StatusCode;
+
+        use super::super::{classify, error_reply, ErrorClass};
+        use crate::volumes::VolumeError;
+
+        fn enospc() -> std::io::Error {
+            std::io::Error::from_raw_os_error(28)
+        }
+
+        fn class(e: &(dyn std::error::Error + 'static)) -> (u16, Option<&'static str>) {
+            let ErrorClass { status, field } = classify(e);
+            (status.as_u16(), field)
+        }
+
+        #[test]
+        fn each_kind_of_error_has_its_status() {
+            let cases: Vec<(Box<dyn std::error::Error + 'static>, u16, Option<&str>)> = vec![
+                // Disk full, wherever in the chain.
+                (
+                    Box::new(VolumeError::Snapshot(SnapshotError::Store(
+                        VolumeStoreError::DiskFull {
+                            path: PathBuf::from("/v"),
+                        },
+                    ))),
+                    507,
+                    None,
+                ),
+                (
+                    Box::new(VolumeError::Create(CreateError::Store(
+                        VolumeStoreError::Io {
+                            op: "write",
+                            path: PathBuf::from("/v"),
+                            source: enospc(),
+                        },
+                    ))),
+                    507,
+                    None,
+                ),
+                (
+                    Box::new(crate::store::StoreError::Backend(sled::Error::Io(enospc()))),
+                    507,
+                    None,
+                ),
+                (
+                    Box::new(ControlError::Store(control::store::OpenError::Sled(
+                        sled::Error::Io(enospc()),
+                    ))),
+                    507,
+                    None,
+                ),
+                // No majority.
+                (
+                    Box::new(ControlError::NoLeader(Duration::from_secs(10))),
+                    503,
+                    None,
+                ),
+                (Box::new(mesh::MeshError::Stopped), 503, None),
+                // Unknown.
+                (
+                    Box::new(VolumeError::Store(VolumeStoreError::NotFound("v".into()))),
+                    404,
+                    None,
+                ),
+                (
+                    Box::new(ControlError::Refused(Refusal::UnknownAppliance {
+                        name: "db".into(),
+                    })),
+                    404,
+                    None,
+                ),
+                // Conflicts.
+                (
+                    Box::new(VolumeError::Create(CreateError::AlreadyExists("v".into()))),
+                    409,
+                    None,
+                ),
+                (
+                    Box::new(VolumeError::Import(ImportError::NotOwner("v".into()))),
+                    409,
+                    None,
+                ),
+                (
+                    Box::new(ControlError::Refused(Refusal::StaleEpoch {
+                        name: "db".into(),
+                        expected: 1,
+                        now: 2,
+                    })),
+                    409,
+                    None,
+                ),
+                (Box::new(VolumeError::Witness), 409, None),
+                // Bad input, naming the field.
+                (
+                    Box::new(VolumeError::Create(CreateError::InvalidSize(3))),
+                    400,
+                    Some("size"),
+                ),
+                (
+                    Box::new(VolumeError::Store(VolumeStoreError::Name(NameError::Empty))),
+                    400,
+                    Some("name"),
+                ),
+                (
+                    Box::new(ControlError::Refused(Refusal::GivenTwice {
+                        name: "db".into(),
+                    })),
+                    400,
+                    Some("manifest"),
+                ),
+                // Anything else.
+                (
+                    Box::new(VolumeError::Create(CreateError::Store(
+                        VolumeStoreError::Io {
+                            op: "write",
+                            path: PathBuf::from("/v"),
+                            source: std::io::Error::from_raw_os_error(5),
+                        },
+                    ))),
+                    500,
+                    None,
+                ),
+            ];
+            for (e, status, field) in &cases {
+                assert_eq!(class(e.as_ref()), (*status, *field), "{e}");
+            }
+        }
+
+        #[tokio::test]
+        async fn the_answer_carries_the_whole_chain_and_the_field() {
+            use http_body_util::BodyExt;
+            let e = VolumeError::Create(CreateError::Store(VolumeStoreError::Io {
+                op: "fsync",
+                path: PathBuf::from("/v/x"),
+                source: std::io::Error::from_raw_os_error(5),
+            }));
+            let r = error_reply(&e);
+            assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let text = v["error"].as_str().unwrap();
+            assert!(text.starts_with("fsync /v/x"), "{text}");
+            assert!(text.contains("Input/output error"), "{text}");
+
+            let r = error_reply(&VolumeError::Create(CreateError::InvalidSize(3)));
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["field"], "size");
+            assert!(v["error"].as_str().unwrap().starts_with("invalid `size`: "));
+        }
+
+        /// Unmounts a test's tmpfs.
+        struct Mounted(PathBuf);
+
+        impl Drop for Mounted {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.0)
+                    .status();
+            }
+        }
+
+        /// A real full disk: a volume store on a 8 MiB tmpfs, a live image
+        /// of 6 MiB of random data; its snapshot runs out of space, and
+        /// the API answers 507.
+        #[tokio::test]
+        async fn a_full_disk_answers_507() {
+            use rand::RngCore;
+            use std::io::Write;
+            let dir = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+                .arg(dir.path())
+                .status();
+            if !status.as_ref().is_ok_and(|s| s.success()) {
+                eprintln!("skipped: cannot mount a tmpfs here (needs root): {status:?}");
+                return;
+            }
+            let _mounted = Mounted(dir.path().to_owned());
+            let store = datastore::VolumeStore::open(dir.path().join("volumes")).unwrap();
+            store.create("full", 6 << 20).unwrap();
+            let mut data = vec![0u8; 6 << 20];
+            rand::thread_rng().fill_bytes(&mut data);
+            let image = store.image_path("full");
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .and_then(|mut f| f.write_all(&data).and_then(|()| f.sync_all()));
+            // The image may already fill the disk; either way a write failed.
+            let e: VolumeError = match written {
+                Err(e) => {
+                    assert!(util::fs::is_disk_full(&e), "{e}");
+                    eprintln!("the live image itself filled the disk");
+                    return;
+                }
+                Ok(()) => store
+                    .snapshot("full", &datastore::NoPause, &mut |_, _| {})
+                    .expect_err("8 MiB cannot hold the image and its chunks")
+                    .into(),
+            };
+            assert_eq!(class(&e), (507, None), "{e:?}");
+            assert_eq!(error_reply(&e).status(), StatusCode::INSUFFICIENT_STORAGE);
+        }
     }
 
     #[test]

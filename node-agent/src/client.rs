@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use deploy::config::{config_dir, RackConfig, API_TOKEN_FILE};
 use http_body_util::{BodyExt, Full};
@@ -137,15 +137,15 @@ impl AgentClient {
                     );
                 } else if let Some(e) = v.get("estimate") {
                     eprintln!("estimate: {}", e);
-                } else if let Some(e) = v.get("error") {
-                    bail!("{}", e.as_str().unwrap_or("failed"));
+                } else if v.get("error").is_some() {
+                    return Err(answer_error(status, &line));
                 } else if let Some(r) = v.get("result") {
                     result = Some(r.clone());
                 }
             }
         }
         if !(200..300).contains(&status) {
-            bail!("agent answered {status}: {}", String::from_utf8_lossy(&buf));
+            return Err(answer_error(status, &buf));
         }
         result.context("the agent closed the stream without a result")
     }
@@ -157,12 +157,26 @@ impl AgentClient {
     pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
         let (status, body) = self.request(Method::GET, path, None).await?;
         if !(200..300).contains(&status) {
-            bail!(
-                "agent answered {status}: {}",
-                String::from_utf8_lossy(&body)
-            );
+            return Err(answer_error(status, &body));
         }
         serde_json::from_slice(&body)
             .with_context(|| format!("agent sent malformed JSON for {path}"))
     }
+}
+
+/// An error answer of the agent as the CLI prints it: the status (with
+/// its reason phrase, e.g. `507 Insufficient Storage`) and the agent's
+/// whole error chain from the body's `error`, or the raw body if it has
+/// none.
+#[must_use]
+pub fn answer_error(status: u16, body: &[u8]) -> anyhow::Error {
+    let reason = hyper::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let text = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_owned());
+    anyhow::anyhow!("agent answered {status} {reason}: {text}")
 }

@@ -12,7 +12,6 @@
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use deploy::cert::{CertBody, CERT_VERSION};
@@ -22,8 +21,9 @@ use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use util::time::unix_secs;
 
-use crate::files::{write_durable, PUBLIC, SECRET};
+use util::fs::{write_durable, PUBLIC, SECRET};
 
 /// The fleet's public description, `FLEET/fleet.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,13 +78,6 @@ pub struct RackSpec {
 pub const FLEET_KEY_FILE: &str = "fleet.key";
 /// File name of the fleet description.
 pub const FLEET_FILE: &str = "fleet.toml";
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// `fieldrack fleet init`.
 ///
@@ -171,7 +164,7 @@ pub fn revoke(dir: &Path, rack: &str, reason: &str) -> Result<Revocation> {
         fleet: fleet.name.clone(),
         rack: rack.into(),
         peer_id: entry.peer_id.clone(),
-        revoked_at: unix_now(),
+        revoked_at: unix_secs(),
         reason: reason.into(),
     });
     entry.revoked = true;
@@ -238,7 +231,7 @@ fn provision_rack(
             .context("encoding identity")?,
         SECRET,
     )?;
-    let now = unix_now();
+    let now = unix_secs();
     let cert = key.issue(&CertBody {
         version: CERT_VERSION,
         fleet: fleet.name.clone(),
@@ -413,7 +406,7 @@ mod tests {
                     .unwrap();
             let fk = deploy::cert::decode_public_key(&cfg.fleet.public_key).unwrap();
             let body = cert
-                .verify(&fk, "haiti", &PeerId::from(key.public()), unix_now())
+                .verify(&fk, "haiti", &PeerId::from(key.public()), unix_secs())
                 .unwrap();
             assert_eq!(body.rack, r.name);
         }

@@ -7,7 +7,6 @@
 //! - [`demo`]: `fieldrack demo`, a local field of racks.
 //! - [`drivers`]: appliance drivers (process, QEMU), health probes.
 //! - [`fleet`]: provisioning (`fleet init`, `add-rack`, `revoke`).
-//! - [`files`]: durable file writes.
 //! - [`limits`]: the open-file limit and each listener's share of it.
 //! - [`metrics`]: Prometheus text.
 //! - [`power`]: power telemetry (NUT, generator file or command).
@@ -22,7 +21,6 @@ pub mod cache_mesh;
 pub mod client;
 pub mod demo;
 pub mod drivers;
-pub mod files;
 pub mod fleet;
 pub mod limits;
 pub mod metrics;

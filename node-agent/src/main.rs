@@ -514,7 +514,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .request(hyper::Method::POST, "/api/v1/cache/offline", Some(body))
                 .await?;
             if code != 200 {
-                anyhow::bail!("{}", String::from_utf8_lossy(&body));
+                return Err(node_agent::client::answer_error(code, &body));
             }
             println!("forced offline: {state}");
             Ok(ExitCode::SUCCESS)
@@ -568,7 +568,7 @@ async fn app_cmd(cmd: AppCmd) -> Result<ExitCode> {
                 .request(hyper::Method::POST, &path, Some(serde_json::to_vec(&body)?))
                 .await?;
             if status != 200 {
-                anyhow::bail!("{}", String::from_utf8_lossy(&body));
+                return Err(node_agent::client::answer_error(status, &body));
             }
             Ok(serde_json::from_slice::<serde_json::Value>(&body)?)
         }
@@ -659,7 +659,7 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<ExitCode> {
                 .request(hyper::Method::POST, "/api/v1/volumes", Some(body))
                 .await?;
             if status != 201 {
-                anyhow::bail!("{}", String::from_utf8_lossy(&body));
+                return Err(node_agent::client::answer_error(status, &body));
             }
             println!("created volume {name} ({size})");
         }
@@ -713,7 +713,7 @@ async fn volume_cmd(cmd: VolumeCmd) -> Result<ExitCode> {
                 )
                 .await?;
             if status != 200 {
-                anyhow::bail!("{}", String::from_utf8_lossy(&body));
+                return Err(node_agent::client::answer_error(status, &body));
             }
             let v: serde_json::Value = serde_json::from_slice(&body)?;
             println!("{name}: generation {}", v["generation"]);
@@ -837,10 +837,8 @@ async fn fleet_cmd(cmd: FleetCmd) -> Result<ExitCode> {
                     )
                     .await?;
                 if status != 200 {
-                    anyhow::bail!(
-                        "the agent refused the revocation ({status}): {}",
-                        String::from_utf8_lossy(&body)
-                    );
+                    return Err(node_agent::client::answer_error(status, &body)
+                        .context("the agent refused the revocation"));
                 }
                 println!(
                     "handed to the agent at {}; it spreads through the mesh",

@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tokio::time::{timeout, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
+use util::process::GroupKillGuard;
 
 /// How long to wait for upsd to accept a TCP connection. upsd is normally on
 /// the same LAN or host; two seconds is long for a LAN and short enough that
@@ -418,12 +419,7 @@ async fn run_command_bounded(
             program: program.clone(),
             source,
         })?;
-    let mut group = GroupKiller(
-        child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .map(nix::unistd::Pid::from_raw),
-    );
+    let mut group = GroupKillGuard::new(child.id());
     let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
         unreachable!("stdout and stderr are piped");
     };
@@ -468,26 +464,6 @@ async fn run_command_bounded(
     let _ = child.start_kill();
     let _ = timeout(KILL_REAP_TIMEOUT, child.wait()).await;
     Err(failure)
-}
-
-/// Kills a command's process group (SIGKILL) when dropped: on timeout, on
-/// too much output, and when the reading future is cancelled. Disarmed once
-/// the command has been reaped, since its pid, which is the group id, may then
-/// be reused.
-struct GroupKiller(Option<nix::unistd::Pid>);
-
-impl GroupKiller {
-    fn disarm(&mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for GroupKiller {
-    fn drop(&mut self) {
-        if let Some(pgid) = self.0 {
-            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-        }
-    }
 }
 
 /// Why a bounded read stopped.

@@ -3,8 +3,11 @@
 
 use std::sync::Arc;
 
+use anyhow::Context as _;
+
 use cache_proxy::{Config, Deps, Proxy, ProxyHandle};
 use deploy::{RackConfig, Role};
+use mesh::discovery::{DiscoveryError, Mdns};
 use mesh::MeshHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -116,20 +119,21 @@ fn field_of(msg: &str) -> String {
 /// server: the generic HTTP type, so ordinary clients and tools find it.
 pub const PROXY_SERVICE: &str = "_http._tcp.local.";
 
-/// Advertise the proxy on the local segment until `cancel`. A proxy that
-/// listens on loopback only is not advertised (nobody else could reach it).
+/// Advertise the proxy on the local segment, on the process's shared mDNS
+/// daemon (withdrawn when the daemon shuts down). A proxy that listens on
+/// loopback only is not advertised (nobody else could reach it).
 ///
 /// # Errors
 /// If mdns-sd cannot start or register.
 pub fn advertise(
+    mdns: &Mdns,
     rack: &str,
     listen: std::net::SocketAddr,
-    cancel: CancellationToken,
-) -> Result<(), mdns_sd::Error> {
+) -> Result<(), DiscoveryError> {
     if listen.ip().is_loopback() {
         return Ok(());
     }
-    let daemon = mdns_sd::ServiceDaemon::new()?;
+    let daemon = mdns.daemon()?;
     let props: std::collections::HashMap<String, String> = [
         ("txtvers", "1"),
         ("path", "/proxy.pac"),
@@ -157,10 +161,6 @@ pub fn advertise(
         )?
     };
     daemon.register(info)?;
-    tokio::spawn(async move {
-        cancel.cancelled().await;
-        let _ = daemon.shutdown();
-    });
     Ok(())
 }
 
@@ -216,6 +216,7 @@ pub async fn start(
     cfg: Config,
     site: &str,
     mesh: MeshHandle,
+    mdns: &Mdns,
     tasks: &mut tokio::task::JoinSet<()>,
     cancel: CancellationToken,
 ) -> anyhow::Result<RunningProxy> {
@@ -229,10 +230,10 @@ pub async fn start(
     let name = cfg.proxy.name.clone();
     let proxy = Proxy::bind(cfg, deps)
         .await
-        .map_err(|e| anyhow::anyhow!("starting the proxy on {listen}: {e}"))?;
+        .with_context(|| format!("starting the proxy on {listen}"))?;
     let handle = proxy.handle();
     tracing::info!(addr = %proxy.local_addr(), "proxy and tile server up");
-    if let Err(e) = advertise(&name, proxy.local_addr(), cancel.clone()) {
+    if let Err(e) = advertise(mdns, &name, proxy.local_addr()) {
         tracing::warn!(error = %e, "could not advertise the proxy by mDNS");
     }
     tasks.spawn(proxy.run(cancel.clone()));

@@ -172,10 +172,7 @@ impl AgentState {
     /// [`StoreError`].
     pub fn record_event(&self, kind: &str, detail: serde_json::Value) -> Result<u64, StoreError> {
         let seq = self.next_event.fetch_add(1, Ordering::SeqCst);
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let at_ms = util::time::unix_ms();
         let ev = Event {
             seq,
             at_ms,

@@ -12,6 +12,8 @@
 
 use std::path::Path;
 
+use util::record::RecordError;
+
 /// Record format version (first byte of every value).
 pub const RECORD_VERSION: u8 = 1;
 
@@ -48,16 +50,25 @@ impl Tree {
 #[non_exhaustive]
 pub enum StoreError {
     /// The backend failed (I/O, full disk, corruption it detected).
-    #[error("store backend: {0}")]
-    Backend(String),
+    #[error("store backend")]
+    Backend(#[from] sled::Error),
     /// A record failed its checksum or version check.
-    #[error("corrupt record in {tree}: {reason}")]
+    #[error("corrupt record in {tree}")]
     Corrupt {
         /// Tree name.
         tree: &'static str,
         /// What was wrong.
-        reason: String,
+        #[source]
+        reason: RecordError,
     },
+}
+
+impl StoreError {
+    /// Whether the disk (or quota) is full: free space and retry.
+    #[must_use]
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Self::Backend(sled::Error::Io(e)) if util::fs::is_disk_full(e))
+    }
 }
 
 /// Verified entries of a tree, in key order, and how many failed verification.
@@ -103,48 +114,18 @@ pub trait Store: Send + Sync + 'static {
     fn flush(&self) -> Result<(), StoreError>;
 }
 
-/// CRC-32 (IEEE), table-free bitwise version: records are small and few.
-pub fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// Wrap a payload: `[version][crc32 LE][payload]`.
+/// Wrap a payload: `[version][crc32 LE][payload]` (`util::record`).
+#[must_use]
 pub fn seal(payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(payload.len() + 5);
-    v.push(RECORD_VERSION);
-    v.extend_from_slice(&crc32(payload).to_le_bytes());
-    v.extend_from_slice(payload);
-    v
+    util::record::seal(RECORD_VERSION, payload)
 }
 
 /// Check and unwrap a sealed record.
 ///
 /// # Errors
-/// A reason if the version or checksum is wrong.
-pub fn open(record: &[u8]) -> Result<&[u8], String> {
-    if record.len() < 5 {
-        return Err(format!("record too short ({} bytes)", record.len()));
-    }
-    if record[0] != RECORD_VERSION {
-        return Err(format!("unknown record version {}", record[0]));
-    }
-    let want = u32::from_le_bytes([record[1], record[2], record[3], record[4]]);
-    let payload = &record[5..];
-    if crc32(payload) != want {
-        return Err("checksum mismatch".into());
-    }
-    Ok(payload)
+/// [`RecordError`] if the version or checksum is wrong.
+pub fn open(record: &[u8]) -> Result<&[u8], RecordError> {
+    util::record::open(RECORD_VERSION, record)
 }
 
 /// The sled-backed store.
@@ -153,7 +134,7 @@ pub struct SledStore {
 }
 
 fn backend(e: sled::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    StoreError::Backend(e)
 }
 
 impl SledStore {
@@ -233,12 +214,6 @@ impl Store for SledStore {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    #[test]
-    fn crc32_matches_reference() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(crc32(b""), 0);
-    }
 
     #[test]
     fn sled_round_trip_and_scan() {

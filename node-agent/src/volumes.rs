@@ -17,13 +17,14 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use anyhow::Context as _;
 use datastore::replicate::limiter::LinkLimiter;
 use datastore::replicate::plan::{choose_replicas, RackView};
 use datastore::replicate::{fetch, push, TransferCounters, FETCH_PROTOCOL, PUSH_PROTOCOL};
 use datastore::volume::{PruneError, SnapshotError};
-use datastore::{ImportSource, Manifest, NoPause, PauseHooks, VolumeStore};
+use datastore::{volume, ImportSource, Manifest, NoPause, PauseHooks, VolumeStore};
 use deploy::config::VolumesConfig;
 use deploy::Role;
 use mesh::membership::State;
@@ -31,6 +32,7 @@ use mesh::MeshHandle;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use util::time::unix_ms;
 
 use crate::state::AgentState;
 
@@ -55,13 +57,6 @@ pub const MAX_SERVES: usize = 4;
 pub const RETRY_AFTER: Duration = Duration::from_secs(3);
 /// How often the replication loop looks for work when not woken.
 pub const REPLICATION_TICK: Duration = Duration::from_secs(1);
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// (ctime seconds, ctime nanoseconds, size) of a live image, taken before a
 /// snapshot starts: if it has not moved by the next tick, nothing was written.
@@ -191,19 +186,63 @@ pub struct VolumeEngine {
 /// Pause hooks shared between the appliance supervisor and snapshots.
 pub type SharedPause = Arc<dyn PauseHooks + Send + Sync>;
 
-/// Why a volume operation failed.
+/// Why a volume operation failed: the store's own typed error, kept whole
+/// (its source chain included) so that the API can answer a full disk with
+/// 507, an unknown volume with 404 and a volume owned elsewhere with 409.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VolumeError {
-    /// The store refused (bad name, unknown volume, disk full...).
-    #[error("{0}")]
-    Store(String),
+    /// Creating the volume failed.
+    #[error(transparent)]
+    Create(#[from] volume::CreateError),
+    /// Snapshotting it failed.
+    #[error(transparent)]
+    Snapshot(#[from] volume::SnapshotError),
+    /// Importing an image failed.
+    #[error(transparent)]
+    Import(#[from] volume::ImportError),
+    /// Exporting a generation failed.
+    #[error(transparent)]
+    Export(#[from] volume::ExportError),
+    /// Promoting a replica to the live image failed.
+    #[error(transparent)]
+    Promote(#[from] volume::PromoteError),
+    /// A registry read or delete failed.
+    #[error(transparent)]
+    Store(#[from] volume::StoreError),
+    /// The rack to ship to has no admitted connection.
+    #[error("{rack} is not connected")]
+    NotConnected {
+        /// The rack.
+        rack: String,
+    },
+    /// No stream to the rack could be opened.
+    #[error("opening a stream to {rack}")]
+    Stream {
+        /// The rack.
+        rack: String,
+        /// Why.
+        #[source]
+        source: mesh::MeshError,
+    },
+    /// Pushing the generation failed.
+    #[error("pushing to {rack}")]
+    Push {
+        /// The rack.
+        rack: String,
+        /// Why.
+        #[source]
+        source: push::PushError,
+    },
     /// This rack is a witness: it stores no volumes.
     #[error("this rack is a witness: it stores no volumes")]
     Witness,
 }
 
-fn store_err(e: impl std::fmt::Display) -> VolumeError {
-    VolumeError::Store(e.to_string())
+/// The store's typed error as a [`VolumeError`] (one conversion, so every
+/// call site reads alike).
+fn store_err<E: Into<VolumeError>>(e: E) -> VolumeError {
+    e.into()
 }
 
 impl VolumeEngine {
@@ -220,8 +259,7 @@ impl VolumeEngine {
         state: AgentState,
     ) -> anyhow::Result<Arc<Self>> {
         let store = Arc::new(
-            VolumeStore::open(data_dir.join("volumes"))
-                .map_err(|e| anyhow::anyhow!("opening the volume store: {e}"))?,
+            VolumeStore::open(data_dir.join("volumes")).context("opening the volume store")?,
         );
         let records = state.volume_records()?;
         let default_import = data_dir.join(IMPORT_DIR);
@@ -498,12 +536,17 @@ impl VolumeEngine {
             .into_iter()
             .find(|(_, r)| r == rack)
             .map(|(p, _)| p)
-            .ok_or_else(|| VolumeError::Store(format!("{rack} is not connected")))?;
+            .ok_or_else(|| VolumeError::NotConnected {
+                rack: rack.to_owned(),
+            })?;
         let stream = self
             .mesh
             .open_stream(peer, PUSH_PROTOCOL)
             .await
-            .map_err(store_err)?;
+            .map_err(|source| VolumeError::Stream {
+                rack: rack.to_owned(),
+                source,
+            })?;
         let counters = VolumeMetrics::counters(&self.metrics.sent, rack);
         let limiter = self.limiter(rack);
         let progress = push::TransferProgress::default();
@@ -517,7 +560,10 @@ impl VolumeEngine {
             &progress,
         )
         .await
-        .map_err(store_err)?;
+        .map_err(|source| VolumeError::Push {
+            rack: rack.to_owned(),
+            source,
+        })?;
         Ok(generation)
     }
 

@@ -488,7 +488,7 @@ impl Writer {
             .open(&path)?;
         file.write_all(PACK_MAGIC)?;
         file.sync_all()?;
-        File::open(&self.dir)?.sync_all()?;
+        util::fs::fsync_dir(&self.dir)?;
         let reader = File::open(&path)?;
         self.shared
             .packs

@@ -360,10 +360,7 @@ impl TestProxy {
 }
 
 pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    util::time::unix_secs()
 }
 
 pub fn tile_source(origin: &Origin, name: &str) -> TileSource {

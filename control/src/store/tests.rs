@@ -24,7 +24,7 @@ use crate::field::{RackReport, Transfer};
 use crate::lease::LeaseConfig;
 
 /// A state machine on `db` with its own publication channel.
-fn open_sm(db: &sled::Db, leases: LeaseWatch) -> Result<(StateMachine, Applies), String> {
+fn open_sm(db: &sled::Db, leases: LeaseWatch) -> Result<(StateMachine, Applies), OpenError> {
     let (tx, _) = tokio::sync::watch::channel(std::sync::Arc::new(crate::FieldState::default()));
     StateMachine::open(db, std::sync::Arc::new(std::sync::Mutex::new(leases)), tx)
 }
@@ -518,4 +518,191 @@ async fn a_new_incarnation_starts_empty_and_the_old_one_goes_at_the_next_open() 
     );
     let (_, applies) = open_sm(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
     assert!(applies.state.borrow().apps.is_empty());
+}
+
+/// Flip one bit in the middle of the value stored under `key` in `tree`.
+fn flip_a_bit(tree: &sled::Tree, key: &[u8]) {
+    let mut v = tree.get(key).unwrap().expect("the record exists").to_vec();
+    let mid = v.len() / 2;
+    v[mid] ^= 0x10;
+    tree.insert(key, v).unwrap();
+    tree.flush().unwrap();
+}
+
+#[tokio::test]
+async fn records_are_sealed_and_a_flipped_bit_is_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let (mut sm, _) = open_sm(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+    sm.apply([membership_entry(1, 1), normal(1, 2, deploy_cmd(&["db"]))])
+        .await
+        .unwrap();
+    let mut log = LogStore::new(&db).unwrap();
+    log.save_vote(&Vote::new(3, 1)).await.unwrap();
+    for e in [membership_entry(1, 1), normal(1, 2, deploy_cmd(&["db"]))] {
+        put_json(&log.log, &e.log_id.index.to_be_bytes(), &e).unwrap();
+    }
+
+    // Every value carries the envelope: version, then the CRC of the JSON.
+    for (tree, key) in [
+        (&log.log, 2u64.to_be_bytes().to_vec()),
+        (&log.meta, b"vote".to_vec()),
+        (&sm.tree, b"applied".to_vec()),
+    ] {
+        let v = tree.get(&key).unwrap().unwrap();
+        assert_eq!(v[0], RECORD_VERSION);
+        let json = util::record::open(RECORD_VERSION, &v).expect("verifies");
+        assert!(serde_json::from_slice::<serde_json::Value>(json).is_ok());
+    }
+
+    // A log entry: reading it fails (so it can be neither applied nor sent
+    // to a follower), and the error names the record and the check.
+    flip_a_bit(&log.log, &2u64.to_be_bytes());
+    let err = log.try_get_log_entries(0..).await.unwrap_err().to_string();
+    assert!(err.contains("RecordReadError"), "{err}");
+    assert!(err.contains("log index 2"), "{err}");
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert_eq!(
+        log.try_get_log_entries(1..2).await.unwrap().len(),
+        1,
+        "intact entries still read"
+    );
+    assert!(
+        log.get_log_state().await.is_err(),
+        "the last entry is corrupt"
+    );
+
+    // The vote.
+    flip_a_bit(&log.meta, b"vote");
+    let err = log.read_vote().await.unwrap_err().to_string();
+    assert!(err.contains("corrupt record vote"), "{err}");
+
+    // The applied state: the state machine refuses to open rather than
+    // resume from it.
+    flip_a_bit(&sm.tree, b"applied");
+    drop(sm);
+    match open_sm(&db, LeaseWatch::new(cfg(), Instant::now())) {
+        Err(OpenError::Record(RecordReadError::Corrupt { tree, key, source })) => {
+            assert_eq!((tree.as_str(), key.as_str()), ("raft-sm", "applied"));
+            assert!(
+                matches!(source, util::record::RecordError::Checksum { .. }),
+                "{source:?}"
+            );
+        }
+        Err(e) => panic!("wrong error: {e:?}"),
+        Ok(_) => panic!("a corrupt applied state was accepted"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_committed_entry_stops_raft_and_is_never_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = open(dir.path());
+        let (raft, _) = single_node(&db).await;
+        let node = RackNode {
+            rack: "a".into(),
+            peer_id: "p".into(),
+        };
+        raft.initialize(BTreeMap::from([(1, node)])).await.unwrap();
+        wait_leader(&raft).await;
+        raft.client_write(deploy_cmd(&["db"])).await.unwrap();
+        raft.client_write(deploy_cmd(&["web"])).await.unwrap();
+        raft.client_write(renew_cmd("a")).await.unwrap();
+        raft.shutdown().await.unwrap();
+    }
+    {
+        // Corrupt the entry that deploys "web", and forget the applied
+        // state, so a restart must apply the log again from the start.
+        let db = open(dir.path());
+        let log = LogStore::new(&db).unwrap();
+        let key = log
+            .log
+            .iter()
+            .map(|kv| kv.unwrap())
+            .find(|(_, v)| String::from_utf8_lossy(v).contains("\"web\""))
+            .map(|(k, _)| k)
+            .expect("the deploy of web is in the log");
+        flip_a_bit(&log.log, &key);
+        let sm = db.open_tree("raft-sm").unwrap();
+        sm.remove(b"applied").unwrap();
+        sm.remove(b"snapshot").unwrap();
+        sm.flush().unwrap();
+    }
+    let db = open(dir.path());
+    let log = LogStore::new(&db).unwrap();
+    let (sm, applies) = open_sm(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+    let config = Config {
+        heartbeat_interval: 50,
+        election_timeout_min: 150,
+        election_timeout_max: 300,
+        ..Config::default()
+    }
+    .validate()
+    .unwrap();
+    let fatal = match Raft::new(1, Arc::new(config), NoNet, log, sm).await {
+        Err(e) => e.to_string(),
+        Ok(raft) => {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let fatal = loop {
+                if let Err(f) = &raft.metrics().borrow().running_state {
+                    break f.to_string();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "raft kept running on a corrupt log"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            let _ = raft.shutdown().await;
+            fatal
+        }
+    };
+    assert!(fatal.contains("RecordReadError"), "{fatal}");
+    assert!(
+        !applies.state.borrow().apps.contains_key("web"),
+        "the corrupt entry was applied"
+    );
+}
+
+#[test]
+fn a_database_of_bare_json_records_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = open(dir.path());
+        db.remove(FORMAT_KEY).unwrap();
+        db.open_tree("raft-meta")
+            .unwrap()
+            .insert(
+                b"vote",
+                &br#"{"leader_id":{"term":3,"node_id":1},"committed":true}"#[..],
+            )
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match open_db(dir.path()) {
+            Err(OpenError::Sled(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => break e,
+            Ok(_) => panic!("a database without record envelopes was opened"),
+        }
+    };
+    assert!(matches!(err, OpenError::LegacyFormat { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("remove") && text.contains(&dir.path().display().to_string()),
+        "{text}"
+    );
+
+    // A new, empty database records its format and opens again.
+    let fresh = tempfile::tempdir().unwrap();
+    drop(open(fresh.path()));
+    let db = open(fresh.path());
+    assert_eq!(
+        db.get(FORMAT_KEY).unwrap().as_deref(),
+        Some(&[RECORD_VERSION][..])
+    );
 }

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use deploy::cert::{CertBody, CERT_VERSION};
@@ -20,6 +20,7 @@ use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use mesh::{MeshSettings, RackInfo};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use util::time::unix_secs;
 
 /// Fleet name used by both processes.
 pub const FLEET: &str = "replbench";
@@ -36,13 +37,6 @@ pub const CONNECTION_WINDOW: u32 = 15_000_000;
 /// Server name libp2p-quic dials with (the certificate is checked against
 /// the PeerId, not a name).
 const SERVER_NAME: &str = "l";
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// Mesh settings for one benchmark rack: the production defaults of
 /// `[mesh]` in rack.toml, but on loopback port 0, without mDNS.
@@ -61,8 +55,8 @@ pub fn mesh_settings(
         role: Role::Rack,
         site: rack.into(),
         serial: rand::random(),
-        not_before: unix_now().saturating_sub(60),
-        not_after: unix_now() + 24 * 3600,
+        not_before: unix_secs().saturating_sub(60),
+        not_after: unix_secs() + 24 * 3600,
     });
     MeshSettings {
         keypair,
@@ -74,7 +68,7 @@ pub fn mesh_settings(
             .parse()
             .expect("static multiaddr")],
         bootstrap,
-        mdns: false,
+        mdns: None,
         admission_timeout: Duration::from_millis(d.admission_timeout_ms),
         max_connections: d.max_connections,
         max_connections_per_peer: d.max_connections_per_peer,

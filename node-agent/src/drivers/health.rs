@@ -5,10 +5,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use deploy::appliance::{HealthCheck, HealthSpec};
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use util::process::GroupKillGuard;
 
 /// Longest HTTP status line read.
 const MAX_STATUS_LINE: usize = 1024;
@@ -113,17 +112,6 @@ async fn http(url: &str, expected: Option<u16>) -> Result<(), String> {
     }
 }
 
-/// Kills the probe's process group if the probe is abandoned (timeout).
-struct GroupGuard(Option<i32>);
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        if let Some(pgid) = self.0 {
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-        }
-    }
-}
-
 async fn run(command: &[String]) -> Result<(), String> {
     let (program, args) = command
         .split_first()
@@ -137,10 +125,11 @@ async fn run(command: &[String]) -> Result<(), String> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("{program}: {e}"))?;
-    let mut guard = GroupGuard(child.id().map(|p| p as i32));
+    // Kills the probe's process group if the probe is abandoned (timeout).
+    let mut guard = GroupKillGuard::new(child.id());
     let status = child.wait().await.map_err(|e| format!("{program}: {e}"))?;
     // Reaped: its group id may be reused from now on.
-    guard.0 = None;
+    guard.disarm();
     if status.success() {
         Ok(())
     } else {

@@ -658,7 +658,7 @@ pub(crate) async fn spawn_appliance(
     let group = Arc::new(Group::new(pid as i32, marker));
 
     // From here on a failure must not leave the child running.
-    let guard = KillGuard(group.clone());
+    let mut guard = util::process::GroupKillGuard::new(Some(pid));
     let header = format!(
         "=== fieldrack: {name} epoch {} on rack {}: started pid {pid}: {} ===\n",
         l.epoch,
@@ -673,7 +673,7 @@ pub(crate) async fn spawn_appliance(
         "cannot write {}",
         l.run_dir.join(PID_FILE).display()
     )))?;
-    std::mem::forget(guard);
+    guard.disarm();
     Ok(Spawned {
         child,
         pid,
@@ -681,15 +681,6 @@ pub(crate) async fn spawn_appliance(
         log_pump,
         log_path,
     })
-}
-
-/// SIGKILLs a group when dropped (error paths during launch).
-struct KillGuard(Arc<Group>);
-
-impl Drop for KillGuard {
-    fn drop(&mut self) {
-        self.0.signal(Signal::SIGKILL);
-    }
 }
 
 /// Used when the agent's own environment has no PATH.

@@ -32,7 +32,7 @@ pub mod status;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use control::{AppReport, AppState, Command, Control, FieldState, Lease, RackReport, Response};
 use deploy::appliance::ApplianceSpec;
@@ -41,6 +41,7 @@ use deploy::Role;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use util::time::unix_ms;
 
 use crate::drivers::{self, Capturer};
 use crate::state::AgentState;
@@ -62,13 +63,6 @@ const REPORT_QUEUE: usize = 256;
 /// Grace of each appliance when the agent shuts down (the agent's own
 /// shutdown deadline bounds the sum).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// The supervisor.
 pub struct Supervisor {
