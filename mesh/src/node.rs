@@ -814,7 +814,7 @@ impl Actor {
     /// rack's view; the death is gossiped). It may come back with a
     /// renewed certificate.
     fn recheck_admitted(&mut self, now: Instant) {
-        let lapsed = self.admission.recheck(Self::unix_now());
+        let lapsed = self.admission.recheck(unix_secs());
         if lapsed.is_empty() {
             return;
         }
