@@ -351,7 +351,11 @@ fn qcow2_images_are_converted() {
     assert_eq!(export_bytes(&s, "q", None, dir.path()), data);
     // A damaged qcow2 is reported, not imported.
     let bad = dir.path().join("bad.qcow2");
-    std::fs::write(&bad, b"QFI\xfbgarbage").unwrap();
+    // (version 3, no backing file, no external data file: the header
+    // checks pass and qemu-img itself must refuse the zero cluster size)
+    let mut damaged = b"QFI\xfb\0\0\0\x03".to_vec();
+    damaged.resize(128, 0);
+    std::fs::write(&bad, &damaged).unwrap();
     assert!(matches!(
         s.import("bad", &bad, &mut |_, _| {}),
         Err(ImportError::QemuImg { .. })
