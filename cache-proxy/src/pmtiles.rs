@@ -524,7 +524,7 @@ pub fn encode_directory(entries: &[Entry]) -> Vec<u8> {
     for (i, e) in entries.iter().enumerate() {
         let follows = i > 0 && {
             let p = &entries[i - 1];
-            e.offset == p.offset + u64::from(p.length)
+            p.offset.checked_add(u64::from(p.length)) == Some(e.offset)
         };
         put_varint(&mut out, if follows { 0 } else { e.offset + 1 });
     }
@@ -574,7 +574,9 @@ pub fn decode_directory(b: &[u8]) -> Result<Vec<Entry>, PmtilesError> {
                 return Err(corrupt("directory", "the first offset is relative"));
             }
             let p = entries[i - 1];
-            p.offset + u64::from(p.length)
+            p.offset
+                .checked_add(u64::from(p.length))
+                .ok_or(corrupt("directory", "offset overflows"))?
         } else {
             v - 1
         };
@@ -1087,6 +1089,20 @@ mod tests {
 
     fn t(z: u8, x: u32, y: u32) -> TileId {
         TileId { z, x, y }
+    }
+
+    #[test]
+    fn a_relative_offset_past_u64_max_is_corrupt_not_a_panic() {
+        // Found by the `pmtiles` fuzz target: two entries, the first at
+        // offset 2^64 - 1, the second "right after it".
+        let b = [
+            0x02, 0x00, 0x01, 0x01, 0x01, 0x02, 0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0x01, 0x00,
+        ];
+        assert!(matches!(
+            decode_directory(&b),
+            Err(PmtilesError::Corrupt { .. })
+        ));
     }
 
     #[test]

@@ -132,13 +132,11 @@ async fn two_thousand_idle_connections_leave_the_api_answering() {
 }
 
 /// Start a job that keeps a blocking task of the agent busy, returning the
-/// CLI process that waits for it: a volume import from a FIFO nobody writes
-/// (the open blocks), or, if imports refuse FIFOs at once, an import of a
-/// large generated image.
-fn start_blocking_job(fleet: &Fleet, dir: &std::path::Path) -> (std::process::Child, &'static str) {
-    let fifo = dir.join("never-written.img");
-    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
-    assert!(made.success());
+/// CLI process that waits for it: a volume import of a large generated
+/// image (distinct chunks, so it takes seconds) from the rack's import
+/// directory. (A FIFO no longer works: imports refuse anything but a
+/// regular file before they start.)
+fn start_blocking_job(fleet: &Fleet) -> (std::process::Child, &'static str) {
     let import = |volume: &str, from: &std::path::Path| {
         Command::new(BIN)
             .args(["volume", "import", volume, "--from"])
@@ -150,13 +148,14 @@ fn start_blocking_job(fleet: &Fleet, dir: &std::path::Path) -> (std::process::Ch
             .spawn()
             .unwrap()
     };
-    let mut cli = import("stuck", &fifo);
-    std::thread::sleep(Duration::from_millis(1500));
-    if cli.try_wait().unwrap().is_none() {
-        return (cli, "volume import from a FIFO");
-    }
-    // FIFOs are refused: a real, slow import instead (distinct chunks).
-    let big = dir.join("big.img");
+    let import_dir = fleet
+        .config("a")
+        .parent()
+        .unwrap()
+        .join("data")
+        .join("import");
+    std::fs::create_dir_all(&import_dir).unwrap();
+    let big = import_dir.join("big.img");
     {
         use std::io::Write;
         let mut f = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
@@ -190,8 +189,7 @@ async fn sigterm_stops_the_agent_while_a_blocking_job_runs() {
     let fleet = Fleet::init("a", &[]);
     let mut a = fleet.start("a");
     up(&fleet, "a").await;
-    let scratch = tempfile::tempdir().unwrap();
-    let (mut cli, job) = start_blocking_job(&fleet, scratch.path());
+    let (mut cli, job) = start_blocking_job(&fleet);
     assert!(
         cli.try_wait().unwrap().is_none(),
         "the job ({job}) is running"
