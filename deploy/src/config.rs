@@ -451,13 +451,15 @@ impl RackConfig {
                 "must be shorter than control.lease_ms".into(),
             );
         }
-        if c.renew_every_ms == 0 || c.renew_every_ms * 2 > c.lease_ms - c.fence_before_ms {
+        if c.renew_every_ms == 0
+            || c.renew_every_ms.saturating_mul(2) > c.lease_ms - c.fence_before_ms
+        {
             return bad(
                 "control.renew_every_ms",
                 "must leave at least two renewals before fencing starts (2 × renew_every_ms ≤ lease_ms − fence_before_ms)".into(),
             );
         }
-        if c.heartbeat_ms == 0 || c.heartbeat_ms * 3 > c.election_timeout_ms {
+        if c.heartbeat_ms == 0 || c.heartbeat_ms.saturating_mul(3) > c.election_timeout_ms {
             return bad(
                 "control.heartbeat_ms",
                 "must be positive and at most a third of control.election_timeout_ms".into(),
@@ -646,6 +648,24 @@ mod tests {
         assert!(field_of(&format!("{m}typo = 1\n")).contains("typo"));
         assert!(field_of(&format!("{m}[mesh]\nmdns = \"yes\"\n")).contains("mdns"));
         assert!(field_of("rack = ").starts_with("parse"));
+    }
+
+    /// `3 × heartbeat_ms` overflowed for huge values (a panic with
+    /// overflow checks, a wrapped product and so a wrong verdict without)
+    /// instead of refusing the value.
+    #[test]
+    fn huge_control_periods_are_refused_not_overflowed() {
+        let m = minimal();
+        // TOML integers stop at i64::MAX; three of those overflow a u64.
+        let max = i64::MAX;
+        assert_eq!(
+            field_of(&format!("{m}[control]\nheartbeat_ms = {max}\n")),
+            "control.heartbeat_ms"
+        );
+        assert_eq!(
+            field_of(&format!("{m}[control]\nrenew_every_ms = {max}\n")),
+            "control.renew_every_ms"
+        );
     }
 
     proptest! {
