@@ -6,8 +6,8 @@
 //! - 1: a metadata record; one that decodes survives a re-encoding, and its
 //!   per-object headers rebuild a header map;
 //! - 2: a blob location (same round trip as 0);
-//! - 3: header lines; splitting them into the shared block and per-object
-//!   fields, joining and splitting again gives the same parts;
+//! - 3: header lines; split into the shared block and per-object fields
+//!   and joined again, they are the same headers, values in their order;
 //! - otherwise: a raw header block as stored, joined into headers.
 #![no_main]
 
@@ -39,12 +39,13 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         3 => {
-            let headers = headers_from_text(&String::from_utf8_lossy(rest));
+            let mut headers = headers_from_text(&String::from_utf8_lossy(rest));
             let (block, volatile) = split_headers(&headers);
-            let joined = join_headers(&block, &volatile);
+            // Content-Length is derived from the body on the way out.
+            headers.remove(hyper::header::CONTENT_LENGTH);
             assert_eq!(
-                split_headers(&joined),
-                (block, volatile),
+                join_headers(&block, &volatile),
+                headers,
                 "headers changed between the store and the wire"
             );
         }
