@@ -71,7 +71,10 @@ fn region(body: impl Fn(u8) -> Vec<u8>) -> Vec<(TileId, Vec<u8>)> {
 fn source(name: &str, format: TileFormat) -> TileSource {
     TileSource {
         name: name.into(),
-        url: format!("http://127.0.0.1:9/{{z}}/{{x}}/{{y}}.{}", format.extension()),
+        url: format!(
+            "http://127.0.0.1:9/{{z}}/{{x}}/{{y}}.{}",
+            format.extension()
+        ),
         format,
         min_zoom: 0,
         max_zoom: 4,
@@ -95,7 +98,10 @@ fn exported_mbtiles(archive: &[u8]) -> Vec<u8> {
     config.proxy.cache_dir = work.path().join("cache");
     config.proxy.offline = true;
     config.tile_source = vec![source("img", TileFormat::Png)];
-    let (pm, out) = (work.path().join("in.pmtiles"), work.path().join("out.mbtiles"));
+    let (pm, out) = (
+        work.path().join("in.pmtiles"),
+        work.path().join("out.mbtiles"),
+    );
     std::fs::write(&pm, archive).expect("write archive");
     rt.block_on(async {
         let proxy = Proxy::bind(config, Deps::default()).await.expect("bind");
@@ -169,7 +175,13 @@ fn write_fuzz_seeds() {
     }
     input.extend_from_slice(&200u16.to_le_bytes());
     input.extend_from_slice(
-        format!("{}\n--\n{}\n--\n{}", text(&req), text(&resp), text(&not_modified)).as_bytes(),
+        format!(
+            "{}\n--\n{}\n--\n{}",
+            text(&req),
+            text(&resp),
+            text(&not_modified)
+        )
+        .as_bytes(),
     );
     // http_cache reads no mode byte: write the input as it is.
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/http_cache");
@@ -257,5 +269,10 @@ fn write_fuzz_seeds() {
     // Imports: the mode picks the source (even: png, odd: pbf).
     seed("mbtiles", "pmtiles-raster", 0, &png_archive);
     seed("mbtiles", "pmtiles-vector", 1, &vector);
-    seed("mbtiles", "mbtiles-export", 0, &exported_mbtiles(&png_archive));
+    seed(
+        "mbtiles",
+        "mbtiles-export",
+        0,
+        &exported_mbtiles(&png_archive),
+    );
 }

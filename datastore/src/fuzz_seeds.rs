@@ -62,8 +62,16 @@ fn write_fuzz_seeds() {
     .encode();
     for (name, bytes) in [("five-chunks", &encoded), ("one-zero-chunk", &single)] {
         // Mode 1: as it is; mode 0: the target recomputes the checksum.
-        seed("volume_manifest", &format!("{name}-raw"), &[&[1u8][..], bytes].concat());
-        seed("volume_manifest", &format!("{name}-fixed"), &[&[0u8][..], bytes].concat());
+        seed(
+            "volume_manifest",
+            &format!("{name}-raw"),
+            &[&[1u8][..], bytes].concat(),
+        );
+        seed(
+            "volume_manifest",
+            &format!("{name}-fixed"),
+            &[&[0u8][..], bytes].concat(),
+        );
     }
 
     let hello = Hello {
@@ -74,7 +82,11 @@ fn write_fuzz_seeds() {
         manifest_len: encoded.len() as u64,
     };
     let chunk = [ida.as_bytes().as_slice(), &a].concat();
-    let d = delta::encode(idb.as_bytes(), ida.as_bytes(), &a, &b).expect("a one-block delta");
+    // A delta pays off from two blocks on: one of two changed.
+    let (a2, mut b2) = (vec![1u8; 8192], vec![1u8; 8192]);
+    b2[100] = 2;
+    let (ida2, idb2) = (ChunkId::of(&a2), ChunkId::of(&b2));
+    let d = delta::encode(idb2.as_bytes(), ida2.as_bytes(), &a2, &b2).expect("a one-block delta");
     let (half1, half2) = encoded.split_at(encoded.len() / 2);
     seed(
         "replication_wire",
@@ -115,7 +127,7 @@ fn write_fuzz_seeds() {
         ]),
     );
     let zeros_delta = delta::encode_against_zeros(ida.as_bytes(), &{
-        let mut z = vec![0u8; chunk_size as usize];
+        let mut z = vec![0u8; 8192];
         z[5] = 1;
         z
     })

@@ -35,8 +35,9 @@ fn seed(target: &str, name: &str, bytes: &[u8]) {
 
 /// The ```toml blocks of the README, in order.
 fn readme_toml_blocks() -> Vec<String> {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
-        .expect("README.md");
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README.md");
     let mut blocks = Vec::new();
     let mut current: Option<String> = None;
     for line in readme.lines() {
@@ -87,7 +88,11 @@ fn write_fuzz_seeds() {
     let minimal_config = RackConfig::parse(&minimal, path).expect("minimal rack.toml");
     seed("rack_toml", "minimal", minimal.as_bytes());
     seed("rack_toml", "readme", documented.to_toml().as_bytes());
-    seed("rack_toml", "minimal-provisioned", minimal_config.to_toml().as_bytes());
+    seed(
+        "rack_toml",
+        "minimal-provisioned",
+        minimal_config.to_toml().as_bytes(),
+    );
 
     // Manifests: the README's, and the serialiser's form of it.
     let manifest = blocks
@@ -96,7 +101,11 @@ fn write_fuzz_seeds() {
         .expect("the README's manifest");
     let specs = parse_manifest(manifest).expect("the README's manifest parses");
     seed("appliance_manifest", "readme", manifest.as_bytes());
-    seed("appliance_manifest", "serialised", to_toml(&specs).as_bytes());
+    seed(
+        "appliance_manifest",
+        "serialised",
+        to_toml(&specs).as_bytes(),
+    );
     let vm = "[[appliance]]\nname = \"vm\"\ndriver = \"qemu\"\nafter = [\"db\"]\n\
               [[appliance.volume]]\nname = \"disk\"\nsize = \"4GiB\"\n\
               [[appliance]]\nname = \"db\"\ndriver = \"process\"\ncommand = [\"db\"]\n\
@@ -130,7 +139,11 @@ fn write_fuzz_seeds() {
     rev.verify(&fleet.public(), FLEET)
         .expect("the seed revocation verifies");
     let with_mode = |mode: u8, bytes: &[u8]| [&[mode][..], bytes].concat();
-    seed("certificate", "cert-file", &with_mode(0, cert.to_json().as_bytes()));
+    seed(
+        "certificate",
+        "cert-file",
+        &with_mode(0, cert.to_json().as_bytes()),
+    );
     let rev_json = serde_json::to_vec(&rev).expect("revocation serialises");
     seed("certificate", "revocation", &with_mode(1, &rev_json));
     let body_json = serde_json::to_vec(&body).expect("body serialises");

@@ -26,8 +26,11 @@ fuzz_target!(|data: &[u8]| {
     let req = headers_from_text(parts.next().unwrap_or(""));
     let resp = headers_from_text(parts.next().unwrap_or(""));
     let not_modified = headers_from_text(parts.next().unwrap_or(""));
-    let (request_time, response_time, now) =
-        (u64::from(request_time), u64::from(response_time), u64::from(now));
+    let (request_time, response_time, now) = (
+        u64::from(request_time),
+        u64::from(response_time),
+        u64::from(now),
+    );
 
     let _ = Directives::parse_request(&req);
     let d = Directives::parse(&resp);
@@ -62,7 +65,10 @@ fuzz_target!(|data: &[u8]| {
     let e = http_cache::evaluate(&req, &stored, now);
     assert_eq!((e.age, e.ttl), (age, ttl));
     if e.verdict == Verdict::Fresh && ttl <= 0 {
-        assert!(stored.stale_allowed(), "served stale against the origin's word");
+        assert!(
+            stored.stale_allowed(),
+            "served stale against the origin's word"
+        );
     }
     let _ = http_cache::stale_if_error(&req, &stored, now, false);
     let _ = http_cache::stale_if_error(&req, &stored, now, true);
@@ -82,6 +88,9 @@ fuzz_target!(|data: &[u8]| {
     let mut forwarded = req.clone();
     http_cache::strip_hop_by_hop(&mut forwarded);
     for name in forwarded.keys() {
-        assert!(!http_cache::is_hop_by_hop(name), "{name} survived stripping");
+        assert!(
+            !http_cache::is_hop_by_hop(name),
+            "{name} survived stripping"
+        );
     }
 });

@@ -124,7 +124,10 @@ fuzz_target!(|data: &[u8]| {
         2 => match request::<Rpc, RpcReply>(RPC_PROTOCOL, rest) {
             Some(Rpc::Swim(msg)) => swim(msg),
             Some(Rpc::Revocations(revs)) => {
-                for r in revs.iter().take(mesh::protocol::MAX_REVOCATIONS_PER_MESSAGE) {
+                for r in revs
+                    .iter()
+                    .take(mesh::protocol::MAX_REVOCATIONS_PER_MESSAGE)
+                {
                     let _ = admission.revoke(r);
                 }
                 if admission.is_revoked(&peer) {

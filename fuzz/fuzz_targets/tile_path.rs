@@ -38,7 +38,13 @@ fuzz_target!(|data: &[u8]| {
     }
     let sources = [
         source("osm", "png", 0, 19, "https://t.example/{z}/{x}/{y}.png"),
-        source("vec", "pbf", 2, 30, "https://v.example/{z}/{x}/{-y}.pbf?k=1"),
+        source(
+            "vec",
+            "pbf",
+            2,
+            30,
+            "https://v.example/{z}/{x}/{-y}.pbf?k=1",
+        ),
         source("sat", "jpg", 5, 12, "https://s.example/{y}/{x}/{z}"),
     ];
     let Ok((req, i)) = tiles::parse_path(text, &sources) else {
@@ -57,7 +63,11 @@ fuzz_target!(|data: &[u8]| {
             let _ = tiles::cache_key(&source, tile);
             let _ = tiles::upstream_url(&s.url, tile);
             let id = pmtiles::tile_id(tile);
-            assert_eq!(pmtiles::tile_of(id), Some(tile), "tile id does not name the tile back");
+            assert_eq!(
+                pmtiles::tile_of(id),
+                Some(tile),
+                "tile id does not name the tile back"
+            );
         }
     }
 });

@@ -130,10 +130,8 @@ fn write_fuzz_seeds() {
         },
     ];
 
-    let admit = request::<AdmitRequest, AdmitResponse>(
-        ADMIT_PROTOCOL,
-        AdmitRequest { certificate: cert },
-    );
+    let admit =
+        request::<AdmitRequest, AdmitResponse>(ADMIT_PROTOCOL, AdmitRequest { certificate: cert });
     seed("admit-request", 0, &admit);
     seed(
         "admit-accepted",
@@ -154,7 +152,11 @@ fn write_fuzz_seeds() {
         seq: 7,
         updates: updates.clone(),
     };
-    seed("rpc-ping", 2, &request::<Rpc, RpcReply>(RPC_PROTOCOL, Rpc::Swim(ping)));
+    seed(
+        "rpc-ping",
+        2,
+        &request::<Rpc, RpcReply>(RPC_PROTOCOL, Rpc::Swim(ping)),
+    );
     let ping_req = Message::PingReq {
         seq: 8,
         target: other,
@@ -170,7 +172,11 @@ fn write_fuzz_seeds() {
         2,
         &request::<Rpc, RpcReply>(RPC_PROTOCOL, Rpc::Revocations(vec![rev])),
     );
-    seed("reply-ok", 3, &response::<Rpc, RpcReply>(RPC_PROTOCOL, RpcReply::Ok));
+    seed(
+        "reply-ok",
+        3,
+        &response::<Rpc, RpcReply>(RPC_PROTOCOL, RpcReply::Ok),
+    );
     let ack = Message::Ack { seq: 7, updates };
     seed(
         "reply-ack",
