@@ -49,6 +49,9 @@ pub mod store;
 pub mod tiles;
 pub mod upstream;
 
+#[cfg(test)]
+mod fuzz_seeds;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;

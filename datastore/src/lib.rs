@@ -66,6 +66,9 @@ pub mod manifest;
 pub mod replicate;
 pub mod volume;
 
+#[cfg(test)]
+mod fuzz_seeds;
+
 pub use chunk_store::{
     ChunkStore, ChunkStoreError, ChunkStoreOptions, ChunkStoreStats, GcReport, RebuildReport,
     ScrubReport,

@@ -997,6 +997,24 @@ mod tests {
         Ok(())
     }
 
+    /// `3 × heartbeat_ms` overflowed for huge values (a panic with
+    /// overflow checks, a wrapped product and so a wrong verdict without)
+    /// instead of refusing the value.
+    #[test]
+    fn huge_control_periods_are_refused_not_overflowed() {
+        let m = minimal();
+        // TOML integers stop at i64::MAX; three of those overflow a u64.
+        let max = i64::MAX;
+        assert_eq!(
+            field_of(&format!("{m}[control]\nheartbeat_ms = {max}\n")),
+            "control.heartbeat_ms"
+        );
+        assert_eq!(
+            field_of(&format!("{m}[control]\nrenew_every_ms = {max}\n")),
+            "control.renew_every_ms"
+        );
+    }
+
     proptest! {
         /// Any accepted rack.toml converts into component settings without
         /// overflow; any refused one names one of the knobs it set.

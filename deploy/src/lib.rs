@@ -13,6 +13,9 @@ pub mod cert;
 pub mod config;
 pub mod power;
 
+#[cfg(test)]
+mod fuzz_seeds;
+
 pub use appliance::{
     ApplianceSpec, DriverKind, HealthCheck, HealthSpec, ManifestError, Placement, RestartMode,
     RestartPolicy, VolumeSpec,

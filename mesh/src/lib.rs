@@ -16,6 +16,9 @@ pub mod membership;
 pub mod node;
 pub mod protocol;
 
+#[cfg(test)]
+mod fuzz_seeds;
+
 pub use node::{
     start, AdmittedStreams, MeshError, MeshEvent, MeshHandle, MeshSettings, MeshStatus, PeerStatus,
     StartError,
