@@ -17,3 +17,6 @@ pub mod fs;
 pub mod process;
 pub mod record;
 pub mod time;
+
+#[cfg(test)]
+mod fuzz_seeds;
