@@ -1026,11 +1026,12 @@ impl Actor {
                 result,
             })) => match result {
                 Ok(rtt) => {
-                    // Only fleet members are shown (and their number is
-                    // bounded); pings also run before admission.
-                    if self.admission.is_admitted(&peer) {
-                        self.ping_rtt.insert(peer, rtt);
-                    }
+                    // Kept also before admission (the first ping runs as the
+                    // connection opens, the next one 15 s later): an entry
+                    // lives only while its peer is connected or a member and
+                    // goes when it is rejected, so the map is bounded by the
+                    // connection limit.
+                    self.ping_rtt.insert(peer, rtt);
                 }
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "ping failed: closing connection");
