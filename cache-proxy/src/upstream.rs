@@ -734,30 +734,18 @@ pub async fn connect_tcp(
     timeout: Duration,
 ) -> Result<TcpStream, FetchError> {
     let authority = format!("{host}:{port}");
-    let fut = async {
-        let addrs: Vec<_> = tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|_| FetchError::Dns(host.to_string()))?
-            .collect();
-        let mut last = None;
-        for a in addrs {
-            match TcpStream::connect(a).await {
-                Ok(s) => {
-                    let _ = s.set_nodelay(true);
-                    return Ok(s);
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(match last {
-            Some(e) => FetchError::Connect(authority.clone(), e),
-            None => FetchError::Dns(host.to_string()),
-        })
-    };
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(FetchError::ConnectTimeout(authority)),
+    let deadline = tokio::time::Instant::now() + timeout;
+    let addrs: Vec<SocketAddr> =
+        match tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port))).await {
+            Ok(Ok(addrs)) => addrs.collect(),
+            Ok(Err(_)) => return Err(FetchError::Dns(host.to_string())),
+            Err(_) => return Err(FetchError::ConnectTimeout(authority)),
+        };
+    if addrs.is_empty() {
+        return Err(FetchError::Dns(host.to_string()));
     }
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    connect_addrs(&addrs, &authority, left).await
 }
 
 #[cfg(test)]
