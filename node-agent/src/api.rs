@@ -227,7 +227,8 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> ErrorClass {
             ImportError::NotOwner(_) => CONFLICT,
             ImportError::Shrink { .. }
             | ImportError::InvalidSize(_)
-            | ImportError::QemuImg { .. } => ErrorClass::bad("from"),
+            | ImportError::QemuImg { .. }
+            | ImportError::Source(_) => ErrorClass::bad("from"),
             ImportError::Store(e) => classify(e),
             _ => INTERNAL,
         };
@@ -1074,6 +1075,13 @@ mod tests {
                     Box::new(VolumeError::Import(ImportError::NotOwner("v".into()))),
                     409,
                     None,
+                ),
+                (
+                    Box::new(VolumeError::Import(ImportError::Source(
+                        datastore::SourceError::Relative("img".into()),
+                    ))),
+                    400,
+                    Some("from"),
                 ),
                 (
                     Box::new(ControlError::Refused(Refusal::StaleEpoch {
