@@ -55,6 +55,24 @@ pub const MAX_META_BYTES: usize = 256 << 10;
 pub const REPLICATE_QUEUE: usize = 1024;
 /// A peer fetch that takes longer than this is abandoned for the backhaul.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Copies in flight at once: each holds a stream and a body; a seeding
+/// burst waits in the bounded queue instead of opening 1,024 streams.
+pub const MAX_REPLICATIONS: usize = 8;
+/// Tries of one copy of a pinned (seeded) object to one rack: a seeded
+/// region must reach the whole site even if a copy meets a connection
+/// being replaced or a peer's store momentarily busy. An unpinned copy is
+/// tried once (the digest still lets peers find it here).
+pub const PINNED_ATTEMPTS: u32 = 5;
+/// Wait before the second try of a pinned copy; doubles each time
+/// (0.5 + 1 + 2 + 4 s: a copy is given up after ~8 s of failures).
+pub const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+
+/// How long one copy may take: 10 s plus 1 s per MiB (a 64 MiB object over
+/// a 10 Mbit/s radio link takes ~55 s). A peer that stops reading is
+/// abandoned instead of holding a replication slot forever.
+fn put_timeout(len: usize) -> Duration {
+    Duration::from_secs(10) + Duration::from_secs((len >> 20) as u64)
+}
 
 #[derive(Serialize, Deserialize)]
 struct WireMeta {
@@ -171,7 +189,7 @@ impl CacheMesh {
     pub async fn run(
         self: Arc<Self>,
         proxy: ProxyHandle,
-        mut replicate_rx: mpsc::Receiver<(KeyHash, PeerObject)>,
+        replicate_rx: mpsc::Receiver<(KeyHash, PeerObject)>,
         cancel: CancellationToken,
     ) {
         let (Ok(mut digests), Ok(mut gets), Ok(mut puts)) = (
@@ -182,6 +200,8 @@ impl CacheMesh {
             tracing::error!("cache mesh protocols already registered");
             return;
         };
+        let replicating = tokio::spawn(self.clone().replicate_loop(replicate_rx, cancel.clone()));
+        let _replicating = tokio_util::task::AbortOnDropHandle::new(replicating);
         let mut tick = tokio::time::interval(DIGEST_INTERVAL);
         loop {
             tokio::select! {
@@ -254,11 +274,37 @@ impl CacheMesh {
                         let _ = s.close().await;
                     });
                 }
-                Some((key, obj)) = replicate_rx.recv() => {
-                    let this = self.clone();
-                    tokio::spawn(async move { this.replicate_now(key, obj).await });
-                }
             }
+        }
+    }
+
+    /// Drain the replication queue, [`MAX_REPLICATIONS`] copies at a time
+    /// (a full slot set leaves items in the bounded queue, and the proxy's
+    /// `try_send` then drops new ones and counts them).
+    async fn replicate_loop(
+        self: Arc<Self>,
+        mut replicate_rx: mpsc::Receiver<(KeyHash, PeerObject)>,
+        cancel: CancellationToken,
+    ) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_REPLICATIONS));
+        loop {
+            let item = tokio::select! {
+                _ = cancel.cancelled() => return,
+                item = replicate_rx.recv() => item,
+            };
+            let Some((key, obj)) = item else { return };
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let this = self.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = this.replicate_now(key, obj) => {}
+                }
+                drop(permit);
+            });
         }
     }
 
@@ -297,13 +343,33 @@ impl CacheMesh {
             self.stats.replicate_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        for peer in targets {
-            self.put_to(peer, key, &obj).await;
-        }
+        let attempts = if obj.meta.pinned { PINNED_ATTEMPTS } else { 1 };
+        let copies = targets.into_iter().map(|peer| {
+            let obj = &obj;
+            async move {
+                let mut backoff = RETRY_BACKOFF;
+                for attempt in 1..=attempts {
+                    match self.put_to(peer, key, obj).await {
+                        Ok(()) => return,
+                        Err(e) if attempt < attempts => {
+                            tracing::debug!(%peer, attempt, error = %e, "cache replication failed; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff *= 2;
+                        }
+                        Err(e) => {
+                            self.stats.replicate_dropped.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(%peer, attempts, error = %e, "cache replication given up");
+                        }
+                    }
+                }
+            }
+        });
+        futures::future::join_all(copies).await;
     }
 
-    async fn put_to(&self, peer: PeerId, key: KeyHash, obj: &PeerObject) {
-        let r: Result<(), String> = async {
+    /// One copy of one object to one peer, within [`put_timeout`].
+    async fn put_to(&self, peer: PeerId, key: KeyHash, obj: &PeerObject) -> Result<(), String> {
+        let put = async {
             let mut s = self
                 .mesh
                 .open_stream(peer, PUT_PROTOCOL)
@@ -322,24 +388,19 @@ impl CacheMesh {
             s.flush().await.map_err(|e| e.to_string())?;
             let ack = read_msg(&mut s, 16).await.map_err(|e| e.to_string())?;
             if ack != b"ok" {
-                return Err("peer did not acknowledge".into());
+                return Err("peer did not acknowledge".to_string());
             }
             Ok(())
+        };
+        tokio::time::timeout(put_timeout(obj.body.len()), put)
+            .await
+            .map_err(|_| "timed out".to_string())??;
+        self.stats.replicated.fetch_add(1, Ordering::Relaxed);
+        // Until its next digest, remember the peer has it now.
+        if let Some((d, _)) = self.digests.write().expect("digests lock").get_mut(&peer) {
+            d.insert(&key);
         }
-        .await;
-        match r {
-            Ok(()) => {
-                self.stats.replicated.fetch_add(1, Ordering::Relaxed);
-                // Until its next digest, remember the peer has it now.
-                if let Some((d, _)) = self.digests.write().expect("digests lock").get_mut(&peer) {
-                    d.insert(&key);
-                }
-            }
-            Err(e) => {
-                self.stats.replicate_dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%peer, error = %e, "cache replication failed");
-            }
-        }
+        Ok(())
     }
 }
 
