@@ -60,8 +60,9 @@ const TICK: Duration = Duration::from_millis(500);
 /// reports of 64 appliances at once; a full queue only makes a task wait
 /// after its work is done (an instance task reports *after* the stop).
 const REPORT_QUEUE: usize = 256;
-/// Grace of each appliance when the agent shuts down (the agent's own
-/// shutdown deadline bounds the sum).
+/// Grace of each appliance when the agent shuts down; independent
+/// appliances stop together, so the agent's own shutdown deadline bounds
+/// one grace per level of `after` dependency.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// The supervisor.
@@ -736,7 +737,9 @@ impl Shell {
         *self.sup.reports.lock().expect("reports lock") = reports;
     }
 
-    /// Stop every instance, dependents first, each within its grace.
+    /// Stop every instance, dependents first: each wave of
+    /// [`order::stop_waves`] is asked to stop at once, each instance within
+    /// its grace, and the next wave starts when all of this one are down.
     async fn shutdown(mut self, rx: &mut mpsc::Receiver<Report>) {
         let field = self.sup.control.state().borrow().clone();
         let live: Vec<String> = self.handles.keys().cloned().collect();
@@ -747,19 +750,23 @@ impl Shell {
                 .map(|a| a.spec.after.clone())
                 .unwrap_or_default()
         };
-        for name in order::stop_order(&live, after) {
-            let Some(h) = self.handles.remove(&name) else {
-                continue;
-            };
-            tracing::info!(appliance = %name, "stopping for shutdown");
-            h.stop.send_replace(Some(StopRequest {
-                grace: SHUTDOWN_GRACE,
-                why: StopWhy::Shutdown,
-            }));
-            let mut task = h.task;
+        for wave in order::stop_waves(&live, after) {
+            let mut tasks = Vec::new();
+            for name in wave {
+                let Some(h) = self.handles.remove(&name) else {
+                    continue;
+                };
+                tracing::info!(appliance = %name, "stopping for shutdown");
+                h.stop.send_replace(Some(StopRequest {
+                    grace: SHUTDOWN_GRACE,
+                    why: StopWhy::Shutdown,
+                }));
+                tasks.push(h.task);
+            }
+            let mut all = futures::future::join_all(tasks);
             loop {
                 tokio::select! {
-                    _ = &mut task => break,
+                    _ = &mut all => break,
                     Some(r) = rx.recv() => self.on_report(r),
                 }
             }

@@ -2,11 +2,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-/// The order to stop `running` appliances in: every appliance before the
-/// ones it starts `after` (a web app before its database), so nothing
-/// loses what it depends on while it still runs. Names outside `running`
-/// are ignored; a cycle (refused at deploy) falls back to name order.
-pub fn stop_order(running: &[String], after: impl Fn(&str) -> Vec<String>) -> Vec<String> {
+/// The waves in which to stop `running` appliances: every appliance in a
+/// wave before the ones it starts `after` (a web app before its database),
+/// so nothing loses what it depends on while it still runs; the appliances
+/// of one wave depend on none of each other and stop together, so a
+/// shutdown takes one stop grace per level of dependency, not one per
+/// appliance. Names outside `running` are ignored; a cycle (refused at
+/// deploy) is broken by taking its first name alone.
+pub fn stop_waves(running: &[String], after: impl Fn(&str) -> Vec<String>) -> Vec<Vec<String>> {
     let set: BTreeSet<&str> = running.iter().map(String::as_str).collect();
     // Dependents of each appliance among the running ones.
     let mut dependents: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
@@ -17,7 +20,7 @@ pub fn stop_order(running: &[String], after: impl Fn(&str) -> Vec<String>) -> Ve
             }
         }
     }
-    let mut order = Vec::new();
+    let mut waves = Vec::new();
     let mut done: BTreeSet<&str> = BTreeSet::new();
     while done.len() < set.len() {
         // Those whose dependents have all stopped; if none (a cycle), the
@@ -41,21 +44,21 @@ pub fn stop_order(running: &[String], after: impl Fn(&str) -> Vec<String>) -> Ve
         } else {
             ready
         };
-        for n in next {
+        for n in &next {
             done.insert(n);
-            order.push(n.to_owned());
         }
+        waves.push(next.into_iter().map(str::to_owned).collect());
     }
-    order
+    waves
 }
 
 #[cfg(test)]
 mod tests {
-    use super::stop_order;
+    use super::stop_waves;
 
-    fn order(running: &[&str], deps: &[(&str, &[&str])]) -> Vec<String> {
+    fn waves(running: &[&str], deps: &[(&str, &[&str])]) -> Vec<Vec<String>> {
         let running: Vec<String> = running.iter().map(|s| (*s).to_owned()).collect();
-        stop_order(&running, |n| {
+        stop_waves(&running, |n| {
             deps.iter()
                 .find(|(a, _)| *a == n)
                 .map(|(_, d)| d.iter().map(|s| (*s).to_owned()).collect())
@@ -66,19 +69,27 @@ mod tests {
     #[test]
     fn dependents_stop_before_what_they_start_after() {
         // web after api after db; voip on its own; a dependency not running.
-        let got = order(
+        let got = waves(
             &["db", "voip", "web", "api"],
             &[("web", &["api"]), ("api", &["db", "cache"])],
         );
-        let pos = |n: &str| got.iter().position(|x| x == n).expect(n);
-        assert_eq!(got.len(), 4);
-        assert!(pos("web") < pos("api") && pos("api") < pos("db"), "{got:?}");
+        // Independent appliances stop together; each level waits for the
+        // one that depends on it.
+        assert_eq!(got, [vec!["voip", "web"], vec!["api"], vec!["db"]]);
+    }
+
+    #[test]
+    fn eight_independent_appliances_stop_in_one_wave() {
+        let names = ["a", "b", "c", "d", "e", "f", "g", "h"];
+        let got = waves(&names, &[]);
+        assert_eq!(got, [names.to_vec()]);
     }
 
     #[test]
     fn a_cycle_still_stops_everything_once() {
-        let mut got = order(&["a", "b"], &[("a", &["b"]), ("b", &["a"])]);
-        got.sort();
-        assert_eq!(got, ["a", "b"]);
+        let got = waves(&["a", "b"], &[("a", &["b"]), ("b", &["a"])]);
+        let mut all: Vec<String> = got.concat();
+        all.sort();
+        assert_eq!(all, ["a", "b"]);
     }
 }
