@@ -930,14 +930,6 @@ async fn a_cancelled_import_removes_the_tiles_it_stored_and_keeps_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn import_attacks_peak_rss() {
-    fn vm(key: &str) -> u64 {
-        let s = std::fs::read_to_string("/proc/self/status").unwrap();
-        s.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
     let work = tempfile::tempdir().unwrap();
     let bomb = gzip_of_zeros(1 << 30);
     let mut tiles: Tiles = vec![((0, 0, 0), gz(&[0x1a, 1]))];
@@ -970,7 +962,7 @@ async fn import_attacks_peak_rss() {
     let p = start(offline_config(TileFormat::Pbf), Deps::default()).await;
     // Reset the peak (VmHWM) so building the files above does not count.
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
-    let base = vm("VmRSS:");
+    let base = common::proc_status_kib("VmRSS:");
     for name in [
         "bomb.mbtiles",
         "recursive.mbtiles",
@@ -982,13 +974,13 @@ async fn import_attacks_peak_rss() {
         println!(
             "{name}: refused in {:?} ({e}); peak RSS so far {} MiB",
             t0.elapsed(),
-            vm("VmHWM:") / 1024
+            common::proc_status_kib("VmHWM:") / 1024
         );
     }
     println!(
         "RSS before the attacks {} MiB, peak during them {} MiB (the whole test process)",
         base / 1024,
-        vm("VmHWM:") / 1024
+        common::proc_status_kib("VmHWM:") / 1024
     );
     p.stop().await;
 }

@@ -583,14 +583,6 @@ async fn a_gzip_bomb_tile_refuses_the_import_and_what_was_stored_is_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn pmtiles_attacks_peak_rss() {
-    fn vm(key: &str) -> u64 {
-        let s = std::fs::read_to_string("/proc/self/status").unwrap();
-        s.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
     let work = tempfile::tempdir().unwrap();
     let body = png(1);
     let leaf = self_pointing_leaf(2048);
@@ -611,7 +603,7 @@ async fn pmtiles_attacks_peak_rss() {
     let png_proxy = start(offline_config(TileFormat::Png), Deps::default()).await;
     let pbf_proxy = start(offline_config(TileFormat::Pbf), Deps::default()).await;
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
-    let base = vm("VmRSS:");
+    let base = common::proc_status_kib("VmRSS:");
     for (name, bytes, p) in [
         ("loop.pmtiles", &looped, &png_proxy),
         ("run.pmtiles", &run, &png_proxy),
@@ -623,13 +615,13 @@ async fn pmtiles_attacks_peak_rss() {
             "{name} ({} bytes): refused in {:?} ({e}); peak RSS so far {} MiB",
             bytes.len(),
             t0.elapsed(),
-            vm("VmHWM:") / 1024
+            common::proc_status_kib("VmHWM:") / 1024
         );
     }
     println!(
         "RSS before the attacks {} MiB, peak during them {} MiB (the whole test process)",
         base / 1024,
-        vm("VmHWM:") / 1024
+        common::proc_status_kib("VmHWM:") / 1024
     );
     png_proxy.stop().await;
     pbf_proxy.stop().await;
