@@ -14,7 +14,12 @@
 //! time and writes the packet into the receiver's TUN. Plain threads rather
 //! than tokio: tokio's timers have millisecond granularity, a fifth of
 //! `radio-good`'s 5 ms delay, while `thread::sleep` is good to about 0.1 ms.
+//! The four threads ask for real-time (`SCHED_FIFO`) priority, since on a
+//! busy machine an ordinary thread can wait milliseconds to run, which would
+//! count as link delay; they block on I/O or sleep between packets, and the
+//! kernel's real-time throttling caps them anyway.
 
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -38,6 +43,10 @@ pub const MAX_IN_FLIGHT: usize = 8192;
 /// Largest packet read from a TUN device: its MTU is 1500, and a buffer of
 /// 64 KiB also takes anything a misconfigured MTU would let through.
 const MAX_PACKET: usize = 65536;
+
+/// `SCHED_FIFO` priority of the emulator's threads: above every ordinary
+/// thread, below the kernel's own real-time threads (which use 50 and up).
+const RT_PRIORITY: u32 = 20;
 
 /// How often a writer with nothing to write checks whether to stop.
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -273,6 +282,7 @@ fn read_loop(
     tx: &SyncSender<(Duration, Vec<u8>)>,
     start: Instant,
 ) {
+    raise_priority();
     let mut buf = vec![0u8; MAX_PACKET];
     loop {
         let n = match from.recv_intr(&mut buf, stop) {
@@ -304,6 +314,7 @@ fn write_loop(
     rx: &Receiver<(Duration, Vec<u8>)>,
     start: Instant,
 ) {
+    raise_priority();
     loop {
         let (at, packet) = match rx.recv_timeout(STOP_POLL) {
             Ok(item) => item,
@@ -320,6 +331,27 @@ fn write_loop(
         }
         if to.send(&packet).is_err() {
             shared.lock().unwrap().write_errors += 1;
+        }
+    }
+}
+
+/// Gives the calling thread real-time priority (see the module doc), with
+/// `chrt` since this crate makes no system calls of its own. Best effort: a
+/// machine that refuses gets a less precise link, and a note on stderr.
+fn raise_priority() {
+    let tid = nix::unistd::gettid().to_string();
+    let out = Command::new("chrt")
+        .args(["--fifo", "--pid", &RT_PRIORITY.to_string(), &tid])
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => eprintln!(
+            "field-tests: link emulator thread {tid} keeps normal priority: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => {
+            eprintln!("field-tests: link emulator thread {tid} keeps normal priority: chrt: {e}")
         }
     }
 }

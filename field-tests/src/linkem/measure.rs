@@ -4,9 +4,10 @@
 //!
 //! - [`probe`]: a paced stream of small datagrams, well below the link's
 //!   rate, each carrying its sequence number and send time; gives the loss
-//!   ratio and the one-way delay. Sender and receiver are threads of this
-//!   process, so both read the same monotonic clock and one-way delay needs
-//!   no clock sync.
+//!   ratio and the one-way delay. Sender and receiver share this machine's
+//!   clock, so one-way delay needs no clock sync; arrival times are the
+//!   kernel's receive timestamps (`SO_TIMESTAMPNS`), so a receiver thread
+//!   that the scheduler wakes late does not count as link delay.
 //! - [`flood`]: datagrams offered above the link's rate for a while; the
 //!   receiver's byte count between its first and last datagram gives the
 //!   rate the link delivers, `rate × (1 − loss)`.
@@ -14,10 +15,15 @@
 //! Byte counts are IP packet sizes (UDP payload + 28), the unit the
 //! emulator's rate applies to.
 
+use std::io::IoSliceMut;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+use nix::sys::time::TimeSpec;
 
 use anyhow::{anyhow, ensure, Context, Result};
 
@@ -107,7 +113,6 @@ pub fn probe(
     drain: Duration,
 ) -> Result<ProbeReport> {
     ensure!(payload >= HEADER, "a probe carries at least {HEADER} bytes");
-    let base = Instant::now();
     let mut delays = Vec::with_capacity(count as usize);
     let mut seqs = Vec::with_capacity(count as usize);
     let (sent, received) = exchange(
@@ -115,13 +120,12 @@ pub fn probe(
         from,
         to,
         drain,
-        |sock, dst| send_paced(sock, dst, count, per_sec, payload, base),
+        |sock, dst| send_paced(sock, dst, count, per_sec, payload),
         |buf, arrived| {
             seqs.push(u64::from_le_bytes(buf[..8].try_into().expect("8 bytes")));
             let sent_at = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
             delays.push(arrived.saturating_sub(Duration::from_nanos(sent_at)));
         },
-        base,
     )?;
     Ok(ProbeReport {
         sent,
@@ -149,15 +153,13 @@ pub fn flood(
     let wire_bits = ((payload + IP_UDP_OVERHEAD) * 8) as u64;
     let per_sec = (offered_bps / wire_bits).max(1);
     let count = (per_sec as f64 * duration.as_secs_f64()).ceil() as u64;
-    let base = Instant::now();
     let (sent, received) = exchange(
         field,
         from,
         to,
         drain,
-        |sock, dst| send_paced(sock, dst, count, per_sec, payload, base),
+        |sock, dst| send_paced(sock, dst, count, per_sec, payload),
         |_, _| {},
-        base,
     )?;
     let span = received.last.saturating_sub(received.first).as_secs_f64();
     ensure!(
@@ -183,8 +185,9 @@ struct Received {
 }
 
 /// Runs `send` in `from` and a receiver in `to` that calls `on_datagram`
-/// with each datagram and its arrival time (since `base`) until `drain`
-/// after the sender is done. Returns what `send` returned and the counts.
+/// with each datagram and its arrival time (see [`wall_clock`]) until
+/// `drain` after the sender is done. Returns what `send` returned and the
+/// counts.
 fn exchange(
     field: &Field,
     from: &str,
@@ -192,7 +195,6 @@ fn exchange(
     drain: Duration,
     send: impl FnOnce(&UdpSocket, SocketAddrV4) -> Result<u64> + Send,
     mut on_datagram: impl FnMut(&[u8], Duration) + Send,
-    base: Instant,
 ) -> Result<(u64, Received)> {
     let dst = SocketAddrV4::new(field.ip(to)?, PORT);
     let done = AtomicBool::new(false);
@@ -206,16 +208,13 @@ fn exchange(
                     .context("binding the measuring socket")?;
                 // FORCE: past net.core.rmem_max, which is for unprivileged
                 // sockets; the harness runs as root.
-                nix::sys::socket::setsockopt(
-                    &sock,
-                    nix::sys::socket::sockopt::RcvBufForce,
-                    &RCVBUF,
-                )
-                .context("SO_RCVBUFFORCE")?;
+                setsockopt(&sock, sockopt::RcvBufForce, &RCVBUF).context("SO_RCVBUFFORCE")?;
+                setsockopt(&sock, sockopt::ReceiveTimestampns, &true).context("SO_TIMESTAMPNS")?;
                 sock.set_read_timeout(Some(Duration::from_millis(20)))?;
                 let _ = ready_tx.send(());
                 let mut got = Received::default();
                 let mut buf = vec![0u8; 65536];
+                let mut cmsg = nix::cmsg_space!(TimeSpec);
                 let mut drain_until: Option<Instant> = None;
                 loop {
                     if let Some(until) = drain_until {
@@ -225,9 +224,8 @@ fn exchange(
                     } else if done.load(Ordering::SeqCst) {
                         drain_until = Some(Instant::now() + drain);
                     }
-                    match sock.recv(&mut buf) {
-                        Ok(n) if n >= HEADER => {
-                            let arrived = base.elapsed();
+                    match receive(&sock, &mut buf, &mut cmsg) {
+                        Ok(Some((n, arrived))) if n >= HEADER => {
                             if got.count == 0 {
                                 got.first = arrived;
                             }
@@ -236,11 +234,6 @@ fn exchange(
                             on_datagram(&buf[..n], arrived);
                         }
                         Ok(_) => {}
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                            ) => {}
                         Err(e) => return Err(e).context("receiving"),
                     }
                 }
@@ -262,7 +255,7 @@ fn exchange(
 }
 
 /// Sends `count` datagrams of `payload` bytes at `per_sec`, each stamped
-/// with its sequence number and send time since `base`. A sender that falls
+/// with its sequence number and send time ([`wall_clock`]). A sender that falls
 /// behind catches up in a burst, as an application would. Datagrams the
 /// local stack refuses (`ENOBUFS` when the TUN's queue is full) are not
 /// counted as sent. Returns the number sent.
@@ -272,7 +265,6 @@ fn send_paced(
     count: u64,
     per_sec: u64,
     payload: usize,
-    base: Instant,
 ) -> Result<u64> {
     let start = Instant::now();
     let mut buf = vec![0u8; payload];
@@ -284,7 +276,7 @@ fn send_paced(
             std::thread::sleep(due - now);
         }
         buf[..8].copy_from_slice(&seq.to_le_bytes());
-        let stamp = base.elapsed().as_nanos() as u64;
+        let stamp = wall_clock().as_nanos() as u64;
         buf[8..16].copy_from_slice(&stamp.to_le_bytes());
         match sock.send_to(&buf, dst) {
             Ok(_) => sent += 1,
@@ -293,6 +285,37 @@ fn send_paced(
         }
     }
     Ok(sent)
+}
+
+/// Time since the Unix epoch: the clock of the kernel's receive
+/// timestamps, so send and receive times compare.
+fn wall_clock() -> Duration {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// One datagram into `buf`: its length and kernel receive time, or `None`
+/// if the read timed out.
+fn receive(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    cmsg: &mut Vec<u8>,
+) -> Result<Option<(usize, Duration)>> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(cmsg), MsgFlags::empty()) {
+        Ok(msg) => msg,
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return Ok(None),
+        Err(e) => return Err(e).context("receiving"),
+    };
+    let mut arrived = None;
+    for c in msg.cmsgs().context("reading control messages")? {
+        if let ControlMessageOwned::ScmTimestampns(ts) = c {
+            arrived = Some(Duration::from(ts));
+        }
+    }
+    // No timestamp (should not happen once SO_TIMESTAMPNS is on): now.
+    Ok(Some((msg.bytes, arrived.unwrap_or_else(wall_clock))))
 }
 
 /// Payload of a delay/loss probe: 92 bytes on the wire.
