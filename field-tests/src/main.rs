@@ -48,11 +48,11 @@ enum Cmd {
         /// Profile of a -> b (and of b -> a unless --reverse): a name
         /// (lan, radio-good, radio-poor, lossy, satellite, fading) with
         /// optional overrides, e.g. `radio-poor,loss=5%`.
-        #[arg(long)]
-        profile: Profile,
+        #[arg(long, value_parser = profile_arg)]
+        profile: String,
         /// Profile of b -> a, for an asymmetric link.
-        #[arg(long)]
-        reverse: Option<Profile>,
+        #[arg(long, value_parser = profile_arg)]
+        reverse: Option<String>,
         /// Seed of the emulator's randomness.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -102,9 +102,15 @@ fn run() -> Result<ExitCode> {
     }
 }
 
+/// Checks a profile argument at parse time, so clap reports a bad one; the
+/// string is kept (a parsed `Profile` would make `Cmd` large).
+fn profile_arg(s: &str) -> Result<String, field_tests::linkem::ProfileError> {
+    s.parse::<Profile>().map(|_| s.to_owned())
+}
+
 fn linkem(
-    profile: Profile,
-    reverse: Option<Profile>,
+    profile: String,
+    reverse: Option<String>,
     seed: u64,
     measure: bool,
     long: bool,
@@ -113,6 +119,8 @@ fn linkem(
         println!("SKIP: {why}");
         return Ok(ExitCode::from(2));
     }
+    let profile: Profile = profile.parse()?;
+    let reverse = reverse.map(|r| r.parse::<Profile>()).transpose()?;
     let profiles = LinkProfile::asymmetric(profile.clone(), reverse.unwrap_or(profile));
     let field = Field::new(["a", "b"])?;
     let link = EmulatedLink::between(&field, "a", "b", profiles.clone(), seed)?;

@@ -7,7 +7,8 @@
 //!
 //! A packet goes through four stages, in this order:
 //! 1. **fade**: arriving while the link is down (scheduled, or forced with
-//!    [`DirectionCore::set_down`]), it is lost;
+//!    [`DirectionCore::set_down`]), it is lost; packets accepted before the
+//!    fade began still arrive (at most a queue's and a delay's worth);
 //! 2. **queue**: the link serialises one packet at a time at the profile's
 //!    rate; a packet that would wait, with its own serialisation, longer
 //!    than the profile's queue is tail-dropped (a packet finding the link

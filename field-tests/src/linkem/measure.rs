@@ -63,6 +63,14 @@ impl ProbeReport {
         total / self.delays.len().max(1) as u32
     }
 
+    /// The median one-way delay: unlike the mean, not moved by the odd
+    /// probe whose sender the scheduler paused.
+    pub fn median_delay(&self) -> Duration {
+        let mut sorted = self.delays.clone();
+        sorted.sort_unstable();
+        sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+    }
+
     pub fn min_delay(&self) -> Duration {
         self.delays.iter().copied().min().unwrap_or_default()
     }
@@ -478,11 +486,12 @@ impl std::fmt::Display for SelfTest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "delay mean {:.2?} (expected {:.2?}, min {:.2?}, max {:.2?}); \
+            "delay mean {:.2?} (expected {:.2?}, median {:.2?}, min {:.2?}, max {:.2?}); \
              loss {:.3} % of {} probes (expected {:.3} % ± {:.3} %); \
              rate {:.3} Mbit/s (expected {:.3}, offered {:.3}) -> {}",
             self.probe.mean_delay(),
             self.expected_delay(),
+            self.probe.median_delay(),
             self.probe.min_delay(),
             self.probe.max_delay(),
             self.probe.loss() * 100.0,

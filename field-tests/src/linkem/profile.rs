@@ -345,7 +345,7 @@ fn parse_rate(s: &str) -> Result<u64, &'static str> {
     };
     let value: f64 = number.trim().parse().map_err(|_| "not a number")?;
     let bps = value * scale;
-    if !(bps.is_finite() && bps >= 1.0 && bps <= 1e12) {
+    if !(1.0..=1e12).contains(&bps) {
         return Err("must be between 1 bit/s and 1 Tbit/s");
     }
     Ok(bps.round() as u64)
