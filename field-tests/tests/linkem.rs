@@ -96,7 +96,7 @@ fn each_direction_has_its_own_profile() -> Result<()> {
     let _guard = serial();
     let field = Field::new(["a", "b"])?;
     let (up, down) = (profile("satellite,loss=0"), profile("radio-good,loss=0"));
-    let _link = field.emulated_link("a", "b", LinkProfile::asymmetric(up, down), 1)?;
+    let link = field.emulated_link("a", "b", LinkProfile::asymmetric(up, down), 1)?;
     let drain = Duration::from_secs(1);
     let ab = measure::probe(&field, "a", "b", 200, 100, 64, drain)?;
     let ba = measure::probe(&field, "b", "a", 200, 100, 64, drain)?;
@@ -106,12 +106,17 @@ fn each_direction_has_its_own_profile() -> Result<()> {
         ba.median_delay()
     );
     ensure!(
-        ab.received == 100 && ba.received == 100,
-        "no loss configured"
+        ab.received == 200 && ba.received == 200,
+        "no loss configured: {} and {} of 200 arrived; {:?} {:?}",
+        ab.received,
+        ba.received,
+        link.stats(Direction::AToB),
+        link.stats(Direction::BToA)
     );
-    // Medians: 100 probes are few, and one paused sender moves a mean.
+    // Each way its own delay; how accurate, the self-tests above check.
+    // Medians: 200 probes are few, and one paused sender moves a mean.
     ensure!(ab.median_delay().abs_diff(Duration::from_millis(300)) < Duration::from_millis(30));
-    ensure!(ba.median_delay().abs_diff(Duration::from_millis(5)) < Duration::from_micros(500));
+    ensure!(ba.median_delay().abs_diff(Duration::from_millis(5)) < Duration::from_millis(1));
     Ok(())
 }
 
