@@ -509,3 +509,64 @@ impl std::fmt::Display for SelfTest {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(sent: u64, seqs: &[u64], delays_ms: &[u64]) -> ProbeReport {
+        ProbeReport {
+            sent,
+            received: seqs.len() as u64,
+            delays: delays_ms
+                .iter()
+                .map(|d| Duration::from_millis(*d))
+                .collect(),
+            seqs: seqs.to_vec(),
+        }
+    }
+
+    #[test]
+    fn longest_gap_counts_missing_runs_at_either_end_too() {
+        assert_eq!(report(10, &[0, 1, 2, 6, 7, 8, 9], &[]).longest_gap(), 3);
+        assert_eq!(report(10, &[5, 6, 7, 8, 9], &[]).longest_gap(), 5);
+        assert_eq!(report(10, &[0, 1], &[]).longest_gap(), 8);
+        assert_eq!(report(3, &[2, 0, 1], &[]).longest_gap(), 0);
+        assert_eq!(report(4, &[], &[]).longest_gap(), 4);
+    }
+
+    #[test]
+    fn delay_statistics() {
+        let r = report(5, &[0, 1, 2, 3], &[10, 40, 20, 30]);
+        assert_eq!(r.mean_delay(), Duration::from_millis(25));
+        assert_eq!(r.median_delay(), Duration::from_millis(30));
+        assert_eq!(r.min_delay(), Duration::from_millis(10));
+        assert_eq!(r.max_delay(), Duration::from_millis(40));
+        assert!((r.loss() - 0.2).abs() < 1e-12);
+    }
+
+    #[test]
+    fn loss_tolerance_is_ten_percent_or_the_sampling_error() {
+        let test = |spec: &str, sent: u64| SelfTest {
+            profile: spec.parse().unwrap(),
+            probe: report(sent, &[], &[]),
+            flood: FloodReport {
+                offered_bps: 0.0,
+                delivered_bps: 0.0,
+                sent: 0,
+                received: 0,
+            },
+        };
+        // 5 % over ten million probes: 10 % of 5 % is wider than 3.3 σ.
+        assert!((test("lossy", 10_000_000).loss_tolerance() - 0.005).abs() < 1e-12);
+        // 0.1 % over 16000 probes: 3.3 σ = 3.3 × sqrt(0.001 × 0.999 / 16000).
+        let sigma = (0.001f64 * 0.999 / 16000.0).sqrt();
+        let tol = test("radio-good", 16_000).loss_tolerance();
+        assert!((tol - 3.3 * sigma).abs() < 1e-12);
+        // Bursts of 3 inflate the variance five-fold.
+        let bursty = test("lossy,burst=3", 16_000).loss_tolerance();
+        let random = test("lossy", 16_000).loss_tolerance();
+        assert!((bursty / random - 5f64.sqrt()).abs() < 1e-9);
+        assert_eq!(test("lan", 100).loss_tolerance(), 0.0);
+    }
+}

@@ -261,30 +261,53 @@ impl FromStr for Profile {
     }
 }
 
-/// Writes every field as an override of `lan`, so the result parses back to
-/// an equal profile.
-impl fmt::Display for Profile {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "lan,rate={}bit,delay={}us,jitter={}us,loss={},burst={},queue={}us,fade=",
+impl Profile {
+    /// Every field as an override of `lan`: parses back to an equal profile.
+    pub fn spec(&self) -> String {
+        let fade = match self.fade {
+            Some(fade) => format!("{}us/{}us", fade.down.as_micros(), fade.every.as_micros()),
+            None => "off".to_owned(),
+        };
+        format!(
+            "lan,rate={}bit,delay={}us,jitter={}us,loss={},burst={},queue={}us,fade={fade},reorder={}",
             self.rate_bps,
             self.delay.as_micros(),
             self.jitter.as_micros(),
             self.loss.ratio(),
             self.loss.mean_burst(),
             self.queue.as_micros(),
+            self.reorder,
+        )
+    }
+}
+
+/// For people: `10 Mbit/s, 20 ms ± 10 ms, loss 2 % in bursts of 3, queue
+/// 100 ms, no fades`.
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} Mbit/s, {:?} ± {:?}, ",
+            self.rate_bps as f64 / 1e6,
+            self.delay,
+            self.jitter
         )?;
-        match self.fade {
-            Some(fade) => write!(
-                f,
-                "{}us/{}us",
-                fade.down.as_micros(),
-                fade.every.as_micros()
-            )?,
-            None => f.write_str("off")?,
+        match self.loss {
+            Loss::None => f.write_str("no loss")?,
+            Loss::Random { ratio } => write!(f, "loss {} %", ratio * 100.0)?,
+            Loss::Bursty { ratio, mean_burst } => {
+                write!(f, "loss {} % in bursts of {mean_burst}", ratio * 100.0)?
+            }
         }
-        write!(f, ",reorder={}", self.reorder)
+        write!(f, ", queue {:?}, ", self.queue)?;
+        match self.fade {
+            Some(fade) => write!(f, "down {:?} every {:?}", fade.down, fade.every)?,
+            None => f.write_str("no fades")?,
+        }
+        if self.reorder {
+            f.write_str(", may reorder")?;
+        }
+        Ok(())
     }
 }
 
@@ -474,6 +497,22 @@ mod tests {
     }
 
     #[test]
+    fn display_is_for_people() {
+        assert_eq!(
+            profile_named("radio-poor").to_string(),
+            "10 Mbit/s, 20ms ± 10ms, loss 2 % in bursts of 3, queue 100ms, no fades"
+        );
+        assert_eq!(
+            profile_named("fading").to_string(),
+            "50 Mbit/s, 5ms ± 2ms, loss 0.1 %, queue 50ms, down 20s every 120s"
+        );
+    }
+
+    fn profile_named(name: &str) -> Profile {
+        Profile::named(name).unwrap()
+    }
+
+    #[test]
     fn fade_schedule_starts_up() {
         let fade = Fade {
             down: Duration::from_secs(20),
@@ -490,7 +529,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn display_parses_back(
+        fn spec_parses_back(
             name in proptest::sample::select(PROFILE_NAMES.to_vec()),
             loss_permille in 0u32..999,
             burst in 1u32..20,
@@ -501,7 +540,7 @@ mod tests {
                 "{name},loss={}%,burst={burst},rate={rate_kbit}kbit,reorder={reorder}",
                 loss_permille as f64 / 10.0
             ).parse().unwrap();
-            let back: Profile = p.to_string().parse().unwrap();
+            let back: Profile = p.spec().parse().unwrap();
             prop_assert_eq!(back, p);
         }
     }
