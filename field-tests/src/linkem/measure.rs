@@ -356,7 +356,7 @@ pub const DELAY_FLOOR: Duration = Duration::from_micros(300);
 /// when that is wider than [`TOLERANCE`]: 3.3 σ fails a correct emulator
 /// about once in a thousand runs. A short run cannot pin down a 0.1 % loss
 /// to 10 % (that takes millions of packets; the core's unit tests do it).
-const LOSS_SIGMAS: f64 = 3.3;
+pub const LOSS_SIGMAS: f64 = 3.3;
 
 /// How long a self-test measures.
 #[derive(Clone, Copy, Debug)]
