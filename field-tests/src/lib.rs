@@ -6,6 +6,8 @@
 //!   faults (`cut`, `cut_oneway`, `isolate`, `heal_all`) and probes;
 //! - [`history`]: the history checker: from the recorders' shared witness
 //!   log, every interval in which two copies of one appliance wrote;
+//! - [`linkem`]: a link emulator between two racks of a field (delay,
+//!   jitter, loss, rate, queue, fades) with named profiles;
 //! - [`agent`]: finding the binary, provisioning a [`Fleet`], running
 //!   [`Agent`]s inside a field, reading their [`Status`];
 //! - this file: [`available`], [`serial`], and the polling helpers
@@ -20,6 +22,7 @@
 pub mod agent;
 pub mod appliance;
 pub mod history;
+pub mod linkem;
 pub mod netns;
 
 use std::sync::{Mutex, MutexGuard};

@@ -5,14 +5,21 @@
 //!   itself; it does not need the `fieldrack` binary.
 //! - `field-tests drill kill-rack [--runs N] [--keep]`: SIGKILL the owner
 //!   of a tier-0 appliance N times and time each failover (see [`drill`]).
+//! - `field-tests linkem --profile P [--reverse Q] [--measure [--long]]`:
+//!   two racks joined by an emulated link (see `field_tests::linkem`);
+//!   with `--measure`, the emulator's self-test both ways, else it waits
+//!   for Enter while you run your own traffic in the namespaces.
 
 mod drill;
 
+use std::io::BufRead;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use clap::{Parser, Subcommand};
+use field_tests::linkem::measure::{Plan, SelfTest};
+use field_tests::linkem::{EmulatedLink, LinkProfile, Profile};
 use field_tests::{netns, Field};
 
 #[derive(Parser)]
@@ -36,6 +43,26 @@ enum Cmd {
     /// Repeated faults on a live 3-rack field, with timings.
     #[command(subcommand)]
     Drill(DrillCmd),
+    /// Two racks, `a` and `b`, joined by an emulated link.
+    Linkem {
+        /// Profile of a -> b (and of b -> a unless --reverse): a name
+        /// (lan, radio-good, radio-poor, lossy, satellite, fading) with
+        /// optional overrides, e.g. `radio-poor,loss=5%`.
+        #[arg(long, value_parser = profile_arg)]
+        profile: String,
+        /// Profile of b -> a, for an asymmetric link.
+        #[arg(long, value_parser = profile_arg)]
+        reverse: Option<String>,
+        /// Seed of the emulator's randomness.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Measure the link both ways (delay, loss, rate) and exit.
+        #[arg(long)]
+        measure: bool,
+        /// With --measure: about a minute per direction instead of 8 s.
+        #[arg(long, requires = "measure")]
+        long: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -65,7 +92,71 @@ fn run() -> Result<ExitCode> {
     match Cli::parse().command {
         Cmd::Check { racks } => check(&racks),
         Cmd::Drill(DrillCmd::KillRack { runs, keep }) => drill::kill_rack(runs, keep),
+        Cmd::Linkem {
+            profile,
+            reverse,
+            seed,
+            measure,
+            long,
+        } => linkem(profile, reverse, seed, measure, long),
     }
+}
+
+/// Checks a profile argument at parse time, so clap reports a bad one; the
+/// string is kept (a parsed `Profile` would make `Cmd` large).
+fn profile_arg(s: &str) -> Result<String, field_tests::linkem::ProfileError> {
+    s.parse::<Profile>().map(|_| s.to_owned())
+}
+
+fn linkem(
+    profile: String,
+    reverse: Option<String>,
+    seed: u64,
+    measure: bool,
+    long: bool,
+) -> Result<ExitCode> {
+    if let Err(why) = field_tests::available() {
+        println!("SKIP: {why}");
+        return Ok(ExitCode::from(2));
+    }
+    let profile: Profile = profile.parse()?;
+    let reverse = reverse.map(|r| r.parse::<Profile>()).transpose()?;
+    let profiles = LinkProfile::asymmetric(profile.clone(), reverse.unwrap_or(profile));
+    let field = Field::new(["a", "b"])?;
+    let link = EmulatedLink::between(&field, "a", "b", profiles.clone(), seed)?;
+    for (rack, dev) in [("a", link.device(0)), ("b", link.device(1))] {
+        println!(
+            "rack {rack}: namespace {} address {} (peer routed via {dev})",
+            field.namespace(rack)?,
+            field.ip(rack)?
+        );
+    }
+    println!("a -> b: {}", profiles.a_to_b);
+    println!("b -> a: {}", profiles.b_to_a);
+    if !measure {
+        println!(
+            "try: ip netns exec {} ping {}\npress Enter to tear down",
+            field.namespace("a")?,
+            field.ip("b")?
+        );
+        let _ = std::io::stdin().lock().lines().next();
+        return Ok(ExitCode::SUCCESS);
+    }
+    let plan = if long { Plan::LONG } else { Plan::QUICK };
+    let mut ok = true;
+    for (from, to, profile) in [("a", "b", &profiles.a_to_b), ("b", "a", &profiles.b_to_a)] {
+        let test = SelfTest::run(&field, from, to, profile, plan)?;
+        println!("{from} -> {to}: {test}");
+        for failure in test.failures() {
+            println!("  out of tolerance: {failure}");
+            ok = false;
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn check(racks: &[String]) -> Result<ExitCode> {

@@ -26,6 +26,10 @@
 //! fixed), so IPv4, IPv6 and multicast are all covered. ARP is not filtered
 //! (it never reaches the `inet` hooks), which does not matter: a rack that can
 //! resolve a neighbour but never hears from it is still cut off.
+//!
+//! [`Field::emulated_link`] routes the IP traffic of two racks through the
+//! link emulator ([`crate::linkem`]) instead of the bridge; the MAC-matching
+//! faults above do not see that traffic, the emulator's own fades do.
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
@@ -343,6 +347,19 @@ impl Field {
             .join()
             .map_err(|_| anyhow!("thread in rack {rack} panicked"))?
         })
+    }
+
+    /// Joins racks `a` and `b` by an emulated link with `profiles` (see
+    /// [`crate::linkem::EmulatedLink::between`]); dropping the link returns
+    /// them to the bridge.
+    pub fn emulated_link(
+        &self,
+        a: &str,
+        b: &str,
+        profiles: crate::linkem::LinkProfile,
+        seed: u64,
+    ) -> Result<crate::linkem::EmulatedLink<'_>> {
+        crate::linkem::EmulatedLink::between(self, a, b, profiles, seed)
     }
 
     /// Drops all traffic between `a` and `b`, both ways.

@@ -1,0 +1,357 @@
+//! The I/O shell: a [`DirectionCore`] per direction between two TUN devices.
+//!
+//! Each rack of the pair gets a TUN device `lem<N>` (N: the last octet of
+//! the peer's address) and a /32 route to the peer through it, with its own
+//! address as source. The more specific route wins over the field's /24 on
+//! `eth0`, so IP traffic between the two racks, and only it, goes through
+//! this process; the racks' other neighbours still go over the bridge.
+//! Packets are whole IP packets (no Ethernet, no ARP), so nftables faults of
+//! [`Field`], which match MAC addresses, do not apply to an emulated link:
+//! use [`EmulatedLink::set_down`] instead.
+//!
+//! Per direction, a reader thread takes packets from the sender's TUN and
+//! asks the core for a verdict; a writer thread sleeps until each delivery
+//! time and writes the packet into the receiver's TUN. Plain threads rather
+//! than tokio: tokio's timers have millisecond granularity, a fifth of
+//! `radio-good`'s 5 ms delay, while `thread::sleep` is good to about 0.1 ms.
+//! The four threads ask for real-time (`SCHED_FIFO`) priority, since on a
+//! busy machine an ordinary thread can wait milliseconds to run, which would
+//! count as link delay; they block on I/O or sleep between packets, and the
+//! kernel's real-time throttling caps them anyway.
+
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tun_rs::{DeviceBuilder, InterruptEvent, SyncDevice};
+
+use super::core::{Counters, DirectionCore, Verdict};
+use super::profile::{LinkProfile, Profile};
+use crate::netns::Field;
+
+/// Most packets in flight per direction (accepted by the core, not yet
+/// written). The core's queue bounds the waiting packets in time; this bounds
+/// the memory for those plus the ones "on the wire" during the delay: a
+/// saturated 1 Gbit/s link with 5 ms of queue and 0.1 ms of delay holds
+/// about 500 full-size packets, a satellite link with 500 ms of queue and
+/// 300 ms of delay about 135. Beyond it a packet is dropped and counted.
+pub const MAX_IN_FLIGHT: usize = 8192;
+
+/// Largest packet read from a TUN device: its MTU is 1500, and a buffer of
+/// 64 KiB also takes anything a misconfigured MTU would let through.
+const MAX_PACKET: usize = 65536;
+
+/// `SCHED_FIFO` priority of the emulator's threads: above every ordinary
+/// thread, below the kernel's own real-time threads (which use 50 and up).
+const RT_PRIORITY: u32 = 20;
+
+/// How often a writer with nothing to write checks whether to stop.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// Which way through the link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    AToB,
+    BToA,
+}
+
+/// Counters of one direction, from the core and the shell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectionStats {
+    pub core: Counters,
+    /// Accepted by the core but dropped because [`MAX_IN_FLIGHT`] packets
+    /// were already in flight.
+    pub dropped_in_flight: u64,
+    /// Writes into the receiving TUN that failed.
+    pub write_errors: u64,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    core: Option<DirectionCore>,
+    dropped_in_flight: u64,
+    write_errors: u64,
+}
+
+/// A link between two racks of a [`Field`] through the emulator. Dropping it
+/// stops the threads and removes the TUN devices and routes; it borrows the
+/// field so it cannot outlive the namespaces.
+pub struct EmulatedLink<'f> {
+    field: &'f Field,
+    racks: [String; 2],
+    devices: [String; 2],
+    directions: [Arc<Mutex<Shared>>; 2],
+    stop: Arc<InterruptEvent>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for EmulatedLink<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmulatedLink")
+            .field("racks", &self.racks)
+            .field("devices", &self.devices)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'f> EmulatedLink<'f> {
+    /// Routes traffic between racks `a` and `b` of `field` through an
+    /// emulated link with `profiles`; `seed` makes its randomness
+    /// reproducible (each direction gets its own stream).
+    pub fn between(
+        field: &'f Field,
+        a: &str,
+        b: &str,
+        profiles: LinkProfile,
+        seed: u64,
+    ) -> Result<EmulatedLink<'f>> {
+        anyhow::ensure!(a != b, "a link joins two different racks");
+        let (ip_a, ip_b) = (field.ip(a)?, field.ip(b)?);
+        let dev_a = format!("lem{}", ip_b.octets()[3]);
+        let dev_b = format!("lem{}", ip_a.octets()[3]);
+        let tun_a = Arc::new(create_tun(field, a, &dev_a)?);
+        let tun_b = Arc::new(create_tun(field, b, &dev_b)?);
+        let stop = Arc::new(InterruptEvent::new().context("creating the stop event")?);
+        let mut link = EmulatedLink {
+            field,
+            racks: [a.to_owned(), b.to_owned()],
+            devices: [dev_a.clone(), dev_b.clone()],
+            directions: Default::default(),
+            stop,
+            threads: Vec::new(),
+        };
+        // From here on, dropping `link` undoes what exists.
+        for (rack, dev, peer, own) in [(a, &dev_a, ip_b, ip_a), (b, &dev_b, ip_a, ip_b)] {
+            configure(field, rack, dev, peer, own)?;
+        }
+        let start = Instant::now();
+        let LinkProfile { a_to_b, b_to_a } = profiles;
+        link.start_direction(0, a_to_b, seed, &tun_a, &tun_b, start)?;
+        link.start_direction(
+            1,
+            b_to_a,
+            seed ^ 0x9e37_79b9_7f4a_7c15,
+            &tun_b,
+            &tun_a,
+            start,
+        )?;
+        Ok(link)
+    }
+
+    fn start_direction(
+        &mut self,
+        index: usize,
+        profile: Profile,
+        seed: u64,
+        from: &Arc<SyncDevice>,
+        to: &Arc<SyncDevice>,
+        start: Instant,
+    ) -> Result<()> {
+        let shared = &self.directions[index];
+        shared.lock().unwrap().core = Some(DirectionCore::new(profile, seed));
+        let (tx, rx) = sync_channel(MAX_IN_FLIGHT);
+        let name = format!("linkem-{}", self.devices[index]);
+        let reader = {
+            let (from, shared, stop) = (from.clone(), shared.clone(), self.stop.clone());
+            std::thread::Builder::new()
+                .name(format!("{name}-rx"))
+                .spawn(move || read_loop(&from, &shared, &stop, &tx, start))?
+        };
+        self.threads.push(reader);
+        let writer = {
+            let (to, shared, stop) = (to.clone(), shared.clone(), self.stop.clone());
+            std::thread::Builder::new()
+                .name(format!("{name}-tx"))
+                .spawn(move || write_loop(&to, &shared, &stop, &rx, start))?
+        };
+        self.threads.push(writer);
+        Ok(())
+    }
+
+    /// Forces both directions down (a fade on command) or lifts that.
+    pub fn set_down(&self, down: bool) {
+        self.set_direction_down(Direction::AToB, down);
+        self.set_direction_down(Direction::BToA, down);
+    }
+
+    /// Forces one direction down or lifts that.
+    pub fn set_direction_down(&self, direction: Direction, down: bool) {
+        if let Some(core) = self.directions[direction as usize]
+            .lock()
+            .unwrap()
+            .core
+            .as_mut()
+        {
+            core.set_down(down);
+        }
+    }
+
+    /// Counters of one direction so far.
+    pub fn stats(&self, direction: Direction) -> DirectionStats {
+        let shared = self.directions[direction as usize].lock().unwrap();
+        DirectionStats {
+            core: shared
+                .core
+                .as_ref()
+                .map(DirectionCore::counters)
+                .unwrap_or_default(),
+            dropped_in_flight: shared.dropped_in_flight,
+            write_errors: shared.write_errors,
+        }
+    }
+
+    /// The TUN device's name in rack `a` (index 0) or `b` (index 1).
+    pub fn device(&self, index: usize) -> &str {
+        &self.devices[index]
+    }
+}
+
+impl Drop for EmulatedLink<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop.trigger() {
+            eprintln!("field-tests: stopping the link emulator: {e}");
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+        // The devices vanish with their last descriptor, their routes with
+        // them; deleting explicitly also covers a device that outlived us.
+        for (rack, dev) in self.racks.iter().zip(&self.devices) {
+            let _ = self.field.exec(rack, &["ip", "link", "del", dev]);
+        }
+    }
+}
+
+/// Creates TUN device `name` inside `rack`'s namespace.
+fn create_tun(field: &Field, rack: &str, name: &str) -> Result<SyncDevice> {
+    let name = name.to_owned();
+    field
+        .run_in(rack, move || {
+            DeviceBuilder::new()
+                .name(&name)
+                .packet_information(false)
+                .build_sync()
+                .with_context(|| format!("creating TUN device {name} (is /dev/net/tun there?)"))
+        })
+        .with_context(|| format!("in rack {rack}"))
+}
+
+/// Brings `dev` up in `rack` and routes `peer` through it from `own`.
+fn configure(
+    field: &Field,
+    rack: &str,
+    dev: &str,
+    peer: std::net::Ipv4Addr,
+    own: std::net::Ipv4Addr,
+) -> Result<()> {
+    let ipv6_off = format!("net.ipv6.conf.{dev}.disable_ipv6=1");
+    let steps: [&[&str]; 3] = [
+        // No IPv6 link-local chatter (router solicitations, MLD) on the link.
+        &["sysctl", "-qw", &ipv6_off],
+        &["ip", "link", "set", dev, "up"],
+        &[
+            "ip",
+            "route",
+            "add",
+            &format!("{peer}/32"),
+            "dev",
+            dev,
+            "src",
+            &own.to_string(),
+        ],
+    ];
+    for argv in steps {
+        let out = field.exec(rack, argv)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{argv:?} in rack {rack}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Reads packets from `from`, asks the core, queues survivors for delivery.
+fn read_loop(
+    from: &SyncDevice,
+    shared: &Mutex<Shared>,
+    stop: &InterruptEvent,
+    tx: &SyncSender<(Duration, Vec<u8>)>,
+    start: Instant,
+) {
+    raise_priority();
+    let mut buf = vec![0u8; MAX_PACKET];
+    loop {
+        let n = match from.recv_intr(&mut buf, stop) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted && !stop.is_trigger() => continue,
+            // Stopped, or the device is gone (its namespace deleted).
+            Err(_) => return,
+        };
+        let now = start.elapsed();
+        let mut guard = shared.lock().unwrap();
+        let Some(core) = guard.core.as_mut() else {
+            return;
+        };
+        if let Verdict::Deliver { at } = core.offer(now, n) {
+            match tx.try_send((at, buf[..n].to_vec())) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => guard.dropped_in_flight += 1,
+                Err(TrySendError::Disconnected(_)) => return,
+            }
+        }
+    }
+}
+
+/// Writes each packet into `to` at its delivery time, until stopped.
+fn write_loop(
+    to: &SyncDevice,
+    shared: &Mutex<Shared>,
+    stop: &InterruptEvent,
+    rx: &Receiver<(Duration, Vec<u8>)>,
+    start: Instant,
+) {
+    raise_priority();
+    loop {
+        let (at, packet) = match rx.recv_timeout(STOP_POLL) {
+            Ok(item) => item,
+            Err(RecvTimeoutError::Timeout) => continue,
+            // The reader stopped.
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        if stop.is_trigger() {
+            return;
+        }
+        let wait = at.saturating_sub(start.elapsed());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        if to.send(&packet).is_err() {
+            shared.lock().unwrap().write_errors += 1;
+        }
+    }
+}
+
+/// Gives the calling thread real-time priority (see the module doc), with
+/// `chrt` since this crate makes no system calls of its own. Best effort: a
+/// machine that refuses gets a less precise link, and a note on stderr.
+fn raise_priority() {
+    let tid = nix::unistd::gettid().to_string();
+    let out = Command::new("chrt")
+        .args(["--fifo", "--pid", &RT_PRIORITY.to_string(), &tid])
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => eprintln!(
+            "field-tests: link emulator thread {tid} keeps normal priority: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => {
+            eprintln!("field-tests: link emulator thread {tid} keeps normal priority: chrt: {e}")
+        }
+    }
+}
