@@ -6,287 +6,44 @@
 //! Paths come from [`crate::api::paths`], the list the router matches on.
 //! Answers are the serde types the API serialises ([`Status`],
 //! [`ApplianceStatus`], [`VolumeStatus`], [`Event`], [`Revocation`]) or,
-//! for the small acknowledgements the API builds inline, the types below.
+//! for the small acknowledgements the API builds inline, the types of
+//! `client/answers.rs`. Long jobs are read by `client/job.rs`, sans I/O;
+//! errors are in `client/error.rs`.
 //! A refusal keeps the HTTP status and the agent's whole error chain
 //! ([`ClientError::Answer`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use deploy::config::{config_dir, ConfigError, RackConfig, API_TOKEN_FILE};
+use deploy::config::{config_dir, RackConfig, API_TOKEN_FILE};
 use deploy::Revocation;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 
 use crate::api::paths::{self, AppAction, VolumeAction};
+use job::JobReader;
+
+mod answers;
+mod error;
+mod job;
+
 use crate::state::Event;
 use crate::status::Status;
 use crate::supervisor::ApplianceStatus;
 use crate::volumes::VolumeStatus;
+pub use answers::{
+    Deployed, JobEvent, MoveAccepted, OfflineSet, RevocationAdded, RunningSet, ScrubReport,
+    SeedReport, VolumeCreated, VolumeExported, VolumeGeneration,
+};
+pub use error::{ClientError, FromConfigError};
+pub use job::MAX_LINE as MAX_JOB_LINE;
 
 /// How long the CLI waits for an agent: to connect, and for a whole
 /// ordinary answer (long operations stream and only the connect is timed).
 pub const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why a client could not be made from a `rack.toml`.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum FromConfigError {
-    /// The rack.toml itself (its error names the file and field).
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The `api-token` file beside it.
-    #[error("reading {path}")]
-    Token {
-        /// The token file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-}
-
-/// Why a request to the agent failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ClientError {
-    /// No TCP connection (the agent is not running, or elsewhere).
-    #[error("connecting to the agent API at {addr} (is the agent running?)")]
-    Connect {
-        /// The API address from rack.toml.
-        addr: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// Connected, but no (whole) answer within [`TIMEOUT`].
-    #[error("the agent at {addr} did not answer within {timeout:?}")]
-    Timeout {
-        /// The API address.
-        addr: String,
-        /// How long we waited.
-        timeout: Duration,
-    },
-    /// The HTTP exchange broke off.
-    #[error("HTTP exchange with the agent at {addr} failed")]
-    Http {
-        /// The API address.
-        addr: String,
-        /// hyper's error.
-        source: hyper::Error,
-    },
-    /// The request could not be built (e.g. a name that cannot be part of
-    /// a URI path).
-    #[error("cannot build a request for {path}")]
-    Request {
-        /// The path asked for.
-        path: String,
-        /// Why.
-        source: hyper::http::Error,
-    },
-    /// The request body could not be encoded.
-    #[error("cannot encode the request for {path}")]
-    Encode {
-        /// The path asked for.
-        path: String,
-        /// Why.
-        source: serde_json::Error,
-    },
-    /// The agent refused: its status and its whole error chain. For a
-    /// streamed operation that failed after it started, the status is the
-    /// stream's (200) and the message the operation's error line.
-    #[error(
-        "agent answered {} {}: {message}",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("")
-    )]
-    Answer {
-        /// The HTTP status (507 disk full, 503 no majority, 404 unknown,
-        /// 409 conflict, 400 bad input...).
-        status: StatusCode,
-        /// The agent's `error` (its whole cause chain, `outer: inner`), or
-        /// the raw body if it sent none.
-        message: String,
-        /// For a 400, the request field at fault, if the agent named it.
-        field: Option<String>,
-    },
-    /// The answer was not the JSON expected.
-    #[error("agent sent malformed JSON for {path}")]
-    Malformed {
-        /// The path asked for.
-        path: String,
-        /// The parse error.
-        source: serde_json::Error,
-    },
-    /// A line of a streamed answer was not JSON.
-    #[error("agent sent a malformed progress line")]
-    MalformedLine {
-        /// The parse error.
-        source: serde_json::Error,
-    },
-    /// A streamed answer ended without its result line.
-    #[error("the agent closed the stream without a result")]
-    NoResult,
-}
-
-impl ClientError {
-    /// The agent's error answer: its status, and its `error` and `field`
-    /// from the body, or the raw body if it is not such a document.
-    #[must_use]
-    pub fn answer(status: StatusCode, body: &[u8]) -> Self {
-        #[derive(Deserialize)]
-        struct ErrorBody {
-            error: String,
-            field: Option<String>,
-        }
-        match serde_json::from_slice::<ErrorBody>(body) {
-            Ok(b) => Self::Answer {
-                status,
-                message: b.error,
-                field: b.field,
-            },
-            Err(_) => Self::Answer {
-                status,
-                message: String::from_utf8_lossy(body).trim().to_owned(),
-                field: None,
-            },
-        }
-    }
-
-    /// The HTTP status, if the agent answered with a refusal.
-    #[must_use]
-    pub fn status(&self) -> Option<StatusCode> {
-        match self {
-            Self::Answer { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-}
-
-/// `POST /api/v1/revocations`: whether the revocation was new here.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct RevocationAdded {
-    /// False if the agent already had it.
-    pub new: bool,
-}
-
-/// `POST /api/v1/volumes` (201).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct VolumeCreated {
-    /// The volume.
-    pub name: String,
-    /// Its size as parsed by the agent.
-    pub size_bytes: u64,
-}
-
-/// A volume generation made by a snapshot or an import.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct VolumeGeneration {
-    /// The volume.
-    pub volume: String,
-    /// The new generation.
-    pub generation: u64,
-}
-
-/// A finished volume export.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct VolumeExported {
-    /// The file written (on the rack).
-    pub to: PathBuf,
-}
-
-/// `POST /api/v1/volumes/scrub`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct ScrubReport {
-    /// Chunks found corrupt.
-    pub corrupt: u64,
-    /// Of those, repaired from a replica.
-    pub repaired: u64,
-}
-
-/// `POST /api/v1/apps`: the appliances deployed.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Deployed {
-    /// Their names.
-    pub deployed: Vec<String>,
-}
-
-/// `POST /api/v1/apps/{name}/stop|start`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct RunningSet {
-    /// The appliance.
-    pub appliance: String,
-    /// Whether it is now meant to run.
-    pub running: bool,
-}
-
-/// `POST /api/v1/apps/{name}/move`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct MoveAccepted {
-    /// The appliance.
-    pub appliance: String,
-    /// The target rack.
-    pub to: String,
-}
-
-/// `POST /api/v1/cache/offline`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct OfflineSet {
-    /// Forced offline now.
-    pub offline: bool,
-}
-
-/// The final counts of `POST /api/v1/tiles/seed`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
-pub struct SeedReport {
-    /// Tiles in the plan.
-    pub total: u64,
-    /// Fetched now.
-    pub fetched: u64,
-    /// Already stored.
-    pub skipped: u64,
-    /// Failed (a later run retries them).
-    pub failed: u64,
-}
-
-/// A line of a long operation's NDJSON answer, before its result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobEvent {
-    /// What the operation will do (tile seeding: how many tiles).
-    Estimate {
-        /// Tiles in the plan.
-        tiles: u64,
-    },
-    /// How far it got: `done` of `total` (bytes or tiles).
-    Progress {
-        /// Done so far.
-        done: u64,
-        /// Of this many.
-        total: u64,
-    },
-}
-
-/// One NDJSON line: exactly one of the fields is set.
-#[derive(Deserialize)]
-struct JobLine {
-    progress: Option<JobProgress>,
-    estimate: Option<JobEstimate>,
-    error: Option<String>,
-    result: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-struct JobProgress {
-    done: u64,
-    total: u64,
-}
-
-#[derive(Deserialize)]
-struct JobEstimate {
-    tiles: u64,
-}
 
 /// Where an agent is and how to authenticate.
 #[derive(Debug, Clone)]
@@ -685,44 +442,14 @@ impl AgentClient {
             .await
             .map_err(|e| self.http_error(e))?;
 
-        let status = resp.status();
+        let mut reader = JobReader::new(resp.status());
         let mut body = resp.into_body();
-        let mut buf = Vec::new();
-        let mut result = None;
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame.map_err(|e| self.http_error(e))?.into_data() {
-                buf.extend_from_slice(&data);
-            }
-            if !status.is_success() {
-                // An error document, not NDJSON: read it whole.
-                continue;
-            }
-            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=nl).collect();
-                let line: JobLine = serde_json::from_slice(&line)
-                    .map_err(|source| ClientError::MalformedLine { source })?;
-                if let Some(p) = line.progress {
-                    on_event(JobEvent::Progress {
-                        done: p.done,
-                        total: p.total,
-                    });
-                } else if let Some(e) = line.estimate {
-                    on_event(JobEvent::Estimate { tiles: e.tiles });
-                } else if let Some(message) = line.error {
-                    return Err(ClientError::Answer {
-                        status,
-                        message,
-                        field: None,
-                    });
-                } else if let Some(r) = line.result {
-                    result = Some(r);
-                }
+                reader.feed(&data, &mut on_event)?;
             }
         }
-        if !status.is_success() {
-            return Err(ClientError::answer(status, &buf));
-        }
-        let result = result.ok_or(ClientError::NoResult)?;
+        let result = reader.finish()?;
         serde_json::from_value(result).map_err(|source| ClientError::Malformed {
             path: path.to_owned(),
             source,
@@ -759,38 +486,6 @@ fn decode<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_refusal_keeps_status_message_and_field() {
-        let e = ClientError::answer(
-            StatusCode::BAD_REQUEST,
-            br#"{"error": "invalid `size`: 3 is not a multiple of 512", "field": "size"}"#,
-        );
-        assert_eq!(e.status(), Some(StatusCode::BAD_REQUEST));
-        assert_eq!(
-            e.to_string(),
-            "agent answered 400 Bad Request: invalid `size`: 3 is not a multiple of 512"
-        );
-        let ClientError::Answer { field, .. } = e else {
-            panic!("an answer");
-        };
-        assert_eq!(field.as_deref(), Some("size"));
-    }
-
-    #[test]
-    fn a_refusal_without_an_error_document_shows_the_body() {
-        let e = ClientError::answer(StatusCode::INSUFFICIENT_STORAGE, b"  disk full\n");
-        assert_eq!(
-            e.to_string(),
-            "agent answered 507 Insufficient Storage: disk full"
-        );
-    }
-
-    #[test]
-    fn a_status_without_a_reason_phrase_prints_bare() {
-        let e = ClientError::answer(StatusCode::from_u16(599).unwrap(), b"{\"error\": \"x\"}");
-        assert_eq!(e.to_string(), "agent answered 599 : x");
-    }
 
     #[test]
     fn decode_takes_the_expected_status_and_refuses_others() {
