@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::Rack;
 
+pub mod paths;
 pub mod slots;
 
 use slots::Ticket;
@@ -502,20 +503,20 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     match (req.method().clone(), path.as_str()) {
-        (Method::GET, "/api/v1/status") => match rack.status().await {
+        (Method::GET, paths::STATUS) => match rack.status().await {
             Ok(s) => json(StatusCode::OK, &s),
             Err(e) => error_reply(&e),
         },
-        (Method::GET, "/metrics") => reply(
+        (Method::GET, paths::METRICS) => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4",
             rack.metrics_text().await,
         ),
-        (Method::GET, "/api/v1/revocations") => match rack.state.revocations() {
+        (Method::GET, paths::REVOCATIONS) => match rack.state.revocations() {
             Ok(list) => json(StatusCode::OK, &list),
             Err(e) => error_reply(&e),
         },
-        (Method::POST, "/api/v1/revocations") => {
+        (Method::POST, paths::REVOCATIONS) => {
             let body = match read_body(req).await {
                 Ok(b) => b,
                 Err(resp) => return resp,
@@ -534,7 +535,7 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
                 Err(e) => error_reply(&e),
             }
         }
-        (Method::GET, "/api/v1/events") => {
+        (Method::GET, paths::EVENTS) => {
             let limit = match parse_limit(&query) {
                 Ok(l) => l,
                 Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
@@ -544,8 +545,8 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
                 Err(e) => error_reply(&e),
             }
         }
-        (Method::GET, "/api/v1/volumes") => json(StatusCode::OK, &rack.volumes.status().await),
-        (Method::POST, "/api/v1/volumes") => {
+        (Method::GET, paths::VOLUMES) => json(StatusCode::OK, &rack.volumes.status().await),
+        (Method::POST, paths::VOLUMES) => {
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]
             struct Create {
@@ -568,16 +569,18 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
                 Err(e) => error_reply(&e),
             }
         }
-        (Method::POST, "/api/v1/volumes/scrub") => {
+        (Method::POST, paths::VOLUMES_SCRUB) => {
             let (corrupt, repaired) = rack.volumes.scrub_now().await;
             json(
                 StatusCode::OK,
                 &serde_json::json!({ "corrupt": corrupt, "repaired": repaired }),
             )
         }
-        (Method::POST, p) if p.starts_with("/api/v1/volumes/") => volume_action(req, rack, p).await,
-        (Method::GET, "/api/v1/apps") => json(StatusCode::OK, &rack.appliances.status()),
-        (Method::POST, "/api/v1/apps") => {
+        (Method::POST, p) if p.starts_with(paths::VOLUME_PREFIX) => {
+            volume_action(req, rack, p).await
+        }
+        (Method::GET, paths::APPS) => json(StatusCode::OK, &rack.appliances.status()),
+        (Method::POST, paths::APPS) => {
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]
             struct Deploy {
@@ -599,8 +602,8 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
             )
             .await
         }
-        (Method::POST, p) if p.starts_with("/api/v1/apps/") => app_action(req, rack, p).await,
-        (Method::POST, "/api/v1/cache/offline") => {
+        (Method::POST, p) if p.starts_with(paths::APP_PREFIX) => app_action(req, rack, p).await,
+        (Method::POST, paths::CACHE_OFFLINE) => {
             let Some(proxy) = &rack.proxy else {
                 return error(StatusCode::NOT_FOUND, "this rack runs no proxy");
             };
@@ -618,18 +621,18 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
                 Err(resp) => resp,
             }
         }
-        (Method::POST, "/api/v1/tiles/seed") => tiles_seed(req, rack).await,
-        (Method::POST, "/api/v1/tiles/import" | "/api/v1/tiles/export") => {
+        (Method::POST, paths::TILES_SEED) => tiles_seed(req, rack).await,
+        (Method::POST, paths::TILES_IMPORT | paths::TILES_EXPORT) => {
             tiles_mbtiles(req, rack, &path).await
         }
         (
             _,
-            "/api/v1/status"
-            | "/metrics"
-            | "/api/v1/revocations"
-            | "/api/v1/events"
-            | "/api/v1/apps"
-            | "/api/v1/volumes",
+            paths::STATUS
+            | paths::METRICS
+            | paths::REVOCATIONS
+            | paths::EVENTS
+            | paths::APPS
+            | paths::VOLUMES,
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{} is not allowed on {path}", req.method()),
@@ -682,7 +685,7 @@ where
 
 /// `POST /api/v1/volumes/{name}/{snapshot|import|export}`.
 async fn volume_action(req: Request<Incoming>, rack: &Rack, path: &str) -> Response<Body> {
-    let rest = &path["/api/v1/volumes/".len()..];
+    let rest = &path[paths::VOLUME_PREFIX.len()..];
     let Some((name, action)) = rest.split_once('/') else {
         return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"));
     };
@@ -906,7 +909,7 @@ async fn propose(rack: &Rack, cmd: control::Command, ok: serde_json::Value) -> R
 
 /// `POST /api/v1/apps/{name}/{stop|start|move}`.
 async fn app_action(req: Request<Incoming>, rack: &Rack, path: &str) -> Response<Body> {
-    let rest = &path["/api/v1/apps/".len()..];
+    let rest = &path[paths::APP_PREFIX.len()..];
     let Some((name, action)) = rest.split_once('/') else {
         return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"));
     };

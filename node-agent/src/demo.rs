@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::AgentClient;
 use crate::fleet::{self, RackSpec};
-use crate::status::{render_table, Status};
+use crate::status::render_table;
 
 /// Children get this long after SIGTERM before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -105,7 +105,9 @@ pub async fn run(racks: usize, dir: Option<PathBuf>, shutdown: CancellationToken
         .iter()
         .map(|n| {
             let p = dir.join(n).join("rack.toml");
-            AgentClient::from_config(&p).map(|c| (n.clone(), p, c))
+            AgentClient::from_config(&p)
+                .map(|c| (n.clone(), p, c))
+                .map_err(anyhow::Error::from)
         })
         .collect::<Result<_>>()?;
     let t0 = Instant::now();
@@ -153,7 +155,7 @@ async fn wait_for_mesh(
     while Instant::now() < deadline {
         let mut all = true;
         for (_, _, c) in clients {
-            let alive = match c.get_json::<Status>("/api/v1/status").await {
+            let alive = match c.status().await {
                 Ok(s) => s
                     .peers
                     .iter()
@@ -198,7 +200,7 @@ async fn print_field(dir: &Path, clients: &[(String, PathBuf, AgentClient)]) {
 
 async fn print_tables(clients: &[(String, PathBuf, AgentClient)]) {
     for (name, _, c) in clients {
-        match c.get_json::<Status>("/api/v1/status").await {
+        match c.status().await {
             Ok(s) => println!("{}", render_table(&s)),
             Err(e) => println!("rack {name}: unreachable ({e:#})\n"),
         }

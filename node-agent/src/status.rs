@@ -180,45 +180,56 @@ pub fn render_table(s: &Status) -> String {
             );
         }
     }
-    if !s.volumes.is_empty() {
-        let _ = writeln!(
-            out,
-            "{:<16} {:<8} {:>6} {:>10} {:>8}  replicas",
-            "VOLUME", "OWNER", "GEN", "SIZE", "RPO"
-        );
-        for v in &s.volumes {
-            let reps: Vec<String> = v
-                .replicas
-                .iter()
-                .map(|r| {
-                    format!(
-                        "{}@{}{}",
-                        r.rack,
-                        r.generation.map_or("-".into(), |g| g.to_string()),
-                        r.lag_s
-                            .map(|l| format!(" (lag {l:.0}s)"))
-                            .unwrap_or_default()
-                    )
-                })
-                .collect();
-            let _ = writeln!(
-                out,
-                "{:<16} {:<8} {:>6} {:>10} {:>8}  {}{}",
-                v.name,
-                v.owner.as_deref().unwrap_or("?"),
-                v.generation.map_or("-".into(), |g| g.to_string()),
-                human_bytes(v.size_bytes),
-                opt_f(v.rpo_s, "s"),
-                reps.join(", "),
-                v.transfer
-                    .as_ref()
-                    .map(|t| format!("  [{t}]"))
-                    .unwrap_or_default(),
-            );
-        }
-    }
+    out.push_str(&render_volumes(&s.volumes));
     for r in &s.revoked {
         let _ = writeln!(out, "revoked: {} ({}) — {}", r.rack, r.peer_id, r.reason);
+    }
+    out
+}
+
+/// The volume table of [`render_table`] (nothing for no volumes), also
+/// printed alone by `fieldrack volume status`.
+#[must_use]
+pub fn render_volumes(volumes: &[crate::volumes::VolumeStatus]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if volumes.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<16} {:<8} {:>6} {:>10} {:>8}  replicas",
+        "VOLUME", "OWNER", "GEN", "SIZE", "RPO"
+    );
+    for v in volumes {
+        let reps: Vec<String> = v
+            .replicas
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}@{}{}",
+                    r.rack,
+                    r.generation.map_or("-".into(), |g| g.to_string()),
+                    r.lag_s
+                        .map(|l| format!(" (lag {l:.0}s)"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<16} {:<8} {:>6} {:>10} {:>8}  {}{}",
+            v.name,
+            v.owner.as_deref().unwrap_or("?"),
+            v.generation.map_or("-".into(), |g| g.to_string()),
+            human_bytes(v.size_bytes),
+            opt_f(v.rpo_s, "s"),
+            reps.join(", "),
+            v.transfer
+                .as_ref()
+                .map(|t| format!("  [{t}]"))
+                .unwrap_or_default(),
+        );
     }
     out
 }

@@ -122,7 +122,7 @@ impl Drop for Agent {
 }
 
 pub async fn status(c: &AgentClient) -> Option<Status> {
-    c.get_json::<Status>("/api/v1/status").await.ok()
+    c.status().await.ok()
 }
 
 pub fn state_of(s: &Status, rack: &str) -> Option<String> {
@@ -167,11 +167,7 @@ pub async fn all_see(fleet: &Fleet, racks: &[&str], state: &str) -> bool {
 }
 
 pub async fn metric(c: &AgentClient, name: &str) -> f64 {
-    let (_, body) = c
-        .request(hyper::Method::GET, "/metrics", None)
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&body).into_owned();
+    let text = c.metrics().await.unwrap();
     text.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -1,0 +1,385 @@
+//! The `fieldrack` command line: the clap definitions (here), one module
+//! per command group that fetches through the typed
+//! [`node_agent::client::AgentClient`] and renders separately, and
+//! [`exit`], the one place that prints a failure with its whole cause
+//! chain and picks the exit code.
+//!
+//! Layout:
+//! - [`agent`]: `fieldrack agent` (logging, signals, config checks).
+//! - [`status`]: `status`, `events`.
+//! - [`fleet`]: `fleet init|add-rack|revoke`.
+//! - [`app`]: `app deploy|list|stop|start|move`.
+//! - [`volume`]: `volume create|import|export|snapshot|status`.
+//! - [`tiles`]: `tiles seed|import|export`.
+//! - [`cache`]: `cache offline`, `discover`.
+//! - [`progress`]: progress lines of long operations.
+//! - [`exit`]: error printing and exit codes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use deploy::config::LogFormat;
+use node_agent::client::AgentClient;
+
+pub mod agent;
+pub mod app;
+pub mod cache;
+pub mod exit;
+pub mod fleet;
+pub mod progress;
+pub mod status;
+pub mod tiles;
+pub mod volume;
+
+use exit::Failure;
+
+#[derive(Parser)]
+#[command(
+    name = "fieldrack",
+    version,
+    about = "Field-deployable edge racks: mesh, replication, caching, failover"
+)]
+pub struct Cli {
+    /// Log format (overrides `[log] format` in rack.toml).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormatArg {
+    Plain,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run a rack's agent.
+    Agent {
+        /// The rack's rack.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Provision and manage a fleet (on the provisioning laptop).
+    #[command(subcommand)]
+    Fleet(FleetCmd),
+    /// Show the field as seen by one rack.
+    Status {
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the status JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a rack's recent events (membership changes, revocations, refusals).
+    Events {
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Volumes: appliance disk images, snapshotted and replicated between racks.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Appliances: deploy, list, stop, start and move them.
+    #[command(subcommand)]
+    App(AppCmd),
+    /// Map tiles: seed a region into the rack's cache.
+    #[command(subcommand)]
+    Tiles(TilesCmd),
+    /// The caching proxy: operator switches.
+    #[command(subcommand)]
+    Cache(CacheCmd),
+    /// Find racks' proxies and tile servers on this network segment (mDNS).
+    Discover {
+        /// How long to listen, seconds.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
+    /// Run a local field of racks on this machine (no configuration needed).
+    Demo {
+        /// How many racks.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=26))]
+        racks: u8,
+        /// Provision into this directory instead of a temporary one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AppCmd {
+    /// Deploy (or update) the appliances of a manifest file.
+    Deploy {
+        /// The manifest (`[[appliance]]` tables).
+        manifest: PathBuf,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Every appliance of the field, where it runs and its state.
+    List {
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop an appliance (it stays deployed).
+    Stop {
+        /// Appliance name.
+        name: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start a stopped appliance again.
+    Start {
+        /// Appliance name.
+        name: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Move an appliance to another rack (a planned handover: no data lost).
+    Move {
+        /// Appliance name.
+        name: String,
+        /// Target rack.
+        #[arg(long)]
+        to: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VolumeCmd {
+    /// Create an empty (thin) volume owned by this rack.
+    Create {
+        /// Volume name ([a-z0-9-]).
+        name: String,
+        /// Size, e.g. 4G, 64M, 1T.
+        #[arg(long)]
+        size: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Import a raw or qcow2 image (into a new volume, or as an existing volume's next generation).
+    Import {
+        /// Volume name.
+        name: String,
+        /// The image file (on the rack).
+        #[arg(long)]
+        from: PathBuf,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Export a generation (the newest by default) as a raw image.
+    Export {
+        /// Volume name.
+        name: String,
+        /// Output file (on the rack).
+        #[arg(long)]
+        to: PathBuf,
+        /// Which generation.
+        #[arg(long)]
+        generation: Option<u64>,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Snapshot a volume now (it is also snapshotted on a schedule).
+    Snapshot {
+        /// Volume name.
+        name: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Volumes on this rack, their replicas and recovery points.
+    Status {
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TilesCmd {
+    /// Fetch every tile of a region from a source that allows bulk download (pinned: never evicted; resumable).
+    Seed {
+        /// Tile source name (a [[tile_source]] of rack.toml).
+        #[arg(long)]
+        source: String,
+        /// West,South,East,North in degrees.
+        #[arg(long, allow_hyphen_values = true)]
+        bbox: String,
+        /// Zoom range, e.g. 0-16.
+        #[arg(long)]
+        zoom: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Preload tiles from an MBTiles or PMTiles v3 file (pinned; served offline) before or after shipping.
+    Import {
+        /// The .mbtiles or .pmtiles file (on the rack; told apart by content).
+        file: PathBuf,
+        /// The [[tile_source]] the tiles belong to.
+        #[arg(long)]
+        source: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Write the cached tiles of a region to an MBTiles file for a field laptop or phone.
+    Export {
+        /// Output .mbtiles file (on the rack).
+        file: PathBuf,
+        /// Tile source name.
+        #[arg(long)]
+        source: String,
+        /// West,South,East,North in degrees.
+        #[arg(long, allow_hyphen_values = true)]
+        bbox: String,
+        /// Zoom range, e.g. 0-16.
+        #[arg(long)]
+        zoom: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CacheCmd {
+    /// Force offline mode on or off (offline: never touch the backhaul).
+    Offline {
+        /// on or off.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum FleetCmd {
+    /// Create a fleet: signing key, and per rack its config, key, certificate and API token.
+    Init {
+        /// Fleet directory to create.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Comma-separated rack names.
+        #[arg(long, value_delimiter = ',', required = true)]
+        racks: Vec<String>,
+        /// A witness (votes and relays only); repeatable.
+        #[arg(long)]
+        witness: Vec<String>,
+        /// Give every rack distinct 127.0.0.1 ports and bootstrap addresses pointing at the others.
+        #[arg(long)]
+        local: bool,
+        /// Fleet name (defaults to the directory name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Site of every rack (sites of individual racks can be edited in rack.toml).
+        #[arg(long)]
+        site: Option<String>,
+        /// Certificate lifetime in days.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u64,
+    },
+    /// Add one rack (or witness) to an existing fleet.
+    AddRack {
+        /// Fleet directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The new rack's name.
+        #[arg(long)]
+        rack: String,
+        /// Make it a witness.
+        #[arg(long)]
+        witness: bool,
+        /// Its site.
+        #[arg(long)]
+        site: Option<String>,
+    },
+    /// Revoke a rack's certificate; with --config, hand the revocation to that agent, which spreads it through the mesh.
+    Revoke {
+        /// Fleet directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The rack to revoke.
+        #[arg(long)]
+        rack: String,
+        /// Why (recorded in the revocation).
+        #[arg(long, default_value = "revoked by operator")]
+        reason: String,
+        /// rack.toml of a running agent to hand the revocation to.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Run one command.
+///
+/// # Errors
+/// The command's failure, which says how the process exits.
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Cmd::Agent { config } => agent::run(&config, cli.log_format).await,
+        Cmd::Fleet(cmd) => {
+            agent::init_logging(
+                agent::log_format(cli.log_format, LogFormat::Plain),
+                Some("warn"),
+            );
+            fleet::run(cmd).await
+        }
+        Cmd::Status { config, json } => status::status(&client_for(&config)?, json).await,
+        Cmd::Events { config, limit } => status::events(&client_for(&config)?, limit).await,
+        Cmd::Volume(cmd) => volume::run(cmd).await,
+        Cmd::App(cmd) => app::run(cmd).await,
+        Cmd::Tiles(cmd) => tiles::run(cmd).await,
+        Cmd::Cache(cmd) => cache::run(cmd).await,
+        Cmd::Discover { timeout } => cache::discover(timeout).await,
+        Cmd::Demo { racks, dir } => {
+            agent::init_logging(
+                agent::log_format(cli.log_format, LogFormat::Plain),
+                Some("warn"),
+            );
+            node_agent::demo::run(usize::from(racks), dir, agent::shutdown_token()).await?;
+            Ok(())
+        }
+    }
+}
+
+/// The client of the agent whose rack.toml is `config`.
+fn client_for(config: &Path) -> anyhow::Result<AgentClient> {
+    AgentClient::from_config(config).with_context(|| format!("using {}", config.display()))
+}
+
+/// A path on this machine as the agent needs it (it does not share our
+/// working directory): absolute, relative ones taken from here.
+fn absolute(path: PathBuf) -> anyhow::Result<PathBuf> {
+    Ok(if path.is_absolute() {
+        path
+    } else {
+        std::env::current_dir()
+            .context("finding the current directory")?
+            .join(path)
+    })
+}
