@@ -8,6 +8,8 @@
 //!
 //! Layout:
 //! - [`field`]: the replicated state and its commands (pure, deterministic).
+//! - [`formation`]: who may vote: cluster formation, growth, merge and
+//!   shrink (sans-IO; simulated in its tests).
 //! - [`placement`]: who should own what (pure; run by the leader).
 //! - [`lease`]: fencing by leases (pure bookkeeping over injected instants).
 //! - [`store`]: the Raft log and state machine in sled.
@@ -15,6 +17,7 @@
 //! - [`node`]: the running control plane of one rack.
 
 pub mod field;
+pub mod formation;
 pub mod lease;
 pub mod net;
 pub mod node;

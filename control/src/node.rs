@@ -2,13 +2,11 @@
 //! inbound calls, cluster formation and growth, and (on the leader) the
 //! placement loop.
 //!
-//! Cluster formation: a rack whose Raft state is empty waits `settle`
-//! after start, then asks every admitted peer whether it is in a cluster.
-//! If none is, and its node id is the lowest among them, it initialises a
-//! cluster of itself; the leader then adds every admitted rack and witness
-//! as a voter. A rack that finds a cluster waits to be added.
+//! Cluster formation, growth, merge and shrink are decided by
+//! [`crate::formation::Formation`] (sans-IO); this module only gathers its
+//! observations, asks the peers it names and carries out its actions.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +20,11 @@ use tokio_util::sync::CancellationToken;
 use util::time::unix_ms;
 
 use crate::field::{Carried, Command, FieldState, Response};
+use crate::formation::{
+    election_gate, needs_prevote, Action, Admitted, Answers, Asks, Formation, FormationSettings,
+    Hello, Membership, MeshView, Observation, PeerSeen, RaftView, Removal, Route, Wait,
+    CHECK_EVERY, HELLO_TIMEOUT, MEMBERSHIP_CHANGE_TIMEOUT, PREVOTE_MIN_TIMEOUT,
+};
 use crate::lease::{LeaseConfig, LeaseWatch};
 use crate::net::{
     read_frame, write_frame, Net, NetworkFactory, ProposeReply, Reply, Request, RAFT_PROTOCOL,
@@ -54,6 +57,16 @@ pub struct ControlSettings {
 }
 
 impl ControlSettings {
+    /// The timings formation decides with.
+    #[must_use]
+    pub fn formation(&self) -> FormationSettings {
+        FormationSettings {
+            settle: self.settle,
+            heartbeat: self.heartbeat,
+            remove_dead_after: self.remove_dead_after,
+        }
+    }
+
     /// Defaults for a rack named `rack` with its state under `dir`.
     #[must_use]
     pub fn new(dir: std::path::PathBuf, rack: &str) -> Self {
@@ -169,12 +182,10 @@ pub struct Control {
     /// Appliances this rack brought from a cluster it left, to deploy in the
     /// one it joined.
     carried: Mutex<Vec<Carried>>,
-    /// Consecutive checks that saw a larger (winning) cluster.
-    foreign_seen: Mutex<u32>,
+    /// Formation's state (who may vote): what the membership loop
+    /// remembers between checks.
+    formation: Mutex<Formation>,
     events: tokio::sync::broadcast::Sender<ControlEvent>,
-    /// The voters of the cluster this rack left, refused until it is in
-    /// the new one (its old leader would pull it back otherwise).
-    left: Mutex<BTreeSet<NodeId>>,
     id: NodeId,
     settings: ControlSettings,
     net: Arc<Net>,
@@ -182,8 +193,6 @@ pub struct Control {
     applies: Applies,
     started: Instant,
     down_since: Mutex<HashMap<String, u64>>,
-    /// Since when the leader has seen each voter dead.
-    voter_dead_since: Mutex<HashMap<NodeId, Instant>>,
     elect_enabled: std::sync::atomic::AtomicBool,
     last_append: Mutex<Instant>,
 }
@@ -238,9 +247,16 @@ impl Control {
             config,
             state_tx,
             carried: Mutex::default(),
-            foreign_seen: Mutex::new(0),
+            formation: Mutex::new(Formation::new(
+                id,
+                RackNode {
+                    rack: settings.rack.clone(),
+                    peer_id: local_peer.to_base58(),
+                },
+                settings.formation(),
+                now,
+            )),
             events: tokio::sync::broadcast::channel(EVENT_QUEUE).0,
-            left: Mutex::default(),
             id,
             settings,
             net,
@@ -248,7 +264,6 @@ impl Control {
             applies,
             started: now,
             down_since: Mutex::default(),
-            voter_dead_since: Mutex::default(),
             elect_enabled: std::sync::atomic::AtomicBool::new(true),
             last_append: Mutex::new(now),
         });
@@ -256,7 +271,7 @@ impl Control {
             .accept_streams(RAFT_PROTOCOL)
             .map_err(|e| ControlError::Raft(e.to_string()))?;
         tokio::spawn(me.clone().serve(streams, cancel.clone()));
-        tokio::spawn(me.clone().membership_loop(local_peer, cancel.clone()));
+        tokio::spawn(me.clone().membership_loop(cancel.clone()));
         tokio::spawn(me.clone().placement_loop(cancel.clone()));
         tokio::spawn(me.clone().election_guard_loop(cancel));
         Ok(me)
@@ -482,158 +497,292 @@ impl Control {
         }
     }
 
-    /// Racks alive in the mesh's membership, with their names: (peer,
-    /// rack). Not only the ones this rack is connected to: a rack that
-    /// only reaches the field through another (one radio link) is reached
-    /// through a relay.
-    fn live_peers(status: &mesh::MeshStatus) -> Vec<(PeerId, String)> {
-        let revoked: BTreeSet<PeerId> = status.revoked_peers.iter().map(|(p, _)| *p).collect();
-        status
-            .peers
-            .iter()
-            .filter(|p| p.state == State::Alive && !revoked.contains(&p.peer_id))
-            .filter_map(|p| Some((p.peer_id, p.rack.clone()?)))
-            .collect()
-    }
-
-    async fn membership_loop(self: Arc<Self>, local_peer: PeerId, cancel: CancellationToken) {
-        let me = RackNode {
-            rack: self.settings.rack.clone(),
-            peer_id: local_peer.to_base58(),
-        };
+    /// The membership loop: every [`CHECK_EVERY`], one formation check.
+    async fn membership_loop(self: Arc<Self>, cancel: CancellationToken) {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep(CHECK_EVERY) => {}
             }
-            let initialized = self.raft().is_initialized().await.unwrap_or(false);
-            if !initialized {
-                if self.started.elapsed() >= self.settings.settle {
-                    self.maybe_initialize(&me).await;
+            self.formation_check().await;
+        }
+    }
+
+    /// Observe, ask the peers formation names, let it decide, carry its
+    /// actions out (see [`crate::formation`] for the rules).
+    async fn formation_check(&self) {
+        let Some((obs, peers)) = self.observe().await else {
+            return;
+        };
+        let asks = self.formation().asks(&obs);
+        let answers = self.hellos(asks, &peers).await;
+        let actions = self.formation().decide(&obs, &answers);
+        for action in actions {
+            self.perform(action, &answers).await;
+        }
+    }
+
+    fn formation(&self) -> std::sync::MutexGuard<'_, Formation> {
+        self.formation.lock().expect("formation lock")
+    }
+
+    /// What formation decides from, with the PeerIds of the node ids it
+    /// may name. `None` when this rack is in a cluster but the mesh did not
+    /// answer: skip this check.
+    async fn observe(&self) -> Option<(Observation, HashMap<NodeId, PeerId>)> {
+        let initialized = self.raft().is_initialized().await.unwrap_or(false);
+        let status = match self.mesh.status().await {
+            Ok(s) => Some(s),
+            Err(_) if initialized => return None,
+            Err(_) => None,
+        };
+        let mut peers: HashMap<NodeId, PeerId> = HashMap::new();
+        let admitted = self
+            .mesh
+            .admitted()
+            .into_iter()
+            .map(|(p, rack)| {
+                let id = node_id(&p);
+                peers.insert(id, p);
+                Admitted { id, rack }
+            })
+            .collect();
+        // Node ids to PeerIds also while in no cluster: a rack that left one
+        // asks the voters it left, which it may reach only through a relay.
+        if let Some(s) = &status {
+            peers.extend(s.peers.iter().map(|p| (node_id(&p.peer_id), p.peer_id)));
+        }
+        let mesh = status.filter(|_| initialized).map(|s| MeshView {
+            peers: s
+                .peers
+                .iter()
+                .map(|p| PeerSeen {
+                    id: node_id(&p.peer_id),
+                    peer_id: p.peer_id.to_base58(),
+                    rack: p.rack.clone(),
+                    state: p.state,
+                })
+                .collect(),
+            revoked: s
+                .revoked_peers
+                .iter()
+                .map(|(p, rack)| (p.to_base58(), rack.clone()))
+                .collect(),
+        });
+        let obs = Observation {
+            now: Instant::now(),
+            raft: RaftView {
+                initialized,
+                leader: self.is_leader(),
+                last_append: *self.last_append.lock().expect("last_append lock"),
+                membership: self.membership(),
+            },
+            admitted,
+            mesh,
+            reported: self.applies.state.borrow().racks.keys().cloned().collect(),
+        };
+        Some((obs, peers))
+    }
+
+    /// This rack's Raft membership.
+    fn membership(&self) -> Membership {
+        let m = self.raft().metrics();
+        let m = m.borrow();
+        let mem = m.membership_config.membership();
+        Membership {
+            voters: mem.voter_ids().collect(),
+            nodes: mem.nodes().map(|(id, n)| (*id, n.clone())).collect(),
+        }
+    }
+
+    /// Ask `Hello` of the peers formation named, all at once, each within
+    /// [`HELLO_TIMEOUT`]; the silent ones are absent from the answers.
+    async fn hellos(&self, asks: Asks, peers: &HashMap<NodeId, PeerId>) -> Answers {
+        let calls = asks
+            .iter()
+            .filter_map(|(id, route)| Some((*id, *route, *peers.get(id)?)))
+            .map(|(id, route, peer)| async move {
+                let reply = match route {
+                    Route::Direct => self.net.direct(peer, &Request::Hello, HELLO_TIMEOUT).await,
+                    Route::AnyPath => self.net.call(peer, &Request::Hello, HELLO_TIMEOUT).await,
+                };
+                match reply {
+                    Ok(Reply::Hello {
+                        initialized,
+                        voters,
+                        ..
+                    }) => Some((
+                        id,
+                        Hello {
+                            initialized,
+                            voters: voters.into_iter().collect(),
+                        },
+                    )),
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "no answer to hello");
+                        None
+                    }
                 }
-                continue;
+            });
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Carry out one formation action.
+    async fn perform(&self, action: Action, answers: &Answers) {
+        match action {
+            Action::Wait(Wait::ClusterExists { rack }) => {
+                tracing::info!(%rack, "a cluster exists; waiting to be added to it");
             }
-            // One view of the mesh for this round's checks.
-            let Ok(status) = self.mesh.status().await else {
-                continue;
+            Action::Wait(Wait::NoAnswer { rack }) => {
+                tracing::debug!(%rack, "no answer before forming a cluster");
+            }
+            Action::Wait(Wait::Settling | Wait::NotLowest) => {}
+            Action::Bootstrap { voters } => match self.raft().initialize(voters).await {
+                Ok(()) => tracing::info!("formed a new control-plane cluster"),
+                Err(e) => tracing::debug!(error = %e, "initialize"),
+            },
+            Action::Leave {
+                our_voters,
+                their_voters,
+            } => {
+                tracing::warn!(
+                    our_voters,
+                    their_voters,
+                    "met a control-plane cluster that wins over ours (more voters of its own, or the lowest node id); leaving ours to join it"
+                );
+                let carried: Vec<String> =
+                    self.applies.state.borrow().apps.keys().cloned().collect();
+                match self.leave().await {
+                    Ok(()) => self.event(ControlEvent::LeftCluster {
+                        our_voters,
+                        their_voters,
+                        carried,
+                    }),
+                    Err(e) => {
+                        tracing::error!(error = %e, "leaving the control-plane cluster failed");
+                    }
+                }
+            }
+            Action::AdoptCarried => self.deploy_carried().await,
+            Action::AddLearner { id, node } => {
+                let rack = node.rack.clone();
+                let raft = self.raft();
+                let add = raft.add_learner(id, node, true);
+                match tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, add).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(%rack, error = %e, "adding a learner");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%rack, "adding a learner timed out");
+                        return;
+                    }
+                }
+                // Promote it now, unless a fresh look says otherwise (it
+                // was revoked while it caught up).
+                let Some((obs, _)) = self.observe().await else {
+                    return;
+                };
+                let next = self.formation().grow(&obs, answers);
+                if let Some(Action::Promote { id, rack }) = next {
+                    self.promote(id, &rack).await;
+                }
+            }
+            Action::Promote { id, rack } => self.promote(id, &rack).await,
+            Action::ForgetRack { rack } => {
+                let cmd = Command::ForgetRack { rack: rack.clone() };
+                match self.raft().client_write(cmd).await {
+                    Ok(_) => {
+                        tracing::warn!(%rack, "forgot a revoked rack");
+                        self.event(ControlEvent::RackForgotten { rack });
+                    }
+                    Err(e) => tracing::warn!(%rack, error = %e, "forgetting a revoked rack"),
+                }
+            }
+            Action::Remove {
+                id,
+                node,
+                voter,
+                why,
+                forget,
+            } => self.remove(id, &node, voter, why, forget).await,
+        }
+    }
+
+    /// Make member `id` a voter.
+    async fn promote(&self, id: NodeId, rack: &str) {
+        let raft = self.raft();
+        let change =
+            raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false);
+        match tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, change).await {
+            Ok(Ok(_)) => tracing::info!(%rack, "joined the control plane as a voter"),
+            Ok(Err(e)) => tracing::warn!(%rack, error = %e, "promoting to voter"),
+            Err(_) => tracing::warn!(%rack, "promoting to voter timed out"),
+        }
+    }
+
+    /// Take member `id` out of the cluster (out of the voters first), then
+    /// forget its report if `forget`.
+    async fn remove(&self, id: NodeId, node: &RackNode, voter: bool, why: Removal, forget: bool) {
+        let mut changes = vec![ChangeMembers::RemoveNodes(BTreeSet::from([id]))];
+        if voter {
+            changes.insert(0, ChangeMembers::RemoveVoters(BTreeSet::from([id])));
+        }
+        for change in changes {
+            let raft = self.raft();
+            let change = raft.change_membership(change, false);
+            match tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, change).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(rack = %node.rack, error = %e, "removing from the control plane");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(rack = %node.rack, "removing from the control plane timed out");
+                    return;
+                }
+            }
+        }
+        let why = why.to_string();
+        tracing::warn!(rack = %node.rack, %why, "removed from the control plane");
+        self.event(ControlEvent::VoterRemoved {
+            rack: node.rack.clone(),
+            why,
+        });
+        self.formation().removed(id);
+        if forget {
+            let cmd = Command::ForgetRack {
+                rack: node.rack.clone(),
             };
-            if self.merge(&status).await {
-                continue;
-            }
-            self.left.lock().expect("left lock").clear();
-            self.deploy_carried().await;
-            if self.is_leader() {
-                self.grow(&status).await;
-                self.shrink(&status).await;
+            match self.raft().client_write(cmd).await {
+                Ok(_) => self.event(ControlEvent::RackForgotten {
+                    rack: node.rack.clone(),
+                }),
+                Err(e) => {
+                    tracing::warn!(rack = %node.rack, error = %e, "forgetting a revoked rack");
+                }
             }
         }
     }
 
     /// This cluster's voters (empty when in none).
     fn voters(&self) -> BTreeSet<NodeId> {
-        let m = self.raft().metrics();
-        let m = m.borrow();
-        m.membership_config.membership().voter_ids().collect()
+        self.membership().voters
     }
 
-    /// Why a Raft call from `from` (a leader or candidate) is refused: it is
-    /// not in this rack's cluster. Two clusters that met (racks that formed
-    /// their own while cut off) never mix their logs; one of them leaves.
+    /// Why a Raft call from `from` (a leader or candidate) is refused (see
+    /// [`Formation::refusal`]).
     fn foreign(&self, from: Option<NodeId>) -> Option<String> {
-        let from = from?;
-        let m = self.raft().metrics();
-        let m = m.borrow();
-        let mem = m.membership_config.membership();
-        if mem.voter_ids().next().is_none() {
-            // In no cluster: anyone may add us, except the one we left.
-            return self
-                .left
-                .lock()
-                .expect("left lock")
-                .contains(&from)
-                .then(|| format!("node {from} is in the cluster this rack left"));
-        }
-        if mem.nodes().any(|(id, _)| *id == from) {
-            return None;
-        }
-        Some(format!(
-            "node {from} is not in this rack's control-plane cluster"
-        ))
-    }
-
-    /// Two clusters met: racks cut off from each other at first boot each
-    /// formed one. The larger (by voters; on a tie, the one holding the
-    /// lowest node id) stays; every rack of the other leaves its cluster,
-    /// forgetting its Raft state, and is added to the winner by its leader,
-    /// carrying its appliances' definitions over (deployed there unless the
-    /// winner has appliances of the same names). Its appliances stop when
-    /// its cluster state empties; the winner places them again. Returns
-    /// whether this rack left.
-    async fn merge(&self, status: &mesh::MeshStatus) -> bool {
-        let ours = self.voters();
-        if ours.is_empty() {
-            return false;
-        }
-        // Live racks outside our voters; and, while we have no leader, our
-        // own voters too (the leader may have moved to another cluster,
-        // leaving us behind). A healthy field asks nobody.
-        let heard = Instant::now()
-            .saturating_duration_since(*self.last_append.lock().expect("last_append lock"));
-        let leaderless = !self.is_leader() && heard > self.settings.heartbeat * 3;
-        let others: Vec<PeerId> = Self::live_peers(status)
-            .into_iter()
-            .map(|(p, _)| p)
-            .filter(|p| node_id(p) != self.id && (leaderless || !ours.contains(&node_id(p))))
-            .collect();
-        let hellos = others.into_iter().map(|peer| async move {
-            match self
-                .net
-                .call(peer, &Request::Hello, Duration::from_secs(1))
-                .await
-            {
-                Ok(Reply::Hello { voters, .. }) => Some(voters),
-                _ => None,
-            }
-        });
-        let answers = futures::future::join_all(hellos).await;
-        let mut winner: Option<BTreeSet<NodeId>> = None;
-        for voters in answers.into_iter().flatten() {
-            let theirs: BTreeSet<NodeId> = voters.into_iter().collect();
-            // Another cluster: it is in none of ours and we are in none of
-            // its. (Racks that already moved over sit in both lists: they
-            // count for neither side.)
-            if theirs.is_empty() || theirs.contains(&self.id) {
-                continue;
-            }
-            if wins(&theirs, &ours) && winner.as_ref().is_none_or(|w| wins(&theirs, w)) {
-                winner = Some(theirs);
-            }
-        }
-        let seen = {
-            let mut n = self.foreign_seen.lock().expect("foreign_seen lock");
-            *n = if winner.is_some() { *n + 1 } else { 0 };
-            *n
-        };
-        // Seen on several checks in a row (settle), not a passing view.
-        let needed = (self.settings.settle.as_millis() / 500).max(2) as u32;
-        let Some(winner) = winner.filter(|_| seen >= needed) else {
-            return false;
-        };
-        tracing::warn!(
-            our_voters = ours.len(),
-            their_voters = winner.len(),
-            "met a control-plane cluster that wins over ours (more voters of its own, or the lowest node id); leaving ours to join it"
-        );
-        let carried: Vec<String> = self.applies.state.borrow().apps.keys().cloned().collect();
-        match self.leave().await {
-            Ok(()) => self.event(ControlEvent::LeftCluster {
-                our_voters: ours.len(),
-                their_voters: winner.len(),
-                carried,
-            }),
-            Err(e) => tracing::error!(error = %e, "leaving the control-plane cluster failed"),
-        }
-        true
+        let membership = self.membership();
+        self.formation()
+            .refusal(from, &membership)
+            .map(|r| r.to_string())
     }
 
     /// Forget this rack's cluster: keep its appliances' definitions to
@@ -654,7 +803,6 @@ impl Control {
             })
             .collect();
         self.carried.lock().expect("carried lock").extend(specs);
-        *self.left.lock().expect("left lock") = self.voters();
         let old = self.raft();
         if let Err(e) = old.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
@@ -675,7 +823,6 @@ impl Control {
         .await
         .map_err(|e| ControlError::Raft(e.to_string()))?;
         *self.raft.write().expect("raft lock") = raft;
-        *self.foreign_seen.lock().expect("foreign_seen lock") = 0;
         // What the old cluster's log taught about leases means nothing in
         // the new one.
         *self.applies.leases.lock().expect("lease watch lock") =
@@ -716,20 +863,12 @@ impl Control {
         }
     }
 
-    /// Pre-vote by hand (openraft 0.9 has none): a rack that stops hearing
-    /// from the leader may start elections only if it reaches a majority of
-    /// the voters and none of those it reaches follows a leader that it
-    /// reaches too. Otherwise every election it tried while cut off would
-    /// raise its term, and on reconnecting that term would depose a healthy
-    /// leader, leaving the field leaderless long enough for leases to lapse.
+    /// Pre-vote by hand (openraft 0.9 has none): see
+    /// [`crate::formation::election_gate`].
     async fn guard_elections(&self) {
-        if self.is_leader() {
-            self.set_elect(true, 0, 0);
-            return;
-        }
         let heard = Instant::now()
             .saturating_duration_since(*self.last_append.lock().expect("last_append lock"));
-        if heard < self.settings.heartbeat * 3 {
+        if !needs_prevote(self.is_leader(), heard, self.settings.heartbeat) {
             self.set_elect(true, 0, 0);
             return;
         }
@@ -744,7 +883,7 @@ impl Control {
         if voters.is_empty() {
             return;
         }
-        let timeout = self.settings.heartbeat.max(Duration::from_millis(400));
+        let timeout = self.settings.heartbeat.max(PREVOTE_MIN_TIMEOUT);
         let pings = voters
             .iter()
             .filter(|(id, _)| *id != self.id)
@@ -760,12 +899,8 @@ impl Control {
             .into_iter()
             .flatten()
             .collect();
-        let reachable: BTreeSet<NodeId> = answers.iter().map(|(id, _)| *id).collect();
-        let leader_alive = answers
-            .iter()
-            .any(|(_, l)| l.is_some_and(|l| l != self.id && reachable.contains(&l)));
-        let majority = (reachable.len() + 1) * 2 > voters.len();
-        self.set_elect(majority && !leader_alive, reachable.len() + 1, voters.len());
+        let gate = election_gate(self.id, voters.len(), &answers);
+        self.set_elect(gate.elect, gate.reachable, gate.voters);
     }
 
     fn set_elect(&self, on: bool, reachable: usize, voters: usize) {
@@ -785,225 +920,6 @@ impl Control {
             }
         }
         self.raft().runtime_config().elect(on);
-    }
-
-    async fn maybe_initialize(&self, me: &RackNode) {
-        let peers = self.mesh.admitted();
-        if peers.iter().any(|(p, _)| node_id(p) < self.id) {
-            return; // the lowest id forms the cluster
-        }
-        for (p, rack) in &peers {
-            match self
-                .net
-                .direct(*p, &Request::Hello, Duration::from_secs(1))
-                .await
-            {
-                Ok(Reply::Hello {
-                    initialized: true, ..
-                }) => {
-                    tracing::info!(%rack, "a cluster exists; waiting to be added to it");
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(%rack, error = %e, "no answer before forming a cluster");
-                    return;
-                }
-            }
-        }
-        let members = BTreeMap::from([(self.id, me.clone())]);
-        match self.raft().initialize(members).await {
-            Ok(()) => tracing::info!("formed a new control-plane cluster"),
-            Err(e) => tracing::debug!(error = %e, "initialize"),
-        }
-    }
-
-    /// On the leader: make every live admitted rack a voter.
-    async fn grow(&self, status: &mesh::MeshStatus) {
-        let (voters, nodes) = {
-            let m = self.raft().metrics();
-            let m = m.borrow();
-            let mem = m.membership_config.membership();
-            let voters: BTreeSet<NodeId> = mem.voter_ids().collect();
-            let nodes: BTreeSet<NodeId> = mem.nodes().map(|(k, _)| *k).collect();
-            (voters, nodes)
-        };
-        for (peer, rack) in Self::live_peers(status) {
-            let id = node_id(&peer);
-            if voters.contains(&id) {
-                continue;
-            }
-            let node = RackNode {
-                rack: rack.clone(),
-                peer_id: peer.to_base58(),
-            };
-            if !nodes.contains(&id) {
-                // Only a rack in no cluster, or one of ours that was taken
-                // out while it was dead (its stale voters overlap ours): a
-                // rack of another cluster would refuse our calls (it leaves
-                // its cluster first if ours wins).
-                match self
-                    .net
-                    .call(peer, &Request::Hello, Duration::from_secs(1))
-                    .await
-                {
-                    Ok(Reply::Hello { voters: theirs, .. })
-                        if theirs.is_empty() || theirs.iter().any(|v| voters.contains(v)) => {}
-                    _ => continue,
-                }
-                let raft = self.raft();
-                let add = raft.add_learner(id, node, true);
-                match tokio::time::timeout(Duration::from_secs(10), add).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(%rack, error = %e, "adding a learner");
-                        continue;
-                    }
-                    Err(_) => {
-                        tracing::warn!(%rack, "adding a learner timed out");
-                        continue;
-                    }
-                }
-            }
-            let raft = self.raft();
-            let change =
-                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false);
-            match tokio::time::timeout(Duration::from_secs(10), change).await {
-                Ok(Ok(_)) => tracing::info!(%rack, "joined the control plane as a voter"),
-                Ok(Err(e)) => tracing::warn!(%rack, error = %e, "promoting to voter"),
-                Err(_) => tracing::warn!(%rack, "promoting to voter timed out"),
-            }
-            return; // one membership change at a time
-        }
-    }
-
-    /// On the leader: take out of the cluster a rack whose certificate was
-    /// revoked (and forget its report), or a voter dead for
-    /// `remove_dead_after` (growth adds it back if it returns). Never
-    /// itself; one change at a time.
-    async fn shrink(&self, status: &mesh::MeshStatus) {
-        let nodes: Vec<(NodeId, RackNode, bool)> = {
-            let m = self.raft().metrics();
-            let m = m.borrow();
-            let mem = m.membership_config.membership();
-            let voters: BTreeSet<NodeId> = mem.voter_ids().collect();
-            mem.nodes()
-                .filter(|(id, _)| **id != self.id)
-                .map(|(id, n)| (*id, n.clone(), voters.contains(id)))
-                .collect()
-        };
-        let revoked: BTreeSet<String> = status
-            .revoked_peers
-            .iter()
-            .map(|(p, _)| p.to_base58())
-            .collect();
-        // A revoked rack's report goes too, member or not (it may have been
-        // taken out for being dead before it was revoked).
-        // Not if a rack of that name is admitted again (a replacement given
-        // a new certificate under the old name).
-        let state = self.applies.state.borrow().clone();
-        let admitted: BTreeSet<String> = self.mesh.admitted().into_iter().map(|(_, r)| r).collect();
-        for (peer, rack) in &status.revoked_peers {
-            let member = nodes.iter().any(|(_, n, _)| n.peer_id == peer.to_base58());
-            let reused = *rack == self.settings.rack || admitted.contains(rack);
-            if !member && !reused && state.racks.contains_key(rack) {
-                let cmd = Command::ForgetRack { rack: rack.clone() };
-                match self.raft().client_write(cmd).await {
-                    Ok(_) => {
-                        tracing::warn!(%rack, "forgot a revoked rack");
-                        self.event(ControlEvent::RackForgotten { rack: rack.clone() });
-                    }
-                    Err(e) => tracing::warn!(%rack, error = %e, "forgetting a revoked rack"),
-                }
-                return;
-            }
-        }
-        let alive: BTreeSet<String> = status
-            .peers
-            .iter()
-            .filter(|p| p.state != State::Dead)
-            .map(|p| p.peer_id.to_base58())
-            .collect();
-        let now = Instant::now();
-        let mut gone = None;
-        {
-            let mut dead = self.voter_dead_since.lock().expect("voter_dead_since lock");
-            dead.retain(|id, _| nodes.iter().any(|(n, _, _)| n == id));
-            for (id, node, voter) in &nodes {
-                if revoked.contains(&node.peer_id) {
-                    gone = Some((
-                        *id,
-                        node.clone(),
-                        *voter,
-                        true,
-                        "its certificate was revoked".to_owned(),
-                    ));
-                    break;
-                }
-                if !voter || alive.contains(&node.peer_id) {
-                    dead.remove(id);
-                    continue;
-                }
-                let since = *dead.entry(*id).or_insert(now);
-                if let Some(limit) = self.settings.remove_dead_after {
-                    if now.duration_since(since) >= limit {
-                        gone = Some((
-                            *id,
-                            node.clone(),
-                            true,
-                            false,
-                            format!("dead for {limit:?}"),
-                        ));
-                        break;
-                    }
-                }
-            }
-        }
-        let Some((id, node, voter, forget, why)) = gone else {
-            return;
-        };
-        let mut changes = vec![ChangeMembers::RemoveNodes(BTreeSet::from([id]))];
-        if voter {
-            changes.insert(0, ChangeMembers::RemoveVoters(BTreeSet::from([id])));
-        }
-        for change in changes {
-            let raft = self.raft();
-            let change = raft.change_membership(change, false);
-            match tokio::time::timeout(Duration::from_secs(10), change).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(rack = %node.rack, error = %e, "removing from the control plane");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(rack = %node.rack, "removing from the control plane timed out");
-                    return;
-                }
-            }
-        }
-        tracing::warn!(rack = %node.rack, %why, "removed from the control plane");
-        self.event(ControlEvent::VoterRemoved {
-            rack: node.rack.clone(),
-            why: why.clone(),
-        });
-        self.voter_dead_since
-            .lock()
-            .expect("voter_dead_since lock")
-            .remove(&id);
-        let reused = self.mesh.admitted().iter().any(|(_, r)| *r == node.rack);
-        if forget && !reused {
-            let cmd = Command::ForgetRack {
-                rack: node.rack.clone(),
-            };
-            match self.raft().client_write(cmd).await {
-                Ok(_) => self.event(ControlEvent::RackForgotten {
-                    rack: node.rack.clone(),
-                }),
-                Err(e) => {
-                    tracing::warn!(rack = %node.rack, error = %e, "forgetting a revoked rack");
-                }
-            }
-        }
     }
 
     /// The racks as placement sees them: up = alive in membership (or us)
@@ -1114,16 +1030,6 @@ impl Control {
             }
         }
     }
-}
-
-/// Whether cluster `a` (its voters) wins over cluster `b` when they meet:
-/// more voters of its own (not in both), then the lowest such node id.
-/// Both sides decide alike from the same two lists.
-fn wins(a: &BTreeSet<NodeId>, b: &BTreeSet<NodeId>) -> bool {
-    let only_a: BTreeSet<NodeId> = a.difference(b).copied().collect();
-    let only_b: BTreeSet<NodeId> = b.difference(a).copied().collect();
-    (std::cmp::Reverse(only_a.len()), only_a.first())
-        < (std::cmp::Reverse(only_b.len()), only_b.first())
 }
 
 fn refused(r: Response) -> Result<Response, ControlError> {
