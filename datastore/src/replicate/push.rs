@@ -34,6 +34,7 @@ use super::{
     blocking, delta, TransferCounters, BATCH_BYTES, PIPELINE_BATCHES, SYNC_EVERY, SYNC_EVERY_BYTES,
 };
 use crate::chunk_store::ChunkStoreError;
+use crate::volume::PublishError;
 use crate::{ChunkId, Manifest, VolumeStore};
 
 /// After a write to the replica failed, how long to wait for the abort it
@@ -50,9 +51,47 @@ pub enum PushError {
     /// The stream or the peer failed.
     #[error(transparent)]
     Wire(#[from] WireError),
-    /// The local store failed.
-    #[error("store: {0}")]
-    Store(String),
+    /// The local volume registry failed.
+    #[error(transparent)]
+    Volumes(#[from] crate::volume::StoreError),
+    /// The local chunk store failed.
+    #[error(transparent)]
+    Chunks(#[from] ChunkStoreError),
+    /// The replica could not stage the offered manifest (which keeps the
+    /// chunks that arrive safe from garbage collection).
+    #[error("cannot stage the offered generation: {0}")]
+    Stage(PublishError),
+    /// The replica received every chunk but could not publish the generation.
+    #[error("cannot publish generation {generation}: {error}")]
+    Publish {
+        /// The generation offered.
+        generation: u64,
+        /// Why.
+        error: PublishError,
+    },
+    /// A chunk our own manifest references is not in our store (dropped as
+    /// corrupt earlier); a scrub fetches it back from a peer.
+    #[error("chunk {0} of our own manifest is missing (scrub will repair it)")]
+    MissingChunk(ChunkId),
+    /// The replica's background sync thread could not be started.
+    #[error("starting the sync thread")]
+    SyncThread(#[source] std::io::Error),
+    /// The replica's background sync thread stopped: an earlier sync failed
+    /// (that failure is the error reported when the transfer ends).
+    #[error("the sync thread stopped (an earlier sync failed)")]
+    SyncStopped,
+    /// The replica's background sync thread panicked.
+    #[error("the sync thread panicked")]
+    SyncPanicked,
+    /// A disk-side task of the transfer panicked or was cancelled.
+    #[error("the {task} task failed")]
+    Task {
+        /// Which task (`reader`, `writer`).
+        task: &'static str,
+        /// Why.
+        #[source]
+        source: tokio::task::JoinError,
+    },
     /// The peer sent data that failed verification; nothing of it was kept.
     #[error("peer sent bad data: {0}")]
     BadData(String),
@@ -88,8 +127,30 @@ impl From<std::io::Error> for PushError {
     }
 }
 
-fn store_err(e: impl std::fmt::Display) -> PushError {
-    PushError::Store(e.to_string())
+impl PushError {
+    /// Whether the local disk (or quota) is full: free space and retry.
+    #[must_use]
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::Volumes(e) => e.is_disk_full(),
+            Self::Chunks(e) => e.is_disk_full(),
+            Self::Stage(e) | Self::Publish { error: e, .. } => e.is_disk_full(),
+            Self::SyncThread(e) => crate::fsutil::is_disk_full(e),
+            _ => false,
+        }
+    }
+
+    /// Whether this side failed (bad data from the peer, or our own
+    /// store): the peer is then told why with an abort. A wire failure is
+    /// the peer's or the link's and needs no explanation.
+    fn is_local(&self) -> bool {
+        !matches!(self, Self::Wire(_) | Self::CorruptLocal(_))
+    }
+
+    /// Whether our own store or its sync thread failed.
+    fn is_store(&self) -> bool {
+        self.is_local() && !matches!(self, Self::BadData(_))
+    }
 }
 
 /// Offer `manifest` (a generation this rack owns) to a replica over `stream`.
@@ -220,9 +281,7 @@ where
     let base = match need_end.have_generation {
         Some(g) if g < manifest.generation => {
             let (st, vol) = (store.clone(), manifest.volume.clone());
-            blocking(move || st.manifest(&vol, g))
-                .await
-                .map_err(store_err)?
+            blocking(move || st.manifest(&vol, g)).await?
         }
         _ => None,
     };
@@ -307,7 +366,10 @@ where
     }
     producer
         .await
-        .map_err(|e| PushError::Store(format!("reader task: {e}")))?;
+        .map_err(|source| PushError::Task {
+            task: "reader",
+            source,
+        })?;
     let committed: Result<Committed, WireError> = async {
         write_frame(&mut stream, Kind::Done, &[]).await?;
         stream.flush().await?;
@@ -418,12 +480,10 @@ fn build_frame(
     let held = store.chunks().read_unverified_into(id, out);
     if !held.map_err(|e| {
         out.truncate(start);
-        store_err(e)
+        PushError::Chunks(e)
     })? {
         out.truncate(start);
-        return Err(PushError::Store(format!(
-            "chunk {id} of our own manifest is missing (scrub will repair it)"
-        )));
+        return Err(PushError::MissingChunk(*id));
     }
     let mut payload = None;
     if let Some(Some(base_id)) = base.filter(|b| *b != Some(*id)) {
@@ -506,8 +566,8 @@ where
     let volume = manifest.volume.clone();
     let (st, vol) = (store.clone(), volume.clone());
     let (owned, held) = blocking(move || -> Result<(bool, Option<u64>), PushError> {
-        let owned = st.owns(&vol).map_err(store_err)?;
-        let held = st.latest(&vol).map_err(store_err)?.map(|m| m.generation);
+        let owned = st.owns(&vol)?;
+        let held = st.latest(&vol)?.map(|m| m.generation);
         Ok((owned, held))
     })
     .await?;
@@ -544,7 +604,7 @@ where
     let (st, staged) = (store.clone(), manifest.clone());
     blocking(move || st.stage(&staged))
         .await
-        .map_err(store_err)?;
+        .map_err(PushError::Stage)?;
 
     // What do we lack? One bit per index; each missing id asked for once.
     let chunks = manifest.chunks.clone();
@@ -554,7 +614,7 @@ where
         let mut wanted = HashSet::new();
         for (i, c) in chunks.iter().enumerate() {
             if let Some(id) = c {
-                if !wanted.contains(id) && !st.chunks().contains(id).map_err(store_err)? {
+                if !wanted.contains(id) && !st.chunks().contains(id)? {
                     wanted.insert(*id);
                     bitmap[i / 8] |= 1 << (i % 8);
                 }
@@ -618,16 +678,19 @@ where
     drop(tx);
     let written = writer
         .await
-        .map_err(|e| PushError::Store(format!("writer task: {e}")))?;
+        .map_err(|source| PushError::Task {
+            task: "writer",
+            source,
+        })?;
     let (chunks, deltas) = match (received, written) {
         (_, Err((e, bad_chunk))) => {
-            if matches!(e, PushError::BadData(_) | PushError::Store(_)) {
+            if e.is_local() {
                 wire::abort_with(&mut stream, &e.to_string(), bad_chunk).await;
             }
             return Err(e);
         }
         (Err(e), _) => {
-            if matches!(e, PushError::BadData(_) | PushError::Store(_)) {
+            if e.is_local() {
                 wire::abort(&mut stream, &e.to_string()).await;
             }
             return Err(e);
@@ -638,10 +701,10 @@ where
     counters.deltas.fetch_add(deltas, Relaxed);
     let generation = manifest.generation;
     let st = store.clone();
-    if let Err(e) = blocking(move || st.publish(manifest)).await {
-        let reason = format!("cannot publish generation {generation}: {e}");
-        wire::abort(&mut stream, &reason).await;
-        return Err(PushError::Store(reason));
+    if let Err(error) = blocking(move || st.publish(manifest)).await {
+        let e = PushError::Publish { generation, error };
+        wire::abort(&mut stream, &e.to_string()).await;
+        return Err(e);
     }
     let f = Frame::json(Kind::Committed, &Committed { generation });
     write_frame(&mut stream, f.kind, &f.payload).await?;
@@ -675,12 +738,13 @@ fn store_frames(
     let synced = syncer.finish();
     let counts = match (stored, synced) {
         // A refused sync request is explained by the failed sync.
-        (Err((PushError::Store(_), None)), Err(e)) | (Ok(_), Err(e)) => return Err((e, None)),
+        (Err((stored, None)), Err(e)) if stored.is_store() => return Err((e, None)),
+        (Ok(_), Err(e)) => return Err((e, None)),
         (stored, _) => stored?,
     };
     st.chunks()
         .sync_uncached()
-        .map_err(|e| (store_err(e), None))?;
+        .map_err(|e| (PushError::Chunks(e), None))?;
     Ok(counts)
 }
 
@@ -743,7 +807,7 @@ fn store_frame(
             } else {
                 st.chunks()
                     .read(&ChunkId(h.base_id))
-                    .map_err(|e| bad(store_err(e)))?
+                    .map_err(|e| bad(PushError::Chunks(e)))?
                     .ok_or_else(|| {
                         bad(PushError::BadData(
                             "delta against a chunk we do not hold".into(),
@@ -772,7 +836,7 @@ fn store_frame(
         Err(e @ (ChunkStoreError::ZeroChunk | ChunkStoreError::TooLarge { .. })) => {
             Err(bad(PushError::BadData(format!("chunk {id}: {e}"))))
         }
-        Err(e) => Err(bad(store_err(e))),
+        Err(e) => Err(bad(PushError::Chunks(e))),
     }
 }
 
@@ -797,7 +861,7 @@ impl BackgroundSync {
                 }
                 Ok(())
             })
-            .map_err(|e| PushError::Store(format!("starting the sync thread: {e}")))?;
+            .map_err(PushError::SyncThread)?;
         Ok(Self { request, thread })
     }
 
@@ -806,9 +870,7 @@ impl BackgroundSync {
     fn request(&mut self) -> Result<(), PushError> {
         match self.request.try_send(()) {
             Ok(()) | Err(std::sync::mpsc::TrySendError::Full(())) => Ok(()),
-            Err(std::sync::mpsc::TrySendError::Disconnected(())) => Err(PushError::Store(
-                "the sync thread stopped (an earlier sync failed)".into(),
-            )),
+            Err(std::sync::mpsc::TrySendError::Disconnected(())) => Err(PushError::SyncStopped),
         }
     }
 
@@ -816,8 +878,8 @@ impl BackgroundSync {
     fn finish(self) -> Result<(), PushError> {
         drop(self.request);
         match self.thread.join() {
-            Ok(r) => r.map_err(store_err),
-            Err(_) => Err(PushError::Store("the sync thread panicked".into())),
+            Ok(r) => r.map_err(PushError::Chunks),
+            Err(_) => Err(PushError::SyncPanicked),
         }
     }
 }
