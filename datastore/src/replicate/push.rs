@@ -364,12 +364,10 @@ where
     if let Err(e) = sent {
         return Err(failed(&store, &mut stream, e).await);
     }
-    producer
-        .await
-        .map_err(|source| PushError::Task {
-            task: "reader",
-            source,
-        })?;
+    producer.await.map_err(|source| PushError::Task {
+        task: "reader",
+        source,
+    })?;
     let committed: Result<Committed, WireError> = async {
         write_frame(&mut stream, Kind::Done, &[]).await?;
         stream.flush().await?;
@@ -676,12 +674,10 @@ where
     .await;
     let bytes = reader.wire_bytes;
     drop(tx);
-    let written = writer
-        .await
-        .map_err(|source| PushError::Task {
-            task: "writer",
-            source,
-        })?;
+    let written = writer.await.map_err(|source| PushError::Task {
+        task: "writer",
+        source,
+    })?;
     let (chunks, deltas) = match (received, written) {
         (_, Err((e, bad_chunk))) => {
             if e.is_local() {
