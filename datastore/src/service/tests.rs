@@ -24,11 +24,14 @@ const BACKLOG: usize = 8;
 const CONVERGE: Duration = Duration::from_secs(30);
 const MIB: u64 = 1 << 20;
 
+/// Who listens for which protocol: (rack, protocol) → its inbound queue.
+type Listeners = HashMap<(String, &'static str), mpsc::Sender<(String, PeerStream)>>;
+
 /// Racks joined by pipes: who listens for what, and the view of the field
 /// every rack's replica planner gets.
 #[derive(Default)]
 struct Fabric {
-    listeners: Mutex<HashMap<(String, &'static str), mpsc::Sender<(String, PeerStream)>>>,
+    listeners: Mutex<Listeners>,
     views: Mutex<Vec<RackView>>,
 }
 
