@@ -18,6 +18,7 @@
 //!
 //! Layout: `ops` (local operations the API and the supervisor call),
 //! `snapshots` (the snapshot loop), `replication` (placement and pushes),
+//! `schedule` (which pushes a tick starts, a pure function),
 //! `serve` (inbound transfers), `scrub`, `status`, `records`
 //! (bookkeeping), `transport` (the traits), `settings`, `metrics`.
 
@@ -26,6 +27,7 @@ mod metrics;
 mod ops;
 mod records;
 mod replication;
+mod schedule;
 mod scrub;
 mod serve;
 mod settings;

@@ -3,17 +3,18 @@
 //! to every replica behind it; and [`VolumeService::ship`], the push a
 //! handover waits for.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::error::Chain;
 use super::metrics::VolumeMetrics;
 use super::records::ReplicaRecord;
+use super::schedule::{due, Job, Owned};
 use super::{VolumeError, VolumeService};
 use crate::replicate::plan::{choose_replicas, RackView};
 use crate::replicate::push::{self, PushReport, TransferProgress};
@@ -56,17 +57,34 @@ impl VolumeService {
                     .unwrap_or_default()
             })
             .await;
-            for (volume, latest) in owned {
-                let replicas = self.place(&volume, &racks);
-                for rack in replicas
-                    .iter()
-                    .filter(|r| r.generation < Some(latest))
-                    .map(|r| &r.rack)
-                {
-                    if !self.start_push(&pushes, &volume, rack, latest) {
-                        break;
-                    }
-                }
+            let owned: Vec<Owned> = owned
+                .into_iter()
+                .map(|(volume, latest)| Owned {
+                    replicas: self.place(&volume, &racks),
+                    volume,
+                    latest,
+                })
+                .collect();
+            let busy: HashSet<String> = self
+                .running
+                .lock()
+                .expect("running lock")
+                .keys()
+                .map(|(_, r)| r.clone())
+                .collect();
+            let failed_at = self.failed_at.lock().expect("failed lock").clone();
+            let jobs = due(
+                &owned,
+                &busy,
+                &failed_at,
+                Instant::now(),
+                pushes.available_permits(),
+            );
+            for job in jobs {
+                let Ok(permit) = pushes.clone().try_acquire_owned() else {
+                    break;
+                };
+                self.start_push(permit, job);
             }
         }
     }
@@ -114,54 +132,19 @@ impl VolumeService {
         self.records.get(volume).replicas
     }
 
-    /// Start pushing generation `latest` of `volume` to `rack` unless a
-    /// push on that link runs or failed recently. Returns false when all
-    /// [`MAX_PUSHES`] permits are taken (nothing more can start this tick).
-    fn start_push(
-        self: &Arc<Self>,
-        pushes: &Arc<Semaphore>,
-        volume: &str,
-        rack: &str,
-        latest: u64,
-    ) -> bool {
-        let key = (volume.to_owned(), rack.to_owned());
-        // One push per peer link at a time: concurrent pushes of volumes
-        // sharing chunks (clones of one base) would each decide at their
-        // start that the replica lacks the shared chunks and all send them;
-        // sequential pushes deduplicate. It also keeps one volume's
-        // transfer from starving another on a thin radio link.
-        if self
-            .running
-            .lock()
-            .expect("running lock")
-            .keys()
-            .any(|(_, r)| r == rack)
-        {
-            return true;
-        }
-        if self
-            .failed_at
-            .lock()
-            .expect("failed lock")
-            .get(&key)
-            .is_some_and(|t| t.elapsed() < RETRY_AFTER)
-        {
-            return true;
-        }
-        let Ok(permit) = pushes.clone().try_acquire_owned() else {
-            return false;
-        };
+    /// Start `job` on a task of its own, holding `permit` until it ends.
+    fn start_push(self: &Arc<Self>, permit: OwnedSemaphorePermit, job: Job) {
+        let key = (job.volume, job.rack);
         let progress = Arc::new(TransferProgress::default());
         self.running
             .lock()
             .expect("running lock")
-            .insert(key.clone(), (latest, progress.clone()));
+            .insert(key.clone(), (job.generation, progress.clone()));
         let service = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            service.push_one(key, latest, progress).await;
+            service.push_one(key, job.generation, progress).await;
         });
-        true
     }
 
     async fn push_one(
