@@ -34,75 +34,18 @@ use super::{
     blocking, delta, TransferCounters, BATCH_BYTES, PIPELINE_BATCHES, SYNC_EVERY, SYNC_EVERY_BYTES,
 };
 use crate::chunk_store::ChunkStoreError;
-use crate::volume::PublishError;
 use crate::{ChunkId, Manifest, VolumeStore};
 
 /// After a write to the replica failed, how long to wait for the abort it
 /// may have sent before it stopped reading (which chunk it rejected).
 const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+mod error;
+
+pub use error::PushError;
+
 /// Largest manifest accepted: 256 MiB describes about 8 M chunks (512 GiB at 64 KiB).
 pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
-
-/// Why a push failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PushError {
-    /// The stream or the peer failed.
-    #[error(transparent)]
-    Wire(#[from] WireError),
-    /// The local volume registry failed.
-    #[error(transparent)]
-    Volumes(#[from] crate::volume::StoreError),
-    /// The local chunk store failed.
-    #[error(transparent)]
-    Chunks(#[from] ChunkStoreError),
-    /// The replica could not stage the offered manifest (which keeps the
-    /// chunks that arrive safe from garbage collection).
-    #[error("cannot stage the offered generation: {0}")]
-    Stage(PublishError),
-    /// The replica received every chunk but could not publish the generation.
-    #[error("cannot publish generation {generation}: {error}")]
-    Publish {
-        /// The generation offered.
-        generation: u64,
-        /// Why.
-        error: PublishError,
-    },
-    /// A chunk our own manifest references is not in our store (dropped as
-    /// corrupt earlier); a scrub fetches it back from a peer.
-    #[error("chunk {0} of our own manifest is missing (scrub will repair it)")]
-    MissingChunk(ChunkId),
-    /// The replica's background sync thread could not be started.
-    #[error("starting the sync thread")]
-    SyncThread(#[source] std::io::Error),
-    /// The replica's background sync thread stopped: an earlier sync failed
-    /// (that failure is the error reported when the transfer ends).
-    #[error("the sync thread stopped (an earlier sync failed)")]
-    SyncStopped,
-    /// The replica's background sync thread panicked.
-    #[error("the sync thread panicked")]
-    SyncPanicked,
-    /// A disk-side task of the transfer panicked or was cancelled.
-    #[error("the {task} task failed")]
-    Task {
-        /// Which task (`reader`, `writer`).
-        task: &'static str,
-        /// Why.
-        #[source]
-        source: tokio::task::JoinError,
-    },
-    /// The peer sent data that failed verification; nothing of it was kept.
-    #[error("peer sent bad data: {0}")]
-    BadData(String),
-    /// The replica rejected a chunk we sent and our own copy turned out to
-    /// be corrupt on disk: it has been dropped from our store (a scrub
-    /// fetches it again from a peer), so it is never sent again.
-    #[error(
-        "our copy of chunk {0} is corrupt (the replica caught it); dropped, scrub will repair it"
-    )]
-    CorruptLocal(ChunkId),
-}
 
 /// What a push achieved (sender side) or received (receiver side).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -119,38 +62,6 @@ pub struct PushReport {
     pub deduplicated: u64,
     /// Bytes on the wire in the data direction.
     pub bytes: u64,
-}
-
-impl From<std::io::Error> for PushError {
-    fn from(e: std::io::Error) -> Self {
-        PushError::Wire(WireError::Io(e))
-    }
-}
-
-impl PushError {
-    /// Whether the local disk (or quota) is full: free space and retry.
-    #[must_use]
-    pub fn is_disk_full(&self) -> bool {
-        match self {
-            Self::Volumes(e) => e.is_disk_full(),
-            Self::Chunks(e) => e.is_disk_full(),
-            Self::Stage(e) | Self::Publish { error: e, .. } => e.is_disk_full(),
-            Self::SyncThread(e) => crate::fsutil::is_disk_full(e),
-            _ => false,
-        }
-    }
-
-    /// Whether this side failed (bad data from the peer, or our own
-    /// store): the peer is then told why with an abort. A wire failure is
-    /// the peer's or the link's and needs no explanation.
-    fn is_local(&self) -> bool {
-        !matches!(self, Self::Wire(_) | Self::CorruptLocal(_))
-    }
-
-    /// Whether our own store or its sync thread failed.
-    fn is_store(&self) -> bool {
-        self.is_local() && !matches!(self, Self::BadData(_))
-    }
 }
 
 /// Offer `manifest` (a generation this rack owns) to a replica over `stream`.
