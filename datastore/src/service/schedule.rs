@@ -101,6 +101,16 @@ mod tests {
             .collect()
     }
 
+    /// (name, owned volumes, busy links, failures, permits, pushes wanted).
+    type Case = (
+        &'static str,
+        Vec<Owned>,
+        HashSet<String>,
+        HashMap<(String, String), Instant>,
+        usize,
+        Vec<(&'static str, &'static str, u64)>,
+    );
+
     #[test]
     fn table() {
         let now = Instant::now();
@@ -109,14 +119,7 @@ mod tests {
         };
         let busy = |r: &[&str]| r.iter().map(|s| (*s).to_owned()).collect::<HashSet<_>>();
         let none = HashMap::new();
-        let cases: Vec<(
-            &str,
-            Vec<Owned>,
-            HashSet<String>,
-            HashMap<_, _>,
-            usize,
-            Vec<(&str, &str, u64)>,
-        )> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "up to date: nothing",
                 vec![owned("v", 3, &[("b", Some(3))])],
