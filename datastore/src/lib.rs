@@ -11,8 +11,10 @@
 //! Layers, bottom up: [`ChunkStore`] (packs + sled index), [`Manifest`] (a
 //! versioned, checksummed encoding), [`VolumeStore`] (the registry of
 //! volumes and manifests, snapshots, import/export), then `replicate`
-//! (moving generations between racks). The storage API is synchronous;
-//! async callers use `spawn_blocking`.
+//! (moving generations between racks), then `service` (the running volume
+//! service: snapshot schedule, replica placement, transfers, scrubs, over
+//! any [`service::Transport`]). The storage API is synchronous; async
+//! callers use `spawn_blocking`.
 //!
 //! # On-disk layout (a [`VolumeStore`] root)
 //! ```text
@@ -64,6 +66,7 @@ mod fsutil;
 mod id;
 pub mod manifest;
 pub mod replicate;
+pub mod service;
 pub mod volume;
 
 #[cfg(test)]

@@ -324,7 +324,7 @@ async fn a_chunk_rotten_on_the_owner_is_caught_by_the_replica_and_never_resent()
         push::serve(b.store.clone(), "a", s2, &recv)
     );
     assert!(
-        matches!(&again, Err(push::PushError::Store(e)) if e.contains("missing")),
+        matches!(&again, Err(push::PushError::MissingChunk(id)) if *id == victim),
         "{again:?}"
     );
     assert!(r.is_err());

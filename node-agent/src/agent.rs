@@ -74,7 +74,7 @@ pub struct Rack {
     /// What the store held at start.
     pub recovery: RecoveryReport,
     /// Volumes: snapshots and replication.
-    pub volumes: Arc<crate::volumes::VolumeEngine>,
+    pub volumes: Arc<crate::volumes::VolumeService>,
     /// The fleet's public key (decoded once from `config.fleet.public_key`).
     pub fleet_key: libp2p::identity::ed25519::PublicKey,
     /// The caching proxy and tile server, if this rack runs one.
@@ -360,14 +360,8 @@ pub async fn run(
         .context("starting the mesh")?;
     tracing::info!(rack = %config.rack, peer_id = %mesh.peer_id, incarnation, api = %config.api.listen, "rack up");
 
-    let volumes = crate::volumes::VolumeEngine::open(
-        &config.data_dir,
-        &config.rack,
-        &config.site,
-        config.volumes.clone(),
-        mesh.clone(),
-        state.clone(),
-    )?;
+    let volumes = crate::volumes::open(&config, mesh.clone(), state.clone())
+        .context("opening the volume service")?;
     let mut tasks = tokio::task::JoinSet::new();
     let proxy = match crate::proxy::config(&config)? {
         Some(mut cfg) => Some({
@@ -461,7 +455,7 @@ pub async fn run(
         cancel.child_token(),
     ));
     tasks.spawn(publish_power(rack.clone(), cancel.child_token()));
-    tasks.spawn(volumes.run(config.role, cancel.child_token()));
+    tasks.spawn(volumes.run(cancel.child_token()));
     let supervisor_cancel = cancel.child_token();
     let supervisor = tokio::spawn(appliances.run(supervisor_cancel.clone()));
 

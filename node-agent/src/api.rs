@@ -202,7 +202,7 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> ErrorClass {
             VolumeError::Export(e) => classify(e),
             VolumeError::Promote(e) => classify(e),
             VolumeError::Store(e) => classify(e),
-            VolumeError::NotConnected { .. } | VolumeError::Stream { .. } => UNAVAILABLE,
+            VolumeError::Transport(_) => UNAVAILABLE,
             VolumeError::Witness => CONFLICT,
             _ => INTERNAL,
         };
@@ -314,6 +314,8 @@ fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
     } else if let Some(e) = e.downcast_ref::<PromoteError>() {
         e.is_disk_full()
     } else if let Some(e) = e.downcast_ref::<datastore::ChunkStoreError>() {
+        e.is_disk_full()
+    } else if let Some(e) = e.downcast_ref::<datastore::replicate::push::PushError>() {
         e.is_disk_full()
     } else if let Some(e) = e.downcast_ref::<crate::store::StoreError>() {
         e.is_disk_full()
@@ -1042,6 +1044,18 @@ mod tests {
                     None,
                 ),
                 (
+                    Box::new(VolumeError::Push {
+                        rack: "b".into(),
+                        source: datastore::replicate::push::PushError::Volumes(
+                            VolumeStoreError::DiskFull {
+                                path: PathBuf::from("/v"),
+                            },
+                        ),
+                    }),
+                    507,
+                    None,
+                ),
+                (
                     Box::new(ControlError::Store(control::store::OpenError::Sled(
                         sled::Error::Io(enospc()),
                     ))),
@@ -1055,6 +1069,13 @@ mod tests {
                     None,
                 ),
                 (Box::new(mesh::MeshError::Stopped), 503, None),
+                (
+                    Box::new(VolumeError::Transport(
+                        datastore::service::TransportError::NotConnected { rack: "b".into() },
+                    )),
+                    503,
+                    None,
+                ),
                 // Unknown.
                 (
                     Box::new(VolumeError::Store(VolumeStoreError::NotFound("v".into()))),

@@ -88,7 +88,7 @@ where
     let st = store.clone();
     blocking(move || st.chunks().sync())
         .await
-        .map_err(|e| PushError::Store(e.to_string()))?;
+        .map_err(PushError::Chunks)?;
     report.missing.extend(pending);
     let _ = stream.close().await;
     Ok(report)

@@ -40,30 +40,12 @@ use crate::{ChunkId, Manifest, VolumeStore};
 /// may have sent before it stopped reading (which chunk it rejected).
 const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+mod error;
+
+pub use error::PushError;
+
 /// Largest manifest accepted: 256 MiB describes about 8 M chunks (512 GiB at 64 KiB).
 pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
-
-/// Why a push failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PushError {
-    /// The stream or the peer failed.
-    #[error(transparent)]
-    Wire(#[from] WireError),
-    /// The local store failed.
-    #[error("store: {0}")]
-    Store(String),
-    /// The peer sent data that failed verification; nothing of it was kept.
-    #[error("peer sent bad data: {0}")]
-    BadData(String),
-    /// The replica rejected a chunk we sent and our own copy turned out to
-    /// be corrupt on disk: it has been dropped from our store (a scrub
-    /// fetches it again from a peer), so it is never sent again.
-    #[error(
-        "our copy of chunk {0} is corrupt (the replica caught it); dropped, scrub will repair it"
-    )]
-    CorruptLocal(ChunkId),
-}
 
 /// What a push achieved (sender side) or received (receiver side).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -80,16 +62,6 @@ pub struct PushReport {
     pub deduplicated: u64,
     /// Bytes on the wire in the data direction.
     pub bytes: u64,
-}
-
-impl From<std::io::Error> for PushError {
-    fn from(e: std::io::Error) -> Self {
-        PushError::Wire(WireError::Io(e))
-    }
-}
-
-fn store_err(e: impl std::fmt::Display) -> PushError {
-    PushError::Store(e.to_string())
 }
 
 /// Offer `manifest` (a generation this rack owns) to a replica over `stream`.
@@ -220,9 +192,7 @@ where
     let base = match need_end.have_generation {
         Some(g) if g < manifest.generation => {
             let (st, vol) = (store.clone(), manifest.volume.clone());
-            blocking(move || st.manifest(&vol, g))
-                .await
-                .map_err(store_err)?
+            blocking(move || st.manifest(&vol, g)).await?
         }
         _ => None,
     };
@@ -305,9 +275,10 @@ where
     if let Err(e) = sent {
         return Err(failed(&store, &mut stream, e).await);
     }
-    producer
-        .await
-        .map_err(|e| PushError::Store(format!("reader task: {e}")))?;
+    producer.await.map_err(|source| PushError::Task {
+        task: "reader",
+        source,
+    })?;
     let committed: Result<Committed, WireError> = async {
         write_frame(&mut stream, Kind::Done, &[]).await?;
         stream.flush().await?;
@@ -418,12 +389,10 @@ fn build_frame(
     let held = store.chunks().read_unverified_into(id, out);
     if !held.map_err(|e| {
         out.truncate(start);
-        store_err(e)
+        PushError::Chunks(e)
     })? {
         out.truncate(start);
-        return Err(PushError::Store(format!(
-            "chunk {id} of our own manifest is missing (scrub will repair it)"
-        )));
+        return Err(PushError::MissingChunk(*id));
     }
     let mut payload = None;
     if let Some(Some(base_id)) = base.filter(|b| *b != Some(*id)) {
@@ -506,8 +475,8 @@ where
     let volume = manifest.volume.clone();
     let (st, vol) = (store.clone(), volume.clone());
     let (owned, held) = blocking(move || -> Result<(bool, Option<u64>), PushError> {
-        let owned = st.owns(&vol).map_err(store_err)?;
-        let held = st.latest(&vol).map_err(store_err)?.map(|m| m.generation);
+        let owned = st.owns(&vol)?;
+        let held = st.latest(&vol)?.map(|m| m.generation);
         Ok((owned, held))
     })
     .await?;
@@ -544,7 +513,7 @@ where
     let (st, staged) = (store.clone(), manifest.clone());
     blocking(move || st.stage(&staged))
         .await
-        .map_err(store_err)?;
+        .map_err(PushError::Stage)?;
 
     // What do we lack? One bit per index; each missing id asked for once.
     let chunks = manifest.chunks.clone();
@@ -554,7 +523,7 @@ where
         let mut wanted = HashSet::new();
         for (i, c) in chunks.iter().enumerate() {
             if let Some(id) = c {
-                if !wanted.contains(id) && !st.chunks().contains(id).map_err(store_err)? {
+                if !wanted.contains(id) && !st.chunks().contains(id)? {
                     wanted.insert(*id);
                     bitmap[i / 8] |= 1 << (i % 8);
                 }
@@ -616,18 +585,19 @@ where
     .await;
     let bytes = reader.wire_bytes;
     drop(tx);
-    let written = writer
-        .await
-        .map_err(|e| PushError::Store(format!("writer task: {e}")))?;
+    let written = writer.await.map_err(|source| PushError::Task {
+        task: "writer",
+        source,
+    })?;
     let (chunks, deltas) = match (received, written) {
         (_, Err((e, bad_chunk))) => {
-            if matches!(e, PushError::BadData(_) | PushError::Store(_)) {
+            if e.is_local() {
                 wire::abort_with(&mut stream, &e.to_string(), bad_chunk).await;
             }
             return Err(e);
         }
         (Err(e), _) => {
-            if matches!(e, PushError::BadData(_) | PushError::Store(_)) {
+            if e.is_local() {
                 wire::abort(&mut stream, &e.to_string()).await;
             }
             return Err(e);
@@ -638,10 +608,10 @@ where
     counters.deltas.fetch_add(deltas, Relaxed);
     let generation = manifest.generation;
     let st = store.clone();
-    if let Err(e) = blocking(move || st.publish(manifest)).await {
-        let reason = format!("cannot publish generation {generation}: {e}");
-        wire::abort(&mut stream, &reason).await;
-        return Err(PushError::Store(reason));
+    if let Err(error) = blocking(move || st.publish(manifest)).await {
+        let e = PushError::Publish { generation, error };
+        wire::abort(&mut stream, &e.to_string()).await;
+        return Err(e);
     }
     let f = Frame::json(Kind::Committed, &Committed { generation });
     write_frame(&mut stream, f.kind, &f.payload).await?;
@@ -675,12 +645,13 @@ fn store_frames(
     let synced = syncer.finish();
     let counts = match (stored, synced) {
         // A refused sync request is explained by the failed sync.
-        (Err((PushError::Store(_), None)), Err(e)) | (Ok(_), Err(e)) => return Err((e, None)),
+        (Err((stored, None)), Err(e)) if stored.is_store() => return Err((e, None)),
+        (Ok(_), Err(e)) => return Err((e, None)),
         (stored, _) => stored?,
     };
     st.chunks()
         .sync_uncached()
-        .map_err(|e| (store_err(e), None))?;
+        .map_err(|e| (PushError::Chunks(e), None))?;
     Ok(counts)
 }
 
@@ -743,7 +714,7 @@ fn store_frame(
             } else {
                 st.chunks()
                     .read(&ChunkId(h.base_id))
-                    .map_err(|e| bad(store_err(e)))?
+                    .map_err(|e| bad(PushError::Chunks(e)))?
                     .ok_or_else(|| {
                         bad(PushError::BadData(
                             "delta against a chunk we do not hold".into(),
@@ -772,7 +743,7 @@ fn store_frame(
         Err(e @ (ChunkStoreError::ZeroChunk | ChunkStoreError::TooLarge { .. })) => {
             Err(bad(PushError::BadData(format!("chunk {id}: {e}"))))
         }
-        Err(e) => Err(bad(store_err(e))),
+        Err(e) => Err(bad(PushError::Chunks(e))),
     }
 }
 
@@ -797,7 +768,7 @@ impl BackgroundSync {
                 }
                 Ok(())
             })
-            .map_err(|e| PushError::Store(format!("starting the sync thread: {e}")))?;
+            .map_err(PushError::SyncThread)?;
         Ok(Self { request, thread })
     }
 
@@ -806,9 +777,7 @@ impl BackgroundSync {
     fn request(&mut self) -> Result<(), PushError> {
         match self.request.try_send(()) {
             Ok(()) | Err(std::sync::mpsc::TrySendError::Full(())) => Ok(()),
-            Err(std::sync::mpsc::TrySendError::Disconnected(())) => Err(PushError::Store(
-                "the sync thread stopped (an earlier sync failed)".into(),
-            )),
+            Err(std::sync::mpsc::TrySendError::Disconnected(())) => Err(PushError::SyncStopped),
         }
     }
 
@@ -816,8 +785,8 @@ impl BackgroundSync {
     fn finish(self) -> Result<(), PushError> {
         drop(self.request);
         match self.thread.join() {
-            Ok(r) => r.map_err(store_err),
-            Err(_) => Err(PushError::Store("the sync thread panicked".into())),
+            Ok(r) => r.map_err(PushError::Chunks),
+            Err(_) => Err(PushError::SyncPanicked),
         }
     }
 }

@@ -45,7 +45,7 @@ use util::time::unix_ms;
 
 use crate::drivers::{self, Capturer};
 use crate::state::AgentState;
-use crate::volumes::VolumeEngine;
+use crate::volumes::VolumeService;
 use instance::{Ended, StopRequest};
 use plan::{Action, AfterExit, Chores, Probed, Slot, StopWhy, Task, View};
 
@@ -72,7 +72,7 @@ pub struct Supervisor {
     site: String,
     capacity: (u32, u64),
     control: Arc<Control>,
-    volumes: Arc<VolumeEngine>,
+    volumes: Arc<VolumeService>,
     power: watch::Receiver<PowerStatus>,
     events: AgentState,
     run_root: PathBuf,
@@ -143,7 +143,7 @@ impl Supervisor {
         site: &str,
         capacity: (u32, u64),
         control: Arc<Control>,
-        volumes: Arc<VolumeEngine>,
+        volumes: Arc<VolumeService>,
         power: watch::Receiver<PowerStatus>,
         events: AgentState,
         run_root: PathBuf,
@@ -279,16 +279,17 @@ impl Supervisor {
         status::rows(&state, &self.rack, &local, unix_ms())
     }
 
-    /// Whether this rack owns `volume`'s live image (a sled read, off the
-    /// runtime).
+    /// Whether this rack owns `volume`'s live image; a registry that
+    /// cannot be read counts as not owning it (nothing is shipped or
+    /// demoted), and says so in the log.
     async fn owns(&self, volume: &str) -> bool {
-        let st = self.volumes.store.clone();
-        let v = volume.to_owned();
-        tokio::task::spawn_blocking(move || st.owns(&v))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or(false)
+        match self.volumes.owns(volume).await {
+            Ok(owned) => owned,
+            Err(e) => {
+                tracing::warn!(%volume, error = %e, "cannot tell whether this rack owns the volume");
+                false
+            }
+        }
     }
 }
 
