@@ -13,12 +13,15 @@
 //! - [`store`]: the Raft log and state machine in sled.
 //! - [`net`]: Raft calls over mesh streams, relayed around a cut link.
 //! - [`node`]: the running control plane of one rack.
+//! - `settings`: `[control]` of `rack.toml` into [`ControlSettings`] and
+//!   [`LeaseConfig`] (`From` / `ControlSettings::from_config`).
 
 pub mod field;
 pub mod lease;
 pub mod net;
 pub mod node;
 pub mod placement;
+mod settings;
 pub mod store;
 
 pub use field::{

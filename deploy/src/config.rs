@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{validate_rack_name, Role};
 
+pub mod proxy;
+
+pub use proxy::{BackhaulConfig, ProxyConfig, TileFormat, TileSource};
+
 /// The name of the file holding the admin API bearer token, beside `rack.toml`.
 pub const API_TOKEN_FILE: &str = "api-token";
 
@@ -62,13 +66,12 @@ pub struct RackConfig {
     #[serde(default)]
     pub control: ControlConfig,
     /// The caching HTTP proxy and tile server (`[proxy]`); absent: no proxy.
-    /// Its fields are defined and validated by the `cache-proxy` crate (the
-    /// agent checks them at start and exits 64 naming the field).
+    /// A witness runs none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proxy: Option<toml::Table>,
-    /// Map tile sources (`[[tile_source]]`), validated like `[proxy]`.
+    pub proxy: Option<ProxyConfig>,
+    /// Map tile sources (`[[tile_source]]`) the proxy serves.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tile_source: Vec<toml::Table>,
+    pub tile_source: Vec<TileSource>,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -510,21 +513,8 @@ impl RackConfig {
                 "must be at most a third of control.election_timeout_ms".into(),
             );
         }
-        if self.mesh.listen.is_empty() {
-            return bad(
-                "mesh.listen",
-                "at least one listen address is needed".into(),
-            );
-        }
-        for (i, a) in self.mesh.listen.iter().enumerate() {
-            if let Err(e) = crate::parse_quic_multiaddr(a) {
-                return bad(&format!("mesh.listen[{i}]"), e);
-            }
-        }
-        for (i, a) in self.mesh.bootstrap.iter().enumerate() {
-            if let Err(e) = crate::parse_quic_multiaddr(a) {
-                return bad(&format!("mesh.bootstrap[{i}]"), e);
-            }
+        if let Err(InvalidField { field, reason }) = MeshAddrs::try_from(&self.mesh) {
+            return Err((field, reason));
         }
         if self.mesh.reconnect_max_ms < self.mesh.reconnect_initial_ms {
             return bad(
@@ -571,6 +561,10 @@ impl RackConfig {
                 return bad("power.command", "must name a program".into());
             }
         }
+        if self.role == Role::Witness && self.proxy.is_some() {
+            return bad("proxy", "a witness runs no proxy: remove [proxy]".into());
+        }
+        proxy::validate(self.proxy.as_ref(), &self.tile_source)?;
         if let Some(level) = &self.log.level {
             if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(level) {
                 return bad(
@@ -594,7 +588,7 @@ impl RackConfig {
         let v = &self.volumes;
         let c = &self.control;
         let n = |x: usize| u64::try_from(x).unwrap_or(u64::MAX);
-        vec![
+        let mut numbers = vec![
             (
                 "mesh.admission_timeout_ms",
                 m.admission_timeout_ms,
@@ -708,7 +702,61 @@ impl RackConfig {
                 c.remove_dead_voter_after_s,
                 0..=MAX_INTERVAL_S,
             ),
-        ]
+        ];
+        if let Some(p) = &self.proxy {
+            numbers.extend(proxy::bounded_numbers(p));
+        }
+        numbers
+    }
+}
+
+/// A `rack.toml` field that is not acceptable, named as a dotted path
+/// (`mesh.bootstrap[1]`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid `{field}`: {reason}")]
+pub struct InvalidField {
+    /// Dotted field name.
+    pub field: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// `[mesh]`'s addresses, parsed: what the mesh listens on and dials. The
+/// one conversion from the text of `rack.toml`; [`RackConfig::parse`] runs
+/// it too, so on a parsed config it cannot fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshAddrs {
+    /// `mesh.listen`, at least one, each a QUIC multiaddr.
+    pub listen: Vec<libp2p::Multiaddr>,
+    /// `mesh.bootstrap`, each a QUIC multiaddr, maybe ending in `/p2p/<id>`.
+    pub bootstrap: Vec<libp2p::Multiaddr>,
+}
+
+impl TryFrom<&MeshConfig> for MeshAddrs {
+    type Error = InvalidField;
+
+    fn try_from(m: &MeshConfig) -> Result<Self, InvalidField> {
+        if m.listen.is_empty() {
+            return Err(InvalidField {
+                field: "mesh.listen".into(),
+                reason: "at least one listen address is needed".into(),
+            });
+        }
+        let parse = |key: &str, list: &[String]| {
+            list.iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    crate::parse_quic_multiaddr(a).map_err(|reason| InvalidField {
+                        field: format!("mesh.{key}[{i}]"),
+                        reason,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Self {
+            listen: parse("listen", &m.listen)?,
+            bootstrap: parse("bootstrap", &m.bootstrap)?,
+        })
     }
 }
 
@@ -742,6 +790,18 @@ pub mod limits {
     pub const MAX_REPLICATION_FACTOR: u64 = 64;
     /// `volumes.keep_snapshots`.
     pub const MAX_KEEP_SNAPSHOTS: u64 = 10_000;
+    /// `proxy.header_timeout_ms`: ten minutes. A client slower than that to
+    /// send a request head is holding a connection slot, not browsing.
+    pub const MAX_PROXY_HEADER_TIMEOUT_MS: u64 = 600_000;
+    /// `proxy.idle_timeout_ms`: one day, for a long-lived quiet tunnel.
+    pub const MAX_PROXY_IDLE_TIMEOUT_MS: u64 = 86_400_000;
+    /// `proxy.max_connections` and `proxy.max_connections_per_client`: the
+    /// proxy's own hard cap on connections (`cache_proxy::MAX_CONNECTIONS`,
+    /// checked equal by the agent's tests).
+    pub const MAX_PROXY_CONNECTIONS: u64 = 4096;
+    /// `tile_source[].max_zoom`: zoom 24 is ~2 cm per pixel, finer than any
+    /// imagery (`cache_proxy::tiles::MAX_ZOOM`).
+    pub const MAX_ZOOM: u8 = 24;
 }
 
 /// `host:port` with a non-zero port and a host that is an IP address

@@ -1,11 +1,13 @@
 //! Wiring the caching proxy and tile server (`cache-proxy`) into the agent:
 //! its configuration from `rack.toml`, its mesh side, its status.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 
 use cache_proxy::{Config, Deps, Proxy, ProxyHandle};
+use deploy::config::{BackhaulConfig, ProxyConfig, TileFormat, TileSource};
 use deploy::{RackConfig, Role};
 use mesh::discovery::{DiscoveryError, Mdns};
 use mesh::MeshHandle;
@@ -13,74 +15,158 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache_mesh::CacheMesh;
 
-/// Why `[proxy]` / `[[tile_source]]` were refused.
+/// Why the proxy's configuration was refused at start. `rack.toml`'s own
+/// validation (`deploy`) refuses everything `cache-proxy` would, so these
+/// only fire if the two crates' rules drift apart or a configuration was
+/// built in code without validation; even then the field is named, from
+/// `cache-proxy`'s typed error.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid `{field}`: {reason}")]
-pub struct ProxyConfigError {
-    /// The field, e.g. `proxy.listen` or `tile_source[0].url`.
-    pub field: String,
-    /// Why.
-    pub reason: String,
+#[non_exhaustive]
+pub enum ProxyConfigError {
+    /// A witness was given a `[proxy]`: witnesses run no proxy.
+    #[error("invalid `proxy`: a witness runs no proxy")]
+    OnWitness,
+    /// `cache-proxy` refused a value.
+    #[error("invalid `{field}`: {source}")]
+    Refused {
+        /// The dotted field, e.g. `proxy.allow_networks[1]` or
+        /// `tile_source[0].url`.
+        field: String,
+        /// `cache-proxy`'s reason.
+        source: cache_proxy::ConfigError,
+    },
 }
 
 /// The proxy configuration of a rack, or `None` when it runs no proxy (no
-/// `[proxy]` table, or a witness). Relative `cache_dir`s are resolved
-/// against `data_dir`; the cache is named after the rack unless set.
+/// `[proxy]` table). Relative `cache_dir` and `extra_ca_files` are resolved
+/// against `data_dir`; the cache is named after the rack unless
+/// `proxy.name` is set; the rack's other sockets are reserved.
 ///
 /// # Errors
-/// [`ProxyConfigError`] naming the field.
+/// [`ProxyConfigError`] naming the field: never for a `RackConfig` that
+/// `RackConfig::parse` accepted.
 pub fn config(rc: &RackConfig) -> Result<Option<Config>, ProxyConfigError> {
-    let Some(proxy) = rc.proxy.clone() else {
+    let Some(proxy) = &rc.proxy else {
         return Ok(None);
     };
     if rc.role == Role::Witness {
-        return Err(ProxyConfigError {
-            field: "proxy".into(),
-            reason: "a witness runs no proxy".into(),
-        });
+        return Err(ProxyConfigError::OnWitness);
     }
-    let mut proxy = proxy;
-    proxy
-        .entry("name")
-        .or_insert_with(|| toml::Value::String(rc.rack.clone()));
-    let mut doc = toml::Table::new();
-    doc.insert("proxy".into(), toml::Value::Table(proxy));
-    doc.insert(
-        "tile_source".into(),
-        toml::Value::Array(
-            rc.tile_source
-                .iter()
-                .cloned()
-                .map(toml::Value::Table)
-                .collect(),
-        ),
-    );
-    let mut cfg: Config = toml::Value::Table(doc)
-        .try_into()
-        .map_err(|e: toml::de::Error| {
-            let msg = e.to_string().replace('\n', " ");
-            ProxyConfigError {
-                field: field_of(&msg),
-                reason: msg,
-            }
-        })?;
-    if cfg.proxy.cache_dir.is_relative() {
-        cfg.proxy.cache_dir = rc.data_dir.join(&cfg.proxy.cache_dir);
-    }
-    for ca in &mut cfg.proxy.backhaul.extra_ca_files {
-        if ca.is_relative() {
-            *ca = rc.data_dir.join(&*ca);
-        }
-    }
-    cfg.reserved_sockets = own_sockets(rc);
-    cfg.validate().map_err(|e| {
-        let msg = e.to_string();
-        ProxyConfigError {
-            field: field_of(&msg),
-            reason: msg,
-        }
+    let cfg = Config {
+        proxy: proxy_settings(proxy, &rc.rack, &rc.data_dir),
+        tile_source: rc.tile_source.iter().map(tile_source).collect(),
+        reserved_sockets: own_sockets(rc),
+    };
+    cfg.validate().map_err(|source| ProxyConfigError::Refused {
+        field: field_of(&source),
+        source,
     })?;
     Ok(Some(cfg))
+}
+
+/// `[proxy]` as `cache-proxy` takes it. Destructured without `..`, so a key
+/// added to either side and not carried over does not compile.
+fn proxy_settings(p: &ProxyConfig, rack: &str, data_dir: &Path) -> cache_proxy::ProxyConfig {
+    let ProxyConfig {
+        listen,
+        name,
+        cache_dir,
+        max_cache_bytes,
+        allow_networks,
+        offline,
+        allow_destinations,
+        connect_ports,
+        header_timeout_ms,
+        idle_timeout_ms,
+        max_connections_per_client,
+        max_connections,
+        backhaul:
+            BackhaulConfig {
+                bytes_per_sec,
+                daily_quota_bytes,
+                probe_urls,
+                probe_interval_ms,
+                probe_interval_down_ms,
+                probe_timeout_ms,
+                connect_timeout_ms,
+                extra_ca_files,
+                response_timeout_ms,
+            },
+    } = p.clone();
+    cache_proxy::ProxyConfig {
+        listen,
+        name: name.unwrap_or_else(|| rack.to_owned()),
+        cache_dir: data_dir.join(cache_dir),
+        max_cache_bytes,
+        allow_networks,
+        offline,
+        allow_destinations,
+        connect_ports,
+        header_timeout_ms,
+        idle_timeout_ms,
+        max_connections_per_client,
+        max_connections,
+        backhaul: cache_proxy::BackhaulConfig {
+            bytes_per_sec,
+            daily_quota_bytes,
+            probe_urls,
+            probe_interval_ms,
+            probe_interval_down_ms,
+            probe_timeout_ms,
+            connect_timeout_ms,
+            extra_ca_files: extra_ca_files
+                .into_iter()
+                .map(|ca| data_dir.join(ca))
+                .collect(),
+            response_timeout_ms,
+        },
+    }
+}
+
+/// One `[[tile_source]]` as `cache-proxy` takes it (destructured like
+/// [`proxy_settings`]).
+fn tile_source(s: &TileSource) -> cache_proxy::TileSource {
+    let TileSource {
+        name,
+        url,
+        format,
+        min_zoom,
+        max_zoom,
+        attribution,
+        allow_bulk,
+        requests_per_sec,
+        user_agent,
+    } = s.clone();
+    cache_proxy::TileSource {
+        name,
+        url,
+        format: match format {
+            TileFormat::Png => cache_proxy::TileFormat::Png,
+            TileFormat::Jpg => cache_proxy::TileFormat::Jpg,
+            TileFormat::Webp => cache_proxy::TileFormat::Webp,
+            TileFormat::Pbf => cache_proxy::TileFormat::Pbf,
+        },
+        min_zoom,
+        max_zoom,
+        attribution,
+        allow_bulk,
+        requests_per_sec,
+        user_agent,
+    }
+}
+
+/// The `rack.toml` field a `cache-proxy` refusal is about, from the
+/// error's variant.
+fn field_of(e: &cache_proxy::ConfigError) -> String {
+    use cache_proxy::ConfigError as E;
+    match e {
+        E::BadNetwork { index, .. } => format!("proxy.allow_networks[{index}]"),
+        E::BadDestination { index, .. } => format!("proxy.allow_destinations[{index}]"),
+        E::OutOfRange { field, .. } => format!("proxy.{field}"),
+        E::BadName(_) => "proxy.name".into(),
+        E::BadTileSource { index, field, .. } => format!("tile_source[{index}].{field}"),
+        _ => "proxy".into(),
+    }
 }
 
 /// The rack's other listening sockets, which the proxy's destination policy
@@ -105,14 +191,6 @@ pub fn own_sockets(rc: &RackConfig) -> Vec<std::net::SocketAddr> {
         }
     }
     v
-}
-
-/// Best effort: the first `word.word` or `tile_source[N]...` in a message.
-fn field_of(msg: &str) -> String {
-    msg.split(|c: char| c.is_whitespace() || c == '`' || c == '\'' || c == '"')
-        .find(|w| w.starts_with("proxy") || w.starts_with("tile_source"))
-        .map(|w| w.trim_end_matches([':', ',']).to_string())
-        .unwrap_or_else(|| "proxy".into())
 }
 
 /// DNS-SD service type under which racks advertise their proxy and tile
