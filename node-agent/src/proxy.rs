@@ -325,6 +325,214 @@ pub async fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    const HEAD: &str = "rack = \"a\"\ndata_dir = \"/srv/rack\"\n[fleet]\nname = \"haiti\"\npublic_key = \"11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=\"\n";
+
+    /// `[proxy]` and `[[tile_source]]` with every key set to something
+    /// other than its default (absolute paths, so nothing is resolved).
+    const EVERY_KEY: &str = r#"
+[proxy]
+listen = "0.0.0.0:3129"
+name = "rack-a.cache"
+cache_dir = "/var/cache/fieldrack"
+max_cache_bytes = 1000000
+allow_networks = ["10.0.0.0/8", "fd00::/8"]
+offline = true
+allow_destinations = ["10.20.0.0/16"]
+connect_ports = [443, 8443]
+header_timeout_ms = 5000
+idle_timeout_ms = 60000
+max_connections_per_client = 32
+max_connections = 1000
+[proxy.backhaul]
+bytes_per_sec = 100000
+daily_quota_bytes = 5000000000
+probe_urls = ["http://probe.example.org/ok"]
+probe_interval_ms = 20000
+probe_interval_down_ms = 2000
+probe_timeout_ms = 3000
+connect_timeout_ms = 4000
+extra_ca_files = ["/etc/fieldrack/agency-ca.pem"]
+response_timeout_ms = 25000
+
+[[tile_source]]
+name = "hot"
+url = "https://tiles.example.org:8443/{z}/{x}/{y}.pbf?key=k"
+format = "pbf"
+min_zoom = 2
+max_zoom = 14
+attribution = "(c) OpenStreetMap contributors"
+allow_bulk = true
+requests_per_sec = 2
+user_agent = "fieldrack/0.1 (ops@example.org)"
+"#;
+
+    fn rack(text: &str) -> RackConfig {
+        RackConfig::parse(text, Path::new("rack.toml")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The keys of a serialized object whose values differ.
+    fn differing(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
+        let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+            return vec![];
+        };
+        a.iter()
+            .filter(|(k, v)| b.get(*k) != Some(*v))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Every key of `[proxy]`, `[proxy.backhaul]` and `[[tile_source]]`
+    /// reaches cache-proxy with the value cache-proxy itself would read
+    /// from the same text, and the text sets every key cache-proxy has.
+    #[test]
+    fn every_proxy_key_reaches_cache_proxy() {
+        let converted = config(&rack(&format!("{HEAD}{EVERY_KEY}")))
+            .unwrap()
+            .unwrap();
+        let direct: Config = toml::from_str(EVERY_KEY).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(converted.proxy, direct.proxy);
+        assert_eq!(converted.tile_source, direct.tile_source);
+
+        let json = |v: serde_json::Result<serde_json::Value>| v.unwrap();
+        let proxy = json(serde_json::to_value(&direct.proxy));
+        let default_proxy = json(serde_json::to_value(cache_proxy::ProxyConfig::default()));
+        let mut same: Vec<String> = proxy
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| !differing(&proxy, &default_proxy).contains(k))
+            .cloned()
+            .collect();
+        let backhaul = &proxy["backhaul"];
+        let default_backhaul = &default_proxy["backhaul"];
+        same.extend(
+            backhaul
+                .as_object()
+                .unwrap()
+                .keys()
+                .filter(|k| !differing(backhaul, default_backhaul).contains(k))
+                .map(|k| format!("backhaul.{k}")),
+        );
+        let source = json(serde_json::to_value(&direct.tile_source[0]));
+        let default_source: serde_json::Value = serde_json::to_value(
+            toml::from_str::<cache_proxy::TileSource>("name = \"hot\"\nurl = \"u\"").unwrap(),
+        )
+        .unwrap();
+        same.extend(
+            source
+                .as_object()
+                .unwrap()
+                .keys()
+                .filter(|k| *k != "name" && *k != "url")
+                .filter(|k| !differing(&source, &default_source).contains(k))
+                .map(|k| format!("tile_source.{k}")),
+        );
+        assert_eq!(
+            same,
+            Vec::<String>::new(),
+            "keys the test leaves at their default"
+        );
+    }
+
+    /// A bare `[proxy]` runs on cache-proxy's defaults, named after the
+    /// rack, its cache in the data directory.
+    #[test]
+    fn a_bare_proxy_table_gets_cache_proxys_defaults() {
+        let cfg = config(&rack(&format!("{HEAD}[proxy]\n"))).unwrap().unwrap();
+        let want = cache_proxy::ProxyConfig {
+            name: "a".into(),
+            cache_dir: "/srv/rack/cache".into(),
+            ..cache_proxy::ProxyConfig::default()
+        };
+        assert_eq!(cfg.proxy, want);
+        assert!(cfg.tile_source.is_empty());
+        let source = config(&rack(&format!(
+            "{HEAD}[proxy]\n[[tile_source]]\nname = \"t\"\nurl = \"http://x/{{z}}/{{x}}/{{y}}.png\"\n"
+        )))
+        .unwrap()
+        .unwrap();
+        let direct: cache_proxy::TileSource =
+            toml::from_str("name = \"t\"\nurl = \"http://x/{z}/{x}/{y}.png\"").unwrap();
+        assert_eq!(source.tile_source, vec![direct]);
+        assert!(config(&rack(HEAD)).unwrap().is_none());
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_data_dir() {
+        let cfg = config(&rack(&format!(
+            "{HEAD}[proxy]\ncache_dir = \"c\"\n[proxy.backhaul]\nextra_ca_files = [\"ca.pem\", \"/etc/ca.pem\"]\n"
+        )))
+        .unwrap()
+        .unwrap();
+        assert_eq!(cfg.proxy.cache_dir, Path::new("/srv/rack/c"));
+        assert_eq!(
+            cfg.proxy.backhaul.extra_ca_files,
+            vec![
+                std::path::PathBuf::from("/srv/rack/ca.pem"),
+                "/etc/ca.pem".into()
+            ]
+        );
+    }
+
+    /// deploy's limits are cache-proxy's.
+    #[test]
+    fn limits_agree() {
+        use deploy::config::limits;
+        assert_eq!(
+            limits::MAX_PROXY_CONNECTIONS,
+            cache_proxy::MAX_CONNECTIONS as u64
+        );
+        assert_eq!(limits::MAX_ZOOM, cache_proxy::tiles::MAX_ZOOM);
+    }
+
+    /// A configuration built in code, past deploy's validation, is still
+    /// refused by cache-proxy's check, naming the field from its variant.
+    #[test]
+    fn unvalidated_values_are_refused_naming_the_field() {
+        let mut rc = rack(&format!("{HEAD}[proxy]\n"));
+        let cases: Vec<(fn(&mut RackConfig), &str)> = vec![
+            (
+                |rc| rc.proxy.as_mut().unwrap().allow_networks.push("x".into()),
+                "proxy.allow_networks[2]",
+            ),
+            (
+                |rc| rc.proxy.as_mut().unwrap().header_timeout_ms = 0,
+                "proxy.header_timeout_ms",
+            ),
+            (
+                |rc| rc.proxy.as_mut().unwrap().name = Some("a b".into()),
+                "proxy.name",
+            ),
+            (
+                |rc| {
+                    rc.tile_source.push(TileSource {
+                        name: "t".into(),
+                        url: "http://x/{z}/{x}".into(),
+                        format: TileFormat::Png,
+                        min_zoom: 0,
+                        max_zoom: 1,
+                        attribution: String::new(),
+                        allow_bulk: false,
+                        requests_per_sec: 1,
+                        user_agent: "u".into(),
+                    })
+                },
+                "tile_source[0].url",
+            ),
+        ];
+        for (edit, field) in cases {
+            let mut bad = rc.clone();
+            edit(&mut bad);
+            match config(&bad) {
+                Err(ProxyConfigError::Refused { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        rc.role = Role::Witness;
+        assert!(matches!(config(&rc), Err(ProxyConfigError::OnWitness)));
+    }
 
     #[test]
     fn the_api_and_mesh_sockets_are_reserved() {
@@ -340,5 +548,154 @@ mod tests {
         assert_eq!(own_sockets(&rc), want);
         let cfg = config(&rc).unwrap().unwrap();
         assert_eq!(cfg.reserved_sockets, want);
+    }
+
+    /// A TOML string literal of `s`.
+    fn quoted(s: &str) -> String {
+        toml::Value::String(s.to_owned()).to_string()
+    }
+
+    /// Values near and across each rule's edges.
+    fn number() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            Just(0i64),
+            Just(99),
+            Just(100),
+            1i64..5_000,
+            Just(4096),
+            Just(4097),
+            Just(600_000),
+            Just(600_001),
+            Just(3_600_001),
+            Just(86_400_001),
+            Just(i64::MAX),
+        ]
+    }
+
+    fn cidr() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("10.0.0.0/8".to_string()),
+            Just("fd00::/8".to_string()),
+            Just("::1".to_string()),
+            Just("10.0.0.0/33".to_string()),
+            "[0-9a-f:./ ]{0,16}",
+        ]
+    }
+
+    /// URLs from plausible to hostile, for probes and tile templates.
+    fn url() -> impl Strategy<Value = String> {
+        (
+            prop_oneof![
+                Just("http"),
+                Just("https"),
+                Just("HTTP"),
+                Just("ftp"),
+                Just("")
+            ],
+            "[a-z0-9.:@\\[\\]_~-]{0,14}",
+            "[ -~]{0,12}",
+        )
+            .prop_map(|(scheme, authority, tail)| {
+                format!("{scheme}://{authority}/{{z}}/{{x}}/{{y}}{tail}")
+            })
+    }
+
+    fn proxy_text() -> impl Strategy<Value = String> {
+        (
+            prop::collection::vec(
+                (
+                    prop::sample::select(vec![
+                        "header_timeout_ms",
+                        "idle_timeout_ms",
+                        "max_connections_per_client",
+                        "max_connections",
+                    ]),
+                    number(),
+                ),
+                0..3,
+            ),
+            prop::option::of("[ -~]{0,8}"),
+            prop::collection::vec(cidr(), 0..3),
+            prop::collection::vec(0u16..3, 0..3),
+            prop::collection::vec(
+                (
+                    prop::sample::select(vec![
+                        "probe_interval_ms",
+                        "probe_interval_down_ms",
+                        "probe_timeout_ms",
+                        "connect_timeout_ms",
+                        "response_timeout_ms",
+                    ]),
+                    number(),
+                ),
+                0..3,
+            ),
+            prop::collection::vec(url(), 0..2),
+        )
+            .prop_map(|(numbers, name, cidrs, ports, backhaul, probes)| {
+                let mut t = String::from("[proxy]\n");
+                let mut keys = std::collections::HashSet::new();
+                for (k, v) in numbers {
+                    if keys.insert(k) {
+                        t.push_str(&format!("{k} = {v}\n"));
+                    }
+                }
+                if let Some(n) = name {
+                    t.push_str(&format!("name = {}\n", quoted(&n)));
+                }
+                let list =
+                    |v: &[String]| v.iter().map(|s| quoted(s)).collect::<Vec<_>>().join(", ");
+                t.push_str(&format!("allow_destinations = [{}]\n", list(&cidrs)));
+                let ports: Vec<String> = ports.iter().map(|p| (p * 443).to_string()).collect();
+                t.push_str(&format!(
+                    "connect_ports = [{}]\n[proxy.backhaul]\n",
+                    ports.join(", ")
+                ));
+                for (k, v) in backhaul {
+                    if keys.insert(k) {
+                        t.push_str(&format!("{k} = {v}\n"));
+                    }
+                }
+                let probes: Vec<String> =
+                    probes.iter().map(|u| u.replace(['{', '}'], "")).collect();
+                t.push_str(&format!("probe_urls = [{}]\n", list(&probes)));
+                t
+            })
+    }
+
+    fn tile_source_text() -> impl Strategy<Value = String> {
+        (
+            prop_oneof![Just("osm".to_string()), "[a-zA-Z0-9_ -]{0,6}"],
+            url(),
+            prop_oneof![Just("png"), Just("pbf"), Just("jpg"), Just("webp")],
+            0u8..30,
+            0u8..30,
+            prop_oneof![Just("fieldrack/1".to_string()), "[\\x00-\\x7f]{0,6}"],
+        )
+            .prop_map(|(name, url, format, min, max, ua)| {
+                format!(
+                    "[[tile_source]]\nname = {}\nurl = {}\nformat = \"{format}\"\nmin_zoom = {min}\nmax_zoom = {max}\nuser_agent = {}\n",
+                    quoted(&name),
+                    quoted(&url),
+                    quoted(&ua)
+                )
+            })
+    }
+
+    proptest! {
+        /// Whatever rack.toml's validation accepts converts into a
+        /// cache-proxy configuration that cache-proxy accepts too, without
+        /// a panic: the conversion only fails on values deploy refuses.
+        #[test]
+        fn validated_configs_always_convert(
+            proxy in proxy_text(),
+            sources in prop::collection::vec(tile_source_text(), 0..3),
+        ) {
+            let text = format!("{HEAD}{proxy}\n{}", sources.join("\n"));
+            if let Ok(rc) = RackConfig::parse(&text, Path::new("rack.toml")) {
+                let converted = config(&rc);
+                prop_assert!(matches!(converted, Ok(Some(_))), "{converted:?} for\n{text}");
+            }
+        }
     }
 }
