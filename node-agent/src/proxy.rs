@@ -482,7 +482,7 @@ user_agent = "fieldrack/0.1 (ops@example.org)"
         use deploy::config::limits;
         assert_eq!(
             limits::MAX_PROXY_CONNECTIONS,
-            cache_proxy::MAX_CONNECTIONS as u64
+            cache_proxy::server::MAX_CONNECTIONS as u64
         );
         assert_eq!(limits::MAX_ZOOM, cache_proxy::tiles::MAX_ZOOM);
     }
@@ -555,30 +555,22 @@ user_agent = "fieldrack/0.1 (ops@example.org)"
         toml::Value::String(s.to_owned()).to_string()
     }
 
-    /// Values near and across each rule's edges.
+    /// Mostly values every proxy knob accepts, sometimes one across an
+    /// edge, so that accepted configurations are common.
     fn number() -> impl Strategy<Value = i64> {
         prop_oneof![
-            Just(0i64),
-            Just(99),
-            Just(100),
-            1i64..5_000,
-            Just(4096),
-            Just(4097),
-            Just(600_000),
-            Just(600_001),
-            Just(3_600_001),
-            Just(86_400_001),
-            Just(i64::MAX),
+            6 => 100i64..=4096,
+            1 => prop::sample::select(vec![
+                0i64, 99, 4097, 600_000, 600_001, 3_600_001, 86_400_001, i64::MAX,
+            ]),
         ]
     }
 
     fn cidr() -> impl Strategy<Value = String> {
         prop_oneof![
-            Just("10.0.0.0/8".to_string()),
-            Just("fd00::/8".to_string()),
-            Just("::1".to_string()),
-            Just("10.0.0.0/33".to_string()),
-            "[0-9a-f:./ ]{0,16}",
+            4 => prop::sample::select(vec!["10.0.0.0/8", "fd00::/8", "::1", "192.168.1.7"])
+                .prop_map(String::from),
+            1 => "[0-9a-f:./ ]{0,16}",
         ]
     }
 
@@ -586,14 +578,19 @@ user_agent = "fieldrack/0.1 (ops@example.org)"
     fn url() -> impl Strategy<Value = String> {
         (
             prop_oneof![
-                Just("http"),
-                Just("https"),
-                Just("HTTP"),
-                Just("ftp"),
-                Just("")
+                4 => prop::sample::select(vec!["http", "https", "HTTP"]),
+                1 => prop::sample::select(vec!["ftp", "", "http:"]),
             ],
-            "[a-z0-9.:@\\[\\]_~-]{0,14}",
-            "[ -~]{0,12}",
+            prop_oneof![
+                3 => "[a-z0-9.-]{1,10}(:[0-9]{1,5})?",
+                1 => "\\[::[0-9a-f]{0,4}\\](:[0-9]{0,6})?",
+                1 => "[a-z0-9.:@\\[\\]_~%-]{0,14}",
+            ],
+            prop_oneof![
+                3 => "[a-zA-Z0-9._~/?&=%-]{0,10}",
+                1 => "[ -~]{0,12}",
+                1 => "[\\x00-\\x7f]{0,4}",
+            ],
         )
             .prop_map(|(scheme, authority, tail)| {
                 format!("{scheme}://{authority}/{{z}}/{{x}}/{{y}}{tail}")
@@ -614,9 +611,13 @@ user_agent = "fieldrack/0.1 (ops@example.org)"
                 ),
                 0..3,
             ),
-            prop::option::of("[ -~]{0,8}"),
+            prop_oneof![
+                2 => Just(None),
+                2 => "[a-zA-Z0-9._-]{1,10}".prop_map(Some),
+                1 => "[ -~]{0,8}".prop_map(Some),
+            ],
             prop::collection::vec(cidr(), 0..3),
-            prop::collection::vec(0u16..3, 0..3),
+            prop::collection::vec(prop_oneof![6 => 1u16..3, 1 => Just(0u16)], 0..3),
             prop::collection::vec(
                 (
                     prop::sample::select(vec![
@@ -665,12 +666,12 @@ user_agent = "fieldrack/0.1 (ops@example.org)"
 
     fn tile_source_text() -> impl Strategy<Value = String> {
         (
-            prop_oneof![Just("osm".to_string()), "[a-zA-Z0-9_ -]{0,6}"],
+            prop_oneof![4 => "[a-z0-9_-]{1,6}", 1 => "[a-zA-Z0-9_ -]{0,6}"],
             url(),
-            prop_oneof![Just("png"), Just("pbf"), Just("jpg"), Just("webp")],
-            0u8..30,
-            0u8..30,
-            prop_oneof![Just("fieldrack/1".to_string()), "[\\x00-\\x7f]{0,6}"],
+            prop::sample::select(vec!["png", "pbf", "jpg", "webp"]),
+            0u8..12,
+            prop_oneof![4 => 12u8..=24, 1 => 0u8..30],
+            prop_oneof![4 => "[ -~]{1,12}", 1 => "[\\x00-\\x7f]{0,6}"],
         )
             .prop_map(|(name, url, format, min, max, ua)| {
                 format!(
