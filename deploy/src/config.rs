@@ -1243,6 +1243,36 @@ user_agent = "fieldrack/0.1 (ops@example.org)"
         assert!(with("max_zoom = 256").contains("max_zoom"));
     }
 
+    /// The README's `rack.toml` examples (every ```toml block but the
+    /// appliance manifests, concatenated) are one valid file: the
+    /// documentation shows keys as they are.
+    #[test]
+    fn the_readme_examples_parse() {
+        let readme = include_str!("../../README.md");
+        let mut text = String::new();
+        let mut block: Option<String> = None;
+        for line in readme.lines() {
+            match (&mut block, line.trim_start()) {
+                (None, "```toml") => block = Some(String::new()),
+                (Some(b), "```") => {
+                    if !b.contains("[[appliance]]") {
+                        text.push_str(b);
+                    }
+                    block = None;
+                }
+                (Some(b), _) => {
+                    b.push_str(line);
+                    b.push('\n');
+                }
+                (None, _) => {}
+            }
+        }
+        let text = text.replace("base64 ed25519 public key", KEY);
+        let c = RackConfig::parse(&text, Path::new("rack.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.tile_source.len(), 1);
+        assert_eq!(c.proxy.map(|p| p.listen.port()), Some(3128));
+    }
+
     #[test]
     fn a_witness_runs_no_proxy() {
         let m = minimal().replace("rack = \"a\"", "rack = \"a\"\nrole = \"witness\"");
