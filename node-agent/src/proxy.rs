@@ -492,7 +492,9 @@ user_agent = "fieldrack/0.1 (ops@example.org)"
     #[test]
     fn unvalidated_values_are_refused_naming_the_field() {
         let mut rc = rack(&format!("{HEAD}[proxy]\n"));
-        let cases: Vec<(fn(&mut RackConfig), &str)> = vec![
+        /// A change made in code, past validation.
+        type Edit = fn(&mut RackConfig);
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 |rc| rc.proxy.as_mut().unwrap().allow_networks.push("x".into()),
                 "proxy.allow_networks[2]",
