@@ -15,6 +15,8 @@
 //! - [`store`]: the Raft log and state machine in sled.
 //! - [`net`]: Raft calls over mesh streams, relayed around a cut link.
 //! - [`node`]: the running control plane of one rack.
+//! - `settings`: `[control]` of `rack.toml` into [`ControlSettings`] and
+//!   [`LeaseConfig`] (`From` / `ControlSettings::from_config`).
 
 pub mod field;
 pub mod formation;
@@ -22,6 +24,7 @@ pub mod lease;
 pub mod net;
 pub mod node;
 pub mod placement;
+mod settings;
 pub mod store;
 
 pub use field::{

@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{validate_rack_name, Role};
 
+pub mod proxy;
+
+pub use proxy::{BackhaulConfig, ProxyConfig, TileFormat, TileSource};
+
 /// The name of the file holding the admin API bearer token, beside `rack.toml`.
 pub const API_TOKEN_FILE: &str = "api-token";
 
@@ -62,13 +66,12 @@ pub struct RackConfig {
     #[serde(default)]
     pub control: ControlConfig,
     /// The caching HTTP proxy and tile server (`[proxy]`); absent: no proxy.
-    /// Its fields are defined and validated by the `cache-proxy` crate (the
-    /// agent checks them at start and exits 64 naming the field).
+    /// A witness runs none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proxy: Option<toml::Table>,
-    /// Map tile sources (`[[tile_source]]`), validated like `[proxy]`.
+    pub proxy: Option<ProxyConfig>,
+    /// Map tile sources (`[[tile_source]]`) the proxy serves.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tile_source: Vec<toml::Table>,
+    pub tile_source: Vec<TileSource>,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -510,21 +513,8 @@ impl RackConfig {
                 "must be at most a third of control.election_timeout_ms".into(),
             );
         }
-        if self.mesh.listen.is_empty() {
-            return bad(
-                "mesh.listen",
-                "at least one listen address is needed".into(),
-            );
-        }
-        for (i, a) in self.mesh.listen.iter().enumerate() {
-            if let Err(e) = crate::parse_quic_multiaddr(a) {
-                return bad(&format!("mesh.listen[{i}]"), e);
-            }
-        }
-        for (i, a) in self.mesh.bootstrap.iter().enumerate() {
-            if let Err(e) = crate::parse_quic_multiaddr(a) {
-                return bad(&format!("mesh.bootstrap[{i}]"), e);
-            }
+        if let Err(InvalidField { field, reason }) = MeshAddrs::try_from(&self.mesh) {
+            return Err((field, reason));
         }
         if self.mesh.reconnect_max_ms < self.mesh.reconnect_initial_ms {
             return bad(
@@ -571,6 +561,10 @@ impl RackConfig {
                 return bad("power.command", "must name a program".into());
             }
         }
+        if self.role == Role::Witness && self.proxy.is_some() {
+            return bad("proxy", "a witness runs no proxy: remove [proxy]".into());
+        }
+        proxy::validate(self.proxy.as_ref(), &self.tile_source)?;
         if let Some(level) = &self.log.level {
             if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(level) {
                 return bad(
@@ -594,7 +588,7 @@ impl RackConfig {
         let v = &self.volumes;
         let c = &self.control;
         let n = |x: usize| u64::try_from(x).unwrap_or(u64::MAX);
-        vec![
+        let mut numbers = vec![
             (
                 "mesh.admission_timeout_ms",
                 m.admission_timeout_ms,
@@ -708,7 +702,61 @@ impl RackConfig {
                 c.remove_dead_voter_after_s,
                 0..=MAX_INTERVAL_S,
             ),
-        ]
+        ];
+        if let Some(p) = &self.proxy {
+            numbers.extend(proxy::bounded_numbers(p));
+        }
+        numbers
+    }
+}
+
+/// A `rack.toml` field that is not acceptable, named as a dotted path
+/// (`mesh.bootstrap[1]`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid `{field}`: {reason}")]
+pub struct InvalidField {
+    /// Dotted field name.
+    pub field: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// `[mesh]`'s addresses, parsed: what the mesh listens on and dials. The
+/// one conversion from the text of `rack.toml`; [`RackConfig::parse`] runs
+/// it too, so on a parsed config it cannot fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshAddrs {
+    /// `mesh.listen`, at least one, each a QUIC multiaddr.
+    pub listen: Vec<libp2p::Multiaddr>,
+    /// `mesh.bootstrap`, each a QUIC multiaddr, maybe ending in `/p2p/<id>`.
+    pub bootstrap: Vec<libp2p::Multiaddr>,
+}
+
+impl TryFrom<&MeshConfig> for MeshAddrs {
+    type Error = InvalidField;
+
+    fn try_from(m: &MeshConfig) -> Result<Self, InvalidField> {
+        if m.listen.is_empty() {
+            return Err(InvalidField {
+                field: "mesh.listen".into(),
+                reason: "at least one listen address is needed".into(),
+            });
+        }
+        let parse = |key: &str, list: &[String]| {
+            list.iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    crate::parse_quic_multiaddr(a).map_err(|reason| InvalidField {
+                        field: format!("mesh.{key}[{i}]"),
+                        reason,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Self {
+            listen: parse("listen", &m.listen)?,
+            bootstrap: parse("bootstrap", &m.bootstrap)?,
+        })
     }
 }
 
@@ -742,6 +790,18 @@ pub mod limits {
     pub const MAX_REPLICATION_FACTOR: u64 = 64;
     /// `volumes.keep_snapshots`.
     pub const MAX_KEEP_SNAPSHOTS: u64 = 10_000;
+    /// `proxy.header_timeout_ms`: ten minutes. A client slower than that to
+    /// send a request head is holding a connection slot, not browsing.
+    pub const MAX_PROXY_HEADER_TIMEOUT_MS: u64 = 600_000;
+    /// `proxy.idle_timeout_ms`: one day, for a long-lived quiet tunnel.
+    pub const MAX_PROXY_IDLE_TIMEOUT_MS: u64 = 86_400_000;
+    /// `proxy.max_connections` and `proxy.max_connections_per_client`: the
+    /// proxy's own hard cap on connections (`cache_proxy::MAX_CONNECTIONS`,
+    /// checked equal by the agent's tests).
+    pub const MAX_PROXY_CONNECTIONS: u64 = 4096;
+    /// `tile_source[].max_zoom`: zoom 24 is ~2 cm per pixel, finer than any
+    /// imagery (`cache_proxy::tiles::MAX_ZOOM`).
+    pub const MAX_ZOOM: u8 = 24;
 }
 
 /// `host:port` with a non-zero port and a host that is an IP address
@@ -949,6 +1009,15 @@ mod tests {
         ("control", "election_timeout_ms"),
         ("control", "settle_ms"),
         ("control", "remove_dead_voter_after_s"),
+        ("proxy", "header_timeout_ms"),
+        ("proxy", "idle_timeout_ms"),
+        ("proxy", "max_connections_per_client"),
+        ("proxy", "max_connections"),
+        ("proxy.backhaul", "probe_interval_ms"),
+        ("proxy.backhaul", "probe_interval_down_ms"),
+        ("proxy.backhaul", "probe_timeout_ms"),
+        ("proxy.backhaul", "connect_timeout_ms"),
+        ("proxy.backhaul", "response_timeout_ms"),
     ];
 
     /// Values that find edges: zero, small, defaults' neighbourhood, the
@@ -995,6 +1064,243 @@ mod tests {
             .and_then(|x| x.checked_mul(4))
             .ok_or("membership sums overflow")?;
         Ok(())
+    }
+
+    /// A `[proxy]` and a `[[tile_source]]` with every key set.
+    const FULL_PROXY: &str = r#"
+[proxy]
+listen = "0.0.0.0:3129"
+name = "rack-a.cache"
+cache_dir = "/var/cache/fieldrack"
+max_cache_bytes = 1000000
+allow_networks = ["10.0.0.0/8", "fd00::/8", "192.168.1.7"]
+offline = true
+allow_destinations = ["10.20.0.0/16"]
+connect_ports = [443, 8443]
+header_timeout_ms = 5000
+idle_timeout_ms = 60000
+max_connections_per_client = 32
+max_connections = 1000
+[proxy.backhaul]
+bytes_per_sec = 100000
+daily_quota_bytes = 5000000000
+probe_urls = ["http://probe.example.org/ok"]
+probe_interval_ms = 20000
+probe_interval_down_ms = 2000
+probe_timeout_ms = 3000
+connect_timeout_ms = 4000
+extra_ca_files = ["agency-ca.pem"]
+response_timeout_ms = 25000
+
+[[tile_source]]
+name = "hot"
+url = "https://tiles.example.org:8443/{z}/{x}/{y}.pbf?key=k"
+format = "pbf"
+min_zoom = 2
+max_zoom = 14
+attribution = "(c) OpenStreetMap contributors"
+allow_bulk = true
+requests_per_sec = 2
+user_agent = "fieldrack/0.1 (ops@example.org)"
+"#;
+
+    #[test]
+    fn every_proxy_key_parses_and_round_trips() {
+        let text = format!("{}{FULL_PROXY}", minimal());
+        let c = RackConfig::parse(&text, Path::new("rack.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let p = c.proxy.as_ref().unwrap();
+        assert_eq!(p.name.as_deref(), Some("rack-a.cache"));
+        assert_eq!(p.connect_ports, vec![443, 8443]);
+        assert_eq!(p.backhaul.response_timeout_ms, 25_000);
+        assert_eq!(c.tile_source[0].format, TileFormat::Pbf);
+        assert_eq!(c.tile_source[0].min_zoom, 2);
+        let again = RackConfig::parse(&c.to_toml(), Path::new("rack.toml")).unwrap();
+        assert_eq!(again, c);
+    }
+
+    /// `[proxy]` alone gets cache-proxy's defaults; a tile source needs only
+    /// `name` and `url`.
+    #[test]
+    fn proxy_defaults() {
+        let text = format!(
+            "{}[proxy]\n[[tile_source]]\nname = \"t\"\nurl = \"http://x/{{z}}/{{x}}/{{y}}.png\"\n",
+            minimal()
+        );
+        let c = RackConfig::parse(&text, Path::new("rack.toml")).unwrap();
+        assert_eq!(c.proxy, Some(ProxyConfig::default()));
+        let p = ProxyConfig::default();
+        assert_eq!(p.listen, "127.0.0.1:3128".parse().unwrap());
+        assert_eq!(p.name, None);
+        assert_eq!(p.header_timeout_ms, 10_000);
+        assert_eq!(p.backhaul.probe_interval_ms, 30_000);
+        let t = &c.tile_source[0];
+        assert_eq!((t.format, t.min_zoom, t.max_zoom), (TileFormat::Png, 0, 19));
+        assert_eq!(t.requests_per_sec, 10);
+        assert!(t.user_agent.starts_with("fieldrack-cache-proxy/"));
+        assert!(!t.allow_bulk);
+        assert_eq!(c.to_toml().matches("[proxy]").count(), 1);
+        let none = RackConfig::parse(&minimal(), Path::new("rack.toml")).unwrap();
+        assert!(!none.to_toml().contains("proxy"));
+    }
+
+    #[test]
+    fn unknown_proxy_keys_are_refused_naming_the_key() {
+        let m = minimal();
+        for (text, key) in [
+            (format!("{m}[proxy]\nlisn = \"1.2.3.4:5\"\n"), "lisn"),
+            (format!("{m}[proxy.backhaul]\nbytes_per_second = 1\n"), "bytes_per_second"),
+            (
+                format!("{m}[[tile_source]]\nname = \"a\"\nurl = \"http://x/{{z}}/{{x}}/{{y}}\"\nzoom = 3\n"),
+                "zoom",
+            ),
+        ] {
+            match RackConfig::parse(&text, Path::new("rack.toml")) {
+                Err(ConfigError::Parse { message, .. }) => {
+                    assert!(message.contains(key), "{key}: {message}")
+                }
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_proxy_values_name_their_field() {
+        let m = minimal();
+        let proxy = |line: &str| field_of(&format!("{m}[proxy]\n{line}\n"));
+        let backhaul = |line: &str| field_of(&format!("{m}[proxy.backhaul]\n{line}\n"));
+        assert_eq!(proxy("name = \"a b\""), "proxy.name");
+        assert_eq!(proxy("name = \"\""), "proxy.name");
+        assert_eq!(proxy("name = \"rack-a.cache_1\""), "ok");
+        assert_eq!(
+            proxy("allow_networks = [\"10.0.0.0/8\", \"10.0.0.0/40\"]"),
+            "proxy.allow_networks[1]"
+        );
+        assert_eq!(
+            proxy("allow_destinations = [\"intranet\"]"),
+            "proxy.allow_destinations[0]"
+        );
+        assert_eq!(proxy("connect_ports = [443, 0]"), "proxy.connect_ports");
+        assert_eq!(proxy("header_timeout_ms = 0"), "proxy.header_timeout_ms");
+        assert_eq!(
+            proxy("header_timeout_ms = 600001"),
+            "proxy.header_timeout_ms"
+        );
+        assert_eq!(proxy("header_timeout_ms = 600000"), "ok");
+        assert_eq!(proxy("idle_timeout_ms = 99"), "proxy.idle_timeout_ms");
+        assert_eq!(
+            proxy(&format!("idle_timeout_ms = {}", i64::MAX)),
+            "proxy.idle_timeout_ms"
+        );
+        assert_eq!(
+            proxy("max_connections_per_client = 0"),
+            "proxy.max_connections_per_client"
+        );
+        assert_eq!(proxy("max_connections = 4097"), "proxy.max_connections");
+        assert_eq!(proxy("max_connections = 0"), "ok");
+        assert!(proxy("listen = \"localhost\"").contains("listen"));
+        assert_eq!(
+            backhaul("probe_interval_ms = 0"),
+            "proxy.backhaul.probe_interval_ms"
+        );
+        assert_eq!(
+            backhaul("response_timeout_ms = 3600001"),
+            "proxy.backhaul.response_timeout_ms"
+        );
+        assert_eq!(
+            backhaul("probe_urls = [\"http://ok/\", \"probe.example.org\"]"),
+            "proxy.backhaul.probe_urls[1]"
+        );
+        let source = |lines: &str| {
+            field_of(&format!(
+                "{m}[[tile_source]]\nname = \"ok\"\nurl = \"http://x/{{z}}/{{x}}/{{y}}\"\n[[tile_source]]\n{lines}\n"
+            ))
+        };
+        let url = |u: &str| source(&format!("name = \"b\"\nurl = \"{u}\""));
+        assert_eq!(url("http://x/{z}/{x}.png"), "tile_source[1].url");
+        assert_eq!(url("ftp://x/{z}/{x}/{y}"), "tile_source[1].url");
+        assert_eq!(url("http:///{z}/{x}/{y}"), "tile_source[1].url");
+        assert_eq!(url("http://x/{z}/{x}/{y} .png"), "tile_source[1].url");
+        assert_eq!(url("http://[::1]:8080/{z}/{x}/{y}.png?k=v"), "ok");
+        let named = |name: &str| {
+            source(&format!(
+                "name = \"{name}\"\nurl = \"http://x/{{z}}/{{x}}/{{y}}\""
+            ))
+        };
+        assert_eq!(named("ok"), "tile_source[1].name");
+        assert_eq!(named("Caps"), "tile_source[1].name");
+        assert_eq!(named(""), "tile_source[1].name");
+        let with = |line: &str| {
+            source(&format!(
+                "name = \"b\"\nurl = \"http://x/{{z}}/{{x}}/{{y}}\"\n{line}"
+            ))
+        };
+        assert_eq!(with("max_zoom = 25"), "tile_source[1].max_zoom");
+        assert_eq!(with("max_zoom = 24"), "ok");
+        assert_eq!(with("min_zoom = 20"), "tile_source[1].min_zoom");
+        assert_eq!(with("user_agent = \" \""), "tile_source[1].user_agent");
+        assert_eq!(with("user_agent = \"a\\nb\""), "tile_source[1].user_agent");
+        assert!(with("format = \"gif\"").contains("format"));
+        assert!(with("max_zoom = 256").contains("max_zoom"));
+    }
+
+    /// The README's `rack.toml` examples (every ```toml block but the
+    /// appliance manifests, concatenated) are one valid file: the
+    /// documentation shows keys as they are.
+    #[test]
+    fn the_readme_examples_parse() {
+        let readme = include_str!("../../README.md");
+        let mut text = String::new();
+        let mut block: Option<String> = None;
+        for line in readme.lines() {
+            match (&mut block, line.trim_start()) {
+                (None, "```toml") => block = Some(String::new()),
+                (Some(b), "```") => {
+                    if !b.contains("[[appliance]]") {
+                        text.push_str(b);
+                    }
+                    block = None;
+                }
+                (Some(b), _) => {
+                    b.push_str(line);
+                    b.push('\n');
+                }
+                (None, _) => {}
+            }
+        }
+        let text = text.replace("base64 ed25519 public key", KEY);
+        let c = RackConfig::parse(&text, Path::new("rack.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.tile_source.len(), 1);
+        assert_eq!(c.proxy.map(|p| p.listen.port()), Some(3128));
+    }
+
+    #[test]
+    fn a_witness_runs_no_proxy() {
+        let m = minimal().replace("rack = \"a\"", "rack = \"a\"\nrole = \"witness\"");
+        assert_eq!(field_of(&m), "ok");
+        assert_eq!(field_of(&format!("{m}[proxy]\n")), "proxy");
+    }
+
+    #[test]
+    fn mesh_addrs_convert_once() {
+        let c = RackConfig::parse(
+            &format!(
+                "{}[mesh]\nlisten = [\"/ip4/0.0.0.0/udp/7400/quic-v1\"]\nbootstrap = [\"/dns/b.local/udp/7400/quic-v1\"]\n",
+                minimal()
+            ),
+            Path::new("rack.toml"),
+        )
+        .unwrap();
+        let a = MeshAddrs::try_from(&c.mesh).unwrap();
+        assert_eq!(a.listen[0].to_string(), "/ip4/0.0.0.0/udp/7400/quic-v1");
+        assert_eq!(a.bootstrap[0].to_string(), "/dns/b.local/udp/7400/quic-v1");
+        let mut m = c.mesh.clone();
+        m.bootstrap.push("/ip4/1.2.3.4/tcp/1".into());
+        assert_eq!(
+            MeshAddrs::try_from(&m).unwrap_err().field,
+            "mesh.bootstrap[1]"
+        );
+        m.listen.clear();
+        assert_eq!(MeshAddrs::try_from(&m).unwrap_err().field, "mesh.listen");
     }
 
     /// `3 × heartbeat_ms` overflowed for huge values (a panic with
@@ -1052,7 +1358,7 @@ mod tests {
                     );
                 }
                 Err(ConfigError::Parse { message, .. }) => {
-                    prop_assert!(set.iter().any(|f| message.contains(f.split('.').nth(1).unwrap())), "{message}");
+                    prop_assert!(set.iter().any(|f| message.contains(f.rsplit('.').next().unwrap_or_default())), "{message}");
                 }
                 Err(e) => prop_assert!(false, "unexpected {e}"),
             }

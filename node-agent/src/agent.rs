@@ -324,24 +324,15 @@ pub async fn run(
     // The process's one mDNS daemon: the mesh's discovery and the proxy's
     // advertisement share it (started by the first of them that needs it).
     let mdns = mesh::discovery::Mdns::new(cancel.child_token());
+    let mesh_addrs = deploy::config::MeshAddrs::try_from(&config.mesh)?;
     let settings = MeshSettings {
         keypair,
         certificate,
         fleet_key: fleet_key.clone(),
         fleet_name: config.fleet.name.clone(),
         rack: config.rack.clone(),
-        listen: config
-            .mesh
-            .listen
-            .iter()
-            .map(|a| deploy::parse_quic_multiaddr(a).expect("validated"))
-            .collect(),
-        bootstrap: config
-            .mesh
-            .bootstrap
-            .iter()
-            .map(|a| deploy::parse_quic_multiaddr(a).expect("validated"))
-            .collect(),
+        listen: mesh_addrs.listen,
+        bootstrap: mesh_addrs.bootstrap,
         mdns: config.mesh.mdns.then(|| mdns.clone()),
         admission_timeout: Duration::from_millis(config.mesh.admission_timeout_ms),
         max_connections: config.mesh.max_connections,
@@ -384,23 +375,11 @@ pub async fn run(
         }),
         None => None,
     };
-    let c = &config.control;
-    let lease = control::LeaseConfig {
-        lease: Duration::from_millis(c.lease_ms),
-        drift_margin: Duration::from_millis(c.drift_margin_ms),
-        fence_before: Duration::from_millis(c.fence_before_ms),
-        renew_every: Duration::from_millis(c.renew_every_ms),
-        fence_grace: Duration::from_millis(c.fence_grace_ms),
-    };
-    let control_settings = control::ControlSettings {
-        lease,
-        heartbeat: Duration::from_millis(c.heartbeat_ms),
-        election_timeout: Duration::from_millis(c.election_timeout_ms),
-        settle: Duration::from_millis(c.settle_ms),
-        remove_dead_after: (c.remove_dead_voter_after_s > 0)
-            .then(|| Duration::from_secs(c.remove_dead_voter_after_s)),
-        ..control::ControlSettings::new(config.data_dir.join("control"), &config.rack)
-    };
+    let control_settings = control::ControlSettings::from_config(
+        &config.control,
+        config.data_dir.join("control"),
+        &config.rack,
+    );
     let control_cancel = CancellationToken::new();
     let control = control::Control::start(
         control_settings,

@@ -304,7 +304,7 @@ fn provision_rack(
 /// The `[proxy]` table of a new rack: a distinct loopback port in a local
 /// field; otherwise port 3128 on every interface, open to the private
 /// networks relief staff's devices are on (never an open proxy).
-fn proxy_table(local: bool) -> Result<toml::Table> {
+fn proxy_table(local: bool) -> Result<deploy::config::ProxyConfig> {
     let (listen, allow): (String, Vec<&str>) = if local {
         let (_, tcp) = free_ports()?;
         (format!("127.0.0.1:{tcp}"), vec!["127.0.0.0/8"])
@@ -320,18 +320,11 @@ fn proxy_table(local: bool) -> Result<toml::Table> {
             ],
         )
     };
-    let mut t = toml::Table::new();
-    t.insert("listen".into(), toml::Value::String(listen));
-    t.insert(
-        "allow_networks".into(),
-        toml::Value::Array(
-            allow
-                .into_iter()
-                .map(|a| toml::Value::String(a.into()))
-                .collect(),
-        ),
-    );
-    Ok(t)
+    Ok(deploy::config::ProxyConfig {
+        listen: listen.parse()?,
+        allow_networks: allow.into_iter().map(String::from).collect(),
+        ..Default::default()
+    })
 }
 
 /// Point every local rack's bootstrap list at every other rack.

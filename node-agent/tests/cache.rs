@@ -80,7 +80,7 @@ fn add_tile_source(fleet: &Fleet, rack: &str, port: u16) -> String {
     ));
     std::fs::write(&p, &text).unwrap();
     let cfg = deploy::RackConfig::load(&p).unwrap();
-    cfg.proxy.unwrap()["listen"].as_str().unwrap().to_string()
+    cfg.proxy.unwrap().listen.to_string()
 }
 
 async fn get(proxy: &str, path: &str) -> (u16, String, Vec<u8>) {

@@ -271,6 +271,17 @@ fn absurd_config_values_exit_64_naming_the_field() {
             good.replace("[log]", "[log]\nlevel = \"info,,=[[[\""),
             "log.level",
         ),
+        (
+            good.replace(
+                "header_timeout_ms = 10000",
+                &format!("header_timeout_ms = {max}"),
+            ),
+            "proxy.header_timeout_ms",
+        ),
+        (
+            good.replace("connect_ports = [443]", "connect_ports = [0]"),
+            "proxy.connect_ports",
+        ),
     ];
     for (text, field) in cases {
         assert_ne!(text, good, "case for {field} changed nothing");
