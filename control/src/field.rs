@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use deploy::appliance::{check_dependencies, ApplianceSpec};
+use deploy::power::PowerSource;
 use deploy::Role;
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +67,14 @@ pub struct RackReport {
     pub memory_mb: u64,
     /// Power telemetry says it is about to go down.
     pub power_dying: bool,
+    /// Where its power comes from (none in reports from agents that did
+    /// not send it).
+    #[serde(default)]
+    pub power_source: Option<PowerSource>,
+    /// Free bytes on the filesystem of its volume data directory (none if
+    /// unknown, or from an agent that did not send it).
+    #[serde(default)]
+    pub free_bytes: Option<u64>,
     /// Newest complete generation it holds of each volume.
     pub volumes: BTreeMap<String, u64>,
     /// The appliances it runs or ran.

@@ -14,6 +14,8 @@
 //! - [`lease`]: fencing by leases (pure bookkeeping over injected instants).
 //! - [`store`]: the Raft log and state machine in sled.
 //! - [`net`]: Raft calls over mesh streams, relayed around a cut link.
+//! - [`view`]: which racks are up, admitted, revoked, renewing, dying,
+//!   with what capacity: the one answer every user reads (pure).
 //! - [`node`]: the running control plane of one rack.
 //! - `settings`: `[control]` of `rack.toml` into [`ControlSettings`] and
 //!   [`LeaseConfig`] (`From` / `ControlSettings::from_config`).
@@ -26,6 +28,7 @@ pub mod node;
 pub mod placement;
 mod settings;
 pub mod store;
+pub mod view;
 
 pub use field::{
     AppRecord, AppReport, AppState, Carried, Command, FieldState, RackReport, Refusal, Response,
@@ -33,6 +36,7 @@ pub use field::{
 };
 pub use lease::{Lease, LeaseConfig, LeaseWatch};
 pub use node::{Control, ControlError, ControlEvent, ControlSettings, ControlStatus};
+pub use view::{FieldView, RackState};
 
 use serde::{Deserialize, Serialize};
 

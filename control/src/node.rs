@@ -31,6 +31,7 @@ use crate::net::{
 };
 use crate::placement::{plan, RackView};
 use crate::store::{open_db, Applies, LogStore, StateMachine};
+use crate::view::{self, FieldView, PeerFacts, ViewInputs, ViewTiming};
 use crate::{node_id, NodeId, RackNode, TypeConfig};
 
 /// How the control plane runs (`[control]` in rack.toml).
@@ -924,55 +925,92 @@ impl Control {
 
     /// The racks as placement sees them: up = alive in membership (or us)
     /// and renewing within one lease.
-    async fn rack_views(&self, state: &FieldState) -> Vec<RackView> {
+    /// The field as this rack sees it now: the one answer to which racks
+    /// are up, admitted, revoked, renewing, dying, where, with what
+    /// capacity (see [`crate::view`]). Works on every rack, leader or
+    /// not; a rack that cannot reach the mesh actor sees only itself and
+    /// the replicated state.
+    pub async fn field_view(&self) -> FieldView {
+        let state = self.applies.state.borrow().clone();
+        self.view_of(&state).await
+    }
+
+    /// [`Self::field_view`] over a given applied state, remembering when
+    /// each rack was first seen down.
+    async fn view_of(&self, state: &FieldState) -> FieldView {
         let now = Instant::now();
-        let mesh_state: HashMap<String, State> = match self.mesh.status().await {
-            Ok(s) => s
-                .peers
-                .iter()
-                .filter_map(|p| Some((p.rack.clone()?, p.state)))
-                .collect(),
-            Err(_) => HashMap::new(),
+        let (peers, revoked) = match self.mesh.status().await {
+            Ok(s) => (
+                s.peers
+                    .into_iter()
+                    .filter_map(|p| {
+                        Some(PeerFacts {
+                            rack: p.rack?,
+                            state: p.state,
+                            rtt_ms: p
+                                .rtt
+                                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                            meta: p.meta,
+                        })
+                    })
+                    .collect(),
+                s.revoked_peers.into_iter().map(|(_, r)| r).collect(),
+            ),
+            Err(_) => (Vec::new(), BTreeSet::new()),
         };
-        let lease = self.settings.lease.lease;
-        let young = self.started.elapsed() < lease;
+        let admitted = self.mesh.admitted().into_iter().map(|(_, r)| r).collect();
         let leases = self
             .applies
             .leases
             .lock()
             .expect("lease watch lock")
             .clone();
-        let mut down = self.down_since.lock().expect("down_since lock");
-        state
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let renew_age_ms = state
             .racks
             .keys()
-            .map(|rack| {
-                // A renewal applied moments ago proves the rack is up and
-                // reaches the quorum, whatever gossip says: a rack that was
-                // cut off comes back believing the others dead, and until
-                // they refute it SWIM repeats that.
-                let fresh = leases
-                    .renew_age(rack, now)
-                    .is_some_and(|a| a < self.settings.lease.renew_every * 3);
-                let in_mesh = *rack == self.settings.rack
-                    || fresh
-                    || mesh_state.get(rack).is_some_and(|s| *s != State::Dead);
-                let renewing = match leases.renew_age(rack, now) {
-                    Some(age) => age < lease,
-                    None => young,
-                };
-                let up = in_mesh && renewing;
-                let down_since_ms = if up {
-                    down.remove(rack);
-                    None
-                } else {
-                    Some(*down.entry(rack.clone()).or_insert_with(unix_ms))
-                };
-                RackView {
-                    name: rack.clone(),
-                    up,
-                    down_since_ms,
-                }
+            .chain(peers.iter().map(|p: &PeerFacts| &p.rack))
+            .chain(std::iter::once(&self.settings.rack))
+            .filter_map(|r| Some((r.clone(), ms(leases.renew_age(r, now)?))))
+            .collect();
+        let lease = self.settings.lease;
+        let mut down = self.down_since.lock().expect("down_since lock");
+        let inputs = ViewInputs {
+            local: self.settings.rack.clone(),
+            reports: state.racks.clone(),
+            peers,
+            admitted,
+            revoked,
+            renew_age_ms,
+            timing: ViewTiming {
+                lease_ms: ms(lease.lease),
+                fresh_ms: ms(lease.renew_every * 3),
+            },
+            young: self.started.elapsed() < lease.lease,
+            down_since: down.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        };
+        let view = view::compute(&inputs, unix_ms());
+        down.clear();
+        down.extend(
+            view.racks
+                .iter()
+                .filter_map(|r| Some((r.name.clone(), r.down_since_ms?))),
+        );
+        view
+    }
+
+    /// Placement's racks: those the replicated state holds a report of,
+    /// up or down by the field view's one rule.
+    async fn rack_views(&self, state: &FieldState) -> Vec<RackView> {
+        self.view_of(state)
+            .await
+            .racks
+            .into_iter()
+            .filter(|r| state.racks.contains_key(&r.name))
+            .map(|r| RackView {
+                name: r.name,
+                up: r.up,
+                down_since_ms: r.down_since_ms,
             })
             .collect()
     }

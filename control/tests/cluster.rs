@@ -225,6 +225,21 @@ async fn three_racks_elect_place_and_survive_the_leader() {
         let t = st.apps["web"].transfer.as_ref().expect("a transfer record");
         assert_eq!(t.reason, "placed");
     }
+    // Every rack's field view has all three: reported, admitted, alive in
+    // SWIM, renewing, so up and reachable.
+    for r in &racks {
+        let view = r.control.field_view().await;
+        for name in RACKS {
+            let s = view.rack(name).expect("every rack in the view");
+            assert_eq!(s.local, name == r.name, "{s:?}");
+            assert!(s.reported && s.admitted && s.renewing, "{s:?}");
+            assert!(s.up && s.reachable && s.down_since_ms.is_none(), "{s:?}");
+            assert_eq!(s.site.as_deref(), Some("s"), "{s:?}");
+            if name != r.name {
+                assert_eq!(s.membership, Some(mesh::membership::State::Alive), "{s:?}");
+            }
+        }
+    }
 
     // Kill the leader: its control plane and its mesh.
     let dead = racks.iter().position(|r| r.name == leader).unwrap();
@@ -311,6 +326,15 @@ async fn three_racks_elect_place_and_survive_the_leader() {
         },
     )
     .await;
+    // The view still names it, revoked and down, on both survivors.
+    for r in &racks {
+        let view = r.control.field_view().await;
+        let s = view
+            .rack(&leader)
+            .expect("a revoked rack stays in the view");
+        assert!(s.revoked && !s.up && !s.reachable && !s.reported, "{s:?}");
+        assert!(s.down_since_ms.is_some(), "{s:?}");
+    }
 
     for r in &racks {
         stop(r).await;

@@ -518,3 +518,23 @@ fn adopted_appliances_keep_their_epochs_and_never_replace_ours() {
     assert!(matches!(r, Response::Refused(_)), "{r:?}");
     assert!(!s.apps.contains_key("cache"));
 }
+
+/// Reports stored or sent before `power_source` and `free_bytes` existed
+/// still decode (the log and snapshots are JSON in a versioned envelope,
+/// and the version did not change).
+#[test]
+fn a_report_without_power_source_or_free_bytes_decodes() {
+    let old = r#"{"role":"rack","site":"north","cpus":4,"memory_mb":4096,
+        "power_dying":false,"volumes":{},"apps":{},"at_ms":7}"#;
+    let r: RackReport = serde_json::from_str(old).expect("old report decodes");
+    assert_eq!(r.free_bytes, None);
+    assert_eq!(r.power_source, None);
+    assert_eq!(r.at_ms, 7);
+    let new = RackReport {
+        free_bytes: Some(1 << 30),
+        power_source: Some(deploy::power::PowerSource::Battery),
+        ..r
+    };
+    let back: RackReport = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+    assert_eq!(back, new);
+}
