@@ -96,6 +96,7 @@ impl Rack {
     pub async fn status(&self) -> Result<Status, mesh::MeshError> {
         let m = self.mesh.status().await?;
         let volumes = self.volumes.status().await;
+        let field = self.appliances.control().field_view().await;
         let peers = m
             .peers
             .iter()
@@ -147,6 +148,7 @@ impl Rack {
             store: self.recovery.clone(),
             appliances: self.appliances.status(),
             control: Some(self.appliances.control().status()),
+            field: Some(field),
         })
     }
 
@@ -351,8 +353,10 @@ pub async fn run(
         .context("starting the mesh")?;
     tracing::info!(rack = %config.rack, peer_id = %mesh.peer_id, incarnation, api = %config.api.listen, "rack up");
 
-    let volumes = crate::volumes::open(&config, mesh.clone(), state.clone())
-        .context("opening the volume service")?;
+    let volume_control = crate::volumes::ControlSlot::default();
+    let volumes =
+        crate::volumes::open(&config, mesh.clone(), state.clone(), volume_control.clone())
+            .context("opening the volume service")?;
     let mut tasks = tokio::task::JoinSet::new();
     let proxy = match crate::proxy::config(&config)? {
         Some(mut cfg) => Some({
@@ -389,6 +393,11 @@ pub async fn run(
     )
     .await
     .context("starting the control plane")?;
+    // Replica placement and the cache mesh read the field view.
+    let _ = volume_control.set(control.clone());
+    if let Some(p) = &proxy {
+        p.mesh.attach_control(control.clone());
+    }
     let appliances = crate::supervisor::Supervisor::new(
         &config.rack,
         config.role,

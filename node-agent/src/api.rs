@@ -2,6 +2,8 @@
 //!
 //! Routes:
 //! - `GET /api/v1/status`: the [`Status`] document.
+//! - `GET /api/v1/field`: the field view (`control::FieldView`): which
+//!   racks are up, admitted, revoked, renewing, dying, with what capacity.
 //! - `GET /api/v1/revocations`: revocations known to this rack.
 //! - `POST /api/v1/revocations`: add a fleet-signed revocation; answered only
 //!   once it is stored durably; then spread through the mesh.
@@ -509,6 +511,10 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
             Ok(s) => json(StatusCode::OK, &s),
             Err(e) => error_reply(&e),
         },
+        (Method::GET, paths::FIELD) => json(
+            StatusCode::OK,
+            &rack.appliances.control().field_view().await,
+        ),
         (Method::GET, paths::METRICS) => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -630,6 +636,7 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
         (
             _,
             paths::STATUS
+            | paths::FIELD
             | paths::METRICS
             | paths::REVOCATIONS
             | paths::EVENTS

@@ -10,6 +10,9 @@
 //!   coverage; a seeded (pinned) tile is copied, pinned, to every rack of
 //!   this rack's site, so a whole site keeps its seeded regions offline.
 //!
+//! The peers are the racks the field view (`control::view`) says this rack
+//! can reach directly, refreshed every [`PEERS_REFRESH`].
+//!
 //! Streams carry `[u32 LE len][bytes]` messages, every length bounded.
 
 use std::collections::HashMap;
@@ -72,6 +75,27 @@ pub const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 /// abandoned instead of holding a replication slot forever.
 fn put_timeout(len: usize) -> Duration {
     Duration::from_secs(10) + Duration::from_secs((len >> 20) as u64)
+}
+
+/// How often the peers come from the field view again: a second, like a
+/// SWIM probe round, so a rack that went away stops being asked within
+/// about one probe of SWIM noticing.
+pub const PEERS_REFRESH: Duration = Duration::from_secs(1);
+/// Sending digests or copies, the peers are taken again if older than
+/// this: a copy's targets are chosen once, so a rack admitted a moment ago
+/// must not be missed; a burst of copies (seeding) still asks the view at
+/// most a few times a second.
+pub const PEERS_MAX_AGE: Duration = Duration::from_millis(200);
+
+/// A rack the cache may use, from the field view.
+#[derive(Debug, Clone)]
+struct CachePeer {
+    /// The PeerId of its admitted connection.
+    id: PeerId,
+    /// Its site, if known: pinned objects go to every rack of ours.
+    site: Option<String>,
+    /// rack / witness, if known.
+    role: Option<deploy::Role>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -159,6 +183,16 @@ pub struct CacheMesh {
     /// This rack's site: pinned objects go to every rack of it.
     site: String,
     digests: RwLock<HashMap<PeerId, (KeyDigest, Instant)>>,
+    /// The racks of the field view this rack can reach directly now
+    /// (refreshed every [`PEERS_REFRESH`]; empty until the control plane
+    /// is attached).
+    peers: RwLock<Vec<CachePeer>>,
+    /// When `peers` was last taken from the view; held while taking it
+    /// again, so a burst of users causes one refresh.
+    refreshed: tokio::sync::Mutex<Option<Instant>>,
+    /// The control plane, whose field view says which racks to use; set
+    /// once by [`CacheMesh::attach_control`].
+    control: std::sync::OnceLock<Arc<control::Control>>,
     replicate_tx: mpsc::Sender<(KeyHash, PeerObject)>,
     /// Counters.
     pub stats: Arc<CacheMeshStats>,
@@ -174,6 +208,9 @@ impl CacheMesh {
                 mesh,
                 site: site.to_string(),
                 digests: RwLock::default(),
+                peers: RwLock::default(),
+                refreshed: tokio::sync::Mutex::new(None),
+                control: std::sync::OnceLock::new(),
                 replicate_tx: tx,
                 stats: Arc::default(),
             }),
@@ -181,8 +218,52 @@ impl CacheMesh {
         )
     }
 
+    /// Hand the cache the control plane, whose field view says which
+    /// racks to use (it starts after the proxy).
+    pub fn attach_control(&self, control: Arc<control::Control>) {
+        let _ = self.control.set(control);
+    }
+
+    /// The peers to exchange digests, objects and copies with.
     fn admitted_peers(&self) -> Vec<PeerId> {
-        self.mesh.admitted().into_iter().map(|(p, _)| p).collect()
+        self.peers
+            .read()
+            .expect("peers lock")
+            .iter()
+            .map(|p| p.id)
+            .collect()
+    }
+
+    /// Take the peers from the field view again: the racks this rack can
+    /// reach directly (`reachable`: admitted, not revoked, not dead), on
+    /// the connections admitted now. Not `up`: a cached object is worth
+    /// sharing whatever the leases, so the racks of a partition's
+    /// minority side, where nobody renews, go on sharing their caches.
+    /// Nothing happens if they were taken less than `max_age` ago.
+    async fn refresh_peers(&self, max_age: Duration) {
+        let Some(control) = self.control.get() else {
+            return;
+        };
+        let mut refreshed = self.refreshed.lock().await;
+        if refreshed.is_some_and(|t| t.elapsed() < max_age) {
+            return;
+        }
+        let view = control.field_view().await;
+        let fresh: Vec<CachePeer> = self
+            .mesh
+            .admitted()
+            .into_iter()
+            .filter_map(|(id, rack)| {
+                let r = view.rack(&rack).filter(|r| r.reachable && !r.local)?;
+                Some(CachePeer {
+                    id,
+                    site: r.site.clone(),
+                    role: r.role,
+                })
+            })
+            .collect();
+        *self.peers.write().expect("peers lock") = fresh;
+        *refreshed = Some(Instant::now());
     }
 
     /// Serve peers and exchange digests until `cancel`.
@@ -203,10 +284,13 @@ impl CacheMesh {
         let replicating = tokio::spawn(self.clone().replicate_loop(replicate_rx, cancel.clone()));
         let _replicating = tokio_util::task::AbortOnDropHandle::new(replicating);
         let mut tick = tokio::time::interval(DIGEST_INTERVAL);
+        let mut refresh = tokio::time::interval(PEERS_REFRESH);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
+                _ = refresh.tick() => self.refresh_peers(Duration::ZERO).await,
                 _ = tick.tick() => {
+                    self.refresh_peers(PEERS_MAX_AGE).await;
                     let digest = proxy.digest(DIGEST_FP).to_bytes();
                     for peer in self.admitted_peers() {
                         let (mesh, digest) = (self.mesh.clone(), digest.clone());
@@ -311,22 +395,21 @@ impl CacheMesh {
     /// Copy one object: a pinned (seeded) one to every rack of our site,
     /// anything else to one admitted peer that does not have it yet.
     async fn replicate_now(&self, key: KeyHash, obj: PeerObject) {
+        self.refresh_peers(PEERS_MAX_AGE).await;
         let peers = self.admitted_peers();
         let mut targets: Vec<PeerId> = Vec::new();
         if obj.meta.pinned {
-            if let Ok(st) = self.mesh.status().await {
-                targets = st
-                    .peers
-                    .iter()
-                    .filter(|p| {
-                        peers.contains(&p.peer_id)
-                            && p.meta.as_ref().is_some_and(|m| {
-                                m.site == self.site && m.role == deploy::Role::Rack
-                            })
-                    })
-                    .map(|p| p.peer_id)
-                    .collect();
-            }
+            targets = self
+                .peers
+                .read()
+                .expect("peers lock")
+                .iter()
+                .filter(|p| {
+                    p.site.as_deref() == Some(self.site.as_str())
+                        && p.role == Some(deploy::Role::Rack)
+                })
+                .map(|p| p.id)
+                .collect();
         }
         if targets.is_empty() {
             let lacking: Vec<PeerId> = {

@@ -47,6 +47,11 @@ pub struct Status {
     /// The control plane as this rack sees it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<control::ControlStatus>,
+    /// The field as this rack sees it: which racks are up, admitted,
+    /// revoked, renewing, dying, where, with what capacity (the one view
+    /// placement, replication and the cache mesh use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<control::FieldView>,
 }
 
 /// One peer in the status document.

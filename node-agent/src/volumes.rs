@@ -7,7 +7,7 @@
 //! mesh connection (`MeshHandle::open_stream`, which refuses peers that
 //! are not admitted).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use datastore::replicate::plan::RackView;
@@ -18,7 +18,6 @@ use datastore::service::{
 use deploy::{RackConfig, Role};
 use futures::future::BoxFuture;
 use futures::StreamExt as _;
-use mesh::membership::State;
 use mesh::MeshHandle;
 
 use crate::state::AgentState;
@@ -53,8 +52,14 @@ pub fn settings(config: &RackConfig) -> ServiceSettings {
     }
 }
 
+/// Where the transport finds the control plane, whose field view says
+/// where replicas may go: filled once the control plane has started (it
+/// starts after the volume service opens).
+pub type ControlSlot = Arc<std::sync::OnceLock<Arc<control::Control>>>;
+
 /// Open the volume service under `config.data_dir`, over `mesh`, with its
-/// bookkeeping in `state`.
+/// bookkeeping in `state`, placing replicas by the field view of the
+/// control plane `control` will hold.
 ///
 /// # Errors
 /// [`datastore::service::OpenServiceError`].
@@ -62,8 +67,9 @@ pub fn open(
     config: &RackConfig,
     mesh: MeshHandle,
     state: AgentState,
+    control: ControlSlot,
 ) -> Result<Arc<VolumeService>, datastore::service::OpenServiceError> {
-    let transport = Arc::new(MeshTransport { mesh });
+    let transport = Arc::new(MeshTransport { mesh, control });
     VolumeService::open(
         &config.data_dir.join(STORE_DIR),
         settings(config),
@@ -76,6 +82,8 @@ pub fn open(
 /// Streams to admitted racks over the mesh.
 struct MeshTransport {
     mesh: MeshHandle,
+    /// The control plane, for the field view (empty until it started).
+    control: ControlSlot,
 }
 
 impl Transport for MeshTransport {
@@ -142,28 +150,33 @@ impl Transport for MeshTransport {
 
 impl Peers for MeshTransport {
     fn replica_candidates(&self) -> BoxFuture<'_, Vec<RackView>> {
-        Box::pin(replica_candidates(&self.mesh))
+        Box::pin(replica_candidates(&self.control))
     }
 }
 
-/// The racks as the replica planner sees them: alive when membership says
-/// Alive and the rack is admitted; witnesses flagged (they store nothing).
-async fn replica_candidates(mesh: &MeshHandle) -> Vec<RackView> {
-    let Ok(status) = mesh.status().await else {
+/// The racks as the replica planner sees them, from the field view (see
+/// `control::view`): a replica needs a rack that is up and that this rack
+/// can push to directly (`reachable`); `dying` and `free_bytes` are passed
+/// on; witnesses are flagged (they store nothing). None before the control
+/// plane started.
+async fn replica_candidates(control: &ControlSlot) -> Vec<RackView> {
+    let Some(control) = control.get() else {
         return Vec::new();
     };
-    let admitted: HashSet<String> = mesh.admitted().into_iter().map(|(_, r)| r).collect();
-    status
-        .peers
-        .iter()
-        .filter_map(|p| {
-            let meta = p.meta.as_ref()?;
+    control
+        .field_view()
+        .await
+        .racks
+        .into_iter()
+        .filter(|r| !r.local)
+        .filter_map(|r| {
             Some(RackView {
-                rack: meta.rack.clone(),
-                site: meta.site.clone(),
-                alive: p.state == State::Alive && admitted.contains(&meta.rack),
-                witness: meta.role == Role::Witness,
-                free_bytes: None,
+                alive: r.up && r.reachable,
+                dying: r.dying,
+                witness: r.role? == Role::Witness,
+                free_bytes: r.free_bytes,
+                site: r.site?,
+                rack: r.name,
             })
         })
         .collect()

@@ -140,6 +140,13 @@ impl VolumeService {
         &self.import_dirs
     }
 
+    /// The volume store's root directory (its filesystem's free space is
+    /// what the rack reports for replica placement).
+    #[must_use]
+    pub fn store_root(&self) -> &std::path::Path {
+        self.store.root()
+    }
+
     /// How often owned volumes are snapshotted.
     #[must_use]
     pub fn snapshot_interval(&self) -> Duration {

@@ -96,6 +96,7 @@ impl VolumeService {
             rack: self.settings.rack.clone(),
             site: self.settings.site.clone(),
             alive: true,
+            dying: false,
             witness: false,
             free_bytes: None,
         };

@@ -139,6 +139,7 @@ fn rack(fabric: &Arc<Fabric>, name: &str, site: &str, factor: usize) -> Rack {
         rack: name.into(),
         site: site.into(),
         alive: true,
+        dying: false,
         witness: false,
         free_bytes: None,
     });

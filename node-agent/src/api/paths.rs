@@ -14,6 +14,8 @@ macro_rules! v1 {
 
 /// `GET`: the status document.
 pub const STATUS: &str = v1!("status");
+/// `GET`: the field view (which racks are up, and why).
+pub const FIELD: &str = v1!("field");
 /// `GET`: Prometheus text (outside `/api/v1`, where scrapers expect it).
 pub const METRICS: &str = "/metrics";
 /// `GET` the revocations known; `POST` one more.

@@ -222,13 +222,27 @@ impl Supervisor {
 
     async fn report(&self) -> RackReport {
         let (cpus, memory_mb) = self.capacity;
-        let power_dying = self.power.borrow().dying;
+        let (power_dying, power_source) = {
+            let p = self.power.borrow();
+            (p.dying, p.source)
+        };
+        let free_bytes = if self.role == Role::Rack {
+            let dir = self.volumes.store_root().to_path_buf();
+            tokio::task::spawn_blocking(move || free_bytes(&dir))
+                .await
+                .ok()
+                .flatten()
+        } else {
+            None
+        };
         RackReport {
             role: self.role,
             site: self.site.clone(),
             cpus,
             memory_mb,
             power_dying,
+            power_source: Some(power_source),
+            free_bytes,
             volumes: if self.role == Role::Rack {
                 self.volumes.held_generations().await
             } else {
@@ -776,4 +790,12 @@ impl Shell {
             self.on_report(r);
         }
     }
+}
+
+/// Bytes an unprivileged writer may still put on the filesystem holding
+/// `dir` (statvfs: available blocks × fragment size), for the report that
+/// replica placement reads; none if it cannot be read.
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
