@@ -589,6 +589,44 @@ async fn a_dying_rack_hands_its_appliance_over_before_the_battery_runs_out() {
         },
     )
     .await;
+    // Placement prefers a only once the leader has a's report and counts
+    // it up: deploying earlier would place the radio on b or c.
+    common::wait_until(
+        Duration::from_secs(30),
+        "all three racks up and reported on the leader",
+        || async {
+            let Some(leader) = common::status(&client("b"))
+                .await
+                .and_then(|s| s.control)
+                .and_then(|c| c.leader)
+            else {
+                return false;
+            };
+            common::status(&client(&leader))
+                .await
+                .and_then(|s| s.field)
+                .is_some_and(|v| {
+                    ["a", "b", "c"]
+                        .iter()
+                        .all(|r| v.rack(r).is_some_and(|r| r.up && r.reported))
+                })
+        },
+    )
+    .await;
+    // The same view is served alone at /api/v1/field.
+    let (code, body) = client("a")
+        .request(hyper::Method::GET, "/api/v1/field", None)
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    let view: control::FieldView = serde_json::from_slice(&body).unwrap();
+    let a = view.rack("a").expect("a in its own view");
+    assert!(a.local && a.up && a.admitted && a.reachable, "{a:?}");
+    assert!(
+        a.free_bytes.is_some_and(|b| b > 0),
+        "a reports its free bytes: {a:?}"
+    );
+    assert_eq!(a.power_source, Some(PowerSource::Grid), "{a:?}");
     let out = Command::new(common::BIN)
         .args(["app", "deploy"])
         .arg(&manifest)
