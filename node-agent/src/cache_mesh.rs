@@ -82,9 +82,9 @@ fn put_timeout(len: usize) -> Duration {
 /// about one probe of SWIM noticing.
 pub const PEERS_REFRESH: Duration = Duration::from_secs(1);
 /// Sending digests or copies, the peers are taken again if older than
-/// this: a copy's targets are chosen once, so a rack admitted a moment ago
-/// must not be missed; a burst of copies (seeding) still asks the view at
-/// most a few times a second.
+/// this (or if the admitted set changed: a copy's targets are chosen once,
+/// so a rack admitted a moment ago must not be missed); a burst of copies
+/// (seeding) still asks the view at most a few times a second.
 pub const PEERS_MAX_AGE: Duration = Duration::from_millis(200);
 
 /// A rack the cache may use, from the field view.
@@ -187,9 +187,10 @@ pub struct CacheMesh {
     /// (refreshed every [`PEERS_REFRESH`]; empty until the control plane
     /// is attached).
     peers: RwLock<Vec<CachePeer>>,
-    /// When `peers` was last taken from the view; held while taking it
-    /// again, so a burst of users causes one refresh.
-    refreshed: tokio::sync::Mutex<Option<Instant>>,
+    /// When `peers` was last taken from the view, and the admitted peers
+    /// then; held while taking it again, so a burst of users causes one
+    /// refresh.
+    refreshed: tokio::sync::Mutex<Option<(Instant, Vec<PeerId>)>>,
     /// The control plane, whose field view says which racks to use; set
     /// once by [`CacheMesh::attach_control`].
     control: std::sync::OnceLock<Arc<control::Control>>,
@@ -239,19 +240,25 @@ impl CacheMesh {
     /// the connections admitted now. Not `up`: a cached object is worth
     /// sharing whatever the leases, so the racks of a partition's
     /// minority side, where nobody renews, go on sharing their caches.
-    /// Nothing happens if they were taken less than `max_age` ago.
+    /// Nothing happens if they were taken less than `max_age` ago and no
+    /// peer was admitted or dropped since (a rack admitted a moment ago is
+    /// never missed).
     async fn refresh_peers(&self, max_age: Duration) {
         let Some(control) = self.control.get() else {
             return;
         };
         let mut refreshed = self.refreshed.lock().await;
-        if refreshed.is_some_and(|t| t.elapsed() < max_age) {
+        let admitted = self.mesh.admitted();
+        let mut ids: Vec<PeerId> = admitted.iter().map(|(p, _)| *p).collect();
+        ids.sort_unstable();
+        if refreshed
+            .as_ref()
+            .is_some_and(|(t, before)| t.elapsed() < max_age && *before == ids)
+        {
             return;
         }
         let view = control.field_view().await;
-        let fresh: Vec<CachePeer> = self
-            .mesh
-            .admitted()
+        let fresh: Vec<CachePeer> = admitted
             .into_iter()
             .filter_map(|(id, rack)| {
                 let r = view.rack(&rack).filter(|r| r.reachable && !r.local)?;
@@ -262,8 +269,11 @@ impl CacheMesh {
                 })
             })
             .collect();
+        // An admitted rack the view does not call reachable yet (SWIM has
+        // not caught up) is asked about again at the next use.
+        let complete = fresh.len() == ids.len();
         *self.peers.write().expect("peers lock") = fresh;
-        *refreshed = Some(Instant::now());
+        *refreshed = complete.then(|| (Instant::now(), ids));
     }
 
     /// Serve peers and exchange digests until `cancel`.
