@@ -58,9 +58,7 @@ use rand::Rng;
 
 pub use broadcast::MAX_BROADCASTS;
 pub use health::{LocalHealth, MAX_LOCAL_HEALTH};
-pub use rtt::{
-    leg_timeout, probe_timeout, RttEstimate, LEG_TIMEOUT_FLOOR, PROBE_TIMEOUT_CEILING,
-};
+pub use rtt::{leg_timeout, probe_timeout, RttEstimate, LEG_TIMEOUT_FLOOR, PROBE_TIMEOUT_CEILING};
 pub use suspicion::{timeout as suspicion_timeout, SUSPICION_CONFIRMATIONS, SUSPICION_MAX_MULT};
 
 use suspicion::Suspicion;
@@ -1138,7 +1136,12 @@ impl<M: Meta> Membership<M> {
                 since: now,
             },
             suspicion: (state == State::Suspect).then(|| {
-                Suspicion::new(now, None, self.members.len() + 2, self.config.suspect_timeout)
+                Suspicion::new(
+                    now,
+                    None,
+                    self.members.len() + 2,
+                    self.config.suspect_timeout,
+                )
             }),
             accuser: None,
             rtt: None,

@@ -397,7 +397,11 @@ fn no_ack_at_all_means_suspicion_once_the_indirect_legs_ran_out() {
     // probe timeout.
     let legs = 2 * Config::default().probe_timeout;
     let at = suspected.expect("suspected");
-    assert!(at >= asked + legs && at < asked + legs + 2 * TICK, "{:?}", at - asked);
+    assert!(
+        at >= asked + legs && at < asked + legs + 2 * TICK,
+        "{:?}",
+        at - asked
+    );
     assert_eq!(state(&m, &other), Some(State::Alive));
 }
 
@@ -889,14 +893,16 @@ fn arb_update() -> impl Strategy<Value = Update<String>> {
         proptest::option::of("[a-c]"),
         proptest::option::of(0u8..6),
     )
-        .prop_map(|(i, state, incarnation, meta_version, meta, accuser)| Update {
-            id: peer(i),
-            state,
-            incarnation,
-            meta_version,
-            meta,
-            accuser: accuser.map(peer),
-        })
+        .prop_map(
+            |(i, state, incarnation, meta_version, meta, accuser)| Update {
+                id: peer(i),
+                state,
+                incarnation,
+                meta_version,
+                meta,
+                accuser: accuser.map(peer),
+            },
+        )
 }
 
 fn arb_input() -> impl Strategy<Value = (u64, Input<String>)> {
@@ -995,14 +1001,26 @@ fn rtt_estimate_follows_rfc_6298() {
 fn probe_timeout_is_floored_by_config_and_ceilinged() {
     let floor = 500 * MS;
     assert_eq!(probe_timeout(None, floor), floor);
-    let lan = RttEstimate { srtt: 2 * MS, rttvar: MS };
+    let lan = RttEstimate {
+        srtt: 2 * MS,
+        rttvar: MS,
+    };
     assert_eq!(probe_timeout(Some(lan), floor), floor);
-    let sat = RttEstimate { srtt: 600 * MS, rttvar: 20 * MS };
+    let sat = RttEstimate {
+        srtt: 600 * MS,
+        rttvar: 20 * MS,
+    };
     assert_eq!(probe_timeout(Some(sat), floor), 680 * MS);
-    let broken = RttEstimate { srtt: Duration::from_secs(20), rttvar: Duration::from_secs(5) };
+    let broken = RttEstimate {
+        srtt: Duration::from_secs(20),
+        rttvar: Duration::from_secs(5),
+    };
     assert_eq!(probe_timeout(Some(broken), floor), PROBE_TIMEOUT_CEILING);
     // A configured floor above the ceiling wins.
-    assert_eq!(probe_timeout(Some(broken), 5 * PROBE_TIMEOUT_CEILING), 5 * PROBE_TIMEOUT_CEILING);
+    assert_eq!(
+        probe_timeout(Some(broken), 5 * PROBE_TIMEOUT_CEILING),
+        5 * PROBE_TIMEOUT_CEILING
+    );
     // Legs have their own small floor, and the config value while unknown.
     assert_eq!(leg_timeout(Some(lan), floor), LEG_TIMEOUT_FLOOR);
     assert_eq!(leg_timeout(None, floor), floor);
@@ -1024,7 +1042,10 @@ fn node_with_measured_rtt(rtt: Duration) -> (Membership<String>, Instant) {
             now,
             Input::Received {
                 from: target,
-                msg: Message::Ack { seq, updates: vec![] },
+                msg: Message::Ack {
+                    seq,
+                    updates: vec![],
+                },
             },
         );
     }
@@ -1050,14 +1071,19 @@ fn a_600ms_link_gets_a_probe_timeout_above_its_round_trip() {
         out.extend(m.handle(now, Input::Tick));
     }
     assert!(
-        !sends(&out).iter().any(|(_, msg)| matches!(msg, Message::PingReq { .. })),
+        !sends(&out)
+            .iter()
+            .any(|(_, msg)| matches!(msg, Message::PingReq { .. })),
         "asked for indirect probes before the RTT-derived timeout: {out:?}"
     );
     m.handle(
         sent + 650 * MS,
         Input::Received {
             from: target,
-            msg: Message::Ack { seq, updates: vec![] },
+            msg: Message::Ack {
+                seq,
+                updates: vec![],
+            },
         },
     );
     for _ in 0..30 {
@@ -1078,7 +1104,10 @@ fn indirect_phase_waits_for_both_slow_legs_past_the_interval() {
     for _ in 0..30 {
         now += TICK;
         let out = m.handle(now, Input::Tick);
-        if sends(&out).iter().any(|(to, msg)| *to == other && matches!(msg, Message::PingReq { .. })) {
+        if sends(&out)
+            .iter()
+            .any(|(to, msg)| *to == other && matches!(msg, Message::PingReq { .. }))
+        {
             asked_at = Some(now);
             break;
         }
@@ -1097,7 +1126,10 @@ fn indirect_phase_waits_for_both_slow_legs_past_the_interval() {
         now,
         Input::Received {
             from: other,
-            msg: Message::Ack { seq, updates: vec![] },
+            msg: Message::Ack {
+                seq,
+                updates: vec![],
+            },
         },
     );
     for _ in 0..30 {
@@ -1122,7 +1154,10 @@ fn failed_probes_raise_local_health_and_stretch_the_interval() {
     for _ in 0..600 {
         now += TICK;
         let out = m.handle(now, Input::Tick);
-        failed += changes(&out).iter().filter(|c| c.2 == State::Suspect).count();
+        failed += changes(&out)
+            .iter()
+            .filter(|c| c.2 == State::Suspect)
+            .count();
         if m.local_health() >= 2 {
             break;
         }
@@ -1143,7 +1178,10 @@ fn failed_probes_raise_local_health_and_stretch_the_interval() {
         now,
         Input::Received {
             from: target,
-            msg: Message::Ack { seq, updates: vec![] },
+            msg: Message::Ack {
+                seq,
+                updates: vec![],
+            },
         },
     );
     assert_eq!(m.local_health(), before - 1);
@@ -1223,7 +1261,10 @@ fn independent_accusers_shorten_a_suspicion_relays_do_not() {
         t0,
         Input::Received {
             from: others[3],
-            msg: Message::Ping { seq: 1, updates: vec![] },
+            msg: Message::Ping {
+                seq: 1,
+                updates: vec![],
+            },
         },
     );
     assert!(sends(&out).iter().any(|(_, msg)| updates_of(msg)
@@ -1234,7 +1275,10 @@ fn independent_accusers_shorten_a_suspicion_relays_do_not() {
     assert_eq!(m.suspicion_timeout_of(&x), Some(two));
     // A third accuser brings it to the shortest; death follows then.
     gossip(&mut m, t0, others[4], vec![accused(others[3])]);
-    assert_eq!(m.suspicion_timeout_of(&x), Some(Config::default().suspect_timeout));
+    assert_eq!(
+        m.suspicion_timeout_of(&x),
+        Some(Config::default().suspect_timeout)
+    );
     let out = m.handle(t0 + Config::default().suspect_timeout, Input::Tick);
     assert_eq!(changes(&out), vec![(x, Some(State::Suspect), State::Dead)]);
 }
