@@ -10,10 +10,21 @@
 //! The protocol is SWIM with the parts of Lifeguard that memberlist relies on
 //! most:
 //! - each probe interval, ping the next member of a shuffled round-robin
-//!   order; without an ack within the probe timeout, ask up to
+//!   order; without an ack within its probe timeout, ask up to
 //!   `indirect_probes` other members to ping it (`PingReq`); without any ack
-//!   by the end of the interval, suspect it;
-//! - a suspicion not refuted within `suspect_timeout` becomes a death;
+//!   by the end of the interval (or of the indirect legs' timeouts, if
+//!   later), suspect it;
+//! - the probe timeout follows each member's measured round trip
+//!   (`rtt`: RFC 6298 `srtt + 4 rttvar`, floored by the configured
+//!   `probe_timeout`, at most [`PROBE_TIMEOUT_CEILING`]), so a satellite hop
+//!   is not a failed probe;
+//! - Lifeguard's local health multiplier (`health`) stretches our own
+//!   timeouts and interval while we miss acks or have to refute, so a rack
+//!   with a bad link does not accuse everyone;
+//! - Lifeguard's dynamic suspicion (`suspicion`): a suspicion not refuted
+//!   in time becomes a death; it lasts from [`SUSPICION_MAX_MULT`] times
+//!   `suspect_timeout` down to `suspect_timeout` as distinct accusers
+//!   (named in [`Update::accuser`]) confirm it;
 //! - state spreads by piggybacking updates on every message, and the
 //!   incarnation number orders them (see [`overrides`]);
 //! - "buddy system": any message to a member we hold as suspect or dead
@@ -39,6 +50,7 @@
 //! Layout:
 //! - this file: the public types and the state machine;
 //! - `broadcast`: the bounded, retransmit-limited gossip queue;
+//! - `rtt`, `health`, `suspicion`: the adaptive timings above;
 //! - `tests`: unit tests (override rules, refutation, timers, hostile input).
 
 mod broadcast;
@@ -627,8 +639,7 @@ impl<M: Meta> Membership<M> {
             .is_some_and(|p| !p.acked && p.indirect_sent && now >= p.deadline);
         if failed {
             if let Some(p) = self.probe.take() {
-                self.health.worse();
-                self.suspect_by_probe(now, p.target, out);
+                self.probe_failed(now, p.target, out);
             }
         }
 
@@ -648,6 +659,21 @@ impl<M: Meta> Membership<M> {
                 self.poke_random_dead(now, out);
             }
         }
+    }
+
+    /// Our own probe of `id` got no ack at all. That counts against our own
+    /// health unless another rack already suspects it too (Lifeguard learns
+    /// that from intermediaries' nacks; a suspicion from elsewhere is the
+    /// same evidence that the fault is the target's, not ours).
+    fn probe_failed(&mut self, now: Instant, id: PeerId, out: &mut Vec<Output<M>>) {
+        let suspected_elsewhere = self
+            .members
+            .get(&id)
+            .is_some_and(|e| e.member.state == State::Suspect && e.accuser != Some(self.local));
+        if !suspected_elsewhere {
+            self.health.worse();
+        }
+        self.suspect_by_probe(now, id, out);
     }
 
     /// Our own probe of `id` failed: suspect it, or, if it is already
@@ -1241,8 +1267,7 @@ impl<M: Meta> Membership<M> {
         if chosen.is_empty() {
             // Nobody to ask: straight to suspicion.
             self.probe = None;
-            self.health.worse();
-            self.suspect_by_probe(now, target, out);
+            self.probe_failed(now, target, out);
             return;
         }
         // Each relayed ack crosses two legs: us to the intermediary and

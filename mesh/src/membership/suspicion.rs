@@ -20,10 +20,14 @@ use libp2p::PeerId;
 /// which its other peers soon confirm, is still dead within 10 s.
 pub const SUSPICION_MAX_MULT: u32 = 2;
 
-/// Most independent confirmations a suspicion waits for before running at
-/// its shortest. Lifeguard's default (`SuspicionMult - 2` in memberlist) is
-/// 2; we use 3, still reached within a few rounds in a fleet of a few dozen
-/// racks. Also bounds the confirmers remembered per suspicion.
+/// Independent confirmations a suspicion waits for before running at its
+/// shortest. Lifeguard's default (`SuspicionMult - 2` in memberlist) is 2;
+/// we use 3, still reached within a few rounds in a fleet of a few dozen
+/// racks. A fleet too small to supply them (fewer than 5 racks) runs every
+/// suspicion at its shortest, as memberlist does: waiting for every other
+/// rack to confirm, each probing the suspect only every few rounds, would
+/// push a dead rack's detection past 10 s. Also bounds the confirmers
+/// remembered per suspicion.
 pub const SUSPICION_CONFIRMATIONS: u32 = 3;
 
 /// One suspicion we hold, as seen from here.
@@ -47,13 +51,18 @@ impl Suspicion {
     /// racks (ourselves included) that we believe alive or suspect.
     pub fn new(now: Instant, accuser: Option<PeerId>, fleet_size: usize, min: Duration) -> Self {
         // Besides the accuser and the suspect, fleet_size - 2 racks can
-        // confirm; in a fleet of three that is one.
+        // confirm; too few of them, and none is waited for.
         let others = u32::try_from(fleet_size.saturating_sub(2)).unwrap_or(u32::MAX);
+        let expected = if others >= SUSPICION_CONFIRMATIONS {
+            SUSPICION_CONFIRMATIONS
+        } else {
+            0
+        };
         Self {
             started: now,
             accuser,
             confirmers: BTreeSet::new(),
-            expected: others.min(SUSPICION_CONFIRMATIONS),
+            expected,
             min,
             max: min.saturating_mul(SUSPICION_MAX_MULT).min(super::MAX_TIMER),
         }
