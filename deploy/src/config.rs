@@ -144,8 +144,9 @@ pub struct MembershipConfig {
     /// How many other racks are asked to probe indirectly.
     pub indirect_probes: usize,
     /// How long a suspect rack has to refute before it is declared dead,
-    /// once other racks confirmed the suspicion; a suspicion nobody else
-    /// confirms lasts up to twice this (Lifeguard's dynamic suspicion).
+    /// once other racks confirmed the suspicion; in a fleet of 5 racks or
+    /// more, a suspicion nobody else confirms lasts up to twice this
+    /// (Lifeguard's dynamic suspicion).
     pub suspect_timeout_ms: u64,
     /// How many gossip updates ride on each message.
     pub max_piggyback: usize,
