@@ -621,6 +621,21 @@ impl<M: Meta> Membership<M> {
             self.declare(now, id, State::Dead, out);
         }
 
+        // Keep telling suspects (at most one ping per probe timeout each):
+        // a refutation must not wait for our probe round to come by, which
+        // local health may have stretched to several seconds.
+        let suspects: Vec<PeerId> = self
+            .members
+            .values()
+            .filter(|e| e.member.state == State::Suspect)
+            .map(|e| e.member.id)
+            .collect();
+        for id in suspects {
+            if self.may_poke(&id, now) {
+                self.poke(now, id, out);
+            }
+        }
+
         self.pending.retain(|_, p| p.expires() > now);
 
         // Indirect phase of the current probe.

@@ -530,7 +530,19 @@ fn a_new_suspect_is_told_at_once() {
     // Once it has expired, an ack or ping-req from the suspect is answered
     // with a ping carrying the suspicion.
     let later = t0 + Duration::from_secs(2);
-    m.handle(later, Input::Tick);
+    // A tick keeps telling it, one ping per probe timeout...
+    let out = m.handle(later, Input::Tick);
+    let told: Vec<_> = sends(&out).into_iter().filter(|(to, _)| *to == x).collect();
+    assert!(!told.is_empty(), "{out:?}");
+    // (The round's probe may go to it too; each carries the suspicion.)
+    assert!(told.len() <= 2, "{out:?}");
+    for (_, msg) in &told {
+        assert_eq!(updates_of(msg)[0].state, State::Suspect);
+    }
+    let out = gossip(&mut m, later, x, vec![]);
+    assert!(sends(&out).is_empty(), "{out:?}");
+    // ...and so does an ack or ping-req from it, within the same limit.
+    let later = later + Config::default().probe_timeout;
     let out = gossip(&mut m, later, x, vec![]);
     let s = sends(&out);
     assert_eq!(s.len(), 1, "{out:?}");
