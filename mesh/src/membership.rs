@@ -42,7 +42,9 @@
 //!   ping per member per probe timeout), so a suspect whose own probes happen to go to dead
 //!   racks still hears of its suspicion within milliseconds, not seconds;
 //! - for the same reason, whoever starts suspecting a member (by its own
-//!   probe or by gossip) pings it once with the suspicion;
+//!   probe or by gossip) pings it with the suspicion, and again on each
+//!   tick (at most once per probe timeout) while it stays suspect, so a
+//!   refutation never waits for a probe round that local health stretched;
 //! - `meta_version` starts at `incarnation << 32`, so a restarted rack (which
 //!   comes back with a higher, persisted incarnation) wins over the metadata
 //!   of its previous life without persisting the version itself.
