@@ -139,11 +139,17 @@ impl Default for MeshConfig {
 pub struct MembershipConfig {
     /// Period of the probe round (one direct probe per round).
     pub probe_interval_ms: u64,
-    /// Wait this long for a direct ack before asking others to probe.
+    /// Wait at least this long for a direct ack before asking others to
+    /// probe. Each peer's timeout follows its measured round trip
+    /// (`srtt + 4 rttvar`, at most 3 s, see `mesh::membership`); this is its
+    /// floor and the timeout until the round trip is measured.
     pub probe_timeout_ms: u64,
     /// How many other racks are asked to probe indirectly.
     pub indirect_probes: usize,
-    /// How long a suspect rack has to refute before it is declared dead.
+    /// How long a suspect rack has to refute before it is declared dead,
+    /// once other racks confirmed the suspicion; in a fleet of 5 racks or
+    /// more, a suspicion nobody else confirms lasts up to twice this
+    /// (Lifeguard's dynamic suspicion).
     pub suspect_timeout_ms: u64,
     /// How many gossip updates ride on each message.
     pub max_piggyback: usize,

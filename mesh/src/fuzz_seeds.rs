@@ -120,6 +120,7 @@ fn write_fuzz_seeds() {
             incarnation: 3,
             meta_version: 3,
             meta: Some(info("a")),
+            accuser: None,
         },
         Update {
             id: other,
@@ -127,6 +128,7 @@ fn write_fuzz_seeds() {
             incarnation: 1,
             meta_version: 0,
             meta: None,
+            accuser: None,
         },
     ];
 

@@ -10,10 +10,21 @@
 //! The protocol is SWIM with the parts of Lifeguard that memberlist relies on
 //! most:
 //! - each probe interval, ping the next member of a shuffled round-robin
-//!   order; without an ack within the probe timeout, ask up to
+//!   order; without an ack within its probe timeout, ask up to
 //!   `indirect_probes` other members to ping it (`PingReq`); without any ack
-//!   by the end of the interval, suspect it;
-//! - a suspicion not refuted within `suspect_timeout` becomes a death;
+//!   by the end of the interval (or of the indirect legs' timeouts, if
+//!   later), suspect it;
+//! - the probe timeout follows each member's measured round trip
+//!   (`rtt`: RFC 6298 `srtt + 4 rttvar`, floored by the configured
+//!   `probe_timeout`, at most [`PROBE_TIMEOUT_CEILING`]), so a satellite hop
+//!   is not a failed probe;
+//! - Lifeguard's local health multiplier (`health`) stretches our own
+//!   timeouts and interval while we miss acks or have to refute, so a rack
+//!   with a bad link does not accuse everyone;
+//! - Lifeguard's dynamic suspicion (`suspicion`): a suspicion not refuted
+//!   in time becomes a death; it lasts from [`SUSPICION_MAX_MULT`] times
+//!   `suspect_timeout` down to `suspect_timeout` as distinct accusers
+//!   (named in [`Update::accuser`]) confirm it;
 //! - state spreads by piggybacking updates on every message, and the
 //!   incarnation number orders them (see [`overrides`]);
 //! - "buddy system": any message to a member we hold as suspect or dead
@@ -31,7 +42,9 @@
 //!   ping per member per probe timeout), so a suspect whose own probes happen to go to dead
 //!   racks still hears of its suspicion within milliseconds, not seconds;
 //! - for the same reason, whoever starts suspecting a member (by its own
-//!   probe or by gossip) pings it once with the suspicion;
+//!   probe or by gossip) pings it with the suspicion, and again on each
+//!   tick (at most once per probe timeout) while it stays suspect, so a
+//!   refutation never waits for a probe round that local health stretched;
 //! - `meta_version` starts at `incarnation << 32`, so a restarted rack (which
 //!   comes back with a higher, persisted incarnation) wins over the metadata
 //!   of its previous life without persisting the version itself.
@@ -39,9 +52,13 @@
 //! Layout:
 //! - this file: the public types and the state machine;
 //! - `broadcast`: the bounded, retransmit-limited gossip queue;
+//! - `rtt`, `health`, `suspicion`: the adaptive timings above;
 //! - `tests`: unit tests (override rules, refutation, timers, hostile input).
 
 mod broadcast;
+mod health;
+mod rtt;
+mod suspicion;
 #[cfg(test)]
 mod tests;
 
@@ -54,6 +71,11 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 
 pub use broadcast::MAX_BROADCASTS;
+pub use health::{LocalHealth, MAX_LOCAL_HEALTH};
+pub use rtt::{leg_timeout, probe_timeout, RttEstimate, LEG_TIMEOUT_FLOOR, PROBE_TIMEOUT_CEILING};
+pub use suspicion::{timeout as suspicion_timeout, SUSPICION_CONFIRMATIONS, SUSPICION_MAX_MULT};
+
+use suspicion::Suspicion;
 
 /// Most members tracked. The fleet is a few dozen racks; 1024 leaves ample
 /// room while bounding memory and the O(n) scans a probe round does, and
@@ -105,11 +127,15 @@ pub const RETRANSMIT_MULT: u32 = 3;
 pub struct Config {
     /// Period of the probe round (one direct probe per round).
     pub probe_interval: Duration,
-    /// Wait this long for a direct ack before asking others to probe.
+    /// Wait at least this long for a direct ack before asking others to
+    /// probe: the floor of each member's RTT-derived timeout, and the
+    /// timeout while its RTT is not measured yet.
     pub probe_timeout: Duration,
     /// How many other members are asked to probe indirectly.
     pub indirect_probes: usize,
-    /// How long a suspect has to refute before it is declared dead.
+    /// How long a suspect has to refute before it is declared dead, once
+    /// enough other racks confirmed the suspicion (the shortest suspicion;
+    /// the longest is [`SUSPICION_MAX_MULT`] times this).
     pub suspect_timeout: Duration,
     /// How many gossip updates ride on each message (the buddy record and our
     /// own introduction come on top).
@@ -200,6 +226,11 @@ pub struct Update<M> {
     pub meta_version: u64,
     /// The member's metadata, if the sender knows it.
     pub meta: Option<M>,
+    /// With `Suspect`: the rack whose own probe failed (Lifeguard counts
+    /// distinct accusers as independent confirmations). Absent from older
+    /// racks' messages; the sender then stands in for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuser: Option<PeerId>,
 }
 
 /// The membership wire protocol.
@@ -269,7 +300,7 @@ pub struct Member<M> {
     pub meta_version: u64,
     /// Its metadata, once learned.
     pub meta: Option<M>,
-    /// Last direct probe round trip.
+    /// Last direct probe round trip (a sample, not the smoothed estimate).
     pub rtt: Option<Duration>,
     /// Last time we heard from it directly (or an ack about it via an
     /// indirect probe).
@@ -298,8 +329,12 @@ pub fn overrides(cur: State, cur_inc: u64, new: State, new_inc: u64) -> bool {
 struct Entry<M> {
     /// The public view.
     member: Member<M>,
-    /// When our suspicion of it turns into a death (only while Suspect).
-    suspect_deadline: Option<Instant>,
+    /// Our suspicion of it (only while Suspect): when it turns into a death.
+    suspicion: Option<Suspicion>,
+    /// The accuser our `Suspect` record of it names.
+    accuser: Option<PeerId>,
+    /// Smoothed round trip of our pings to it.
+    rtt: Option<RttEstimate>,
     /// How many more messages to it carry our own record.
     intro_left: u8,
     /// When we last pinged it outside the probe round, to rate-limit such
@@ -316,7 +351,17 @@ impl<M: Meta> Entry<M> {
             incarnation: self.member.incarnation,
             meta_version: self.member.meta_version,
             meta: self.member.meta.clone(),
+            accuser: match self.member.state {
+                State::Suspect => self.accuser,
+                State::Alive | State::Dead => None,
+            },
         }
+    }
+
+    /// Takes one round-trip sample of a ping to it.
+    fn sample_rtt(&mut self, rtt: Duration) {
+        self.member.rtt = Some(rtt);
+        self.rtt = Some(RttEstimate::update(self.rtt, rtt));
     }
 }
 
@@ -328,6 +373,11 @@ struct Probe {
     seq: u64,
     /// When the direct ping left, for the rtt.
     sent_at: Instant,
+    /// When, without a direct ack, the indirect phase starts.
+    direct_deadline: Instant,
+    /// When, without any ack, the probe has failed: the end of the probe
+    /// interval, or later if the indirect legs need longer.
+    deadline: Instant,
     /// Whom we asked to probe indirectly; only their forwarded acks count.
     intermediaries: Vec<PeerId>,
     /// Whether the indirect phase has started.
@@ -343,6 +393,7 @@ enum Pending {
         requester: PeerId,
         requester_seq: u64,
         target: PeerId,
+        sent_at: Instant,
         expires: Instant,
     },
     /// A fire-and-forget ping (discovery, dead poke, refutation).
@@ -419,6 +470,8 @@ pub struct Membership<M> {
     pending: BTreeMap<u64, Pending>,
     /// Updates waiting to be piggybacked.
     queue: broadcast::Queue<M>,
+    /// Lifeguard's local health: scales our probe timeouts and interval.
+    health: LocalHealth,
 }
 
 impl<M: Meta> Membership<M> {
@@ -455,6 +508,7 @@ impl<M: Meta> Membership<M> {
             next_seq: 0,
             pending: BTreeMap::new(),
             queue: broadcast::Queue::new(),
+            health: LocalHealth::default(),
             config,
         };
         let record = this.self_record();
@@ -502,6 +556,56 @@ impl<M: Meta> Membership<M> {
         self.meta_version
     }
 
+    /// Our local health score (0 = healthy, up to [`MAX_LOCAL_HEALTH`]).
+    pub fn local_health(&self) -> u32 {
+        self.health.score()
+    }
+
+    /// A member's smoothed round trip, once measured.
+    pub fn rtt_estimate(&self, id: &PeerId) -> Option<RttEstimate> {
+        self.members.get(id).and_then(|e| e.rtt)
+    }
+
+    /// How long a direct probe of `id` started now would wait for its ack:
+    /// its RTT-derived timeout scaled by our local health.
+    pub fn probe_timeout_of(&self, id: &PeerId) -> Option<Duration> {
+        self.members.get(id).map(|e| self.direct_timeout(e))
+    }
+
+    /// How long our suspicion of `id` lasts in all, with the confirmations
+    /// counted so far (None unless it is Suspect).
+    pub fn suspicion_timeout_of(&self, id: &PeerId) -> Option<Duration> {
+        self.members
+            .get(id)
+            .and_then(|e| e.suspicion.as_ref())
+            .map(Suspicion::timeout)
+    }
+
+    /// The probe interval as our local health stretches it.
+    pub fn current_probe_interval(&self) -> Duration {
+        self.health.scale(self.config.probe_interval)
+    }
+
+    fn direct_timeout(&self, e: &Entry<M>) -> Duration {
+        self.health
+            .scale(rtt::probe_timeout(e.rtt, self.config.probe_timeout))
+    }
+
+    /// How long pings outside the probe round wait for their ack: a probe
+    /// interval, or as long as the slowest acceptable round trip.
+    fn pending_ttl(&self) -> Duration {
+        self.config.probe_interval.max(PROBE_TIMEOUT_CEILING)
+    }
+
+    /// Racks believed alive or suspect, ourselves included.
+    fn fleet_size(&self) -> usize {
+        1 + self
+            .members
+            .values()
+            .filter(|e| e.member.state != State::Dead)
+            .count()
+    }
+
     // --- inputs -----------------------------------------------------------
 
     fn on_tick(&mut self, now: Instant, out: &mut Vec<Output<M>>) {
@@ -510,7 +614,8 @@ impl<M: Meta> Membership<M> {
             .members
             .values()
             .filter(|e| {
-                e.member.state == State::Suspect && e.suspect_deadline.is_some_and(|d| d <= now)
+                e.member.state == State::Suspect
+                    && e.suspicion.as_ref().is_some_and(|s| s.deadline() <= now)
             })
             .map(|e| e.member.id)
             .collect();
@@ -518,38 +623,95 @@ impl<M: Meta> Membership<M> {
             self.declare(now, id, State::Dead, out);
         }
 
+        // Keep telling suspects (at most one ping per probe timeout each):
+        // a refutation must not wait for our probe round to come by, which
+        // local health may have stretched to several seconds.
+        let suspects: Vec<PeerId> = self
+            .members
+            .values()
+            .filter(|e| e.member.state == State::Suspect)
+            .map(|e| e.member.id)
+            .collect();
+        for id in suspects {
+            if self.may_poke(&id, now) {
+                self.poke(now, id, out);
+            }
+        }
+
         self.pending.retain(|_, p| p.expires() > now);
 
         // Indirect phase of the current probe.
         let indirect_due = self.probe.as_ref().and_then(|p| {
-            let due = !p.acked
-                && !p.indirect_sent
-                && now.saturating_duration_since(p.sent_at) >= self.config.probe_timeout;
+            let due = !p.acked && !p.indirect_sent && now >= p.direct_deadline;
             due.then_some((p.target, p.seq))
         });
         if let Some((target, seq)) = indirect_due {
             self.start_indirect(now, target, seq, out);
         }
 
-        if now >= self.next_probe_at {
+        // A probe whose indirect phase ran out without any ack has failed.
+        let failed = self
+            .probe
+            .as_ref()
+            .is_some_and(|p| !p.acked && p.indirect_sent && now >= p.deadline);
+        if failed {
             if let Some(p) = self.probe.take() {
-                if !p.acked {
-                    self.declare(now, p.target, State::Suspect, out);
-                }
+                self.probe_failed(now, p.target, out);
             }
+        }
+
+        // A new round once the interval is over and the last probe is
+        // answered or failed (a slow link's probe may outlast the interval).
+        let idle = self.probe.as_ref().is_none_or(|p| p.acked);
+        if now >= self.next_probe_at && idle {
+            self.probe = None;
+            // Keep the round period exact (not tick-rounded) unless we fell
+            // behind, in which case start afresh from now.
+            let interval = self.health.scale(self.config.probe_interval);
+            let next = self.next_probe_at + interval;
+            self.next_probe_at = if next > now { next } else { now + interval };
             self.start_probe(now, out);
             self.rounds = self.rounds.wrapping_add(1);
             if self.rounds.is_multiple_of(DEAD_POKE_ROUNDS) {
                 self.poke_random_dead(now, out);
             }
-            // Keep the round period exact (not tick-rounded) unless we fell
-            // behind, in which case start afresh from now.
-            let next = self.next_probe_at + self.config.probe_interval;
-            self.next_probe_at = if next > now {
-                next
-            } else {
-                now + self.config.probe_interval
-            };
+        }
+    }
+
+    /// Our own probe of `id` got no ack at all. That counts against our own
+    /// health unless another rack already suspects it too (Lifeguard learns
+    /// that from intermediaries' nacks; a suspicion from elsewhere is the
+    /// same evidence that the fault is the target's, not ours).
+    fn probe_failed(&mut self, now: Instant, id: PeerId, out: &mut Vec<Output<M>>) {
+        let suspected_elsewhere = self
+            .members
+            .get(&id)
+            .is_some_and(|e| e.member.state == State::Suspect && e.accuser != Some(self.local));
+        if !suspected_elsewhere {
+            self.health.worse();
+        }
+        self.suspect_by_probe(now, id, out);
+    }
+
+    /// Our own probe of `id` failed: suspect it, or, if it is already
+    /// suspect, confirm that suspicion as an independent accuser.
+    fn suspect_by_probe(&mut self, now: Instant, id: PeerId, out: &mut Vec<Output<M>>) {
+        let local = self.local;
+        let Some(e) = self.members.get_mut(&id) else {
+            return;
+        };
+        match e.member.state {
+            State::Alive => self.declare(now, id, State::Suspect, out),
+            State::Suspect => {
+                let new = e.suspicion.as_mut().is_some_and(|s| s.confirm(local));
+                if new {
+                    // Tell the others: for them we are one more accuser.
+                    e.accuser = Some(local);
+                    let record = e.record();
+                    self.queue.push(record, false);
+                }
+            }
+            State::Dead => {}
         }
     }
 
@@ -572,7 +734,7 @@ impl<M: Meta> Membership<M> {
             if u.id == self.local {
                 view = view.max(self.on_self_update(u));
             } else {
-                self.apply(now, u, out);
+                self.apply(now, from, u, out);
             }
         }
 
@@ -629,14 +791,16 @@ impl<M: Meta> Membership<M> {
                 let target = p.target;
                 if from == target {
                     p.acked = true;
+                    self.health.better();
                     let rtt = now.saturating_duration_since(p.sent_at);
                     if let Some(e) = self.members.get_mut(&target) {
-                        e.member.rtt = Some(rtt);
+                        e.sample_rtt(rtt);
                     }
                     return;
                 }
                 if p.intermediaries.contains(&from) {
                     p.acked = true;
+                    self.health.better();
                     if let Some(e) = self.members.get_mut(&target) {
                         e.member.last_seen = Some(now);
                     }
@@ -657,8 +821,12 @@ impl<M: Meta> Membership<M> {
             Some(Pending::Relay {
                 requester,
                 requester_seq,
+                sent_at,
                 ..
             }) => {
+                if let Some(e) = self.members.get_mut(&from) {
+                    e.sample_rtt(now.saturating_duration_since(sent_at));
+                }
                 if self.revoked.contains(&requester) {
                     return;
                 }
@@ -673,7 +841,7 @@ impl<M: Meta> Membership<M> {
             }
             Some(Pending::Poke { sent_at, .. }) => {
                 if let Some(e) = self.members.get_mut(&from) {
-                    e.member.rtt = Some(now.saturating_duration_since(sent_at));
+                    e.sample_rtt(now.saturating_duration_since(sent_at));
                 }
             }
             None => {}
@@ -700,7 +868,8 @@ impl<M: Meta> Membership<M> {
                 requester: from,
                 requester_seq,
                 target,
-                expires: now + self.config.probe_interval,
+                sent_at: now,
+                expires: now + self.pending_ttl(),
             },
         );
         let updates = self.piggyback(&target);
@@ -773,7 +942,7 @@ impl<M: Meta> Membership<M> {
         }
         e.member.state = State::Dead;
         e.member.since = now;
-        e.suspect_deadline = None;
+        e.suspicion = None;
         let record = e.record();
         self.queue.push(record, false);
         if self.probe.as_ref().is_some_and(|p| p.target == id) {
@@ -796,8 +965,10 @@ impl<M: Meta> Membership<M> {
 
     // --- updates ----------------------------------------------------------
 
-    /// Applies a gossiped update about someone else.
-    fn apply(&mut self, now: Instant, u: &Update<M>, out: &mut Vec<Output<M>>) {
+    /// Applies a gossiped update about someone else, received from `from`.
+    fn apply(&mut self, now: Instant, from: PeerId, u: &Update<M>, out: &mut Vec<Output<M>>) {
+        let fleet_size = self.fleet_size();
+        let local = self.local;
         if self.revoked.contains(&u.id) {
             return;
         }
@@ -828,16 +999,25 @@ impl<M: Meta> Membership<M> {
 
         let mut relay = false;
         let mut poke = false;
+        // Whoever accuses (or, from an older rack, the sender standing in).
+        let accuser = (u.state == State::Suspect).then(|| u.accuser.unwrap_or(from));
         if overrides(e.member.state, e.member.incarnation, u.state, u.incarnation) {
             let old_state = e.member.state;
             let old_inc = e.member.incarnation;
             e.member.state = u.state;
             e.member.incarnation = u.incarnation;
-            e.suspect_deadline = match u.state {
-                // Hearing a suspicion starts our own timer for it.
-                State::Suspect => Some(now + self.config.suspect_timeout),
+            e.suspicion = match u.state {
+                // Hearing a suspicion starts our own timer for it, at its
+                // longest until others confirm it.
+                State::Suspect => Some(Suspicion::new(
+                    now,
+                    accuser,
+                    fleet_size,
+                    self.config.suspect_timeout,
+                )),
                 State::Alive | State::Dead => None,
             };
+            e.accuser = accuser;
             if u.state == State::Alive && u.incarnation > old_inc {
                 // A refutation or a restart: it may have lost our record.
                 e.intro_left = SELF_INTRO_MESSAGES;
@@ -855,6 +1035,19 @@ impl<M: Meta> Membership<M> {
                 poke = old_state == State::Dead || u.state == State::Suspect;
             }
             relay = true;
+        } else if u.state == State::Suspect
+            && e.member.state == State::Suspect
+            && u.incarnation == e.member.incarnation
+        {
+            // The same suspicion from another accuser: a confirmation,
+            // which shortens our timer; pass it on so others count it too.
+            if let Some(who) = accuser.filter(|w| *w != local && *w != u.id) {
+                if e.suspicion.as_mut().is_some_and(|s| s.confirm(who)) {
+                    let mut record = e.record();
+                    record.accuser = Some(who);
+                    self.queue.push(record, false);
+                }
+            }
         }
         if let Some(meta) = &u.meta {
             if u.meta_version > e.member.meta_version {
@@ -887,6 +1080,10 @@ impl<M: Meta> Membership<M> {
             if next > self.incarnation {
                 self.incarnation = next;
                 view = SelfView::Refuted;
+                if u.state != State::Alive {
+                    // Others could not reach us: maybe our own link is bad.
+                    self.health.worse();
+                }
                 tracing::debug!(incarnation = next, about = ?u.state, "membership: refuting");
             }
         } else if u.state != State::Alive || u.incarnation < self.incarnation {
@@ -917,6 +1114,7 @@ impl<M: Meta> Membership<M> {
     /// Our own verdict on a member (Suspect after a failed probe, Dead after
     /// the suspicion ran out), at its current incarnation.
     fn declare(&mut self, now: Instant, id: PeerId, to: State, out: &mut Vec<Output<M>>) {
+        let fleet_size = self.fleet_size();
         let Some(e) = self.members.get_mut(&id) else {
             return;
         };
@@ -930,7 +1128,15 @@ impl<M: Meta> Membership<M> {
         }
         e.member.state = to;
         e.member.since = now;
-        e.suspect_deadline = (to == State::Suspect).then(|| now + self.config.suspect_timeout);
+        e.suspicion = (to == State::Suspect).then(|| {
+            Suspicion::new(
+                now,
+                Some(self.local),
+                fleet_size,
+                self.config.suspect_timeout,
+            )
+        });
+        e.accuser = (to == State::Suspect).then_some(self.local);
         let record = e.record();
         self.queue.push(record, false);
         out.push(Output::Changed {
@@ -972,7 +1178,16 @@ impl<M: Meta> Membership<M> {
                 last_seen: None,
                 since: now,
             },
-            suspect_deadline: (state == State::Suspect).then(|| now + self.config.suspect_timeout),
+            suspicion: (state == State::Suspect).then(|| {
+                Suspicion::new(
+                    now,
+                    None,
+                    self.members.len() + 2,
+                    self.config.suspect_timeout,
+                )
+            }),
+            accuser: None,
+            rtt: None,
             intro_left: SELF_INTRO_MESSAGES,
             last_poked: None,
         };
@@ -999,10 +1214,18 @@ impl<M: Meta> Membership<M> {
         };
         let seq = self.take_seq();
         let updates = self.piggyback(&target);
+        let direct = self
+            .members
+            .get(&target)
+            .map_or(self.config.probe_timeout, |e| self.direct_timeout(e));
         self.probe = Some(Probe {
             target,
             seq,
             sent_at: now,
+            direct_deadline: now + direct,
+            // Called right after `next_probe_at` moved on: the probe has
+            // (at least) this round to succeed.
+            deadline: self.next_probe_at.max(now + direct),
             intermediaries: Vec::new(),
             indirect_sent: false,
             acked: false,
@@ -1061,9 +1284,32 @@ impl<M: Meta> Membership<M> {
         if chosen.is_empty() {
             // Nobody to ask: straight to suspicion.
             self.probe = None;
-            self.declare(now, target, State::Suspect, out);
+            self.probe_failed(now, target, out);
             return;
         }
+        // Each relayed ack crosses two legs: us to the intermediary and
+        // back, and the intermediary to the target and back (guessed as our
+        // own round trip to the target). Wait for the slowest chosen one.
+        let target_leg = self
+            .members
+            .get(&target)
+            .map_or(self.config.probe_timeout, |e| {
+                rtt::leg_timeout(e.rtt, self.config.probe_timeout)
+            });
+        let legs = chosen
+            .iter()
+            .map(|via| {
+                let via_leg = self
+                    .members
+                    .get(via)
+                    .map_or(self.config.probe_timeout, |e| {
+                        rtt::leg_timeout(e.rtt, self.config.probe_timeout)
+                    });
+                via_leg.saturating_add(target_leg)
+            })
+            .max()
+            .unwrap_or(self.config.probe_timeout);
+        let indirect_deadline = now + self.health.scale(legs);
         for via in &chosen {
             let updates = self.piggyback(via);
             out.push(Output::Send {
@@ -1078,6 +1324,7 @@ impl<M: Meta> Membership<M> {
         if let Some(p) = self.probe.as_mut() {
             p.intermediaries = chosen;
             p.indirect_sent = true;
+            p.deadline = p.deadline.max(indirect_deadline);
         }
     }
 
@@ -1104,7 +1351,7 @@ impl<M: Meta> Membership<M> {
             Pending::Poke {
                 target: to,
                 sent_at: now,
-                expires: now + self.config.probe_interval,
+                expires: now + self.pending_ttl(),
             },
         );
         let updates = self.piggyback(&to);
@@ -1139,6 +1386,7 @@ impl<M: Meta> Membership<M> {
             incarnation: self.incarnation,
             meta_version: self.meta_version,
             meta: Some(self.meta.clone()),
+            accuser: None,
         }
     }
 

@@ -24,6 +24,32 @@ struct Link {
     cut: bool,
     loss: f64,
     delay_ms: (u64, u64),
+    /// Mean length of a loss burst (Gilbert-Elliott); 1 = independent.
+    burst: f64,
+    /// Whether the last message on this link was lost (for bursts).
+    losing: bool,
+}
+
+impl Link {
+    /// Whether the next message is lost: independent draws with
+    /// probability `loss`, or, with bursts, a two-state chain that stays
+    /// losing with probability `1 - 1/burst` and has mean loss `loss`.
+    fn lose(&mut self, rng: &mut StdRng) -> bool {
+        if self.loss <= 0.0 {
+            return false;
+        }
+        let lost = if self.burst <= 1.0 {
+            rng.gen_bool(self.loss)
+        } else if self.losing {
+            rng.gen_bool(1.0 - 1.0 / self.burst)
+        } else {
+            // Stationary loss p/(p + 1/burst) = loss.
+            let p = (self.loss / self.burst / (1.0 - self.loss)).min(1.0);
+            rng.gen_bool(p)
+        };
+        self.losing = lost;
+        lost
+    }
 }
 
 enum Event {
@@ -91,6 +117,8 @@ impl Sim {
             cut: false,
             loss,
             delay_ms: (1, 20),
+            burst: 1.0,
+            losing: false,
         };
         let mut sim = Sim {
             seed,
@@ -192,6 +220,33 @@ impl Sim {
         self.links[b][a].delay_ms = delay_ms;
     }
 
+    /// Both directions between `a` and `b` behave like `link`.
+    fn set_link(&mut self, a: usize, b: usize, link: Link) {
+        self.links[a][b] = link;
+        self.links[b][a] = link;
+    }
+
+    /// Runs for `d`, sampling every observer's state of every other live
+    /// node once a second (as the field tests poll status); returns
+    /// (samples, suspect samples).
+    fn sample_states(&mut self, d: Duration) -> (usize, usize) {
+        let (mut samples, mut suspect) = (0, 0);
+        let end = self.now + d;
+        while self.now < end {
+            self.run_for(secs(1));
+            let live = self.live();
+            for o in &live {
+                for s in live.iter().filter(|s| *s != o) {
+                    samples += 1;
+                    if self.state(*o, *s) == Some(State::Suspect) {
+                        suspect += 1;
+                    }
+                }
+            }
+        }
+        (samples, suspect)
+    }
+
     fn cut_both(&mut self, a: usize, b: usize) {
         self.cut(a, b);
         self.cut(b, a);
@@ -269,8 +324,10 @@ impl Sim {
                     let Some(&to) = self.index.get(&to) else {
                         continue;
                     };
-                    let link = self.links[node][to];
-                    if link.cut || (link.loss > 0.0 && self.rng.gen_bool(link.loss)) {
+                    let mut link = self.links[node][to];
+                    let lost = link.lose(&mut self.rng);
+                    self.links[node][to].losing = link.losing;
+                    if link.cut || lost {
                         continue;
                     }
                     let delay = Duration::from_millis(
@@ -636,8 +693,126 @@ fn twelve_nodes_with_ten_percent_loss_kill_nobody() {
     assert!(dead.is_empty(), "false deaths: {dead:?}");
 }
 
+/// A satellite hop: 300 ms each way (600 ms round trip, a little jitter).
+fn satellite(loss: f64) -> Link {
+    Link {
+        cut: false,
+        loss,
+        delay_ms: (290, 310),
+        burst: 1.0,
+        losing: false,
+    }
+}
+
+/// A poor radio hop: 20 ms +- 10 each way, 2 % loss in bursts of 3.
+fn radio_poor() -> Link {
+    Link {
+        cut: false,
+        loss: 0.02,
+        delay_ms: (10, 30),
+        burst: 3.0,
+        losing: false,
+    }
+}
+
+/// Issue 12's contract for slow links, over 10 simulated minutes.
+const SLOW_LINK_RUN: Duration = Duration::from_secs(600);
+const MAX_SUSPECT_FRACTION: f64 = 0.05;
+
+/// Node 2 of 3 behind satellite links (to both others) with `loss`, or, if
+/// `all`, every link a satellite hop: no death and at most 5 % of state
+/// samples `suspect` over 10 simulated minutes. Returns the fraction.
+fn satellite_scenario(seed: u64, loss: f64, n: usize, all: bool) -> f64 {
+    let mut sim = Sim::new(n, seed, 0.0);
+    for a in 0..n {
+        for b in (a + 1)..n {
+            if all || b == n - 1 {
+                sim.set_link(a, b, satellite(loss));
+            }
+        }
+    }
+    let (samples, suspect) = sim.sample_states(SLOW_LINK_RUN);
+    let dead = sim.changes_since(Duration::ZERO, State::Dead);
+    assert!(
+        dead.is_empty(),
+        "seed {seed}, loss {loss}: false deaths {dead:?}"
+    );
+    let fraction = suspect as f64 / samples as f64;
+    assert!(
+        fraction <= MAX_SUSPECT_FRACTION,
+        "seed {seed}, loss {loss}: {suspect} of {samples} samples suspect"
+    );
+    fraction
+}
+
+#[test]
+fn a_rack_behind_satellite_links_is_neither_dead_nor_often_suspect() {
+    for (seed, loss) in [(21, 0.01), (22, 0.05)] {
+        let f = satellite_scenario(seed, loss, 3, false);
+        println!(
+            "3 racks, one behind satellite links, loss {loss}: {:.2} % suspect",
+            f * 100.0
+        );
+    }
+}
+
+#[test]
+fn a_fleet_all_on_satellite_links_is_neither_dead_nor_often_suspect() {
+    let f = satellite_scenario(23, 0.05, 5, true);
+    println!(
+        "5 racks, all links satellite, loss 0.05: {:.2} % suspect",
+        f * 100.0
+    );
+}
+
+/// Kills node 2 of 3, all links radio-poor; how long until both survivors
+/// hold it dead (None past 10 s), asserting nobody else dies.
+fn radio_poor_kill(seed: u64) -> Option<Duration> {
+    let mut sim = Sim::new(3, seed, 0.0);
+    for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+        sim.set_link(a, b, radio_poor());
+    }
+    sim.run_for(secs(20));
+    sim.kill(2);
+    let took = sim.run_until(secs(10), |s| s.all_see(2, State::Dead));
+    let wrong: Vec<_> = sim
+        .changes_since(Duration::ZERO, State::Dead)
+        .into_iter()
+        .filter(|c| c.subject != 2)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "seed {seed}: live nodes marked dead: {wrong:?}"
+    );
+    took
+}
+
+#[test]
+fn a_killed_rack_behind_radio_poor_links_is_dead_within_10s() {
+    // Seed 13 once left the two survivors accusing each other while local
+    // health had stretched their probe rounds: suspects are now told on
+    // every tick (rate-limited), not only when a probe comes by.
+    for seed in (30..40).chain([13]) {
+        let took = radio_poor_kill(seed);
+        assert!(
+            took.is_some(),
+            "seed {seed}: not dead on both survivors within 10 s"
+        );
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn satellite_links_with_1_to_5_percent_loss_kill_nobody(seed in any::<u64>(), loss in 0.01f64..0.05) {
+        satellite_scenario(seed, loss, 3, false);
+    }
+
+    #[test]
+    fn radio_poor_kill_is_detected_within_10s(seed in any::<u64>()) {
+        prop_assert!(radio_poor_kill(seed).is_some(), "seed {}", seed);
+    }
 
     #[test]
     fn kill_is_detected_under_light_loss(seed in any::<u64>(), loss in 0.0f64..0.05) {
@@ -677,6 +852,18 @@ fn detection_time_report() {
             .filter_map(|seed| kill_scenario(seed, loss))
             .collect();
         stats(&format!("kill 1 of 3, loss {loss}"), times, n as usize);
+    }
+    let times: Vec<Duration> = (0..n).filter_map(radio_poor_kill).collect();
+    stats("kill 1 of 3, radio-poor links", times, n as usize);
+    for loss in [0.01, 0.05] {
+        let worst = (0..n.min(20))
+            .map(|seed| satellite_scenario(seed, loss, 3, false))
+            .fold(0.0f64, f64::max);
+        println!(
+            "1 of 3 behind satellite links, loss {loss}, 600 s x {} seeds: worst {:.2} % suspect samples, no deaths",
+            n.min(20),
+            worst * 100.0
+        );
     }
     let mut heal = Vec::new();
     let mut isolate = Vec::new();

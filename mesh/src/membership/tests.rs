@@ -32,6 +32,7 @@ fn up(id: PeerId, state: State, incarnation: u64) -> Update<String> {
         incarnation,
         meta_version: 0,
         meta: None,
+        accuser: None,
     }
 }
 
@@ -237,7 +238,10 @@ fn suspicion_times_out_into_death() {
     let heard = t0 + Duration::from_millis(50);
     let out = gossip(&mut m, heard, a, vec![up(x, State::Suspect, 0)]);
     assert_eq!(changes(&out), vec![(x, Some(State::Alive), State::Suspect)]);
+    // A fleet of three cannot supply the confirmations Lifeguard waits
+    // for: the shortest suspicion at once.
     let timeout = Config::default().suspect_timeout;
+    assert_eq!(m.suspicion_timeout_of(&x), Some(timeout));
 
     let out = m.handle(heard + timeout - TICK, Input::Tick);
     assert!(changes(&out).is_empty());
@@ -367,8 +371,9 @@ fn indirect_ack_prevents_suspicion() {
 }
 
 #[test]
-fn no_ack_at_all_means_suspicion_at_round_end() {
+fn no_ack_at_all_means_suspicion_once_the_indirect_legs_ran_out() {
     let (mut m, mut now, target, other, seq) = probe_into_indirect_phase();
+    let asked = now;
     // An ack with the right seq from someone we did not ask does not count.
     m.handle(
         now,
@@ -380,16 +385,24 @@ fn no_ack_at_all_means_suspicion_at_round_end() {
             },
         },
     );
-    let mut suspected = false;
-    for _ in 0..6 {
+    let mut suspected = None;
+    for _ in 0..20 {
         now += TICK;
         let out = m.handle(now, Input::Tick);
         if changes(&out).contains(&(target, Some(State::Alive), State::Suspect)) {
-            suspected = true;
+            suspected = Some(now);
             break;
         }
     }
-    assert!(suspected);
+    // Neither round trip is measured yet: each leg gets the configured
+    // probe timeout.
+    let legs = 2 * Config::default().probe_timeout;
+    let at = suspected.expect("suspected");
+    assert!(
+        at >= asked + legs && at < asked + legs + 2 * TICK,
+        "{:?}",
+        at - asked
+    );
     assert_eq!(state(&m, &other), Some(State::Alive));
 }
 
@@ -488,7 +501,12 @@ fn buddy_system_puts_the_suspicion_first() {
         },
     );
     let s = sends(&out);
-    assert_eq!(updates_of(&s[0].1)[0], up(x, State::Suspect, 3));
+    // The sender of an accusation without accuser stands in for it.
+    let accused = Update {
+        accuser: Some(a),
+        ..up(x, State::Suspect, 3)
+    };
+    assert_eq!(updates_of(&s[0].1)[0], accused);
 }
 
 #[test]
@@ -501,14 +519,30 @@ fn a_new_suspect_is_told_at_once() {
     let s = sends(&out);
     assert_eq!(s.len(), 1, "{out:?}");
     assert_eq!(s[0].0, x);
-    assert_eq!(updates_of(&s[0].1)[0], up(x, State::Suspect, 2));
+    let accused = Update {
+        accuser: Some(a),
+        ..up(x, State::Suspect, 2)
+    };
+    assert_eq!(updates_of(&s[0].1)[0], accused);
     // A non-ping from the suspect while that ping is in flight: no second one.
     let out = gossip(&mut m, t0, x, vec![]);
     assert!(sends(&out).is_empty(), "{out:?}");
     // Once it has expired, an ack or ping-req from the suspect is answered
     // with a ping carrying the suspicion.
     let later = t0 + Duration::from_secs(2);
-    m.handle(later, Input::Tick);
+    // A tick keeps telling it, one ping per probe timeout...
+    let out = m.handle(later, Input::Tick);
+    let told: Vec<_> = sends(&out).into_iter().filter(|(to, _)| *to == x).collect();
+    assert!(!told.is_empty(), "{out:?}");
+    // (The round's probe may go to it too; each carries the suspicion.)
+    assert!(told.len() <= 2, "{out:?}");
+    for (_, msg) in &told {
+        assert_eq!(updates_of(msg)[0].state, State::Suspect);
+    }
+    let out = gossip(&mut m, later, x, vec![]);
+    assert!(sends(&out).is_empty(), "{out:?}");
+    // ...and so does an ack or ping-req from it, within the same limit.
+    let later = later + Config::default().probe_timeout;
     let out = gossip(&mut m, later, x, vec![]);
     let s = sends(&out);
     assert_eq!(s.len(), 1, "{out:?}");
@@ -533,6 +567,19 @@ fn dead_members_are_poked_but_not_probed() {
         let out = m.handle(now, Input::Tick);
         assert!(m.probe.as_ref().is_none_or(|p| p.target != x));
         for (to, msg) in sends(&out) {
+            if let (true, Message::Ping { seq, .. }) = (to == a, &msg) {
+                // a answers, so our local health stays perfect.
+                m.handle(
+                    now,
+                    Input::Received {
+                        from: a,
+                        msg: Message::Ack {
+                            seq: *seq,
+                            updates: vec![],
+                        },
+                    },
+                );
+            }
             if to == x {
                 assert!(matches!(msg, Message::Ping { .. }));
                 assert_eq!(updates_of(&msg)[0], up(x, State::Dead, 0));
@@ -657,6 +704,7 @@ fn meta_spreads_and_highest_version_wins() {
         incarnation: 0,
         meta_version: v,
         meta: Some(s.to_string()),
+        accuser: None,
     };
     let out = gossip(&mut m, t0, a, vec![with_meta(5, "five")]);
     assert!(out.contains(&Output::MetaChanged { id: a }));
@@ -714,6 +762,7 @@ fn a_previous_runs_meta_version_is_outversioned() {
             incarnation: 0,
             meta_version: v + 10,
             meta: Some("old run".into()),
+            accuser: None,
         }],
     );
     assert_eq!(m.local_meta_version(), v + 11);
@@ -775,6 +824,7 @@ fn hostile_messages_are_harmless() {
                 incarnation: u64::MAX,
                 meta_version: u64::MAX,
                 meta: Some("x".into()),
+                accuser: None,
             },
             up(peer(2), State::Alive, u64::MAX),
             up(peer(2), State::Dead, u64::MAX),
@@ -854,14 +904,18 @@ fn arb_update() -> impl Strategy<Value = Update<String>> {
         prop_oneof![0u64..4, Just(u64::MAX)],
         0u64..4,
         proptest::option::of("[a-c]"),
+        proptest::option::of(0u8..6),
     )
-        .prop_map(|(i, state, incarnation, meta_version, meta)| Update {
-            id: peer(i),
-            state,
-            incarnation,
-            meta_version,
-            meta,
-        })
+        .prop_map(
+            |(i, state, incarnation, meta_version, meta, accuser)| Update {
+                id: peer(i),
+                state,
+                incarnation,
+                meta_version,
+                meta,
+                accuser: accuser.map(peer),
+            },
+        )
 }
 
 fn arb_input() -> impl Strategy<Value = (u64, Input<String>)> {
@@ -921,9 +975,444 @@ proptest! {
                 prop_assert!(m.member(id).is_none());
             }
             for mem in m.members() {
-                prop_assert_eq!(m.members.get(&mem.id).map(|e| e.suspect_deadline.is_some()), Some(mem.state == State::Suspect));
+                prop_assert_eq!(m.members.get(&mem.id).map(|e| e.suspicion.is_some()), Some(mem.state == State::Suspect));
+                let base = Config::default().probe_timeout;
+                let t = m.probe_timeout_of(&mem.id).expect("a member has a timeout");
+                prop_assert!(t >= base);
+                prop_assert!(t <= PROBE_TIMEOUT_CEILING * (MAX_LOCAL_HEALTH + 1));
+                if let Some(t) = m.suspicion_timeout_of(&mem.id) {
+                    let min = Config::default().suspect_timeout;
+                    prop_assert!(t >= min && t <= min * SUSPICION_MAX_MULT);
+                }
             }
+            prop_assert!(m.local_health() <= MAX_LOCAL_HEALTH);
             prop_assert!(m.pending.len() <= MAX_PENDING);
         }
+    }
+}
+
+// --- adaptive timeouts, local health, dynamic suspicion -------------------
+
+const MS: Duration = Duration::from_millis(1);
+
+#[test]
+fn rtt_estimate_follows_rfc_6298() {
+    let first = RttEstimate::update(None, 600 * MS);
+    assert_eq!(first.srtt, 600 * MS);
+    assert_eq!(first.rttvar, 300 * MS);
+    // A second, equal sample: srtt stays, rttvar shrinks by a quarter.
+    let second = RttEstimate::update(Some(first), 600 * MS);
+    assert_eq!(second.srtt, 600 * MS);
+    assert_eq!(second.rttvar, 225 * MS);
+    // A 200 ms deviation: srtt moves by 1/8 of it, rttvar towards it by 1/4.
+    let third = RttEstimate::update(Some(second), 800 * MS);
+    assert_eq!(third.srtt, 625 * MS);
+    assert_eq!(third.rttvar, Duration::from_micros(218_750));
+}
+
+#[test]
+fn probe_timeout_is_floored_by_config_and_ceilinged() {
+    let floor = 500 * MS;
+    assert_eq!(probe_timeout(None, floor), floor);
+    let lan = RttEstimate {
+        srtt: 2 * MS,
+        rttvar: MS,
+    };
+    assert_eq!(probe_timeout(Some(lan), floor), floor);
+    let sat = RttEstimate {
+        srtt: 600 * MS,
+        rttvar: 20 * MS,
+    };
+    assert_eq!(probe_timeout(Some(sat), floor), 680 * MS);
+    let broken = RttEstimate {
+        srtt: Duration::from_secs(20),
+        rttvar: Duration::from_secs(5),
+    };
+    assert_eq!(probe_timeout(Some(broken), floor), PROBE_TIMEOUT_CEILING);
+    // A configured floor above the ceiling wins.
+    assert_eq!(
+        probe_timeout(Some(broken), 5 * PROBE_TIMEOUT_CEILING),
+        5 * PROBE_TIMEOUT_CEILING
+    );
+    // Legs have their own small floor, and the config value while unknown.
+    assert_eq!(leg_timeout(Some(lan), floor), LEG_TIMEOUT_FLOOR);
+    assert_eq!(leg_timeout(None, floor), floor);
+    assert_eq!(leg_timeout(Some(broken), floor), PROBE_TIMEOUT_CEILING);
+}
+
+/// Node 0 with members 1 and 2, whose probes of both were acked after
+/// `rtt` a few times (so their estimates are about `rtt`). Returns it with
+/// the time.
+fn node_with_measured_rtt(rtt: Duration) -> (Membership<String>, Instant) {
+    let mut now = Instant::now();
+    let mut m = node(0, now);
+    m.handle(now, Input::Discovered { id: peer(1) });
+    m.handle(now, Input::Discovered { id: peer(2) });
+    for _ in 0..8 {
+        let (target, seq) = tick_until_probe(&mut m, &mut now);
+        now += rtt;
+        m.handle(
+            now,
+            Input::Received {
+                from: target,
+                msg: Message::Ack {
+                    seq,
+                    updates: vec![],
+                },
+            },
+        );
+    }
+    (m, now)
+}
+
+#[test]
+fn a_600ms_link_gets_a_probe_timeout_above_its_round_trip() {
+    let (mut m, mut now) = node_with_measured_rtt(600 * MS);
+    for id in [peer(1), peer(2)] {
+        let e = m.rtt_estimate(&id).expect("measured");
+        assert!(e.srtt.abs_diff(600 * MS) < 10 * MS, "{e:?}");
+        let t = m.probe_timeout_of(&id).expect("member");
+        assert!(t > 600 * MS && t <= PROBE_TIMEOUT_CEILING, "{t:?}");
+    }
+    assert_eq!(m.local_health(), 0);
+    // A probe answered after 650 ms needs no indirect phase.
+    let (target, seq) = tick_until_probe(&mut m, &mut now);
+    let sent = now;
+    let mut out = Vec::new();
+    while now < sent + 600 * MS {
+        now += TICK;
+        out.extend(m.handle(now, Input::Tick));
+    }
+    assert!(
+        !sends(&out)
+            .iter()
+            .any(|(_, msg)| matches!(msg, Message::PingReq { .. })),
+        "asked for indirect probes before the RTT-derived timeout: {out:?}"
+    );
+    m.handle(
+        sent + 650 * MS,
+        Input::Received {
+            from: target,
+            msg: Message::Ack {
+                seq,
+                updates: vec![],
+            },
+        },
+    );
+    for _ in 0..30 {
+        now += TICK;
+        let out = m.handle(now, Input::Tick);
+        assert!(!changes(&out).iter().any(|c| c.0 == target), "{out:?}");
+    }
+}
+
+#[test]
+fn indirect_phase_waits_for_both_slow_legs_past_the_interval() {
+    let (mut m, mut now) = node_with_measured_rtt(600 * MS);
+    let (target, seq) = tick_until_probe(&mut m, &mut now);
+    let sent = now;
+    let other = if target == peer(1) { peer(2) } else { peer(1) };
+    // No direct ack: the PingReq leaves after the direct timeout.
+    let mut asked_at = None;
+    for _ in 0..30 {
+        now += TICK;
+        let out = m.handle(now, Input::Tick);
+        if sends(&out)
+            .iter()
+            .any(|(to, msg)| *to == other && matches!(msg, Message::PingReq { .. }))
+        {
+            asked_at = Some(now);
+            break;
+        }
+    }
+    let asked_at = asked_at.expect("indirect phase started");
+    assert!(asked_at - sent > 600 * MS);
+    // The relayed ack crosses two 600 ms legs: it arrives 1.2 s later, past
+    // the 1 s probe interval, and still counts.
+    let mut out = Vec::new();
+    while now < asked_at + 1_200 * MS {
+        now += TICK;
+        out.extend(m.handle(now, Input::Tick));
+    }
+    assert!(!changes(&out).iter().any(|c| c.0 == target), "{out:?}");
+    m.handle(
+        now,
+        Input::Received {
+            from: other,
+            msg: Message::Ack {
+                seq,
+                updates: vec![],
+            },
+        },
+    );
+    for _ in 0..30 {
+        now += TICK;
+        let out = m.handle(now, Input::Tick);
+        assert!(!changes(&out).iter().any(|c| c.0 == target), "{out:?}");
+    }
+    assert_eq!(state(&m, &target), Some(State::Alive));
+}
+
+#[test]
+fn failed_probes_raise_local_health_and_stretch_the_interval() {
+    let mut now = Instant::now();
+    let mut m = node(0, now);
+    for i in 1..=4 {
+        m.handle(now, Input::Discovered { id: peer(i) });
+    }
+    let base = Config::default().probe_interval;
+    assert_eq!(m.current_probe_interval(), base);
+    // Nobody answers anything: every probe fails.
+    let mut failed = 0;
+    for _ in 0..600 {
+        now += TICK;
+        let out = m.handle(now, Input::Tick);
+        failed += changes(&out)
+            .iter()
+            .filter(|c| c.2 == State::Suspect)
+            .count();
+        if m.local_health() >= 2 {
+            break;
+        }
+    }
+    assert!(failed >= 2, "{failed}");
+    assert!(m.local_health() >= 2);
+    assert_eq!(m.current_probe_interval(), base * (m.local_health() + 1));
+    let lhm = m.local_health();
+    for id in (1..=4).map(peer) {
+        if let Some(t) = m.probe_timeout_of(&id) {
+            assert_eq!(t, Config::default().probe_timeout * (lhm + 1));
+        }
+    }
+    // An answered probe brings it down by one.
+    let (target, seq) = tick_until_probe(&mut m, &mut now);
+    let before = m.local_health();
+    m.handle(
+        now,
+        Input::Received {
+            from: target,
+            msg: Message::Ack {
+                seq,
+                updates: vec![],
+            },
+        },
+    );
+    assert_eq!(m.local_health(), before - 1);
+}
+
+#[test]
+fn local_health_is_bounded_and_scales() {
+    let mut h = LocalHealth::default();
+    assert_eq!(h.scale(500 * MS), 500 * MS);
+    for _ in 0..100 {
+        h.worse();
+    }
+    assert_eq!(h.score(), MAX_LOCAL_HEALTH);
+    assert_eq!(h.scale(500 * MS), 500 * MS * (MAX_LOCAL_HEALTH + 1));
+    for _ in 0..100 {
+        h.better();
+    }
+    assert_eq!(h.score(), 0);
+}
+
+#[test]
+fn refuting_a_suspicion_raises_local_health() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let a = peer(1);
+    gossip(&mut m, t0, a, vec![up(peer(0), State::Suspect, 0)]);
+    assert_eq!(m.local_incarnation(), 1);
+    assert_eq!(m.local_health(), 1);
+    // A stale record of us is no evidence against our link.
+    gossip(&mut m, t0, a, vec![up(peer(0), State::Alive, 0)]);
+    assert_eq!(m.local_health(), 1);
+}
+
+#[test]
+fn suspicion_timeout_shrinks_with_confirmations() {
+    let (min, max) = (Duration::from_secs(4), Duration::from_secs(8));
+    assert_eq!(suspicion_timeout(min, max, 0, 0), min);
+    assert_eq!(suspicion_timeout(min, max, 3, 0), max);
+    assert_eq!(suspicion_timeout(min, max, 3, 3), min);
+    assert_eq!(suspicion_timeout(min, max, 3, 9), min);
+    // log scaling: the first confirmation takes half the span.
+    let one = suspicion_timeout(min, max, 3, 1);
+    assert!(one.abs_diff(Duration::from_secs(6)) < MS, "{one:?}");
+}
+
+#[test]
+fn independent_accusers_shorten_a_suspicion_relays_do_not() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let x = peer(9);
+    let others: Vec<PeerId> = (1..=5).map(peer).collect();
+    for o in &others {
+        gossip(&mut m, t0, *o, vec![up(x, State::Alive, 0)]);
+    }
+    // Fleet of 7 (us, x, five others): 3 confirmations expected.
+    let accused = |accuser: PeerId| Update {
+        accuser: Some(accuser),
+        ..up(x, State::Suspect, 0)
+    };
+    gossip(&mut m, t0, others[0], vec![accused(others[0])]);
+    let max = Config::default().suspect_timeout * SUSPICION_MAX_MULT;
+    assert_eq!(m.suspicion_timeout_of(&x), Some(max));
+    // The same accusation relayed by others is not a confirmation.
+    for o in &others[1..] {
+        gossip(&mut m, t0, *o, vec![accused(others[0])]);
+    }
+    assert_eq!(m.suspicion_timeout_of(&x), Some(max));
+    // Two more accusers (however they reach us) shorten it, step by step.
+    gossip(&mut m, t0, others[4], vec![accused(others[1])]);
+    let one = m.suspicion_timeout_of(&x).expect("suspect");
+    assert!(one < max);
+    gossip(&mut m, t0, others[4], vec![accused(others[2])]);
+    let two = m.suspicion_timeout_of(&x).expect("suspect");
+    assert!(two < one);
+    // The confirmation is passed on, naming its accuser.
+    let out = m.handle(
+        t0,
+        Input::Received {
+            from: others[3],
+            msg: Message::Ping {
+                seq: 1,
+                updates: vec![],
+            },
+        },
+    );
+    assert!(sends(&out).iter().any(|(_, msg)| updates_of(msg)
+        .iter()
+        .any(|u| u.id == x && u.accuser.is_some())));
+    // Ourselves as accuser, or x accusing itself, count for nothing.
+    gossip(&mut m, t0, others[4], vec![accused(peer(0)), accused(x)]);
+    assert_eq!(m.suspicion_timeout_of(&x), Some(two));
+    // A third accuser brings it to the shortest; death follows then.
+    gossip(&mut m, t0, others[4], vec![accused(others[3])]);
+    assert_eq!(
+        m.suspicion_timeout_of(&x),
+        Some(Config::default().suspect_timeout)
+    );
+    let out = m.handle(t0 + Config::default().suspect_timeout, Input::Tick);
+    assert_eq!(changes(&out), vec![(x, Some(State::Suspect), State::Dead)]);
+}
+
+#[test]
+fn an_accusation_without_accuser_is_the_senders() {
+    let t0 = Instant::now();
+    let mut m = node(0, t0);
+    let (a, b, x) = (peer(1), peer(2), peer(9));
+    gossip(&mut m, t0, a, vec![up(x, State::Alive, 0)]);
+    gossip(&mut m, t0, b, vec![up(x, State::Alive, 0)]);
+    gossip(&mut m, t0, peer(3), vec![]);
+    gossip(&mut m, t0, a, vec![up(x, State::Suspect, 0)]);
+    let max = Config::default().suspect_timeout * SUSPICION_MAX_MULT;
+    assert_eq!(m.suspicion_timeout_of(&x), Some(max));
+    gossip(&mut m, t0, b, vec![up(x, State::Suspect, 0)]);
+    assert!(m.suspicion_timeout_of(&x) < Some(max));
+}
+
+#[test]
+fn our_own_failed_probe_of_a_suspect_confirms_it() {
+    let mut now = Instant::now();
+    let mut m = node(0, now);
+    let (a, b) = (peer(1), peer(2));
+    for i in 1..=4 {
+        m.handle(now, Input::Discovered { id: peer(i) });
+    }
+    // Let the discovery pokes expire; then b accuses a.
+    now += Duration::from_secs(5);
+    gossip(
+        &mut m,
+        now,
+        b,
+        vec![Update {
+            accuser: Some(b),
+            ..up(a, State::Suspect, 0)
+        }],
+    );
+    let max = Config::default().suspect_timeout * SUSPICION_MAX_MULT;
+    assert_eq!(m.suspicion_timeout_of(&a), Some(max));
+    // Everyone but a answers our probes; nobody relays for a.
+    let mut confirmed = false;
+    for _ in 0..200 {
+        now += TICK;
+        let out = m.handle(now, Input::Tick);
+        assert!(!changes(&out).iter().any(|c| c.0 != a), "{out:?}");
+        for (to, msg) in sends(&out) {
+            if let (true, Message::Ping { seq, .. }) = (to != a, &msg) {
+                m.handle(
+                    now,
+                    Input::Received {
+                        from: to,
+                        msg: Message::Ack {
+                            seq: *seq,
+                            updates: vec![],
+                        },
+                    },
+                );
+            }
+        }
+        if m.suspicion_timeout_of(&a) < Some(max) {
+            confirmed = true;
+            break;
+        }
+    }
+    assert!(confirmed, "own failed probe did not confirm the suspicion");
+    // b suspected a first: the failure is a's, not ours.
+    assert_eq!(m.local_health(), 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The timeout stays within the configured floor and the ceiling (or
+    /// the floor, if higher), whatever the samples.
+    #[test]
+    fn rtt_timeout_stays_within_bounds(
+        samples in proptest::collection::vec(0u64..60_000, 1..50),
+        floor_ms in 1u64..5_000,
+    ) {
+        let floor = Duration::from_millis(floor_ms);
+        let mut e = None;
+        for s in samples {
+            let next = RttEstimate::update(e, Duration::from_millis(s));
+            e = Some(next);
+            let t = probe_timeout(e, floor);
+            prop_assert!(t >= floor);
+            prop_assert!(t <= floor.max(PROBE_TIMEOUT_CEILING));
+            let leg = leg_timeout(e, floor);
+            prop_assert!((LEG_TIMEOUT_FLOOR..=PROBE_TIMEOUT_CEILING).contains(&leg));
+        }
+    }
+
+    /// Steady samples converge: srtt to the sample, the timeout to just
+    /// above it (or the floor).
+    #[test]
+    fn steady_samples_converge(rtt_ms in 1u64..2_500) {
+        let rtt = Duration::from_millis(rtt_ms);
+        let mut e = None;
+        for _ in 0..200 {
+            e = Some(RttEstimate::update(e, rtt));
+        }
+        let e = e.expect("sampled");
+        prop_assert!(e.srtt.abs_diff(rtt) <= MS);
+        prop_assert!(e.raw_timeout() >= rtt);
+        prop_assert!(e.raw_timeout() <= rtt + 5 * MS);
+    }
+
+    /// More confirmations never lengthen a suspicion; it stays in
+    /// [min, max].
+    #[test]
+    fn suspicion_timeout_is_monotone_and_bounded(
+        min_ms in 1u64..100_000,
+        mult in 1u32..5,
+        k in 0u32..10,
+        c in 0u32..12,
+    ) {
+        let min = Duration::from_millis(min_ms);
+        let max = min * mult;
+        let t = suspicion_timeout(min, max, k, c);
+        prop_assert!(t >= min && t <= max);
+        prop_assert!(suspicion_timeout(min, max, k, c + 1) <= t);
     }
 }
