@@ -340,14 +340,17 @@ async fn certificate_expiring_while_connected_is_expelled() {
 
     // Redials of the rejected rack are held off: over the next 5 s, a
     // handful of refusals at most (before the hold-off, about ten a second
-    // per rack).
+    // per rack: ~100). Connections already in flight at the expulsion (x
+    // dials both racks on each of their addresses, and they dial it) are
+    // refused too, more of them on a loaded machine: 2–7 alone, 12 seen
+    // beside the rest of the suite.
     let refused = |h: &MeshHandle| h.stats.rejected_total.load(Ordering::Relaxed);
     let before = refused(&a) + refused(&b);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let during = refused(&a) + refused(&b) - before;
     eprintln!("refusals of x in the 5 s after expulsion: {during}");
     assert!(
-        during <= 8,
+        during <= 20,
         "{during} refusals in 5 s: redials are not held off"
     );
     // And x stays out.

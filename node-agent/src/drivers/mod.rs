@@ -687,6 +687,12 @@ pub(crate) async fn spawn_appliance(
 pub(crate) const DEFAULT_PATH: &str =
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Looks at a recorded group before it is called foreign, and the gap
+/// between them: 5 × 10 ms covers an `exec` on a loaded machine and costs
+/// 40 ms only when the recorded pid now belongs to someone else.
+const OWNERSHIP_LOOKS: usize = 5;
+const OWNERSHIP_LOOK_GAP: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// The pid file in a run directory.
 pub const PID_FILE: &str = "pid";
 /// The expected `/proc/<pid>/cmdline` of the process in [`PID_FILE`].
@@ -759,9 +765,23 @@ pub fn kill_leftover(run_dir: &Path) -> Result<Option<u32>, DriverError> {
             .unwrap_or_else(|_| run_dir.to_owned())
             .display()
     );
-    let ours = procfs::group_members(pgid).into_iter().any(|p| {
-        (p == pgid && !expected.is_empty() && procfs::cmdline(p).as_deref() == Some(&expected[..]))
-            || procfs::environ_has(p, &marker)
+    let is_ours = || {
+        procfs::group_members(pgid).into_iter().any(|p| {
+            (p == pgid
+                && !expected.is_empty()
+                && procfs::cmdline(p).as_deref() == Some(&expected[..]))
+                || procfs::environ_has(p, &marker)
+        })
+    };
+    // A member in the middle of an `exec` shows an empty environment and
+    // command line for a moment (the kernel sets them after switching to
+    // the new image): look again a few times before calling the group
+    // foreign.
+    let ours = (0..OWNERSHIP_LOOKS).any(|look| {
+        if look > 0 {
+            std::thread::sleep(OWNERSHIP_LOOK_GAP);
+        }
+        is_ours()
     });
     remove();
     // Whatever carries this run dir's marker is a leftover of ours, in the
@@ -775,6 +795,9 @@ pub fn kill_leftover(run_dir: &Path) -> Result<Option<u32>, DriverError> {
     }
     match killpg(Pid::from_raw(pgid), Signal::SIGKILL) {
         Ok(()) => Ok(Some(pgid as u32)),
+        // The marked members were the whole group and are already gone
+        // (their parent reaped them between the two kills): we killed it.
+        Err(nix::errno::Errno::ESRCH) if marked > 0 => Ok(Some(pgid as u32)),
         Err(nix::errno::Errno::ESRCH) => Ok(None),
         Err(e) => Err(DriverError::Io {
             what: format!("cannot kill leftover group {pgid}"),
