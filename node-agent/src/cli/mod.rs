@@ -221,18 +221,8 @@ pub enum VolumeCmd {
 pub enum TilesCmd {
     /// Fetch every tile of a region from a source that allows bulk download (pinned: never evicted; resumable).
     Seed {
-        /// Tile source name (a [[tile_source]] of rack.toml).
-        #[arg(long)]
-        source: String,
-        /// West,South,East,North in degrees.
-        #[arg(long, allow_hyphen_values = true)]
-        bbox: String,
-        /// Zoom range, e.g. 0-16.
-        #[arg(long)]
-        zoom: String,
-        /// The rack.toml of the agent to ask.
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        region: TileRegion,
     },
     /// Preload tiles from an MBTiles or PMTiles v3 file (pinned; served offline) before or after shipping.
     Import {
@@ -249,19 +239,27 @@ pub enum TilesCmd {
     Export {
         /// Output .mbtiles file (on the rack).
         file: PathBuf,
-        /// Tile source name.
-        #[arg(long)]
-        source: String,
-        /// West,South,East,North in degrees.
-        #[arg(long, allow_hyphen_values = true)]
-        bbox: String,
-        /// Zoom range, e.g. 0-16.
-        #[arg(long)]
-        zoom: String,
-        /// The rack.toml of the agent to ask.
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        region: TileRegion,
     },
+}
+
+/// A region of one tile source on one agent: what `tiles seed` fetches and
+/// `tiles export` writes.
+#[derive(clap::Args)]
+pub struct TileRegion {
+    /// Tile source name (a [[tile_source]] of rack.toml).
+    #[arg(long)]
+    pub source: String,
+    /// West,South,East,North in degrees.
+    #[arg(long, allow_hyphen_values = true)]
+    pub bbox: String,
+    /// Zoom range, e.g. 0-16.
+    #[arg(long)]
+    pub zoom: String,
+    /// The rack.toml of the agent to ask.
+    #[arg(long)]
+    pub config: PathBuf,
 }
 
 #[derive(Subcommand)]

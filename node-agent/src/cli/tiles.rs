@@ -3,7 +3,7 @@
 use anyhow::Context;
 
 use super::exit::Failure;
-use super::{absolute, client_for, progress, TilesCmd};
+use super::{absolute, client_for, progress, TileRegion, TilesCmd};
 
 /// Run a `tiles` command.
 ///
@@ -12,10 +12,13 @@ use super::{absolute, client_for, progress, TilesCmd};
 pub async fn run(cmd: TilesCmd) -> Result<(), Failure> {
     match cmd {
         TilesCmd::Seed {
-            source,
-            bbox,
-            zoom,
-            config,
+            region:
+                TileRegion {
+                    source,
+                    bbox,
+                    zoom,
+                    config,
+                },
         } => {
             let r = client_for(&config)?
                 .tiles_seed(
@@ -44,10 +47,13 @@ pub async fn run(cmd: TilesCmd) -> Result<(), Failure> {
         }
         TilesCmd::Export {
             file,
-            source,
-            bbox,
-            zoom,
-            config,
+            region:
+                TileRegion {
+                    source,
+                    bbox,
+                    zoom,
+                    config,
+                },
         } => {
             let client = client_for(&config)?;
             let file = absolute(file)?;
