@@ -14,6 +14,18 @@
 //!   background work can never eat the last of the day's bytes); a download
 //!   that started within quota finishes. The day rolls over at 00:00 UTC.
 //!
+//! - **The field's budget.** `field_daily_quota_bytes` and
+//!   `field_bytes_per_sec` hold for the field's uplinks as a whole. The
+//!   quota is enforced by *grants*: the field's control plane hands each
+//!   uplink bytes it may fetch today ([`BudgetCore::set_field_grant`];
+//!   the grants never add up to more than the quota), and a fetch over this
+//!   rack's uplink (for its clients or another rack's) starts only while
+//!   the rack has used less than its grant. What to ask for is
+//!   [`BudgetCore::field_ask`]. Every rack also tells the others what its
+//!   uplink used today ([`PeerUse`], in the gossiped uplink report): the
+//!   class shares apply to the field's use as to the rack's, and the
+//!   field's rate is split evenly among the uplinks in use.
+//!
 //! The core is sans-IO ([`BudgetCore`]: time passed in); [`Budget`] wraps it
 //! with a mutex and tokio sleeps.
 
@@ -23,10 +35,23 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Traffic class, in priority order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Class {
     /// A person is waiting.
+    #[default]
     Interactive = 0,
     /// Bulk tile seeding.
     Seeding = 1,
@@ -84,6 +109,32 @@ pub struct BudgetStats {
     pub left_today_bytes: Option<u64>,
     /// Bytes by class since start: interactive, seeding, sync.
     pub bytes_by_class: [u64; 3],
+    /// The field's daily quota (all racks' uplinks), 0 = none.
+    pub field_daily_quota_bytes: u64,
+    /// The field's bytes/s cap (all racks' uplinks), 0 = none.
+    pub field_bytes_per_sec: u64,
+    /// Bytes the field's uplinks used today: this rack's and the others'
+    /// last reports.
+    pub field_used_today_bytes: u64,
+    /// What the field has left today; `None` without a field quota.
+    pub field_left_today_bytes: Option<u64>,
+    /// Uplinks in use across the field, this rack's included (the field's
+    /// rate is split among them).
+    pub field_uplinks: u32,
+    /// The control plane's grant of the field's quota to this uplink
+    /// today; `None` without a field quota or a grant.
+    pub field_granted_today_bytes: Option<u64>,
+}
+
+/// What another rack's uplink used, from its last report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerUse {
+    /// The report's UTC day (Unix seconds / 86 400).
+    pub day: u64,
+    /// Bytes its uplink used that day.
+    pub used_today_bytes: u64,
+    /// Its uplink is usable (up or degraded) and the report is recent.
+    pub uplink_in_use: bool,
 }
 
 /// Sans-IO budget state.
@@ -98,22 +149,93 @@ pub struct BudgetCore {
     used_today: u64,
     waiting: [u32; 3],
     by_class: [u64; 3],
+    /// This rack's own cap (the rate in force may be lower: the field's
+    /// share).
+    own_rate: f64,
+    field_quota: u64,
+    field_rate: f64,
+    /// The other racks' bytes today, from their last reports.
+    others_used: u64,
+    /// Other racks whose uplinks are in use.
+    other_uplinks: u32,
+    /// The control plane's grant: (UTC day, bytes this uplink may fetch
+    /// that day in all).
+    field_grant: Option<(u64, u64)>,
+    /// `used_today` at the last [`BudgetCore::field_ask`].
+    used_at_ask: u64,
+    /// A fetch was refused for want of a grant since the last ask.
+    starved: bool,
 }
+
+/// What this rack's uplink used of the field's quota and asks for more
+/// (sent to the control plane with every lease renewal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FieldAsk {
+    /// The UTC day.
+    pub day: u64,
+    /// The field's daily quota as configured here.
+    pub field_quota_bytes: u64,
+    /// Bytes this uplink fetched today.
+    pub used_today_bytes: u64,
+    /// Bytes to add to its grant (0: it holds enough).
+    pub want_bytes: u64,
+}
+
+/// The least a rack keeps in hand of the field's quota (more: see
+/// [`BudgetCore::field_ask`]).
+pub const MIN_GRANT_WANTED: u64 = 64 * 1024;
+/// A rack asks for this long of its uplink's capped rate at a time.
+pub const GRANT_HORIZON: Duration = Duration::from_secs(10);
 
 impl BudgetCore {
     /// A budget of `bytes_per_sec` (0 = unlimited) and `daily_quota` (0 = none).
     pub fn new(bytes_per_sec: u64, daily_quota: u64) -> BudgetCore {
-        BudgetCore {
-            rate: bytes_per_sec as f64,
-            burst: bytes_per_sec as f64,
-            tokens: bytes_per_sec as f64,
+        BudgetCore::with_field(bytes_per_sec, daily_quota, 0, 0)
+    }
+
+    /// A budget with this rack's caps and the field's (`field_bytes_per_sec`
+    /// and `field_daily_quota` for all racks' uplinks together; 0 = none).
+    pub fn with_field(
+        bytes_per_sec: u64,
+        daily_quota: u64,
+        field_bytes_per_sec: u64,
+        field_daily_quota: u64,
+    ) -> BudgetCore {
+        let mut c = BudgetCore {
+            rate: 0.0,
+            burst: 0.0,
+            tokens: 0.0,
             last: None,
             quota: daily_quota,
             day: 0,
             used_today: 0,
             waiting: [0; 3],
             by_class: [0; 3],
-        }
+            own_rate: bytes_per_sec as f64,
+            field_quota: field_daily_quota,
+            field_rate: field_bytes_per_sec as f64,
+            others_used: 0,
+            other_uplinks: 0,
+            field_grant: None,
+            used_at_ask: 0,
+            starved: false,
+        };
+        c.set_rate();
+        c.tokens = c.burst;
+        c
+    }
+
+    /// The rate in force: this rack's cap and its share of the field's.
+    fn set_rate(&mut self) {
+        let share = self.field_rate / f64::from(1 + self.other_uplinks);
+        self.rate = match (self.own_rate > 0.0, self.field_rate > 0.0) {
+            (true, true) => self.own_rate.min(share),
+            (true, false) => self.own_rate,
+            (false, true) => share,
+            (false, false) => 0.0,
+        };
+        self.burst = self.rate;
+        self.tokens = self.tokens.min(self.burst);
     }
 
     fn roll(&mut self, unix_secs: u64) {
@@ -121,7 +243,100 @@ impl BudgetCore {
         if day != self.day {
             self.day = day;
             self.used_today = 0;
+            self.others_used = 0;
+            self.used_at_ask = 0;
         }
+    }
+
+    /// Takes in the other racks' last reports (all of them, each time).
+    pub fn note_peers(&mut self, peers: &[PeerUse], unix_secs: u64) {
+        self.roll(unix_secs);
+        self.others_used = peers
+            .iter()
+            .filter(|p| p.day == self.day)
+            .map(|p| p.used_today_bytes)
+            .sum();
+        self.other_uplinks = peers.iter().filter(|p| p.uplink_in_use).count() as u32;
+        self.set_rate();
+    }
+
+    /// Takes in the control plane's grant: this uplink may fetch `granted`
+    /// bytes in all on UTC day `day` (`None`: no grant for that day).
+    pub fn set_field_grant(&mut self, day: u64, granted: Option<u64>) {
+        match granted {
+            Some(g) => {
+                // Grants only grow within a day: an older copy of the
+                // field's state never takes bytes back.
+                let g = match self.field_grant {
+                    Some((d, old)) if d == day => old.max(g),
+                    _ => g,
+                };
+                self.field_grant = Some((day, g));
+            }
+            None if self.field_grant.is_some_and(|(d, _)| d == day) => {}
+            None => self.field_grant = None,
+        }
+    }
+
+    /// What to tell the control plane with the next renewal (call it once
+    /// per renewal); `None` without a field quota. It keeps in hand the
+    /// most of [`MIN_GRANT_WANTED`], [`GRANT_HORIZON`] of its capped rate,
+    /// and four times what it used since the last ask (so an uncapped
+    /// uplink's grants grow fourfold a renewal while it is busy), and asks
+    /// for more once less than half of that is left of its grant. An
+    /// uplink not `proven` (no probe has answered yet) asks only once a
+    /// fetch found no grant, so a rack without a working uplink holds
+    /// none of the field's bytes.
+    pub fn field_ask(&mut self, unix_secs: u64, proven: bool) -> Option<FieldAsk> {
+        self.roll(unix_secs);
+        let starved = std::mem::take(&mut self.starved);
+        if self.field_quota == 0 || !(proven || starved) {
+            return None;
+        }
+        let granted = match self.field_grant {
+            Some((d, g)) if d == self.day => g,
+            _ => 0,
+        };
+        let in_hand = granted.saturating_sub(self.used_today);
+        let lately = self.used_today.saturating_sub(self.used_at_ask);
+        self.used_at_ask = self.used_today;
+        let keep = ((self.rate * GRANT_HORIZON.as_secs_f64()) as u64)
+            .max(MIN_GRANT_WANTED)
+            .max(lately.saturating_mul(4));
+        Some(FieldAsk {
+            day: self.day,
+            field_quota_bytes: self.field_quota,
+            used_today_bytes: self.used_today,
+            want_bytes: if in_hand < keep / 2 {
+                keep - in_hand
+            } else {
+                0
+            },
+        })
+    }
+
+    /// Whether the field's quota lets a fetch of `class` start: this
+    /// uplink under its grant for today, and the field's use (its last
+    /// reports) under the class's share.
+    fn field_allows(&self, class: Class) -> bool {
+        if self.field_quota == 0 {
+            return true;
+        }
+        let allowed = (self.field_quota as f64 * class.quota_share()) as u64;
+        if self.used_today + self.others_used >= allowed {
+            return false;
+        }
+        matches!(self.field_grant, Some((d, g)) if d == self.day && self.used_today < g)
+    }
+
+    /// [`BudgetCore::field_allows`], noting a refusal for want of a grant.
+    fn field_allows_noting(&mut self, class: Class) -> bool {
+        let ok = self.field_allows(class);
+        if !ok && self.field_quota > 0 {
+            let allowed = (self.field_quota as f64 * class.quota_share()) as u64;
+            self.starved |= self.used_today + self.others_used < allowed;
+        }
+        ok
     }
 
     fn refill(&mut self, now: Instant) {
@@ -138,6 +353,9 @@ impl BudgetCore {
     /// The class's share of today's quota is used.
     pub fn may_start(&mut self, class: Class, unix_secs: u64) -> Result<(), QuotaExhausted> {
         self.roll(unix_secs);
+        if !self.field_allows_noting(class) {
+            return Err(QuotaExhausted(class));
+        }
         if self.quota == 0 {
             return Ok(());
         }
@@ -190,11 +408,23 @@ impl BudgetCore {
     pub fn stats(&mut self, unix_secs: u64) -> BudgetStats {
         self.roll(unix_secs);
         BudgetStats {
-            bytes_per_sec: self.rate as u64,
+            bytes_per_sec: self.own_rate as u64,
             daily_quota_bytes: self.quota,
             used_today_bytes: self.used_today,
             left_today_bytes: (self.quota > 0).then(|| self.quota.saturating_sub(self.used_today)),
             bytes_by_class: self.by_class,
+            field_daily_quota_bytes: self.field_quota,
+            field_bytes_per_sec: self.field_rate as u64,
+            field_used_today_bytes: self.used_today + self.others_used,
+            field_left_today_bytes: (self.field_quota > 0).then(|| {
+                self.field_quota
+                    .saturating_sub(self.used_today + self.others_used)
+            }),
+            field_uplinks: 1 + self.other_uplinks,
+            field_granted_today_bytes: match self.field_grant {
+                Some((d, g)) if self.field_quota > 0 && d == self.day => Some(g),
+                _ => None,
+            },
         }
     }
 }
@@ -219,10 +449,43 @@ impl Budget {
         daily_quota: u64,
         clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     ) -> Budget {
+        Budget::with_core(BudgetCore::new(bytes_per_sec, daily_quota), clock)
+    }
+
+    /// A budget around `core` (see [`BudgetCore::with_field`]).
+    pub fn with_core(core: BudgetCore, clock: Arc<dyn Fn() -> u64 + Send + Sync>) -> Budget {
         Budget {
-            core: Arc::new(Mutex::new(BudgetCore::new(bytes_per_sec, daily_quota))),
+            core: Arc::new(Mutex::new(core)),
             clock,
         }
+    }
+
+    /// See [`BudgetCore::note_peers`].
+    pub fn note_peers(&self, peers: &[PeerUse]) {
+        let now = (self.clock)();
+        self.core.lock().expect("lock").note_peers(peers, now);
+    }
+
+    /// Today's UTC day and this rack's bytes in it, for its uplink report.
+    pub fn today(&self) -> (u64, u64) {
+        let now = (self.clock)();
+        let mut c = self.core.lock().expect("lock");
+        c.roll(now);
+        (c.day, c.used_today)
+    }
+
+    /// See [`BudgetCore::set_field_grant`].
+    pub fn set_field_grant(&self, day: u64, granted: Option<u64>) {
+        self.core
+            .lock()
+            .expect("lock")
+            .set_field_grant(day, granted);
+    }
+
+    /// See [`BudgetCore::field_ask`].
+    pub fn field_ask(&self, proven: bool) -> Option<FieldAsk> {
+        let now = (self.clock)();
+        self.core.lock().expect("lock").field_ask(now, proven)
     }
 
     /// See [`BudgetCore::may_start`].
@@ -351,5 +614,122 @@ mod tests {
         assert!(c.may_start(Class::Sync, t + 86_400).is_ok());
         assert_eq!(c.stats(t + 86_400).left_today_bytes, Some(1000));
         assert_eq!(BudgetCore::new(0, 0).stats(t).left_today_bytes, None);
+    }
+
+    fn peer(day: u64, used: u64, in_use: bool) -> PeerUse {
+        PeerUse {
+            day,
+            used_today_bytes: used,
+            uplink_in_use: in_use,
+        }
+    }
+
+    #[test]
+    fn the_field_quota_counts_every_racks_uplink() {
+        let t = 1_700_000_000;
+        let day = t / 86_400;
+        let now = Instant::now();
+        // The field may use 1000 bytes a day; this rack's own quota is none.
+        let mut c = BudgetCore::with_field(0, 0, 0, 1000);
+        c.set_field_grant(day, Some(1000));
+        c.note_peers(&[peer(day, 600, false), peer(day - 1, 5000, false)], t);
+        assert_eq!(
+            c.stats(t).field_used_today_bytes,
+            600,
+            "yesterday's bytes ignored"
+        );
+        assert!(c.may_start(Class::Interactive, t).is_ok());
+        assert!(
+            c.may_start(Class::Sync, t).is_err(),
+            "sync stops at 60 % of the field"
+        );
+        c.try_take(Class::Interactive, 300, now, t).unwrap();
+        assert!(
+            c.may_start(Class::Seeding, t).is_err(),
+            "seeding stops at 80 %"
+        );
+        assert!(c.may_start(Class::Interactive, t).is_ok());
+        c.try_take(Class::Interactive, 100, now, t).unwrap();
+        assert!(
+            c.may_start(Class::Interactive, t).is_err(),
+            "the field is out"
+        );
+        assert_eq!(c.stats(t).field_left_today_bytes, Some(0));
+        // The next UTC day: the others' old reports no longer count.
+        c.set_field_grant(day + 1, Some(1000));
+        assert!(c.may_start(Class::Sync, t + 86_400).is_ok());
+    }
+
+    #[test]
+    fn an_uplink_fetches_within_its_grant_and_asks_for_more_in_time() {
+        let t = 1_700_000_000;
+        let day = t / 86_400;
+        let now = Instant::now();
+        let mut c = BudgetCore::with_field(0, 0, 0, 1 << 30);
+        // No grant yet: nothing starts, and it asks for what it keeps.
+        assert!(c.may_start(Class::Interactive, t).is_err());
+        let ask = c.field_ask(t, true).unwrap();
+        assert_eq!((ask.day, ask.want_bytes), (day, MIN_GRANT_WANTED));
+        c.set_field_grant(day, Some(MIN_GRANT_WANTED));
+        assert_eq!(
+            c.field_ask(t, true).unwrap().want_bytes,
+            0,
+            "enough in hand"
+        );
+        // A fetch that starts within the grant finishes.
+        assert!(c.may_start(Class::Interactive, t).is_ok());
+        c.try_take(Class::Interactive, MIN_GRANT_WANTED - 100, now, t)
+            .unwrap();
+        let ask = c.field_ask(t, true).unwrap();
+        // A busy uplink keeps four times what it used since the last ask.
+        assert_eq!(ask.want_bytes, 4 * (MIN_GRANT_WANTED - 100) - 100);
+        assert_eq!(ask.used_today_bytes, MIN_GRANT_WANTED - 100);
+        // Idle since: back to the least.
+        assert_eq!(
+            c.field_ask(t, true).unwrap().want_bytes,
+            MIN_GRANT_WANTED - 100
+        );
+        c.try_take(Class::Interactive, 500, now, t).unwrap();
+        assert!(c.may_start(Class::Interactive, t).is_err(), "grant used");
+        // An older copy of the grant never takes bytes back; a new one
+        // lets fetches start again.
+        c.set_field_grant(day, Some(10));
+        assert!(c.may_start(Class::Interactive, t).is_err());
+        c.set_field_grant(day, Some(2 * MIN_GRANT_WANTED));
+        assert!(c.may_start(Class::Interactive, t).is_ok());
+        // Yesterday's grant does not count today.
+        assert!(c.may_start(Class::Interactive, t + 86_400).is_err());
+        assert_eq!(c.field_ask(t + 86_400, true).unwrap().used_today_bytes, 0);
+        // An uplink no probe has answered asks only once a fetch found no
+        // grant.
+        let mut d = BudgetCore::with_field(0, 0, 0, 1 << 30);
+        assert_eq!(d.field_ask(t, false), None);
+        assert!(d.may_start(Class::Interactive, t).is_err());
+        assert!(d.field_ask(t, false).is_some());
+        assert_eq!(d.field_ask(t, false), None);
+        // Without a field quota there is nothing to ask.
+        assert_eq!(BudgetCore::with_field(0, 0, 0, 0).field_ask(t, true), None);
+    }
+
+    #[test]
+    fn a_capped_uplink_keeps_ten_seconds_of_its_rate_in_hand() {
+        let mut c = BudgetCore::with_field(1_000_000, 0, 0, 1 << 30);
+        let ask = c.field_ask(1_700_000_000, true).unwrap();
+        assert_eq!(ask.want_bytes, 10_000_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_field_rate_is_split_among_the_uplinks_in_use() {
+        let t = 1_700_000_000;
+        let b = Budget::with_core(BudgetCore::with_field(0, 0, 20_000, 0), clock(t));
+        b.note_peers(&[peer(t / 86_400, 0, true), peer(t / 86_400, 0, false)]);
+        let start = Instant::now();
+        for _ in 0..200 {
+            b.consume(Class::Interactive, 1000).await;
+        }
+        // 200 kB at half of 20 kB/s, 10 kB burst: about 19 s.
+        let took = start.elapsed().as_secs_f64();
+        assert!((17.0..22.0).contains(&took), "{took}");
+        assert_eq!(b.stats().field_uplinks, 2);
     }
 }

@@ -19,6 +19,11 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// The highest `client_requests_per_sec` and `client_request_burst`: far
+/// above any person's browsing, low enough that the token arithmetic
+/// cannot overflow.
+pub const MAX_CLIENT_REQUESTS_PER_SEC: u32 = 1_000_000;
+
 /// `[proxy]` plus `[[tile_source]]`: everything the proxy needs.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,6 +87,17 @@ pub struct ProxyConfig {
     /// limit (see [`crate::listener::connection_cap`]), so a flood of the proxy
     /// leaves descriptors for the admin API and the mesh.
     pub max_connections: usize,
+    /// Requests a second one client address may make (token bucket refill):
+    /// plain HTTP, tiles and each `CONNECT` take a token; the map viewer's
+    /// pages and `/proxy.pac` are free. Over it: 429 with `Retry-After`.
+    pub client_requests_per_sec: u32,
+    /// Requests one client address may make at once above its rate (the
+    /// bucket's size): a map view opening dozens of tiles.
+    pub client_request_burst: u32,
+    /// Bytes (both ways) one client address may move through `CONNECT`
+    /// tunnels per UTC day; over it, new tunnels get 429 and open ones are
+    /// closed. 0: no cap.
+    pub client_tunnel_bytes_per_day: u64,
     /// The satellite link: budget, probes, timeouts.
     pub backhaul: BackhaulConfig,
 }
@@ -101,6 +117,9 @@ impl Default for ProxyConfig {
             idle_timeout_ms: 120_000,
             max_connections_per_client: 128,
             max_connections: 0,
+            client_requests_per_sec: 100,
+            client_request_burst: 400,
+            client_tunnel_bytes_per_day: 0,
             backhaul: BackhaulConfig::default(),
         }
     }
@@ -115,6 +134,13 @@ pub struct BackhaulConfig {
     pub bytes_per_sec: u64,
     /// Upstream bytes allowed per UTC day. 0 = no quota.
     pub daily_quota_bytes: u64,
+    /// Upstream bytes per UTC day for the field's uplinks as a whole (every
+    /// rack that fetches for itself or others counts the others' reported
+    /// bytes); the same on every rack. 0: no field quota.
+    pub field_daily_quota_bytes: u64,
+    /// Cap on upstream bytes per second for the field's uplinks as a
+    /// whole, split evenly among the uplinks in use. 0: no cap.
+    pub field_bytes_per_sec: u64,
     /// URLs probed (GET, headers only) to decide whether the backhaul is up.
     /// Empty: the hosts of the tile sources are probed (TCP connect).
     pub probe_urls: Vec<String>,
@@ -134,6 +160,15 @@ pub struct BackhaulConfig {
     pub extra_ca_files: Vec<PathBuf>,
     /// Time allowed for an upstream's response head (ms).
     pub response_timeout_ms: u64,
+    /// How long a client holding a stored (stale) copy waits for its
+    /// revalidation before the stale copy is served (ms); the revalidation
+    /// goes on in the background. Keeps every cached answer under a second
+    /// whatever the upstream does.
+    pub stale_deadline_ms: u64,
+    /// How long a miss waits for the upstream's response head before a 504
+    /// (ms); the upstream is then marked hung and later misses for it fail
+    /// at once, until a probe gets an answer from it.
+    pub miss_deadline_ms: u64,
 }
 
 impl Default for BackhaulConfig {
@@ -142,12 +177,16 @@ impl Default for BackhaulConfig {
             extra_ca_files: Vec::new(),
             bytes_per_sec: 0,
             daily_quota_bytes: 0,
+            field_daily_quota_bytes: 0,
+            field_bytes_per_sec: 0,
             probe_urls: Vec::new(),
             probe_interval_ms: 30_000,
             probe_interval_down_ms: 5_000,
             probe_timeout_ms: 5_000,
             connect_timeout_ms: 5_000,
             response_timeout_ms: 30_000,
+            stale_deadline_ms: 800,
+            miss_deadline_ms: 4_000,
         }
     }
 }
@@ -371,6 +410,26 @@ impl Config {
             "between 1 and 4096",
         )?;
         range(
+            "client_requests_per_sec",
+            (1..=MAX_CLIENT_REQUESTS_PER_SEC).contains(&p.client_requests_per_sec),
+            "between 1 and 1000000",
+        )?;
+        range(
+            "client_request_burst",
+            (1..=MAX_CLIENT_REQUESTS_PER_SEC).contains(&p.client_request_burst),
+            "between 1 and 1000000",
+        )?;
+        range(
+            "backhaul.stale_deadline_ms",
+            (1..=60_000).contains(&p.backhaul.stale_deadline_ms),
+            "between 1 and 60000",
+        )?;
+        range(
+            "backhaul.miss_deadline_ms",
+            (1..=600_000).contains(&p.backhaul.miss_deadline_ms),
+            "between 1 and 600000",
+        )?;
+        range(
             "max_connections",
             p.max_connections <= crate::server::MAX_CONNECTIONS,
             "at most 4096 (0 derives it from the open-file limit)",
@@ -584,6 +643,14 @@ max_connections = 1000
             "proxy.max_connections_per_client",
         );
         bad(|p| p.max_connections = 1 << 20, "proxy.max_connections");
+        bad(
+            |p| p.client_requests_per_sec = 0,
+            "proxy.client_requests_per_sec",
+        );
+        bad(
+            |p| p.client_request_burst = 2_000_000,
+            "proxy.client_request_burst",
+        );
         assert_eq!(Config::default().proxy.connect_ports, vec![443]);
         assert!(Config::default().proxy.allow_destinations.is_empty());
     }

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::budget::{Budget, Class};
 use crate::config::TileSource;
 use crate::flight::{FailKind, Flight, Flights, Head, Subscriber};
+use crate::gateway::{ForwardRequest, Gateways, GATEWAY_TIMEOUT, MAX_GATEWAY_TRIES};
 use crate::health::Health;
 use crate::http_cache::{self, evaluate, CacheStatus, Fwd, Stored, Verdict};
 use crate::mesh::{PeerDirectory, PeerObject, Replicator};
@@ -114,6 +115,13 @@ pub struct CacheRequest {
     pub class: Class,
     /// Add `Via` to responses (forward proxy) or not (tile server, an origin).
     pub via: bool,
+    /// The client's address when the request may go through another
+    /// rack's uplink (see [`crate::gateway`]); `None` for the rack's own
+    /// work (seeding).
+    pub client: Option<std::net::IpAddr>,
+    /// Came from another rack through the shared backhaul: never sent on
+    /// to a further gateway.
+    pub forwarded: bool,
 }
 
 /// The engine: one per proxy.
@@ -146,6 +154,27 @@ pub struct Engine {
     pub tasks: TaskTracker,
     /// Bounds background revalidations.
     pub background: Arc<Semaphore>,
+    /// How long a client with a stored copy waits for its revalidation
+    /// before the stored copy is served (`stale_deadline_ms`).
+    pub stale_deadline: Duration,
+    /// How long a miss waits for a response head before a 504; an
+    /// upstream silent that long is marked hung (`miss_deadline_ms`).
+    pub miss_deadline: Duration,
+    /// Other racks' uplinks, for misses this rack's cannot fetch.
+    pub gateways: Arc<dyn Gateways>,
+    /// Bounds the requests this rack serves for others at once
+    /// ([`crate::gateway::MAX_FORWARDED`]).
+    pub forward_permits: Arc<Semaphore>,
+    /// Forwarded requests per originating client
+    /// ([`crate::gateway::MAX_FORWARDED_PER_CLIENT`]).
+    pub forward_slots: Arc<crate::listener::ClientSlots>,
+    /// Each requesting rack's share of the forwarded slots
+    /// ([`crate::gateway::ForwardShares`]).
+    pub forward_shares: Arc<crate::gateway::ForwardShares>,
+    /// Request rate and tunnel bytes per client, this rack's and, as a
+    /// gateway, other racks' (`client_requests_per_sec`,
+    /// `client_tunnel_bytes_per_day`).
+    pub client_limits: crate::client_limits::ClientLimits,
 }
 
 impl std::fmt::Debug for Engine {
@@ -371,7 +400,11 @@ impl Engine {
         }
         Self::inc(&self.counters.misses);
         let usable = self.health.host_usable(&req.target.authority());
-        if stored.is_none() && !usable && self.peers.candidates(&kh).is_empty() {
+        if stored.is_none()
+            && !usable
+            && self.peers.candidates(&kh).is_empty()
+            && !self.may_use_gateway(&req)
+        {
             return self.offline_504(fwd);
         }
         // Subscribed before the fetch starts: a fetch with no subscriber
@@ -428,40 +461,82 @@ impl Engine {
         fwd: Fwd,
     ) -> Response<Body> {
         let now = (self.clock)();
-        let stale_fallback =
-            |kind_unreachable: bool, fwd_status: Option<u16>| -> Option<Response<Body>> {
-                let obj = stored.as_ref()?;
-                let st = to_stored(&obj.meta);
-                let ok = if req.tile.is_some() {
-                    kind_unreachable || http_cache::stale_if_error(&req.headers, &st, now, false)
-                } else {
-                    http_cache::stale_if_error(&req.headers, &st, now, kind_unreachable)
-                };
-                if !ok {
-                    return None;
-                }
-                Self::inc(&self.counters.stale_hits);
-                let ttl = st.ttl(now);
-                Some(self.cached_response(
-                    &req,
-                    obj,
-                    st,
-                    CacheStatus {
-                        fwd: Some(Fwd::Stale),
-                        fwd_status,
-                        ttl: Some(ttl),
-                        collapsed,
-                        detail: Some(if kind_unreachable && !self.health.backhaul_up() {
+        let stale_fallback = |kind_unreachable: bool,
+                              fwd_status: Option<u16>,
+                              detail: Option<&'static str>|
+         -> Option<Response<Body>> {
+            let obj = stored.as_ref()?;
+            let st = to_stored(&obj.meta);
+            let ok = if req.tile.is_some() {
+                kind_unreachable || http_cache::stale_if_error(&req.headers, &st, now, false)
+            } else {
+                http_cache::stale_if_error(&req.headers, &st, now, kind_unreachable)
+            };
+            if !ok {
+                return None;
+            }
+            Self::inc(&self.counters.stale_hits);
+            let ttl = st.ttl(now);
+            Some(self.cached_response(
+                &req,
+                obj,
+                st,
+                CacheStatus {
+                    fwd: Some(Fwd::Stale),
+                    fwd_status,
+                    ttl: Some(ttl),
+                    collapsed,
+                    detail: Some(detail.unwrap_or(
+                        if kind_unreachable && !self.health.backhaul_up() {
                             "offline"
                         } else {
                             "stale-if-error"
-                        }),
-                        ..Default::default()
-                    },
-                    now,
-                ))
-            };
-        match sub.head().await {
+                        },
+                    )),
+                    ..Default::default()
+                },
+                now,
+            ))
+        };
+        // Never wait long on the upstream: a stored copy is served after
+        // the stale deadline (the revalidation goes on in the background),
+        // a miss gets its 504 at the miss deadline.
+        let first = if stored.is_some() {
+            self.stale_deadline.min(self.miss_deadline)
+        } else {
+            self.miss_deadline
+        };
+        let head = match tokio::time::timeout(first, sub.head()).await {
+            Ok(head) => head,
+            Err(_) => {
+                if let Some(r) = stale_fallback(true, None, Some("revalidating")) {
+                    Self::inc(&self.counters.deadline_stale);
+                    return r;
+                }
+                let left = self.miss_deadline.saturating_sub(first);
+                match tokio::time::timeout(left, sub.head()).await {
+                    Ok(head) => head,
+                    Err(_) => {
+                        Self::inc(&self.counters.deadline_504);
+                        return self.error_response(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            &format!(
+                                "504 Gateway Timeout: {} did not answer within {} ms; the backhaul may be hung.",
+                                req.target.authority(),
+                                self.miss_deadline.as_millis()
+                            ),
+                            CacheStatus {
+                                fwd: Some(fwd),
+                                collapsed,
+                                detail: Some("deadline"),
+                                ..Default::default()
+                            },
+                        );
+                    }
+                }
+            }
+        };
+        match head {
             Head::Revalidated => match self.store.get(&kh).ok().flatten() {
                 Some(obj) => {
                     let st = to_stored(&obj.meta);
@@ -494,7 +569,7 @@ impl Engine {
                     kind,
                     FailKind::Offline | FailKind::Unreachable | FailKind::Upstream
                 );
-                if let Some(r) = stale_fallback(unreachable, None) {
+                if let Some(r) = stale_fallback(unreachable, None, None) {
                     return r;
                 }
                 let cs = CacheStatus {
@@ -539,7 +614,7 @@ impl Engine {
                 response_time,
             } => {
                 if http_cache::is_error_status(status) {
-                    if let Some(r) = stale_fallback(false, Some(status)) {
+                    if let Some(r) = stale_fallback(false, Some(status), None) {
                         return r;
                     }
                 }
@@ -664,6 +739,96 @@ impl Engine {
         false
     }
 
+    /// Whether `req` may go through another rack's uplink now: a client's
+    /// request, not itself forwarded, with a gateway known, and the
+    /// operator has not forced this rack offline.
+    fn may_use_gateway(&self, req: &CacheRequest) -> bool {
+        req.client.is_some()
+            && !req.forwarded
+            && !self.health.forced_offline()
+            && !self.gateways.gateways().is_empty()
+    }
+
+    /// Sends a miss through the best gateways in turn; the first answer is
+    /// streamed to the waiters and stored like any upstream answer.
+    async fn try_gateways(&self, req: &CacheRequest, kh: KeyHash, flight: &Arc<Flight>) -> bool {
+        let Some(client) = req.client.filter(|_| self.may_use_gateway(req)) else {
+            return false;
+        };
+        let target = match req.tile {
+            Some(i) => match (self.sources.get(i), req.key.strip_prefix("tile:")) {
+                (Some(src), Some(path)) => format!("/tiles/{path}.{}", src.format.extension()),
+                _ => return false,
+            },
+            None => req.target.url(),
+        };
+        for gw in self.gateways.gateways().into_iter().take(MAX_GATEWAY_TRIES) {
+            let fr = ForwardRequest {
+                method: Method::GET,
+                target: target.clone(),
+                headers: req.headers.clone(),
+                client,
+                class: req.class,
+            };
+            let request_time = (self.clock)();
+            let got = tokio::time::timeout(GATEWAY_TIMEOUT, self.gateways.forward(&gw, fr)).await;
+            let resp = match got {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::debug!(gateway = %gw, error = %e, "gateway failed");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::debug!(gateway = %gw, "gateway timed out");
+                    continue;
+                }
+            };
+            let response_time = (self.clock)();
+            Self::inc(&self.counters.forwarded_sent);
+            let mut headers = resp.headers;
+            http_cache::strip_hop_by_hop(&mut headers);
+            headers.remove("cache-status");
+            let mut storing =
+                http_cache::storable(&Method::GET, &req.headers, resp.status, &headers).is_ok();
+            if let Some(src) = self.tile_source(req) {
+                let ct = headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                storing &= resp.status == 200 && src.format.accepts_content_type(ct);
+            }
+            flight.set_head(Head::Response {
+                status: resp.status,
+                headers: headers.clone(),
+                storing,
+                from_peer: true,
+                request_time,
+                response_time,
+            });
+            let fits = matches!(
+                flight.push(resp.body.clone(), &self.flights, &kh).await,
+                Ok(true)
+            );
+            flight.finish(true);
+            let ok = storing
+                && fits
+                && self
+                    .store_response(
+                        req,
+                        kh,
+                        resp.status,
+                        headers,
+                        request_time,
+                        response_time,
+                        resp.body,
+                    )
+                    .await;
+            flight.set_stored(ok);
+            return true;
+        }
+        false
+    }
+
     fn upstream_request(&self, req: &CacheRequest, stored: Option<&Object>) -> Request<UpBody> {
         let mut r = Request::new(Empty::new().map_err(|e| match e {}).boxed());
         *r.method_mut() = Method::GET;
@@ -698,6 +863,9 @@ impl Engine {
             return;
         }
         if !backhaul {
+            if stored.is_none() && self.try_gateways(req, kh, flight).await {
+                return;
+            }
             flight.set_head(Head::Failed(FailKind::Offline));
             return;
         }
@@ -722,7 +890,7 @@ impl Engine {
             }
             Self::inc(&self.counters.upstream_requests);
             let up = self.upstream_request(req, stored.as_ref());
-            let (resp, conn) = match self.client.send(&req.target, up).await {
+            let (resp, conn) = match self.send_watched(&req.target, up).await {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::debug!(target = %req.target.authority(), error = %e, "upstream fetch failed");
@@ -865,6 +1033,25 @@ impl Engine {
         flight.set_head(Head::Failed(FailKind::Upstream));
     }
 
+    /// Sends upstream; an upstream with no response head after the miss
+    /// deadline is marked hung (later requests for it fail at once) while
+    /// this exchange goes on waiting, up to the response timeout.
+    async fn send_watched(
+        &self,
+        target: &Target,
+        up: Request<UpBody>,
+    ) -> Result<(Response<hyper::body::Incoming>, crate::upstream::Conn), FetchError> {
+        let send = self.client.send(target, up);
+        tokio::pin!(send);
+        tokio::select! {
+            r = &mut send => r,
+            _ = tokio::time::sleep(self.miss_deadline) => {
+                self.health.record_hung(target);
+                send.await
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn store_response(
         &self,
@@ -954,7 +1141,21 @@ impl Engine {
             .unwrap_or_else(|_| hyper::Uri::from_static("/"));
         *r.headers_mut() = headers;
         Self::inc(&self.counters.upstream_requests);
-        let (resp, _conn) = match self.client.send(&target, r).await {
+        // A safe request is a miss like any other: 504 at the miss
+        // deadline. Others (a form being processed) wait up to the response
+        // timeout, the upstream marked hung meanwhile.
+        let sent = if method == Method::GET || method == Method::HEAD {
+            match tokio::time::timeout(self.miss_deadline, self.client.send(&target, r)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.health.record_hung(&target);
+                    Err(FetchError::ResponseTimeout(target.authority()))
+                }
+            }
+        } else {
+            self.send_watched(&target, r).await
+        };
+        let (resp, _conn) = match sent {
             Ok(x) => x,
             Err(FetchError::Refused(r)) => {
                 return crate::server::refused(self, r, &target.authority())

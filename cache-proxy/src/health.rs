@@ -14,24 +14,76 @@
 //! Refused or reset connections say the network works and the service does
 //! not: they count against the host's reachability only for the one request.
 //!
+//! **Hung links.** A link that accepts TCP and then says nothing (a
+//! satellite modem's TCP accelerator answering SYNs locally while the
+//! satellite is gone, an origin that wedged) is invisible to a TCP connect.
+//! So a TCP connect ([`Outcome::Connected`]) proves nothing about the link:
+//! only a response head ([`Outcome::Success`]) brings a host or the
+//! backhaul back, and an upstream that gives no response head within the
+//! miss deadline is marked **hung** ([`HealthCore::record_hung`]): down, not
+//! cleared by a TCP accept, re-probed by the prober with a real HTTP request
+//! ([`HealthCore::hung_targets`]). Probes are real HTTP requests too.
+//!
+//! The uplink's state for the rest of the field ([`UplinkState`]: up,
+//! degraded, down) also weighs the probes' smoothed round-trip time.
+//!
 //! [`HealthCore`] is sans-IO (time passed in); [`Health`] shares it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use tokio::time::Instant;
+
+use crate::upstream::Target;
 
 /// Consecutive link failures (any host) that declare the backhaul down.
 pub const GLOBAL_FAILURE_THRESHOLD: u32 = 3;
 /// Upstream hosts tracked; the least recently seen is forgotten beyond.
 pub const MAX_TRACKED_HOSTS: usize = 1024;
+/// A smoothed probe round-trip time above this makes the uplink
+/// *degraded*: a geostationary satellite answers a small GET in about
+/// 0.6-1.2 s; past 2 s interactive browsing suffers and another rack's
+/// healthy uplink is the better choice.
+pub const DEGRADED_RTT: Duration = Duration::from_secs(2);
+/// Weight of a new probe RTT sample in the smoothed RTT (RFC 6298's alpha).
+const RTT_ALPHA: f64 = 0.125;
+
+/// The state of this rack's uplink as the rest of the field sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UplinkState {
+    /// Probes answer and nothing is failing.
+    Up,
+    /// Up, but slow (smoothed probe RTT over [`DEGRADED_RTT`]) or with
+    /// hosts failing: usable, a healthy uplink elsewhere is preferred.
+    Degraded,
+    /// Forced offline, probes failing, or too many link failures.
+    Down,
+}
+
+impl UplinkState {
+    /// Lower case name for status and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UplinkState::Up => "up",
+            UplinkState::Degraded => "degraded",
+            UplinkState::Down => "down",
+        }
+    }
+}
 
 /// The outcome of an upstream attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// Got a response.
+    /// Got a response head: the link and the far end both work.
     Success,
+    /// A TCP connection was accepted. Proves little (a hung link or a
+    /// TCP-accelerating modem accepts too): it clears a host's down mark
+    /// only when the host is not hung, and never the backhaul's.
+    Connected,
     /// Timed out, unreachable, DNS failed: the path is broken.
     LinkFailure,
     /// Refused, reset, bad response: the far end is broken, not the link.
@@ -42,6 +94,9 @@ pub enum Outcome {
 struct HostState {
     down_since: Option<Instant>,
     last_seen: Instant,
+    /// Set when a request got no response head in time: what to re-probe
+    /// with a real request (a TCP accept does not clear it).
+    hung: Option<Target>,
 }
 
 /// Sans-IO health state.
@@ -51,11 +106,12 @@ pub struct HealthCore {
     consecutive_failures: u32,
     probes_failing: bool,
     down_since: Option<Instant>,
+    /// Smoothed round-trip time of successful probes.
+    srtt: Option<Duration>,
 }
 
 impl HealthCore {
-    /// Records the outcome of a request or probe to `host` (`host:port`).
-    pub fn record(&mut self, host: &str, outcome: Outcome, now: Instant) {
+    fn host_mut(&mut self, host: &str, now: Instant) -> &mut HostState {
         if self.hosts.len() >= MAX_TRACKED_HOSTS && !self.hosts.contains_key(host) {
             if let Some(oldest) = self
                 .hosts
@@ -69,11 +125,19 @@ impl HealthCore {
         let st = self.hosts.entry(host.to_string()).or_insert(HostState {
             down_since: None,
             last_seen: now,
+            hung: None,
         });
         st.last_seen = now;
+        st
+    }
+
+    /// Records the outcome of a request or probe to `host` (`host:port`).
+    pub fn record(&mut self, host: &str, outcome: Outcome, now: Instant) {
+        let st = self.host_mut(host, now);
         match outcome {
             Outcome::Success => {
                 st.down_since = None;
+                st.hung = None;
                 self.consecutive_failures = 0;
                 self.probes_failing = false;
                 self.down_since = None;
@@ -85,15 +149,65 @@ impl HealthCore {
                     self.down_since.get_or_insert(now);
                 }
             }
+            Outcome::Connected => {
+                if st.hung.is_none() {
+                    st.down_since = None;
+                }
+            }
             Outcome::ServiceFailure => {}
         }
     }
 
-    /// A re-probe found `host` reachable again: clears its own down mark,
-    /// not the backhaul's (only a probe round or a real exchange does that).
+    /// `target`'s host gave no response head within the miss deadline: it
+    /// is down (requests for it fail fast) until a real response from it,
+    /// and counts as a link failure towards the backhaul's.
+    pub fn record_hung(&mut self, target: &Target, now: Instant) {
+        let mut probe = target.clone();
+        probe.path_and_query = "/".into();
+        self.host_mut(&target.authority(), now).hung = Some(probe);
+        self.record(&target.authority(), Outcome::LinkFailure, now);
+    }
+
+    /// Hung hosts, as targets the prober re-probes with a real request.
+    pub fn hung_targets(&self) -> Vec<Target> {
+        self.hosts.values().filter_map(|h| h.hung.clone()).collect()
+    }
+
+    /// A successful probe took `rtt` (to its response head).
+    pub fn record_probe_rtt(&mut self, rtt: Duration) {
+        self.srtt = Some(match self.srtt {
+            None => rtt,
+            Some(s) => s.mul_f64(1.0 - RTT_ALPHA) + rtt.mul_f64(RTT_ALPHA),
+        });
+    }
+
+    /// Smoothed probe round-trip time, once a probe succeeded.
+    pub fn srtt(&self) -> Option<Duration> {
+        self.srtt
+    }
+
+    /// The uplink's state for the field (forced offline is the shell's).
+    pub fn state(&self) -> UplinkState {
+        if !self.backhaul_up() {
+            UplinkState::Down
+        } else if self.srtt.is_some_and(|s| s > DEGRADED_RTT)
+            || self.consecutive_failures > 0
+            || self.hosts.values().any(|h| h.hung.is_some())
+        {
+            UplinkState::Degraded
+        } else {
+            UplinkState::Up
+        }
+    }
+
+    /// A re-probe found `host` accepting TCP again: clears its own down
+    /// mark unless it is hung, never the backhaul's (only a probe round or
+    /// a real exchange does that).
     pub fn record_host_reachable(&mut self, host: &str) {
         if let Some(h) = self.hosts.get_mut(host) {
-            h.down_since = None;
+            if h.hung.is_none() {
+                h.down_since = None;
+            }
         }
     }
 
@@ -118,11 +232,12 @@ impl HealthCore {
         self.backhaul_up() && self.hosts.get(host).is_none_or(|h| h.down_since.is_none())
     }
 
-    /// Hosts currently marked down (for re-probing).
+    /// Hosts currently marked down and not hung (re-probed by TCP
+    /// connect; hung ones by [`HealthCore::hung_targets`]).
     pub fn down_hosts(&self) -> Vec<String> {
         self.hosts
             .iter()
-            .filter(|(_, s)| s.down_since.is_some())
+            .filter(|(_, s)| s.down_since.is_some() && s.hung.is_none())
             .map(|(h, _)| h.clone())
             .collect()
     }
@@ -167,6 +282,43 @@ impl Health {
         let was = c.backhaul_up();
         c.record(host, outcome, Instant::now());
         log_change(was, c.backhaul_up());
+    }
+
+    /// See [`HealthCore::record_hung`].
+    pub fn record_hung(&self, target: &Target) {
+        let mut c = self.core.lock().expect("lock");
+        let was = c.backhaul_up();
+        c.record_hung(target, Instant::now());
+        tracing::warn!(
+            event = "upstream_hung",
+            upstream = %target.authority(),
+            "upstream gave no response in time; failing fast until it answers a probe"
+        );
+        log_change(was, c.backhaul_up());
+    }
+
+    /// See [`HealthCore::hung_targets`].
+    pub fn hung_targets(&self) -> Vec<Target> {
+        self.core.lock().expect("lock").hung_targets()
+    }
+
+    /// See [`HealthCore::record_probe_rtt`].
+    pub fn record_probe_rtt(&self, rtt: Duration) {
+        self.core.lock().expect("lock").record_probe_rtt(rtt);
+    }
+
+    /// Smoothed probe round-trip time.
+    pub fn srtt(&self) -> Option<Duration> {
+        self.core.lock().expect("lock").srtt()
+    }
+
+    /// The uplink's state (down when forced offline).
+    pub fn state(&self) -> UplinkState {
+        if self.forced_offline() {
+            UplinkState::Down
+        } else {
+            self.core.lock().expect("lock").state()
+        }
     }
 
     /// See [`HealthCore::record_host_reachable`].
@@ -239,10 +391,160 @@ mod tests {
         assert!(h.backhaul_up());
     }
 
+    fn target(url: &str) -> Target {
+        Target::parse(url).unwrap()
+    }
+
+    /// One step of a table: what happens, then what the state must be.
+    enum Step {
+        Rec(&'static str, Outcome),
+        Hung(&'static str),
+        Reachable(&'static str),
+        Round(bool),
+        Rtt(u64),
+    }
+
+    #[test]
+    fn hung_links_table() {
+        use Outcome::*;
+        use Step::*;
+        use UplinkState::{Degraded, Down, Up};
+        // (steps, state, usable hosts, unusable hosts, hung targets)
+        type Row = (
+            Vec<Step>,
+            UplinkState,
+            Vec<&'static str>,
+            Vec<&'static str>,
+            usize,
+        );
+        let table: Vec<Row> = vec![
+            (vec![], Up, vec!["a:80"], vec![], 0),
+            // A hung host fails fast and makes the uplink degraded.
+            (
+                vec![Hung("http://a/x")],
+                Degraded,
+                vec!["b:80"],
+                vec!["a:80"],
+                1,
+            ),
+            // A TCP accept does not clear a hung host...
+            (
+                vec![Hung("http://a/x"), Rec("a:80", Connected)],
+                Degraded,
+                vec![],
+                vec!["a:80"],
+                1,
+            ),
+            (
+                vec![Hung("http://a/x"), Reachable("a:80")],
+                Degraded,
+                vec![],
+                vec!["a:80"],
+                1,
+            ),
+            // ...a response head does.
+            (
+                vec![Hung("http://a/x"), Rec("a:80", Success)],
+                Up,
+                vec!["a:80"],
+                vec![],
+                0,
+            ),
+            // Three hung hosts: the backhaul is down.
+            (
+                vec![Hung("http://a/"), Hung("http://b/"), Hung("https://c/")],
+                Down,
+                vec![],
+                vec!["a:80", "b:80", "c:443", "d:80"],
+                3,
+            ),
+            // Connects in between do not reset the failure count.
+            (
+                vec![
+                    Rec("a:80", LinkFailure),
+                    Rec("x:80", Connected),
+                    Rec("b:80", LinkFailure),
+                    Rec("y:80", Connected),
+                    Rec("c:80", LinkFailure),
+                ],
+                Down,
+                vec![],
+                vec!["x:80"],
+                0,
+            ),
+            // A failed probe round: down, however hosts connect.
+            (
+                vec![Round(false), Rec("a:80", Connected)],
+                Down,
+                vec![],
+                vec!["a:80"],
+                0,
+            ),
+            (vec![Round(false), Round(true)], Up, vec!["a:80"], vec![], 0),
+            // Slow probes: degraded, still usable.
+            (vec![Rtt(3_000)], Degraded, vec!["a:80"], vec![], 0),
+            (vec![Rtt(600)], Up, vec!["a:80"], vec![], 0),
+            // The smoothed RTT comes down as fast answers come back.
+            (
+                std::iter::once(Rtt(5_000))
+                    .chain((0..30).map(|_| Rtt(500)))
+                    .collect(),
+                Up,
+                vec!["a:80"],
+                vec![],
+                0,
+            ),
+            // A refused connection is the service, not the link.
+            (
+                vec![Rec("a:80", ServiceFailure)],
+                Up,
+                vec!["a:80"],
+                vec![],
+                0,
+            ),
+            // A plain link failure is re-probed by TCP, not as hung.
+            (
+                vec![Rec("a:80", LinkFailure), Reachable("a:80")],
+                Degraded,
+                vec!["a:80"],
+                vec![],
+                0,
+            ),
+        ];
+        for (i, (steps, state, usable, unusable, hung)) in table.into_iter().enumerate() {
+            let mut h = HealthCore::default();
+            let t0 = Instant::now();
+            for (k, step) in steps.into_iter().enumerate() {
+                let now = t0 + Duration::from_millis(k as u64);
+                match step {
+                    Rec(host, o) => h.record(host, o, now),
+                    Hung(url) => h.record_hung(&target(url), now),
+                    Reachable(host) => h.record_host_reachable(host),
+                    Round(ok) => h.record_probe_round(ok, now),
+                    Rtt(ms) => h.record_probe_rtt(Duration::from_millis(ms)),
+                }
+            }
+            assert_eq!(h.state(), state, "row {i}");
+            for u in usable {
+                assert!(h.host_usable(u), "row {i}: {u} should be usable");
+            }
+            for u in unusable {
+                assert!(!h.host_usable(u), "row {i}: {u} should not be usable");
+            }
+            let targets = h.hung_targets();
+            assert_eq!(targets.len(), hung, "row {i}");
+            assert!(
+                targets.iter().all(|t| t.path_and_query == "/"),
+                "row {i}: hung hosts are re-probed at /"
+            );
+        }
+    }
+
     #[test]
     fn forced_offline_overrides() {
         let h = Health::new(true);
         assert!(!h.backhaul_up());
+        assert_eq!(h.state(), UplinkState::Down);
         assert!(!h.host_usable("x:1"));
         h.set_forced_offline(false);
         assert!(h.host_usable("x:1"));

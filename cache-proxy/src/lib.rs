@@ -20,6 +20,7 @@
 //! - [`upstream`]: HTTP/1.1 client with connect timeouts and a pool.
 //! - [`health`]: link health (probes + passive), offline decisions.
 //! - [`budget`]: backhaul token buckets and daily quota.
+//! - [`gateway`]: the shared backhaul (misses through another rack's uplink).
 //! - [`mesh`]: peer traits, no-op implementations, the key digest.
 //! - [`tiles`]: tile paths, URL templates, TileJSON, bbox → tiles.
 //! - [`seed`]: bulk seeding of a region (resumable, rate-limited).
@@ -27,14 +28,19 @@
 //! - [`pmtiles`]: PMTiles v3 reader (validating) and a minimal writer.
 //! - [`policy`]: where the proxy may connect on a client's behalf (sans-IO).
 //! - [`listener`]: connection caps (global, per client) and idle timeouts.
+//! - [`client_limits`]: request rate and tunnel bytes per client (sans-IO).
 //! - [`engine`]: the caching pipeline.
 //! - [`server`]: hyper server, routing, CONNECT, PAC, prober.
+//! - [`site`]: the map viewer's pages and endpoints, the console hook
+//!   ([`LocalSite`]).
 //! - [`stats`]: status document and Prometheus counters.
 
 pub mod budget;
+pub mod client_limits;
 pub mod config;
 pub mod engine;
 pub mod flight;
+pub mod gateway;
 pub mod health;
 pub mod http_cache;
 pub mod listener;
@@ -44,6 +50,7 @@ pub mod pmtiles;
 pub mod policy;
 pub mod seed;
 pub mod server;
+pub mod site;
 pub mod stats;
 pub mod store;
 pub mod tiles;
@@ -64,7 +71,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{BackhaulConfig, Cidr, Config, ConfigError, ProxyConfig, TileFormat, TileSource};
+pub use gateway::{
+    ForwardRequest, ForwardResponse, Gateways, NoGateways, TunnelOpen, UplinkReport,
+};
+pub use health::UplinkState;
 pub use mesh::{KeyDigest, NoPeers, NoReplication, PeerDirectory, PeerId, PeerObject, Replicator};
+pub use site::LocalSite;
 pub use stats::{CacheStatusDoc, Snapshot};
 pub use store::{key_hash, KeyHash, Object, ObjectMeta, Store, StoreOptions};
 
@@ -77,8 +89,12 @@ pub struct Deps {
     pub peers: Arc<dyn PeerDirectory>,
     /// Copies fresh tiles to other racks.
     pub replicator: Arc<dyn Replicator>,
+    /// Other racks' uplinks (the shared backhaul).
+    pub gateways: Arc<dyn Gateways>,
     /// Wall clock, Unix seconds (tests inject one).
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Serves `/console/api/` (the agent's operator console); none: 404.
+    pub local_site: Option<Arc<dyn LocalSite>>,
 }
 
 impl Default for Deps {
@@ -86,7 +102,9 @@ impl Default for Deps {
         Deps {
             peers: Arc::new(NoPeers),
             replicator: Arc::new(NoReplication),
+            gateways: Arc::new(NoGateways),
             clock: Arc::new(store::system_clock),
+            local_site: None,
         }
     }
 }
@@ -126,6 +144,7 @@ pub struct Proxy {
     engine: Arc<Engine>,
     config: Config,
     local_addr: SocketAddr,
+    local_site: Option<Arc<dyn LocalSite>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -161,6 +180,8 @@ impl ProxyHandle {
             e.health.forced_offline(),
             e.flights.len() as u64,
             e.flights.bytes_held(),
+            e.health.state(),
+            e.health.srtt().map(|d| d.as_millis() as u64),
         )
     }
 
@@ -172,6 +193,80 @@ impl ProxyHandle {
     /// Prometheus text.
     pub fn prometheus(&self) -> String {
         self.snapshot().prometheus()
+    }
+
+    /// What this rack tells the others about its uplink.
+    pub fn uplink_report(&self) -> UplinkReport {
+        let e = &self.engine;
+        let stats = e.budget.stats();
+        let (day, used_today_bytes) = e.budget.today();
+        let left = match (stats.left_today_bytes, stats.field_left_today_bytes) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        UplinkReport {
+            state: e.health.state(),
+            rtt_ms: e.health.srtt().map(|d| d.as_millis() as u64),
+            budget_left_bytes: left,
+            day,
+            used_today_bytes,
+        }
+    }
+
+    /// What this rack's uplink used of the field's backhaul quota and asks
+    /// for, for the control plane (call once per renewal); `None` without
+    /// a field quota or while the uplink is down (see
+    /// [`budget::BudgetCore::field_ask`]).
+    pub fn field_ask(&self) -> Option<budget::FieldAsk> {
+        let h = &self.engine.health;
+        if h.state() == health::UplinkState::Down {
+            return None;
+        }
+        self.engine.budget.field_ask(h.srtt().is_some())
+    }
+
+    /// The control plane's grant of the field's quota to this rack's
+    /// uplink (see [`budget::BudgetCore::set_field_grant`]).
+    pub fn set_field_grant(&self, day: u64, granted: Option<u64>) {
+        self.engine.budget.set_field_grant(day, granted);
+    }
+
+    /// Takes in the other racks' last uplink reports (all of them, each
+    /// time; `fresh`: younger than [`gateway::REPORT_MAX_AGE`]), for the
+    /// field's budget.
+    pub fn note_peer_reports(&self, reports: &[(UplinkReport, bool)]) {
+        let peers: Vec<budget::PeerUse> = reports
+            .iter()
+            .map(|(r, fresh)| budget::PeerUse {
+                day: r.day,
+                used_today_bytes: r.used_today_bytes,
+                uplink_in_use: *fresh && r.state != health::UplinkState::Down,
+            })
+            .collect();
+        self.engine.budget.note_peers(&peers);
+    }
+
+    /// Serves another rack's request through this rack's uplink (see
+    /// [`gateway::serve_forwarded`]).
+    /// `origin` is the requesting rack, as the mesh authenticated it.
+    pub async fn serve_forwarded(&self, origin: &str, req: ForwardRequest) -> ForwardResponse {
+        gateway::serve_forwarded(&self.engine, origin, req).await
+    }
+
+    /// Opens a `CONNECT` tunnel for another rack's client through this
+    /// rack's uplink (see [`gateway::open_tunnel`]); `origin` is the
+    /// requesting rack, as the mesh authenticated it.
+    ///
+    /// # Errors
+    /// The answer to pass to the client when refused or failed.
+    pub async fn open_tunnel(
+        &self,
+        origin: &str,
+        host: &str,
+        port: u16,
+        client: std::net::IpAddr,
+    ) -> Result<gateway::OpenedTunnel, ForwardResponse> {
+        gateway::open_tunnel(&self.engine, origin, host, port, client).await
     }
 
     /// The operator's offline switch (overrides `proxy.offline` until restart).
@@ -276,9 +371,13 @@ fn build_engine(config: &Config, deps: Deps, store: Store, listen: SocketAddr) -
         flights: Arc::default(),
         client,
         health,
-        budget: budget::Budget::new(
-            p.backhaul.bytes_per_sec,
-            p.backhaul.daily_quota_bytes,
+        budget: budget::Budget::with_core(
+            budget::BudgetCore::with_field(
+                p.backhaul.bytes_per_sec,
+                p.backhaul.daily_quota_bytes,
+                p.backhaul.field_bytes_per_sec,
+                p.backhaul.field_daily_quota_bytes,
+            ),
             deps.clock.clone(),
         ),
         counters: stats::Counters::default(),
@@ -288,6 +387,17 @@ fn build_engine(config: &Config, deps: Deps, store: Store, listen: SocketAddr) -
         clock: deps.clock,
         tasks: TaskTracker::new(),
         background: Arc::new(Semaphore::new(engine::MAX_BACKGROUND_REVALIDATIONS)),
+        stale_deadline: Duration::from_millis(p.backhaul.stale_deadline_ms),
+        miss_deadline: Duration::from_millis(p.backhaul.miss_deadline_ms),
+        gateways: deps.gateways,
+        forward_permits: Arc::new(Semaphore::new(gateway::MAX_FORWARDED)),
+        forward_slots: listener::ClientSlots::new(gateway::MAX_FORWARDED_PER_CLIENT),
+        forward_shares: gateway::ForwardShares::new(gateway::MAX_FORWARDED),
+        client_limits: client_limits::ClientLimits::new(
+            p.client_requests_per_sec,
+            p.client_request_burst,
+            p.client_tunnel_bytes_per_day,
+        ),
     })
 }
 
@@ -314,6 +424,7 @@ impl Proxy {
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
+        let local_site = deps.local_site.clone();
         let engine = build_engine(&config, deps, store, local_addr);
         engine
             .client
@@ -324,6 +435,7 @@ impl Proxy {
             engine,
             config,
             local_addr,
+            local_site,
         })
     }
 
@@ -371,6 +483,7 @@ impl Proxy {
             slots: listener::ClientSlots::new(p.max_connections_per_client),
             header_timeout: Duration::from_millis(p.header_timeout_ms),
             idle_timeout: Duration::from_millis(p.idle_timeout_ms),
+            site: site::Site::new(self.local_site.clone(), p.cache_dir.clone()),
         });
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(server::prober(

@@ -19,6 +19,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use crate::client_limits::ClientId;
+
 /// The most connections the proxy ever holds, whatever the limit: map
 /// clients open 6-8 each, a relief site has a few hundred devices.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -70,10 +72,11 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Connections open per client key.
+/// Connections open per client (a [`ClientId`]: this rack's clients by
+/// key; at a gateway, another rack's by that rack and key).
 #[derive(Debug)]
 pub struct ClientSlots {
-    map: Mutex<HashMap<IpAddr, usize>>,
+    map: Mutex<HashMap<ClientId, usize>>,
     max: usize,
 }
 
@@ -81,7 +84,7 @@ pub struct ClientSlots {
 #[derive(Debug)]
 pub struct ClientSlot {
     slots: Arc<ClientSlots>,
-    key: IpAddr,
+    key: ClientId,
 }
 
 impl ClientSlots {
@@ -96,9 +99,13 @@ impl ClientSlots {
 
     /// A slot for a connection from `ip`, or `None` when it has `max`.
     pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
-        let key = client_key(ip);
+        self.try_take_for(ClientId::local(ip))
+    }
+
+    /// A slot for `key`, or `None` when it has `max`.
+    pub fn try_take_for(self: &Arc<Self>, key: ClientId) -> Option<ClientSlot> {
         let mut m = self.map.lock().expect("lock");
-        let n = m.entry(key).or_insert(0);
+        let n = m.entry(key.clone()).or_insert(0);
         if *n >= self.max {
             return None;
         }
@@ -112,7 +119,7 @@ impl ClientSlots {
     /// Connections open from `ip`'s key.
     pub fn count(&self, ip: IpAddr) -> usize {
         let m = self.map.lock().expect("lock");
-        m.get(&client_key(ip)).copied().unwrap_or(0)
+        m.get(&ClientId::local(ip)).copied().unwrap_or(0)
     }
 }
 
@@ -286,6 +293,13 @@ mod tests {
         let _x = s.try_take(v6a).unwrap();
         let _y = s.try_take(v6b).unwrap();
         assert!(s.try_take(v6a).is_none(), "one /64 is one client");
+        // At a gateway, the same address behind two racks is two clients.
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let _b = s.try_take_for(ClientId::forwarded("b", ip)).unwrap();
+        let _b2 = s.try_take_for(ClientId::forwarded("b", ip)).unwrap();
+        assert!(s.try_take_for(ClientId::forwarded("b", ip)).is_none());
+        assert!(s.try_take_for(ClientId::forwarded("c", ip)).is_some());
+        assert!(s.try_take(ip).is_some(), "and neither is a local client");
     }
 
     proptest! {

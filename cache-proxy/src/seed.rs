@@ -170,6 +170,8 @@ pub async fn seed(
                 tile: Some(idx),
                 class: Class::Seeding,
                 via: false,
+                client: None,
+                forwarded: false,
             };
             let resp = engine.serve(req).await;
             let ok = resp.status().is_success();

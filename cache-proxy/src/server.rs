@@ -4,7 +4,8 @@
 //! Routes (origin-form):
 //! - `GET /proxy.pac`: proxy auto-config pointing at this rack.
 //! - `GET /tiles/{source}/{z}/{x}/{y}.{ext}`, `GET /tiles/{source}.json`.
-//! - `GET /`: a one-page text index.
+//! - `GET /`, `/map/...`, `/console/...`: the map viewer and the operator
+//!   console (see [`crate::site`]).
 //!
 //! Absolute-form `http://` requests are proxied; `CONNECT host:port` opens a
 //! tunnel (not cached). Clients outside `allow_networks` get 403 for
@@ -27,6 +28,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::Class;
+use crate::client_limits::{ClientId, Limited};
 use crate::config::Cidr;
 use crate::engine::{full, Body, CacheRequest, Engine};
 use crate::http_cache::{self, CacheStatus, Fwd};
@@ -59,6 +61,8 @@ pub(crate) struct Ctx {
     pub header_timeout: Duration,
     /// A request or tunnel with no byte moving for this long is closed.
     pub idle_timeout: Duration,
+    /// The map viewer and the console hook.
+    pub site: crate::site::Site,
 }
 
 /// A 403 naming the destination rule that refused a client's request;
@@ -85,7 +89,7 @@ pub(crate) fn refused(e: &Engine, r: Refusal, what: &str) -> Response<Body> {
 /// The early check of a client's destination: refuses addresses and
 /// `localhost` from their spelling alone, before the cache is consulted.
 /// Names are judged after resolution, when a connection is made.
-fn literal_refusal(e: &Engine, host: &str, port: u16) -> Option<Refusal> {
+pub(crate) fn literal_refusal(e: &Engine, host: &str, port: u16) -> Option<Refusal> {
     match Policy::parse_host(host) {
         Err(r) => Some(r),
         Ok(PolicyHost::Ip(ip)) => e
@@ -95,6 +99,15 @@ fn literal_refusal(e: &Engine, host: &str, port: u16) -> Option<Refusal> {
             .err(),
         Ok(PolicyHost::Name(_)) => None,
     }
+}
+
+/// The 429 for a client over one of its [`crate::client_limits`], with
+/// `Retry-After`.
+fn too_many(e: &Engine, l: &Limited) -> Response<Body> {
+    let mut r = text(StatusCode::TOO_MANY_REQUESTS, &l.message, e);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(l.retry_after_secs));
+    r
 }
 
 fn text(status: StatusCode, msg: &str, engine: &Engine) -> Response<Body> {
@@ -224,26 +237,33 @@ async fn handle(
             e,
         );
     }
+    // The map viewer's pages and the PAC file are free: a viewer open on
+    // a laptop must never lock its owner out of browsing.
+    let free = req.method() != Method::CONNECT
+        && req.uri().scheme().is_none()
+        && (req.uri().path() == "/proxy.pac" || crate::site::is_site_path(req.uri().path()));
+    if !free {
+        if let Err(l) = e.client_limits.request(&ClientId::local(peer.ip())) {
+            Counters::inc(&e.counters.over_client_rate);
+            tracing::debug!(client = %peer, "refused: over its request rate");
+            return too_many(e, &l);
+        }
+    }
     if req.method() == Method::CONNECT {
-        return connect(ctx.clone(), guard, req).await;
+        return connect(ctx.clone(), peer, guard, req).await;
     }
     if req.uri().scheme().is_some() {
-        return proxy(ctx.clone(), req).await;
+        return proxy(ctx.clone(), peer, req).await;
     }
     let path = req.uri().path().to_string();
+    if crate::site::is_site_path(&path) {
+        let base = format!("http://{}", our_authority(&req, ctx.listen));
+        return crate::site::serve(e, &ctx.site, &base, peer, req).await;
+    }
     match (req.method(), path.as_str()) {
         (&Method::GET | &Method::HEAD, "/proxy.pac") => pac(&ctx, &req),
         (&Method::GET | &Method::HEAD, p) if p.starts_with("/tiles/") => {
-            tile(ctx.clone(), req).await
-        }
-        (&Method::GET | &Method::HEAD, "/") => {
-            let mut r = text(
-                StatusCode::OK,
-                "Fieldrack caching proxy.\nProxy auto-config: /proxy.pac\nMap tiles: /tiles/{source}/{z}/{x}/{y}.{ext}, TileJSON at /tiles/{source}.json",
-                e,
-            );
-            r.headers_mut().remove("cache-status");
-            r
+            tile(ctx.clone(), peer, req).await
         }
         (_, p) if p.starts_with("/tiles/") || p == "/proxy.pac" => text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -315,7 +335,7 @@ fn client_headers(req: &Request<Incoming>) -> HeaderMap {
     h
 }
 
-async fn proxy(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+async fn proxy(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let e = &ctx.engine;
     let mut target = match Target::from_uri(req.uri()) {
         Ok(t) => t,
@@ -365,11 +385,13 @@ async fn proxy(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         tile: None,
         class: Class::Interactive,
         via: true,
+        client: Some(peer.ip()),
+        forwarded: false,
     };
     e.serve(creq).await
 }
 
-async fn tile(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+async fn tile(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let e = &ctx.engine;
     let (treq, idx) = match tiles::parse_path(req.uri().path(), &e.sources) {
         Ok(x) => x,
@@ -434,13 +456,20 @@ async fn tile(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
                 tile: Some(idx),
                 class: Class::Interactive,
                 via: false,
+                client: Some(peer.ip()),
+                forwarded: false,
             };
             e.serve(creq).await
         }
     }
 }
 
-async fn connect(ctx: Arc<Ctx>, guard: Arc<ConnGuard>, req: Request<Incoming>) -> Response<Body> {
+async fn connect(
+    ctx: Arc<Ctx>,
+    peer: SocketAddr,
+    guard: Arc<ConnGuard>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let e = ctx.engine.clone();
     let Some(auth) = req.uri().authority().cloned() else {
         return text(
@@ -468,12 +497,13 @@ async fn connect(ctx: Arc<Ctx>, guard: Arc<ConnGuard>, req: Request<Incoming>) -
     if let Some(r) = literal_refusal(&e, &host, port) {
         return refused(&e, r, &key);
     }
+    let who = ClientId::local(peer.ip());
+    if let Err(l) = e.client_limits.tunnel_open(&who, (e.clock)() / 86_400) {
+        Counters::inc(&e.counters.over_client_tunnel_bytes);
+        return too_many(&e, &l);
+    }
     if !e.health.host_usable(&key) {
-        return text(
-            StatusCode::GATEWAY_TIMEOUT,
-            "504 Gateway Timeout: this rack is offline (satellite backhaul down); HTTPS sites cannot be reached.",
-            &e,
-        );
+        return connect_through_gateway(&ctx, guard, req, host, port, peer).await;
     }
     let upstream = match e.client.connect_tcp(&host, port, true).await {
         Ok(s) => s,
@@ -499,7 +529,7 @@ async fn connect(ctx: Arc<Ctx>, guard: Arc<ConnGuard>, req: Request<Incoming>) -
                 // lives; the tunnel closes when nothing moved for `idle`.
                 let activity = guard.activity.clone();
                 tokio::select! {
-                    _ = tunnel(e.clone(), TokioIo::new(upgraded), upstream) => {}
+                    _ = tunnel(e.clone(), TokioIo::new(upgraded), upstream, who) => {}
                     _ = activity.idle(idle) => Counters::inc(&e.counters.idle_closed),
                 }
                 drop(guard);
@@ -515,51 +545,169 @@ async fn connect(ctx: Arc<Ctx>, guard: Arc<ConnGuard>, req: Request<Incoming>) -
     r
 }
 
-/// Copies both ways, charging the backhaul budget for every byte.
-async fn tunnel<C>(e: Arc<Engine>, client: C, upstream: tokio::net::TcpStream)
-where
+/// A `CONNECT` this rack's uplink cannot carry: through the best gateway
+/// rack's (see [`crate::gateway`]), else a 504.
+async fn connect_through_gateway(
+    ctx: &Arc<Ctx>,
+    guard: Arc<ConnGuard>,
+    req: Request<Incoming>,
+    host: String,
+    port: u16,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let e = ctx.engine.clone();
+    let gateways = if e.health.forced_offline() {
+        Vec::new()
+    } else {
+        e.gateways.gateways()
+    };
+    for gw in gateways.into_iter().take(crate::gateway::MAX_GATEWAY_TRIES) {
+        let open = e.gateways.tunnel(&gw, host.clone(), port, peer.ip());
+        let io = match tokio::time::timeout(crate::gateway::GATEWAY_TIMEOUT, open).await {
+            Ok(Ok(crate::gateway::TunnelOpen::Open(io))) => io,
+            Ok(Ok(crate::gateway::TunnelOpen::Answer(a))) => {
+                let mut r = Response::new(full(a.body));
+                *r.status_mut() = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
+                *r.headers_mut() = a.headers;
+                return r;
+            }
+            Ok(Err(err)) => {
+                tracing::debug!(gateway = %gw, error = %err, "gateway tunnel failed");
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!(gateway = %gw, "gateway tunnel timed out");
+                continue;
+            }
+        };
+        Counters::inc(&e.counters.forwarded_sent);
+        let idle = ctx.idle_timeout;
+        let e2 = e.clone();
+        e.tasks.spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => {
+                    let activity = guard.activity.clone();
+                    let client = TokioIo::new(upgraded);
+                    // The gateway charges its uplink; this rack counts the
+                    // client's tunnel bytes against its own cap too.
+                    let relay =
+                        copy_counted(e2.clone(), client, io, ClientId::local(peer.ip()), false);
+                    tokio::select! {
+                        _ = relay => {}
+                        _ = activity.idle(idle) => Counters::inc(&e2.counters.idle_closed),
+                    }
+                    drop(guard);
+                }
+                Err(err) => tracing::debug!(error = %err, "CONNECT upgrade failed"),
+            }
+        });
+        let mut r = Response::new(crate::engine::empty());
+        r.headers_mut().insert(
+            header::VIA,
+            HeaderValue::from_str(&format!("1.1 {}", e.name)).expect("validated"),
+        );
+        return r;
+    }
+    text(
+        StatusCode::GATEWAY_TIMEOUT,
+        "504 Gateway Timeout: this rack is offline (satellite backhaul down) and no other rack's uplink is usable; HTTPS sites cannot be reached.",
+        &e,
+    )
+}
+
+/// Copies both ways, charging the backhaul budget and `who`'s tunnel
+/// bytes for every byte; cut once `who` passes
+/// `client_tunnel_bytes_per_day`.
+pub(crate) async fn tunnel<C>(
+    e: Arc<Engine>,
+    client: C,
+    upstream: tokio::net::TcpStream,
+    who: ClientId,
+) where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    copy_counted(e, client, upstream, who, true).await;
+}
+
+/// Copies both ways between `client` and `upstream` until either side
+/// closes or `who` passes its tunnel bytes for the day (then both are
+/// dropped, which closes them). `charge`: bytes go to this rack's backhaul
+/// budget (false when another rack's uplink carries them).
+async fn copy_counted<C, U>(e: Arc<Engine>, client: C, upstream: U, who: ClientId, charge: bool)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut ur, mut uw) = upstream.into_split();
-    let e2 = e.clone();
-    let up = async move {
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let over = CancellationToken::new();
+    // One direction's bytes: charged, counted, then written on.
+    let count = |n: usize| {
+        let (e, who, over) = (e.clone(), who.clone(), over.clone());
+        async move {
+            if charge {
+                e.budget.consume(Class::Interactive, n as u64).await;
+            }
+            let day = (e.clock)() / 86_400;
+            if !e.client_limits.tunnel_bytes(&who, day, n as u64) {
+                over.cancel();
+            }
+        }
+    };
+    let up = async {
         let mut buf = vec![0u8; TUNNEL_BUFFER];
         loop {
             let n = match cr.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            e2.budget.consume(Class::Interactive, n as u64).await;
-            if uw.write_all(&buf[..n]).await.is_err() {
+            count(n).await;
+            if over.is_cancelled() || uw.write_all(&buf[..n]).await.is_err() {
                 break;
             }
         }
         let _ = uw.shutdown().await;
     };
-    let down = async move {
+    let down = async {
         let mut buf = vec![0u8; TUNNEL_BUFFER];
         loop {
             let n = match ur.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            e.budget.consume(Class::Interactive, n as u64).await;
-            e.counters
-                .upstream_bytes
-                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            if cw.write_all(&buf[..n]).await.is_err() {
+            count(n).await;
+            if charge {
+                e.counters
+                    .upstream_bytes
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            if over.is_cancelled() || cw.write_all(&buf[..n]).await.is_err() {
                 break;
             }
         }
         let _ = cw.shutdown().await;
     };
-    tokio::join!(up, down);
+    tokio::select! {
+        _ = async { tokio::join!(up, down) } => {}
+        _ = over.cancelled() => {}
+    }
+    if over.is_cancelled() {
+        Counters::inc(&e.counters.over_client_tunnel_bytes);
+        tracing::info!(
+            event = "proxy_tunnel_cut",
+            client = %who.key,
+            rack = who.rack.as_deref().unwrap_or("local"),
+            "closed a tunnel: its client passed client_tunnel_bytes_per_day"
+        );
+    }
 }
 
-/// Probes the backhaul until `cancel`: the configured probe URLs (GET,
-/// response head within the timeout), or TCP connects to the tile sources'
-/// hosts; plus hosts marked down, so they come back.
+/// Probes the backhaul until `cancel` with real HTTP requests (a TCP
+/// connect cannot see a link that accepts and then says nothing): the
+/// configured probe URLs, else tile 0/0/0 of each tile source; a probe is
+/// a GET whose response head (any status) must come within the timeout.
+/// Hosts marked hung are re-probed the same way; other hosts marked down
+/// by a TCP connect.
 pub(crate) async fn prober(
     engine: Arc<Engine>,
     probe_urls: Vec<String>,
@@ -572,7 +720,6 @@ pub(crate) async fn prober(
         .iter()
         .filter_map(|u| Target::parse(u).ok())
         .collect();
-    let http_probe = !targets.is_empty();
     if targets.is_empty() {
         for s in &engine.sources {
             if let Ok(t) = Target::parse(&tiles::upstream_url(
@@ -600,17 +747,18 @@ pub(crate) async fn prober(
             continue; // never touch the link when told not to
         }
         if !targets.is_empty() {
+            let rtts =
+                futures::future::join_all(targets.iter().map(|t| engine.client.probe(t, timeout)))
+                    .await;
             let mut any_ok = false;
-            for t in &targets {
-                let ok = if http_probe {
-                    engine.client.probe(t, timeout).await
-                } else {
-                    connect_tcp(&t.host, t.port, timeout).await.is_ok()
-                };
-                any_ok |= ok;
+            for (t, rtt) in targets.iter().zip(rtts) {
+                any_ok |= rtt.is_some();
+                if let Some(rtt) = rtt {
+                    engine.health.record_probe_rtt(rtt);
+                }
                 engine.health.record(
                     &t.authority(),
-                    if ok {
+                    if rtt.is_some() {
                         crate::health::Outcome::Success
                     } else {
                         crate::health::Outcome::LinkFailure
@@ -618,6 +766,13 @@ pub(crate) async fn prober(
                 );
             }
             engine.health.record_probe_round(any_ok);
+        }
+        for t in engine.health.hung_targets() {
+            if engine.client.probe(&t, timeout).await.is_some() {
+                engine
+                    .health
+                    .record(&t.authority(), crate::health::Outcome::Success);
+            }
         }
         for host in engine.health.down_hosts() {
             let Some((h, p)) = host.rsplit_once(':') else {

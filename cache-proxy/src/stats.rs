@@ -44,6 +44,15 @@ pub struct Counters {
     pub refused: [AtomicU64; 12],
     /// Connections closed at accept because their client had too many.
     pub over_client_cap: AtomicU64,
+    /// Requests and `CONNECT`s answered 429 because their client was over
+    /// `client_requests_per_sec` (here or, forwarded, at this gateway).
+    pub over_client_rate: AtomicU64,
+    /// Tunnels refused (429) or closed because their client passed
+    /// `client_tunnel_bytes_per_day`.
+    pub over_client_tunnel_bytes: AtomicU64,
+    /// Forwarded requests and tunnels refused (503) because their rack
+    /// held its share of this gateway's forwarded slots.
+    pub over_rack_share: AtomicU64,
     /// Connections and tunnels closed because nothing moved for the idle
     /// timeout.
     pub idle_closed: AtomicU64,
@@ -53,6 +62,17 @@ pub struct Counters {
     /// Responses that were to be stored but were not (too big for the
     /// in-flight byte budget, cut short, or a store error).
     pub not_stored: AtomicU64,
+    /// Stale copies served because their revalidation had no answer within
+    /// the stale deadline (it went on in the background).
+    pub deadline_stale: AtomicU64,
+    /// Misses answered 504 because the upstream gave no response head
+    /// within the miss deadline.
+    pub deadline_504: AtomicU64,
+    /// Misses this rack sent through another rack's uplink and got an
+    /// answer for.
+    pub forwarded_sent: AtomicU64,
+    /// Requests of other racks this rack served through its uplink.
+    pub forwarded_served: AtomicU64,
 }
 
 impl Counters {
@@ -75,6 +95,22 @@ pub struct CacheStatusDoc {
     pub backhaul: &'static str,
     /// Bytes left in today's quota; `null` without a quota.
     pub budget_left_bytes: Option<u64>,
+    /// Bytes the field's uplinks (every rack's) used today, as this rack
+    /// knows them.
+    pub field_used_today_bytes: u64,
+    /// Bytes left in the field's quota today; `null` without one.
+    pub field_budget_left_bytes: Option<u64>,
+    /// Bytes of the field's quota the control plane granted this rack's
+    /// uplink today; `null` without a field quota or a grant.
+    pub field_budget_granted_bytes: Option<u64>,
+    /// Uplinks in use across the field, this rack's included.
+    pub field_uplinks: u32,
+    /// This rack's uplink: `"up"`, `"degraded"` (slow or failing hosts)
+    /// or `"down"`.
+    pub uplink: &'static str,
+    /// Smoothed round-trip time of the uplink probes (ms); `null` before
+    /// the first probe answered.
+    pub uplink_rtt_ms: Option<u64>,
 }
 
 /// Everything at once, for metrics.
@@ -111,11 +147,29 @@ pub struct Snapshot {
     /// See [`Counters`].
     pub over_client_cap: u64,
     /// See [`Counters`].
+    pub over_client_rate: u64,
+    /// See [`Counters`].
+    pub over_client_tunnel_bytes: u64,
+    /// See [`Counters`].
+    pub over_rack_share: u64,
+    /// See [`Counters`].
     pub idle_closed: u64,
     /// See [`Counters`].
     pub abandoned_fetches: u64,
     /// See [`Counters`].
     pub not_stored: u64,
+    /// See [`Counters`].
+    pub deadline_stale: u64,
+    /// See [`Counters`].
+    pub deadline_504: u64,
+    /// See [`Counters`].
+    pub forwarded_sent: u64,
+    /// See [`Counters`].
+    pub forwarded_served: u64,
+    /// The uplink's state.
+    pub uplink: crate::health::UplinkState,
+    /// Smoothed probe RTT (ms).
+    pub uplink_rtt_ms: Option<u64>,
     /// Body bytes held by fetches in flight (see [`crate::flight`]).
     pub flight_bytes: u64,
     /// Whether the backhaul is up.
@@ -132,6 +186,8 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds a snapshot.
+    // One argument per source of figures, each read once by its caller.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         c: &Counters,
         store: StoreStats,
@@ -140,6 +196,8 @@ impl Snapshot {
         forced_offline: bool,
         in_flight: u64,
         flight_bytes: u64,
+        uplink: crate::health::UplinkState,
+        uplink_rtt_ms: Option<u64>,
     ) -> Snapshot {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Snapshot {
@@ -161,9 +219,18 @@ impl Snapshot {
                 .map(|r| (r.label(), l(&c.refused[r.index()])))
                 .collect(),
             over_client_cap: l(&c.over_client_cap),
+            over_client_rate: l(&c.over_client_rate),
+            over_client_tunnel_bytes: l(&c.over_client_tunnel_bytes),
+            over_rack_share: l(&c.over_rack_share),
             idle_closed: l(&c.idle_closed),
             abandoned_fetches: l(&c.abandoned_fetches),
             not_stored: l(&c.not_stored),
+            deadline_stale: l(&c.deadline_stale),
+            deadline_504: l(&c.deadline_504),
+            forwarded_sent: l(&c.forwarded_sent),
+            forwarded_served: l(&c.forwarded_served),
+            uplink,
+            uplink_rtt_ms,
             flight_bytes,
             backhaul_up,
             forced_offline,
@@ -186,6 +253,12 @@ impl Snapshot {
             },
             backhaul: if self.backhaul_up { "up" } else { "down" },
             budget_left_bytes: self.budget.left_today_bytes,
+            field_used_today_bytes: self.budget.field_used_today_bytes,
+            field_budget_left_bytes: self.budget.field_left_today_bytes,
+            field_budget_granted_bytes: self.budget.field_granted_today_bytes,
+            field_uplinks: self.budget.field_uplinks,
+            uplink: self.uplink.as_str(),
+            uplink_rtt_ms: self.uplink_rtt_ms,
         }
     }
 
@@ -252,6 +325,41 @@ impl Snapshot {
             self.offline_misses.to_string(),
         );
         m(
+            "deadline_stale_total",
+            "counter",
+            "Stale copies served because the revalidation missed the stale deadline.",
+            self.deadline_stale.to_string(),
+        );
+        m(
+            "deadline_504_total",
+            "counter",
+            "Misses answered 504 because the upstream missed the miss deadline.",
+            self.deadline_504.to_string(),
+        );
+        m(
+            "forwarded_sent_total",
+            "counter",
+            "Misses fetched through another rack's uplink.",
+            self.forwarded_sent.to_string(),
+        );
+        m(
+            "forwarded_served_total",
+            "counter",
+            "Requests of other racks served through this rack's uplink.",
+            self.forwarded_served.to_string(),
+        );
+        m(
+            "uplink_state",
+            "gauge",
+            "This rack's uplink: 2 up, 1 degraded, 0 down.",
+            match self.uplink {
+                crate::health::UplinkState::Up => "2",
+                crate::health::UplinkState::Degraded => "1",
+                crate::health::UplinkState::Down => "0",
+            }
+            .to_string(),
+        );
+        m(
             "wrong_content_total",
             "counter",
             "Tile responses refused for their content type.",
@@ -308,6 +416,34 @@ impl Snapshot {
             );
         }
         m(
+            "field_budget_used_today_bytes",
+            "gauge",
+            "Bytes the field's uplinks (every rack's) used since 00:00 UTC.",
+            self.budget.field_used_today_bytes.to_string(),
+        );
+        if let Some(left) = self.budget.field_left_today_bytes {
+            m(
+                "field_budget_left_bytes",
+                "gauge",
+                "Bytes left in the field's quota today.",
+                left.to_string(),
+            );
+        }
+        if let Some(granted) = self.budget.field_granted_today_bytes {
+            m(
+                "field_budget_granted_bytes",
+                "gauge",
+                "Bytes of the field's quota granted to this rack's uplink today.",
+                granted.to_string(),
+            );
+        }
+        m(
+            "field_uplinks",
+            "gauge",
+            "Uplinks in use across the field, this rack's included.",
+            self.budget.field_uplinks.to_string(),
+        );
+        m(
             "in_flight",
             "gauge",
             "Upstream fetches in progress.",
@@ -330,6 +466,24 @@ impl Snapshot {
             "counter",
             "Connections closed at accept: their client had too many open.",
             self.over_client_cap.to_string(),
+        );
+        m(
+            "over_client_rate_total",
+            "counter",
+            "Requests and CONNECTs answered 429: their client was over client_requests_per_sec.",
+            self.over_client_rate.to_string(),
+        );
+        m(
+            "over_client_tunnel_bytes_total",
+            "counter",
+            "Tunnels refused or closed: their client passed client_tunnel_bytes_per_day.",
+            self.over_client_tunnel_bytes.to_string(),
+        );
+        m(
+            "over_rack_share_total",
+            "counter",
+            "Forwarded requests refused 503: their rack held its share of this gateway.",
+            self.over_rack_share.to_string(),
         );
         m(
             "idle_closed_total",

@@ -464,7 +464,7 @@ impl Client {
             connect_tcp(host, port, self.connect_timeout).await
         };
         match &r {
-            Ok(_) => self.health.record(&authority, Outcome::Success),
+            Ok(_) => self.health.record(&authority, Outcome::Connected),
             Err(FetchError::Refused(_)) => {}
             Err(e) if e.is_link_failure() => self.health.record(&authority, Outcome::LinkFailure),
             Err(_) => self.health.record(&authority, Outcome::ServiceFailure),
@@ -599,28 +599,39 @@ impl Client {
     }
 
     /// A link probe: GET `target` (`http://` or `https://`, certificate
-    /// checked) and wait for the response head, all within `timeout`. Does
-    /// not report to health (the prober decides what a round means) and
-    /// uses no pooled connection (a probe must prove the path works now).
-    pub async fn probe(&self, target: &Target, timeout: Duration) -> bool {
+    /// checked) and wait for the response head (any status: the far end
+    /// answered), all within `timeout`; the time to the head when it came.
+    /// Does not report to health (the prober decides what a round means)
+    /// and uses no pooled connection (a probe must prove the path works
+    /// now). A judged target (a client's destination being re-probed) is
+    /// connected to at a policy-checked address only.
+    pub async fn probe(&self, target: &Target, timeout: Duration) -> Option<Duration> {
+        let start = tokio::time::Instant::now();
         let fut = async {
-            let sender = match target.scheme {
-                Scheme::Http => {
-                    let s = connect_tcp(&target.host, target.port, timeout).await.ok()?;
-                    self.handshake_http(s).await.ok()?
-                }
+            let tcp = if target.judged {
+                let addrs = self.resolve_checked(&target.host, target.port).await.ok()?;
+                connect_addrs(&addrs, &target.authority(), timeout)
+                    .await
+                    .ok()?
+            } else {
+                connect_tcp(&target.host, target.port, timeout).await.ok()?
+            };
+            let mut sender = match target.scheme {
+                Scheme::Http => self.handshake_http(tcp).await.ok()?,
                 Scheme::Https => {
                     let name = ServerName::try_from(target.host.clone()).ok()?;
-                    let s = connect_tcp(&target.host, target.port, timeout).await.ok()?;
                     let config = self.tls.read().expect("lock").clone();
                     let authority = target.authority();
-                    let s = tls_handshake(config, name, s, timeout, &authority)
-                        .await
-                        .ok()?;
-                    self.handshake_http(s).await.ok()?
+                    match tls_handshake(config, name, tcp, timeout, &authority).await {
+                        Ok(s) => self.handshake_http(s).await.ok()?,
+                        // The far end answered with a certificate: the link
+                        // carries bytes both ways. Whether that origin is
+                        // trusted is for requests to decide, not the link.
+                        Err(FetchError::Certificate { .. }) => return Some(()),
+                        Err(_) => return None,
+                    }
                 }
             };
-            let mut sender = sender;
             let req = Request::builder()
                 .method(hyper::Method::GET)
                 .uri(&target.path_and_query)
@@ -628,9 +639,12 @@ impl Client {
                 .header(hyper::header::USER_AGENT, "fieldrack-probe")
                 .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
                 .ok()?;
-            sender.send_request(req).await.ok()
+            sender.send_request(req).await.ok().map(|_| ())
         };
-        matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(_)))
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Some(_)) => Some(start.elapsed()),
+            _ => None,
+        }
     }
 }
 

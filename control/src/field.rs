@@ -13,6 +13,8 @@ use deploy::power::PowerSource;
 use deploy::Role;
 use serde::{Deserialize, Serialize};
 
+use crate::backhaul::{BackhaulLedger, BackhaulUse};
+
 /// What a rack reports about one appliance it runs (or ran).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,6 +83,10 @@ pub struct RackReport {
     pub apps: BTreeMap<String, AppReport>,
     /// When it sent this (unix ms, its own clock; display only).
     pub at_ms: u64,
+    /// Its uplink's use of the field's backhaul quota, and what more it
+    /// asks for (none: no uplink, or no field quota).
+    #[serde(default)]
+    pub backhaul: Option<BackhaulUse>,
 }
 
 /// How an appliance came to its current owner (for events and status).
@@ -88,7 +94,8 @@ pub struct RackReport {
 pub struct Transfer {
     /// The previous owner, if any.
     pub from: Option<String>,
-    /// Why (`placed`, `failover`, `power`, `move`, `preempted`, `stopped`).
+    /// Why (`placed`, `failover`, `power`, `move`, `replica`, `preempted`,
+    /// `stopped`).
     pub reason: String,
     /// The previous owner is alive and hands over (stops, ships a final
     /// snapshot, then commits [`Command::Released`]).
@@ -287,6 +294,9 @@ pub struct FieldState {
     pub apps: BTreeMap<String, AppRecord>,
     /// The latest report of every rack.
     pub racks: BTreeMap<String, RackReport>,
+    /// Today's grants of the field's backhaul quota.
+    #[serde(default)]
+    pub backhaul: BackhaulLedger,
 }
 
 impl FieldState {
@@ -342,6 +352,9 @@ impl FieldState {
                 Response::Ok
             }
             Command::Renew { rack, report } => {
+                if let Some(ask) = &report.backhaul {
+                    self.backhaul.renewed(rack, ask);
+                }
                 self.racks.insert(rack.clone(), report.clone());
                 Response::Granted(self.grants(rack))
             }

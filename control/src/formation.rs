@@ -26,8 +26,12 @@
 //!    voters it left, except those seen to have moved to the winner.
 //! 3. **Grow** (leader only): the first live, admitted, unrevoked peer that
 //!    is not a voter is promoted if it already is a member (a learner, or a
-//!    voter taken out while it was dead); otherwise added as a learner, and
-//!    only if it is in no cluster or its stale voters overlap ours.
+//!    voter taken out while it was dead) and there are fewer than
+//!    [`MAX_VOTERS`] voters, the learner promoted being one from the site
+//!    with the fewest voters; otherwise added as a learner, and only if it
+//!    is in no cluster or its stale voters overlap ours. A field larger
+//!    than [`MAX_VOTERS`] keeps the rest as learners; when rule 4 takes a
+//!    dead voter out, a learner is promoted in its place.
 //! 4. **Shrink** (leader only): a revoked rack's report is forgotten; a
 //!    revoked member is removed at once (never this rack); a voter not seen
 //!    alive for [`FormationSettings::remove_dead_after`] is removed (grow
@@ -45,6 +49,13 @@ use mesh::membership::State;
 
 use crate::{NodeId, RackNode};
 
+/// Most voters the control plane keeps; the other racks are learners
+/// (they replicate the log and renew leases, but do not vote). Every
+/// commit and election waits for a majority of voters, over radio links:
+/// seven tolerate three losses, and more would only slow each commit (as
+/// etcd and Consul advise, 5 or 7).
+pub const MAX_VOTERS: usize = 7;
+
 /// How often the membership loop observes and decides. Half a second keeps
 /// a new rack's wait to become a voter short while asking each peer at
 /// most twice a second.
@@ -53,6 +64,13 @@ pub const CHECK_EVERY: Duration = Duration::from_millis(500);
 /// How long a `Hello` may take. One second covers a relayed call over a
 /// slow radio hop; a peer slower than that is treated as silent this check.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a member that answered it is in this rack's cluster is not
+/// asked again. In a field of 32 racks, 24 of them learners, asking every
+/// member every check was most of an idle agent's CPU; a member that
+/// leaves for another cluster is seen within this (and the racks of that
+/// cluster that are not members are asked every check as before).
+pub const SAME_CLUSTER_RECHECK: Duration = Duration::from_secs(5);
 
 /// How long one membership change (add a learner, promote, remove) may
 /// take before the loop gives up and decides again on a fresh view. A
@@ -132,6 +150,8 @@ pub struct PeerSeen {
     pub peer_id: String,
     /// Its rack name, once gossip taught it.
     pub rack: Option<String>,
+    /// Its site, once gossip taught it (voters are spread across sites).
+    pub site: Option<String>,
     /// Alive, suspected or dead.
     pub state: State,
 }
@@ -301,6 +321,14 @@ pub enum Refusal {
     /// It is not a member of this rack's cluster.
     #[error("node {0} is not in this rack's control-plane cluster")]
     Foreign(NodeId),
+    /// This rack, in no cluster, is being added to another leader's.
+    #[error("node {from} calls, but this rack is being added to node {by}'s cluster")]
+    BeingAdded {
+        /// The leader adding this rack.
+        by: NodeId,
+        /// The refused caller.
+        from: NodeId,
+    },
 }
 
 /// One rack's formation state: what it must remember between checks.
@@ -322,6 +350,16 @@ pub struct Formation {
     /// On the leader: since when each member voter has been seen dead.
     /// Holds only current members, so it is bounded by the membership.
     dead_since: HashMap<NodeId, Instant>,
+    /// While in no cluster: the leader this rack is being added by, and
+    /// when it last called. Two clusters may both try to add a rack that
+    /// is in none; it follows the first until that one's membership
+    /// reaches it (then only members are heard), or until it falls
+    /// silent.
+    adopted_by: Option<(NodeId, Instant)>,
+    /// Members that last answered they are in this rack's cluster, and
+    /// when: not asked again for [`SAME_CLUSTER_RECHECK`]. Holds only
+    /// current members, so it is bounded by the membership.
+    same_cluster: HashMap<NodeId, Instant>,
 }
 
 impl Formation {
@@ -342,6 +380,8 @@ impl Formation {
             left: BTreeSet::new(),
             joining: BTreeSet::new(),
             dead_since: HashMap::new(),
+            adopted_by: None,
+            same_cluster: HashMap::new(),
         }
     }
 
@@ -377,19 +417,49 @@ impl Formation {
                     .map(|p| p.id),
             );
         }
-        peers.into_iter().map(|id| (id, Route::AnyPath)).collect()
+        peers
+            .into_iter()
+            .filter(|id| !self.known_same_cluster(*id, obs.now))
+            .map(|id| (id, Route::AnyPath))
+            .collect()
+    }
+
+    /// A member that answered, less than [`SAME_CLUSTER_RECHECK`] ago, that
+    /// it is in this rack's cluster.
+    fn known_same_cluster(&self, id: NodeId, now: Instant) -> bool {
+        self.same_cluster
+            .get(&id)
+            .is_some_and(|t| now.saturating_duration_since(*t) < SAME_CLUSTER_RECHECK)
+    }
+
+    /// Remember which members answered they are in this rack's cluster
+    /// (its voters, or voters that include this rack); forget the others.
+    fn note_same_cluster(&mut self, obs: &Observation, answers: &Answers) {
+        let members = &obs.raft.membership.nodes;
+        let ours = &obs.raft.membership.voters;
+        self.same_cluster.retain(|id, _| members.contains_key(id));
+        for (id, h) in answers {
+            let same = h.initialized && (h.voters == *ours || h.voters.contains(&self.me));
+            if same && members.contains_key(id) {
+                self.same_cluster.insert(*id, obs.now);
+            } else {
+                self.same_cluster.remove(id);
+            }
+        }
     }
 
     /// Decide this check's actions from the observation and the answers to
     /// [`Formation::asks`].
     pub fn decide(&mut self, obs: &Observation, answers: &Answers) -> Vec<Action> {
         if !obs.raft.initialized {
+            self.same_cluster.clear();
             self.forgive(answers);
             return vec![self.bootstrap(obs, answers)];
         }
         let Some(mesh) = obs.mesh.as_ref() else {
             return Vec::new();
         };
+        self.note_same_cluster(obs, answers);
         if let Some(leave) = self.merge(obs, mesh, answers) {
             return vec![leave];
         }
@@ -494,7 +564,14 @@ impl Formation {
             }
             let rack = peer.rack.clone().unwrap_or_default();
             if obs.raft.membership.nodes.contains_key(&peer.id) {
-                return Some(Action::Promote { id: peer.id, rack });
+                if voters.len() >= MAX_VOTERS {
+                    continue;
+                }
+                let pick = spread_pick(mesh, &obs.raft.membership).unwrap_or(peer);
+                return Some(Action::Promote {
+                    id: pick.id,
+                    rack: pick.rack.clone().unwrap_or_default(),
+                });
             }
             // Only a rack in no cluster, or one of ours that was taken out
             // while it was dead (its stale voters overlap ours): a rack of
@@ -599,19 +676,33 @@ impl Formation {
         self.dead_since.remove(&id);
     }
 
-    /// Whether a Raft call from `from` (a leader or candidate) is refused,
-    /// given this rack's membership: it is not in this rack's cluster (two
-    /// clusters that met never mix their logs), or, while in none, it is
-    /// in the cluster this rack left.
-    #[must_use]
-    pub fn refusal(&self, from: Option<NodeId>, membership: &Membership) -> Option<Refusal> {
+    /// Whether a Raft call from `from` (a leader or candidate) at `now` is
+    /// refused, given this rack's membership: it is not in this rack's
+    /// cluster (two clusters that met never mix their logs), or, while in
+    /// none, it is in the cluster this rack left, or another leader is
+    /// adding this rack (heard within [`LEADER_SILENCE_HEARTBEATS`]
+    /// heartbeats).
+    pub fn refusal(
+        &mut self,
+        from: Option<NodeId>,
+        membership: &Membership,
+        now: Instant,
+    ) -> Option<Refusal> {
         let from = from?;
         if membership.voters.is_empty() {
-            return self
-                .left
-                .contains(&from)
-                .then_some(Refusal::LeftCluster(from));
+            if self.left.contains(&from) {
+                return Some(Refusal::LeftCluster(from));
+            }
+            let silence = self.settings.heartbeat * LEADER_SILENCE_HEARTBEATS;
+            if let Some((by, at)) = self.adopted_by {
+                if by != from && now.saturating_duration_since(at) <= silence {
+                    return Some(Refusal::BeingAdded { by, from });
+                }
+            }
+            self.adopted_by = Some((from, now));
+            return None;
         }
+        self.adopted_by = None;
         if membership.nodes.contains_key(&from) {
             return None;
         }
@@ -629,6 +720,27 @@ impl Formation {
 /// Peers alive in SWIM, not revoked, with a known rack name. Not only the
 /// ones this rack is connected to: a rack that only reaches the field
 /// through another (one radio link) is reached through a relay.
+/// The live learner to promote: the first, in the mesh's order, of those
+/// whose site has the fewest voters (sites as gossiped; a voter of unknown
+/// site counts for none).
+fn spread_pick<'a>(mesh: &'a MeshView, membership: &Membership) -> Option<&'a PeerSeen> {
+    let mut per_site: BTreeMap<&str, usize> = BTreeMap::new();
+    for p in &mesh.peers {
+        if membership.voters.contains(&p.id) {
+            if let Some(site) = p.site.as_deref() {
+                *per_site.entry(site).or_default() += 1;
+            }
+        }
+    }
+    live_peers(mesh)
+        .filter(|p| !membership.voters.contains(&p.id) && membership.nodes.contains_key(&p.id))
+        .min_by_key(|p| {
+            p.site
+                .as_deref()
+                .map_or(0, |s| per_site.get(s).copied().unwrap_or(0))
+        })
+}
+
 fn live_peers(mesh: &MeshView) -> impl Iterator<Item = &PeerSeen> {
     let revoked: BTreeSet<&str> = mesh.revoked.iter().map(|(p, _)| p.as_str()).collect();
     mesh.peers.iter().filter(move |p| {
@@ -650,17 +762,9 @@ pub fn wins(a: &BTreeSet<NodeId>, b: &BTreeSet<NodeId>) -> bool {
 
 /// The least time a pre-vote `Hello` may take, whatever the heartbeat:
 /// shorter than a relayed round trip over a radio hop would count reachable
-/// voters as cut off and hold elections that should run.
+/// voters as cut off and hold elections that should run. A peer whose calls
+/// take longer gets what they take (`net::timeouts`).
 pub const PREVOTE_MIN_TIMEOUT: Duration = Duration::from_millis(400);
-
-/// Whether a follower must pass the pre-vote ([`election_gate`]) before it
-/// may start elections: it does not lead and has heard no leader for
-/// [`LEADER_SILENCE_HEARTBEATS`] heartbeats. Otherwise elections stay
-/// allowed and nobody is asked.
-#[must_use]
-pub fn needs_prevote(leader: bool, silence: Duration, heartbeat: Duration) -> bool {
-    !leader && silence >= heartbeat * LEADER_SILENCE_HEARTBEATS
-}
 
 /// The pre-vote's verdict (openraft 0.9 has none of its own).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -674,23 +778,28 @@ pub struct ElectionGate {
 }
 
 /// Whether a follower that stopped hearing from its leader may start
-/// elections: only if it reaches a majority of the `voters` and none of
-/// those it reaches (`answers`: (voter, the leader it follows)) follows a
-/// leader that it reaches too. Otherwise every election it tried while
-/// cut off would raise its term, and on reconnecting that term would
-/// depose a healthy leader, leaving the field leaderless long enough for
-/// leases to lapse.
+/// elections: only if a majority of the `voters` would vote for it (itself
+/// and the voters it reaches whose log is not newer than its own) and none
+/// of those it reaches (`answers`: (voter, the leader it follows, whether
+/// its log is newer than ours)) follows a leader that it reaches too.
+/// Otherwise every election it tried while cut off would raise its term,
+/// and on reconnecting that term would depose a healthy leader, leaving
+/// the field leaderless long enough for leases to lapse. The log check is
+/// Raft's own vote rule, asked first: after a cold start a rack whose log
+/// is behind would otherwise stand again and again, each time raising the
+/// term over the one rack that can win, and no leader would be elected.
 #[must_use]
 pub fn election_gate(
     me: NodeId,
     voters: usize,
-    answers: &[(NodeId, Option<NodeId>)],
+    answers: &[(NodeId, Option<NodeId>, bool)],
 ) -> ElectionGate {
-    let reachable: BTreeSet<NodeId> = answers.iter().map(|(id, _)| *id).collect();
+    let reachable: BTreeSet<NodeId> = answers.iter().map(|(id, _, _)| *id).collect();
     let leader_alive = answers
         .iter()
-        .any(|(_, l)| l.is_some_and(|l| l != me && reachable.contains(&l)));
-    let majority = (reachable.len() + 1) * 2 > voters;
+        .any(|(_, l, _)| l.is_some_and(|l| l != me && reachable.contains(&l)));
+    let would_vote = answers.iter().filter(|(_, _, newer)| !newer).count() + 1;
+    let majority = would_vote * 2 > voters;
     ElectionGate {
         elect: majority && !leader_alive,
         reachable: reachable.len() + 1,

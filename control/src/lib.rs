@@ -8,18 +8,25 @@
 //!
 //! Layout:
 //! - [`field`]: the replicated state and its commands (pure, deterministic).
+//! - [`backhaul`]: grants of the field's backhaul quota, handed out with
+//!   the lease renewals (pure).
 //! - [`formation`]: who may vote: cluster formation, growth, merge and
 //!   shrink (sans-IO; simulated in its tests).
 //! - [`placement`]: who should own what (pure; run by the leader).
 //! - [`lease`]: fencing by leases (pure bookkeeping over injected instants).
+//! - [`election`]: when a follower may stand for election (sans-IO timer;
+//!   openraft's own elections and heartbeats are off, see there why).
 //! - [`store`]: the Raft log and state machine in sled.
-//! - [`net`]: Raft calls over mesh streams, relayed around a cut link.
+//! - [`net`]: Raft calls over mesh streams, relayed around a cut link;
+//!   `net::timeouts`: each peer's call timeout from its measured call time.
 //! - [`view`]: which racks are up, admitted, revoked, renewing, dying,
 //!   with what capacity: the one answer every user reads (pure).
 //! - [`node`]: the running control plane of one rack.
 //! - `settings`: `[control]` of `rack.toml` into [`ControlSettings`] and
 //!   [`LeaseConfig`] (`From` / `ControlSettings::from_config`).
 
+pub mod backhaul;
+pub mod election;
 pub mod field;
 pub mod formation;
 pub mod lease;

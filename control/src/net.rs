@@ -6,6 +6,12 @@
 //! reach C, a call from A to B is relayed by C (one hop). Raft then sees a
 //! connected field and a single cut link changes nothing: no election
 //! churn, no lost lease, no failover.
+//!
+//! Timeouts follow each peer's measured call time ([`timeouts`]), within the
+//! caller's floor and the control plane's Raft call timeout, so a rack behind
+//! a satellite hop is waited for as long as its calls take.
+
+pub mod timeouts;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +30,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
+use self::timeouts::CallTimeouts;
 use crate::field::{Command, Response};
 use crate::{NodeId, RackNode, TypeConfig};
 
@@ -45,6 +52,17 @@ pub enum Request {
     Snapshot(InstallSnapshotRequest<TypeConfig>),
     /// Apply a command (sent to the leader).
     Propose(Command),
+    /// A Raft call (append, vote, snapshot) from a member of control-plane
+    /// cluster `cluster` ([`Net::cluster`]): Raft's terms and leader ids
+    /// do not tell two clusters that formed apart from each other (each
+    /// starts at term 1), so a rack refuses the Raft calls of a cluster it
+    /// is not in.
+    InCluster {
+        /// The sender's cluster.
+        cluster: u64,
+        /// The call.
+        request: Box<Request>,
+    },
     /// Who are you, and are you in a cluster?
     Hello,
     /// Pass `request` on to `to` (base58 PeerId) directly.
@@ -89,6 +107,10 @@ pub enum Reply {
         /// The voters of its cluster (empty when it is in none).
         #[serde(default)]
         voters: Vec<NodeId>,
+        /// The last entry of its Raft log: the pre-vote refuses a
+        /// candidate whose log is older ([`crate::formation::election_gate`]).
+        #[serde(default)]
+        last_log: Option<openraft::LogId<NodeId>>,
     },
     /// The call could not be served (relay target unreachable...).
     Error(String),
@@ -153,16 +175,94 @@ pub async fn read_frame<R: futures::AsyncRead + Unpin, T: for<'de> Deserialize<'
 pub struct Net {
     mesh: MeshHandle,
     direct_failed: Mutex<HashMap<PeerId, Instant>>,
+    /// Each peer's measured call time: the timeouts of calls to it.
+    timeouts: Mutex<CallTimeouts<PeerId>>,
+    /// The longest any call may be given (the Raft call timeout).
+    ceiling: Duration,
+    /// This rack's control-plane cluster (0: none yet), sent with every
+    /// Raft call ([`Request::InCluster`]).
+    cluster: std::sync::atomic::AtomicU64,
+    /// The voters of its membership as last observed (empty: unknown,
+    /// every target treated as a voter).
+    voters: Mutex<std::collections::BTreeSet<NodeId>>,
+}
+
+/// Shortest time between two appends to a learner. Every rack renews its
+/// lease through the log every second, so in a field of N racks the
+/// leader had about N appends a second to send to every learner, each a
+/// stream of its own: with 24 learners at 32 racks that traffic was most
+/// of the field's idle CPU. A learner does not count toward a commit, so
+/// its appends wait for this and carry what gathered meanwhile (at most
+/// four a second); voters are not paced, so commits are not slower.
+pub const LEARNER_APPEND_EVERY: Duration = Duration::from_millis(250);
+
+/// How long an append to a learner waits at `now`, its last one sent at
+/// `last`.
+#[must_use]
+pub fn learner_wait(last: Option<Instant>, now: Instant) -> Duration {
+    last.map_or(Duration::ZERO, |t| {
+        LEARNER_APPEND_EVERY.saturating_sub(now.saturating_duration_since(t))
+    })
 }
 
 impl Net {
-    /// Over `mesh`.
+    /// Over `mesh`; no call is given more than `ceiling`.
     #[must_use]
-    pub fn new(mesh: MeshHandle) -> Self {
+    pub fn new(mesh: MeshHandle, ceiling: Duration) -> Self {
         Self {
             mesh,
             direct_failed: Mutex::default(),
+            timeouts: Mutex::default(),
+            ceiling,
+            cluster: std::sync::atomic::AtomicU64::new(0),
+            voters: Mutex::default(),
         }
+    }
+
+    /// The voters of this rack's membership, as just observed.
+    pub fn set_voters(&self, voters: &std::collections::BTreeSet<NodeId>) {
+        let mut v = self.voters.lock().expect("voters lock");
+        if *v != *voters {
+            v.clone_from(voters);
+        }
+    }
+
+    /// Whether `target` is known to be a learner (a member, not a voter).
+    fn is_learner(&self, target: NodeId) -> bool {
+        let v = self.voters.lock().expect("voters lock");
+        !v.is_empty() && !v.contains(&target)
+    }
+
+    /// This rack's control-plane cluster, if it is in one.
+    #[must_use]
+    pub fn cluster(&self) -> Option<u64> {
+        match self.cluster.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            id => Some(id),
+        }
+    }
+
+    /// This rack joined `cluster` (or left every cluster: `None`).
+    pub fn set_cluster(&self, cluster: Option<u64>) {
+        self.cluster
+            .store(cluster.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How long a direct call to `peer` should be given: what its answered
+    /// calls took (see [`timeouts`]), at least `floor`, at most the Raft
+    /// call timeout (or `floor`, if larger).
+    #[must_use]
+    pub fn timeout_for(&self, peer: &PeerId, floor: Duration) -> Duration {
+        self.timeouts
+            .lock()
+            .expect("timeouts lock")
+            .timeout(peer, floor, self.ceiling)
+    }
+
+    /// What is known of calls to `peer` (for status).
+    #[must_use]
+    pub fn estimate(&self, peer: &PeerId) -> Option<timeouts::Estimate> {
+        self.timeouts.lock().expect("timeouts lock").estimate(peer)
     }
 
     /// One call on a direct stream.
@@ -175,6 +275,7 @@ impl Net {
         req: &Request,
         timeout: Duration,
     ) -> Result<Reply, NetError> {
+        let started = Instant::now();
         let call = async {
             let mut s = self
                 .mesh
@@ -190,6 +291,15 @@ impl Net {
             Ok(r) => r,
             Err(_) => Err(NetError::Timeout(timeout)),
         };
+        // A relayed call's time is two hops' and says little of this one.
+        if !matches!(req, Request::Relay { .. }) {
+            let mut timeouts = self.timeouts.lock().expect("timeouts lock");
+            match &r {
+                Ok(_) => timeouts.answered(&peer, started.elapsed()),
+                Err(NetError::Timeout(gave)) => timeouts.timed_out(&peer, *gave),
+                Err(_) => {}
+            }
+        }
         let mut failed = self.direct_failed.lock().expect("direct_failed lock");
         match &r {
             Ok(_) => {
@@ -232,7 +342,9 @@ impl Net {
     }
 
     /// A call to `peer`: direct, else through a relay (relay first while
-    /// the direct path is known to fail).
+    /// the direct path is known to fail). The first path gets half of
+    /// `timeout`, or what calls to `peer` take if that is longer (a slow
+    /// link is slow both ways round); the second gets the rest.
     ///
     /// # Errors
     /// [`NetError`] when neither path answers within `timeout`.
@@ -242,22 +354,26 @@ impl Net {
         req: &Request,
         timeout: Duration,
     ) -> Result<Reply, NetError> {
+        let deadline = Instant::now() + timeout;
         let recently_failed = self
             .direct_failed
             .lock()
             .expect("direct_failed lock")
             .get(&peer)
             .is_some_and(|t| t.elapsed() < DIRECT_BACKOFF);
-        let half = timeout / 2;
+        let first = self.timeout_for(&peer, timeout / 2).min(timeout);
+        let rest = || deadline.saturating_duration_since(Instant::now());
         if recently_failed {
-            match self.relayed(peer, req, half).await {
+            match self.relayed(peer, req, first).await {
                 Ok(r) => Ok(r),
-                Err(_) => self.direct(peer, req, half).await,
+                Err(e) if rest().is_zero() => Err(e),
+                Err(_) => self.direct(peer, req, rest()).await,
             }
         } else {
-            match self.direct(peer, req, half).await {
+            match self.direct(peer, req, first).await {
                 Ok(r) => Ok(r),
-                Err(_) => self.relayed(peer, req, half).await,
+                Err(e) if rest().is_zero() => Err(e),
+                Err(_) => self.relayed(peer, req, rest()).await,
             }
         }
     }
@@ -274,6 +390,8 @@ pub struct Conn {
     net: Arc<Net>,
     target: NodeId,
     peer: Option<PeerId>,
+    /// When the last append to it was sent (learners are paced).
+    last_append: Option<Instant>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -284,6 +402,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             net: self.net.clone(),
             target,
             peer: node.peer_id.parse().ok(),
+            last_append: None,
         }
     }
 }
@@ -295,6 +414,13 @@ impl Conn {
         let peer = self.peer.ok_or_else(|| {
             Unreachable::new(&NetError::Io(format!("node {} has no PeerId", self.target)))
         })?;
+        let req = match self.net.cluster() {
+            Some(cluster) => Request::InCluster {
+                cluster,
+                request: Box::new(req),
+            },
+            None => req,
+        };
         self.net
             .call(peer, &req, timeout)
             .await
@@ -316,7 +442,16 @@ impl RaftNetwork<TypeConfig> for Conn {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        match self.call(Request::Append(rpc), option.hard_ttl()).await? {
+        let mut ttl = option.hard_ttl();
+        if self.net.is_learner(self.target) {
+            let wait = learner_wait(self.last_append, Instant::now()).min(ttl / 2);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+                ttl = ttl.saturating_sub(wait);
+            }
+        }
+        self.last_append = Some(Instant::now());
+        match self.call(Request::Append(rpc), ttl).await? {
             Reply::Append(Ok(r)) => Ok(r),
             Reply::Append(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             other => Err(unexpected(&other)),
@@ -351,6 +486,25 @@ impl RaftNetwork<TypeConfig> for Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn appends_to_a_learner_are_at_least_learner_append_every_apart() {
+        let t0 = Instant::now();
+        assert_eq!(super::learner_wait(None, t0), Duration::ZERO);
+        assert_eq!(
+            super::learner_wait(Some(t0), t0),
+            super::LEARNER_APPEND_EVERY
+        );
+        let later = t0 + super::LEARNER_APPEND_EVERY / 5;
+        assert_eq!(
+            super::learner_wait(Some(t0), later),
+            super::LEARNER_APPEND_EVERY - super::LEARNER_APPEND_EVERY / 5
+        );
+        assert_eq!(
+            super::learner_wait(Some(t0), t0 + super::LEARNER_APPEND_EVERY * 3),
+            Duration::ZERO
+        );
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_oversize_is_refused() {

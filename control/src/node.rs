@@ -18,11 +18,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use util::time::unix_ms;
 
+use crate::election::ElectionTimer;
 use crate::field::{Carried, Command, FieldState, Response};
 use crate::formation::{
-    election_gate, needs_prevote, Action, Admitted, Answers, Asks, Formation, FormationSettings,
-    Hello, Membership, MeshView, Observation, PeerSeen, RaftView, Removal, Route, Wait,
-    CHECK_EVERY, HELLO_TIMEOUT, MEMBERSHIP_CHANGE_TIMEOUT, PREVOTE_MIN_TIMEOUT,
+    election_gate, Action, Admitted, Answers, Asks, Formation, FormationSettings, Hello,
+    Membership, MeshView, Observation, PeerSeen, RaftView, Removal, Route, Wait, CHECK_EVERY,
+    HELLO_TIMEOUT, MEMBERSHIP_CHANGE_TIMEOUT, PREVOTE_MIN_TIMEOUT,
 };
 use crate::lease::{LeaseConfig, LeaseWatch};
 use crate::net::{
@@ -42,10 +43,18 @@ pub struct ControlSettings {
     pub rack: String,
     /// Lease timings.
     pub lease: LeaseConfig,
-    /// Raft heartbeat.
+    /// How often the leader sends heartbeats (this control plane sends
+    /// them itself, see [`crate::election`]).
     pub heartbeat: Duration,
-    /// Raft election timeout (min; max is 2×).
+    /// Election timeout: a follower stands after the leader lease or this,
+    /// whichever is longer, plus a random part of up to this
+    /// ([`crate::election::ElectionTimer`]).
     pub election_timeout: Duration,
+    /// Longest a Raft call may take (openraft's `heartbeat_interval`, the
+    /// timeout of every append); also the leader lease during which voters
+    /// refuse candidates, and the ceiling of every per-peer call timeout
+    /// ([`crate::net::timeouts`]).
+    pub rpc_timeout: Duration,
     /// Wait this long after start before forming a new cluster.
     pub settle: Duration,
     /// How often the leader re-plans.
@@ -76,6 +85,7 @@ impl ControlSettings {
             lease: LeaseConfig::default(),
             heartbeat: Duration::from_millis(250),
             election_timeout: Duration::from_millis(1500),
+            rpc_timeout: Duration::from_millis(3000),
             settle: Duration::from_secs(2),
             plan_every: Duration::from_millis(500),
             remove_dead_after: Some(Duration::from_secs(600)),
@@ -128,6 +138,10 @@ impl ControlEvent {
     }
 }
 
+/// A relayed call's timeout on the relay, before anything is measured of
+/// the target (a relay's caller bounds the whole call anyway).
+const RELAY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Control events buffered for slow subscribers.
 const EVENT_QUEUE: usize = 64;
 
@@ -167,6 +181,12 @@ pub struct ControlStatus {
     pub voters: Vec<String>,
     /// Last applied log index.
     pub applied: Option<u64>,
+    /// A majority of voters answered this rack within one lease (a
+    /// command it proposed, such as its lease renewal, committed). After a
+    /// restart `leader` names the leader remembered from before until
+    /// the field answers: only this says a majority is reachable.
+    #[serde(default)]
+    pub majority: bool,
 }
 
 /// The running control plane of one rack.
@@ -193,9 +213,34 @@ pub struct Control {
     applies: Applies,
     started: Instant,
     down_since: Mutex<HashMap<String, u64>>,
+    /// When a command this rack proposed last committed: proof that a
+    /// majority of voters answered (a remembered leader is not).
+    committed_at: Mutex<Option<Instant>>,
+    /// The pre-vote's last verdict (logged when it changes).
     elect_enabled: std::sync::atomic::AtomicBool,
+    /// When this rack last heard a leader (an append accepted), or led.
     last_append: Mutex<Instant>,
+    /// When this rack may stand for election next.
+    election: Mutex<ElectionTimer>,
 }
+
+/// How writing a command through this rack's Raft node ended, short of
+/// being applied.
+enum WriteError {
+    /// Not the leader; this one may be.
+    NotLeader(Option<NodeId>),
+    /// Failed (the reason as Raft gave it).
+    Failed(String),
+}
+
+/// Most entries in one append: a renewal carries its rack's report (about
+/// a kilobyte), and a 2 Mbit/s satellite hop must carry a whole append well
+/// within the Raft call timeout (64 KB: a quarter of a second).
+const MAX_PAYLOAD_ENTRIES: u64 = 64;
+
+/// Snapshot chunk size: one chunk crosses a 2 Mbit/s hop in about a
+/// second, well within `install_snapshot_timeout`.
+const SNAPSHOT_CHUNK: u64 = 256 << 10;
 
 impl Control {
     /// Open the store, start Raft and the loops; they stop on `cancel`
@@ -216,12 +261,21 @@ impl Control {
         let (state_tx, _) = watch::channel(Arc::new(FieldState::default()));
         let leases = Arc::new(Mutex::new(LeaseWatch::new(settings.lease, now)));
         let (sm, applies) = StateMachine::open(&db, leases, state_tx.clone())?;
-        let et = settings.election_timeout.as_millis() as u64;
+        // openraft's heartbeat_interval is the timeout of every append:
+        // the Raft call timeout. Its own heartbeats and elections are off
+        // (see crate::election); its election timeouts only set the leader
+        // lease (election_timeout_max) during which voters refuse
+        // candidates, just above the call timeout (it must exceed it).
+        let rpc = u64::try_from(settings.rpc_timeout.as_millis()).unwrap_or(u64::MAX / 4);
         let config = Config {
             cluster_name: "fieldrack".into(),
-            heartbeat_interval: settings.heartbeat.as_millis() as u64,
-            election_timeout_min: et,
-            election_timeout_max: et * 2,
+            heartbeat_interval: rpc,
+            election_timeout_min: rpc + 1,
+            election_timeout_max: rpc + 2,
+            enable_heartbeat: false,
+            enable_elect: false,
+            max_payload_entries: MAX_PAYLOAD_ENTRIES,
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(2000),
             max_in_snapshot_log_to_keep: 500,
             install_snapshot_timeout: 5000,
@@ -230,7 +284,13 @@ impl Control {
         .validate()
         .map_err(|e| ControlError::Raft(e.to_string()))?;
         let config = Arc::new(config);
-        let net = Arc::new(Net::new(mesh.clone()));
+        let net = Arc::new(Net::new(mesh.clone(), settings.rpc_timeout));
+        net.set_cluster(crate::store::stored_cluster(&db)?);
+        let election = ElectionTimer::new(
+            Duration::from_millis(config.election_timeout_max) + settings.heartbeat,
+            settings.election_timeout,
+            rand::random(),
+        );
         let id = node_id(&local_peer);
         let raft = Raft::new(
             id,
@@ -264,8 +324,10 @@ impl Control {
             applies,
             started: now,
             down_since: Mutex::default(),
+            committed_at: Mutex::default(),
             elect_enabled: std::sync::atomic::AtomicBool::new(true),
             last_append: Mutex::new(now),
+            election: Mutex::new(election),
         });
         let streams = mesh
             .accept_streams(RAFT_PROTOCOL)
@@ -273,6 +335,7 @@ impl Control {
         tokio::spawn(me.clone().serve(streams, cancel.clone()));
         tokio::spawn(me.clone().membership_loop(cancel.clone()));
         tokio::spawn(me.clone().placement_loop(cancel.clone()));
+        tokio::spawn(me.clone().heartbeat_loop(cancel.clone()));
         tokio::spawn(me.clone().election_guard_loop(cancel));
         Ok(me)
     }
@@ -358,6 +421,7 @@ impl Control {
             term: m.current_term,
             voters,
             applied: m.last_applied.map(|l| l.index),
+            majority: self.committed_within(self.lease_config().lease),
         }
     }
 
@@ -368,6 +432,33 @@ impl Control {
             .membership()
             .get_node(&leader)
             .and_then(|n| n.peer_id.parse().ok())
+    }
+
+    /// Whether a command this rack proposed committed within `within`.
+    #[must_use]
+    pub fn committed_within(&self, within: Duration) -> bool {
+        self.committed_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|at| at.elapsed() <= within)
+    }
+
+    fn note_commit(&self) {
+        *self
+            .committed_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// Commit `cmd` through this rack's Raft node, if it leads.
+    async fn write(&self, cmd: Command) -> Result<Response, WriteError> {
+        match self.raft().client_write(cmd).await {
+            Ok(r) => Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(WriteError::NotLeader(f.leader_id))
+            }
+            Err(e) => Err(WriteError::Failed(e.to_string())),
+        }
     }
 
     /// Commit `cmd` through the leader (forwarding to it if need be) and
@@ -383,12 +474,14 @@ impl Control {
             if left.is_zero() {
                 return Err(ControlError::NoLeader(timeout));
             }
-            let raft = self.raft();
-            let leader = match tokio::time::timeout(left, raft.client_write(cmd.clone())).await {
+            let leader = match tokio::time::timeout(left, self.write(cmd.clone())).await {
                 Err(_) => return Err(ControlError::NoLeader(timeout)),
-                Ok(Ok(r)) => return refused(r.data),
-                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => f.leader_id,
-                Ok(Err(e)) => return Err(ControlError::Raft(e.to_string())),
+                Ok(Ok(r)) => {
+                    self.note_commit();
+                    return refused(r);
+                }
+                Ok(Err(WriteError::NotLeader(l))) => l,
+                Ok(Err(WriteError::Failed(e))) => return Err(ControlError::Raft(e)),
             };
             if let Some(peer) = leader
                 .filter(|l| *l != self.id)
@@ -399,11 +492,14 @@ impl Control {
                     .call(
                         peer,
                         &Request::Propose(cmd.clone()),
-                        left.min(Duration::from_secs(3)),
+                        left.min(self.settings.rpc_timeout.max(Duration::from_secs(3))),
                     )
                     .await
                 {
-                    Ok(Reply::Propose(ProposeReply::Applied(r))) => return refused(r),
+                    Ok(Reply::Propose(ProposeReply::Applied(r))) => {
+                        self.note_commit();
+                        return refused(r);
+                    }
                     Ok(Reply::Propose(ProposeReply::Failed(e))) => {
                         return Err(ControlError::Raft(e))
                     }
@@ -464,36 +560,90 @@ impl Control {
                 Some(why) => Reply::Error(why),
                 None => Reply::Vote(self.raft().vote(r).await),
             },
-            Request::Snapshot(r) => Reply::Snapshot(self.raft().install_snapshot(r).await),
-            Request::Propose(cmd) => Reply::Propose(if self.is_leader() {
-                match self.raft().client_write(cmd).await {
-                    Ok(r) => ProposeReply::Applied(r.data),
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                        ProposeReply::NotLeader(f.leader_id)
-                    }
-                    Err(e) => ProposeReply::Failed(e.to_string()),
-                }
-            } else {
-                ProposeReply::NotLeader(self.raft().current_leader().await)
+            Request::Snapshot(r) => match self.foreign(r.vote.leader_id().voted_for()) {
+                Some(why) => Reply::Error(why),
+                None => Reply::Snapshot(self.raft().install_snapshot(r).await),
+            },
+            Request::Propose(cmd) => Reply::Propose(match self.write(cmd).await {
+                Ok(r) => ProposeReply::Applied(r),
+                Err(WriteError::NotLeader(l)) => ProposeReply::NotLeader(l),
+                Err(WriteError::Failed(e)) => ProposeReply::Failed(e),
             }),
             Request::Hello => Reply::Hello {
                 node_id: self.id,
                 initialized: self.raft().is_initialized().await.unwrap_or(false),
                 leader: self.raft().current_leader().await,
                 voters: self.voters().into_iter().collect(),
+                last_log: self.last_log_id().await,
             },
             Request::Relay { to, request } => {
                 if matches!(*request, Request::Relay { .. }) {
                     return Reply::Error("relays are one hop".into());
                 }
                 match to.parse::<PeerId>() {
-                    Ok(p) => match self.net.direct(p, &request, Duration::from_secs(2)).await {
+                    Ok(p) => match self
+                        .net
+                        .direct(p, &request, self.net.timeout_for(&p, RELAY_TIMEOUT))
+                        .await
+                    {
                         Ok(r) => r,
                         Err(e) => Reply::Error(format!("relay to {to}: {e}")),
                     },
                     Err(e) => Reply::Error(format!("relay target {to:?}: {e}")),
                 }
             }
+            Request::InCluster { cluster, request } => {
+                if !matches!(
+                    *request,
+                    Request::Append(_) | Request::Vote(_) | Request::Snapshot(_)
+                ) {
+                    return Reply::Error("only Raft calls carry a cluster".into());
+                }
+                if let Some(why) = self.other_cluster(cluster).await {
+                    return Reply::Error(why);
+                }
+                let reply = Box::pin(self.handle(*request)).await;
+                let accepted = match &reply {
+                    Reply::Append(Ok(r)) => {
+                        !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))
+                    }
+                    Reply::Snapshot(Ok(_)) => true,
+                    _ => false,
+                };
+                if accepted && self.net.cluster() != Some(cluster) {
+                    self.join_cluster(cluster);
+                }
+                reply
+            }
+        }
+    }
+
+    /// Why a Raft call from control-plane cluster `theirs` is refused, if
+    /// it is: this rack is in another one. A rack no cluster has taken in
+    /// yet (no membership, nothing in its log) may be taken in by any: the
+    /// formation's refusal ([`Formation::refusal`]) still keeps it from
+    /// switching between two leaders adding it at once.
+    async fn other_cluster(&self, theirs: u64) -> Option<String> {
+        let ours = self.net.cluster()?;
+        if ours == theirs
+            || (self.membership().voters.is_empty() && self.last_log_id().await.is_none())
+        {
+            return None;
+        }
+        Some(format!(
+            "a call from control-plane cluster {theirs:016x}; this rack is in {ours:016x}"
+        ))
+    }
+
+    /// This rack was taken into cluster `id`: recorded durably (a restart
+    /// keeps refusing other clusters) before it is used.
+    fn join_cluster(&self, id: u64) {
+        match crate::store::store_cluster(&self.db, id) {
+            Ok(()) => {
+                tracing::info!(cluster = %format!("{id:016x}"), "in control-plane cluster");
+                self.net.set_cluster(Some(id));
+            }
+            Err(e) => tracing::warn!(error = %e, "recording the control-plane cluster"),
         }
     }
 
@@ -514,6 +664,7 @@ impl Control {
         let Some((obs, peers)) = self.observe().await else {
             return;
         };
+        self.net.set_voters(&obs.raft.membership.voters);
         let asks = self.formation().asks(&obs);
         let answers = self.hellos(asks, &peers).await;
         let actions = self.formation().decide(&obs, &answers);
@@ -560,6 +711,7 @@ impl Control {
                     id: node_id(&p.peer_id),
                     peer_id: p.peer_id.to_base58(),
                     rack: p.rack.clone(),
+                    site: p.meta.as_ref().map(|m| m.site.clone()),
                     state: p.state,
                 })
                 .collect(),
@@ -602,9 +754,10 @@ impl Control {
             .iter()
             .filter_map(|(id, route)| Some((*id, *route, *peers.get(id)?)))
             .map(|(id, route, peer)| async move {
+                let timeout = self.net.timeout_for(&peer, HELLO_TIMEOUT);
                 let reply = match route {
-                    Route::Direct => self.net.direct(peer, &Request::Hello, HELLO_TIMEOUT).await,
-                    Route::AnyPath => self.net.call(peer, &Request::Hello, HELLO_TIMEOUT).await,
+                    Route::Direct => self.net.direct(peer, &Request::Hello, timeout).await,
+                    Route::AnyPath => self.net.call(peer, &Request::Hello, timeout).await,
                 };
                 match reply {
                     Ok(Reply::Hello {
@@ -632,6 +785,22 @@ impl Control {
             .collect()
     }
 
+    /// Form a new cluster of `voters`, under a new cluster id. The id is
+    /// recorded only once Raft took the membership: if a leader's append
+    /// made this rack a member meanwhile, `initialize` refuses and the id
+    /// adopted from that leader stays.
+    async fn new_cluster(
+        &self,
+        voters: std::collections::BTreeMap<NodeId, RackNode>,
+    ) -> Result<(), String> {
+        self.raft()
+            .initialize(voters)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.join_cluster(rand::random::<u64>().max(1));
+        Ok(())
+    }
+
     /// Carry out one formation action.
     async fn perform(&self, action: Action, answers: &Answers) {
         match action {
@@ -642,7 +811,7 @@ impl Control {
                 tracing::debug!(%rack, "no answer before forming a cluster");
             }
             Action::Wait(Wait::Settling | Wait::NotLowest) => {}
-            Action::Bootstrap { voters } => match self.raft().initialize(voters).await {
+            Action::Bootstrap { voters } => match self.new_cluster(voters).await {
                 Ok(()) => tracing::info!("formed a new control-plane cluster"),
                 Err(e) => tracing::debug!(error = %e, "initialize"),
             },
@@ -781,7 +950,7 @@ impl Control {
     fn foreign(&self, from: Option<NodeId>) -> Option<String> {
         let membership = self.membership();
         self.formation()
-            .refusal(from, &membership)
+            .refusal(from, &membership, Instant::now())
             .map(|r| r.to_string())
     }
 
@@ -808,6 +977,7 @@ impl Control {
             tracing::warn!(error = %e, "raft shutdown");
         }
         crate::store::leave_incarnation(&self.db).map_err(|e| ControlError::Store(e.into()))?;
+        self.net.set_cluster(None);
         let log = LogStore::new(&self.db).map_err(|e| ControlError::Store(e.into()))?;
         let (sm, _) =
             StateMachine::open(&self.db, self.applies.leases.clone(), self.state_tx.clone())?;
@@ -863,13 +1033,19 @@ impl Control {
         }
     }
 
-    /// Pre-vote by hand (openraft 0.9 has none): see
-    /// [`crate::formation::election_gate`].
+    /// Elections by hand (openraft's own are off, see
+    /// [`crate::election`]): once the election timer is due, the pre-vote
+    /// ([`crate::formation::election_gate`]: a follower may stand only if it
+    /// reaches a majority and none of those follows a leader it reaches),
+    /// then the election itself.
     async fn guard_elections(&self) {
-        let heard = Instant::now()
-            .saturating_duration_since(*self.last_append.lock().expect("last_append lock"));
-        if !needs_prevote(self.is_leader(), heard, self.settings.heartbeat) {
-            self.set_elect(true, 0, 0);
+        let now = Instant::now();
+        if self.is_leader() {
+            *self.last_append.lock().expect("last_append lock") = now;
+            return;
+        }
+        let heard = *self.last_append.lock().expect("last_append lock");
+        if !self.election.lock().expect("election lock").due(now, heard) {
             return;
         }
         let voters: Vec<(NodeId, RackNode)> = {
@@ -880,30 +1056,53 @@ impl Control {
                 .filter_map(|id| mem.get_node(&id).map(|n| (id, n.clone())))
                 .collect()
         };
-        if voters.is_empty() {
+        if !voters.iter().any(|(id, _)| *id == self.id) {
             return;
         }
-        let timeout = self.settings.heartbeat.max(PREVOTE_MIN_TIMEOUT);
+        let floor = self.settings.heartbeat.max(PREVOTE_MIN_TIMEOUT);
+        let mine = self.last_log_id().await;
         let pings = voters
             .iter()
             .filter(|(id, _)| *id != self.id)
             .filter_map(|(id, n)| Some((*id, n.peer_id.parse::<PeerId>().ok()?)))
             .map(|(id, peer)| async move {
+                let timeout = self.net.timeout_for(&peer, floor);
                 match self.net.call(peer, &Request::Hello, timeout).await {
-                    Ok(Reply::Hello { leader, .. }) => Some((id, leader)),
+                    Ok(Reply::Hello {
+                        leader, last_log, ..
+                    }) => Some((id, leader, last_log > mine)),
                     _ => None,
                 }
             });
-        let answers: Vec<(NodeId, Option<NodeId>)> = futures::future::join_all(pings)
+        let answers: Vec<(NodeId, Option<NodeId>, bool)> = futures::future::join_all(pings)
             .await
             .into_iter()
             .flatten()
             .collect();
         let gate = election_gate(self.id, voters.len(), &answers);
-        self.set_elect(gate.elect, gate.reachable, gate.voters);
+        self.log_gate(gate.elect, gate.reachable, gate.voters);
+        // A leader heard while the pre-vote ran wins over its verdict.
+        let heard_now = *self.last_append.lock().expect("last_append lock");
+        if gate.elect && heard_now == heard {
+            if let Err(e) = self.raft().trigger().elect().await {
+                tracing::warn!(error = %e, "starting an election");
+            }
+        }
+        self.election
+            .lock()
+            .expect("election lock")
+            .tried(Instant::now(), rand::random());
     }
 
-    fn set_elect(&self, on: bool, reachable: usize, voters: usize) {
+    /// The last entry of this rack's Raft log (what Raft's vote rule
+    /// compares), `None` if it cannot be read.
+    async fn last_log_id(&self) -> Option<openraft::LogId<NodeId>> {
+        use openraft::storage::RaftLogStorage as _;
+        let mut log = LogStore::new(&self.db).ok()?;
+        log.get_log_state().await.ok()?.last_log_id
+    }
+
+    fn log_gate(&self, on: bool, reachable: usize, voters: usize) {
         if on
             != self
                 .elect_enabled
@@ -919,7 +1118,24 @@ impl Control {
                 );
             }
         }
-        self.raft().runtime_config().elect(on);
+    }
+
+    /// The leader's heartbeats, every [`ControlSettings::heartbeat`]
+    /// (openraft's own are off: its period is the call timeout). A
+    /// follower's replication stream sends one call at a time, so over a
+    /// slow link heartbeats go as fast as the link answers.
+    async fn heartbeat_loop(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.settings.heartbeat) => {}
+            }
+            if self.is_leader() {
+                if let Err(e) = self.raft().trigger().heartbeat().await {
+                    tracing::debug!(error = %e, "heartbeat");
+                }
+            }
+        }
     }
 
     /// The racks as placement sees them: up = alive in membership (or us)

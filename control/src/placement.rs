@@ -7,10 +7,14 @@
 //! - an appliance stays where it is while its owner is up and not dying
 //!   (no flapping: a returning rack takes nothing back on its own);
 //! - an operator's `move` is honoured when the target is up and fits;
+//! - an appliance stranded on its owner (reported `failed` there because
+//!   the owner holds none of a volume that other racks hold, and will not
+//!   create it empty) moves to a usable rack that holds it (`replica`);
 //! - a new owner is an up, non-dying rack (never a witness) with room for
-//!   the appliance's CPUs and memory and no anti-affine neighbour;
-//!   preferred racks, then preferred sites, then the rack holding the
-//!   freshest replica of the appliance's volumes, then the least loaded;
+//!   the appliance's CPUs and memory and no anti-affine neighbour; a rack
+//!   holding more of the appliance's volumes first (a rack holding none
+//!   would have to start it with empty disks), then preferred racks, then
+//!   preferred sites, then the freshest replicas, then the least loaded;
 //! - when nothing fits, lower tiers are stopped (preempted) on the rack
 //!   where the fewest have to go.
 
@@ -19,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use deploy::appliance::ApplianceSpec;
 use deploy::Role;
 
-use crate::field::{AppRecord, Command, FieldState, Transfer};
+use crate::field::{AppRecord, AppState, Command, FieldState, Transfer};
 
 /// One rack as the leader sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,12 +96,14 @@ impl<'a> Planner<'a> {
         apply(&mut u.memory_mb, spec.memory_mb);
     }
 
-    /// Ranking key: larger is better.
+    /// Ranking key: larger is better. Holding the volumes comes before any
+    /// preference: an operator's preferred rack without a replica would
+    /// start the appliance on empty disks.
     fn score(
         &self,
         rack: &str,
         spec: &ApplianceSpec,
-    ) -> (bool, bool, usize, u64, i64, std::cmp::Reverse<String>) {
+    ) -> (usize, bool, bool, u64, i64, std::cmp::Reverse<String>) {
         let report = &self.state.racks[rack];
         let held: Vec<u64> = spec
             .volume
@@ -106,13 +112,42 @@ impl<'a> Planner<'a> {
             .collect();
         let u = self.used.get(rack).copied().unwrap_or_default();
         (
+            held.len(),
             spec.placement.racks.iter().any(|r| r == rack),
             spec.placement.sites.contains(&report.site),
-            held.len(),
             held.iter().sum(),
             -(u.cpus as i64),
             std::cmp::Reverse(rack.to_owned()),
         )
+    }
+
+    /// Where to move `a`, stranded on its up owner `owner`: the owner
+    /// reported it `failed` at its current epoch and holds none of some
+    /// volume of it (it refuses to create a volume the field has seen),
+    /// while a usable rack that fits it holds every such volume. `None`:
+    /// not stranded, or no such rack.
+    fn holder_for_stranded(&self, a: &AppRecord, owner: &str) -> Option<String> {
+        let report = self.state.racks.get(owner)?;
+        let failed = report
+            .apps
+            .get(&a.spec.name)
+            .is_some_and(|r| r.epoch == a.epoch && r.state == AppState::Failed);
+        let missing: Vec<&str> = a
+            .spec
+            .volume
+            .iter()
+            .map(|v| v.name.as_str())
+            .filter(|v| !report.volumes.contains_key(*v))
+            .collect();
+        if !failed || missing.is_empty() {
+            return None;
+        }
+        let to = self.best(&a.spec, Some(owner))?;
+        let holds = &self.state.racks.get(&to)?.volumes;
+        missing
+            .iter()
+            .all(|v| holds.get(*v).is_some_and(|g| *g > 0))
+            .then_some(to)
     }
 
     fn best(&self, spec: &ApplianceSpec, exclude: Option<&str>) -> Option<String> {
@@ -222,6 +257,16 @@ pub fn plan(state: &FieldState, racks: &[RackView], now_ms: u64) -> Vec<Command>
                     out.push(assign(a, Some(to), transfer(Some(o), "move", true, None)));
                     decided.insert(name.clone());
                 }
+            } else if let Some(to) = p.holder_for_stranded(a, o) {
+                p.take(o, &a.spec, -1);
+                p.take(&to, &a.spec, 1);
+                p.owner.insert(name.clone(), Some(to.clone()));
+                out.push(assign(
+                    a,
+                    Some(&to),
+                    transfer(Some(o), "replica", false, None),
+                ));
+                decided.insert(name.clone());
             }
             continue;
         }

@@ -33,6 +33,7 @@ impl ControlSettings {
             lease: LeaseConfig::from(c),
             heartbeat: Duration::from_millis(c.heartbeat_ms),
             election_timeout: Duration::from_millis(c.election_timeout_ms),
+            rpc_timeout: Duration::from_millis(c.rpc_timeout_ms),
             settle: Duration::from_millis(c.settle_ms),
             remove_dead_after: (c.remove_dead_voter_after_s > 0)
                 .then(|| Duration::from_secs(c.remove_dead_voter_after_s)),
@@ -54,6 +55,7 @@ mod tests {
         assert_eq!(from.lease, LeaseConfig::default());
         assert_eq!(from.heartbeat, new.heartbeat);
         assert_eq!(from.election_timeout, new.election_timeout);
+        assert_eq!(from.rpc_timeout, new.rpc_timeout);
         assert_eq!(from.settle, new.settle);
         assert_eq!(from.remove_dead_after, new.remove_dead_after);
     }
@@ -68,6 +70,7 @@ mod tests {
             drift_margin_ms: 1_500,
             heartbeat_ms: 100,
             election_timeout_ms: 900,
+            rpc_timeout_ms: 2_500,
             settle_ms: 50,
             remove_dead_voter_after_s: 0,
         };
@@ -85,6 +88,7 @@ mod tests {
         );
         assert_eq!(s.heartbeat, ms(100));
         assert_eq!(s.election_timeout, ms(900));
+        assert_eq!(s.rpc_timeout, ms(2_500));
         assert_eq!(s.settle, ms(50));
         assert_eq!(s.remove_dead_after, None);
         let c = ControlConfig {

@@ -66,9 +66,11 @@ fn mesh_settings(
             power: PowerStatus::default(),
             version: "test".into(),
             api: "127.0.0.1:1".into(),
+            bulk_port: None,
         },
         revocations: vec![],
         seed: 7,
+        bulk: None,
     }
 }
 

@@ -35,7 +35,10 @@
 //!   it is corrupt.
 //! - [`ChunkStore::gc`] copies live chunks out of mostly-dead packs, syncs,
 //!   and only then drops the old packs' index records and deletes their
-//!   files: a crash at any step leaves every live chunk readable.
+//!   files: a crash at any step leaves every live chunk readable. gc and
+//!   [`ChunkStore::scrub`] stream over the index in bounded memory (see
+//!   `maintenance.rs`); their sort runs are files in `packs/`, unlinked as
+//!   soon as created (and any `*.tmp` left there is removed on open).
 //! - If an fsync or an index write fails the store is *poisoned*: every
 //!   later call fails with [`ChunkStoreError::Poisoned`] until it is
 //!   reopened (after a failed fsync Linux may have dropped the dirty pages,
@@ -45,9 +48,14 @@
 //!   retries once space was freed. Nothing already synced is ever lost.
 
 mod active;
+mod extsort;
+mod loaded;
+mod maintenance;
 pub(crate) mod pack;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+pub use maintenance::LiveSet;
+
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -1143,19 +1151,28 @@ impl ChunkStore {
         })
     }
 
+    /// The chunk entries sled holds, in id order, decoded (other keys
+    /// skipped); a location that does not decode is a damaged index. No
+    /// pending changes: callers sync first or overlay them.
+    fn indexed_chunks(&self) -> impl Iterator<Item = Result<(ChunkId, Location)>> + '_ {
+        self.tree.iter().filter_map(|kv| {
+            let (k, v) = match kv {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let id = ChunkId::from_slice(&k)?;
+            Some(
+                Location::decode(&v)
+                    .map(|loc| (id, loc))
+                    .ok_or(ChunkStoreError::DamagedIndex { what: "chunk" }),
+            )
+        })
+    }
+
     /// Every indexed chunk and its location: sled's entries overlaid with
     /// pending changes.
     fn all_entries(&self) -> Result<Vec<(ChunkId, Location)>> {
-        let mut out = Vec::new();
-        for kv in self.tree.iter() {
-            let (k, v) = kv?;
-            let Some(id) = ChunkId::from_slice(&k) else {
-                continue;
-            };
-            let loc =
-                Location::decode(&v).ok_or(ChunkStoreError::DamagedIndex { what: "chunk" })?;
-            out.push((id, loc));
-        }
+        let mut out = self.indexed_chunks().collect::<Result<Vec<_>>>()?;
         let w = lock(&self.w);
         out.retain(|(id, _)| !w.pending.contains_key(id));
         out.extend(
@@ -1164,225 +1181,6 @@ impl ChunkStore {
                 .filter_map(|(id, p)| p.new.map(|l| (*id, l))),
         );
         Ok(out)
-    }
-
-    /// Re-read and verify every stored chunk, pack by pack in file order
-    /// (after asking the kernel to drop cached pages, so the disk is read).
-    /// Corrupt or unreadable chunks are dropped from the index (durably,
-    /// before this returns), so `contains` says false and replication
-    /// fetches them again. `progress(bytes_done, bytes_total)`.
-    ///
-    /// # Errors
-    /// I/O errors other than corruption; index errors.
-    pub fn scrub(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ScrubReport> {
-        let _m = lock(&self.maintenance);
-        self.check()?;
-        self.sync()?;
-        let mut entries = self.all_entries()?;
-        entries.sort_by_key(|(_, l)| (l.pack, l.offset));
-        let total: u64 = entries.iter().map(|(_, l)| u64::from(l.len)).sum();
-        let mut report = ScrubReport::default();
-        let mut last_pack = None;
-        for (id, loc) in entries {
-            if last_pack != Some(loc.pack) {
-                last_pack = Some(loc.pack);
-                if let Ok(f) = self.pack_file(loc.pack) {
-                    // Best effort: drops clean cached pages only.
-                    let _ = rustix::fs::fadvise(&*f, 0, None, rustix::fs::Advice::DontNeed);
-                }
-            }
-            let ok = match self.read_at(&loc) {
-                Ok(data) => ChunkId::of(&data) == id,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound
-                    ) =>
-                {
-                    false
-                }
-                Err(e) => return Err(io_err("read", &self.pack_path(loc.pack))(e)),
-            };
-            if !ok {
-                let _ = self.drop_corrupt(id, loc);
-                report.corrupt.push(id);
-            }
-            report.checked += 1;
-            report.bytes += u64::from(loc.len);
-            progress(report.bytes, total);
-        }
-        self.sync()?;
-        if !report.corrupt.is_empty() {
-            tracing::warn!(
-                corrupt = report.corrupt.len(),
-                "scrub dropped corrupt chunks"
-            );
-        }
-        Ok(report)
-    }
-
-    /// Drop every chunk not in `live`, then compact packs that are mostly
-    /// dead (or small) by copying their live chunks into the active pack and
-    /// deleting them. Crash-safe at every step (see the module docs).
-    ///
-    /// `live` must name every chunk anything still needs, including chunks
-    /// of transfers in progress: a chunk inserted concurrently with gc but
-    /// not in `live` may be dropped if it was synced before gc started.
-    ///
-    /// # Errors
-    /// I/O and index errors.
-    pub fn gc(&self, live: &HashSet<ChunkId>) -> Result<GcReport> {
-        let _m = lock(&self.maintenance);
-        self.check()?;
-        self.sync()?;
-        let mut report = GcReport {
-            disk_bytes_before: self.stats()?.disk_bytes,
-            ..GcReport::default()
-        };
-
-        // 1. Drop unreferenced entries.
-        let dead: Vec<(ChunkId, Location)> = self
-            .all_entries()?
-            .into_iter()
-            .filter(|(id, _)| !live.contains(id))
-            .collect();
-        for batch in dead.chunks(GC_BATCH) {
-            let mut w = lock(&self.w);
-            for (id, loc) in batch {
-                if self.lookup(&w, id)? == Some(*loc) {
-                    self.set(&mut w, *id, None)?;
-                    report.removed_chunks += 1;
-                    report.removed_bytes += u64::from(loc.len);
-                }
-            }
-        }
-        self.sync()?;
-
-        // 2. Choose packs to compact: mostly-dead ones, and small ones when
-        // there are at least two to merge.
-        let (victims, empty) = {
-            let w = lock(&self.w);
-            let mut sparse = HashSet::new();
-            let mut small = HashSet::new();
-            let mut empty = Vec::new();
-            for (no, info) in &w.committed {
-                if *no == w.active.no || w.sealed.contains_key(no) {
-                    continue;
-                }
-                if info.live_count == 0 {
-                    empty.push(*no);
-                    continue;
-                }
-                let size = info.synced_len.max(1);
-                if (info.live_bytes as f64) < COMPACT_LIVE_FRACTION * size as f64 {
-                    sparse.insert(*no);
-                } else if size < self.opts.pack_target / COMPACT_SMALL_FRACTION {
-                    small.insert(*no);
-                }
-            }
-            if small.len() >= 2 || !sparse.is_empty() {
-                sparse.extend(small);
-            }
-            (sparse, empty)
-        };
-
-        // 3. Copy live chunks out of the victims.
-        if !victims.is_empty() {
-            let mut moving: Vec<(ChunkId, Location)> = self
-                .all_entries()?
-                .into_iter()
-                .filter(|(_, l)| victims.contains(&l.pack))
-                .collect();
-            moving.sort_by_key(|(_, l)| (l.pack, l.offset));
-            for (id, loc) in moving {
-                let data = match self.read_at(&loc) {
-                    Ok(d) if ChunkId::of(&d) == id => d,
-                    Ok(_) => {
-                        let _ = self.drop_corrupt(id, loc);
-                        report.corrupt.push(id);
-                        continue;
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound
-                        ) =>
-                    {
-                        let _ = self.drop_corrupt(id, loc);
-                        report.corrupt.push(id);
-                        continue;
-                    }
-                    Err(e) => return Err(io_err("read", &self.pack_path(loc.pack))(e)),
-                };
-                let mut w = lock(&self.w);
-                if self.lookup(&w, &id)? != Some(loc) {
-                    continue; // removed or moved meanwhile
-                }
-                let new = self.append(&mut w, &id, &data, false)?;
-                self.set(&mut w, id, Some(new))?;
-                report.moved_chunks += 1;
-                report.moved_bytes += u64::from(loc.len);
-            }
-            report.packs_compacted = victims.len() as u64;
-            self.sync()?;
-        }
-
-        // 4. Delete packs nothing points into any more. Their records go
-        // first (durably), then the files: a crash in between leaves an
-        // unindexed file, which open() deletes.
-        let mut doomed: Vec<u32> = empty;
-        {
-            let w = lock(&self.w);
-            for no in &victims {
-                let dead =
-                    |m: &BTreeMap<u32, PackInfo>| m.get(no).is_none_or(|i| i.live_count == 0);
-                if dead(&w.committed) && dead(&w.live) {
-                    doomed.push(*no);
-                }
-            }
-        }
-        if !doomed.is_empty() {
-            {
-                let _s = lock(&self.sync_lock);
-                let mut w = lock(&self.w);
-                let mut batch = sled::Batch::default();
-                for no in &doomed {
-                    batch.remove(pack::pack_key(*no).as_slice());
-                }
-                self.tree
-                    .apply_batch(batch)
-                    .map_err(|e| self.poison(ChunkStoreError::Index(e)))?;
-                self.db
-                    .flush()
-                    .map_err(|e| self.poison(ChunkStoreError::Index(e)))?;
-                for no in &doomed {
-                    w.committed.remove(no);
-                    w.live.remove(no);
-                }
-            }
-            let mut r = lock(&self.readers);
-            for no in &doomed {
-                r.remove(no);
-                let p = self.pack_path(*no);
-                match std::fs::remove_file(&p) {
-                    Ok(()) => report.packs_deleted += 1,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_err("remove", &p)(e)),
-                }
-            }
-            drop(r);
-            fsutil::fsync_dir(&self.packs_dir).map_err(io_err("fsync", &self.packs_dir))?;
-        }
-        report.disk_bytes_after = self.stats()?.disk_bytes;
-        tracing::info!(
-            removed = report.removed_chunks,
-            compacted = report.packs_compacted,
-            deleted = report.packs_deleted,
-            before = report.disk_bytes_before,
-            after = report.disk_bytes_after,
-            "chunk gc done"
-        );
-        Ok(report)
     }
 
     /// Ids of every chunk held.

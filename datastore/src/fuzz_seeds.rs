@@ -7,9 +7,12 @@ use std::path::Path;
 
 use futures::executor::block_on;
 
+use crate::manifest::delta as manifest_delta;
 use crate::manifest::Manifest;
 use crate::replicate::delta;
-use crate::replicate::wire::{write_frame, Abort, Committed, Frame, Hello, Kind, NeedEnd, PROTO};
+use crate::replicate::wire::{
+    write_frame, Abort, Committed, DeltaHead, Frame, Hello, Holding, Kind, NeedEnd, PROTO,
+};
 use crate::ChunkId;
 
 fn seed(target: &str, name: &str, bytes: &[u8]) {
@@ -98,6 +101,45 @@ fn write_fuzz_seeds() {
             (Kind::Chunk, chunk.clone()),
             (Kind::Delta, d),
             (Kind::Done, Vec::new()),
+        ]),
+    );
+    // Version 2: the generation as a delta of the one the replica holds
+    // (the same base as `fieldrack_fuzz::manifest_delta_base`).
+    let base = Manifest {
+        generation: 2,
+        chunks: vec![Some(ida), None, None, Some(ida), None],
+        created_at_ms: 1_799_999_990_000,
+        ..manifest.clone()
+    };
+    let md = manifest_delta::encode(&base, &manifest);
+    let rebuilt = manifest_delta::apply(&base, &md, &manifest.id(), 1 << 20);
+    assert_eq!(rebuilt.as_ref(), Ok(&manifest), "the seed's delta applies");
+    let head = DeltaHead {
+        base: 2,
+        delta_len: md.len() as u64,
+        manifest_id: manifest.id(),
+    };
+    seed(
+        "replication_wire",
+        "push-owner-delta",
+        &stream(&[
+            json(Frame::json(Kind::Hello, &hello)),
+            json(Frame::json(Kind::DeltaHead, &head)),
+            (Kind::ManifestDeltaPart, md),
+            (Kind::Done, Vec::new()),
+        ]),
+    );
+    seed(
+        "replication_wire",
+        "push-replica-holding",
+        &stream(&[
+            json(Frame::json(
+                Kind::Holding,
+                &Holding {
+                    generations: vec![2, 1],
+                },
+            )),
+            json(Frame::json(Kind::Committed, &Committed { generation: 3 })),
         ]),
     );
     seed(

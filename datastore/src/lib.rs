@@ -20,7 +20,8 @@
 //! ```text
 //! FORMAT                    "fieldrack-volume-store 1"
 //! volumes/<name>.img        live raw images (owner only), sparse
-//! tmp/                      clones and conversions in progress (emptied on open)
+//! tmp/                      clones and conversions in progress, <name>.base
+//!                           (the clone the latest generation was read from); emptied on open
 //! meta/                     sled: v/<name> volume records (checksummed JSON),
 //!                           m/<name>/<gen BE> encoded manifests, s/<name> staged manifests
 //! chunks/FORMAT             "fieldrack-chunk-store 1"
@@ -40,6 +41,7 @@
 //!   [`ChunkStoreError::Corrupt`] (and the chunk is dropped from the index
 //!   so that replication fetches it again), never wrong bytes.
 //! - [`VolumeStore::create`], [`VolumeStore::snapshot`],
+//!   [`VolumeStore::snapshot_changed`],
 //!   [`VolumeStore::import`], [`VolumeStore::publish`],
 //!   [`VolumeStore::stage`], [`VolumeStore::delete`] and
 //!   [`VolumeStore::prune`] are durable when they return; a manifest is
@@ -58,7 +60,7 @@
 //!   [`ChunkStore::rebuild_index`] recovers every chunk that verifies.
 //!
 //! Crash consistency is tested by SIGKILLing a writer child process at
-//! random moments (`tests/durability.rs`); power loss (lost page cache) is
+//! random moments (`tests/integration/durability.rs`); power loss (lost page cache) is
 //! not simulated.
 
 pub mod chunk_store;
@@ -73,12 +75,13 @@ pub mod volume;
 mod fuzz_seeds;
 
 pub use chunk_store::{
-    ChunkStore, ChunkStoreError, ChunkStoreOptions, ChunkStoreStats, GcReport, RebuildReport,
-    ScrubReport,
+    ChunkStore, ChunkStoreError, ChunkStoreOptions, ChunkStoreStats, GcReport, LiveSet,
+    RebuildReport, ScrubReport,
 };
 pub use id::{hash_many, is_zero, ChunkId, ParseChunkIdError, MAX_HASH_THREADS};
 pub use manifest::Manifest;
 pub use volume::{
-    validate_name, CaptureMethod, ImportSource, NoPause, PauseHooks, SnapshotReport, SourceError,
-    VolumeInfo, VolumeStore, VolumeStoreOptions, CHUNK_SIZE, DEFAULT_KEEP,
+    validate_name, CaptureMethod, DirtyTracking, ImportSource, NoPause, PauseHooks, SnapshotReport,
+    SourceError, VolumeInfo, VolumeStore, VolumeStoreInfo, VolumeStoreOptions, CHUNK_SIZE,
+    DEFAULT_KEEP,
 };

@@ -21,6 +21,8 @@ use std::collections::HashSet;
 use crate::id::ChunkId;
 use crate::volume::names::{validate_name, NameError};
 
+pub mod delta;
+
 const MAGIC: [u8; 4] = *b"FRMF";
 /// Current encoding version.
 pub const MANIFEST_VERSION: u8 = 1;
@@ -121,6 +123,13 @@ pub enum DecodeError {
 #[must_use]
 pub fn chunk_count(size: u64, chunk_size: u32) -> u64 {
     size.div_ceil(u64::from(chunk_size.max(1)))
+}
+
+/// Whether `bitmap`, a presence bitmap of `n` entries (bit `i % 8` of byte
+/// `i / 8`), has a bit set past entry `n` in its last byte: the encoding
+/// and the delta both refuse that, so each bitmap has one valid form.
+fn trailing_bits_set(bitmap: &[u8], n: usize) -> bool {
+    !n.is_multiple_of(8) && bitmap.last().is_some_and(|b| b >> (n % 8) != 0)
 }
 
 fn check_chunk_size(cs: u32) -> Result<(), InvalidManifest> {
@@ -281,7 +290,7 @@ impl Manifest {
         }
         // n fits in usize: the bitmap (n / 8 bytes) is inside `bytes`.
         let n = usize::try_from(n).map_err(|_| DecodeError::Truncated)?;
-        if n % 8 != 0 && bitmap.last().is_some_and(|b| b >> (n % 8) != 0) {
+        if trailing_bits_set(bitmap, n) {
             return Err(DecodeError::TrailingBits);
         }
         let volume = std::str::from_utf8(&bytes[name_at..bitmap_at])

@@ -11,7 +11,9 @@
 //!   are kept by gc). Records carry a checksum; manifests are
 //!   self-checking. One `apply_batch` + flush per change.
 //! - `volumes/<name>.img`: the live raw image, on the owner only.
-//! - `tmp/`: clones and conversions in progress; emptied on open.
+//! - `tmp/`: clones and conversions in progress; `<name>.base`, the reflink
+//!   clone the latest generation of `name` was read from (dirty tracking);
+//!   emptied on open.
 //!
 //! # Durability contract
 //! - `create`, `import`, `snapshot`, `publish`, `stage`, `delete`, `prune`
@@ -21,23 +23,36 @@
 //! - A crash at any point leaves every volume at a complete generation: a
 //!   manifest is either fully there with every chunk it references, or not
 //!   there at all.
+//! - An incremental snapshot ([`VolumeStore::snapshot_changed`], or a
+//!   reflink snapshot with a kept base clone) syncs the chunks it read
+//!   before writing its manifest, like a full one; the entries it copies
+//!   from the base generation's manifest reference chunks that manifest
+//!   already made durable. Only a base that is exactly the latest
+//!   generation is used; anything else is a full pass.
 //! - `export` and `promote` write a temp file, fsync it, rename it into
 //!   place and fsync the directory: the target is the old file or the
 //!   complete new one.
 
+pub mod dirty;
+pub mod extents;
+pub mod fsinfo;
 pub mod image;
+pub mod incremental;
 pub mod names;
+mod preclone;
 pub mod source;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub use fsinfo::{DirtyTracking, VolumeStoreInfo};
 pub use image::MaterialiseError;
 pub use names::{validate_name, NameError, MAX_NAME_LEN};
 pub use source::{ImportSource, SourceError};
@@ -48,7 +63,7 @@ use crate::id::ChunkId;
 use crate::manifest::{chunk_count, InvalidManifest, Manifest, MAX_VOLUME_SIZE};
 
 /// Bytes per chunk of every volume image: 64 KiB, chosen by measurement
-/// (`cargo test -p datastore --release --test measure -- --ignored
+/// (`cargo test -p datastore --release --test integration measure:: -- --ignored
 /// --nocapture` prints the tables; figures from this 2-core VM):
 ///
 /// | chunk  | BLAKE3/thread | index/chunk | manifest | new after 1 % | 10 clones |
@@ -176,7 +191,9 @@ pub struct VolumeInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub enum CaptureMethod {
-    /// A reflink clone during the pause (constant-time on btrfs/XFS).
+    /// A reflink clone made while the appliance ran, brought up to its
+    /// point in time in the pause by re-cloning only what it wrote since
+    /// (btrfs/XFS; the pause follows the last writes, not the image).
     Reflink,
     /// Pre-copy while running; the image had not changed when paused, so
     /// the pause only checked that.
@@ -185,6 +202,9 @@ pub enum CaptureMethod {
     /// was re-read and re-hashed during the pause (only changed chunks are
     /// stored).
     PrecopyRescan,
+    /// A point-in-time copy made by the appliance's own machinery and
+    /// handed in ([`VolumeStore::snapshot_changed`]): nothing was paused.
+    Provided,
 }
 
 /// Details of a snapshot (see [`VolumeStore::snapshot_report`]).
@@ -202,6 +222,48 @@ pub struct SnapshotReport {
     pub new_chunks: u64,
     /// Their bytes.
     pub new_bytes: u64,
+    /// Bytes read from the image (holes and unchanged chunks are not read).
+    pub bytes_read: u64,
+    /// The generation whose manifest the unchanged chunks were taken from
+    /// (an incremental snapshot), or `None`: the whole image was read.
+    pub base: Option<u64>,
+}
+
+/// What a scan cost and stored.
+#[derive(Debug, Default, Clone, Copy)]
+struct ScanCost {
+    new_chunks: u64,
+    new_bytes: u64,
+    bytes_read: u64,
+}
+
+impl ScanCost {
+    /// The report of a snapshot of caller-provided bytes
+    /// ([`CaptureMethod::Provided`], no pause) that this scan produced.
+    fn provided_report(
+        self,
+        manifest: Manifest,
+        started: Instant,
+        base: Option<u64>,
+    ) -> SnapshotReport {
+        SnapshotReport {
+            manifest,
+            method: CaptureMethod::Provided,
+            pause: Duration::ZERO,
+            elapsed: started.elapsed(),
+            new_chunks: self.new_chunks,
+            new_bytes: self.new_bytes,
+            bytes_read: self.bytes_read,
+            base,
+        }
+    }
+}
+
+fn scan_err(e: image::ScanError<ChunkStoreError>, path: &Path) -> SnapshotError {
+    match e {
+        image::ScanError::Read(e) => SnapshotError::from(io_err("read", path)(e)),
+        image::ScanError::Sink(e) => SnapshotError::from(e),
+    }
 }
 
 /// Result of [`VolumeStore::prune`].
@@ -568,6 +630,18 @@ pub struct VolumeStore {
     vol_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Whether FICLONE works on this filesystem.
     reflink: AtomicBool,
+    /// Per volume, the reflink clone its latest generation was read from:
+    /// the next snapshot reads only the ranges whose extents moved since.
+    bases: Mutex<HashMap<String, DirtyBase>>,
+}
+
+/// A clone of a live image kept after a snapshot read it.
+#[derive(Debug, Clone)]
+struct DirtyBase {
+    /// The generation read from it.
+    generation: u64,
+    /// `tmp/<name>.base`.
+    path: PathBuf,
 }
 
 impl std::fmt::Debug for VolumeStore {
@@ -691,6 +765,7 @@ impl VolumeStore {
             gc_lock: RwLock::new(()),
             vol_locks: Mutex::new(HashMap::new()),
             reflink: AtomicBool::new(reflink),
+            bases: Mutex::new(HashMap::new()),
         })
     }
 
@@ -710,6 +785,21 @@ impl VolumeStore {
     #[must_use]
     pub fn reflink_supported(&self) -> bool {
         self.reflink.load(Ordering::Relaxed)
+    }
+
+    /// The store's filesystem and what it gives snapshots (one `statfs`).
+    #[must_use]
+    pub fn info_fs(&self) -> VolumeStoreInfo {
+        let reflink = self.reflink_supported();
+        VolumeStoreInfo {
+            filesystem: fsinfo::filesystem_name(&self.root),
+            reflink,
+            dirty_tracking: if reflink {
+                DirtyTracking::Extents
+            } else {
+                DirtyTracking::FullRead
+            },
+        }
     }
 
     /// Where the live image of `name` lives (whether or not it exists).
@@ -875,6 +965,32 @@ impl VolumeStore {
             .manifest)
     }
 
+    /// [`VolumeStore::snapshot_from`], with the details.
+    ///
+    /// # Errors
+    /// [`SnapshotError`]; the volume stays at its previous generation.
+    pub fn snapshot_from_report(
+        &self,
+        name: &str,
+        source: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<SnapshotReport, SnapshotError> {
+        self.snapshot_inner(name, Some(source), true, &NoPause, progress)
+    }
+
+    /// [`VolumeStore::snapshot_if_idle`], with the details.
+    ///
+    /// # Errors
+    /// [`SnapshotError`].
+    pub fn snapshot_report_if_idle(
+        &self,
+        name: &str,
+        hooks: &dyn PauseHooks,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<SnapshotReport, SnapshotError> {
+        self.snapshot_inner(name, None, false, hooks, progress)
+    }
+
     /// Capture a crash-consistent point in time of the live image as
     /// generation + 1, durably (chunks synced before the manifest).
     ///
@@ -970,37 +1086,61 @@ impl VolumeStore {
             }
             Ok(())
         };
+        let bytes_read = std::cell::Cell::new(0u64);
         let scan = |f: &File,
                     progress: &mut dyn FnMut(u64, u64),
                     sink: &mut image::Sink<'_, ChunkStoreError>| {
-            image::scan(f, rec.size, CHUNK_SIZE, progress, sink).map_err(|e| match e {
-                image::ScanError::Read(e) => SnapshotError::from(io_err("read", &path)(e)),
-                image::ScanError::Sink(e) => SnapshotError::from(e),
-            })
+            let s = image::scan(f, rec.size, CHUNK_SIZE, progress, sink)
+                .map_err(|e| scan_err(e, &path))?;
+            bytes_read.set(bytes_read.get() + s.bytes_read);
+            Ok::<_, SnapshotError>(s.entries)
         };
 
         let mut captured = None;
+        let mut extra = ScanCost::default();
+        let mut based = None;
+        let mut next_base = None;
         if self.reflink.load(Ordering::Relaxed) {
             // Write back dirty pages first: the clone flushes what is still
-            // dirty, inside the pause.
+            // dirty.
             file.sync_data().map_err(io_err("fdatasync", &path))?;
             let clone = TempFile::new(
                 self.tmp_dir
                     .join(fsutil::unique_tmp_name(&format!("{name}-clone"))),
             );
-            let (r, paused, at) = {
-                let guard = pause(hooks)?;
-                let t = Instant::now();
-                let at = fsutil::now_ms();
-                let r = image::reflink(&file, clone.path());
-                let paused = t.elapsed();
-                drop(guard);
-                (r, paused, at)
-            };
-            match r {
-                Ok(()) => {
-                    let cf = File::open(clone.path()).map_err(io_err("open", clone.path()))?;
-                    let entries = scan(&cf, progress, &mut sink)?;
+            // Clone while the appliance runs; in the pause, re-clone only
+            // what it wrote since (see `volume/preclone.rs`).
+            match preclone::preclone(&file, clone.path(), rec.size) {
+                Ok(pre) => {
+                    let (r, paused, at) = {
+                        let guard = pause(hooks)?;
+                        let t = Instant::now();
+                        let at = fsutil::now_ms();
+                        let r = preclone::finish(&file, &pre, rec.size);
+                        let paused = t.elapsed();
+                        drop(guard);
+                        (r, paused, at)
+                    };
+                    r.map_err(io_err("re-clone", &path))?;
+                    let cf = pre.file();
+                    // The live image's own clone: compare it with the
+                    // previous one and read only what moved.
+                    let tracked = if source.is_none() {
+                        self.changed_since_base(name, &rec, cf)
+                    } else {
+                        None
+                    };
+                    let (base_m, changed) = match &tracked {
+                        Some((m, c)) => (Some(m), c.as_slice()),
+                        None => (None, &[][..]),
+                    };
+                    let (entries, cost) =
+                        self.scan_from_base(cf, clone.path(), rec.size, base_m, changed, progress)?;
+                    extra = cost;
+                    based = base_m.map(|m| m.generation);
+                    if source.is_none() {
+                        next_base = Some(clone);
+                    }
                     captured = Some((entries, CaptureMethod::Reflink, paused, at));
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(95 | 18 | 22 | 25)) => {
@@ -1064,6 +1204,99 @@ impl VolumeStore {
                 (entries, method, paused, at)
             }
         };
+        new_chunks += extra.new_chunks;
+        new_bytes += extra.new_bytes;
+        bytes_read.set(bytes_read.get() + extra.bytes_read);
+        let manifest = self.commit_generation(name, rec, entries, at)?;
+        if let Some(clone) = next_base {
+            self.keep_base(name, manifest.generation, clone);
+        }
+        tracing::info!(
+            volume = name,
+            generation = manifest.generation,
+            base = based,
+            ?method,
+            pause_us = paused.as_micros() as u64,
+            new_chunks,
+            bytes_read = bytes_read.get(),
+            "snapshot"
+        );
+        Ok(SnapshotReport {
+            manifest,
+            method,
+            pause: paused,
+            elapsed: started.elapsed(),
+            new_chunks,
+            new_bytes,
+            bytes_read: bytes_read.get(),
+            base: based,
+        })
+    }
+
+    /// The byte ranges in which `clone`, a fresh reflink clone of `name`'s
+    /// live image, differs from the clone its latest generation was read
+    /// from, with that generation's manifest; `None` when there is no such
+    /// clone (first snapshot since the store opened, a generation written
+    /// another way since) or its extents cannot be read: read everything.
+    fn changed_since_base(
+        &self,
+        name: &str,
+        rec: &VolumeRecord,
+        clone: &File,
+    ) -> Option<(Manifest, Vec<Range<u64>>)> {
+        let base = lock(&self.bases).get(name).cloned()?;
+        if base.generation != rec.generation {
+            return None;
+        }
+        let m = self
+            .manifest(name, base.generation)
+            .ok()
+            .flatten()
+            .filter(|m| m.chunk_size == CHUNK_SIZE)?;
+        let old = File::open(&base.path).ok()?;
+        match extents::changed_ranges(extents::extents(&old), extents::extents(clone), rec.size) {
+            Ok(changed) => Some((m, changed)),
+            Err(e) => {
+                tracing::warn!(volume = name, error = %e, "reading extent maps failed; reading the whole image");
+                None
+            }
+        }
+    }
+
+    /// Keep `clone` (generation `generation` was read from it) as the base
+    /// the next snapshot of `name` compares against, replacing the previous
+    /// one. It lives in `tmp/`, emptied on open: after a restart the first
+    /// snapshot reads everything. Holds the blocks written since, no more.
+    fn keep_base(&self, name: &str, generation: u64, clone: TempFile) {
+        let path = self.tmp_dir.join(format!("{name}.base"));
+        match std::fs::rename(clone.path(), &path) {
+            Ok(()) => {
+                clone.disarm();
+                lock(&self.bases).insert(name.to_owned(), DirtyBase { generation, path });
+            }
+            Err(e) => {
+                tracing::warn!(volume = name, error = %e, "keeping the snapshot clone failed; the next snapshot reads everything");
+                lock(&self.bases).remove(name);
+            }
+        }
+    }
+
+    /// Forget `name`'s dirty-tracking base and free its blocks.
+    fn drop_base(&self, name: &str) {
+        if let Some(b) = lock(&self.bases).remove(name) {
+            let _ = std::fs::remove_file(b.path);
+        }
+    }
+
+    /// Sync the chunks, then write generation `rec.generation + 1` with
+    /// `entries` and its volume record in one batch, flushed.
+    fn commit_generation(
+        &self,
+        name: &str,
+        rec: VolumeRecord,
+        entries: Vec<Option<ChunkId>>,
+        at: u64,
+    ) -> Result<Manifest, StoreError> {
         self.chunks.sync()?;
         let generation = rec.generation + 1;
         let manifest = Manifest {
@@ -1078,22 +1311,127 @@ impl VolumeStore {
         batch.insert(manifest_key(name, generation), manifest.encode());
         Self::put_record(&mut batch, name, &VolumeRecord { generation, ..rec });
         self.commit(batch)?;
+        Ok(manifest)
+    }
+
+    /// Record `source`, a point-in-time copy of the live image that differs
+    /// from generation `base` only inside the byte ranges `changed`, as
+    /// generation `base + 1`, reading and hashing only the [`CHUNK_SIZE`]
+    /// chunks that overlap `changed`; every other entry is taken from
+    /// `base`'s manifest. Nothing is paused; the live image is not read.
+    ///
+    /// `base` must name the volume's latest generation exactly: if it does
+    /// not (another snapshot or an import came in between), if that
+    /// manifest is not held, or if it uses another chunk size, the whole
+    /// of `source` is read instead ([`SnapshotReport::base`] is then
+    /// `None`), so a stale caller gets a correct manifest, never a wrong
+    /// one. Ranges are clipped to the volume; a size change re-reads from
+    /// the old end on. Same durability as [`VolumeStore::snapshot`]: the
+    /// chunks read are synced before the manifest and volume record are
+    /// written in one batch; the chunks kept from `base` are already
+    /// durable (its manifest is) and the shared gc lock keeps prune from
+    /// dropping them meanwhile.
+    ///
+    /// # Errors
+    /// [`SnapshotError`]; the volume stays at its previous generation.
+    pub fn snapshot_changed(
+        &self,
+        name: &str,
+        source: &Path,
+        base: u64,
+        changed: &[Range<u64>],
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<SnapshotReport, SnapshotError> {
+        let started = Instant::now();
+        let _g = self.gc_shared();
+        let vl = self.vol_lock(name);
+        let _v = lock(&vl);
+        let rec = self.live_record(name)?;
+        let file = File::open(source).map_err(io_err("open", source))?;
+        let at = fsutil::now_ms();
+        let base_manifest = if base > 0 && base == rec.generation {
+            self.manifest(name, base)?
+                .filter(|m| m.chunk_size == CHUNK_SIZE)
+        } else {
+            None
+        };
+        if base_manifest.is_none() {
+            tracing::info!(
+                volume = name,
+                base,
+                latest = rec.generation,
+                "incremental snapshot without its base; reading the whole image"
+            );
+        }
+        let (entries, scanned) = self.scan_from_base(
+            &file,
+            source,
+            rec.size,
+            base_manifest.as_ref(),
+            changed,
+            progress,
+        )?;
+        let manifest = self.commit_generation(name, rec, entries, at)?;
         tracing::info!(
             volume = name,
-            generation,
-            ?method,
-            pause_us = paused.as_micros() as u64,
-            new_chunks,
+            generation = manifest.generation,
+            base = base_manifest.as_ref().map(|m| m.generation),
+            new_chunks = scanned.new_chunks,
+            bytes_read = scanned.bytes_read,
             "snapshot"
         );
-        Ok(SnapshotReport {
-            manifest,
-            method,
-            pause: paused,
-            elapsed: started.elapsed(),
-            new_chunks,
-            new_bytes,
-        })
+        let base = base_manifest.map(|m| m.generation);
+        Ok(scanned.provided_report(manifest, started, base))
+    }
+
+    /// The record of `name`, which must have a live image: the two checks
+    /// every snapshot of caller-provided bytes makes first, under the
+    /// volume's lock.
+    fn live_record(&self, name: &str) -> Result<VolumeRecord, SnapshotError> {
+        let rec = self.existing(name)?;
+        if !self.image_path(name).exists() {
+            return Err(SnapshotError::NoLiveImage(name.to_owned()));
+        }
+        Ok(rec)
+    }
+
+    /// The entries of a `size`-byte image in `file`: read whole when there
+    /// is no `base`, else only the chunks `changed` touches, the rest taken
+    /// from `base`. Chunks read are inserted (not yet synced).
+    fn scan_from_base(
+        &self,
+        file: &File,
+        path: &Path,
+        size: u64,
+        base: Option<&Manifest>,
+        changed: &[Range<u64>],
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(Vec<Option<ChunkId>>, ScanCost), SnapshotError> {
+        let mut cost = ScanCost::default();
+        let mut sink = |_: usize, data: &[u8], id: ChunkId| -> Result<(), ChunkStoreError> {
+            if self.chunks.insert_hashed(id, data)? {
+                cost.new_chunks += 1;
+                cost.new_bytes += data.len() as u64;
+            }
+            Ok(())
+        };
+        let entries = match base {
+            None => {
+                let s = image::scan(file, size, CHUNK_SIZE, progress, &mut sink)
+                    .map_err(|e| scan_err(e, path))?;
+                cost.bytes_read = s.bytes_read;
+                s.entries
+            }
+            Some(b) => {
+                let runs = dirty::chunks_to_read(b.size, size, CHUNK_SIZE, changed);
+                let s = image::scan_chunks(file, size, CHUNK_SIZE, &runs, progress, &mut sink)
+                    .map_err(|e| scan_err(e, path))?;
+                cost.bytes_read = s.bytes_read;
+                let n = usize::try_from(chunks_for(size)).unwrap_or(usize::MAX);
+                dirty::merge_entries(&b.chunks, n, &runs, &s.entries)
+            }
+        };
+        Ok((entries, cost))
     }
 
     /// Import a raw or qcow2 image as the next generation of `name`
@@ -1208,7 +1546,8 @@ impl VolumeStore {
                 image::ScanError::Sink(SinkErr::Write(e)) => io_err("write", tmp.path())(e).into(),
                 image::ScanError::Sink(SinkErr::Cancelled) => ImportError::Cancelled,
             }
-        })?;
+        })?
+        .entries;
         self.chunks.sync()?;
         live.sync_all().map_err(io_err("fsync", tmp.path()))?;
         drop(live);
@@ -1344,16 +1683,26 @@ impl VolumeStore {
     /// published (or another is staged, or [`VolumeStore::unstage`]), prune
     /// keeps every chunk it references, so an interrupted transfer resumes
     /// without resending what already arrived. Stage before checking which
-    /// chunks are missing.
+    /// chunks are missing. Staging the manifest already staged (a transfer
+    /// resuming after a cut) writes and syncs nothing: it was synced when
+    /// first staged, and a sync on a busy disk would hold up the resume.
     ///
     /// # Errors
     /// [`StoreError`], or the manifest is invalid.
     pub fn stage(&self, manifest: &Manifest) -> Result<(), PublishError> {
         manifest.validate()?;
         let _g = self.gc_shared();
-        self.meta
-            .insert(staged_key(&manifest.volume), manifest.encode())
-            .map_err(StoreError::from)?;
+        let key = staged_key(&manifest.volume);
+        let encoded = manifest.encode();
+        if self
+            .meta
+            .get(&key)
+            .map_err(StoreError::from)?
+            .is_some_and(|v| *v == *encoded)
+        {
+            return Ok(());
+        }
+        self.meta.insert(key, encoded).map_err(StoreError::from)?;
         self.db.flush().map_err(StoreError::from)?;
         Ok(())
     }
@@ -1420,6 +1769,26 @@ impl VolumeStore {
         }
     }
 
+    /// The newest (at most `max`) generations of `name` held below
+    /// `below`, newest first: the bases a replica offers for a manifest
+    /// delta.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub(crate) fn generations_below(
+        &self,
+        name: &str,
+        below: u64,
+        max: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        validate_name(name)?;
+        let mut gens = self.generations(name)?;
+        gens.retain(|g| *g < below);
+        gens.reverse();
+        gens.truncate(max);
+        Ok(gens)
+    }
+
     fn generations(&self, name: &str) -> Result<Vec<u64>, StoreError> {
         let prefix = manifest_prefix(name);
         self.meta
@@ -1484,6 +1853,7 @@ impl VolumeStore {
         batch.remove(staged_key(name));
         batch.remove(record_key(name));
         self.commit(batch)?;
+        self.drop_base(name);
         let image = self.image_path(name);
         match std::fs::remove_file(&image) {
             Ok(()) => {
@@ -1540,7 +1910,9 @@ impl VolumeStore {
         let _g = self.gc_exclusive()?;
         let mut report = PruneReport::default();
         let mut batch = sled::Batch::default();
-        let mut live: HashSet<ChunkId> = HashSet::new();
+        // The live set goes to a sorted run on disk, not a hash set: its
+        // memory stays bounded however many chunks the store holds.
+        let mut live = self.chunks.live_set();
         for kv in self.meta.iter() {
             let (k, v) = kv?;
             if let Some(name) = k.strip_prefix(b"v/") {
@@ -1553,16 +1925,18 @@ impl VolumeStore {
                 }
                 for g in &gens[cut..] {
                     if let Some(m) = self.manifest(&name, *g)? {
-                        live.extend(m.chunks.iter().flatten());
+                        live.extend(m.chunks.iter().flatten())
+                            .map_err(StoreError::from)?;
                     }
                 }
             } else if let Some(name) = k.strip_prefix(b"s/") {
                 let name = String::from_utf8_lossy(name).into_owned();
-                live.extend(Self::decode_manifest(&name, &v)?.chunks.iter().flatten());
+                live.extend(Self::decode_manifest(&name, &v)?.chunks.iter().flatten())
+                    .map_err(StoreError::from)?;
             }
         }
         self.commit(batch)?;
-        report.gc = self.chunks.gc(&live).map_err(StoreError::from)?;
+        report.gc = self.chunks.gc(live).map_err(StoreError::from)?;
         tracing::info!(
             dropped = report.manifests_dropped,
             chunks_removed = report.gc.removed_chunks,

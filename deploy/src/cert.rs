@@ -139,6 +139,11 @@ impl FleetKey {
         }
     }
 
+    /// Sign arbitrary bytes (a bundle manifest: [`crate::bundle`]).
+    pub(crate) fn sign_bytes(&self, bytes: &[u8]) -> Vec<u8> {
+        self.0.sign(bytes)
+    }
+
     /// Sign a revocation body.
     pub fn revoke(&self, body: &RevocationBody) -> Revocation {
         let bytes = serde_json::to_vec(body).expect("RevocationBody serializes");

@@ -65,6 +65,10 @@ pub struct RackConfig {
     /// The control plane: leases and Raft timings (`[control]`).
     #[serde(default)]
     pub control: ControlConfig,
+    /// The bulk data plane: a QUIC endpoint of its own for volume pushes,
+    /// chunk fetches and cache copies (`[bulk]`).
+    #[serde(default)]
+    pub bulk: BulkConfig,
     /// The caching HTTP proxy and tile server (`[proxy]`); absent: no proxy.
     /// A witness runs none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,6 +79,37 @@ pub struct RackConfig {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The operator console (`/console/` on the proxy's address).
+    #[serde(default, skip_serializing_if = "ConsoleConfig::is_default")]
+    pub console: ConsoleConfig,
+}
+
+/// `[console]`: passwords for the operator console, besides the API token
+/// (which always logs in as an operator). Each is stored hashed,
+/// `blake3:<salt, 32 hex digits>:<hash, 64 hex digits>`, as printed by
+/// `fieldrack console hash-password`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Logs in as an operator (start, stop, move).
+    pub operator_password_hash: Option<String>,
+    /// Logs in read-only.
+    pub viewer_password_hash: Option<String>,
+}
+
+impl ConsoleConfig {
+    fn is_default(&self) -> bool {
+        *self == ConsoleConfig::default()
+    }
+
+    /// Whether `h` has the stored form (`blake3:` + 32 + `:` + 64 hex).
+    fn hash_is_well_formed(h: &str) -> bool {
+        let mut p = h.split(':');
+        let hex = |s: Option<&str>, n: usize| {
+            s.is_some_and(|s| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        };
+        p.next() == Some("blake3") && hex(p.next(), 32) && hex(p.next(), 64) && p.next().is_none()
+    }
 }
 
 /// `[fleet]`: the fleet this rack trusts.
@@ -111,8 +146,10 @@ pub struct MeshConfig {
     /// First reconnect delay; doubles per failure up to `reconnect_max_ms`.
     pub reconnect_initial_ms: u64,
     /// Cap on the reconnect delay. Short, so a rack that comes back (a
-    /// healed link, a restart) is reconnected within seconds; a dial costs
-    /// one QUIC Initial packet.
+    /// healed link, a restart) is reconnected within about a second and a
+    /// transfer cut by a fade resumes within 2 s of the link's return; a
+    /// dial costs one QUIC Initial packet, so a dial per second per absent
+    /// rack costs nothing on the air.
     pub reconnect_max_ms: u64,
 }
 
@@ -127,7 +164,7 @@ impl Default for MeshConfig {
             max_connections_per_peer: 3,
             idle_timeout_ms: 30_000,
             reconnect_initial_ms: 500,
-            reconnect_max_ms: 3_000,
+            reconnect_max_ms: 1_000,
         }
     }
 }
@@ -235,8 +272,12 @@ pub struct NutConfig {
 pub struct VolumesConfig {
     /// Copies of each volume on distinct racks, the owner's included.
     pub replication_factor: usize,
-    /// How often the owner snapshots each volume it owns.
+    /// The shortest time between two snapshots of a volume the owner
+    /// owns, taken only when it was written since the last one.
     pub snapshot_interval_s: u64,
+    /// The longest that interval grows to while replication cannot keep up
+    /// (the bytes waiting grow faster than the link sends them).
+    pub snapshot_max_interval_s: u64,
     /// Snapshots kept per volume (older ones are garbage-collected).
     pub keep_snapshots: usize,
     /// Bytes per second per peer link for replication (0 = unlimited).
@@ -254,13 +295,68 @@ impl Default for VolumesConfig {
     fn default() -> Self {
         Self {
             replication_factor: 2,
-            snapshot_interval_s: 10,
+            snapshot_interval_s: 2,
+            snapshot_max_interval_s: 60,
             keep_snapshots: 3,
             link_bytes_per_s: 0,
             scrub_interval_s: 3600,
             import_dirs: Vec::new(),
         }
     }
+}
+
+/// Default `bulk.listen`: the mesh's default UDP port plus one.
+pub const DEFAULT_BULK_LISTEN: &str = "0.0.0.0:7401";
+
+/// `[bulk]`: the bulk data plane. Volume pushes, chunk fetches and the
+/// cache mesh's copies go over a QUIC endpoint of the agent's own, whose
+/// congestion controller and windows are chosen for lossy, slow links
+/// (libp2p's QUIC transport fixes them); control traffic (SWIM, Raft,
+/// admission) stays on the mesh. Peers learn the port from gossip and dial
+/// the address their mesh connection uses; a peer without one (an older
+/// rack, or `enabled = false`) is reached over mesh streams.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BulkConfig {
+    /// Run the bulk plane. `false`: every stream goes over the mesh, as
+    /// before the bulk plane existed.
+    pub enabled: bool,
+    /// `host:port` of the UDP socket (port 0: any free port; peers learn
+    /// it from gossip).
+    pub listen: String,
+    /// Congestion controller of bulk connections.
+    pub congestion: Congestion,
+}
+
+impl Default for BulkConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: DEFAULT_BULK_LISTEN.into(),
+            congestion: Congestion::default(),
+        }
+    }
+}
+
+impl BulkConfig {
+    /// The parsed listen address (validated by [`RackConfig::parse`]).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen.parse().expect("validated by RackConfig::parse")
+    }
+}
+
+/// A QUIC congestion controller (`bulk.congestion`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// Model-based (bandwidth and min RTT); keeps its rate under random
+    /// loss, which loss-based controllers read as congestion.
+    #[default]
+    Bbr,
+    /// Loss-based, the Internet's default.
+    Cubic,
+    /// Loss-based, RFC 9002's reference controller.
+    Newreno,
 }
 
 /// Bound (ms) for a SIGKILLed appliance to be dead and reaped; part of the
@@ -290,8 +386,15 @@ pub struct ControlConfig {
     pub drift_margin_ms: u64,
     /// Raft heartbeat.
     pub heartbeat_ms: u64,
-    /// Raft election timeout (min; max is twice this).
+    /// Raft election timeout: a follower that heard no leader for the
+    /// leader lease (`rpc_timeout_ms`) plus a random part of up to this
+    /// long may stand for election, after the pre-vote.
     pub election_timeout_ms: u64,
+    /// Longest a Raft call (append, heartbeat, vote) may take: it must
+    /// cover two round trips of the slowest link between voters (stream
+    /// negotiation, then the call) plus one loss recovery. It is also the
+    /// leader lease during which voters refuse to elect another leader.
+    pub rpc_timeout_ms: u64,
     /// Wait this long after start before forming a new cluster.
     pub settle_ms: u64,
     /// The leader takes a rack that has been dead this long out of the
@@ -311,6 +414,7 @@ impl Default for ControlConfig {
             drift_margin_ms: 1_000,
             heartbeat_ms: 250,
             election_timeout_ms: 1_500,
+            rpc_timeout_ms: 3_000,
             settle_ms: 2_000,
             remove_dead_voter_after_s: 600,
         }
@@ -472,6 +576,25 @@ impl RackConfig {
         if let Err(e) = crate::cert::decode_public_key(&self.fleet.public_key) {
             return bad("fleet.public_key", e.to_string());
         }
+        for (field, h) in [
+            (
+                "console.operator_password_hash",
+                &self.console.operator_password_hash,
+            ),
+            (
+                "console.viewer_password_hash",
+                &self.console.viewer_password_hash,
+            ),
+        ] {
+            if h.as_deref()
+                .is_some_and(|h| !ConsoleConfig::hash_is_well_formed(h))
+            {
+                return bad(
+                    field,
+                    "expected blake3:<32 hex digits>:<64 hex digits> (fieldrack console hash-password prints one)".into(),
+                );
+            }
+        }
         for (field, value, range) in self.bounded_numbers() {
             if !range.contains(&value) {
                 return bad(
@@ -519,6 +642,12 @@ impl RackConfig {
                 "must be at most a third of control.election_timeout_ms".into(),
             );
         }
+        if c.rpc_timeout_ms < c.heartbeat_ms {
+            return bad(
+                "control.rpc_timeout_ms",
+                "must be at least control.heartbeat_ms".into(),
+            );
+        }
         if let Err(InvalidField { field, reason }) = MeshAddrs::try_from(&self.mesh) {
             return Err((field, reason));
         }
@@ -542,6 +671,9 @@ impl RackConfig {
         }
         if let Err(e) = self.api.listen.parse::<SocketAddr>() {
             return bad("api.listen", format!("expected host:port ({e})"));
+        }
+        if let Err(reason) = self.validate_bulk() {
+            return bad("bulk.listen", reason);
         }
         let sources = [
             self.power.nut.is_some(),
@@ -578,6 +710,33 @@ impl RackConfig {
                     format!("not a tracing filter such as `info` or `mesh=debug,info`: {e}"),
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// `bulk.listen` is a socket address whose port is not one the mesh
+    /// listens on (both are UDP).
+    fn validate_bulk(&self) -> Result<(), String> {
+        let addr: SocketAddr = self
+            .bulk
+            .listen
+            .parse()
+            .map_err(|e| format!("expected host:port such as {DEFAULT_BULK_LISTEN} ({e})"))?;
+        if !self.bulk.enabled || addr.port() == 0 {
+            return Ok(());
+        }
+        let clash = self.mesh.listen.iter().any(|m| {
+            m.parse::<libp2p::Multiaddr>().is_ok_and(|m| {
+                m.iter().any(
+                    |p| matches!(p, libp2p::multiaddr::Protocol::Udp(port) if port == addr.port()),
+                )
+            })
+        });
+        if clash {
+            return Err(format!(
+                "UDP port {} is also in mesh.listen; give the bulk plane its own",
+                addr.port()
+            ));
         }
         Ok(())
     }
@@ -671,6 +830,11 @@ impl RackConfig {
                 1..=MAX_INTERVAL_S,
             ),
             (
+                "volumes.snapshot_max_interval_s",
+                v.snapshot_max_interval_s,
+                v.snapshot_interval_s..=MAX_INTERVAL_S,
+            ),
+            (
                 "volumes.keep_snapshots",
                 n(v.keep_snapshots),
                 1..=MAX_KEEP_SNAPSHOTS,
@@ -700,6 +864,11 @@ impl RackConfig {
             (
                 "control.election_timeout_ms",
                 c.election_timeout_ms,
+                1..=MAX_TIMEOUT_MS,
+            ),
+            (
+                "control.rpc_timeout_ms",
+                c.rpc_timeout_ms,
                 1..=MAX_TIMEOUT_MS,
             ),
             ("control.settle_ms", c.settle_ms, 0..=MAX_TIMEOUT_MS),
@@ -805,6 +974,10 @@ pub mod limits {
     /// proxy's own hard cap on connections (`cache_proxy::MAX_CONNECTIONS`,
     /// checked equal by the agent's tests).
     pub const MAX_PROXY_CONNECTIONS: u64 = 4096;
+    /// `proxy.client_requests_per_sec` and `proxy.client_request_burst`:
+    /// far above any person's browsing
+    /// (`cache_proxy::config::MAX_CLIENT_REQUESTS_PER_SEC`).
+    pub const MAX_PROXY_CLIENT_REQUESTS_PER_SEC: u64 = 1_000_000;
     /// `tile_source[].max_zoom`: zoom 24 is ~2 cm per pixel, finer than any
     /// imagery (`cache_proxy::tiles::MAX_ZOOM`).
     pub const MAX_ZOOM: u8 = 24;
@@ -885,6 +1058,62 @@ mod tests {
     }
 
     #[test]
+    fn console_password_hashes_are_checked_by_field() {
+        let good = format!("blake3:{}:{}", "ab".repeat(16), "0f".repeat(32));
+        let m = minimal();
+        let ok = format!("{m}[console]\noperator_password_hash = \"{good}\"\n");
+        assert_eq!(field_of(&ok), "ok");
+        let c = RackConfig::parse(&ok, Path::new("rack.toml")).unwrap();
+        assert_eq!(
+            RackConfig::parse(&c.to_toml(), Path::new("rack.toml")).unwrap(),
+            c
+        );
+        for bad in ["secret", "blake3:ab:cd", &good[..good.len() - 2]] {
+            let t = format!("{m}[console]\nviewer_password_hash = \"{bad}\"\n");
+            assert_eq!(field_of(&t), "console.viewer_password_hash", "{bad}");
+        }
+        assert!(field_of(&format!("{m}[console]\npassword = \"x\"\n")).starts_with("parse"));
+    }
+
+    #[test]
+    fn bulk_table_parses_validates_and_defaults() {
+        let m = minimal();
+        let c = RackConfig::parse(&m, Path::new("rack.toml")).unwrap();
+        assert!(c.bulk.enabled);
+        assert_eq!(c.bulk.listen_addr().port(), 7401);
+        assert_eq!(c.bulk.congestion, Congestion::Bbr);
+        let text = format!(
+            "{m}[bulk]\nenabled = false\nlisten = \"127.0.0.1:0\"\ncongestion = \"newreno\"\n"
+        );
+        let c = RackConfig::parse(&text, Path::new("rack.toml")).unwrap();
+        assert!(!c.bulk.enabled);
+        assert_eq!(c.bulk.congestion, Congestion::Newreno);
+        for (cc, want) in [
+            ("bbr", Congestion::Bbr),
+            ("cubic", Congestion::Cubic),
+            ("newreno", Congestion::Newreno),
+        ] {
+            let c = RackConfig::parse(
+                &format!("{m}[bulk]\ncongestion = \"{cc}\"\n"),
+                Path::new("rack.toml"),
+            )
+            .unwrap();
+            assert_eq!(c.bulk.congestion, want);
+        }
+        assert_eq!(
+            field_of(&format!("{m}[bulk]\nlisten = \"nowhere\"\n")),
+            "bulk.listen"
+        );
+        assert_eq!(
+            field_of(&format!("{m}[bulk]\nlisten = \"0.0.0.0:7400\"\n")),
+            "bulk.listen",
+            "the mesh's own port"
+        );
+        assert!(field_of(&format!("{m}[bulk]\ncongestion = \"vegas\"\n")).contains("congestion"));
+        assert!(field_of(&format!("{m}[bulk]\nport = 1\n")).contains("port"));
+    }
+
+    #[test]
     fn invalid_values_name_their_field() {
         let m = minimal();
         assert_eq!(field_of(&m.replace("rack = \"a\"", "rack = \"A\"")), "rack");
@@ -930,6 +1159,14 @@ mod tests {
         assert_eq!(
             field_of(&format!("{m}[control]\nheartbeat_ms = {}\n", i64::MAX)),
             "control.heartbeat_ms"
+        );
+        assert_eq!(
+            field_of(&format!("{m}[control]\nrpc_timeout_ms = 249\n")),
+            "control.rpc_timeout_ms"
+        );
+        assert_eq!(
+            field_of(&format!("{m}[control]\nrpc_timeout_ms = 250\n")),
+            "ok"
         );
         assert_eq!(
             field_of(&format!(
@@ -1013,17 +1250,22 @@ mod tests {
         ("control", "drift_margin_ms"),
         ("control", "heartbeat_ms"),
         ("control", "election_timeout_ms"),
+        ("control", "rpc_timeout_ms"),
         ("control", "settle_ms"),
         ("control", "remove_dead_voter_after_s"),
         ("proxy", "header_timeout_ms"),
         ("proxy", "idle_timeout_ms"),
         ("proxy", "max_connections_per_client"),
         ("proxy", "max_connections"),
+        ("proxy", "client_requests_per_sec"),
+        ("proxy", "client_request_burst"),
         ("proxy.backhaul", "probe_interval_ms"),
         ("proxy.backhaul", "probe_interval_down_ms"),
         ("proxy.backhaul", "probe_timeout_ms"),
         ("proxy.backhaul", "connect_timeout_ms"),
         ("proxy.backhaul", "response_timeout_ms"),
+        ("proxy.backhaul", "stale_deadline_ms"),
+        ("proxy.backhaul", "miss_deadline_ms"),
     ];
 
     /// Values that find edges: zero, small, defaults' neighbourhood, the
@@ -1063,6 +1305,7 @@ mod tests {
             .and_then(|x| x.checked_add(k.fence_before_ms))
             .and_then(|x| x.checked_add(k.renew_every_ms.checked_mul(3)?))
             .and_then(|x| x.checked_add(k.election_timeout_ms.checked_mul(2)?))
+            .and_then(|x| x.checked_add(k.rpc_timeout_ms.checked_add(2)?))
             .ok_or("control sums overflow")?;
         let m = &c.membership;
         m.probe_interval_ms
@@ -1203,6 +1446,15 @@ user_agent = "fieldrack/0.1 (ops@example.org)"
         );
         assert_eq!(proxy("max_connections = 4097"), "proxy.max_connections");
         assert_eq!(proxy("max_connections = 0"), "ok");
+        assert_eq!(
+            proxy("client_requests_per_sec = 0"),
+            "proxy.client_requests_per_sec"
+        );
+        assert_eq!(
+            proxy("client_request_burst = 1000001"),
+            "proxy.client_request_burst"
+        );
+        assert_eq!(proxy("client_tunnel_bytes_per_day = 1000000000"), "ok");
         assert!(proxy("listen = \"localhost\"").contains("listen"));
         assert_eq!(
             backhaul("probe_interval_ms = 0"),
@@ -1250,19 +1502,31 @@ user_agent = "fieldrack/0.1 (ops@example.org)"
     }
 
     /// The README's `rack.toml` examples (every ```toml block but the
-    /// appliance manifests, concatenated) are one valid file: the
+    /// appliance manifests, drill files and field plans, concatenated,
+    /// those with top-level keys first) are one valid file: the
     /// documentation shows keys as they are.
     #[test]
     fn the_readme_examples_parse() {
         let readme = include_str!("../../README.md");
-        let mut text = String::new();
+        let (mut top, mut tables) = (String::new(), String::new());
         let mut block: Option<String> = None;
         for line in readme.lines() {
             match (&mut block, line.trim_start()) {
                 (None, "```toml") => block = Some(String::new()),
                 (Some(b), "```") => {
-                    if !b.contains("[[appliance]]") {
-                        text.push_str(b);
+                    // rack.toml fragments only: not manifests, drill
+                    // files or field plans.
+                    let other = ["[[appliance]]", "[[step]]", "[[rack]]"];
+                    if !other.iter().any(|m| b.contains(m)) {
+                        let first = b
+                            .lines()
+                            .map(str::trim)
+                            .find(|l| !l.is_empty() && !l.starts_with('#'));
+                        if first.is_some_and(|l| l.starts_with('[')) {
+                            tables.push_str(b);
+                        } else {
+                            top.push_str(b);
+                        }
                     }
                     block = None;
                 }
@@ -1273,7 +1537,10 @@ user_agent = "fieldrack/0.1 (ops@example.org)"
                 (None, _) => {}
             }
         }
-        let text = text.replace("base64 ed25519 public key", KEY);
+        let hash = format!("\"blake3:{}:{}\"", "0".repeat(32), "0".repeat(64));
+        let text = (top + &tables)
+            .replace("base64 ed25519 public key", KEY)
+            .replace("\"blake3:…\"", &hash);
         let c = RackConfig::parse(&text, Path::new("rack.toml")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.tile_source.len(), 1);
         assert_eq!(c.proxy.map(|p| p.listen.port()), Some(3128));

@@ -7,10 +7,14 @@
 //! - [`config`]: `rack.toml`, parsed and validated with field-naming errors.
 //! - [`cert`]: the fleet signing key, rack certificates and revocations.
 //! - [`appliance`]: appliance manifests (`[[appliance]]`), parsed and validated.
+//! - [`bundle`]: the signed manifest (BLAKE3 of every file) of a rack bundle.
+//! - [`field`]: `field.toml`, the plan of a whole field (sites, racks, catalog, tile packs).
 
 pub mod appliance;
+pub mod bundle;
 pub mod cert;
 pub mod config;
+pub mod field;
 pub mod power;
 
 #[cfg(test)]

@@ -372,6 +372,24 @@ impl Fleet {
         Ok(())
     }
 
+    /// Adds a `[[tile_source]]` named `name` (PNG tiles from the URL
+    /// template `url`) to every rack's config.
+    ///
+    /// # Errors
+    /// If a config cannot be read or written.
+    pub fn add_tile_source(&self, name: &str, url: &str) -> Result<()> {
+        for rack in self.racks() {
+            let path = self.config(rack);
+            let mut text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            text.push_str(&format!(
+                "\n[[tile_source]]\nname = \"{name}\"\nurl = \"{url}\"\nformat = \"png\"\nuser_agent = \"fieldrack-test/1 (ops@example.org)\"\n"
+            ));
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    }
+
     /// The last `lines` lines of the rack's log.
     pub fn log_tail(&self, rack: &str, lines: usize) -> String {
         let text = std::fs::read_to_string(self.log_path(rack)).unwrap_or_default();
@@ -540,6 +558,40 @@ pub struct Status {
     /// The control plane as this rack sees it; `None` before it starts.
     #[serde(default)]
     pub control: Option<ControlStatus>,
+    /// The field view this rack computed; `None` before the control plane
+    /// starts.
+    #[serde(default)]
+    pub field: Option<FieldStatus>,
+}
+
+/// `field` of the status: which racks are up, as this rack sees them.
+#[derive(Clone, Debug, Deserialize)]
+pub struct FieldStatus {
+    /// Every rack known.
+    #[serde(default)]
+    pub racks: Vec<FieldRack>,
+}
+
+/// `field.racks[]`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct FieldRack {
+    /// The rack's name.
+    pub name: String,
+    /// Whether it counts as up.
+    #[serde(default)]
+    pub up: bool,
+    /// How long ago a renewal of its lease was applied here (ms).
+    #[serde(default)]
+    pub renew_age_ms: Option<u64>,
+    /// Streams can be opened to it from here.
+    #[serde(default)]
+    pub reachable: bool,
+    /// Admitted on a connection here.
+    #[serde(default)]
+    pub admitted: bool,
+    /// What SWIM believes of it (none for the local rack).
+    #[serde(default)]
+    pub membership: Option<String>,
 }
 
 /// `appliances[]` of the status: one appliance of the field.
@@ -581,6 +633,9 @@ pub struct VolumeStatus {
     /// Path of the live raw image (owner side only).
     #[serde(default)]
     pub image: Option<String>,
+    /// The transfer in progress, described for an operator.
+    #[serde(default)]
+    pub transfer: Option<String>,
 }
 
 /// `volumes[].replicas[]`.
@@ -608,6 +663,9 @@ pub struct ControlStatus {
     /// Voting racks.
     #[serde(default)]
     pub voters: Vec<String>,
+    /// A majority of voters answered this rack within one lease.
+    #[serde(default)]
+    pub majority: bool,
 }
 
 /// One peer as seen by a rack.

@@ -4,10 +4,17 @@
 //! Layout:
 //! - [`netns`]: [`Field`], one namespace per rack on a virtual switch, with
 //!   faults (`cut`, `cut_oneway`, `isolate`, `heal_all`) and probes;
+//! - [`control_watch`]: leader changes, terms, lease renewal gaps and
+//!   appliance moves, sampled from the racks' status;
 //! - [`history`]: the history checker: from the recorders' shared witness
 //!   log, every interval in which two copies of one appliance wrote;
 //! - [`linkem`]: a link emulator between two racks of a field (delay,
 //!   jitter, loss, rate, queue, fades) with named profiles;
+//! - [`drill`]: repeated faults on a live 3-rack field, with timings
+//!   (`kill-rack`), on the bridge or over emulated links;
+//! - [`bench`]: the link benchmarks of `linkbench` (failure detection,
+//!   failover, replication goodput over emulated links), with their
+//!   targets;
 //! - [`agent`]: finding the binary, provisioning a [`Fleet`], running
 //!   [`Agent`]s inside a field, reading their [`Status`];
 //! - this file: [`available`], [`serial`], and the polling helpers
@@ -21,9 +28,13 @@
 
 pub mod agent;
 pub mod appliance;
+pub mod bench;
+pub mod control_watch;
+pub mod drill;
 pub mod history;
 pub mod linkem;
 pub mod netns;
+pub mod proxy_client;
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};

@@ -3,14 +3,15 @@
 //! - `field-tests check`: build a 3-rack field, ping between racks, check
 //!   multicast, a cut and a heal, tear down. A smoke check of the harness
 //!   itself; it does not need the `fieldrack` binary.
-//! - `field-tests drill kill-rack [--runs N] [--keep]`: SIGKILL the owner
-//!   of a tier-0 appliance N times and time each failover (see [`drill`]).
+//! - `field-tests drill kill-rack [--runs N] [--keep] [--profile P]`:
+//!   SIGKILL the owner of a tier-0 appliance N times and time each failover
+//!   (see `field_tests::drill`), with `--profile` over emulated links.
+//! - `field-tests drill run SCENARIO… [--duration S] [--keep]`: the
+//!   operator's `fieldrack drill run` on a 3-rack field, the recorder on b.
 //! - `field-tests linkem --profile P [--reverse Q] [--measure [--long]]`:
 //!   two racks joined by an emulated link (see `field_tests::linkem`);
 //!   with `--measure`, the emulator's self-test both ways, else it waits
 //!   for Enter while you run your own traffic in the namespaces.
-
-mod drill;
 
 use std::io::BufRead;
 use std::process::ExitCode;
@@ -18,6 +19,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use clap::{Parser, Subcommand};
+use field_tests::drill::{self, KillRack};
 use field_tests::linkem::measure::{Plan, SelfTest};
 use field_tests::linkem::{EmulatedLink, LinkProfile, Profile};
 use field_tests::{netns, Field};
@@ -75,6 +77,23 @@ enum DrillCmd {
         /// Keep the fleet dir (configs, logs, witness) afterwards.
         #[arg(long)]
         keep: bool,
+        /// Join every pair of racks by an emulated link on this profile
+        /// (e.g. `radio-poor`) instead of the clean bridge.
+        #[arg(long, value_parser = profile_arg)]
+        profile: Option<String>,
+    },
+    /// `fieldrack drill run SCENARIO` on a namespace field (recorder on b,
+    /// run from a), e.g. `power-loss b`, `partition b|a,c`.
+    Run {
+        /// The scenario's words, as `fieldrack drill run` takes them.
+        #[arg(required = true)]
+        words: Vec<String>,
+        /// How long the fault lasts, seconds.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        /// Keep the fleet dir (configs, logs, witness, report) afterwards.
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -91,7 +110,32 @@ fn main() -> ExitCode {
 fn run() -> Result<ExitCode> {
     match Cli::parse().command {
         Cmd::Check { racks } => check(&racks),
-        Cmd::Drill(DrillCmd::KillRack { runs, keep }) => drill::kill_rack(runs, keep),
+        Cmd::Drill(DrillCmd::KillRack {
+            runs,
+            keep,
+            profile,
+        }) => kill_rack(KillRack {
+            runs,
+            keep,
+            profile,
+        }),
+        Cmd::Drill(DrillCmd::Run {
+            words,
+            duration,
+            keep,
+        }) => {
+            if let Err(why) = field_tests::available() {
+                println!("SKIP: {why}");
+                return Ok(ExitCode::from(2));
+            }
+            Ok(if drill::operator_run(&words, duration, keep)? {
+                println!("PASS: the drill passed, no dual-active");
+                ExitCode::SUCCESS
+            } else {
+                println!("FAIL");
+                ExitCode::FAILURE
+            })
+        }
         Cmd::Linkem {
             profile,
             reverse,
@@ -99,6 +143,21 @@ fn run() -> Result<ExitCode> {
             measure,
             long,
         } => linkem(profile, reverse, seed, measure, long),
+    }
+}
+
+fn kill_rack(opts: KillRack) -> Result<ExitCode> {
+    if let Err(why) = field_tests::available() {
+        println!("SKIP: {why}");
+        return Ok(ExitCode::from(2));
+    }
+    let report = drill::kill_rack(&opts)?;
+    if report.passed() {
+        println!("PASS: median within target, no dual-active");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("MISS: median above target or dual-active (see above)");
+        Ok(ExitCode::FAILURE)
     }
 }
 

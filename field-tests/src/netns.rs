@@ -362,6 +362,26 @@ impl Field {
         crate::linkem::EmulatedLink::between(self, a, b, profiles, seed)
     }
 
+    /// Joins each of `racks`, given with its link's seed, to rack `to` by
+    /// a symmetric emulated link on `profile` (a star around `to`).
+    ///
+    /// # Errors
+    /// If a TUN device or route cannot be set up.
+    pub fn emulated_links_to(
+        &self,
+        to: &str,
+        racks: &[(u64, &str)],
+        profile: &crate::linkem::Profile,
+    ) -> Result<Vec<crate::linkem::EmulatedLink<'_>>> {
+        racks
+            .iter()
+            .map(|&(seed, rack)| {
+                let profiles = crate::linkem::LinkProfile::symmetric(profile.clone());
+                self.emulated_link(rack, to, profiles, seed)
+            })
+            .collect()
+    }
+
     /// Drops all traffic between `a` and `b`, both ways.
     pub fn cut(&self, a: &str, b: &str) -> Result<()> {
         let (a, b) = (self.index(a)?, self.index(b)?);

@@ -9,6 +9,15 @@
 //! `lease_left_ms` a records with each `appliance_fenced` event), then run
 //! on the majority.
 //!
+//! The `drill_` tests run `fieldrack drill run` as an operator would,
+//! from one rack's namespace against the live field: power-loss (with a
+//! refused precondition first and the timeline checked against the
+//! recorder's own records), isolate with the isolated rack's agent
+//! restarted mid-fault, partition, cut-link then backhaul-down (a drill
+//! file) and generator one after the other (each rack with a tile origin of its own, so the
+//! tiles target is measured), and a drill whose controlling rack is
+//! SIGKILLed.
+//!
 //! Every test with recorders ends with the history checker
 //! (`field_tests::history`) on their shared witness log: no two copies of
 //! an appliance ever wrote at the same time. Where the appliance moved,
@@ -288,7 +297,7 @@ fn scenario_with(
     let started = Instant::now();
     let field = Field::new(RACKS)?;
     let fleet = Fleet::provision(&RACKS)?;
-    fleet.edit_configs("snapshot_interval_s = 10", "snapshot_interval_s = 1")?;
+    fleet.edit_configs("snapshot_interval_s = 2", "snapshot_interval_s = 1")?;
     let witness = fleet.dir().join("witness.log");
     prepare(&field, &fleet)?;
     let agents = fleet.start_all(&field)?;
@@ -922,4 +931,454 @@ fn a_rack_long_dead_leaves_the_voters_and_returns() -> Result<()> {
             Ok(())
         },
     )
+}
+
+/// How long a drill's fault lasts in these tests: a failover (about 9 s
+/// here) with room on a busy machine.
+const DRILL_FAULT_S: u64 = 20;
+
+/// The drill's report as `rack` keeps it.
+fn drill_report(scene: &Scene, rack: &str, id: &str) -> Result<serde_json::Value> {
+    field_tests::drill::operator::reports(&scene.field, &scene.fleet, rack)?
+        .into_iter()
+        .find(|r| r["id"] == id)
+        .ok_or_else(|| anyhow!("rack {rack} keeps no report {id}"))
+}
+
+/// `fieldrack drill ARGS` from `from` is refused: it exits non-zero and
+/// prints `[FAIL] CHECK`.
+fn refused(scene: &Scene, from: &str, args: &[&str], check: &str) -> Result<()> {
+    let out = field_tests::drill::operator::drill(
+        &scene.field,
+        &scene.fleet,
+        from,
+        args,
+        Duration::from_secs(20),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    ensure!(!out.status.success(), "drill {args:?} was not refused");
+    ensure!(text.contains(&format!("[FAIL] {check}")), "{text}");
+    Ok(())
+}
+
+/// Every rack's `drill_fault` events: a refused drill must leave none.
+fn drill_fault_events(scene: &Scene) -> Result<usize> {
+    let mut n = 0;
+    for rack in RACKS {
+        n += scene
+            .fleet
+            .events(&scene.field, rack, 200)?
+            .iter()
+            .filter(|e| e["kind"] == "drill_fault")
+            .count();
+    }
+    Ok(n)
+}
+
+/// `fieldrack drill run power-loss OWNER` from another rack, as an
+/// operator runs it: a refused precondition first changes nothing; then
+/// the recorder moves, the report (kept on every rack) dates `started` and
+/// `healthy` within 0.5 s of the recorder's own first record on the new
+/// owner, passes its targets, and the witness shows no two copies.
+#[test]
+fn drill_power_loss_through_the_cli() -> Result<()> {
+    use field_tests::drill::operator;
+    scenario_with(operator::api_on_rack_ips, |scene| {
+        let (owner, e0) = scene.deploy()?;
+        let from = others(&owner)[0];
+        // A precondition fails (a rack not in the field): refused,
+        // nothing ordered anywhere.
+        refused(
+            scene,
+            from,
+            &["run", "isolate", "nowhere"],
+            "racks named exist",
+        )?;
+        ensure!(
+            drill_fault_events(scene)? == 0,
+            "a refused drill ordered faults"
+        );
+
+        let html = scene.fleet.dir().join("drill.html");
+        let html_arg = html.to_str().context("temp path is UTF-8")?;
+        let duration = DRILL_FAULT_S.to_string();
+        let out = operator::drill(
+            &scene.field,
+            &scene.fleet,
+            from,
+            &[
+                "run",
+                "power-loss",
+                &owner,
+                "--duration",
+                &duration,
+                "--html",
+                html_arg,
+            ],
+            Duration::from_secs(DRILL_FAULT_S + 60),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!("{text}{}", String::from_utf8_lossy(&out.stderr));
+        ensure!(out.status.success(), "the drill did not pass");
+        let id = text
+            .lines()
+            .find_map(|l| l.strip_prefix("drill ")?.split(':').next())
+            .context("the drill printed no id")?
+            .to_owned();
+        ensure!(
+            std::fs::read_to_string(&html)?.contains("<svg"),
+            "no timeline"
+        );
+
+        // Kept on every rack, the powered-off one included.
+        let report = drill_report(scene, RACKS[0], &id)?;
+        for rack in RACKS {
+            ensure!(
+                drill_report(scene, rack, &id)? == report,
+                "{rack} keeps another report"
+            );
+        }
+        ensure!(report["outcome"] == "passed", "{report}");
+        let app = &report["steps"][0]["appliances"][0];
+        let new = app["to"].as_str().context("no new owner")?.to_owned();
+        let e1 = app["epoch_after"].as_u64().context("no new epoch")?;
+        let records = scene.check_moved(&owner, e0, &new, e1)?;
+        ensure!(records.count > 0);
+        marks_match_witness(&scene.witness, app)
+    })
+}
+
+/// The report's `started` and `healthy` of a moved appliance (`app`, one
+/// of a step's `appliances`) are within 0.5 s of the recorder's own first
+/// record at its new epoch, in the witness log.
+fn marks_match_witness(witness: &std::path::Path, app: &serde_json::Value) -> Result<()> {
+    let e1 = app["epoch_after"].as_u64().context("no new epoch")?;
+    let h = check_history(witness, APP)?;
+    let first = h
+        .of(APP)
+        .iter()
+        .find(|c| c.epoch == e1)
+        .context("no record of the new epoch")?
+        .first_ms;
+    for step in ["started", "healthy"] {
+        let at = app["marks"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["step"] == step))
+            .and_then(|m| m["at_ms"].as_u64())
+            .with_context(|| format!("no `{step}` in the timeline"))?;
+        let off = at.abs_diff(first);
+        println!("{step}: report {at}, recorder's first record {first}: {off} ms apart");
+        ensure!(
+            off <= 500,
+            "{step} is {off} ms from the recorder's own record"
+        );
+    }
+    Ok(())
+}
+
+/// A drill whose controlling rack is SIGKILLed mid-drill still heals: the
+/// faulted rack lifts its fault at its own deadline and rejoins. Before
+/// the kill, a second drill (from another rack) is refused by its
+/// precondition and changes nothing.
+#[test]
+fn drill_heals_without_its_controller() -> Result<()> {
+    use field_tests::drill::operator;
+    scenario_with(operator::api_on_rack_ips, |scene| {
+        scene.control_of_all(CONTROL_TIMEOUT)?;
+        let (controller, target) = ("a", "b");
+        let mut cmd = scene.field.command(controller, scene.fleet.bin())?;
+        cmd.args([
+            "drill",
+            "run",
+            "isolate",
+            target,
+            "--duration",
+            "20",
+            "--config",
+        ])
+        .arg(scene.fleet.config(controller))
+        .stdout(std::process::Stdio::null());
+        let mut cli = cmd.spawn()?;
+        wait_until(Duration::from_secs(20), "the fault in force on b", || {
+            Ok(scene
+                .fleet
+                .events(&scene.field, target, 50)?
+                .iter()
+                .any(|e| e["kind"] == "drill_fault"))
+        })?;
+        let ordered = Instant::now();
+
+        // A second drill while this one is in force is refused (no drill
+        // running) and changes nothing: no rack holds a fault of it, none
+        // keeps a report of it.
+        let first = scene
+            .fleet
+            .events(&scene.field, target, 50)?
+            .into_iter()
+            .find(|e| e["kind"] == "drill_fault")
+            .and_then(|e| e["detail"]["drill"].as_str().map(str::to_owned))
+            .context("the fault names no drill")?;
+        refused(
+            scene,
+            "c",
+            &["run", "power-loss", "c", "--duration", "15"],
+            "no drill running",
+        )?;
+        for rack in RACKS {
+            for e in scene.fleet.events(&scene.field, rack, 200)? {
+                ensure!(
+                    e["kind"] != "drill_fault" || e["detail"]["drill"] == first.as_str(),
+                    "{rack} took an order of the refused drill: {e}"
+                );
+            }
+        }
+        ensure!(
+            operator::reports(&scene.field, &scene.fleet, "c")?.is_empty(),
+            "the refused drill kept a report"
+        );
+        cli.kill()?;
+        let _ = cli.wait();
+        scene.agent(controller)?.kill()?;
+        println!("SIGKILL of the drill and of {controller}'s agent");
+        let healed = wait_until(Duration::from_secs(40), "b healed and sees c", || {
+            let healed = scene
+                .fleet
+                .events(&scene.field, target, 50)?
+                .iter()
+                .any(|e| e["kind"] == "drill_healed" && e["detail"]["why"] == "deadline");
+            Ok(healed && scene.status(target)?.state_of("c") == Some(PeerState::Alive))
+        })?;
+        let took = ordered.elapsed();
+        println!(
+            "healed {:.1} s after the order was seen",
+            took.as_secs_f64()
+        );
+        ensure!(took <= Duration::from_secs(20 + 8), "healed after {took:?}");
+        let _ = healed;
+        Ok(())
+    })
+}
+
+/// Runs `fieldrack drill run WORDS` from `from` and returns its report
+/// (as the controller keeps it); fails if the drill did not pass or two
+/// copies of the recorder ever wrote at once.
+fn drill_passes(
+    scene: &Scene,
+    from: &str,
+    words: &[&str],
+    duration_s: u64,
+) -> Result<serde_json::Value> {
+    drill_passes_in(
+        &scene.field,
+        &scene.fleet,
+        &scene.witness,
+        from,
+        words,
+        duration_s,
+    )
+}
+
+/// [`drill_passes`] on the scene's parts (so the agents stay free to be
+/// restarted meanwhile).
+fn drill_passes_in(
+    field: &Field,
+    fleet: &Fleet,
+    witness: &std::path::Path,
+    from: &str,
+    words: &[&str],
+    duration_s: u64,
+) -> Result<serde_json::Value> {
+    use field_tests::drill::operator;
+    let duration = duration_s.to_string();
+    let mut args = vec!["run"];
+    args.extend(words);
+    args.extend(["--duration", &duration, "--html", "/dev/null"]);
+    let out = operator::drill(
+        field,
+        fleet,
+        from,
+        &args,
+        Duration::from_secs(duration_s + 60),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(out.status.success(), "drill {words:?} did not pass");
+    check_history(witness, APP)?;
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("drill ")?.split(':').next())
+        .context("the drill printed no id")?;
+    operator::reports(field, fleet, from)?
+        .into_iter()
+        .find(|r| r["id"] == id)
+        .ok_or_else(|| anyhow!("rack {from} keeps no report {id}"))
+}
+
+/// Waits until the recorder's owner holds a replica in sync again (the
+/// next drill's precondition); returns the owner.
+fn reprotected(scene: &Scene) -> Result<String> {
+    let mut owner = String::new();
+    wait_until(REPLICATED_TIMEOUT, "the recorder re-protected", || {
+        let a = scene.app("a")?;
+        let Some(o) = a.owner.filter(|_| a.state == "running") else {
+            return Ok(false);
+        };
+        let s = scene.status(&o)?;
+        let synced = s.volume(VOLUME).is_some_and(|v| {
+            let g = v.generation.unwrap_or(0);
+            v.replicas
+                .iter()
+                .any(|r| r.generation.is_some_and(|rg| rg > 0 && rg + 1 >= g))
+        });
+        owner = o;
+        Ok(synced)
+    })?;
+    Ok(owner)
+}
+
+/// The port of each rack's own tile origin in the drill scenarios.
+const TILE_PORT: u16 = 8089;
+
+/// Each rack's APIs on its address, and a tile source served by an
+/// origin on that rack's own loopback (any path: a small PNG, cacheable
+/// for an hour), so the drills' tile probes have a tile to fetch.
+fn drill_field_with_tiles(field: &Field, fleet: &Fleet) -> Result<()> {
+    field_tests::drill::operator::api_on_rack_ips(field, fleet)?;
+    fleet.add_tile_source(
+        "test",
+        &format!("http://127.0.0.1:{TILE_PORT}/{{z}}/{{x}}/{{y}}.png"),
+    )?;
+    for rack in fleet.racks() {
+        let listener = field.run_in(rack, || {
+            Ok(std::net::TcpListener::bind(("127.0.0.1", TILE_PORT))?)
+        })?;
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for mut s in listener.incoming().flatten() {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                // The request (a GET head, one segment on loopback) is not
+                // needed: every path gets the same tile.
+                let _ = s.read(&mut [0u8; 4096]);
+                let body = b"\x89PNG\r\n\x1a\ntile";
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncache-control: max-age=3600\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(body);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Every step of the drill passed its tiles target: tiles were served
+/// throughout on the racks it did not cut off.
+fn tiles_served(report: &serde_json::Value) -> Result<()> {
+    let steps = report["steps"].as_array().context("no steps")?;
+    for step in steps {
+        let tiles = step["targets"]
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t["name"] == "tiles"))
+            .context("no tiles target")?;
+        ensure!(
+            tiles["verdict"] == "pass",
+            "{}: tiles: {tiles}",
+            step["fault"]
+        );
+    }
+    Ok(())
+}
+
+/// Every other scenario through `fieldrack drill run` on one field, one
+/// after the other: isolate and partition move the recorder, cut-link and
+/// backhaul-down (two steps of one drill file) move nothing, generator
+/// hands it over; each passes its
+/// targets with no two copies. The isolated rack's agent is restarted
+/// mid-fault and stays cut off until its deadline.
+#[test]
+fn drill_scenarios_through_the_cli() -> Result<()> {
+    scenario_with(drill_field_with_tiles, |scene| {
+        scene.deploy()?;
+        let witness = scene.witness.clone();
+        let moved = |r: &serde_json::Value| -> Result<String> {
+            let app = &r["steps"][0]["appliances"][0];
+            ensure!(app["epoch_after"].as_u64().is_some(), "nothing moved: {r}");
+            marks_match_witness(&witness, app)?;
+            tiles_served(r)?;
+            Ok(app["to"].as_str().unwrap_or_default().to_owned())
+        };
+
+        // Isolate the owner; restart its agent mid-fault: the stored fault
+        // keeps it cut off until the deadline.
+        let owner = reprotected(scene)?;
+        let from = others(&owner)[0].to_owned();
+        let report = {
+            let Scene {
+                agents,
+                fleet,
+                field,
+                witness,
+            } = &mut *scene;
+            std::thread::scope(|s| -> Result<serde_json::Value> {
+                let run = s.spawn(|| {
+                    drill_passes_in(field, fleet, witness, &from, &["isolate", &owner], 30)
+                });
+                std::thread::sleep(Duration::from_secs(8));
+                let agent = agents
+                    .iter_mut()
+                    .find(|a| a.rack() == owner)
+                    .context("no agent for the owner")?;
+                agent.kill()?;
+                *agent = fleet.start(field, &owner)?;
+                println!("{owner}'s agent restarted mid-fault");
+                std::thread::sleep(Duration::from_secs(6));
+                let seen = fleet.status(field, &from)?.state_of(&owner);
+                ensure!(
+                    seen != Some(PeerState::Alive),
+                    "{owner} rejoined before its deadline ({seen:?} on {from})"
+                );
+                run.join().expect("drill thread")
+            })?
+        };
+        ensure!(moved(&report)? != owner);
+
+        let owner = reprotected(scene)?;
+        let from = others(&owner)[0].to_owned();
+        let minority = format!("{owner}|{}", others(&owner).join(","));
+        let report = drill_passes(scene, &from, &["partition", &minority], 25)?;
+        ensure!(moved(&report)? != owner);
+
+        let owner = reprotected(scene)?;
+        let rest = others(&owner);
+        // Two steps from a drill file: the owner's link to one survivor
+        // cut, then the backhaul down everywhere; nothing moves.
+        let file = scene.fleet.dir().join("drill.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[[step]]\nfault = \"cut-link\"\na = \"{owner}\"\nb = \"{}\"\nduration_s = 15\n\
+                 [[step]]\nfault = \"backhaul-down\"\nduration_s = 5\n",
+                rest[1]
+            ),
+        )?;
+        let file = file.to_str().context("temp path is UTF-8")?;
+        let report = drill_passes(scene, rest[0], &["--file", file], 20)?;
+        let steps = report["steps"].as_array().context("no steps")?;
+        ensure!(steps.len() == 2, "{} steps", steps.len());
+        ensure!(
+            steps
+                .iter()
+                .all(|s| s["appliances"].as_array().is_some_and(Vec::is_empty)),
+            "something moved: {report}"
+        );
+        tiles_served(&report)?;
+
+        let owner = reprotected(scene)?;
+        let from = others(&owner)[0].to_owned();
+        let report = drill_passes(scene, &from, &["generator", &owner, "--runtime", "305"], 30)?;
+        ensure!(moved(&report)? != owner);
+        Ok(())
+    })
 }

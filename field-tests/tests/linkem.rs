@@ -15,20 +15,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use field_tests::linkem::measure::{self, Plan, SelfTest};
+use field_tests::linkem::skip_test as skip;
 use field_tests::linkem::{Direction, EmulatedLink, LinkProfile, Profile};
-use field_tests::{available, serial, Field};
-
-fn skip() -> bool {
-    if let Err(why) = available() {
-        println!("SKIP: {why}");
-        return true;
-    }
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        println!("SKIP: no /dev/net/tun: this kernel has no TUN devices");
-        return true;
-    }
-    false
-}
+use field_tests::{serial, Field};
 
 fn profile(spec: &str) -> Profile {
     spec.parse().expect("a valid profile")

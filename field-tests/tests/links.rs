@@ -10,7 +10,7 @@
 //!
 //! About 2.5 minutes in all, one test at a time (`field_tests::serial()`):
 //! `cargo test -p field-tests --test links -- --nocapture`. The 10-minute
-//! watches of issue 12's benchmark are ignored by default:
+//! watches of the link benchmark are ignored by default:
 //! `cargo test -p field-tests --test links -- --ignored --nocapture`.
 //!
 //! Needs root (namespaces, TUN devices); skips with `SKIP:` otherwise.
@@ -20,7 +20,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use field_tests::linkem::{EmulatedLink, LinkProfile, Profile};
+use field_tests::bench::profile;
+use field_tests::linkem::skip_test as skip;
+use field_tests::linkem::EmulatedLink;
 use field_tests::{wait_until, Agent, Field, Fleet, PeerState, Status, POLL};
 
 const RACKS: [&str; 3] = ["a", "b", "c"];
@@ -35,7 +37,7 @@ const FORM_TIMEOUT: Duration = Duration::from_secs(30);
 /// The quick watch of each slow-link profile.
 const WATCH: Duration = Duration::from_secs(60);
 
-/// The long watch (issue 12's benchmark figure).
+/// The long watch (the link benchmark's figure).
 const LONG_WATCH: Duration = Duration::from_secs(600);
 
 /// Issue 12: at most this fraction of peer-state samples `suspect`.
@@ -53,31 +55,9 @@ const SETTLE: Duration = Duration::from_secs(10);
 /// Status calls that may fail in a row while watching (a busy machine).
 const STATUS_ERRORS_TOLERATED: u32 = 3;
 
-fn skip() -> bool {
-    if let Err(why) = field_tests::available() {
-        println!("SKIP: {why}");
-        return true;
-    }
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        println!("SKIP: no /dev/net/tun: this kernel has no TUN devices");
-        return true;
-    }
-    false
-}
-
-fn profile(spec: &str) -> Result<Profile> {
-    spec.parse()
-        .map_err(|e| anyhow::anyhow!("profile {spec:?}: {e}"))
-}
-
 /// Both links to [`REMOTE`] with `spec`.
 fn links_to_remote<'f>(field: &'f Field, spec: &str) -> Result<Vec<EmulatedLink<'f>>> {
-    let p = profile(spec)?;
-    let mut links = Vec::new();
-    for (seed, rack) in [(11, "a"), (12, "b")] {
-        links.push(field.emulated_link(rack, REMOTE, LinkProfile::symmetric(p.clone()), seed)?);
-    }
-    Ok(links)
+    field.emulated_links_to(REMOTE, &[(11, "a"), (12, "b")], &profile(spec)?)
 }
 
 fn statuses(fleet: &Fleet, field: &Field, racks: &[&str]) -> Result<Vec<Status>> {

@@ -11,48 +11,14 @@
 //! Needs root, iproute2 and nftables; skips (printing `SKIP:`) only when
 //! namespaces cannot be created.
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use field_tests::proxy_client::ask;
 use field_tests::{wait_until, Field, Fleet};
 
 /// How long the client waits for any one answer.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Sends `request` to `proxy` and returns its answer: the head and, after
-/// it, as much body as `Content-Length` says (a refused `CONNECT` may keep
-/// the connection open, so the answer ends where its length says).
-fn ask(proxy: SocketAddr, request: &str) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&proxy, ANSWER_TIMEOUT)
-        .with_context(|| format!("connecting to the proxy at {proxy}"))?;
-    s.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-    s.write_all(request.as_bytes())?;
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(head_end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&answer[..head_end]).to_ascii_lowercase();
-            let length = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok());
-            if length.is_some_and(|n| answer.len() >= head_end + 4 + n) {
-                break;
-            }
-        }
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
-            Err(e) if e.kind() == ErrorKind::ConnectionReset && !answer.is_empty() => break,
-            Err(e) => return Err(e).context("reading the proxy's answer"),
-        }
-    }
-    Ok(String::from_utf8_lossy(&answer).into_owned())
-}
-
 /// Connections a canary listener accepted so far (non-blocking).
 fn accepted(l: &TcpListener) -> usize {
     let mut n = 0;

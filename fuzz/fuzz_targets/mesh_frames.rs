@@ -74,6 +74,7 @@ fn local_info() -> RackInfo {
         power: Default::default(),
         version: "0".into(),
         api: "127.0.0.1:7480".into(),
+        bulk_port: None,
     }
 }
 

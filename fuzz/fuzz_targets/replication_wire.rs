@@ -4,12 +4,17 @@
 //! it: JSON control frames into their closed types, chunk frames as
 //! `[id][bytes]`, deltas (`replicate::delta::header` / `apply`, against a
 //! zero base of the announced length when it is a legal chunk length),
-//! id lists, and the manifest parts concatenated and decoded.
+//! id lists, and the manifest parts concatenated and decoded; manifest
+//! delta parts concatenated and applied to the fixed base
+//! (`fieldrack_fuzz::manifest_delta_base`) against the announced identity (a
+//! rebuilt manifest must have it).
 #![no_main]
 
-use datastore::manifest::{Manifest, MAX_CHUNK_SIZE};
+use datastore::manifest::{delta as manifest_delta, Manifest, MAX_CHUNK_SIZE};
 use datastore::replicate::delta;
-use datastore::replicate::wire::{read_frame, Committed, Hello, Kind, NeedEnd, MAX_FRAME};
+use datastore::replicate::wire::{
+    read_frame, Committed, DeltaHead, Hello, Holding, Kind, NeedEnd, MAX_FRAME,
+};
 use datastore::ChunkId;
 use futures::executor::block_on;
 use futures::io::Cursor;
@@ -18,6 +23,8 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let mut stream = Cursor::new(data);
     let mut manifest = Vec::new();
+    let mut manifest_delta = Vec::new();
+    let mut announced = ChunkId([0; 32]);
     // A frame takes at least its 5-byte header, so this always ends.
     while let Ok(Some(frame)) = block_on(read_frame(&mut stream)) {
         assert!(frame.payload.len() <= MAX_FRAME);
@@ -33,6 +40,15 @@ fuzz_target!(|data: &[u8]| {
                 let _ = frame.parse::<Committed>();
             }
             Kind::ManifestPart => manifest.extend_from_slice(p),
+            Kind::Holding => {
+                let _ = frame.parse::<Holding>();
+            }
+            Kind::DeltaHead => {
+                if let Ok(h) = frame.parse::<DeltaHead>() {
+                    announced = h.manifest_id;
+                }
+            }
+            Kind::ManifestDeltaPart => manifest_delta.extend_from_slice(p),
             Kind::Chunk => {
                 if p.len() >= 32 {
                     let id = ChunkId::from_slice(&p[..32]).expect("32 bytes");
@@ -59,5 +75,11 @@ fuzz_target!(|data: &[u8]| {
     }
     if !manifest.is_empty() {
         let _ = Manifest::decode(&manifest);
+    }
+    if !manifest_delta.is_empty() {
+        let base = fieldrack_fuzz::manifest_delta_base();
+        if let Ok(m) = manifest_delta::apply(&base, &manifest_delta, &announced, 1 << 20) {
+            assert_eq!(m.id(), announced);
+        }
     }
 });

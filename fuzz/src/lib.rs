@@ -99,3 +99,21 @@ pub fn tile_source(
     }))
     .expect("a valid tile source")
 }
+
+/// The base generation the `replication_wire` target applies manifest
+/// deltas to: the manifest of the seeds (`datastore`'s `fuzz_seeds`) at
+/// generation 2, whose generation 3 the `push-owner-delta` seed sends as
+/// a delta.
+pub fn manifest_delta_base() -> datastore::Manifest {
+    let chunk_size = 4096u32;
+    let a = vec![1u8; chunk_size as usize];
+    let id = datastore::ChunkId::of(&a);
+    datastore::Manifest {
+        volume: "registry-data".into(),
+        generation: 2,
+        size: 5 * u64::from(chunk_size) - 512,
+        chunk_size,
+        chunks: vec![Some(id), None, None, Some(id), None],
+        created_at_ms: 1_799_999_990_000,
+    }
+}

@@ -77,6 +77,7 @@ fn info(rack: &str) -> RackInfo {
         },
         version: "0.1.0".into(),
         api: "127.0.0.1:7480".into(),
+        bulk_port: None,
     }
 }
 

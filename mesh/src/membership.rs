@@ -122,6 +122,13 @@ pub const MAX_TIMER: Duration = Duration::from_secs(24 * 3600);
 /// `RETRANSMIT_MULT * ceil(log2(n + 1))` times, n being the live fleet size.
 pub const RETRANSMIT_MULT: u32 = 3;
 
+/// Live members a verdict of ours (Suspect, Dead) is pushed to at once, in
+/// a ping that carries it, instead of waiting for our next probe round to
+/// piggyback it (memberlist's `GossipNodes`). Without the push, every hop
+/// of a verdict waits up to a (health-stretched) probe interval, and a
+/// killed rack's death reached the last survivor seconds after the first.
+pub const SPREAD_FANOUT: usize = 3;
+
 /// SWIM timings. See `deploy::config::MembershipConfig` for the TOML form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -1150,6 +1157,18 @@ impl<M: Meta> Membership<M> {
             // the suspicion to it and it refutes within a round trip.
             self.poke(now, id, out);
         }
+        self.spread(now, id, out);
+    }
+
+    /// Push a fresh verdict about `about` to up to [`SPREAD_FANOUT`] other
+    /// live members now (each at most once per probe timeout); the rest
+    /// hear it by piggyback as before.
+    fn spread(&mut self, now: Instant, about: PeerId, out: &mut Vec<Output<M>>) {
+        for to in self.random_alive_except(about, SPREAD_FANOUT) {
+            if self.may_poke(&to, now) {
+                self.poke(now, to, out);
+            }
+        }
     }
 
     /// Adds a member; false if the table is full (it is then ignored).
@@ -1271,25 +1290,11 @@ impl<M: Meta> Membership<M> {
             self.probe = None;
             return;
         }
-        let candidates: Vec<PeerId> = self
-            .members
-            .values()
-            .filter(|e| e.member.state == State::Alive && e.member.id != target)
-            .map(|e| e.member.id)
-            .collect();
-        let chosen: Vec<PeerId> = candidates
-            .choose_multiple(&mut self.rng, self.config.indirect_probes)
-            .copied()
-            .collect();
-        if chosen.is_empty() {
-            // Nobody to ask: straight to suspicion.
-            self.probe = None;
-            self.probe_failed(now, target, out);
-            return;
-        }
+        let chosen = self.random_alive_except(target, self.config.indirect_probes);
         // Each relayed ack crosses two legs: us to the intermediary and
         // back, and the intermediary to the target and back (guessed as our
-        // own round trip to the target). Wait for the slowest chosen one.
+        // own round trip to the target). Wait for the slowest chosen one,
+        // and at least one more direct round trip for the retry below.
         let target_leg = self
             .members
             .get(&target)
@@ -1308,8 +1313,17 @@ impl<M: Meta> Membership<M> {
                 via_leg.saturating_add(target_leg)
             })
             .max()
-            .unwrap_or(self.config.probe_timeout);
+            .unwrap_or(target_leg);
         let indirect_deadline = now + self.health.scale(legs);
+        // A second direct ping with the same seq, alongside the relayed
+        // ones (memberlist's fallback ping): one lost datagram of a lossy
+        // radio link no longer makes a suspicion when the intermediaries
+        // are slow, dead, or (in a fleet of two) absent.
+        let updates = self.piggyback(&target);
+        out.push(Output::Send {
+            to: target,
+            msg: Message::Ping { seq, updates },
+        });
         for via in &chosen {
             let updates = self.piggyback(via);
             out.push(Output::Send {
@@ -1326,6 +1340,17 @@ impl<M: Meta> Membership<M> {
             p.indirect_sent = true;
             p.deadline = p.deadline.max(indirect_deadline);
         }
+    }
+
+    /// Up to `n` members alive in our view, other than `except`, at random.
+    fn random_alive_except(&mut self, except: PeerId, n: usize) -> Vec<PeerId> {
+        let alive: Vec<PeerId> = self
+            .members
+            .values()
+            .filter(|e| e.member.state == State::Alive && e.member.id != except)
+            .map(|e| e.member.id)
+            .collect();
+        alive.choose_multiple(&mut self.rng, n).copied().collect()
     }
 
     fn poke_random_dead(&mut self, now: Instant, out: &mut Vec<Output<M>>) {

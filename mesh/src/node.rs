@@ -8,6 +8,7 @@
 //! channel, oneshot replies).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,13 +24,16 @@ use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{connection_limits, identify, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use util::time::unix_secs;
 
 use crate::admission::{Admission, RevokeOutcome};
 use crate::backoff::{Backoff, Rejections, Verdict};
+use crate::bulk::plane::Wiring;
+use crate::bulk::{BindError, BulkAddrs, BulkPlane, BulkSettings, MeshStream};
 use crate::discovery::{self, Discovered};
+use crate::filter::{FilterError, TrafficFilter};
 use crate::membership::{self, Input, Membership, Message, Output, State};
 use crate::protocol::{
     AdmitRequest, AdmitResponse, RackInfo, Rpc, RpcReply, ADMIT_PROTOCOL,
@@ -52,12 +56,24 @@ pub const PENDING_ACK_TTL: Duration = Duration::from_secs(5);
 pub const MAX_ADDRS_PER_PEER: usize = 8;
 /// How often the actor's timers run (SWIM ticks, admission deadlines, redials).
 pub const TICK: Duration = Duration::from_millis(100);
+/// Redials of one known peer in flight at once. A dial whose first
+/// packet was lost to a radio fade retransmits only on QUIC's backed-off
+/// handshake timer (1 s, then 2 s more, until libp2p's 5 s handshake
+/// timeout), so waiting for it before dialling again would leave the link
+/// unused for up to two seconds after it returns; dials on the redial
+/// schedule (about one a second) go out beside it instead. Five cover the
+/// handshake timeout at that pace; each costs one 1200-byte packet and
+/// its retransmissions.
+pub const MAX_REDIALS_PER_PEER: usize = 5;
 /// A refused peer gets this long to read the reason before we hang up.
 pub const REJECT_LINGER: Duration = Duration::from_millis(300);
 /// How often admitted peers' certificates are checked again: expiry is a
 /// wall-clock matter that no connection event reports, so a rack whose
 /// certificate expires while connected is disconnected within this.
 pub const CERT_RECHECK: Duration = Duration::from_secs(1);
+/// Times our certificate is offered again to a connected peer after an
+/// offer failed, per connection (a busy rack may lose several streams).
+pub const MAX_CERT_OFFERS: u32 = 8;
 
 /// Everything the mesh needs to run.
 #[derive(Debug, Clone)]
@@ -100,6 +116,8 @@ pub struct MeshSettings {
     pub revocations: Vec<Revocation>,
     /// Seed for the membership RNG and jitter.
     pub seed: u64,
+    /// The bulk data plane (None: every stream on the mesh).
+    pub bulk: Option<BulkSettings>,
 }
 
 /// Something the rest of the agent may want to react to.
@@ -166,6 +184,10 @@ pub struct MeshStatus {
     /// The peers they revoke, with their racks' names (each revocation
     /// verified when it arrived).
     pub revoked_peers: Vec<(PeerId, String)>,
+    /// Where the bulk plane listens (None: disabled).
+    pub bulk_addr: Option<SocketAddr>,
+    /// Bulk connections open right now.
+    pub bulk_connections: usize,
 }
 
 /// Counters for `/metrics`. Atomics so the API reads them without a round
@@ -178,6 +200,8 @@ pub struct MeshStats {
     pub rejected_total: AtomicU64,
     /// Peers disconnected for not presenting a certificate in time.
     pub admission_timeouts_total: AtomicU64,
+    /// Offers of our certificate sent again after one failed.
+    pub cert_offers_retried_total: AtomicU64,
     /// Rack messages sent to admitted peers.
     pub rpc_sent_total: AtomicU64,
     /// Rack messages received from admitted peers.
@@ -195,9 +219,21 @@ pub struct MeshStats {
     /// Admitted peers disconnected because their certificate expired while
     /// they were connected.
     pub expired_total: AtomicU64,
+    /// Stream bytes written on the bulk plane.
+    pub bulk_bytes_sent: AtomicU64,
+    /// Stream bytes read on the bulk plane.
+    pub bulk_bytes_received: AtomicU64,
+    /// Stream bytes written on libp2p streams of the mesh.
+    pub mesh_stream_bytes_sent: AtomicU64,
+    /// Stream bytes read on libp2p streams of the mesh.
+    pub mesh_stream_bytes_received: AtomicU64,
+    /// Bulk connections and streams refused: their peer was not admitted.
+    pub bulk_refused_total: AtomicU64,
+    /// Messages and connections dropped by a drill's traffic filter.
+    pub filtered_total: AtomicU64,
 }
 
-fn inc(c: &AtomicU64) {
+pub(crate) fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -205,6 +241,8 @@ enum Command {
     Status(oneshot::Sender<MeshStatus>),
     SetMeta(Box<RackInfo>),
     Revoke(Box<Revocation>, oneshot::Sender<Result<bool, CertError>>),
+    /// The traffic filter changed (already written to the shared copy).
+    FilterChanged,
 }
 
 /// Why the mesh could not start.
@@ -225,6 +263,9 @@ pub enum StartError {
     /// mDNS could not start.
     #[error(transparent)]
     Discovery(#[from] discovery::DiscoveryError),
+    /// The bulk endpoint could not start.
+    #[error(transparent)]
+    Bulk(#[from] BindError),
 }
 
 /// Why a request to the mesh actor failed.
@@ -252,9 +293,14 @@ pub struct MeshHandle {
     events: broadcast::Sender<MeshEvent>,
     /// Opens and accepts raw streams (bulk data) on the mesh connections.
     control: libp2p_stream::Control,
+    /// The bulk plane, if enabled: carries its registered protocols to
+    /// peers that have one.
+    bulk: Option<BulkPlane>,
     /// Peers admitted right now, with their rack names. Written only by
     /// the actor; read by stream users to gate bulk data.
     admitted: Admitted,
+    /// The drill's traffic filter, read by the actor on every message.
+    filter: Arc<std::sync::RwLock<TrafficFilter>>,
     /// Counters for metrics.
     pub stats: Arc<MeshStats>,
     /// Our PeerId.
@@ -264,19 +310,29 @@ pub struct MeshHandle {
 /// The set of admitted peers, shared with stream users.
 pub type Admitted = Arc<std::sync::RwLock<HashMap<PeerId, String>>>;
 
-/// Inbound streams of one protocol, from admitted peers only.
+/// Inbound streams of one protocol, from admitted peers only: libp2p
+/// streams on the mesh and, for a bulk protocol, streams of the bulk plane.
 pub struct AdmittedStreams {
     inner: libp2p_stream::IncomingStreams,
+    bulk: Option<mpsc::Receiver<(PeerId, MeshStream)>>,
     admitted: Admitted,
     stats: Arc<MeshStats>,
 }
 
 impl AdmittedStreams {
-    /// The next stream from an admitted peer; streams from anyone else are
-    /// dropped unread. `None` when the mesh stops.
-    pub async fn next(&mut self) -> Option<(PeerId, libp2p::Stream)> {
+    /// The next stream from an admitted peer, on either plane; streams
+    /// from anyone else are dropped unread. `None` when the mesh stops.
+    ///
+    /// Cancel-safe: no stream is lost if the future is dropped.
+    pub async fn next(&mut self) -> Option<(PeerId, MeshStream)> {
         loop {
-            let (peer, stream) = self.inner.next().await?;
+            let (peer, stream) = tokio::select! {
+                m = self.inner.next() => {
+                    let (peer, s) = m?;
+                    (peer, MeshStream::mesh(s, self.stats.clone()))
+                }
+                Some(b) = recv_bulk(&mut self.bulk) => b,
+            };
             if self
                 .admitted
                 .read()
@@ -291,8 +347,27 @@ impl AdmittedStreams {
     }
 }
 
+/// The next bulk stream, or pending forever without a bulk queue (or
+/// once it closed), so `select!` waits on the mesh side alone.
+async fn recv_bulk(
+    rx: &mut Option<mpsc::Receiver<(PeerId, MeshStream)>>,
+) -> Option<(PeerId, MeshStream)> {
+    match rx {
+        Some(r) => match r.recv().await {
+            Some(x) => Some(x),
+            None => {
+                *rx = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
 impl MeshHandle {
-    /// Open a raw stream to an admitted peer.
+    /// Open a stream to an admitted peer: a protocol of the bulk registry
+    /// goes over the bulk plane when the peer has one, anything else (or if
+    /// the bulk dial fails) over a libp2p stream on the mesh connection.
     ///
     /// # Errors
     /// [`MeshError::NotAdmitted`] if the peer is not admitted right now (no
@@ -302,7 +377,7 @@ impl MeshHandle {
         &self,
         peer: PeerId,
         protocol: &'static str,
-    ) -> Result<libp2p::Stream, MeshError> {
+    ) -> Result<MeshStream, MeshError> {
         if !self
             .admitted
             .read()
@@ -311,14 +386,30 @@ impl MeshHandle {
         {
             return Err(MeshError::NotAdmitted(peer));
         }
+        if let Some(bulk) = self.bulk.as_ref().filter(|b| b.carries(protocol)) {
+            match bulk.open(peer, protocol).await {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    tracing::debug!(%peer, protocol, error = %e, "bulk stream unavailable: using the mesh")
+                }
+            }
+        }
         let mut control = self.control.clone();
         control
             .open_stream(peer, StreamProtocol::new(protocol))
             .await
+            .map(|s| MeshStream::mesh(s, self.stats.clone()))
             .map_err(|e| MeshError::Stream(e.to_string()))
     }
 
-    /// Accept inbound streams of `protocol` (once per protocol).
+    /// Where the bulk plane listens (None: disabled).
+    #[must_use]
+    pub fn bulk_addr(&self) -> Option<SocketAddr> {
+        self.bulk.as_ref().and_then(BulkPlane::local_addr)
+    }
+
+    /// Accept inbound streams of `protocol` (once per protocol), from
+    /// both planes for a bulk protocol.
     ///
     /// # Errors
     /// [`MeshError::Stream`] if the protocol is already being accepted.
@@ -328,8 +419,10 @@ impl MeshHandle {
             .clone()
             .accept(StreamProtocol::new(protocol))
             .map_err(|_| MeshError::Stream(format!("{protocol} is already accepted")))?;
+        let bulk = self.bulk.as_ref().and_then(|b| b.take_incoming(protocol));
         Ok(AdmittedStreams {
             inner,
+            bulk,
             admitted: self.admitted.clone(),
             stats: self.stats.clone(),
         })
@@ -386,6 +479,38 @@ impl MeshHandle {
     pub fn subscribe(&self) -> broadcast::Receiver<MeshEvent> {
         self.events.subscribe()
     }
+
+    /// Install a drill's traffic filter (an open one lifts it): from now
+    /// on the actor drops what it names (see [`crate::filter`]).
+    ///
+    /// # Errors
+    /// [`SetFilterError`]: a filter over its bounds, or the mesh stopped.
+    pub async fn set_filter(&self, filter: TrafficFilter) -> Result<(), SetFilterError> {
+        filter.validate()?;
+        *self.filter.write().expect("filter lock") = filter;
+        self.tx
+            .send(Command::FilterChanged)
+            .await
+            .map_err(|_| SetFilterError::Mesh(MeshError::Stopped))
+    }
+
+    /// The traffic filter in force.
+    #[must_use]
+    pub fn filter(&self) -> TrafficFilter {
+        self.filter.read().expect("filter lock").clone()
+    }
+}
+
+/// Why a traffic filter was not installed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetFilterError {
+    /// Over its bounds.
+    #[error(transparent)]
+    Invalid(#[from] FilterError),
+    /// The mesh has stopped.
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
 }
 
 #[derive(NetworkBehaviour)]
@@ -403,7 +528,7 @@ struct Behaviour {
 /// # Errors
 /// [`StartError`] if the swarm cannot be built or an address cannot be bound.
 pub async fn start(
-    settings: MeshSettings,
+    mut settings: MeshSettings,
     cancel: CancellationToken,
 ) -> Result<(MeshHandle, tokio::task::JoinHandle<()>), StartError> {
     let mut swarm = build_swarm(&settings)?;
@@ -463,11 +588,36 @@ pub async fn start(
     let stats = Arc::new(MeshStats::default());
     let peer_id = *swarm.local_peer_id();
     let admitted: Admitted = Arc::default();
+    let filter: Arc<std::sync::RwLock<TrafficFilter>> = Arc::default();
+    let (admitted_changed, changed_rx) = watch::channel(());
+    let bulk_addrs = BulkAddrs::default();
+    let bulk = match &settings.bulk {
+        Some(b) => Some(BulkPlane::bind(
+            b,
+            &settings.keypair,
+            settings.idle_timeout,
+            Wiring {
+                admitted: admitted.clone(),
+                changed: changed_rx,
+                addrs: bulk_addrs.clone(),
+                stats: stats.clone(),
+            },
+            cancel.child_token(),
+        )?),
+        None => None,
+    };
+    let bulk_addr = bulk.as_ref().and_then(BulkPlane::local_addr);
+    if let Some(addr) = bulk_addr {
+        tracing::info!(%addr, "bulk plane listening");
+    }
+    settings.meta.bulk_port = bulk_addr.map(|a| a.port());
     let handle = MeshHandle {
         tx,
         events: events.clone(),
         control: swarm.behaviour().stream.new_control(),
+        bulk: bulk.clone(),
         admitted: admitted.clone(),
+        filter: filter.clone(),
         stats: stats.clone(),
         peer_id,
     };
@@ -479,7 +629,13 @@ pub async fn start(
         disc_rx,
         events,
         stats,
-        admitted,
+        Shared {
+            admitted,
+            admitted_changed,
+            bulk_addrs,
+            bulk,
+            filter,
+        },
     );
     let task = tokio::spawn(actor.run(cancel));
     Ok((handle, task))
@@ -534,10 +690,23 @@ fn build_swarm(s: &MeshSettings) -> Result<Swarm<Behaviour>, StartError> {
     Ok(swarm)
 }
 
+/// What the actor publishes to stream users.
+struct Shared {
+    /// Admitted peers; rebuilt from `admission` whenever it changes.
+    admitted: Admitted,
+    /// Fires after each rebuild (the bulk plane closes lapsed peers).
+    admitted_changed: watch::Sender<()>,
+    /// Admitted peers' bulk endpoints.
+    bulk_addrs: BulkAddrs,
+    /// Our bulk plane (its port is gossiped).
+    bulk: Option<BulkPlane>,
+    /// The drill's traffic filter (written by [`MeshHandle::set_filter`]).
+    filter: Arc<std::sync::RwLock<TrafficFilter>>,
+}
+
 struct Actor {
-    /// Admitted peers as seen by stream users; rebuilt from `admission`
-    /// whenever it changes.
-    shared_admitted: Admitted,
+    /// What stream users read (admitted peers, their bulk endpoints).
+    shared: Shared,
     settings: MeshSettings,
     swarm: Swarm<Behaviour>,
     listen_addrs: Vec<Multiaddr>,
@@ -562,10 +731,18 @@ struct Actor {
     bootstrap_backoff: Vec<(Multiaddr, Backoff)>,
     /// Reconnect schedule per known peer.
     peer_backoff: HashMap<PeerId, Backoff>,
+    /// Redials in flight (at most [`MAX_REDIALS_PER_PEER`] per peer): a
+    /// second one that completes after the first is closed.
+    redials: HashMap<ConnectionId, PeerId>,
     /// Ack channels for inbound pings: (peer, seq) -> (channel, when).
     pending_acks: HashMap<(PeerId, u64), (ResponseChannel<RpcReply>, Instant)>,
     /// Refused peers to hang up on once they had time to read why.
     to_disconnect: Vec<(PeerId, Instant)>,
+    /// Our certificate's offers to each connected peer that failed (the
+    /// stream could not open, the connection it took closed...): resent
+    /// while the peer is connected, at most [`MAX_CERT_OFFERS`] times, or
+    /// the peer would drop us at its admission timeout.
+    cert_offers_failed: HashMap<PeerId, u32>,
     /// Peers that failed admission (either way): not dialled during their
     /// hold-off, and logged once per backoff step.
     rejections: Rejections<PeerId>,
@@ -591,7 +768,7 @@ impl Actor {
         discovered: mpsc::Receiver<Discovered>,
         events: broadcast::Sender<MeshEvent>,
         stats: Arc<MeshStats>,
-        shared_admitted: Admitted,
+        shared: Shared,
     ) -> Self {
         let now = Instant::now();
         let mut admission = Admission::new(
@@ -624,7 +801,7 @@ impl Actor {
             })
             .collect();
         Self {
-            shared_admitted,
+            shared,
             rng: StdRng::seed_from_u64(settings.seed ^ 0x5eed),
             settings,
             swarm,
@@ -642,8 +819,10 @@ impl Actor {
             ping_rtt: HashMap::new(),
             bootstrap_backoff,
             peer_backoff: HashMap::new(),
+            redials: HashMap::new(),
             pending_acks: HashMap::new(),
             to_disconnect: Vec::new(),
+            cert_offers_failed: HashMap::new(),
             rejections: Rejections::default(),
             quiet_failures: Rejections::default(),
             bootstrap_peers: HashMap::new(),
@@ -676,7 +855,14 @@ impl Actor {
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
             }
-            Command::SetMeta(meta) => {
+            Command::SetMeta(mut meta) => {
+                // The bulk port is the mesh's to say.
+                meta.bulk_port = self
+                    .shared
+                    .bulk
+                    .as_ref()
+                    .and_then(BulkPlane::local_addr)
+                    .map(|a| a.port());
                 let out = self
                     .membership
                     .handle(Instant::now(), Input::SetMeta(*meta));
@@ -686,7 +872,53 @@ impl Actor {
                 let res = self.apply_revocation(&rev, None);
                 let _ = reply.send(res);
             }
+            Command::FilterChanged => {
+                let filter = self.filter();
+                tracing::warn!(?filter, "drill traffic filter installed");
+                if filter.silent {
+                    let peers: Vec<PeerId> = self.connections.keys().copied().collect();
+                    for p in peers {
+                        inc(&self.stats.filtered_total);
+                        let _ = self.swarm.disconnect_peer_id(p);
+                    }
+                }
+                self.sync_admitted();
+            }
         }
+    }
+
+    fn filter(&self) -> TrafficFilter {
+        self.shared.filter.read().expect("filter lock").clone()
+    }
+
+    /// Whether the filter lets a message from `peer` in (counted if not).
+    fn passes_from(&self, peer: &PeerId) -> bool {
+        let rack = self.rack_name(peer);
+        let ok = self
+            .shared
+            .filter
+            .read()
+            .expect("filter lock")
+            .passes_from(rack.as_deref());
+        if !ok {
+            inc(&self.stats.filtered_total);
+        }
+        ok
+    }
+
+    /// Whether the filter lets a message to `peer` out (counted if not).
+    fn passes_to(&self, peer: &PeerId) -> bool {
+        let rack = self.rack_name(peer);
+        let ok = self
+            .shared
+            .filter
+            .read()
+            .expect("filter lock")
+            .passes_to(rack.as_deref());
+        if !ok {
+            inc(&self.stats.filtered_total);
+        }
+        ok
     }
 
     /// Apply a revocation from the API (`from` None) or a peer. New ones
@@ -728,14 +960,43 @@ impl Actor {
         }
     }
 
-    /// Publish the admitted set to stream users.
+    /// Publish the admitted set to stream users, without the racks the
+    /// traffic filter cuts off either way (no stream to or from them).
     fn sync_admitted(&self) {
+        let filter = self.filter();
         let fresh: HashMap<PeerId, String> = self
             .admission
             .admitted_peers()
+            .filter(|(_, b)| filter.carries_streams(Some(&b.rack)))
             .map(|(p, b)| (*p, b.rack.clone()))
             .collect();
-        *self.shared_admitted.write().expect("admitted lock") = fresh;
+        *self.shared.admitted.write().expect("admitted lock") = fresh;
+        self.shared.admitted_changed.send_replace(());
+        self.sync_bulk_addrs();
+    }
+
+    /// Publish each admitted peer's bulk endpoint: the port it gossips,
+    /// at the IP of our mesh connection to it (the address that is known
+    /// to reach it; a rack listening on 0.0.0.0 has many).
+    fn sync_bulk_addrs(&self) {
+        if self.shared.bulk.is_none() {
+            return;
+        }
+        let fresh: HashMap<PeerId, SocketAddr> = self
+            .admission
+            .admitted_peers()
+            .filter_map(|(p, _)| {
+                let port = self.membership.member(p)?.meta.as_ref()?.bulk_port?;
+                let ip = self
+                    .connections
+                    .get(p)?
+                    .iter()
+                    .rev()
+                    .find_map(|c| self.connected_addrs.get(c).and_then(ip_of))?;
+                Some((*p, SocketAddr::new(ip, port)))
+            })
+            .collect();
+        *self.shared.bulk_addrs.write().expect("bulk addrs lock") = fresh;
     }
 
     fn on_discovered(&mut self, found: Discovered) {
@@ -865,6 +1126,9 @@ impl Actor {
     /// Keep trying bootstrap addresses and known fleet peers we are not
     /// connected to, each on its own backoff.
     fn redial(&mut self, now: Instant) {
+        if self.filter().silent {
+            return;
+        }
         for i in 0..self.bootstrap_backoff.len() {
             let addr = self.bootstrap_backoff[i].0.clone();
             let peer = p2p_of(&addr).or_else(|| self.bootstrap_peers.get(&addr).copied());
@@ -914,17 +1178,26 @@ impl Actor {
             if addrs.is_empty() || !self.peer_backoff[&peer].due(now) {
                 continue;
             }
+            if self.redials.values().filter(|p| **p == peer).count() >= MAX_REDIALS_PER_PEER {
+                continue;
+            }
             let j = self.jitter();
             if let Some(b) = self.peer_backoff.get_mut(&peer) {
                 b.attempted(now, j);
             }
             inc(&self.stats.dials_total);
+            // Beside any dial still waiting on its handshake timer (see
+            // MAX_REDIALS_PER_PEER), not after it.
             let opts = DialOpts::peer_id(peer)
                 .addresses(addrs)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .condition(PeerCondition::Disconnected)
                 .build();
-            if let Err(e) = self.swarm.dial(opts) {
-                tracing::debug!(%peer, error = %e, "dial failed");
+            let id = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    self.redials.insert(id, peer);
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "dial failed"),
             }
         }
     }
@@ -941,6 +1214,24 @@ impl Actor {
                 ..
             } => {
                 let now = Instant::now();
+                let redial = self.redials.remove(&connection_id).is_some();
+                if self.filter().silent {
+                    // No power: nobody gets in.
+                    inc(&self.stats.filtered_total);
+                    self.swarm.close_connection(connection_id);
+                    return;
+                }
+                if redial
+                    && self
+                        .connections
+                        .get(&peer_id)
+                        .is_some_and(|c| !c.is_empty())
+                {
+                    // A redial that completed after another connection to
+                    // the peer did: one is enough.
+                    self.swarm.close_connection(connection_id);
+                    return;
+                }
                 if !self.admission.connected(peer_id, now) {
                     inc(&self.stats.rejected_total);
                     let revoked = self.admission.is_revoked(&peer_id);
@@ -976,11 +1267,8 @@ impl Actor {
                     }
                 }
                 conns.push(connection_id);
-                let cert = self.settings.certificate.clone();
-                self.swarm
-                    .behaviour_mut()
-                    .admit
-                    .send_request(&peer_id, AdmitRequest { certificate: cert });
+                self.sync_bulk_addrs();
+                self.offer_certificate(peer_id);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -992,8 +1280,10 @@ impl Actor {
                 if let Some(c) = self.connections.get_mut(&peer_id) {
                     c.retain(|id| *id != connection_id);
                 }
+                self.sync_bulk_addrs();
                 if num_established == 0 {
                     self.connections.remove(&peer_id);
+                    self.cert_offers_failed.remove(&peer_id);
                     self.admission.disconnected(&peer_id);
                     self.sync_admitted();
                     self.pending_acks.retain(|(p, _), _| *p != peer_id);
@@ -1003,7 +1293,12 @@ impl Actor {
                     }
                 }
             }
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+            SwarmEvent::OutgoingConnectionError {
+                peer_id,
+                error,
+                connection_id,
+            } => {
+                self.redials.remove(&connection_id);
                 tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
             }
             SwarmEvent::Behaviour(BehaviourEvent::Admit(ev)) => self.on_admit(ev),
@@ -1131,8 +1426,38 @@ impl Actor {
             } => {
                 self.note_rejection(peer, "peer refused our certificate", reason, true);
             }
+            Event::Message {
+                peer,
+                message:
+                    RrMessage::Response {
+                        response: AdmitResponse::Accepted,
+                        ..
+                    },
+                ..
+            } => {
+                self.cert_offers_failed.remove(&peer);
+            }
+            Event::OutboundFailure { peer, error, .. } => {
+                let connected = self.connections.get(&peer).is_some_and(|c| !c.is_empty());
+                let failed = self.cert_offers_failed.entry(peer).or_default();
+                *failed += 1;
+                tracing::debug!(%peer, %error, failed = *failed, connected, "our certificate did not reach the peer");
+                if connected && *failed <= MAX_CERT_OFFERS {
+                    inc(&self.stats.cert_offers_retried_total);
+                    self.offer_certificate(peer);
+                }
+            }
             _ => {}
         }
+    }
+
+    /// Send our certificate to `peer` (on any of its connections).
+    fn offer_certificate(&mut self, peer: PeerId) {
+        let cert = self.settings.certificate.clone();
+        self.swarm
+            .behaviour_mut()
+            .admit
+            .send_request(&peer, AdmitRequest { certificate: cert });
     }
 
     fn on_rpc(&mut self, ev: request_response::Event<Rpc, RpcReply>) {
@@ -1150,6 +1475,10 @@ impl Actor {
                 if !self.admission.is_admitted(&peer) {
                     // Not a fleet member (yet): read nothing, answer nothing.
                     inc(&self.stats.rpc_dropped_unadmitted_total);
+                    return;
+                }
+                if !self.passes_from(&peer) {
+                    // A drill cut this link: as if it never arrived.
                     return;
                 }
                 inc(&self.stats.rpc_received_total);
@@ -1193,7 +1522,7 @@ impl Actor {
                         ..
                     },
                 ..
-            } if self.admission.is_admitted(&peer) => {
+            } if self.admission.is_admitted(&peer) && self.passes_from(&peer) => {
                 inc(&self.stats.rpc_received_total);
                 let out = self
                     .membership
@@ -1208,6 +1537,9 @@ impl Actor {
     }
 
     fn send_rpc(&mut self, to: PeerId, rpc: Rpc) {
+        if !self.passes_to(&to) {
+            return;
+        }
         inc(&self.stats.rpc_sent_total);
         self.swarm.behaviour_mut().rpc.send_request(&to, rpc);
     }
@@ -1231,6 +1563,11 @@ impl Actor {
                                 )
                             });
                         }
+                        continue;
+                    }
+                    if !self.passes_to(&to) {
+                        // A drill cut this link (SWIM counts it as loss).
+                        self.pending_acks.retain(|(p, _), _| *p != to);
                         continue;
                     }
                     if let Message::Ack { seq, .. } = &msg {
@@ -1295,6 +1632,7 @@ impl Actor {
                     if let Some(meta) = self.membership.member(&id).and_then(|m| m.meta.clone()) {
                         self.rack_names.entry(id).or_insert(meta.rack);
                     }
+                    self.sync_bulk_addrs();
                 }
             }
         }
@@ -1337,6 +1675,8 @@ impl Actor {
                 .revoked_peers()
                 .map(|(p, r)| (*p, r.clone()))
                 .collect(),
+            bulk_addr: self.shared.bulk.as_ref().and_then(BulkPlane::local_addr),
+            bulk_connections: self.shared.bulk.as_ref().map_or(0, BulkPlane::connections),
         }
     }
 }
@@ -1356,6 +1696,14 @@ fn p2p_of(a: &Multiaddr) -> Option<PeerId> {
             None
         }
     })
+}
+
+fn ip_of(a: &Multiaddr) -> Option<std::net::IpAddr> {
+    match a.iter().next()? {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    }
 }
 
 fn is_loopback(a: &Multiaddr) -> bool {

@@ -60,6 +60,12 @@ pub struct RackInfo {
     pub version: String,
     /// The rack's admin API address (for operators' tools).
     pub api: String,
+    /// The UDP port of the rack's bulk data plane (None: it has none, or
+    /// is older than the bulk plane: reach it over mesh streams). Peers
+    /// dial it at the IP of their mesh connection to the rack. Set by the
+    /// mesh, whatever the agent says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulk_port: Option<u16>,
 }
 
 /// A message between admitted racks.

@@ -1,4 +1,4 @@
-//! `replbench`: the replication benchmark of issue 3.
+//! `replbench`: the replication benchmarks.
 //!
 //! ```text
 //! cargo run --release -p node-agent --bin replbench [-- --quick | --size-mib N | --skip-rsync | --dir D]
@@ -36,15 +36,21 @@
 //! - `replbench/child.rs`: the replica process.
 //! - `replbench/net.rs`: mesh settings, raw quinn endpoints, byte counting.
 //! - `replbench/images.rs`: image generation and modification.
+//! - `replbench/dirty.rs`: section `dirty` (`--section dirty`): snapshot
+//!   cost of a process appliance under scattered writes, XFS vs ext4.
 
 #[path = "replbench/child.rs"]
 mod child;
 #[path = "replbench/ctl.rs"]
 mod ctl;
+#[path = "replbench/dirty.rs"]
+mod dirty;
 #[path = "replbench/images.rs"]
 mod images;
 #[path = "replbench/net.rs"]
 mod net;
+#[path = "replbench/qemu.rs"]
+mod qemu;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -84,7 +90,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(600);
 /// Size of the buffer the raw QUIC sender writes from, over and over.
 const RAW_WRITE: usize = 1 << 20;
 
-/// Targets from issue 3.
+/// The targets of the figures.
 const TARGET_THROUGHPUT_RATIO: f64 = 0.7;
 const TARGET_VS_RSYNC: f64 = 1.0 / 3.0;
 const TARGET_CLONES: f64 = 1.2;
@@ -142,6 +148,47 @@ struct Args {
     /// Keep the temporary directory.
     #[arg(long)]
     keep: bool,
+    /// Sections to run besides the figures, `dirty`, `qemu` (then the
+    /// figures run only if `--figures` names them).
+    #[arg(long, value_delimiter = ',')]
+    section: Vec<String>,
+    /// `--section qemu`: the VM's disk, in GiB [default: 40; 4 with --quick].
+    #[arg(long)]
+    qemu_disk_gib: Option<u64>,
+    /// `--section qemu`: allocated part of the disk, in GiB [default: 8; 1 with --quick].
+    #[arg(long)]
+    qemu_allocated_gib: Option<u64>,
+    /// `--section qemu`: scattered 4 KiB writes through QEMU, bytes/s.
+    #[arg(long, default_value_t = 1_000_000)]
+    qemu_write_rate: u64,
+    /// `--section qemu`: time between captures, ms.
+    #[arg(long, default_value_t = 1000)]
+    qemu_interval_ms: u64,
+    /// `--section qemu`: seconds of incremental captures [default: 60; 15 with --quick].
+    #[arg(long)]
+    qemu_secs: Option<u64>,
+    /// `--section qemu`: full-pass captures to compare with.
+    #[arg(long, default_value_t = 2)]
+    qemu_full_passes: usize,
+    /// `--section qemu`: links the incremental phase runs over, one after
+    /// the other (`lan`, `radio-poor`).
+    #[arg(long, value_delimiter = ',', default_values_t = ["lan".to_string(), "radio-poor".to_string()])]
+    qemu_links: Vec<String>,
+    /// `dirty`: size of the large thin volume, GiB [default: 40; 4 with --quick].
+    #[arg(long)]
+    dirty_size_gib: Option<u64>,
+    /// `dirty`: random data in it, MiB [default: 8192; 512 with --quick].
+    #[arg(long)]
+    dirty_alloc_mib: Option<u64>,
+    /// `dirty`: snapshots under writes per volume.
+    #[arg(long, default_value_t = 5)]
+    dirty_rounds: usize,
+    /// `dirty`: rate of the scattered 4 KiB writes, MB/s.
+    #[arg(long, default_value_t = 1.0)]
+    dirty_write_mbps: f64,
+    /// `dirty`: seconds between snapshots.
+    #[arg(long, default_value_t = 2.0)]
+    dirty_interval_s: f64,
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -231,6 +278,8 @@ struct Bench {
     replies: mpsc::Receiver<Reply>,
     cancel: CancellationToken,
     verify: bool,
+    /// The link pushes go through (`None`: the mesh stream as it is).
+    link: Option<net::Link>,
 }
 
 impl Bench {
@@ -307,6 +356,7 @@ impl Bench {
             replies,
             cancel,
             verify,
+            link: None,
         };
         // Admission is mutual: wait until each side admitted the other.
         let t0 = Instant::now();
@@ -385,7 +435,12 @@ impl Bench {
                 .with_context(|| format!("{name} has no generation"))?;
             manifests.push(m);
         }
-        let (store, mesh, replica) = (self.store.clone(), self.mesh.clone(), self.replica);
+        let (store, mesh, replica, link) = (
+            self.store.clone(),
+            self.mesh.clone(),
+            self.replica,
+            self.link,
+        );
         let limiter = LinkLimiter::new(0);
         let limiter = &limiter;
         let results: Vec<anyhow::Result<Pushed>> = futures::stream::iter(manifests)
@@ -398,6 +453,10 @@ impl Bench {
                         .open_stream(replica, PUSH_PROTOCOL)
                         .await
                         .map_err(|e| anyhow!("opening a push stream: {e}"))?;
+                    let stream: Box<dyn net::Duplex> = match link {
+                        Some(l) => Box::new(net::shaped(stream, l)),
+                        None => Box::new(stream),
+                    };
                     let (stream, tally) = net::Counting::new(stream);
                     let counters = TransferCounters::default();
                     let report = push::push(store, OWNER, m, stream, limiter, &counters)
@@ -555,7 +614,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let thin_size = args.thin_mib.unwrap_or(if quick { 256 } else { 4096 }) * MIB;
     let thin_data = args.thin_data_mib.map_or(thin_size / 4, |m| m * MIB);
     let base = args.base_mib.unwrap_or(if quick { 64 } else { 1024 }) * MIB;
-    let figures: Vec<u8> = if args.figures.is_empty() {
+    let figures: Vec<u8> = if args.figures.is_empty() && args.section.is_empty() {
         vec![1, 2, 3]
     } else {
         args.figures.clone()
@@ -573,6 +632,34 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     );
     let t_all = Instant::now();
 
+    if let Some(other) = args
+        .section
+        .iter()
+        .find(|s| !["dirty", "qemu"].contains(&s.as_str()))
+    {
+        bail!("unknown section {other:?} (known: dirty, qemu)");
+    }
+    // `dirty` needs no replica process: it runs first, on its own.
+    if args.section.iter().any(|s| s == "dirty") {
+        let o = dirty::Opts {
+            dir: dir.clone(),
+            size: args.dirty_size_gib.unwrap_or(if quick { 4 } else { 40 }) << 30,
+            alloc: args
+                .dirty_alloc_mib
+                .unwrap_or(if quick { 512 } else { 8192 })
+                * MIB,
+            rounds: args.dirty_rounds,
+            write_bps: args.dirty_write_mbps * 1e6,
+            interval: Duration::from_secs_f64(args.dirty_interval_s),
+        };
+        let rows = blocking(move || dirty::run(&o)).await?;
+        print_rows(&rows);
+        if figures.is_empty() && !args.section.iter().any(|s| s == "qemu") {
+            println!("(total run time {:.0} s)", t_all.elapsed().as_secs_f64());
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+
     let mut bench = Bench::start(dir.clone(), !args.no_verify).await?;
     let mut rows = Vec::new();
     let result = async {
@@ -584,6 +671,27 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         if figures.contains(&3) {
             rows.push(figure3(&mut bench, base, args.clone_pushes).await?);
+        }
+        if args.section.iter().any(|s| s == "qemu") {
+            let gib = 1 << 30;
+            let settings = qemu::Settings {
+                disk: args.qemu_disk_gib.unwrap_or(if quick { 4 } else { 40 }) * gib,
+                allocated: args.qemu_allocated_gib.unwrap_or(if quick { 1 } else { 8 }) * gib,
+                write_bytes_per_s: args.qemu_write_rate,
+                interval: Duration::from_millis(args.qemu_interval_ms),
+                incremental_secs: args.qemu_secs.unwrap_or(if quick { 15 } else { 60 }),
+                full_passes: args.qemu_full_passes,
+                links: args
+                    .qemu_links
+                    .iter()
+                    .map(|l| match l.as_str() {
+                        "lan" => Ok(net::LAN),
+                        "radio-poor" => Ok(net::RADIO_POOR),
+                        other => Err(anyhow!("unknown link {other:?} (known: lan, radio-poor)")),
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            };
+            rows.extend(qemu::section(&mut bench, settings).await?);
         }
         anyhow::Ok(())
     }
@@ -601,11 +709,17 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         t_stop.elapsed().as_secs_f64()
     );
     result?;
+    print_rows(&rows);
+    println!("(total run time {:.0} s)", t_all.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
 
+/// The summary table.
+fn print_rows(rows: &[Row]) {
     println!();
     println!("{:<58} {:<44} {:<8} result", "figure", "measured", "target");
     println!("{}", "-".repeat(122));
-    for r in &rows {
+    for r in rows {
         let res = match r.pass {
             Some(true) => "PASS",
             Some(false) => "FAIL",
@@ -616,8 +730,6 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             r.figure, r.measured, r.target, res
         );
     }
-    println!("(total run time {:.0} s)", t_all.elapsed().as_secs_f64());
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Figure 1: full replication path vs raw quinn, same bytes, same processes.

@@ -43,6 +43,9 @@ pub struct AgentMetrics {
     pub api_requests: AtomicU64,
     /// Store write failures (full disk...).
     pub store_errors: AtomicU64,
+    /// Console snapshots computed (one per tick while a console is open,
+    /// however many are open).
+    pub console_snapshots: AtomicU64,
 }
 
 /// Why a revocation was not taken.
@@ -85,6 +88,12 @@ pub struct Rack {
     pub api_slots: Arc<crate::api::slots::Slots>,
     /// How the open-file limit is shared between listeners.
     pub fd_budget: crate::limits::FdBudget,
+    /// A drill's faults on this rack.
+    pub drill: Arc<crate::drill::Enforcer>,
+    /// The operator's quorum override, if one is in force.
+    pub quorum_override: crate::quorum_override::QuorumOverride,
+    /// Time to protected: when each step was first reached.
+    pub protected: Arc<std::sync::Mutex<crate::protected::Timeline>>,
     started: Instant,
 }
 
@@ -140,6 +149,7 @@ impl Rack {
             peers,
             power: self.power.borrow().clone(),
             volumes,
+            volume_store: Some(self.volumes.store_info()),
             cache: self
                 .proxy
                 .as_ref()
@@ -149,6 +159,16 @@ impl Rack {
             appliances: self.appliances.status(),
             control: Some(self.appliances.control().status()),
             field: Some(field),
+            bulk: m.bulk_addr.map(|a| crate::status::BulkStatus {
+                listen: a.to_string(),
+                connections: m.bulk_connections,
+            }),
+            protected: Some(
+                self.protected
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone(),
+            ),
         })
     }
 
@@ -212,6 +232,7 @@ fn rack_info(config: &RackConfig, power: PowerStatus) -> RackInfo {
         power,
         version: env!("CARGO_PKG_VERSION").into(),
         api: config.api.listen.clone(),
+        bulk_port: None, // the mesh fills it in
     }
 }
 
@@ -268,6 +289,8 @@ pub async fn run(
     config_path: &std::path::Path,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    // Time to protected counts from here, before the components start.
+    let started = Instant::now();
     let (keypair, certificate) = load_identity(&config)?;
     match crate::limits::raise_fd_limit() {
         Ok(l) => tracing::info!(
@@ -300,6 +323,11 @@ pub async fn run(
     if token.is_empty() {
         anyhow::bail!("the API token file {} is empty", token_path.display());
     }
+    let console = crate::console::Console::new(crate::console::auth::Credentials {
+        api_token: token.clone(),
+        operator_password: config.console.operator_password_hash.clone(),
+        viewer_password: config.console.viewer_password_hash.clone(),
+    });
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let store: Arc<dyn Store> = Arc::new(
@@ -320,7 +348,10 @@ pub async fn run(
         .with_context(|| format!("binding the API on {}", config.api.listen))?;
 
     let cancel = CancellationToken::new();
-    let power = crate::power::PowerMonitor::spawn(config.power.clone(), cancel.child_token());
+    let monitor = crate::power::PowerMonitor::spawn(config.power.clone(), cancel.child_token());
+    // A drill's generator fault overrides the reading everywhere it is used.
+    let (power, generator) =
+        crate::drill::power_overlay(monitor, config.power.dying_runtime_s, cancel.child_token());
     let meta = rack_info(&config, power.borrow().clone());
     let fleet_key = deploy::cert::decode_public_key(&config.fleet.public_key)?;
     // The process's one mDNS daemon: the mesh's discovery and the proxy's
@@ -347,6 +378,7 @@ pub async fn run(
         meta,
         revocations,
         seed: rand::random(),
+        bulk: crate::bulk::settings(&config),
     };
     let (mesh, mesh_task) = mesh::start(settings, cancel.child_token())
         .await
@@ -372,6 +404,7 @@ pub async fn run(
                 &config.site,
                 mesh.clone(),
                 &mdns,
+                console.clone(),
                 &mut tasks,
                 cancel.child_token(),
             )
@@ -413,7 +446,23 @@ pub async fn run(
         state.clone(),
         config.data_dir.join("appliances"),
     );
+    if let Some(p) = &proxy {
+        appliances.attach_backhaul(Arc::new(p.handle.clone()));
+    }
+    let drill = crate::drill::Enforcer::open(
+        &config.rack,
+        state.clone(),
+        crate::drill::Targets {
+            mesh: mesh.clone(),
+            supervisor: appliances.clone(),
+            proxy: proxy.as_ref().map(|p| p.handle.clone()),
+            generator,
+        },
+    )
+    .context("reading the drill's faults")?;
+    tasks.spawn(drill.clone().run(cancel.child_token()));
     let rack = Arc::new(Rack {
+        drill,
         fleet_key,
         proxy,
         appliances: appliances.clone(),
@@ -428,6 +477,8 @@ pub async fn run(
             &fd_budget,
         )),
         fd_budget,
+        protected: Arc::default(),
+        quorum_override: Default::default(),
         started: Instant::now(),
     });
     tasks.spawn(crate::api::serve(
@@ -436,6 +487,7 @@ pub async fn run(
         token,
         cancel.child_token(),
     ));
+    tasks.spawn(console.attach(rack.clone(), cancel.child_token()));
     tasks.spawn(record_mesh_events(rack.clone(), cancel.child_token()));
     tasks.spawn(record_control_events(
         state.clone(),
@@ -446,9 +498,47 @@ pub async fn run(
     tasks.spawn(volumes.run(cancel.child_token()));
     let supervisor_cancel = cancel.child_token();
     let supervisor = tokio::spawn(appliances.run(supervisor_cancel.clone()));
+    tasks.spawn(crate::quorum_override::run(
+        rack.clone(),
+        cancel.child_token(),
+    ));
+    if let Some(p) = &rack.proxy {
+        let packs =
+            crate::tile_packs::bundled(&deploy::config::config_dir(config_path), &config.data_dir);
+        if !packs.is_empty() {
+            tasks.spawn(crate::tile_packs::import_all(
+                p.handle.clone(),
+                packs,
+                state.clone(),
+                cancel.child_token(),
+            ));
+        }
+    }
+    tasks.spawn(crate::protected::run(
+        rack.clone(),
+        deploy::config::config_dir(config_path),
+        started,
+        cancel.child_token(),
+    ));
+    let notifier = match crate::sd_notify::Notifier::from_env() {
+        Ok(n) => n.map(Arc::new),
+        Err(e) => {
+            tracing::warn!(error = %e, "$NOTIFY_SOCKET is set but unreachable");
+            None
+        }
+    };
+    if let Some(n) = &notifier {
+        tasks.spawn(crate::sd_notify::ready_and_feed(
+            n.clone(),
+            cancel.child_token(),
+        ));
+    }
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
+    if let Some(n) = &notifier {
+        let _ = n.notify("STOPPING=1");
+    }
     // One deadline for the whole shutdown; each phase gets its share of
     // what is left. Appliances stop first (while the mesh still carries
     // lease renewals), then the control plane, then everything else.

@@ -9,6 +9,10 @@
 //!   once it is stored durably; then spread through the mesh.
 //! - `GET /api/v1/events?limit=N`: the local event log.
 //! - `GET /metrics`: Prometheus text.
+//! - `GET|POST /api/v1/drill/faults`, `POST /api/v1/drill/abort`,
+//!   `GET|POST /api/v1/drill/reports`, `GET /api/v1/drill/probe`: drills
+//!   (`fieldrack drill`): the faults in force here, a fault order, healing
+//!   them all, the reports kept, a steady-state probe.
 //!
 //! Every request needs `Authorization: Bearer <api-token>` (401 otherwise,
 //! and the connection is closed); malformed requests get 400 with a reason;
@@ -44,6 +48,9 @@ use slots::Ticket;
 
 /// Largest request body accepted: a revocation is under 1 KiB.
 pub const MAX_BODY: usize = 64 * 1024;
+/// Largest drill report accepted: a minute of probes of a few racks is a
+/// few KiB; this bounds a stored report whatever the drill.
+pub const MAX_REPORT_BODY: usize = 1024 * 1024;
 /// A connection must send a whole request head this soon after it is
 /// accepted, and after each response: the CLI sends its request at once,
 /// so a connection still silent after this is not an honest client. hyper
@@ -288,6 +295,17 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> ErrorClass {
     }
     if e.is::<mesh::MeshError>() {
         return UNAVAILABLE;
+    }
+    if let Some(e) = e.downcast_ref::<crate::drill::DrillError>() {
+        use crate::drill::faults::OrderError;
+        return match e {
+            crate::drill::DrillError::Refused(OrderError::OtherDrill(_)) => CONFLICT,
+            crate::drill::DrillError::Refused(OrderError::Duration(_)) => {
+                ErrorClass::bad("duration_ms")
+            }
+            crate::drill::DrillError::Refused(_) => ErrorClass::bad("fault"),
+            crate::drill::DrillError::Store(e) => classify(e),
+        };
     }
     e.source().map_or(INTERNAL, classify)
 }
@@ -627,6 +645,98 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
                     json(StatusCode::OK, &serde_json::json!({ "offline": o.offline }))
                 }
                 Err(resp) => resp,
+            }
+        }
+        (Method::GET, paths::DRILL_FAULTS) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "rack": rack.config.rack, "faults": rack.drill.active() }),
+        ),
+        (Method::POST, paths::DRILL_FAULTS) => {
+            let order: crate::drill::FaultOrder =
+                match json_body(req, r#"{"drill", "fault": {"kind", ...}, "duration_ms"}"#).await {
+                    Ok(o) => o,
+                    Err(resp) => return resp,
+                };
+            match rack.drill.order(order).await {
+                Ok(a) => json(StatusCode::OK, &a),
+                Err(e) => error_reply(&e),
+            }
+        }
+        (Method::POST, paths::DRILL_ABORT) => match rack.drill.abort().await {
+            Ok(healed) => json(StatusCode::OK, &serde_json::json!({ "healed": healed })),
+            Err(e) => error_reply(&e),
+        },
+        (Method::GET, paths::DRILL_REPORTS) => match rack.drill.reports() {
+            Ok(r) => json(StatusCode::OK, &r),
+            Err(e) => error_reply(&e),
+        },
+        (Method::POST, paths::DRILL_REPORTS) => {
+            let body = match Limited::new(req.into_body(), MAX_REPORT_BODY)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("a report is at most {MAX_REPORT_BODY} bytes"),
+                    )
+                }
+            };
+            let report: crate::drill::report::Report = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("body is not a drill report: {e}"),
+                    )
+                }
+            };
+            match rack.drill.store_report(&report.id, &body) {
+                Ok(()) => json(StatusCode::OK, &serde_json::json!({ "stored": report.id })),
+                Err(e) => error_reply(&e),
+            }
+        }
+        (Method::GET, paths::DRILL_PROBE) => json(
+            StatusCode::OK,
+            &crate::drill::probe::probe(&rack.config, rack.proxy.is_some()).await,
+        ),
+        (Method::POST, paths::OVERRIDE_QUORUM) => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Override {
+                who: String,
+                why: String,
+            }
+            let o: Override =
+                match json_body(req, r#"{"who": "<operator>", "why": "<reason>"}"#).await {
+                    Ok(o) => o,
+                    Err(resp) => return resp,
+                };
+            let leader = crate::quorum_override::majority(rack);
+            match rack.quorum_override.start(
+                &o.who,
+                &o.why,
+                leader.as_deref(),
+                util::time::unix_ms(),
+            ) {
+                Ok(a) => {
+                    tracing::warn!(who = %a.who, why = %a.why, "quorum override: running this rack's appliances without a majority");
+                    if let Err(e) = rack.state.record_event(
+                        "quorum_override",
+                        serde_json::json!({ "who": a.who, "why": a.why }),
+                    ) {
+                        return error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("cannot record the override: {e}"),
+                        );
+                    }
+                    json(StatusCode::OK, &a)
+                }
+                Err(e @ crate::quorum_override::OverrideError::Majority(_)) => {
+                    error(StatusCode::CONFLICT, e.to_string())
+                }
+                Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
             }
         }
         (Method::POST, paths::TILES_SEED) => tiles_seed(req, rack).await,

@@ -1,14 +1,27 @@
 //! The mesh as a cache: the proxy's [`PeerDirectory`] and [`Replicator`]
 //! over raw streams on the admitted mesh connections.
 //!
-//! - Every [`DIGEST_INTERVAL`] each rack sends every admitted peer a Bloom
-//!   digest of the keys it holds (`/fieldrack/cache-digest/1`); a local miss
-//!   then asks only peers whose digest has the key — no per-miss broadcast.
+//! - Every [`DIGEST_INTERVAL`] each rack sends every admitted peer whose
+//!   copy is out of date (or older than [`DIGEST_REFRESH`]) a Bloom digest
+//!   of the keys it holds (`/fieldrack/cache-digest/1`); a local miss then
+//!   asks only peers whose digest has the key — no per-miss broadcast.
 //! - `/fieldrack/cache-get/1`: fetch one object by key hash.
 //! - `/fieldrack/cache-put/1`: a tile fetched over the backhaul is copied to
 //!   another rack (one whose digest lacks it), so a rack's loss loses no map
 //!   coverage; a seeded (pinned) tile is copied, pinned, to every rack of
 //!   this rack's site, so a whole site keeps its seeded regions offline.
+//!
+//! - `/fieldrack/uplink/1`: each rack tells every peer the state of its
+//!   uplink ([`UplinkReport`]) within a [`PEERS_REFRESH`] of a change, and
+//!   every [`UPLINK_REFRESH`] otherwise; the proxy ranks them
+//!   ([`cache_proxy::gateway::rank`]) as its gateways.
+//! - `/fieldrack/backhaul-http/1` (bulk plane): a miss this rack's uplink
+//!   cannot fetch, sent through a gateway's uplink; the gateway answers
+//!   with meta and body like a cache GET.
+//! - `/fieldrack/backhaul-connect/1` (bulk plane): a `CONNECT` tunnel
+//!   through a gateway's uplink: host, port and client; the gateway answers
+//!   with meta (200 when connected, else its refusal with a body), then the
+//!   stream carries the tunnel's bytes both ways.
 //!
 //! The peers are the racks the field view (`control::view`) says this rack
 //! can reach directly, refreshed every [`PEERS_REFRESH`].
@@ -17,13 +30,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cache_proxy::mesh::PeerError;
 use cache_proxy::{
-    KeyDigest, KeyHash, ObjectMeta, PeerDirectory, PeerObject, ProxyHandle, Replicator,
+    ForwardRequest, ForwardResponse, Gateways, KeyDigest, KeyHash, ObjectMeta, PeerDirectory,
+    PeerObject, ProxyHandle, Replicator, TunnelOpen, UplinkReport,
 };
 use futures::future::BoxFuture;
 use futures::{AsyncReadExt, AsyncWriteExt};
@@ -31,7 +45,10 @@ use libp2p::PeerId;
 use mesh::MeshHandle;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
+
+use crate::resend::Resend;
 
 /// Digest exchange protocol.
 pub const DIGEST_PROTOCOL: &str = "/fieldrack/cache-digest/1";
@@ -39,6 +56,16 @@ pub const DIGEST_PROTOCOL: &str = "/fieldrack/cache-digest/1";
 pub const GET_PROTOCOL: &str = "/fieldrack/cache-get/1";
 /// Object replication protocol.
 pub const PUT_PROTOCOL: &str = "/fieldrack/cache-put/1";
+/// Uplink report protocol.
+pub const UPLINK_PROTOCOL: &str = "/fieldrack/uplink/1";
+/// A miss sent through another rack's uplink.
+pub const FORWARD_PROTOCOL: &str = "/fieldrack/backhaul-http/1";
+/// A `CONNECT` tunnel through another rack's uplink.
+pub const TUNNEL_PROTOCOL: &str = "/fieldrack/backhaul-connect/1";
+/// Largest forwarded request (URL and client headers).
+pub const MAX_FORWARD_REQUEST_BYTES: usize = 256 << 10;
+/// Largest uplink report.
+pub const MAX_UPLINK_REPORT_BYTES: usize = 1024;
 
 /// How often digests are sent. Objects stored since the last digest are
 /// simply not found on this rack by peers until the next one.
@@ -47,6 +74,13 @@ pub const DIGEST_INTERVAL: Duration = Duration::from_secs(5);
 pub const DIGEST_FP: f64 = 0.01;
 /// A peer's digest older than this is ignored (the peer went quiet).
 pub const DIGEST_MAX_AGE: Duration = Duration::from_secs(60);
+/// An unchanged digest is sent to a peer again after this (a changed one
+/// at the next [`DIGEST_INTERVAL`]): well inside [`DIGEST_MAX_AGE`].
+pub const DIGEST_REFRESH: Duration = Duration::from_secs(20);
+/// An unchanged uplink report is sent to a peer again after this (a
+/// changed one within a [`PEERS_REFRESH`]): one lost report still leaves
+/// the peer a fresh one ([`cache_proxy::gateway::REPORT_MAX_AGE`]).
+pub const UPLINK_REFRESH: Duration = Duration::from_secs(4);
 /// Largest digest accepted: 16 MiB covers ~13 M keys at 1 %.
 pub const MAX_DIGEST_BYTES: usize = 16 << 20;
 /// Largest object moved between racks (tiles are KBs; web objects a few MB).
@@ -86,6 +120,38 @@ pub const PEERS_REFRESH: Duration = Duration::from_secs(1);
 /// so a rack admitted a moment ago must not be missed); a burst of copies
 /// (seeding) still asks the view at most a few times a second.
 pub const PEERS_MAX_AGE: Duration = Duration::from_millis(200);
+
+/// Who was sent what ([`Resend`]), shared with the sending tasks.
+fn lock<V>(m: &Mutex<Resend<PeerId, V>>) -> std::sync::MutexGuard<'_, Resend<PeerId, V>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One message to one peer on a stream of its own ([`CacheMesh::send_once`]).
+struct SendOnce {
+    mesh: MeshHandle,
+    peer: PeerId,
+    protocol: &'static str,
+    body: Vec<u8>,
+    limit: Option<Duration>,
+}
+
+impl SendOnce {
+    /// Send it; if it fails, `peer` is due again in `sent` next period.
+    async fn run<V: PartialEq + Clone>(self, sent: Arc<Mutex<Resend<PeerId, V>>>) {
+        let send = async {
+            let mut s = self.mesh.open_stream(self.peer, self.protocol).await.ok()?;
+            write_msg(&mut s, &self.body).await.ok()?;
+            s.close().await.ok()
+        };
+        let done = match self.limit {
+            Some(limit) => tokio::time::timeout(limit, send).await.ok().flatten(),
+            None => send.await,
+        };
+        if done.is_none() {
+            lock(&sent).failed(&self.peer);
+        }
+    }
+}
 
 /// A rack the cache may use, from the field view.
 #[derive(Debug, Clone)]
@@ -137,6 +203,29 @@ fn decode_meta(b: &[u8]) -> Result<ObjectMeta, String> {
         response_time: w.response_time,
         pinned: false,
     })
+}
+
+/// Sends a gateway's answer (status, headers, body) on `s` and closes it,
+/// all within `limit`: a requester that stops reading does not hold the
+/// answer (and its body) forever.
+async fn send_answer<W: futures::AsyncWrite + Unpin>(
+    s: &mut W,
+    resp: ForwardResponse,
+    limit: Duration,
+) {
+    let meta = ObjectMeta {
+        status: resp.status,
+        headers: resp.headers,
+        request_time: 0,
+        response_time: 0,
+        pinned: false,
+    };
+    let send = async {
+        write_msg(s, &encode_meta(&meta)).await?;
+        write_msg(s, &resp.body).await?;
+        s.close().await
+    };
+    let _ = tokio::time::timeout(limit, send).await;
 }
 
 async fn write_msg<W: futures::AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> std::io::Result<()> {
@@ -195,6 +284,9 @@ pub struct CacheMesh {
     /// once by [`CacheMesh::attach_control`].
     control: std::sync::OnceLock<Arc<control::Control>>,
     replicate_tx: mpsc::Sender<(KeyHash, PeerObject)>,
+    /// The latest uplink report of each peer, and when it came (bounded
+    /// by the admitted peers: reports of others are dropped).
+    uplinks: RwLock<HashMap<PeerId, (UplinkReport, Instant)>>,
     /// Counters.
     pub stats: Arc<CacheMeshStats>,
 }
@@ -213,6 +305,7 @@ impl CacheMesh {
                 refreshed: tokio::sync::Mutex::new(None),
                 control: std::sync::OnceLock::new(),
                 replicate_tx: tx,
+                uplinks: RwLock::default(),
                 stats: Arc::default(),
             }),
             rx,
@@ -223,6 +316,37 @@ impl CacheMesh {
     /// racks to use (it starts after the proxy).
     pub fn attach_control(&self, control: Arc<control::Control>) {
         let _ = self.control.set(control);
+    }
+
+    /// Hands every peer's last uplink report to the proxy's budget (the
+    /// field's quota counts every rack's uplink; the field's rate is split
+    /// among the uplinks in use).
+    fn note_field_budget(&self, proxy: &ProxyHandle) {
+        let reports: Vec<(UplinkReport, bool)> = self
+            .uplinks
+            .read()
+            .expect("uplinks lock")
+            .values()
+            .map(|(r, at)| (*r, at.elapsed() <= cache_proxy::gateway::REPORT_MAX_AGE))
+            .collect();
+        proxy.note_peer_reports(&reports);
+    }
+
+    /// `body` for `peer` on `protocol`, within `limit` if any.
+    fn send_once(
+        &self,
+        peer: PeerId,
+        protocol: &'static str,
+        body: Vec<u8>,
+        limit: Option<Duration>,
+    ) -> SendOnce {
+        SendOnce {
+            mesh: self.mesh.clone(),
+            peer,
+            protocol,
+            body,
+            limit,
+        }
     }
 
     /// The peers to exchange digests, objects and copies with.
@@ -283,11 +407,17 @@ impl CacheMesh {
         replicate_rx: mpsc::Receiver<(KeyHash, PeerObject)>,
         cancel: CancellationToken,
     ) {
-        let (Ok(mut digests), Ok(mut gets), Ok(mut puts)) = (
+        let (Ok(mut digests), Ok(mut gets), Ok(mut puts), Ok(mut uplinks), Ok(mut forwards)) = (
             self.mesh.accept_streams(DIGEST_PROTOCOL),
             self.mesh.accept_streams(GET_PROTOCOL),
             self.mesh.accept_streams(PUT_PROTOCOL),
+            self.mesh.accept_streams(UPLINK_PROTOCOL),
+            self.mesh.accept_streams(FORWARD_PROTOCOL),
         ) else {
+            tracing::error!("cache mesh protocols already registered");
+            return;
+        };
+        let Ok(mut tunnels) = self.mesh.accept_streams(TUNNEL_PROTOCOL) else {
             tracing::error!("cache mesh protocols already registered");
             return;
         };
@@ -295,21 +425,94 @@ impl CacheMesh {
         let _replicating = tokio_util::task::AbortOnDropHandle::new(replicating);
         let mut tick = tokio::time::interval(DIGEST_INTERVAL);
         let mut refresh = tokio::time::interval(PEERS_REFRESH);
+        let uplink_sent = Arc::new(Mutex::new(Resend::new(UPLINK_REFRESH)));
+        let digest_sent = Arc::new(Mutex::new(Resend::new(DIGEST_REFRESH)));
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = refresh.tick() => self.refresh_peers(Duration::ZERO).await,
+                _ = refresh.tick() => {
+                    self.refresh_peers(Duration::ZERO).await;
+                    let report = proxy.uplink_report();
+                    let peers = self.admitted_peers();
+                    self.uplinks.write().expect("uplinks lock").retain(|p, _| peers.contains(p));
+                    self.note_field_budget(&proxy);
+                    let due = lock(&uplink_sent).due(&peers, &report, Instant::now());
+                    let body = serde_json::to_vec(&report).expect("report serializes");
+                    for peer in due {
+                        let send = self.send_once(peer, UPLINK_PROTOCOL, body.clone(), Some(PEERS_REFRESH));
+                        tokio::spawn(send.run(uplink_sent.clone()));
+                    }
+                }
+                Some((peer, mut s)) = uplinks.next() => {
+                    let this = self.clone();
+                    let proxy = proxy.clone();
+                    tokio::spawn(async move {
+                        let read = read_msg(&mut s, MAX_UPLINK_REPORT_BYTES);
+                        let Ok(Ok(b)) = tokio::time::timeout(PEERS_REFRESH, read).await else { return };
+                        match serde_json::from_slice::<UplinkReport>(&b) {
+                            Ok(r) if this.admitted_peers().contains(&peer) => {
+                                this.uplinks.write().expect("uplinks lock").insert(peer, (r, Instant::now()));
+                                this.note_field_budget(&proxy);
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::debug!(%peer, error = %e, "bad uplink report"),
+                        }
+                    });
+                }
+                Some((peer, mut s)) = tunnels.next() => {
+                    let proxy = proxy.clone();
+                    tokio::spawn(async move {
+                        let read = read_msg(&mut s, MAX_FORWARD_REQUEST_BYTES);
+                        let Ok(Ok(b)) = tokio::time::timeout(FETCH_TIMEOUT, read).await else { return };
+                        let Ok(w) = serde_json::from_slice::<WireTunnel>(&b) else {
+                            tracing::warn!(%peer, "bad tunnel request");
+                            return;
+                        };
+                        // Limits count under the rack the mesh authenticated,
+                        // never one the request names.
+                        match proxy.open_tunnel(&peer.to_base58(), &w.host, w.port, w.client).await {
+                            Ok(tunnel) => {
+                                let ok = ObjectMeta {
+                                    status: 200,
+                                    headers: hyper::HeaderMap::new(),
+                                    request_time: 0,
+                                    response_time: 0,
+                                    pinned: false,
+                                };
+                                if write_msg(&mut s, &encode_meta(&ok)).await.is_err() || s.flush().await.is_err() {
+                                    return;
+                                }
+                                tunnel.run(s.compat()).await;
+                            }
+                            Err(resp) => send_answer(&mut s, resp, FETCH_TIMEOUT).await,
+                        }
+                    });
+                }
+                Some((peer, mut s)) = forwards.next() => {
+                    let proxy = proxy.clone();
+                    tokio::spawn(async move {
+                        let read = read_msg(&mut s, MAX_FORWARD_REQUEST_BYTES);
+                        let Ok(Ok(b)) = tokio::time::timeout(FETCH_TIMEOUT, read).await else { return };
+                        let req = match decode_forward(&b) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                tracing::warn!(%peer, error = %e, "bad forwarded request");
+                                return;
+                            }
+                        };
+                        let resp = proxy.serve_forwarded(&peer.to_base58(), req).await;
+                        let limit = put_timeout(resp.body.len());
+                        send_answer(&mut s, resp, limit).await;
+                    });
+                }
                 _ = tick.tick() => {
                     self.refresh_peers(PEERS_MAX_AGE).await;
                     let digest = proxy.digest(DIGEST_FP).to_bytes();
-                    for peer in self.admitted_peers() {
-                        let (mesh, digest) = (self.mesh.clone(), digest.clone());
-                        tokio::spawn(async move {
-                            if let Ok(mut s) = mesh.open_stream(peer, DIGEST_PROTOCOL).await {
-                                let _ = write_msg(&mut s, &digest).await;
-                                let _ = s.close().await;
-                            }
-                        });
+                    let fingerprint = *blake3::hash(&digest).as_bytes();
+                    let due = lock(&digest_sent).due(&self.admitted_peers(), &fingerprint, Instant::now());
+                    for peer in due {
+                        let send = self.send_once(peer, DIGEST_PROTOCOL, digest.clone(), None);
+                        tokio::spawn(send.run(digest_sent.clone()));
                     }
                     let now = Instant::now();
                     self.digests.write().expect("digests lock").retain(|_, (_, at)| now.duration_since(*at) < DIGEST_MAX_AGE);
@@ -558,6 +761,149 @@ impl PeerDirectory for CacheMesh {
     }
 }
 
+#[derive(Serialize, Deserialize)]
+struct WireForward {
+    method: String,
+    target: String,
+    client: std::net::IpAddr,
+    headers: Vec<(String, Vec<u8>)>,
+    /// The request's budget class at the sender.
+    #[serde(default)]
+    class: cache_proxy::budget::Class,
+}
+
+fn encode_forward(r: &ForwardRequest) -> Vec<u8> {
+    serde_json::to_vec(&WireForward {
+        method: r.method.as_str().to_string(),
+        target: r.target.clone(),
+        client: r.client,
+        class: r.class,
+        headers: r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect(),
+    })
+    .expect("request serializes")
+}
+
+fn decode_forward(b: &[u8]) -> Result<ForwardRequest, String> {
+    let w: WireForward = serde_json::from_slice(b).map_err(|e| format!("request: {e}"))?;
+    let method =
+        hyper::Method::from_bytes(w.method.as_bytes()).map_err(|e| format!("method: {e}"))?;
+    let mut headers = hyper::HeaderMap::new();
+    for (k, v) in w.headers {
+        let name = hyper::header::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|e| format!("header name: {e}"))?;
+        let value =
+            hyper::header::HeaderValue::from_bytes(&v).map_err(|e| format!("header value: {e}"))?;
+        headers.append(name, value);
+    }
+    Ok(ForwardRequest {
+        method,
+        target: w.target,
+        headers,
+        client: w.client,
+        class: w.class,
+    })
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireTunnel {
+    host: String,
+    port: u16,
+    client: std::net::IpAddr,
+}
+
+impl Gateways for CacheMesh {
+    fn gateways(&self) -> Vec<String> {
+        let admitted = self.admitted_peers();
+        let now = Instant::now();
+        let cands: Vec<(String, UplinkReport, Duration)> = {
+            let u = self.uplinks.read().expect("uplinks lock");
+            admitted
+                .iter()
+                .filter_map(|p| {
+                    let (r, at) = u.get(p)?;
+                    Some((p.to_base58(), *r, now.duration_since(*at)))
+                })
+                .collect()
+        };
+        cache_proxy::gateway::rank(&cands)
+    }
+
+    fn forward(
+        &self,
+        peer: &String,
+        req: ForwardRequest,
+    ) -> BoxFuture<'static, Result<ForwardResponse, PeerError>> {
+        let mesh = self.mesh.clone();
+        let peer: Result<PeerId, _> = peer.parse();
+        Box::pin(async move {
+            let peer = peer.map_err(|_| PeerError::Protocol("bad peer id".into()))?;
+            let unreachable = |e: std::io::Error| PeerError::Unreachable(e.to_string());
+            let mut s = mesh
+                .open_stream(peer, FORWARD_PROTOCOL)
+                .await
+                .map_err(|e| PeerError::Unreachable(e.to_string()))?;
+            write_msg(&mut s, &encode_forward(&req))
+                .await
+                .map_err(unreachable)?;
+            s.flush().await.map_err(unreachable)?;
+            let meta = read_msg(&mut s, MAX_META_BYTES)
+                .await
+                .map_err(|e| PeerError::Protocol(e.to_string()))?;
+            let meta = decode_meta(&meta).map_err(PeerError::Protocol)?;
+            let body = read_msg(&mut s, MAX_OBJECT_BYTES)
+                .await
+                .map_err(|e| PeerError::Protocol(e.to_string()))?;
+            Ok(ForwardResponse {
+                status: meta.status,
+                headers: meta.headers,
+                body: Bytes::from(body),
+            })
+        })
+    }
+
+    fn tunnel(
+        &self,
+        peer: &String,
+        host: String,
+        port: u16,
+        client: std::net::IpAddr,
+    ) -> BoxFuture<'static, Result<TunnelOpen, PeerError>> {
+        let mesh = self.mesh.clone();
+        let peer: Result<PeerId, _> = peer.parse();
+        Box::pin(async move {
+            let peer = peer.map_err(|_| PeerError::Protocol("bad peer id".into()))?;
+            let unreachable = |e: std::io::Error| PeerError::Unreachable(e.to_string());
+            let mut s = mesh
+                .open_stream(peer, TUNNEL_PROTOCOL)
+                .await
+                .map_err(|e| PeerError::Unreachable(e.to_string()))?;
+            let req =
+                serde_json::to_vec(&WireTunnel { host, port, client }).expect("request serializes");
+            write_msg(&mut s, &req).await.map_err(unreachable)?;
+            s.flush().await.map_err(unreachable)?;
+            let meta = read_msg(&mut s, MAX_META_BYTES)
+                .await
+                .map_err(|e| PeerError::Protocol(e.to_string()))?;
+            let meta = decode_meta(&meta).map_err(PeerError::Protocol)?;
+            if meta.status == 200 {
+                return Ok(TunnelOpen::Open(Box::new(s.compat())));
+            }
+            let body = read_msg(&mut s, MAX_META_BYTES)
+                .await
+                .map_err(|e| PeerError::Protocol(e.to_string()))?;
+            Ok(TunnelOpen::Answer(ForwardResponse {
+                status: meta.status,
+                headers: meta.headers,
+                body: Bytes::from(body),
+            }))
+        })
+    }
+}
+
 impl Replicator for CacheMesh {
     /// Queue and return; a full queue drops the copy (the digest still lets
     /// peers find the object here).
@@ -591,6 +937,30 @@ mod tests {
         assert_eq!(back.status, 200);
         assert_eq!(back.headers, m.headers);
         assert!(!back.pinned, "pinning is the receiver's decision");
+        let mut h = hyper::HeaderMap::new();
+        h.insert("accept", "image/png".parse().unwrap());
+        let r = ForwardRequest {
+            method: hyper::Method::GET,
+            target: "/tiles/osm/1/0/0.png".into(),
+            headers: h,
+            client: "10.0.0.7".parse().unwrap(),
+            class: cache_proxy::budget::Class::Seeding,
+        };
+        let back = decode_forward(&encode_forward(&r)).unwrap();
+        assert_eq!(
+            (
+                back.method,
+                back.target,
+                back.headers,
+                back.client,
+                back.class
+            ),
+            (r.method, r.target, r.headers, r.client, r.class)
+        );
+        assert!(decode_forward(
+            br#"{"method":"G T","target":"/","client":"10.0.0.1","headers":[]}"#
+        )
+        .is_err());
         assert!(decode_meta(b"{not json").is_err());
         assert!(decode_meta(
             br#"{"status":200,"request_time":0,"response_time":0,"headers":[["bad name",[]]]}"#

@@ -250,6 +250,21 @@ impl AgentClient {
             .await
     }
 
+    /// `POST /api/v1/override/quorum`: run this rack's appliances without
+    /// a majority until one returns (recorded with `who` and `why`).
+    ///
+    /// # Errors
+    /// See [`ClientError`]; 409 when a majority exists.
+    pub async fn override_quorum(
+        &self,
+        who: &str,
+        why: &str,
+    ) -> Result<crate::quorum_override::Active, ClientError> {
+        let body = serde_json::json!({ "who": who, "why": why });
+        self.post_json(paths::OVERRIDE_QUORUM, Some(&body), StatusCode::OK)
+            .await
+    }
+
     /// `POST /api/v1/tiles/seed`: fetch a region (`bbox` `W,S,E,N`,
     /// `zoom` `0-16`) of a source; reports the estimate, then tiles done.
     ///
@@ -298,6 +313,83 @@ impl AgentClient {
     ) -> Result<serde_json::Value, ClientError> {
         let body = serde_json::json!({ "source": source, "bbox": bbox, "zoom": zoom, "to": to });
         self.post_job(paths::TILES_EXPORT, &body, on_event).await
+    }
+
+    /// The API address this client talks to.
+    #[must_use]
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// `GET /api/v1/drill/faults`: the drill faults in force there.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn drill_faults(&self) -> Result<Vec<crate::drill::ActiveFault>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            faults: Vec<crate::drill::ActiveFault>,
+        }
+        let a: Answer = self.get_json(paths::DRILL_FAULTS).await?;
+        Ok(a.faults)
+    }
+
+    /// `POST /api/v1/drill/faults`: order a fault (stored durably there
+    /// with its deadline before the answer).
+    ///
+    /// # Errors
+    /// See [`ClientError`]; 409 if another drill runs there.
+    pub async fn drill_order(
+        &self,
+        order: &crate::drill::FaultOrder,
+    ) -> Result<crate::drill::ActiveFault, ClientError> {
+        self.post_json(paths::DRILL_FAULTS, Some(order), StatusCode::OK)
+            .await
+    }
+
+    /// `POST /api/v1/drill/abort`: heal every drill fault there now.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn drill_abort(&self) -> Result<Vec<crate::drill::ActiveFault>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            healed: Vec<crate::drill::ActiveFault>,
+        }
+        let a: Answer = self
+            .post_json(paths::DRILL_ABORT, None::<&()>, StatusCode::OK)
+            .await?;
+        Ok(a.healed)
+    }
+
+    /// `GET /api/v1/drill/reports`: the reports kept there, oldest first.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn drill_reports(&self) -> Result<Vec<crate::drill::report::Report>, ClientError> {
+        self.get_json(paths::DRILL_REPORTS).await
+    }
+
+    /// `POST /api/v1/drill/reports`: keep a report there.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn drill_store_report(
+        &self,
+        report: &crate::drill::report::Report,
+    ) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .post_json(paths::DRILL_REPORTS, Some(report), StatusCode::OK)
+            .await?;
+        Ok(())
+    }
+
+    /// `GET /api/v1/drill/probe`: a tile through that rack's proxy.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn drill_probe(&self) -> Result<crate::drill::probe::ProbeAnswer, ClientError> {
+        self.get_json(paths::DRILL_PROBE).await
     }
 
     /// A connection to the agent's API, driven in the background.

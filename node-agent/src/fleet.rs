@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use deploy::cert::{CertBody, CERT_VERSION};
-use deploy::config::{ApiConfig, FleetRef, MeshConfig, RackConfig, API_TOKEN_FILE};
+use deploy::config::{ApiConfig, BulkConfig, FleetRef, MeshConfig, RackConfig, API_TOKEN_FILE};
 use deploy::{validate_rack_name, FleetKey, Revocation, RevocationBody, Role};
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
@@ -204,7 +204,11 @@ pub fn load(dir: &Path) -> Result<(FleetFile, FleetKey)> {
     Ok((fleet, key))
 }
 
-fn save_fleet(dir: &Path, fleet: &FleetFile) -> Result<()> {
+/// Write `fleet.toml`.
+///
+/// # Errors
+/// If the write fails.
+pub fn save_fleet(dir: &Path, fleet: &FleetFile) -> Result<()> {
     let text = toml::to_string_pretty(fleet)?;
     write_durable(&dir.join(FLEET_FILE), text.as_bytes(), PUBLIC).context("writing fleet.toml")
 }
@@ -222,7 +226,14 @@ fn provision_rack(
 ) -> Result<()> {
     let rdir = rack_dir(dir, &spec.name);
     std::fs::create_dir_all(&rdir).with_context(|| format!("creating {}", rdir.display()))?;
-    let identity = Keypair::generate_ed25519();
+    let (identity, cert) = issue_identity(
+        key,
+        &fleet.name,
+        &spec.name,
+        spec.role,
+        &spec.site,
+        fleet.valid_days,
+    );
     let peer = PeerId::from(identity.public());
     write_durable(
         &rdir.join("identity.key"),
@@ -231,25 +242,14 @@ fn provision_rack(
             .context("encoding identity")?,
         SECRET,
     )?;
-    let now = unix_secs();
-    let cert = key.issue(&CertBody {
-        version: CERT_VERSION,
-        fleet: fleet.name.clone(),
-        rack: spec.name.clone(),
-        peer_id: peer.to_base58(),
-        role: spec.role,
-        site: spec.site.clone(),
-        serial: rand::thread_rng().gen(),
-        not_before: now.saturating_sub(3600), // tolerate clock skew between laptop and rack
-        not_after: now + fleet.valid_days * 86_400,
-    });
     write_durable(&rdir.join("rack.cert"), cert.to_json().as_bytes(), PUBLIC)?;
-    let token: String = {
-        let bytes: [u8; 24] = rand::thread_rng().gen();
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    };
-    write_durable(&rdir.join(API_TOKEN_FILE), token.as_bytes(), SECRET)?;
-    let (mesh, api) = if fleet.local {
+    write_durable(
+        &rdir.join(API_TOKEN_FILE),
+        new_api_token().as_bytes(),
+        SECRET,
+    )?;
+    let (mesh, api, bulk) = if fleet.local {
+        // The bulk plane on the mesh port + 1 (free_ports checked it).
         let (udp, tcp) = free_ports()?;
         (
             MeshConfig {
@@ -260,9 +260,17 @@ fn provision_rack(
             ApiConfig {
                 listen: format!("127.0.0.1:{tcp}"),
             },
+            BulkConfig {
+                listen: format!("127.0.0.1:{}", udp + 1),
+                ..BulkConfig::default()
+            },
         )
     } else {
-        (MeshConfig::default(), ApiConfig::default())
+        (
+            MeshConfig::default(),
+            ApiConfig::default(),
+            BulkConfig::default(),
+        )
     };
     let config = RackConfig {
         rack: spec.name.clone(),
@@ -282,11 +290,13 @@ fn provision_rack(
         capacity: Default::default(),
         volumes: Default::default(),
         control: Default::default(),
+        bulk,
         proxy: (spec.role == Role::Rack)
             .then(|| proxy_table(fleet.local))
             .transpose()?,
         tile_source: Vec::new(),
         log: Default::default(),
+        console: Default::default(),
     };
     fleet.racks.push(FleetRack {
         name: spec.name.clone(),
@@ -299,6 +309,40 @@ fn provision_rack(
     });
     write_durable(&rdir.join("rack.toml"), config.to_toml().as_bytes(), PUBLIC)?;
     Ok(())
+}
+
+/// A new libp2p identity for a rack and its certificate, valid from an
+/// hour ago (clock skew between laptop and rack) for `valid_days`.
+#[must_use]
+pub fn issue_identity(
+    key: &FleetKey,
+    fleet: &str,
+    rack: &str,
+    role: Role,
+    site: &str,
+    valid_days: u64,
+) -> (Keypair, deploy::Certificate) {
+    let identity = Keypair::generate_ed25519();
+    let now = unix_secs();
+    let cert = key.issue(&CertBody {
+        version: CERT_VERSION,
+        fleet: fleet.into(),
+        rack: rack.into(),
+        peer_id: PeerId::from(identity.public()).to_base58(),
+        role,
+        site: site.into(),
+        serial: rand::thread_rng().gen(),
+        not_before: now.saturating_sub(3600),
+        not_after: now + valid_days * 86_400,
+    });
+    (identity, cert)
+}
+
+/// A fresh admin API token: 24 random bytes, hex.
+#[must_use]
+pub fn new_api_token() -> String {
+    let bytes: [u8; 24] = rand::thread_rng().gen();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The `[proxy]` table of a new rack: a distinct loopback port in a local
@@ -345,18 +389,69 @@ fn link_local_bootstrap(dir: &Path, fleet: &FleetFile) -> Result<()> {
     Ok(())
 }
 
-/// Find a UDP port and a TCP port that are free on 127.0.0.1 right now.
+/// Ports this process gave out already (a fleet's racks are provisioned
+/// one after another, and each one's ports are only checked free).
+static CHOSEN_PORTS: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// The kernel's range of ephemeral ports (`low high`).
+const EPHEMERAL_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// Where a local fleet's listeners go: the larger stretch of
+/// `10000..=65535` outside the kernel's ephemeral range (`range_text` as in
+/// [`EPHEMERAL_RANGE`]). A port picked from the ephemeral range may be
+/// taken, between a rack's stop and its restart, by any outgoing
+/// connection on the machine, and the restarted agent could not bind it.
+/// Unreadable range: the Linux default's complement, `10000..32768`.
+fn listen_range(range_text: &str) -> std::ops::Range<u16> {
+    const FLOOR: u16 = 10_000;
+    const ENOUGH: u16 = 2_000;
+    let mut bounds = range_text
+        .split_whitespace()
+        .filter_map(|x| x.parse::<u16>().ok());
+    let (Some(lo), Some(hi)) = (bounds.next(), bounds.next()) else {
+        return FLOOR..32_768;
+    };
+    let below = FLOOR..lo.max(FLOOR);
+    let above = hi.saturating_add(1).max(FLOOR)..u16::MAX;
+    let best = if below.len() >= above.len() {
+        below
+    } else {
+        above
+    };
+    if best.len() >= usize::from(ENOUGH) {
+        best
+    } else {
+        // The ephemeral range covers nearly everything: share it.
+        FLOOR..u16::MAX
+    }
+}
+
+/// Find a UDP port (with the next one free too, for the bulk plane) and a
+/// TCP port that are free on 127.0.0.1 right now, outside the kernel's
+/// ephemeral range ([`listen_range`]).
 fn free_ports() -> Result<(u16, u16)> {
     let mut rng = rand::thread_rng();
+    let range = listen_range(&std::fs::read_to_string(EPHEMERAL_RANGE).unwrap_or_default());
     for _ in 0..200 {
-        let udp: u16 = rng.gen_range(20_000..60_000);
-        let tcp: u16 = rng.gen_range(20_000..60_000);
-        if udp == tcp {
+        let udp: u16 = rng.gen_range(range.clone());
+        let tcp: u16 = rng.gen_range(range.clone());
+        if udp == tcp || udp.checked_add(1).is_none_or(|b| !range.contains(&b)) {
+            continue;
+        }
+        // Free now is not enough: the racks provisioned before this one
+        // have not bound theirs yet.
+        let mut chosen = CHOSEN_PORTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if [udp, udp + 1, tcp].iter().any(|p| chosen.contains(p)) {
             continue;
         }
         let u = UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, udp)));
+        let b = UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, udp + 1)));
         let t = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, tcp)));
-        if u.is_ok() && t.is_ok() {
+        if u.is_ok() && b.is_ok() && t.is_ok() {
+            chosen.extend([udp, udp + 1, tcp]);
             return Ok((udp, tcp));
         }
     }
@@ -377,6 +472,23 @@ mod tests {
                 site: "s".into(),
             })
             .collect()
+    }
+
+    #[test]
+    fn local_listeners_stay_out_of_the_ephemeral_range() {
+        assert_eq!(listen_range("32768\t60999\n"), 10_000..32_768);
+        assert_eq!(listen_range("1024 40000"), 40_001..u16::MAX);
+        assert_eq!(listen_range("1024 65535"), 10_000..u16::MAX);
+        assert_eq!(listen_range(""), 10_000..32_768);
+        let range = listen_range(&std::fs::read_to_string(EPHEMERAL_RANGE).unwrap());
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..64 {
+            let (udp, tcp) = free_ports().unwrap();
+            for p in [udp, udp + 1, tcp] {
+                assert!(range.contains(&p), "{p} outside {range:?}");
+                assert!(seen.insert(p), "port {p} given out twice");
+            }
+        }
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub async fn render(rack: &Rack) -> String {
             &s.admission_timeouts_total,
         ),
         (
+            "fieldrack_mesh_cert_offers_retried_total",
+            "Offers of this rack's certificate sent again after one failed to reach the peer.",
+            &s.cert_offers_retried_total,
+        ),
+        (
             "fieldrack_mesh_rpc_sent_total",
             "Rack messages sent to admitted peers.",
             &s.rpc_sent_total,
@@ -76,6 +81,49 @@ pub async fn render(rack: &Rack) -> String {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name}{{{label}}} {}", c.load(Ordering::Relaxed));
     }
+    let name = "fieldrack_stream_bytes_total";
+    family(
+        &mut out,
+        name,
+        "counter",
+        "Data stream bytes to and from peers, per plane (bulk: the bulk QUIC endpoint; mesh: libp2p streams).",
+    );
+    for (plane, direction, c) in [
+        ("bulk", "sent", &s.bulk_bytes_sent),
+        ("bulk", "received", &s.bulk_bytes_received),
+        ("mesh", "sent", &s.mesh_stream_bytes_sent),
+        ("mesh", "received", &s.mesh_stream_bytes_received),
+    ] {
+        let _ = writeln!(
+            out,
+            "{name}{{{label},plane=\"{plane}\",direction=\"{direction}\"}} {}",
+            c.load(Ordering::Relaxed)
+        );
+    }
+    let name = "fieldrack_bulk_refused_total";
+    family(
+        &mut out,
+        name,
+        "counter",
+        "Bulk connections and streams refused because their peer was not admitted.",
+    );
+    let _ = writeln!(
+        out,
+        "{name}{{{label}}} {}",
+        s.bulk_refused_total.load(Ordering::Relaxed)
+    );
+    let name = "fieldrack_mesh_drill_filtered_total";
+    family(
+        &mut out,
+        name,
+        "counter",
+        "Mesh messages and connections dropped by a drill's traffic filter.",
+    );
+    let _ = writeln!(
+        out,
+        "{name}{{{label}}} {}",
+        s.filtered_total.load(Ordering::Relaxed)
+    );
     family(
         &mut out,
         "fieldrack_api_requests_total",
@@ -86,6 +134,17 @@ pub async fn render(rack: &Rack) -> String {
         out,
         "fieldrack_api_requests_total{{{label}}} {}",
         rack.metrics.api_requests.load(Ordering::Relaxed)
+    );
+    family(
+        &mut out,
+        "fieldrack_console_snapshots_total",
+        "counter",
+        "Console snapshots computed (one per tick, shared by every open console).",
+    );
+    let _ = writeln!(
+        out,
+        "fieldrack_console_snapshots_total{{{label}}} {}",
+        rack.metrics.console_snapshots.load(Ordering::Relaxed)
     );
     let a = &rack.api_slots.stats;
     let api_counters = [

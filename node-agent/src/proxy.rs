@@ -80,10 +80,15 @@ fn proxy_settings(p: &ProxyConfig, rack: &str, data_dir: &Path) -> cache_proxy::
         idle_timeout_ms,
         max_connections_per_client,
         max_connections,
+        client_requests_per_sec,
+        client_request_burst,
+        client_tunnel_bytes_per_day,
         backhaul:
             BackhaulConfig {
                 bytes_per_sec,
                 daily_quota_bytes,
+                field_daily_quota_bytes,
+                field_bytes_per_sec,
                 probe_urls,
                 probe_interval_ms,
                 probe_interval_down_ms,
@@ -91,6 +96,8 @@ fn proxy_settings(p: &ProxyConfig, rack: &str, data_dir: &Path) -> cache_proxy::
                 connect_timeout_ms,
                 extra_ca_files,
                 response_timeout_ms,
+                stale_deadline_ms,
+                miss_deadline_ms,
             },
     } = p.clone();
     cache_proxy::ProxyConfig {
@@ -106,9 +113,14 @@ fn proxy_settings(p: &ProxyConfig, rack: &str, data_dir: &Path) -> cache_proxy::
         idle_timeout_ms,
         max_connections_per_client,
         max_connections,
+        client_requests_per_sec,
+        client_request_burst,
+        client_tunnel_bytes_per_day,
         backhaul: cache_proxy::BackhaulConfig {
             bytes_per_sec,
             daily_quota_bytes,
+            field_daily_quota_bytes,
+            field_bytes_per_sec,
             probe_urls,
             probe_interval_ms,
             probe_interval_down_ms,
@@ -119,6 +131,8 @@ fn proxy_settings(p: &ProxyConfig, rack: &str, data_dir: &Path) -> cache_proxy::
                 .map(|ca| data_dir.join(ca))
                 .collect(),
             response_timeout_ms,
+            stale_deadline_ms,
+            miss_deadline_ms,
         },
     }
 }
@@ -295,6 +309,7 @@ pub async fn start(
     site: &str,
     mesh: MeshHandle,
     mdns: &Mdns,
+    console: crate::console::Console,
     tasks: &mut tokio::task::JoinSet<()>,
     cancel: CancellationToken,
 ) -> anyhow::Result<RunningProxy> {
@@ -302,6 +317,8 @@ pub async fn start(
     let deps = Deps {
         peers: cache_mesh.clone(),
         replicator: cache_mesh.clone(),
+        gateways: cache_mesh.clone(),
+        local_site: Some(Arc::new(console)),
         ..Deps::default()
     };
     let listen = cfg.proxy.listen;
@@ -320,6 +337,22 @@ pub async fn start(
         handle,
         mesh: cache_mesh,
     })
+}
+
+/// The proxy's budget asks for and takes the field's backhaul grants.
+impl crate::supervisor::BackhaulQuota for cache_proxy::ProxyHandle {
+    fn ask(&self) -> Option<control::backhaul::BackhaulUse> {
+        self.field_ask().map(|a| control::backhaul::BackhaulUse {
+            day: a.day,
+            field_quota_bytes: a.field_quota_bytes,
+            used_today_bytes: a.used_today_bytes,
+            want_bytes: a.want_bytes,
+        })
+    }
+
+    fn granted(&self, day: u64, granted: Option<u64>) {
+        self.set_field_grant(day, granted);
+    }
 }
 
 #[cfg(test)]
@@ -345,9 +378,14 @@ header_timeout_ms = 5000
 idle_timeout_ms = 60000
 max_connections_per_client = 32
 max_connections = 1000
+client_requests_per_sec = 50
+client_request_burst = 200
+client_tunnel_bytes_per_day = 2000000000
 [proxy.backhaul]
 bytes_per_sec = 100000
 daily_quota_bytes = 5000000000
+field_daily_quota_bytes = 20000000000
+field_bytes_per_sec = 400000
 probe_urls = ["http://probe.example.org/ok"]
 probe_interval_ms = 20000
 probe_interval_down_ms = 2000
@@ -355,6 +393,8 @@ probe_timeout_ms = 3000
 connect_timeout_ms = 4000
 extra_ca_files = ["/etc/fieldrack/agency-ca.pem"]
 response_timeout_ms = 25000
+stale_deadline_ms = 700
+miss_deadline_ms = 3000
 
 [[tile_source]]
 name = "hot"
@@ -608,6 +648,8 @@ user_agent = "fieldrack/0.1 (ops@example.org)"
                         "idle_timeout_ms",
                         "max_connections_per_client",
                         "max_connections",
+                        "client_requests_per_sec",
+                        "client_request_burst",
                     ]),
                     number(),
                 ),
@@ -628,6 +670,8 @@ user_agent = "fieldrack/0.1 (ops@example.org)"
                         "probe_timeout_ms",
                         "connect_timeout_ms",
                         "response_timeout_ms",
+                        "stale_deadline_ms",
+                        "miss_deadline_ms",
                     ]),
                     number(),
                 ),

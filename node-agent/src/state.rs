@@ -55,7 +55,7 @@ impl AgentState {
             events_contiguous: true,
             ..Default::default()
         };
-        for tree in [Tree::Meta, Tree::Revocations, Tree::Volumes] {
+        for tree in [Tree::Meta, Tree::Revocations, Tree::Volumes, Tree::Drills] {
             let (good, bad) = store.scan(tree)?;
             report.records += good.len();
             report.corrupt += bad;
@@ -203,6 +203,13 @@ impl AgentState {
             .skip(skip)
             .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
             .collect())
+    }
+
+    /// The store itself, for modules that keep records of their own
+    /// (drills).
+    #[must_use]
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
     /// Flush pending non-durable writes (on shutdown).

@@ -37,6 +37,11 @@ pub struct Status {
     /// Volumes held here (owned or replicas).
     #[serde(default)]
     pub volumes: Vec<crate::volumes::VolumeStatus>,
+    /// The volume store's filesystem, whether it can reflink, and so how
+    /// snapshots find what changed (`extents`: cost follows the writes;
+    /// `full_read`: every snapshot of a written volume reads all of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_store: Option<datastore::VolumeStoreInfo>,
     /// The caching proxy: `{"objects", "bytes", "hit_ratio", "backhaul": "up"|"down", "budget_left_bytes", ...}`;
     /// absent when this rack runs no proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -52,6 +57,21 @@ pub struct Status {
     /// placement, replication and the cache mesh use).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<control::FieldView>,
+    /// The bulk data plane (absent: `bulk.enabled = false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulk: Option<BulkStatus>,
+    /// Time to protected: when this rack first reached each step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected: Option<crate::protected::Timeline>,
+}
+
+/// The bulk data plane in the status document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BulkStatus {
+    /// Where it listens (UDP `host:port`; the port is gossiped to peers).
+    pub listen: String,
+    /// QUIC connections open to peers right now (one per peer pair).
+    pub connections: usize,
 }
 
 /// One peer in the status document.
@@ -158,11 +178,16 @@ pub fn render_table(s: &Status) -> String {
         let _ = writeln!(out, "(no peers yet)");
     }
     if let Some(c) = &s.control {
+        let leader = c.leader.as_deref().unwrap_or("none");
+        let leader = if c.majority {
+            format!("leader {leader}")
+        } else {
+            format!("NO MAJORITY answers; last leader {leader}")
+        };
         let _ = writeln!(
             out,
-            "control: {} (leader {}, term {}, voters {})",
+            "control: {} ({leader}, term {}, voters {})",
             c.role,
-            c.leader.as_deref().unwrap_or("none"),
             c.term,
             c.voters.join(",")
         );
@@ -211,13 +236,30 @@ pub fn render_volumes(volumes: &[crate::volumes::VolumeStatus]) -> String {
             .replicas
             .iter()
             .map(|r| {
+                let waiting = (r.bytes_waiting > 0).then(|| {
+                    format!(
+                        "{} waiting{}",
+                        human_bytes(r.bytes_waiting),
+                        r.eta_s
+                            .map(|e| format!(", eta {e:.0}s"))
+                            .unwrap_or_default()
+                    )
+                });
+                let notes: Vec<String> = r
+                    .lag_s
+                    .map(|l| format!("lag {l:.0}s"))
+                    .into_iter()
+                    .chain(waiting)
+                    .collect();
                 format!(
                     "{}@{}{}",
                     r.rack,
                     r.generation.map_or("-".into(), |g| g.to_string()),
-                    r.lag_s
-                        .map(|l| format!(" (lag {l:.0}s)"))
-                        .unwrap_or_default()
+                    if notes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", notes.join(", "))
+                    }
                 )
             })
             .collect();

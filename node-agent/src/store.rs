@@ -32,6 +32,9 @@ pub enum Tree {
     Events,
     /// Replication bookkeeping, by volume name.
     Volumes,
+    /// Drills: the faults in force here (`faults`) and the reports kept
+    /// (`report/<id>`).
+    Drills,
 }
 
 impl Tree {
@@ -41,6 +44,7 @@ impl Tree {
             Tree::Revocations => "revocations",
             Tree::Events => "events",
             Tree::Volumes => "volumes",
+            Tree::Drills => "drills",
         }
     }
 }

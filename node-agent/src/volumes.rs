@@ -3,9 +3,10 @@
 //! may go, and its bookkeeping in the agent's store. The service itself
 //! (snapshots, placement, transfers, scrubs) lives in `datastore`.
 //!
-//! Bulk data travels on raw libp2p streams over the fleet-authenticated
-//! mesh connection (`MeshHandle::open_stream`, which refuses peers that
-//! are not admitted).
+//! Bulk data travels over `MeshHandle::open_stream`, which refuses peers
+//! that are not admitted and carries the push and fetch protocols (in the
+//! bulk registry, `crate::bulk`) on the bulk plane to racks that have one,
+//! on libp2p streams of the mesh connection otherwise.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,6 +44,7 @@ pub fn settings(config: &RackConfig) -> ServiceSettings {
         witness: config.role == Role::Witness,
         replication_factor: v.replication_factor,
         snapshot_interval: std::time::Duration::from_secs(v.snapshot_interval_s),
+        snapshot_max_interval: std::time::Duration::from_secs(v.snapshot_max_interval_s),
         keep_snapshots: v.keep_snapshots,
         link_bytes_per_s: v.link_bytes_per_s,
         scrub_interval: (v.scrub_interval_s > 0)

@@ -525,6 +525,11 @@ async fn serve_fieldrack(listen: &str, origin: &str, dir: &str) {
     config.proxy.listen = listen.parse().expect("listen");
     config.proxy.cache_dir = dir.into();
     config.proxy.backhaul.probe_urls = vec![];
+    // The load generators are one address sending tens of thousands of
+    // requests a second: the limit per client is set out of their way (its
+    // bookkeeping, a bucket update per request, is still measured).
+    config.proxy.client_requests_per_sec = cache_proxy::config::MAX_CLIENT_REQUESTS_PER_SEC;
+    config.proxy.client_request_burst = cache_proxy::config::MAX_CLIENT_REQUESTS_PER_SEC;
     config.tile_source = vec![cache_proxy::TileSource {
         name: "test".into(),
         url: format!("http://{origin}/tile/{{z}}/{{x}}/{{y}}.png"),

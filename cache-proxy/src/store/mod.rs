@@ -21,7 +21,7 @@
 //!
 //! # Why SQLite
 //! The sled index cost ~594 B per object (0.192 × the payload of the
-//! million-tile benchmark, `tests/million.rs`: 1.185 × in all). Measured
+//! million-tile benchmark, `tests/integration/million.rs`: 1.185 × in all). Measured
 //! with SQLite on that benchmark (one million tiles, 3.09 GB of payload,
 //! this machine): the index takes 119 B per object including B-tree slack,
 //! 0.038 × the payload, **1.032 × in all** (packs 0.993 ×); open takes

@@ -35,6 +35,7 @@ fn peer(id: NodeId, state: State) -> PeerSeen {
         id,
         peer_id: format!("p{id}"),
         rack: Some(format!("r{id}")),
+        site: None,
         state,
     }
 }
@@ -253,8 +254,11 @@ fn merge_leaves_for_a_winner_only_after_settle_worth_of_sightings() {
     // While in no cluster, a voter of the cluster left is refused; another
     // rack is not.
     let empty = Membership::default();
-    assert_eq!(f.refusal(Some(6), &empty), Some(Refusal::LeftCluster(6)));
-    assert_eq!(f.refusal(Some(1), &empty), None);
+    assert_eq!(
+        f.refusal(Some(6), &empty, t0),
+        Some(Refusal::LeftCluster(6))
+    );
+    assert_eq!(f.refusal(Some(1), &empty, t0), None);
 }
 
 #[test]
@@ -334,6 +338,51 @@ fn merge_asks_only_outsiders_unless_leaderless() {
 }
 
 #[test]
+fn members_known_to_be_in_our_cluster_are_asked_only_every_recheck() {
+    let t0 = Instant::now();
+    let mut f = machine(5, t0);
+    let mut c = InCluster::new(at(t0, 10_000), &[5, 6]);
+    c.learners = vec![7, 8];
+    c.peers = vec![
+        peer(6, State::Alive),
+        peer(7, State::Alive),
+        peer(8, State::Alive),
+        peer(9, State::Alive),
+    ];
+    let ids = |a: Asks| a.into_keys().collect::<BTreeSet<_>>();
+    assert_eq!(ids(f.asks(&c.obs())), BTreeSet::from([7, 8, 9]));
+    // 7 answers our voters, 8 another cluster's, 9 (no member) ours too.
+    let _ = f.decide(
+        &c.obs(),
+        &answers(&[(7, &[5, 6]), (8, &[1, 2]), (9, &[5, 6])]),
+    );
+    c.now = at(t0, 10_500);
+    assert_eq!(
+        ids(f.asks(&c.obs())),
+        BTreeSet::from([8, 9]),
+        "7 rests; a member in another cluster and a non-member are asked every check"
+    );
+    let recheck = u64::try_from(SAME_CLUSTER_RECHECK.as_millis()).unwrap();
+    c.now = at(t0, 10_000 + recheck - 1);
+    assert!(!ids(f.asks(&c.obs())).contains(&7));
+    c.now = at(t0, 10_000 + recheck);
+    assert!(
+        ids(f.asks(&c.obs())).contains(&7),
+        "asked again after the recheck"
+    );
+    // Silence (no answer) does not keep it resting.
+    let _ = f.decide(&c.obs(), &answers(&[]));
+    c.now = at(t0, 10_000 + recheck + 500);
+    assert!(ids(f.asks(&c.obs())).contains(&7));
+    // A rack that is no member any more is forgotten.
+    let _ = f.decide(&c.obs(), &answers(&[(7, &[5, 6])]));
+    c.learners = vec![8];
+    let _ = f.decide(&c.obs(), &answers(&[]));
+    c.learners = vec![7, 8];
+    assert!(ids(f.asks(&c.obs())).contains(&7));
+}
+
+#[test]
 fn being_in_a_cluster_again_forgets_the_cluster_left() {
     let t0 = Instant::now();
     let mut f = machine(5, t0);
@@ -345,18 +394,18 @@ fn being_in_a_cluster_again_forgets_the_cluster_left() {
         f.decide(&c.obs(), &a);
     }
     assert_eq!(
-        f.refusal(Some(6), &Membership::default()),
+        f.refusal(Some(6), &Membership::default(), t0),
         Some(Refusal::LeftCluster(6))
     );
     let mut joined = InCluster::new(t0, &[1, 2, 5]);
     joined.leader = false;
     f.decide(&joined.obs(), &Answers::new());
-    assert_eq!(f.refusal(Some(6), &Membership::default()), None);
+    assert_eq!(f.refusal(Some(6), &Membership::default(), t0), None);
     // In a cluster: members are heard, others refused.
     let m = joined.obs().raft.membership;
-    assert_eq!(f.refusal(Some(2), &m), None);
-    assert_eq!(f.refusal(Some(9), &m), Some(Refusal::Foreign(9)));
-    assert_eq!(f.refusal(None, &m), None);
+    assert_eq!(f.refusal(Some(2), &m, t0), None);
+    assert_eq!(f.refusal(Some(9), &m, t0), Some(Refusal::Foreign(9)));
+    assert_eq!(f.refusal(None, &m, t0), None);
 }
 
 #[test]
@@ -373,7 +422,10 @@ fn a_voter_left_behind_is_heard_again_once_it_moved_to_the_winner() {
         f.decide(&c.obs(), &a);
     }
     let empty = Membership::default();
-    assert_eq!(f.refusal(Some(6), &empty), Some(Refusal::LeftCluster(6)));
+    assert_eq!(
+        f.refusal(Some(6), &empty, t0),
+        Some(Refusal::LeftCluster(6))
+    );
     // In no cluster: it asks the voters it left, whatever else it asks.
     let obs = lonely(at(t0, 2_500), &[1, 6, 7]);
     let asks = f.asks(&obs);
@@ -382,14 +434,70 @@ fn a_voter_left_behind_is_heard_again_once_it_moved_to_the_winner() {
     // 6 moved to the winner; 7 still answers with the old voters.
     let moved = answers(&[(6, &[1, 2, 3, 4, 6]), (7, &[5, 6, 7])]);
     assert_eq!(f.decide(&obs, &moved), vec![Action::Wait(Wait::NotLowest)]);
-    assert_eq!(f.refusal(Some(6), &empty), None);
-    assert_eq!(f.refusal(Some(7), &empty), Some(Refusal::LeftCluster(7)));
+    assert_eq!(f.refusal(Some(6), &empty, t0), None);
+    assert_eq!(
+        f.refusal(Some(7), &empty, t0),
+        Some(Refusal::LeftCluster(7))
+    );
     // Silence forgives nobody.
     f.decide(&obs, &Answers::new());
-    assert_eq!(f.refusal(Some(7), &empty), Some(Refusal::LeftCluster(7)));
+    assert_eq!(
+        f.refusal(Some(7), &empty, t0),
+        Some(Refusal::LeftCluster(7))
+    );
 }
 
 // ---- rule 3: grow ----
+
+/// A peer on a site.
+fn sited(id: NodeId, site: &str) -> PeerSeen {
+    PeerSeen {
+        site: Some(site.into()),
+        ..peer(id, State::Alive)
+    }
+}
+
+#[test]
+fn voters_stop_at_the_cap_and_a_lost_one_is_replaced_across_sites() {
+    let t0 = Instant::now();
+    let me = 1;
+    let promote = |id: NodeId| {
+        Some(Action::Promote {
+            id,
+            rack: format!("r{id}"),
+        })
+    };
+    // Seven voters: a live learner stays one; a new rack still joins as a
+    // learner (it replicates and renews, it does not vote).
+    let voters: Vec<NodeId> = (1..=7).collect();
+    let mut c = InCluster::new(t0, &voters);
+    c.peers = (2..=7).map(|id| sited(id, "north")).collect();
+    c.peers.push(sited(8, "north"));
+    c.learners = vec![8];
+    let f = machine(me, t0);
+    assert_eq!(f.grow(&c.obs(), &Answers::new()), None);
+    c.peers.push(sited(9, "south"));
+    assert_eq!(
+        f.grow(&c.obs(), &answers(&[(9, &[])])),
+        Some(Action::AddLearner {
+            id: 9,
+            node: node(9)
+        })
+    );
+    // A voter (7) taken out for being dead: a learner takes its place,
+    // the one from the site with fewest voters (south over north), even
+    // though north's comes first in the mesh's order.
+    c.voters = (1..=6).collect();
+    c.peers.retain(|p| p.id != 7);
+    c.learners = vec![8, 9];
+    assert_eq!(f.grow(&c.obs(), &Answers::new()), promote(9));
+    // Among equals, the mesh's order.
+    c.peers = (2..=6)
+        .map(|id| sited(id, "north"))
+        .chain([sited(8, "south"), sited(9, "south")])
+        .collect();
+    assert_eq!(f.grow(&c.obs(), &Answers::new()), promote(8));
+}
 
 #[test]
 fn grow_table() {
@@ -698,36 +806,56 @@ fn removal_reasons_read_as_before() {
 
 #[test]
 fn election_gate_table() {
-    let hb = Duration::from_millis(250);
-    assert!(!needs_prevote(true, Duration::from_secs(9), hb), "leader");
-    assert!(
-        !needs_prevote(false, Duration::from_millis(749), hb),
-        "heard"
+    // (name, voters, answers (voter, its leader, its log newer), elect)
+    type Case = (
+        &'static str,
+        usize,
+        Vec<(NodeId, Option<NodeId>, bool)>,
+        bool,
     );
-    assert!(needs_prevote(false, Duration::from_millis(750), hb));
-    // (name, voters, answers (voter, its leader), elect)
-    type Case = (&'static str, usize, Vec<(NodeId, Option<NodeId>)>, bool);
     let cases: Vec<Case> = vec![
         ("alone of three: hold", 3, vec![], false),
-        ("two of three, nobody led: elect", 3, vec![(2, None)], true),
+        (
+            "two of three, nobody led: elect",
+            3,
+            vec![(2, None, false)],
+            true,
+        ),
         (
             "a reached voter follows a reached leader: hold",
             3,
-            vec![(2, Some(3)), (3, Some(3))],
+            vec![(2, Some(3), false), (3, Some(3), false)],
             false,
         ),
         (
             "its leader is out of reach: elect",
             3,
-            vec![(2, Some(3))],
+            vec![(2, Some(3), false)],
             true,
         ),
-        ("a voter still names us: elect", 3, vec![(2, Some(1))], true),
+        (
+            "a voter still names us: elect",
+            3,
+            vec![(2, Some(1), false)],
+            true,
+        ),
         (
             "two of four is no majority: hold",
             4,
-            vec![(2, None)],
+            vec![(2, None, false)],
             false,
+        ),
+        (
+            "the one voter reached has a newer log: hold (it must stand)",
+            3,
+            vec![(2, None, true)],
+            false,
+        ),
+        (
+            "one of two reached has a newer log: still a majority",
+            3,
+            vec![(2, None, true), (3, None, false)],
+            true,
         ),
     ];
     for (name, voters, answers, elect) in cases {
@@ -751,4 +879,36 @@ proptest! {
         prop_assume!(a != b);
         prop_assert!(wins(&a, &b) != wins(&b, &a));
     }
+}
+
+#[test]
+fn a_rack_in_no_cluster_follows_one_leader_adding_it() {
+    // Two clusters that both see a rack in none may both add it: it
+    // follows the first, or it would take entries of both logs.
+    let t0 = Instant::now();
+    let mut f = machine(5, t0);
+    let empty = Membership::default();
+    assert_eq!(f.refusal(Some(1), &empty, t0), None);
+    assert_eq!(
+        f.refusal(Some(9), &empty, at(t0, 100)),
+        Some(Refusal::BeingAdded { by: 1, from: 9 })
+    );
+    // The first keeps calling: still it alone.
+    assert_eq!(f.refusal(Some(1), &empty, at(t0, 400)), None);
+    let silence = settings().heartbeat * LEADER_SILENCE_HEARTBEATS;
+    assert!(f
+        .refusal(Some(9), &empty, at(t0, 400) + silence / 2)
+        .is_some());
+    // Silent for longer than a leader may be: another may add it.
+    assert_eq!(f.refusal(Some(9), &empty, at(t0, 401) + silence), None);
+    // Once the membership arrived, members are heard and others refused.
+    let mut m = Membership::default();
+    m.voters.insert(9);
+    m.nodes.insert(9, Default::default());
+    m.nodes.insert(5, Default::default());
+    assert_eq!(f.refusal(Some(9), &m, at(t0, 500) + silence), None);
+    assert_eq!(
+        f.refusal(Some(1), &m, at(t0, 500) + silence),
+        Some(Refusal::Foreign(1))
+    );
 }

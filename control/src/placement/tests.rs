@@ -5,7 +5,7 @@ use deploy::Role;
 use proptest::prelude::*;
 
 use super::*;
-use crate::field::{RackReport, Response};
+use crate::field::{AppReport, AppState, RackReport, Response};
 
 /// One process appliance from manifest text (`extra` lines go in its table).
 fn app(name: &str, extra: &str, volumes: &[&str]) -> ApplianceSpec {
@@ -196,6 +196,76 @@ fn failover_goes_to_the_freshest_replica_of_the_volumes() {
     place(&mut s, "db", "a");
     let cmds = plan(&s, &views(&["b", "c", "d"], &["a"]), 0);
     assert_eq!(decisions(&cmds)["db"].0.as_deref(), Some("c"));
+}
+
+#[test]
+fn failover_prefers_a_replica_holder_to_a_preferred_rack_without_one() {
+    let pinned = || app("db", "placement = { racks = [\"a\", \"b\"] }", &["db-data"]);
+    let mut c = rack(4);
+    c.volumes = BTreeMap::from([("db-data".into(), 7)]);
+    let mut s = state(
+        vec![("a", rack(4)), ("b", rack(4)), ("c", c)],
+        vec![pinned()],
+    );
+    place(&mut s, "db", "a");
+    let cmds = plan(&s, &views(&["b", "c"], &["a"]), 0);
+    assert_eq!(
+        decisions(&cmds)["db"].0.as_deref(),
+        Some("c"),
+        "b is preferred but holds no replica"
+    );
+    // With no replica anywhere, the preference decides.
+    let mut s = state(
+        vec![("a", rack(4)), ("b", rack(4)), ("c", rack(4))],
+        vec![pinned()],
+    );
+    place(&mut s, "db", "a");
+    let cmds = plan(&s, &views(&["b", "c"], &["a"]), 0);
+    assert_eq!(decisions(&cmds)["db"].0.as_deref(), Some("b"));
+}
+
+#[test]
+fn an_appliance_stranded_without_its_volumes_moves_to_their_holder() {
+    let mut b = rack(4);
+    b.volumes = BTreeMap::from([("db-data".into(), 7)]);
+    let mut s = state(
+        vec![("a", rack(4)), ("b", b), ("c", rack(4))],
+        vec![app("db", "", &["db-data"])],
+    );
+    place(&mut s, "db", "c");
+    let epoch = s.apps["db"].epoch;
+    let report = |state: AppState, epoch: u64| {
+        BTreeMap::from([(
+            "db".to_owned(),
+            AppReport {
+                epoch,
+                state,
+                since_ms: 0,
+            },
+        )])
+    };
+    let up = views(&["a", "b", "c"], &[]);
+    // Starting on c (its report may lag): stays.
+    s.racks.get_mut("c").unwrap().apps = report(AppState::Starting, epoch);
+    assert!(decisions(&plan(&s, &up, 0)).is_empty());
+    // Failed at an older epoch: stays.
+    s.racks.get_mut("c").unwrap().apps = report(AppState::Failed, epoch - 1);
+    assert!(decisions(&plan(&s, &up, 0)).is_empty());
+    // Failed at its epoch, holding none of db-data: goes to b.
+    s.racks.get_mut("c").unwrap().apps = report(AppState::Failed, epoch);
+    let cmds = plan(&s, &up, 0);
+    let (to, t) = &decisions(&cmds)["db"];
+    assert_eq!(to.as_deref(), Some("b"));
+    assert_eq!(
+        (t.reason.as_str(), t.from.as_deref()),
+        ("replica", Some("c"))
+    );
+    // Failed for another reason while holding its volume: stays.
+    s.racks.get_mut("c").unwrap().volumes = BTreeMap::from([("db-data".into(), 0)]);
+    assert!(decisions(&plan(&s, &up, 0)).is_empty());
+    // Holder down: nowhere to go, stays.
+    s.racks.get_mut("c").unwrap().volumes.clear();
+    assert!(decisions(&plan(&s, &views(&["a", "c"], &["b"]), 0)).is_empty());
 }
 
 #[test]

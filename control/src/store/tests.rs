@@ -326,6 +326,16 @@ async fn single_node(db: &sled::Db) -> (Raft<TypeConfig>, Applies) {
     (raft, applies)
 }
 
+/// Initialize a single-node cluster of rack `a` and wait until it leads.
+async fn init_leader(raft: &Raft<TypeConfig>) {
+    let node = RackNode {
+        rack: "a".into(),
+        peer_id: "p".into(),
+    };
+    raft.initialize(BTreeMap::from([(1, node)])).await.unwrap();
+    wait_leader(raft).await;
+}
+
 async fn wait_leader(raft: &Raft<TypeConfig>) {
     raft.wait(Some(Duration::from_secs(10)))
         .state(ServerState::Leader, "single node leads")
@@ -339,12 +349,7 @@ async fn a_single_node_raft_commits_and_recovers_across_a_restart() {
     let (state, last_index) = {
         let db = open(dir.path());
         let (raft, applies) = single_node(&db).await;
-        let node = RackNode {
-            rack: "a".into(),
-            peer_id: "p".into(),
-        };
-        raft.initialize(BTreeMap::from([(1, node)])).await.unwrap();
-        wait_leader(&raft).await;
+        init_leader(&raft).await;
         let mut last = None;
         for cmd in [
             deploy_cmd(&["db", "web"]),
@@ -417,6 +422,56 @@ async fn a_single_node_raft_commits_and_recovers_across_a_restart() {
     raft.shutdown().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_are_written_at_most_every_interval_and_reapplied_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = {
+        let db = open(dir.path());
+        let (raft, applies) = single_node(&db).await;
+        init_leader(&raft).await;
+        raft.client_write(deploy_cmd(&["db"])).await.unwrap();
+        for rack in ["a", "b", "c"] {
+            raft.client_write(renew_cmd(rack)).await.unwrap();
+        }
+        let state = applies.state.borrow().clone();
+        assert!(state.racks.contains_key("c"));
+        raft.shutdown().await.unwrap();
+        (*state).clone()
+    };
+    {
+        // Written: the deploy, not (yet) the renewals right after it.
+        let db = open(dir.path());
+        let (_sm, applies) = open_sm(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+        let written = applies.state.borrow().clone();
+        assert!(written.apps.contains_key("db"));
+        assert!(
+            !written.racks.contains_key("c"),
+            "a renewal batch right after a write is not written"
+        );
+    }
+    // Raft re-applies them from the durable log at start.
+    let db = open(dir.path());
+    let (raft, applies) = single_node(&db).await;
+    assert_eq!(**applies.state.borrow(), state);
+    raft.shutdown().await.unwrap();
+}
+
+#[test]
+fn a_renewal_batch_is_written_once_the_interval_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let (mut sm, _) = open_sm(&db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+    let t0 = Instant::now();
+    assert!(sm.persist_due(true, t0), "nothing written since open");
+    sm.persisted_at = Some(t0);
+    assert!(!sm.persist_due(true, t0 + PERSIST_RENEWALS_EVERY / 2));
+    assert!(
+        sm.persist_due(false, t0 + PERSIST_RENEWALS_EVERY / 2),
+        "other commands at once"
+    );
+    assert!(sm.persist_due(true, t0 + PERSIST_RENEWALS_EVERY));
+}
+
 #[tokio::test]
 async fn truncate_purge_and_vote_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -424,12 +479,7 @@ async fn truncate_purge_and_vote_survive_a_reopen() {
     {
         let db = open(dir.path());
         let (raft, _) = single_node(&db).await;
-        let node = RackNode {
-            rack: "a".into(),
-            peer_id: "p".into(),
-        };
-        raft.initialize(BTreeMap::from([(1, node)])).await.unwrap();
-        wait_leader(&raft).await;
+        init_leader(&raft).await;
         for i in 0..8 {
             raft.client_write(renew_cmd(&format!("r{i}")))
                 .await
@@ -600,12 +650,7 @@ async fn a_corrupt_committed_entry_stops_raft_and_is_never_applied() {
     {
         let db = open(dir.path());
         let (raft, _) = single_node(&db).await;
-        let node = RackNode {
-            rack: "a".into(),
-            peer_id: "p".into(),
-        };
-        raft.initialize(BTreeMap::from([(1, node)])).await.unwrap();
-        wait_leader(&raft).await;
+        init_leader(&raft).await;
         raft.client_write(deploy_cmd(&["db"])).await.unwrap();
         raft.client_write(deploy_cmd(&["web"])).await.unwrap();
         raft.client_write(renew_cmd("a")).await.unwrap();

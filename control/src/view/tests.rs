@@ -45,6 +45,7 @@ fn meta(rack: &str, site: &str, dying: bool) -> RackInfo {
         },
         version: "test".into(),
         api: String::new(),
+        bulk_port: None,
     }
 }
 
@@ -103,8 +104,19 @@ fn with_b(
 #[test]
 fn the_up_rule_as_a_table() {
     use State::{Alive, Dead, Suspect};
+    type Case = (
+        &'static str,
+        Option<State>,
+        bool,
+        Option<u64>,
+        bool,
+        bool,
+        bool,
+        bool,
+        bool,
+    );
     #[rustfmt::skip]
-    let cases: &[(&str, Option<State>, bool, Option<u64>, bool, bool, bool, bool, bool)] = &[
+    let cases: &[Case] = &[
         // what,                                   swim,         adm,   renew,        rev,   young, up,    renewing, reachable
         ("alive, admitted, renewing",              Some(Alive),  true,  Some(500),    false, false, true,  true,  true),
         ("suspect still counts as in the mesh",    Some(Suspect),true,  Some(500),    false, false, true,  true,  true),

@@ -64,6 +64,9 @@ pub struct TransferCounters {
     pub deltas: AtomicU64,
     /// Chunks the receiver already had (deduplicated, not sent).
     pub deduplicated: AtomicU64,
+    /// Bytes of manifests sent (whole or as deltas, frame headers
+    /// included), counted by the owner.
+    pub manifest_bytes: AtomicU64,
 }
 
 /// Run blocking store work off the async runtime.

@@ -104,8 +104,15 @@ mod tests {
             dying,
             ..rack(name, site, true)
         };
+        type Case = (
+            &'static str,
+            Vec<RackView>,
+            &'static [&'static str],
+            usize,
+            &'static [&'static str],
+        );
         #[rustfmt::skip]
-        let cases: &[(&str, Vec<RackView>, &[&str], usize, &[&str])] = &[
+        let cases: &[Case] = &[
             ("a dying rack on a new site loses to a healthy one on the owner's site",
              vec![free("b", "s1", None, false), free("c", "s2", Some(1 << 40), true)], &[], 2, &["b"]),
             ("a dying rack is used when nothing else can hold a copy",

@@ -2,13 +2,25 @@
 //!
 //! ```text
 //! owner                                   replica
-//! Hello{volume, generation, manifest_len} ->
-//! ManifestPart*                            ->
+//! Hello{proto 2, volume, generation, manifest_len} ->
+//!                                          <- Holding{generations}  (or Committed: held already)
+//! DeltaHead{base, delta_len, manifest_id}, ManifestDeltaPart*   (or ManifestPart*: whole)
+//!                                          <- [Holding{} : base gone, send it whole: ManifestPart*]
 //!                                          <- NeedPart* (bitmap), NeedEnd{have_generation}
 //! (Chunk | Delta)* for every marked index  ->   verify each, insert, sync every 32 MiB / 0.5 s
 //! Done                                     ->
 //!                                          <- Committed{generation}   (published)
 //! ```
+//! The manifest goes as a delta ([`crate::manifest::delta`]) of the
+//! generation the replica holds that differs least from it, when that is
+//! smaller than the whole manifest; the replica rebuilds it and checks it
+//! against `manifest_id` (the whole manifest's BLAKE3) before staging it.
+//!
+//! Version 1 (still served; spoken to a replica that refuses version 2 by
+//! aborting with "unsupported protocol version", on a new stream:
+//! [`push_v1_with_progress`]) has no `Holding` round: `ManifestPart*`
+//! follow the `Hello` at once.
+//!
 //! Either side may send `Abort{reason}` at any point; a replica that
 //! rejects a chunk names it (`bad_chunk`), and the owner, which reads chunks
 //! for a push without re-hashing them, then verifies its own copy (dropping
@@ -28,12 +40,14 @@ use super::limiter::{Class, LinkLimiter};
 use super::recv::{BufferPool, DataBatch, DataReader, Received};
 use super::wire::{
     self, append_frame, begin_frame, end_frame, expect_frame, read_frame, write_frame, Committed,
-    Frame, Hello, Kind, NeedEnd, WireError, HEADER_LEN, MAX_FRAME, PROTO,
+    DeltaHead, Frame, Hello, Holding, Kind, NeedEnd, WireError, HEADER_LEN, MAX_FRAME, MAX_HOLDING,
+    PROTO, PROTO_V1,
 };
 use super::{
     blocking, delta, TransferCounters, BATCH_BYTES, PIPELINE_BATCHES, SYNC_EVERY, SYNC_EVERY_BYTES,
 };
 use crate::chunk_store::ChunkStoreError;
+use crate::manifest::delta as manifest_delta;
 use crate::{ChunkId, Manifest, VolumeStore};
 
 /// After a write to the replica failed, how long to wait for the abort it
@@ -119,21 +133,197 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let encoded = manifest.encode();
+    send_hello(&mut stream, PROTO, owner, &manifest, encoded.len()).await?;
+    stream.flush().await?;
+
+    // The replica answers with the generations it holds (or that it holds
+    // this one already); the manifest goes as a delta of the best of them.
+    let holding: Holding = match read_frame(&mut stream).await {
+        Ok(Some(f)) if f.kind == Kind::Holding => f.parse()?,
+        Ok(Some(f)) if f.kind == Kind::Committed => {
+            let c: Committed = f.parse()?;
+            return Ok(PushReport {
+                volume: manifest.volume,
+                generation: c.generation,
+                ..Default::default()
+            });
+        }
+        Ok(Some(f)) => {
+            return Err(
+                WireError::Protocol(format!("unexpected {:?} after the offer", f.kind)).into(),
+            )
+        }
+        Ok(None) => {
+            return Err(WireError::Protocol("replica closed before answering".into()).into())
+        }
+        Err(WireError::Aborted(reason)) if reason.starts_with(UNSUPPORTED_VERSION) => {
+            return Err(PushError::OldReplica)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if holding.generations.len() > MAX_HOLDING {
+        return Err(WireError::Protocol(format!(
+            "replica lists {} generations, at most {MAX_HOLDING}",
+            holding.generations.len()
+        ))
+        .into());
+    }
+    let delta = {
+        let (st, m) = (store.clone(), manifest.clone());
+        let full = encoded.len();
+        blocking(move || best_delta(&st, &m, &holding.generations, full)).await?
+    };
+    let sent_delta = match delta {
+        Some((base, bytes)) => {
+            let head = DeltaHead {
+                base,
+                delta_len: bytes.len() as u64,
+                manifest_id: ChunkId::of(&encoded),
+            };
+            let f = Frame::json(Kind::DeltaHead, &head);
+            write_frame(&mut stream, f.kind, &f.payload).await?;
+            counters
+                .manifest_bytes
+                .fetch_add(f.wire_len() as u64, Relaxed);
+            send_parts(
+                &mut stream,
+                Kind::ManifestDeltaPart,
+                &bytes,
+                limiter,
+                counters,
+            )
+            .await?;
+            true
+        }
+        None => {
+            send_parts(&mut stream, Kind::ManifestPart, &encoded, limiter, counters).await?;
+            false
+        }
+    };
+    stream.flush().await?;
+    push_data(
+        store, manifest, stream, limiter, counters, progress, &encoded, sent_delta,
+    )
+    .await
+}
+
+/// [`push_with_progress`] in protocol version 1 (the whole manifest, no
+/// [`Holding`] round), for a replica that refused version 2
+/// ([`PushError::OldReplica`]): retry on a new stream with this.
+///
+/// # Errors
+/// [`PushError`]; the replica then still serves its previous generation.
+pub async fn push_v1_with_progress<S>(
+    store: Arc<VolumeStore>,
+    owner: &str,
+    manifest: Manifest,
+    mut stream: S,
+    limiter: &LinkLimiter,
+    counters: &TransferCounters,
+    progress: &TransferProgress,
+) -> Result<PushReport, PushError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let encoded = manifest.encode();
+    send_hello(&mut stream, PROTO_V1, owner, &manifest, encoded.len()).await?;
+    send_parts(&mut stream, Kind::ManifestPart, &encoded, limiter, counters).await?;
+    stream.flush().await?;
+    push_data(
+        store, manifest, stream, limiter, counters, progress, &encoded, false,
+    )
+    .await
+}
+
+/// Open a transfer: the [`Hello`] offer of `manifest` in protocol `proto`,
+/// the same for both protocol versions (only `proto` differs).
+async fn send_hello<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    proto: u32,
+    owner: &str,
+    manifest: &Manifest,
+    manifest_len: usize,
+) -> Result<(), WireError> {
     let hello = Hello {
-        proto: PROTO,
+        proto,
         owner: owner.to_string(),
         volume: manifest.volume.clone(),
         generation: manifest.generation,
-        manifest_len: encoded.len() as u64,
+        manifest_len: manifest_len as u64,
     };
     let f = Frame::json(Kind::Hello, &hello);
-    write_frame(&mut stream, f.kind, &f.payload).await?;
-    for part in encoded.chunks(MAX_FRAME) {
-        limiter.acquire(Class::Replication, part.len()).await;
-        write_frame(&mut stream, Kind::ManifestPart, part).await?;
-    }
-    stream.flush().await?;
+    write_frame(stream, f.kind, &f.payload).await
+}
 
+/// Send `bytes` as frames of `kind` of at most [`MAX_FRAME`] each,
+/// rate-limited, counted.
+async fn send_parts<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    kind: Kind,
+    bytes: &[u8],
+    limiter: &LinkLimiter,
+    counters: &TransferCounters,
+) -> Result<(), PushError> {
+    for part in bytes.chunks(MAX_FRAME) {
+        limiter.acquire(Class::Replication, part.len()).await;
+        write_frame(stream, kind, part).await?;
+        counters
+            .manifest_bytes
+            .fetch_add((HEADER_LEN + part.len()) as u64, Relaxed);
+    }
+    Ok(())
+}
+
+/// The smallest manifest delta of `manifest` against one of `held` (the
+/// replica's generations) that this rack still holds, if smaller than the
+/// whole manifest (`full` bytes): `(base, delta)`.
+fn best_delta(
+    store: &VolumeStore,
+    manifest: &Manifest,
+    held: &[u64],
+    full: usize,
+) -> Result<Option<(u64, Vec<u8>)>, PushError> {
+    let mut best: Option<(usize, Manifest)> = None;
+    for g in held.iter().filter(|g| **g < manifest.generation) {
+        let Some(base) = store.manifest(&manifest.volume, *g)? else {
+            continue; // pruned here
+        };
+        if base.chunk_size != manifest.chunk_size {
+            continue;
+        }
+        let d = manifest_delta::differences(&base, manifest);
+        if best.as_ref().is_none_or(|(b, _)| d < *b) {
+            best = Some((d, base));
+        }
+    }
+    Ok(best
+        .map(|(_, base)| (base.generation, manifest_delta::encode(&base, manifest)))
+        .filter(|(_, d)| d.len() < full))
+}
+
+/// Prefix of the abort reason a replica gives for a protocol version it
+/// does not speak (all versions so far word it so): how an owner tells a
+/// replica that predates version 2.
+const UNSUPPORTED_VERSION: &str = "unsupported protocol version";
+
+/// The rest of a push once the replica has the manifest offer: its need
+/// bitmap, the data, the commit. `sent_delta`: the manifest went as a
+/// delta, so the replica may ask for the whole one instead (its base was
+/// pruned meanwhile).
+#[allow(clippy::too_many_arguments)]
+async fn push_data<S>(
+    store: Arc<VolumeStore>,
+    manifest: Manifest,
+    mut stream: S,
+    limiter: &LinkLimiter,
+    counters: &TransferCounters,
+    progress: &TransferProgress,
+    encoded: &[u8],
+    mut sent_delta: bool,
+) -> Result<PushReport, PushError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     // The replica's answer: which indices it lacks.
     let n = manifest.chunks.len();
     let mut bitmap = Vec::with_capacity(n.div_ceil(8));
@@ -148,6 +338,13 @@ where
                 bitmap.extend_from_slice(&f.payload);
             }
             Some(f) if f.kind == Kind::NeedEnd => break f.parse()?,
+            Some(f) if f.kind == Kind::Holding && sent_delta && bitmap.is_empty() => {
+                // The delta's base is gone on the replica: the whole
+                // manifest, once.
+                sent_delta = false;
+                send_parts(&mut stream, Kind::ManifestPart, encoded, limiter, counters).await?;
+                stream.flush().await?;
+            }
             Some(f) if f.kind == Kind::Committed => {
                 // Already held: nothing to send.
                 let c: Committed = f.parse()?;
@@ -414,6 +611,157 @@ fn build_frame(
     Ok(Kind::Chunk)
 }
 
+/// Read frames of `kind` until `len` bytes arrived (`first`: one already
+/// read). `len` is bounded by the caller before this allocates.
+async fn read_parts<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    kind: Kind,
+    len: u64,
+    first: Option<Frame>,
+) -> Result<Vec<u8>, PushError> {
+    let mut out = Vec::with_capacity(len.min(MAX_FRAME as u64 * 4) as usize);
+    let mut first = first;
+    while (out.len() as u64) < len {
+        let f = match first.take() {
+            Some(f) => f,
+            None => expect_frame(stream, kind).await?,
+        };
+        out.extend_from_slice(&f.payload);
+        if out.len() as u64 > len {
+            return Err(WireError::Protocol(format!("{kind:?} longer than announced")).into());
+        }
+    }
+    Ok(out)
+}
+
+/// Decode a whole offered manifest and check it is the one `hello`
+/// offers; on failure the owner is told why.
+async fn decode_offer<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    hello: &Hello,
+    encoded: &[u8],
+) -> Result<Manifest, PushError> {
+    match Manifest::decode(encoded) {
+        Ok(m) if m.volume == hello.volume && m.generation == hello.generation => Ok(m),
+        Ok(_) => {
+            wire::abort(stream, "manifest does not match the offer").await;
+            Err(PushError::BadData(
+                "manifest does not match the offer".into(),
+            ))
+        }
+        Err(e) => {
+            wire::abort(stream, &format!("bad manifest: {e}")).await;
+            Err(PushError::BadData(format!("bad manifest: {e}")))
+        }
+    }
+}
+
+/// The manifest of a version-2 offer: whole, or a delta of a generation we
+/// hold, rebuilt and checked against the identity the owner announced. If
+/// the delta's base is gone (pruned since we listed it), ask for the whole
+/// manifest with an empty [`Holding`].
+async fn receive_manifest<S: AsyncRead + AsyncWrite + Unpin>(
+    store: &Arc<VolumeStore>,
+    hello: &Hello,
+    stream: &mut S,
+) -> Result<Manifest, PushError> {
+    let Some(f) = read_frame(stream).await? else {
+        return Err(WireError::Protocol("stream ended before the manifest".into()).into());
+    };
+    let head: DeltaHead = match f.kind {
+        Kind::ManifestPart => {
+            let encoded =
+                read_parts(stream, Kind::ManifestPart, hello.manifest_len, Some(f)).await?;
+            return decode_offer(stream, hello, &encoded).await;
+        }
+        Kind::DeltaHead => f.parse()?,
+        other => {
+            return Err(WireError::Protocol(format!("expected a manifest, got {other:?}")).into())
+        }
+    };
+    // The owner sends a delta only when it is smaller than the manifest.
+    if head.delta_len > hello.manifest_len {
+        wire::abort(stream, "manifest delta larger than the manifest").await;
+        return Err(
+            WireError::Protocol(format!("manifest delta of {} bytes", head.delta_len)).into(),
+        );
+    }
+    let delta = read_parts(stream, Kind::ManifestDeltaPart, head.delta_len, None).await?;
+    let (st, vol, g) = (store.clone(), hello.volume.clone(), head.base);
+    let Some(base) = blocking(move || st.manifest(&vol, g)).await? else {
+        let f = Frame::json(
+            Kind::Holding,
+            &Holding {
+                generations: Vec::new(),
+            },
+        );
+        write_frame(stream, f.kind, &f.payload).await?;
+        stream.flush().await?;
+        let encoded = read_parts(stream, Kind::ManifestPart, hello.manifest_len, None).await?;
+        return decode_offer(stream, hello, &encoded).await;
+    };
+    // A whole manifest of `manifest_len` bytes describes at most 8 chunks
+    // per byte (zero chunks cost a bit): the same bound for the delta.
+    let max_chunks = hello.manifest_len.saturating_mul(8);
+    let rebuilt = manifest_delta::apply(&base, &delta, &head.manifest_id, max_chunks)
+        .map(|m| (m.generation == hello.generation).then_some(m));
+    match rebuilt {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => {
+            wire::abort(stream, "manifest does not match the offer").await;
+            Err(PushError::BadData(
+                "manifest does not match the offer".into(),
+            ))
+        }
+        Err(e) => {
+            wire::abort(stream, &format!("bad manifest delta: {e}")).await;
+            Err(PushError::ManifestDelta(e))
+        }
+    }
+}
+
+/// Refuse an offer of `generation` of `volume` that this rack owns, or
+/// holds a newer generation of; if it holds exactly that one, say so
+/// (`Some`: the push is done).
+async fn check_offer<S: AsyncWrite + Unpin>(
+    store: &Arc<VolumeStore>,
+    from: &str,
+    volume: &str,
+    generation: u64,
+    stream: &mut S,
+) -> Result<Option<PushReport>, PushError> {
+    let (st, vol) = (store.clone(), volume.to_owned());
+    let (owned, held) = blocking(move || -> Result<(bool, Option<u64>), PushError> {
+        let owned = st.owns(&vol)?;
+        let held = st.latest(&vol)?.map(|m| m.generation);
+        Ok((owned, held))
+    })
+    .await?;
+    if owned {
+        wire::abort(stream, "this rack owns the volume").await;
+        return Err(PushError::BadData(format!(
+            "{from} pushed {volume}, which this rack owns"
+        )));
+    }
+    match held {
+        Some(h) if h == generation => {
+            let f = Frame::json(Kind::Committed, &Committed { generation: h });
+            write_frame(stream, f.kind, &f.payload).await?;
+            stream.flush().await?;
+            Ok(Some(PushReport {
+                volume: volume.to_owned(),
+                generation: h,
+                ..Default::default()
+            }))
+        }
+        Some(h) if h > generation => {
+            wire::abort(stream, &format!("replica holds newer generation {h}")).await;
+            Err(WireError::Protocol(format!("offered {generation} but hold {h}")).into())
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Serve one push on the replica side. `from` names the sending rack (from
 /// its verified certificate). Refuses pushes for volumes this rack owns.
 ///
@@ -430,10 +778,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let hello: Hello = expect_frame(&mut stream, Kind::Hello).await?.parse()?;
-    if hello.proto != PROTO {
+    if hello.proto != PROTO && hello.proto != PROTO_V1 {
         wire::abort(
             &mut stream,
-            &format!("unsupported protocol version {}", hello.proto),
+            &format!("{UNSUPPORTED_VERSION} {}", hello.proto),
         )
         .await;
         return Err(WireError::Protocol(format!("version {}", hello.proto)).into());
@@ -451,61 +799,40 @@ where
             WireError::Protocol(format!("manifest of {} bytes", hello.manifest_len)).into(),
         );
     }
-    let mut encoded = Vec::with_capacity(hello.manifest_len.min(MAX_FRAME as u64 * 4) as usize);
-    while (encoded.len() as u64) < hello.manifest_len {
-        let f = expect_frame(&mut stream, Kind::ManifestPart).await?;
-        encoded.extend_from_slice(&f.payload);
-        if encoded.len() as u64 > hello.manifest_len {
-            return Err(WireError::Protocol("manifest longer than announced".into()).into());
+    let manifest = if hello.proto == PROTO_V1 {
+        let encoded = read_parts(&mut stream, Kind::ManifestPart, hello.manifest_len, None).await?;
+        decode_offer(&mut stream, &hello, &encoded).await?
+    } else {
+        if let Some(done) =
+            check_offer(&store, from, &hello.volume, hello.generation, &mut stream).await?
+        {
+            return Ok(done);
         }
-    }
-    let manifest = match Manifest::decode(&encoded) {
-        Ok(m) if m.volume == hello.volume && m.generation == hello.generation => m,
-        Ok(_) => {
-            wire::abort(&mut stream, "manifest does not match the offer").await;
-            return Err(PushError::BadData(
-                "manifest does not match the offer".into(),
-            ));
-        }
-        Err(e) => {
-            wire::abort(&mut stream, &format!("bad manifest: {e}")).await;
-            return Err(PushError::BadData(format!("bad manifest: {e}")));
-        }
+        let (st, vol, g) = (store.clone(), hello.volume.clone(), hello.generation);
+        let generations = blocking(move || st.generations_below(&vol, g, MAX_HOLDING)).await?;
+        let f = Frame::json(Kind::Holding, &Holding { generations });
+        write_frame(&mut stream, f.kind, &f.payload).await?;
+        stream.flush().await?;
+        receive_manifest(&store, &hello, &mut stream).await?
     };
+    // (Checked again for a version-2 offer: the volume may have changed
+    // hands while the manifest travelled.)
+    if let Some(done) = check_offer(
+        &store,
+        from,
+        &manifest.volume,
+        manifest.generation,
+        &mut stream,
+    )
+    .await?
+    {
+        return Ok(done);
+    }
     let volume = manifest.volume.clone();
     let (st, vol) = (store.clone(), volume.clone());
-    let (owned, held) = blocking(move || -> Result<(bool, Option<u64>), PushError> {
-        let owned = st.owns(&vol)?;
-        let held = st.latest(&vol)?.map(|m| m.generation);
-        Ok((owned, held))
-    })
-    .await?;
-    if owned {
-        wire::abort(&mut stream, "this rack owns the volume").await;
-        return Err(PushError::BadData(format!(
-            "{from} pushed {volume}, which this rack owns"
-        )));
-    }
-    if let Some(h) = held {
-        if h >= manifest.generation {
-            if h == manifest.generation {
-                let f = Frame::json(Kind::Committed, &Committed { generation: h });
-                write_frame(&mut stream, f.kind, &f.payload).await?;
-                stream.flush().await?;
-                return Ok(PushReport {
-                    volume,
-                    generation: h,
-                    ..Default::default()
-                });
-            }
-            wire::abort(&mut stream, &format!("replica holds newer generation {h}")).await;
-            return Err(WireError::Protocol(format!(
-                "offered {} but hold {h}",
-                manifest.generation
-            ))
-            .into());
-        }
-    }
+    let held = blocking(move || st.latest(&vol))
+        .await?
+        .map(|m| m.generation);
 
     // Stage the offer first: its chunks are then safe from garbage
     // collection until it is published (or superseded), also across a
@@ -568,9 +895,16 @@ where
                 .bytes
                 .fetch_add(reader.wire_bytes - counted, Relaxed);
             counted = reader.wire_bytes;
-            let (batch, done) = match next? {
-                Received::Batch(b) => (Some(b), false),
-                Received::Done(b) => (b, true),
+            let (batch, done) = match next {
+                Ok(Received::Batch(b)) => (Some(b), false),
+                Ok(Received::Done(b)) => (b, true),
+                Err(e) => {
+                    // Cut mid-transfer: keep what arrived whole.
+                    if let Some(b) = reader.salvage() {
+                        let _ = tx.send(b).await;
+                    }
+                    return Err(e.into());
+                }
             };
             if let Some(b) = batch {
                 if tx.send(b).await.is_err() {

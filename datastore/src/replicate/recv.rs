@@ -200,6 +200,15 @@ impl DataReader {
         }
     }
 
+    /// After [`DataReader::next`] failed (the stream was cut: a fade, a
+    /// lost connection): the whole frames parsed before the cut, which it
+    /// had not handed over yet. Each is verified on its own when stored, so
+    /// keeping them is safe, and the owner's next offer then need not send
+    /// them again.
+    pub(crate) fn salvage(&mut self) -> Option<DataBatch> {
+        self.take_batch(0)
+    }
+
     /// The frames parsed so far, with their buffer; the unparsed tail moves
     /// to a fresh buffer with room for at least `need` bytes.
     fn take_batch(&mut self, need: usize) -> Option<DataBatch> {
@@ -293,17 +302,31 @@ mod tests {
         }
     }
 
-    /// Hands out its bytes, then never anything more (a stalled link).
-    struct Stalls(Vec<u8>);
+    /// What a [`Feeds`] reader does once its bytes are handed out.
+    #[derive(Clone, Copy)]
+    enum AfterBytes {
+        /// Fails (a cut connection).
+        Cut,
+        /// Never yields anything more (a stalled link).
+        Stall,
+    }
 
-    impl AsyncRead for Stalls {
+    /// Hands out its bytes, then does what its [`AfterBytes`] says.
+    struct Feeds(Vec<u8>, AfterBytes);
+
+    impl AsyncRead for Feeds {
         fn poll_read(
             mut self: std::pin::Pin<&mut Self>,
             _: &mut std::task::Context<'_>,
             buf: &mut [u8],
         ) -> std::task::Poll<std::io::Result<usize>> {
             if self.0.is_empty() {
-                return std::task::Poll::Pending;
+                return match self.1 {
+                    AfterBytes::Cut => {
+                        std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()))
+                    }
+                    AfterBytes::Stall => std::task::Poll::Pending,
+                };
             }
             let n = buf.len().min(self.0.len());
             buf[..n].copy_from_slice(&self.0[..n]);
@@ -312,10 +335,35 @@ mod tests {
         }
     }
 
+    /// A cut after three whole frames and half of a fourth: the error, then
+    /// the three whole ones salvaged, the half one not.
+    #[tokio::test]
+    async fn whole_frames_before_a_cut_are_salvaged() {
+        let payloads = [vec![1u8; 100], vec![2u8; 200], vec![3u8; 300]];
+        let mut bytes = stream(&payloads, false);
+        let mut half = Vec::new();
+        append_frame(&mut half, Kind::Chunk, &[4u8; 400]).expect("frame");
+        bytes.extend_from_slice(&half[..half.len() / 2]);
+        let mut reader = DataReader::new(BufferPool::default());
+        let mut r = Feeds(bytes, AfterBytes::Cut);
+        assert!(reader.next(&mut r, 1 << 20).await.is_err());
+        let b = reader.salvage().expect("whole frames");
+        let got: Vec<Vec<u8>> = b
+            .frames
+            .iter()
+            .map(|(_, x)| b.buf[x.clone()].to_vec())
+            .collect();
+        assert_eq!(got, payloads);
+        assert!(reader.salvage().is_none(), "salvaged once");
+    }
+
     #[tokio::test]
     async fn a_small_batch_is_handed_over_when_the_link_stalls() {
         let mut reader = DataReader::new(BufferPool::default());
-        let mut r = Stalls(stream(&[vec![3u8; 100], vec![4u8; 200]], false));
+        let mut r = Feeds(
+            stream(&[vec![3u8; 100], vec![4u8; 200]], false),
+            AfterBytes::Stall,
+        );
         let t = std::time::Instant::now();
         let Received::Batch(b) = reader.next(&mut r, 1 << 20).await.expect("batch") else {
             panic!("not done yet");

@@ -41,6 +41,14 @@ pub enum Kind {
     Missing = 11,
     /// Fetch: no more ids / no more answers.
     End = 12,
+    /// Push (version 2): the generations the replica holds, its answer to
+    /// the offer (JSON [`Holding`]); sent again, empty, to ask for the
+    /// whole manifest when the delta's base is gone.
+    Holding = 13,
+    /// Push (version 2): a manifest delta follows (JSON [`DeltaHead`]).
+    DeltaHead = 14,
+    /// Push (version 2): a slice of the encoded manifest delta.
+    ManifestDeltaPart = 15,
 }
 
 impl Kind {
@@ -59,6 +67,9 @@ impl Kind {
             10 => Want,
             11 => Missing,
             12 => End,
+            13 => Holding,
+            14 => DeltaHead,
+            15 => ManifestDeltaPart,
             _ => return None,
         })
     }
@@ -78,6 +89,34 @@ pub struct Hello {
     pub generation: u64,
     /// Length of the encoded manifest that follows.
     pub manifest_len: u64,
+}
+
+/// Most generations a replica lists in [`Holding`]: its newest ones are
+/// the best delta bases, and the owner reads each one it considers, so
+/// the list stays short.
+pub const MAX_HOLDING: usize = 16;
+
+/// The replica's answer to a version-2 offer: the generations of the
+/// volume it holds (newest first, at most [`MAX_HOLDING`]), for the owner
+/// to choose the base of a manifest delta. Empty: send the whole manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Holding {
+    /// Generations held, newest first.
+    pub generations: Vec<u64>,
+}
+
+/// Announces a manifest delta (the parts follow).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaHead {
+    /// The generation the delta is against (one the replica listed).
+    pub base: u64,
+    /// Length of the encoded delta that follows.
+    pub delta_len: u64,
+    /// Identity of the whole manifest ([`crate::Manifest::id`]): the
+    /// replica checks what it rebuilt against it before using it.
+    pub manifest_id: crate::ChunkId,
 }
 
 /// The receiver's answer after the bitmap.
@@ -113,8 +152,14 @@ pub struct Abort {
     pub bad_chunk: Option<crate::ChunkId>,
 }
 
-/// Protocol version spoken.
-pub const PROTO: u32 = 1;
+/// Protocol version spoken by owners: 2 sends manifests as deltas of a
+/// generation the replica holds (the replica answers the offer with
+/// [`Holding`] first). Replicas serve 2 and [`PROTO_V1`].
+pub const PROTO: u32 = 2;
+
+/// The previous version (whole manifests, no [`Holding`] round), still
+/// served to old owners and spoken to replicas that refuse version 2.
+pub const PROTO_V1: u32 = 1;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]

@@ -19,6 +19,9 @@ pub enum VolumeError {
     /// Snapshotting it failed.
     #[error(transparent)]
     Snapshot(#[from] volume::SnapshotError),
+    /// Recording a capture of the changes since a generation failed.
+    #[error(transparent)]
+    Changes(#[from] volume::incremental::ChangesOnlyError),
     /// Importing an image failed.
     #[error(transparent)]
     Import(#[from] volume::ImportError),
@@ -46,6 +49,31 @@ pub enum VolumeError {
     /// This rack is a witness: it stores no volumes.
     #[error("this rack is a witness: it stores no volumes")]
     Witness,
+    /// The volume is not here, but a live rack holds a generation of it:
+    /// creating it empty would lose that data (and the empty volume's
+    /// generations would replace the replica). Nothing was created.
+    #[error(
+        "rack {rack} holds generation {generation} of volume {volume} and this rack holds none: \
+         not creating it empty (the appliance moves to {rack} once it can take it; \
+         to accept the loss, run `fieldrack volume create {volume} --size SIZE` on this rack)"
+    )]
+    HeldElsewhere {
+        /// The volume.
+        volume: String,
+        /// A rack that holds it.
+        rack: String,
+        /// The newest generation that rack reported.
+        generation: u64,
+    },
+}
+
+impl VolumeError {
+    /// Whether a push's stream was cut under it (see
+    /// [`PushError::is_cut`]).
+    #[must_use]
+    pub fn is_cut(&self) -> bool {
+        matches!(self, Self::Push { source, .. } if source.is_cut())
+    }
 }
 
 /// Why the service could not open.

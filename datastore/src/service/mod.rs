@@ -18,13 +18,17 @@
 //!
 //! Layout: `ops` (local operations the API and the supervisor call),
 //! `snapshots` (the snapshot loop), `replication` (placement and pushes),
-//! `schedule` (which pushes a tick starts, a pure function),
+//! `schedule` (which pushes a tick starts, a pure function), `pacing`
+//! (when to snapshot, a pure function), `backlog` (bytes waiting, rates),
 //! `serve` (inbound transfers), `scrub`, `status`, `records`
 //! (bookkeeping), `transport` (the traits), `settings`, `metrics`.
 
+mod backlog;
+mod changes;
 mod error;
 mod metrics;
 mod ops;
+pub mod pacing;
 mod records;
 mod replication;
 mod schedule;
@@ -46,12 +50,14 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+pub use backlog::{HISTORY as BACKLOG_HISTORY, RATE_MIN_BYTES};
 pub use error::{OpenServiceError, VolumeError};
 pub use metrics::VolumeMetrics;
 pub use records::{RecordStore, RecordStoreError, ReplicaRecord, VolumeRecord};
 pub use replication::{MAX_PUSHES, REPLICATION_TICK, RETRY_AFTER};
 pub use serve::MAX_SERVES;
 pub use settings::ServiceSettings;
+pub use snapshots::{PACE_TICK, PRUNE_EVERY};
 pub use status::{ReplicaStatus, VolumeStatus};
 pub use transport::{
     DuplexStream, Incoming, PeerStream, Peers, Transport, TransportError, TransportSource,
@@ -84,6 +90,12 @@ pub struct VolumeService {
     running: Mutex<Running>,
     /// When a push of (volume, rack) last failed: retried after [`RETRY_AFTER`].
     failed_at: Mutex<HashMap<(String, String), std::time::Instant>>,
+    /// Racks of failed pushes seen unreachable since (their link was lost):
+    /// their pushes start again as soon as they are back.
+    lost: Mutex<std::collections::HashSet<String>>,
+    /// Candidate racks unavailable for pushes, and since when: their
+    /// replicas are kept for a while rather than re-protected at once.
+    away: Mutex<HashMap<String, std::time::Instant>>,
     /// Wakes the replication loop when a new generation exists.
     wake: Notify,
     /// How to freeze the appliance writing a volume while it is captured.
@@ -91,6 +103,10 @@ pub struct VolumeService {
     /// Volumes whose appliance captures them itself (QEMU over QMP): the
     /// snapshot loop leaves them to the supervisor.
     external: Mutex<HashSet<String>>,
+    /// Bytes each recent generation added and the push rate per link.
+    backlogs: Mutex<backlog::Backlogs>,
+    /// Snapshot pacing per owned volume (one entry per owned volume).
+    paces: Mutex<HashMap<String, pacing::Pace>>,
 }
 
 impl VolumeService {
@@ -128,9 +144,13 @@ impl VolumeService {
             limiters: Mutex::default(),
             running: Mutex::default(),
             failed_at: Mutex::default(),
+            lost: Mutex::default(),
+            away: Mutex::default(),
             wake: Notify::new(),
             pause: Mutex::default(),
             external: Mutex::default(),
+            backlogs: Mutex::default(),
+            paces: Mutex::default(),
         }))
     }
 
@@ -147,10 +167,17 @@ impl VolumeService {
         self.store.root()
     }
 
-    /// How often owned volumes are snapshotted.
+    /// The shortest interval between snapshots of an owned volume.
     #[must_use]
     pub fn snapshot_interval(&self) -> Duration {
         self.settings.snapshot_interval
+    }
+
+    /// The volume store's filesystem and what it gives snapshots
+    /// (`status.volume_store`).
+    #[must_use]
+    pub fn store_info(&self) -> crate::VolumeStoreInfo {
+        self.store.info_fs()
     }
 
     /// Snapshots of `volume` pause its appliance with `hooks` (none: no

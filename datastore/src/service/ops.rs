@@ -112,15 +112,19 @@ impl VolumeService {
 
     /// Make sure this rack owns `name` with a live image: already owned,
     /// else promoted from the newest replica generation held, else created
-    /// empty with `size`. Returns the image path and how it was obtained
-    /// (`owned`, `promoted` or `created`).
+    /// empty with `size`, unless `held_elsewhere` names another rack and the
+    /// generation of the volume it reported: a volume the field has seen is
+    /// never created empty behind an operator's back. Returns the image
+    /// path and how it was obtained (`owned`, `promoted` or `created`).
     ///
     /// # Errors
+    /// [`VolumeError::HeldElsewhere`] (nothing created), else
     /// [`VolumeError`].
     pub async fn ensure_owned(
         &self,
         name: &str,
         size: u64,
+        held_elsewhere: Option<(String, u64)>,
     ) -> Result<(PathBuf, &'static str), VolumeError> {
         let st = self.store.clone();
         let n = name.to_owned();
@@ -131,6 +135,13 @@ impl VolumeService {
             if st.latest(&n)?.is_some() {
                 st.promote(&n, &mut |_, _| {})?;
                 return Ok("promoted");
+            }
+            if let Some((rack, generation)) = held_elsewhere {
+                return Err(VolumeError::HeldElsewhere {
+                    volume: n,
+                    rack,
+                    generation,
+                });
             }
             st.create(&n, size)?;
             Ok("created")
@@ -156,6 +167,7 @@ impl VolumeService {
         let (st, n) = (self.store.clone(), name.to_owned());
         blocking(move || st.delete(&n)).await?;
         self.records.forget(name);
+        self.backlogs.lock().expect("backlogs lock").forget(name);
         tracing::info!(volume = %name, "demoted: another rack owns it now");
         Ok(())
     }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::error::Chain;
 use super::metrics::VolumeMetrics;
 use super::records::ReplicaRecord;
-use super::schedule::{due, Job, Owned};
+use super::schedule::{due, held_racks, release_returned, retry_at_once, Job, Owned};
 use super::{VolumeError, VolumeService};
 use crate::replicate::plan::{choose_replicas, RackView};
 use crate::replicate::push::{self, PushReport, TransferProgress};
@@ -28,6 +28,19 @@ pub const MAX_PUSHES: usize = 4;
 pub const RETRY_AFTER: Duration = Duration::from_secs(3);
 /// How often the replication loop looks for work when not woken.
 pub const REPLICATION_TICK: Duration = Duration::from_secs(1);
+/// How often it looks while a push failed or a replica's rack is away:
+/// a push cut by a fade starts again within this of the link's return
+/// (see [`super::schedule::release_returned`]), well inside the 2 s a
+/// field expects; each look computes the field view once.
+pub const RETRY_TICK: Duration = Duration::from_millis(200);
+/// How long a volume's replica rack may be unavailable (not up, or not
+/// reachable) before the volume is re-protected on another rack. A radio
+/// fade lasts seconds to a minute; re-protecting at once would send a whole
+/// new copy elsewhere while the interrupted one waits, mostly transferred,
+/// for its link. 20 s covers the `fading` profile's fades; a rack really
+/// gone is down (no renewal) within a lease anyway, and its replica's
+/// last generation still protects the volume meanwhile.
+pub const REPROTECT_AFTER: Duration = Duration::from_secs(20);
 
 /// Pushes in flight: (volume, rack) → (generation, progress). At most
 /// [`MAX_PUSHES`] entries.
@@ -36,13 +49,39 @@ pub(super) type Running = HashMap<(String, String), (u64, Arc<TransferProgress>)
 impl VolumeService {
     pub(super) async fn replication_loop(self: Arc<Self>, cancel: CancellationToken) {
         let pushes = Arc::new(Semaphore::new(MAX_PUSHES));
+        // A push failed or a replica's rack is held: look often.
+        let mut waiting = false;
         loop {
+            let tick = if waiting {
+                RETRY_TICK
+            } else {
+                REPLICATION_TICK
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(REPLICATION_TICK) => {}
+                _ = tokio::time::sleep(tick) => {}
             }
             let racks = self.peers.replica_candidates().await;
+            let reachable: HashSet<String> = racks
+                .iter()
+                .filter(|r| r.alive)
+                .map(|r| r.rack.clone())
+                .collect();
+            let held = held_racks(
+                &racks,
+                &mut self.away.lock().expect("away lock"),
+                Instant::now(),
+            );
+            let released = release_returned(
+                &mut self.failed_at.lock().expect("failed lock"),
+                &mut self.lost.lock().expect("lost lock"),
+                &reachable,
+            );
+            for (volume, rack) in &released {
+                tracing::info!(%volume, %rack, "link back: resuming the push");
+            }
+            waiting = !held.is_empty() || !self.failed_at.lock().expect("failed lock").is_empty();
             let st = self.store.clone();
             // Generations only: the manifest (2 MiB for a 4 GiB volume) is
             // loaded by a push, not on every tick.
@@ -60,17 +99,19 @@ impl VolumeService {
             let owned: Vec<Owned> = owned
                 .into_iter()
                 .map(|(volume, latest)| Owned {
-                    replicas: self.place(&volume, &racks),
+                    replicas: self.place(&volume, &racks, &held),
                     volume,
                     latest,
                 })
                 .collect();
+            // A held rack's link carries nothing until it is back.
             let busy: HashSet<String> = self
                 .running
                 .lock()
                 .expect("running lock")
                 .keys()
                 .map(|(_, r)| r.clone())
+                .chain(held.iter().cloned())
                 .collect();
             let failed_at = self.failed_at.lock().expect("failed lock").clone();
             let jobs = due(
@@ -90,8 +131,14 @@ impl VolumeService {
     }
 
     /// Choose `volume`'s replica racks (keeping current ones that can
-    /// still take it) and record any change; returns its replicas.
-    fn place(&self, volume: &str, racks: &[RackView]) -> Vec<ReplicaRecord> {
+    /// still take it, and current ones on a `held` rack, away for less than
+    /// [`REPROTECT_AFTER`]) and record any change; returns its replicas.
+    fn place(
+        &self,
+        volume: &str,
+        racks: &[RackView],
+        held: &HashSet<String>,
+    ) -> Vec<ReplicaRecord> {
         let me = RackView {
             rack: self.settings.rack.clone(),
             site: self.settings.site.clone(),
@@ -107,7 +154,14 @@ impl VolumeService {
             .iter()
             .map(|r| r.rack.clone())
             .collect();
-        let chosen = choose_replicas(&me, &current, racks, self.settings.replication_factor);
+        let racks: Vec<RackView> = racks
+            .iter()
+            .map(|r| RackView {
+                alive: r.alive || (held.contains(&r.rack) && current.contains(&r.rack)),
+                ..r.clone()
+            })
+            .collect();
+        let chosen = choose_replicas(&me, &current, &racks, self.settings.replication_factor);
         if chosen != current {
             let dropped: Vec<&String> = current.iter().filter(|c| !chosen.contains(c)).collect();
             if !dropped.is_empty() {
@@ -162,12 +216,18 @@ impl VolumeService {
             return;
         };
         let created = manifest.created_at_ms;
+        let started = Instant::now();
         let result = self.push_to(&rack, manifest, &progress).await;
         self.running.lock().expect("running lock").remove(&key);
         match result {
             Ok(report) => {
                 tracing::info!(%volume, %rack, generation = report.generation, chunks = report.chunks, deltas = report.deltas, bytes = report.bytes, "replica up to date");
                 self.failed_at.lock().expect("failed lock").remove(&key);
+                self.backlogs.lock().expect("backlogs lock").pushed(
+                    &rack,
+                    report.bytes,
+                    started.elapsed(),
+                );
                 self.records.update(&volume, |rec| {
                     if let Some(r) = rec.replicas.iter_mut().find(|r| r.rack == rack) {
                         r.generation = Some(report.generation);
@@ -177,11 +237,17 @@ impl VolumeService {
             }
             Err(e) => {
                 self.metrics.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%volume, %rack, error = %Chain(&e), "replication failed; will retry");
-                self.failed_at
-                    .lock()
-                    .expect("failed lock")
-                    .insert(key, Instant::now());
+                let (sent, _) = progress.get();
+                if retry_at_once(e.is_cut(), sent) {
+                    tracing::info!(%volume, %rack, sent_chunks = sent, error = %Chain(&e), "push cut: resuming at once");
+                    self.failed_at.lock().expect("failed lock").remove(&key);
+                } else {
+                    tracing::warn!(%volume, %rack, error = %Chain(&e), "replication failed; will retry");
+                    self.failed_at
+                        .lock()
+                        .expect("failed lock")
+                        .insert(key, Instant::now());
+                }
             }
         }
         self.wake.notify_one();
@@ -198,17 +264,30 @@ impl VolumeService {
         let stream = self.transport.open(rack, PUSH_PROTOCOL).await?;
         let counters = VolumeMetrics::counters(&self.metrics.sent, rack);
         let limiter = self.limiter(rack);
-        push::push_with_progress(
-            self.store.clone(),
-            &self.settings.rack,
-            manifest,
+        let (store, me) = (self.store.clone(), &self.settings.rack);
+        let pushed = push::push_with_progress(
+            store.clone(),
+            me,
+            manifest.clone(),
             stream,
             &limiter,
             &counters,
             progress,
         )
-        .await
-        .map_err(|source| VolumeError::Push {
+        .await;
+        let pushed = match pushed {
+            // A replica of the previous version: whole manifests, on a
+            // new stream (its refusal cost one round trip).
+            Err(push::PushError::OldReplica) => {
+                let stream = self.transport.open(rack, PUSH_PROTOCOL).await?;
+                push::push_v1_with_progress(
+                    store, me, manifest, stream, &limiter, &counters, progress,
+                )
+                .await
+            }
+            other => other,
+        };
+        pushed.map_err(|source| VolumeError::Push {
             rack: rack.to_owned(),
             source,
         })

@@ -6,7 +6,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use super::records::ReplicaRecord;
-use super::replication::RETRY_AFTER;
+use super::replication::{REPROTECT_AFTER, RETRY_AFTER};
+use crate::replicate::plan::RackView;
 
 /// An owned volume as a tick sees it.
 #[derive(Debug, Clone)]
@@ -69,6 +70,75 @@ pub(crate) fn due(
         }
     }
     jobs
+}
+
+/// Failed pushes to retry at once because their rack's link came back.
+///
+/// A push cut by a fade fails when the link is lost (the rack leaves
+/// `reachable`); waiting [`RETRY_AFTER`] from the failure would start the
+/// retry up to that long after the link's return. Instead each rack with a
+/// failed push that is seen unreachable goes into `lost`; once it is
+/// reachable again, its failures are forgotten (so [`due`] starts them at
+/// the next tick, which the loop runs often while failures are pending).
+/// A push that failed with the link up (a refusal, a full disk) waits
+/// [`RETRY_AFTER`] as before. Returns the (volume, rack) pairs released.
+pub(crate) fn release_returned(
+    failed_at: &mut HashMap<(String, String), Instant>,
+    lost: &mut HashSet<String>,
+    reachable: &HashSet<String>,
+) -> Vec<(String, String)> {
+    for (_, rack) in failed_at.keys() {
+        if !reachable.contains(rack) {
+            lost.insert(rack.clone());
+        }
+    }
+    let back: HashSet<String> = lost.intersection(reachable).cloned().collect();
+    let released: Vec<(String, String)> = failed_at
+        .keys()
+        .filter(|(_, rack)| back.contains(rack))
+        .cloned()
+        .collect();
+    for key in &released {
+        failed_at.remove(key);
+    }
+    // Bounded by the failures: a rack without one is no longer tracked.
+    lost.retain(|r| !back.contains(r) && failed_at.keys().any(|(_, fr)| fr == r));
+    released
+}
+
+/// Whether a push that failed should start again at the next tick rather
+/// than after [`RETRY_AFTER`]: its stream was cut (`cut`: the connection
+/// was lost or replaced, e.g. by the bulk plane when a fade ended) after it
+/// had sent `sent_chunks` > 0. The replica kept the whole frames that
+/// arrived, so the next push costs an offer round trip and resumes; each
+/// quick retry needs progress by the attempt before it, so a link that
+/// cuts every push at once falls back to [`RETRY_AFTER`].
+pub(crate) fn retry_at_once(cut: bool, sent_chunks: u64) -> bool {
+    cut && sent_chunks > 0
+}
+
+/// Racks unavailable for pushes (not up, or not reachable) for less than
+/// [`REPROTECT_AFTER`]: a volume's current replica on one of them is kept
+/// rather than re-protected elsewhere at once, since a fade of seconds
+/// would otherwise cost a whole new copy on another rack while the
+/// interrupted one waits, mostly transferred, for its link. `since`
+/// remembers when each rack became unavailable (only racks in `racks`,
+/// so it is bounded by them).
+pub(crate) fn held_racks(
+    racks: &[RackView],
+    since: &mut HashMap<String, Instant>,
+    now: Instant,
+) -> HashSet<String> {
+    since.retain(|r, _| racks.iter().any(|x| &x.rack == r && !x.alive));
+    racks
+        .iter()
+        .filter(|r| !r.alive)
+        .filter(|r| {
+            let from = *since.entry(r.rack.clone()).or_insert(now);
+            now.saturating_duration_since(from) < REPROTECT_AFTER
+        })
+        .map(|r| r.rack.clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -208,6 +278,79 @@ mod tests {
             let jobs = due(&owned, &busy, &failed_at, now, permits);
             assert_eq!(pairs(&jobs), want, "{name}");
         }
+    }
+
+    fn set(racks: &[&str]) -> HashSet<String> {
+        racks.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn key(v: &str, r: &str) -> (String, String) {
+        (v.to_owned(), r.to_owned())
+    }
+
+    /// A push to b fails while b is unreachable (a fade): it is released
+    /// the first tick b is reachable again, however recent the failure; a
+    /// push that failed with its link up is not.
+    #[test]
+    fn failures_are_released_when_the_link_returns() {
+        let now = Instant::now();
+        let mut failed = HashMap::from([(key("v", "b"), now), (key("w", "c"), now)]);
+        let mut lost = HashSet::new();
+        // The tick of the failure: b is gone, c is there.
+        assert!(release_returned(&mut failed, &mut lost, &set(&["c"])).is_empty());
+        assert_eq!(lost, set(&["b"]));
+        // Still gone.
+        assert!(release_returned(&mut failed, &mut lost, &set(&["c"])).is_empty());
+        // Back: released at once; c's failure keeps its RETRY_AFTER.
+        let released = release_returned(&mut failed, &mut lost, &set(&["b", "c"]));
+        assert_eq!(released, vec![key("v", "b")]);
+        assert_eq!(
+            failed.keys().cloned().collect::<Vec<_>>(),
+            vec![key("w", "c")]
+        );
+        assert!(lost.is_empty());
+        // A failure whose rack never left is never released early.
+        assert!(release_returned(&mut failed, &mut lost, &set(&["b", "c"])).is_empty());
+    }
+
+    #[test]
+    fn only_a_cut_after_progress_is_retried_at_once() {
+        for (cut, sent, want) in [
+            (true, 5, true),
+            (true, 0, false),
+            (false, 5, false),
+            (false, 0, false),
+        ] {
+            assert_eq!(retry_at_once(cut, sent), want, "cut={cut} sent={sent}");
+        }
+    }
+
+    fn view(rack: &str, alive: bool) -> RackView {
+        RackView {
+            rack: rack.to_owned(),
+            site: "s".to_owned(),
+            alive,
+            dying: false,
+            witness: false,
+            free_bytes: None,
+        }
+    }
+
+    #[test]
+    fn unavailable_racks_are_held_for_a_while() {
+        let t0 = Instant::now();
+        let mut since = HashMap::new();
+        let racks = [view("a", false), view("b", true)];
+        assert_eq!(held_racks(&racks, &mut since, t0), set(&["a"]));
+        let later = t0 + REPROTECT_AFTER - Duration::from_millis(1);
+        assert_eq!(held_racks(&racks, &mut since, later), set(&["a"]));
+        assert!(held_racks(&racks, &mut since, t0 + REPROTECT_AFTER).is_empty());
+        // Available again: forgotten, so the next loss counts afresh.
+        let back = [view("a", true), view("b", true)];
+        assert!(held_racks(&back, &mut since, t0 + REPROTECT_AFTER).is_empty());
+        assert!(since.is_empty());
+        let t1 = t0 + REPROTECT_AFTER * 2;
+        assert_eq!(held_racks(&racks, &mut since, t1), set(&["a"]));
     }
 
     fn arb_owned() -> impl Strategy<Value = Vec<Owned>> {

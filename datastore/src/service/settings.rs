@@ -15,8 +15,11 @@ pub struct ServiceSettings {
     pub witness: bool,
     /// Copies of each volume on distinct racks, the owner's included.
     pub replication_factor: usize,
-    /// How often each owned volume is snapshotted.
+    /// The shortest time between two snapshots of a written volume (an
+    /// unwritten one gets none).
     pub snapshot_interval: Duration,
+    /// The longest the interval grows to while replication cannot keep up.
+    pub snapshot_max_interval: Duration,
     /// Snapshots kept per volume (older ones are pruned).
     pub keep_snapshots: usize,
     /// Bytes per second per peer link for replication (0 = unlimited).

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::pacing::Backlog;
 use super::records::VolumeRecord;
 use super::replication::Running;
 use super::VolumeService;
@@ -24,6 +25,17 @@ pub struct VolumeStatus {
     /// Recovery point: seconds of writes that would be lost if the owner
     /// died now (age of the newest snapshot some replica holds); owner side.
     pub rpo_s: Option<f64>,
+    /// Bytes of new generations the slowest replica does not hold yet (an
+    /// upper bound: the chunk bytes each generation stored anew); owner side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_waiting: Option<u64>,
+    /// Seconds until that replica is expected to catch up, from the
+    /// measured push rate to it (absent until a push was measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<f64>,
+    /// The current snapshot interval (it grows while replication lags).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_interval_s: Option<f64>,
     /// Generations held here.
     pub generations_held: Vec<u64>,
     /// Path of the live raw image (owner side): what appliances open.
@@ -43,6 +55,15 @@ pub struct ReplicaStatus {
     pub generation: Option<u64>,
     /// How far behind the owner's newest snapshot it is, in seconds.
     pub lag_s: Option<f64>,
+    /// Bytes of newer generations it does not hold yet (upper bound).
+    #[serde(default)]
+    pub bytes_waiting: u64,
+    /// The measured push rate to it, bytes/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_bytes_per_s: Option<f64>,
+    /// Seconds until it holds the newest generation at that rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<f64>,
 }
 
 impl VolumeService {
@@ -75,11 +96,31 @@ impl VolumeService {
                     .has_live_image
                     .then(|| self.store.image_path(&v.name).display().to_string());
                 let (owner, replicas, rpo_s) = if v.has_live_image {
-                    let (replicas, rpo_s) = replicas(&rec, latest_created, now);
+                    let (mut replicas, rpo_s) = replicas(&rec, latest_created, now);
+                    let b = self.backlogs.lock().expect("backlogs lock");
+                    for r in &mut replicas {
+                        let backlog = Backlog {
+                            waiting_bytes: b.waiting(&v.name, r.generation),
+                            push_bytes_per_s: b.rate(&r.rack),
+                        };
+                        r.bytes_waiting = backlog.waiting_bytes;
+                        r.push_bytes_per_s = backlog.push_bytes_per_s;
+                        r.eta_s = backlog.eta().map(|d| round_s(d.as_secs_f64()));
+                    }
                     (Some(self.settings.rack.clone()), replicas, rpo_s)
                 } else {
                     (rec.owner.clone(), Vec::new(), None)
                 };
+                let slowest = replicas
+                    .iter()
+                    .max_by_key(|r| r.bytes_waiting)
+                    .map(|r| (r.bytes_waiting, r.eta_s));
+                let interval = self
+                    .paces
+                    .lock()
+                    .expect("paces lock")
+                    .get(&v.name)
+                    .map(|p| p.interval.as_secs_f64());
                 VolumeStatus {
                     transfer: transfer(&running, &v.name),
                     image,
@@ -88,6 +129,9 @@ impl VolumeService {
                     size_bytes: v.size,
                     replicas,
                     rpo_s,
+                    bytes_waiting: slowest.map(|(w, _)| w),
+                    eta_s: slowest.and_then(|(_, e)| e),
+                    snapshot_interval_s: interval.filter(|_| v.has_live_image),
                     generations_held: v.generations_held,
                     name: v.name,
                 }
@@ -113,6 +157,9 @@ fn replicas(
                 (Some(l), Some(c)) => Some(l.saturating_sub(c) as f64 / 1000.0),
                 _ => None,
             },
+            bytes_waiting: 0,
+            push_bytes_per_s: None,
+            eta_s: None,
         })
         .collect();
     let newest_replicated = rec
@@ -124,6 +171,11 @@ fn replicas(
         reps,
         newest_replicated.map(|c| now.saturating_sub(c) as f64 / 1000.0),
     )
+}
+
+/// Seconds to one decimal, for the status document.
+fn round_s(s: f64) -> f64 {
+    (s * 10.0).round() / 10.0
 }
 
 /// The push of `volume` in flight, described for an operator.

@@ -134,6 +134,17 @@ struct Rack {
 }
 
 fn rack(fabric: &Arc<Fabric>, name: &str, site: &str, factor: usize) -> Rack {
+    rack_with_link(fabric, name, site, factor, 0)
+}
+
+/// [`rack`] whose pushes are limited to `link_bytes_per_s` per peer link.
+fn rack_with_link(
+    fabric: &Arc<Fabric>,
+    name: &str,
+    site: &str,
+    factor: usize,
+    link_bytes_per_s: u64,
+) -> Rack {
     let dir = tempfile::tempdir().unwrap();
     fabric.views.lock().unwrap().push(RackView {
         rack: name.into(),
@@ -154,8 +165,9 @@ fn rack(fabric: &Arc<Fabric>, name: &str, site: &str, factor: usize) -> Rack {
         replication_factor: factor,
         // Snapshots are taken by the tests themselves.
         snapshot_interval: Duration::from_secs(3600),
+        snapshot_max_interval: Duration::from_secs(3600),
         keep_snapshots: 3,
-        link_bytes_per_s: 0,
+        link_bytes_per_s,
         scrub_interval: None,
         import_dir: dir.path().join("import"),
         extra_import_dirs: Vec::new(),
@@ -325,7 +337,7 @@ async fn a_shipped_volume_is_promoted_by_its_new_owner() {
     assert!(!a.service.owns("vol").await.unwrap());
     assert_eq!(held(&a, "vol").await, None);
 
-    let (path, how) = b.service.ensure_owned("vol", 4 * MIB).await.unwrap();
+    let (path, how) = b.service.ensure_owned("vol", 4 * MIB, None).await.unwrap();
     assert_eq!(how, "promoted");
     assert!(b.service.owns("vol").await.unwrap());
     assert_eq!(std::fs::read(path).unwrap(), image);
@@ -334,7 +346,7 @@ async fn a_shipped_volume_is_promoted_by_its_new_owner() {
         None,
         "no longer anyone's replica"
     );
-    let (_, again) = b.service.ensure_owned("vol", 4 * MIB).await.unwrap();
+    let (_, again) = b.service.ensure_owned("vol", 4 * MIB, None).await.unwrap();
     assert_eq!(again, "owned");
     cancel.cancel();
 }
@@ -431,4 +443,73 @@ async fn a_witness_runs_no_loops() {
     assert!(dir.path().join("import").is_dir());
     cancel.cancel();
     running.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_shows_bytes_waiting_and_the_push_rate() {
+    let fabric = Arc::new(Fabric::default());
+    // 2 MB/s: a 1 MiB generation is still on its way when the status is read.
+    let a = rack_with_link(&fabric, "a", "s1", 2, 2_000_000);
+    let b = rack(&fabric, "b", "s2", 2);
+    let cancel = CancellationToken::new();
+    run(&fabric, &[&a, &b], &cancel).await;
+
+    owned_volume(&a, "vol", 3 * MIB as usize, 4).await;
+    let g = a.service.snapshot("vol".into()).await.unwrap().generation;
+    eventually(|| async { replicas(&a, "vol").await == vec![("b".to_owned(), Some(g))] }).await;
+    let st = a.service.status().await;
+    let v = st.iter().find(|v| v.name == "vol").unwrap();
+    assert_eq!(v.bytes_waiting, Some(0), "the replica holds everything");
+    assert_eq!(v.eta_s, Some(0.0), "nothing to send");
+    assert!(v.rpo_s.is_some());
+    let rate = v.replicas[0]
+        .push_bytes_per_s
+        .expect("a 3 MiB push is measured");
+    assert!(rate > 0.0);
+
+    // A new generation waits for the replica while it is pushed.
+    owned_volume_rewrite(&a, "vol", MIB as usize, 5);
+    let r = a.service.snapshot("vol".into()).await.unwrap();
+    let v = a
+        .service
+        .status()
+        .await
+        .into_iter()
+        .find(|v| v.name == "vol")
+        .unwrap();
+    let waiting = v.bytes_waiting.unwrap();
+    assert!(
+        waiting >= MIB,
+        "{waiting} bytes waiting after generation {}",
+        r.generation
+    );
+    assert_eq!(v.replicas[0].bytes_waiting, waiting);
+    let eta = v.eta_s.expect("a measured rate gives an eta");
+    assert!((eta - round1(waiting as f64 / rate)).abs() <= 0.1, "{eta}");
+    // Once pushed, nothing waits.
+    eventually(|| async {
+        a.service
+            .status()
+            .await
+            .iter()
+            .any(|v| v.name == "vol" && v.bytes_waiting == Some(0))
+    })
+    .await;
+    cancel.cancel();
+}
+
+/// Overwrite the first `len` bytes of `name`'s live image with new random bytes.
+fn owned_volume_rewrite(r: &Rack, name: &str, len: usize, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let mut data = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(r.service.store.image_path(name))
+        .unwrap();
+    f.write_all_at(&data, 0).unwrap();
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
 }

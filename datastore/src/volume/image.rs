@@ -2,6 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -101,6 +102,15 @@ pub(crate) enum ScanError<E> {
     Sink(E),
 }
 
+/// What a scan read and found.
+#[derive(Debug)]
+pub(crate) struct Scanned {
+    /// One entry per chunk scanned, in order (`None` for zero chunks).
+    pub entries: Vec<Option<ChunkId>>,
+    /// Bytes actually read from the file (holes are skipped unread).
+    pub bytes_read: u64,
+}
+
 /// Chunk the first `size` bytes of `file` into `chunk_size` pieces, hashing
 /// in parallel, and hand every non-zero chunk to `sink(index, data, id)`.
 /// Returns the manifest entries (`None` for zero chunks). Holes are skipped
@@ -111,23 +121,65 @@ pub(crate) fn scan<E>(
     chunk_size: u32,
     progress: &mut dyn FnMut(u64, u64),
     sink: &mut Sink<'_, E>,
-) -> Result<Vec<Option<ChunkId>>, ScanError<E>> {
+) -> Result<Scanned, ScanError<E>> {
+    let n = usize::try_from(size.div_ceil(u64::from(chunk_size))).unwrap_or(usize::MAX);
+    scan_chunks(
+        file,
+        size,
+        chunk_size,
+        std::slice::from_ref(&(0..n)),
+        progress,
+        sink,
+    )
+}
+
+/// [`scan`] restricted to the chunks whose indices lie in `runs` (sorted,
+/// disjoint, within the image): the entries returned are those chunks', in
+/// order. `progress(done, total)` counts the bytes of the selected chunks.
+pub(crate) fn scan_chunks<E>(
+    file: &File,
+    size: u64,
+    chunk_size: u32,
+    runs: &[Range<usize>],
+    progress: &mut dyn FnMut(u64, u64),
+    sink: &mut Sink<'_, E>,
+) -> Result<Scanned, ScanError<E>> {
     let cs = u64::from(chunk_size);
-    let n = usize::try_from(size.div_ceil(cs)).unwrap_or(usize::MAX);
+    let chunk_len = |i: usize| (size.saturating_sub(i as u64 * cs)).min(cs);
+    let selected: usize = runs.iter().map(ExactSizeIterator::len).sum();
+    let total: u64 = runs
+        .iter()
+        .map(|r| {
+            let (s, e) = (r.start as u64 * cs, (r.end as u64 * cs).min(size));
+            e.saturating_sub(s)
+        })
+        .sum();
     let file_len = file.metadata().map_err(ScanError::Read)?.len();
     let mut map = DataMap::new(file, file_len);
-    let mut out = Vec::with_capacity(n);
+    let mut out = Vec::with_capacity(selected);
     let per_batch = usize::try_from((SCAN_BATCH_BYTES / cs).max(1)).unwrap_or(1);
-    let mut buf = vec![0u8; per_batch * chunk_size as usize];
-    let mut first = 0usize;
-    while first < n {
-        let count = per_batch.min(n - first);
-        // Which chunks of the batch may hold data; read runs of them.
-        let mut slots: Vec<Option<(usize, usize)>> = Vec::with_capacity(count); // (buf start, len)
+    let mut buf = vec![0u8; per_batch.min(selected.max(1)) * chunk_size as usize];
+    let mut bytes_read = 0u64;
+    let mut done = 0u64;
+    let mut indices = runs.iter().flat_map(Clone::clone).peekable();
+    while indices.peek().is_some() {
+        let batch: Vec<usize> = indices.by_ref().take(per_batch).collect();
+        // Which chunks of the batch may hold data; read runs of them that
+        // are contiguous both in the file and in the buffer.
+        let mut slots: Vec<Option<(usize, usize)>> = Vec::with_capacity(batch.len()); // (buf start, len)
         let mut run: Option<(u64, usize, usize)> = None; // (file offset, buf start, len)
-        for k in 0..count {
-            let start = (first + k) as u64 * cs;
-            let len = usize::try_from((size - start).min(cs)).unwrap_or(0);
+        let mut flush =
+            |run: Option<(u64, usize, usize)>, buf: &mut [u8]| -> Result<(), ScanError<E>> {
+                if let Some((off, b, l)) = run {
+                    read_full_at(file, &mut buf[b..b + l], off).map_err(ScanError::Read)?;
+                    bytes_read += l as u64;
+                }
+                Ok(())
+            };
+        for (k, &i) in batch.iter().enumerate() {
+            let start = i as u64 * cs;
+            let len = usize::try_from(chunk_len(i)).unwrap_or(0);
+            done += len as u64;
             if map
                 .has_data(start, start + len as u64)
                 .map_err(ScanError::Read)?
@@ -135,20 +187,19 @@ pub(crate) fn scan<E>(
                 let at = k * chunk_size as usize;
                 slots.push(Some((at, len)));
                 run = match run {
-                    Some((off, b, l)) if b + l == at => Some((off, b, l + len)),
-                    Some((off, b, l)) => {
-                        read_full_at(file, &mut buf[b..b + l], off).map_err(ScanError::Read)?;
+                    Some((off, b, l)) if b + l == at && off + l as u64 == start => {
+                        Some((off, b, l + len))
+                    }
+                    other => {
+                        flush(other, &mut buf)?;
                         Some((start, at, len))
                     }
-                    None => Some((start, at, len)),
                 };
             } else {
                 slots.push(None);
             }
         }
-        if let Some((off, b, l)) = run {
-            read_full_at(file, &mut buf[b..b + l], off).map_err(ScanError::Read)?;
-        }
+        flush(run, &mut buf)?;
         let datas: Vec<(usize, &[u8])> = slots
             .iter()
             .enumerate()
@@ -156,16 +207,21 @@ pub(crate) fn scan<E>(
             .filter(|(_, d)| !is_zero(d))
             .collect();
         let ids = hash_many(&datas.iter().map(|(_, d)| *d).collect::<Vec<_>>());
-        let mut entries = vec![None; count];
+        let mut entries = vec![None; batch.len()];
         for ((k, data), id) in datas.iter().zip(ids) {
-            sink(first + k, data, id).map_err(ScanError::Sink)?;
+            sink(batch[*k], data, id).map_err(ScanError::Sink)?;
             entries[*k] = Some(id);
         }
         out.extend(entries);
-        first += count;
-        progress((first as u64 * cs).min(size), size);
+        progress(done.min(total), total);
     }
-    Ok(out)
+    if selected == 0 {
+        progress(0, 0);
+    }
+    Ok(Scanned {
+        entries: out,
+        bytes_read,
+    })
 }
 
 /// Why an image could not be materialised.
@@ -342,17 +398,6 @@ pub(crate) fn probe_reflink(dir: &Path) -> bool {
     r.is_ok()
 }
 
-/// Clone `src` into a new file `dst` (same filesystem) with FICLONE.
-pub(crate) fn reflink(src: &File, dst: &Path) -> io::Result<()> {
-    let out = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(dst)?;
-    rustix::fs::ioctl_ficlone(&out, src)?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,7 +425,8 @@ mod tests {
             seen.push((i, d.len()));
             Ok(())
         })
-        .unwrap();
+        .unwrap()
+        .entries;
         assert_eq!(entries.len(), 41);
         assert_eq!(seen, vec![(3, 4096), (20, 4096), (21, 4096), (40, 100)]);
         let present: Vec<usize> = entries
@@ -391,8 +437,9 @@ mod tests {
             .collect();
         assert_eq!(present, vec![3, 20, 21, 40]);
         // A volume larger than the file: zero-extended.
-        let entries =
-            scan::<()>(&f, 100 * 4096, cs, &mut |_, _| {}, &mut |_, _, _| Ok(())).unwrap();
+        let entries = scan::<()>(&f, 100 * 4096, cs, &mut |_, _| {}, &mut |_, _, _| Ok(()))
+            .unwrap()
+            .entries;
         assert_eq!(entries.len(), 100);
         assert_eq!(entries.iter().flatten().count(), 4);
     }

@@ -634,39 +634,146 @@ fn a_failed_pause_resumes_and_keeps_the_old_generation() {
     assert_eq!(s.info("v").unwrap().generation, 1);
 }
 
-/// Reflink capture, where the filesystem supports it. This machine's /work
-/// is ext4; set DATASTORE_TEST_REFLINK_DIR to a directory on btrfs or XFS
-/// (reflink=1) to run it.
+/// Runs `f` in a directory on a reflink filesystem: `DATASTORE_TEST_REFLINK_DIR`
+/// (btrfs, or XFS with reflink=1) if set, else a small XFS image file
+/// loop-mounted in a temp dir (needs root and xfsprogs); skips otherwise.
+fn with_reflink_dir(f: impl FnOnce(&Path)) {
+    if let Some(base) = std::env::var_os("DATASTORE_TEST_REFLINK_DIR") {
+        let dir = tempfile::tempdir_in(base).unwrap();
+        return f(dir.path());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("xfs.img");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    // 300 MiB: the smallest XFS mkfs.xfs makes; sparse, a few MiB on disk.
+    File::create(&img).unwrap().set_len(300 << 20).unwrap();
+    let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let made = run(
+        "mkfs.xfs",
+        &[
+            "-q".as_ref(),
+            "-m".as_ref(),
+            "reflink=1".as_ref(),
+            img.as_os_str(),
+        ],
+    );
+    if !made
+        || !run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                img.as_os_str(),
+                mnt.as_os_str(),
+            ],
+        )
+    {
+        eprintln!("no DATASTORE_TEST_REFLINK_DIR and cannot loop-mount an XFS image (root, xfsprogs); skipping");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _u = Unmount(&mnt);
+    f(&mnt);
+}
+
+/// Reflink capture, on a reflink filesystem ([`with_reflink_dir`]): every
+/// generation under a busy writer is the image as it was paused.
 #[test]
 fn reflink_snapshots_when_supported() {
-    let Some(base) = std::env::var_os("DATASTORE_TEST_REFLINK_DIR") else {
-        eprintln!("DATASTORE_TEST_REFLINK_DIR not set; skipping");
-        return;
-    };
-    let dir = tempfile::tempdir_in(base).unwrap();
-    let s = open(dir.path());
-    assert!(s.reflink_supported());
-    let size = 4 << 20;
-    s.create("r", size as u64).unwrap();
-    write_image(&s, "r", &random_image(size, 8, 0.3));
-    let w = BusyWriter {
-        path: s.image_path("r"),
-        paused: AtomicBool::new(false),
-        idle: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-        pauses: AtomicU32::new(0),
-        resumes: AtomicU32::new(0),
-        frozen: Mutex::new(None),
-    };
-    std::thread::scope(|sc| {
-        sc.spawn(|| run_writer(&w, size, 3));
+    with_reflink_dir(|base| {
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let s = open(dir.path());
+        assert!(s.reflink_supported());
+        let size = 4 << 20;
+        s.create("r", size as u64).unwrap();
+        write_image(&s, "r", &random_image(size, 8, 0.3));
+        let w = BusyWriter {
+            path: s.image_path("r"),
+            paused: AtomicBool::new(false),
+            idle: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            pauses: AtomicU32::new(0),
+            resumes: AtomicU32::new(0),
+            frozen: Mutex::new(None),
+        };
+        std::thread::scope(|sc| {
+            sc.spawn(|| run_writer(&w, size, 3));
+            for g in 1..=3u64 {
+                let r = s.snapshot_report("r", &w, &mut |_, _| {}).unwrap();
+                assert_eq!(r.method, CaptureMethod::Reflink);
+                let frozen = lock(&w.frozen).take().unwrap();
+                assert!(export_bytes(&s, "r", Some(g), dir.path()) == frozen);
+            }
+            w.stop.store(true, Ordering::SeqCst);
+        });
+    });
+}
+
+/// An appliance that writes between the clone made before the pause and
+/// the pause itself: its last writes (a rewrite, new data in a hole, a
+/// punched hole) happen as the pause begins. The generation must hold
+/// them, on top of the incremental base, and the kept clone must serve
+/// the next snapshot.
+struct LateWriter {
+    path: PathBuf,
+    round: AtomicU32,
+    frozen: Mutex<Option<Vec<u8>>>,
+}
+
+impl PauseHooks for LateWriter {
+    fn pause(&self) -> io::Result<()> {
+        let round = u64::from(self.round.fetch_add(1, Ordering::SeqCst));
+        let f = OpenOptions::new().write(true).open(&self.path)?;
+        f.write_all_at(&[0xA0 + round as u8; 4096], 4096 * (3 + round))?;
+        f.write_all_at(&[0x55; 8192], (6 << 20) + 4096 * round)?;
+        rustix::fs::fallocate(
+            &f,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            (CS as u64) * (20 + round),
+            CS as u64,
+        )?;
+        *lock(&self.frozen) = Some(std::fs::read(&self.path)?);
+        Ok(())
+    }
+    fn resume(&self) {}
+}
+
+#[test]
+fn reflink_snapshots_hold_the_writes_made_as_the_pause_begins() {
+    with_reflink_dir(|base| {
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let s = open(dir.path());
+        let size = 8 << 20;
+        s.create("late", size as u64).unwrap();
+        write_image(&s, "late", &random_image(4 << 20, 21, 0.2));
+        let w = LateWriter {
+            path: s.image_path("late"),
+            round: AtomicU32::new(0),
+            frozen: Mutex::new(None),
+        };
         for g in 1..=3u64 {
-            let r = s.snapshot_report("r", &w, &mut |_, _| {}).unwrap();
+            let r = s.snapshot_report("late", &w, &mut |_, _| {}).unwrap();
             assert_eq!(r.method, CaptureMethod::Reflink);
+            assert_eq!(r.base, (g > 1).then(|| g - 1), "generation {g}");
             let frozen = lock(&w.frozen).take().unwrap();
-            assert!(export_bytes(&s, "r", Some(g), dir.path()) == frozen);
+            assert!(
+                export_bytes(&s, "late", Some(g), dir.path()) == frozen,
+                "generation {g} differs from the image as paused"
+            );
         }
-        w.stop.store(true, Ordering::SeqCst);
     });
 }
 
@@ -999,4 +1106,113 @@ fn exports_are_private_to_the_agent() {
     s.export("v", None, &out, &mut |_, _| {}).unwrap();
     let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "{mode:o}");
+}
+
+/// Apply `writes` (offset, length, fill byte; fill 0 writes zeros, so a
+/// chunk may become all-zero) to the live image of `name`, clipped to
+/// `size`; returns the byte ranges written.
+fn apply_writes(
+    s: &VolumeStore,
+    name: &str,
+    size: u64,
+    writes: &[(u64, usize, u8)],
+) -> Vec<std::ops::Range<u64>> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(s.image_path(name))
+        .unwrap();
+    let mut ranges = Vec::new();
+    for &(off, len, fill) in writes {
+        let off = off % size;
+        let len = (len as u64).min(size - off);
+        f.write_all_at(&vec![fill; len as usize], off).unwrap();
+        ranges.push(off..off + len);
+    }
+    f.sync_data().unwrap();
+    ranges
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// For random images and random write patterns, the manifest built from
+    /// the previous generation plus the chunks the written ranges touch is
+    /// identical to a full pass over the same copy, reads no more than
+    /// those chunks, and exports bit-identically.
+    #[test]
+    fn incremental_snapshots_equal_full_ones(
+        seed in any::<u64>(),
+        chunks in 1usize..24,
+        sectors in 1u64..128,
+        writes in proptest::collection::vec((any::<u64>(), 1usize..(3 * CS), prop_oneof![Just(0u8), any::<u8>()]), 0..10),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let size = (chunks as u64 - 1) * CS as u64 + sectors * 512;
+        s.create("v", size).unwrap();
+        write_image(&s, "v", &random_image(size as usize, seed, 0.3));
+        let g1 = s.snapshot("v", &NoPause, &mut |_, _| {}).unwrap();
+        let ranges = apply_writes(&s, "v", size, &writes);
+        let copy = dir.path().join("copy.raw");
+        std::fs::copy(s.image_path("v"), &copy).unwrap();
+
+        let inc = s.snapshot_changed("v", &copy, g1.generation, &ranges, &mut |_, _| {}).unwrap();
+        prop_assert_eq!(inc.base, Some(1));
+        prop_assert_eq!(inc.manifest.generation, 2);
+        let touched = dirty::chunks_to_read(size, size, CHUNK_SIZE, &ranges);
+        let touched_bytes: u64 = touched.iter().map(|r| r.len() as u64 * CS as u64).sum();
+        prop_assert!(inc.bytes_read <= touched_bytes);
+
+        // Naming generation 1 again is stale now (2 is the latest): a full pass.
+        let full = s.snapshot_changed("v", &copy, g1.generation, &[], &mut |_, _| {}).unwrap();
+        prop_assert_eq!(full.base, None);
+        prop_assert_eq!(&full.manifest.chunks, &inc.manifest.chunks);
+        let live = std::fs::read(s.image_path("v")).unwrap();
+        prop_assert!(export_bytes(&s, "v", Some(2), dir.path()) == live);
+    }
+}
+
+#[test]
+fn incremental_snapshots_without_their_base_read_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let size = 8 * CS as u64;
+    s.create("v", size).unwrap();
+    write_image(&s, "v", &random_image(size as usize, 5, 0.0));
+    let copy = dir.path().join("copy.raw");
+    std::fs::copy(s.image_path("v"), &copy).unwrap();
+    // No generation yet: base 0 means "none", a full pass.
+    let r = s
+        .snapshot_changed("v", &copy, 0, &[], &mut |_, _| {})
+        .unwrap();
+    assert_eq!((r.base, r.bytes_read), (None, size));
+    // A base that was never written (a caller from the future) as well.
+    apply_writes(&s, "v", size, &[(0, 10, 7)]);
+    std::fs::copy(s.image_path("v"), &copy).unwrap();
+    let r = s
+        .snapshot_changed("v", &copy, 9, &[], &mut |_, _| {})
+        .unwrap();
+    assert_eq!((r.base, r.bytes_read), (None, size));
+    assert!(export_bytes(&s, "v", None, dir.path()) == std::fs::read(&copy).unwrap());
+    // The right base and the right range: one chunk read.
+    apply_writes(&s, "v", size, &[(3 * CS as u64 + 5, 10, 9)]);
+    std::fs::copy(s.image_path("v"), &copy).unwrap();
+    let r = s
+        .snapshot_changed(
+            "v",
+            &copy,
+            2,
+            std::slice::from_ref(&(3 * CS as u64 + 5..3 * CS as u64 + 15)),
+            &mut |_, _| {},
+        )
+        .unwrap();
+    assert_eq!((r.base, r.bytes_read), (Some(2), CS as u64));
+    assert!(export_bytes(&s, "v", None, dir.path()) == std::fs::read(&copy).unwrap());
+    // A replica (no live image) refuses.
+    s.create("w", size).unwrap();
+    std::fs::remove_file(s.image_path("w")).unwrap();
+    assert!(matches!(
+        s.snapshot_changed("w", &copy, 0, &[], &mut |_, _| {}),
+        Err(SnapshotError::NoLiveImage(_))
+    ));
 }

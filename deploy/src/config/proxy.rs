@@ -55,6 +55,14 @@ pub struct ProxyConfig {
     /// Connections at once in all; 0: the agent derives it from the
     /// open-file limit.
     pub max_connections: usize,
+    /// Requests a second per client address (plain HTTP, tiles, each
+    /// `CONNECT`); over it: 429 with `Retry-After`.
+    pub client_requests_per_sec: u32,
+    /// Requests per client address allowed at once above that rate.
+    pub client_request_burst: u32,
+    /// Bytes per client address per UTC day through `CONNECT` tunnels,
+    /// both ways; 0: no cap.
+    pub client_tunnel_bytes_per_day: u64,
     /// `[proxy.backhaul]`: the satellite link.
     pub backhaul: BackhaulConfig,
 }
@@ -74,6 +82,9 @@ impl Default for ProxyConfig {
             idle_timeout_ms: 120_000,
             max_connections_per_client: 128,
             max_connections: 0,
+            client_requests_per_sec: 100,
+            client_request_burst: 400,
+            client_tunnel_bytes_per_day: 0,
             backhaul: BackhaulConfig::default(),
         }
     }
@@ -88,6 +99,13 @@ pub struct BackhaulConfig {
     pub bytes_per_sec: u64,
     /// Upstream bytes per UTC day; 0: no quota.
     pub daily_quota_bytes: u64,
+    /// Upstream bytes per UTC day for the field's uplinks as a whole (every
+    /// rack that fetches for itself or others counts the others' reported
+    /// bytes); the same on every rack. 0: no field quota.
+    pub field_daily_quota_bytes: u64,
+    /// Cap on upstream bytes per second for the field's uplinks as a
+    /// whole, split evenly among the uplinks in use. 0: no cap.
+    pub field_bytes_per_sec: u64,
     /// URLs probed to decide whether the backhaul is up; empty: the tile
     /// sources' hosts.
     pub probe_urls: Vec<String>,
@@ -104,6 +122,12 @@ pub struct BackhaulConfig {
     pub extra_ca_files: Vec<PathBuf>,
     /// Time allowed for an upstream's response head (ms).
     pub response_timeout_ms: u64,
+    /// How long a client holding a stale copy waits for its revalidation
+    /// before the stale copy is served (ms).
+    pub stale_deadline_ms: u64,
+    /// How long a miss waits for a response head before a 504 and the
+    /// upstream is marked hung (ms).
+    pub miss_deadline_ms: u64,
 }
 
 impl Default for BackhaulConfig {
@@ -111,6 +135,8 @@ impl Default for BackhaulConfig {
         Self {
             bytes_per_sec: 0,
             daily_quota_bytes: 0,
+            field_daily_quota_bytes: 0,
+            field_bytes_per_sec: 0,
             probe_urls: Vec::new(),
             probe_interval_ms: 30_000,
             probe_interval_down_ms: 5_000,
@@ -118,6 +144,8 @@ impl Default for BackhaulConfig {
             connect_timeout_ms: 5_000,
             extra_ca_files: Vec::new(),
             response_timeout_ms: 30_000,
+            stale_deadline_ms: 800,
+            miss_deadline_ms: 4_000,
         }
     }
 }
@@ -181,10 +209,10 @@ fn default_user_agent() -> String {
 
 /// A field of `[proxy]` or `[[tile_source]]` that is not acceptable, as
 /// `(dotted field, reason)`: the shape `RackConfig`'s validation reports.
-pub(super) type Refusal = (String, String);
+pub(crate) type Refusal = (String, String);
 
 /// Checks `[proxy]` (when set) and `[[tile_source]]`, first problem first.
-pub(super) fn validate(proxy: Option<&ProxyConfig>, sources: &[TileSource]) -> Result<(), Refusal> {
+pub(crate) fn validate(proxy: Option<&ProxyConfig>, sources: &[TileSource]) -> Result<(), Refusal> {
     let bad = |field: String, reason: String| Err((field, reason));
     if let Some(p) = proxy {
         if let Some(name) = &p.name {
@@ -291,6 +319,16 @@ pub(super) fn bounded_numbers(
             0..=MAX_PROXY_CONNECTIONS,
         ),
         (
+            "proxy.client_requests_per_sec",
+            u64::from(p.client_requests_per_sec),
+            1..=MAX_PROXY_CLIENT_REQUESTS_PER_SEC,
+        ),
+        (
+            "proxy.client_request_burst",
+            u64::from(p.client_request_burst),
+            1..=MAX_PROXY_CLIENT_REQUESTS_PER_SEC,
+        ),
+        (
             "proxy.backhaul.probe_interval_ms",
             b.probe_interval_ms,
             1..=MAX_TIMEOUT_MS,
@@ -314,6 +352,16 @@ pub(super) fn bounded_numbers(
             "proxy.backhaul.response_timeout_ms",
             b.response_timeout_ms,
             1..=MAX_TIMEOUT_MS,
+        ),
+        (
+            "proxy.backhaul.stale_deadline_ms",
+            b.stale_deadline_ms,
+            1..=60_000,
+        ),
+        (
+            "proxy.backhaul.miss_deadline_ms",
+            b.miss_deadline_ms,
+            1..=600_000,
         ),
     ]
 }

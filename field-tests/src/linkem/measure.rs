@@ -344,7 +344,7 @@ const PROBE_SHARE: f64 = 0.3;
 /// queue never runs dry while the sender is paused by the scheduler.
 const FLOOD_OVERLOAD: f64 = 1.3;
 
-/// Relative tolerance of the self-test: the 10 %.
+/// Relative tolerance of the self-test: 10 % of the profile.
 pub const TOLERANCE: f64 = 0.10;
 
 /// Floor of the delay tolerance: the emulator's own scheduling (a thread

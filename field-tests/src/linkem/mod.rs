@@ -20,3 +20,29 @@ pub mod profile;
 pub use self::core::{Counters, DirectionCore, DropReason, Verdict};
 pub use self::link::{Direction, DirectionStats, EmulatedLink};
 pub use self::profile::{Fade, LinkProfile, Loss, Profile, ProfileError, PROFILE_NAMES};
+
+/// Why emulated links cannot run on this machine (no network namespaces,
+/// see [`crate::available`], or no TUN device), or `None` if they can.
+#[must_use]
+pub fn unavailable() -> Option<String> {
+    if let Err(why) = crate::available() {
+        return Some(why);
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Some("no /dev/net/tun: this kernel has no TUN devices".into());
+    }
+    None
+}
+
+/// For a test over emulated links: whether to skip it here, having printed
+/// `SKIP:` and why ([`unavailable`]).
+#[must_use]
+pub fn skip_test() -> bool {
+    match unavailable() {
+        Some(why) => {
+            println!("SKIP: {why}");
+            true
+        }
+        None => false,
+    }
+}

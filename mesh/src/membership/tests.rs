@@ -1,5 +1,5 @@
 //! Unit tests: override rules, refutation, timers, probing, bounds, and
-//! hostile input. Whole-fleet behaviour is in `tests/membership_sim.rs`.
+//! hostile input. Whole-fleet behaviour is in `tests/integration/membership_sim.rs`.
 
 use super::*;
 use proptest::prelude::*;
@@ -291,29 +291,82 @@ fn refutation_in_time_prevents_death() {
 }
 
 #[test]
-fn failed_probe_with_single_member_goes_straight_to_suspicion() {
+fn failed_probe_with_single_member_retries_directly_then_suspects() {
     let mut now = Instant::now();
     let mut m = node(0, now);
     let b = peer(1);
     m.handle(now, Input::Discovered { id: b });
-    let (target, _) = tick_until_probe(&mut m, &mut now);
+    let (target, seq) = tick_until_probe(&mut m, &mut now);
     assert_eq!(target, b);
+    let mut retried = None;
     let mut suspected = None;
-    for _ in 0..6 {
+    for _ in 0..20 {
         now += TICK;
         let out = m.handle(now, Input::Tick);
-        assert!(!sends(&out)
+        let s = sends(&out);
+        assert!(!s
             .iter()
             .any(|(_, msg)| matches!(msg, Message::PingReq { .. })));
+        if s.iter()
+            .any(|(to, msg)| *to == b && matches!(msg, Message::Ping { seq: q, .. } if *q == seq))
+        {
+            assert!(suspected.is_none(), "retry after the suspicion");
+            retried = Some(now);
+        }
         if changes(&out).contains(&(b, Some(State::Alive), State::Suspect)) {
             suspected = Some(now);
             break;
         }
     }
-    assert!(
-        suspected.is_some(),
-        "single member not suspected at probe timeout"
+    let (retried, suspected) = (
+        retried.expect("the probe's ping is sent again before suspecting"),
+        suspected.expect("single member suspected after the retry timed out"),
     );
+    assert!(suspected > retried);
+    assert!(suspected - retried <= Config::default().probe_timeout + TICK);
+}
+
+#[test]
+fn an_ack_to_the_direct_retry_saves_the_probe() {
+    let mut now = Instant::now();
+    let mut m = node(0, now);
+    let b = peer(1);
+    m.handle(now, Input::Discovered { id: b });
+    let (_, seq) = tick_until_probe(&mut m, &mut now);
+    // The first ping (or its ack) is lost; the retry goes out.
+    loop {
+        now += TICK;
+        let out = m.handle(now, Input::Tick);
+        if sends(&out)
+            .iter()
+            .any(|(to, msg)| *to == b && matches!(msg, Message::Ping { seq: q, .. } if *q == seq))
+        {
+            break;
+        }
+    }
+    m.handle(
+        now + Duration::from_millis(5),
+        Input::Received {
+            from: b,
+            msg: Message::Ack {
+                seq,
+                updates: vec![],
+            },
+        },
+    );
+    // Past this probe's deadline (the next round, unanswered, could not
+    // suspect before its own retry timed out).
+    for _ in 0..10 {
+        now += TICK;
+        let out = m.handle(now, Input::Tick);
+        assert!(
+            !changes(&out)
+                .iter()
+                .any(|c| c.0 == b && c.2 == State::Suspect),
+            "suspected although the retry was acked"
+        );
+    }
+    assert_eq!(state(&m, &b), Some(State::Alive));
 }
 
 /// Sets up 0 with members 1 and 2, runs a probe to the target without a

@@ -34,12 +34,23 @@ pub const APPS: &str = v1!("apps");
 pub const APP_PREFIX: &str = v1!("apps/");
 /// `POST {"offline": bool}`: the proxy's operator switch.
 pub const CACHE_OFFLINE: &str = v1!("cache/offline");
+/// `POST {"who", "why"}`: the operator's quorum override (cold start).
+pub const OVERRIDE_QUORUM: &str = v1!("override/quorum");
 /// `POST`: seed a region of tiles (NDJSON answer).
 pub const TILES_SEED: &str = v1!("tiles/seed");
 /// `POST`: import an MBTiles or PMTiles file (NDJSON answer).
 pub const TILES_IMPORT: &str = v1!("tiles/import");
 /// `POST`: export a region to an MBTiles file (NDJSON answer).
 pub const TILES_EXPORT: &str = v1!("tiles/export");
+
+/// `GET` the drill faults in force here; `POST` a fault order.
+pub const DRILL_FAULTS: &str = v1!("drill/faults");
+/// `POST`: heal every drill fault here now.
+pub const DRILL_ABORT: &str = v1!("drill/abort");
+/// `GET` the drill reports kept here; `POST` one more.
+pub const DRILL_REPORTS: &str = v1!("drill/reports");
+/// `GET`: a drill's steady-state probe of this rack (a tile through its proxy).
+pub const DRILL_PROBE: &str = v1!("drill/probe");
 
 /// What `POST /api/v1/volumes/{name}/{action}` does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -42,13 +42,17 @@ pub fn log_format(cli: Option<LogFormatArg>, config: LogFormat) -> LogFormat {
     }
 }
 
+/// The default filter. openraft logs every heartbeat the leader sends at
+/// `info` and every failed append to a rack that is down at `error`,
+/// several lines a second: the mesh already reports racks going down.
+pub const DEFAULT_LOG_FILTER: &str = "info,libp2p_swarm=warn,libp2p_quic=warn,mdns_sd=warn,\
+     openraft::core::raft_core=warn,openraft::replication=off";
+
 /// Logs on stderr; `RUST_LOG` wins over `level`.
 pub fn init_logging(format: LogFormat, level: Option<&str>) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            level.unwrap_or("info,libp2p_swarm=warn,libp2p_quic=warn,mdns_sd=warn"),
-        )
+        tracing_subscriber::EnvFilter::new(level.unwrap_or(DEFAULT_LOG_FILTER))
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -47,6 +47,8 @@ pub async fn run(cmd: FleetCmd) -> Result<(), Failure> {
             let fleet = fleet::init(&dir, &name, &specs, local, valid_days)?;
             print!("{}", render_init(&dir, &fleet));
         }
+        FleetCmd::Plan { field } => super::field::plan(&field)?,
+        FleetCmd::Bundle { field, out, fleet } => super::field::bundle(&field, &out, fleet)?,
         FleetCmd::AddRack {
             dir,
             rack,

@@ -8,10 +8,12 @@
 //! - [`agent`]: `fieldrack agent` (logging, signals, config checks).
 //! - [`status`]: `status`, `events`.
 //! - [`fleet`]: `fleet init|add-rack|revoke`.
+//! - [`field`]: `fleet plan|bundle`, `install`, `doctor`.
 //! - [`app`]: `app deploy|list|stop|start|move`.
 //! - [`volume`]: `volume create|import|export|snapshot|status`.
 //! - [`tiles`]: `tiles seed|import|export`.
 //! - [`cache`]: `cache offline`, `discover`.
+//! - [`drill`]: `drill list|plan|run|report|abort`.
 //! - [`progress`]: progress lines of long operations.
 //! - [`exit`]: error printing and exit codes.
 
@@ -25,7 +27,9 @@ use node_agent::client::AgentClient;
 pub mod agent;
 pub mod app;
 pub mod cache;
+pub mod drill;
 pub mod exit;
+pub mod field;
 pub mod fleet;
 pub mod progress;
 pub mod status;
@@ -95,20 +99,114 @@ pub enum Cmd {
     /// The caching proxy: operator switches.
     #[command(subcommand)]
     Cache(CacheCmd),
+    /// The operator console (`/console/` on the proxy's address).
+    #[command(subcommand)]
+    Console(ConsoleCmd),
     /// Find racks' proxies and tile servers on this network segment (mDNS).
     Discover {
         /// How long to listen, seconds.
         #[arg(long, default_value_t = 3)]
         timeout: u64,
     },
+    /// Drills: inject a fault into the live field, measure the failover, report.
+    #[command(subcommand)]
+    Drill(DrillCmd),
+    /// Verify a rack bundle (built by `fleet bundle`) and install it: config, data, systemd unit.
+    Install {
+        /// The rack's bundle directory.
+        bundle: PathBuf,
+        /// Install under this directory instead of `/` (systemctl is then not run).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// The fleet's public key (base64) the bundle must be signed by; without it, the key in the bundle's rack.toml.
+        #[arg(long)]
+        fleet_key: Option<String>,
+    },
+    /// Check that this rack is ready: files, disk, hardware, power, peers, majority, replicas.
+    Doctor {
+        /// The rack's rack.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Audited overrides of the field's safety rules.
+    #[command(subcommand)]
+    Override(OverrideCmd),
     /// Run a local field of racks on this machine (no configuration needed).
     Demo {
-        /// How many racks.
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=26))]
+        /// How many racks (named a-z up to 26, r01, r02... beyond).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=64))]
         racks: u8,
         /// Provision into this directory instead of a temporary one.
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DrillCmd {
+    /// The scenarios.
+    List,
+    /// Check the preconditions and print the blast radius; changes nothing.
+    Plan {
+        /// The rack.toml of the rack to run from (the others' are beside it).
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        scenario: drill::ScenarioArgs,
+    },
+    /// Run a drill: preconditions, faults with deadlines, probes, report.
+    Run {
+        /// The rack.toml of the rack to run from (the others' are beside it).
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        scenario: drill::ScenarioArgs,
+        /// Stop after the preconditions and the blast radius.
+        #[arg(long)]
+        dry_run: bool,
+        /// Where to write the HTML timeline (default: drill-<id>.html here).
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
+    /// The drill reports kept on a rack (one in full with --id).
+    Report {
+        /// The rack.toml of the rack to ask.
+        #[arg(long)]
+        config: PathBuf,
+        /// One report.
+        #[arg(long)]
+        id: Option<String>,
+        /// JSON.
+        #[arg(long)]
+        json: bool,
+        /// Write the (last chosen) report's HTML timeline here.
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
+    /// Heal every drill fault on every rack now.
+    Abort {
+        /// The rack.toml of any rack (the others' are beside it).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum OverrideCmd {
+    /// After a cold start, run this rack's appliances without a majority of voters, until one returns (recorded in the event log).
+    Quorum {
+        /// Why (recorded with your name).
+        #[arg(long)]
+        why: String,
+        /// Who is asking (default: $SUDO_USER, else $USER).
+        #[arg(long)]
+        who: Option<String>,
+        /// The rack.toml of the agent to tell.
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -235,6 +333,11 @@ pub enum TilesCmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Write the generated sample map (PNG tiles, zoom 0-16 around one small region) as a PMTiles file: a pack to try `tiles import` and field.toml's [[tile_pack]] with.
+    Sample {
+        /// Output .pmtiles file.
+        file: PathBuf,
+    },
     /// Write the cached tiles of a region to an MBTiles file for a field laptop or phone.
     Export {
         /// Output .mbtiles file (on the rack).
@@ -260,6 +363,13 @@ pub struct TileRegion {
     /// The rack.toml of the agent to ask.
     #[arg(long)]
     pub config: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum ConsoleCmd {
+    /// Read a password on stdin (one line) and print its hashed form for
+    /// `operator_password_hash` or `viewer_password_hash` in `[console]`.
+    HashPassword,
 }
 
 #[derive(Subcommand)]
@@ -300,6 +410,22 @@ pub enum FleetCmd {
         /// Certificate lifetime in days.
         #[arg(long, default_value_t = 365)]
         valid_days: u64,
+    },
+    /// Validate a field plan (field.toml) and print what happens when each rack dies.
+    Plan {
+        /// The field plan.
+        field: PathBuf,
+    },
+    /// Build one signed bundle per rack of a field plan (config, identity, preloaded volumes, tile packs).
+    Bundle {
+        /// The field plan.
+        field: PathBuf,
+        /// Directory to write the bundles into (one subdirectory per rack).
+        #[arg(long)]
+        out: PathBuf,
+        /// Fleet directory holding the signing key (created if missing); default: `fleet/` beside field.toml.
+        #[arg(long)]
+        fleet: Option<PathBuf>,
     },
     /// Add one rack (or witness) to an existing fleet.
     AddRack {
@@ -353,7 +479,38 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::App(cmd) => app::run(cmd).await,
         Cmd::Tiles(cmd) => tiles::run(cmd).await,
         Cmd::Cache(cmd) => cache::run(cmd).await,
+        Cmd::Console(ConsoleCmd::HashPassword) => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password on stdin")?;
+            let password = line.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                return Err(anyhow::anyhow!("an empty password: type one line on stdin").into());
+            }
+            println!(
+                "{}",
+                node_agent::console::auth::hash_password(password, rand::random())
+            );
+            Ok(())
+        }
         Cmd::Discover { timeout } => cache::discover(timeout).await,
+        Cmd::Drill(cmd) => drill::run(cmd).await,
+        Cmd::Install {
+            bundle,
+            root,
+            fleet_key,
+        } => {
+            agent::init_logging(
+                agent::log_format(cli.log_format, LogFormat::Plain),
+                Some("warn"),
+            );
+            field::install(&bundle, &root, fleet_key.as_deref())
+        }
+        Cmd::Doctor { config, json } => field::doctor(&config, json).await,
+        Cmd::Override(OverrideCmd::Quorum { why, who, config }) => {
+            field::override_quorum(&config, &why, who).await
+        }
         Cmd::Demo { racks, dir } => {
             agent::init_logging(
                 agent::log_format(cli.log_format, LogFormat::Plain),

@@ -49,6 +49,28 @@ pub fn printer(what: &'static str, amount: fn(u64, u64) -> String) -> impl FnMut
     }
 }
 
+/// Prints progress of a multi-step local operation (`fleet bundle`,
+/// `install`): `step: 42% (1.2G of 4.0G)`, at most once per percent per
+/// step so a log of a 1 GiB import stays short.
+pub fn stepper() -> impl FnMut(&str, u64, u64) {
+    let tty = std::io::stderr().is_terminal();
+    let mut last: Option<(String, u64)> = None;
+    move |what, done, total| {
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        if last.as_ref().is_some_and(|(w, p)| w == what && *p == pct) {
+            return;
+        }
+        last = Some((what.to_owned(), pct));
+        let line = line(what, done, total, bytes);
+        if tty {
+            eprint!("\r{line}   ");
+            let _ = std::io::stderr().flush();
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
 /// Ends the progress line before the result is printed.
 pub fn finish() {
     eprintln!();

@@ -34,7 +34,16 @@ pub fn render_status(status: &Status, json: bool) -> serde_json::Result<String> 
     Ok(if json {
         format!("{}\n", serde_json::to_string_pretty(status)?)
     } else {
-        render_table(status)
+        format!(
+            "{}{}{}\n",
+            render_table(status),
+            status
+                .protected
+                .as_ref()
+                .map(|t| format!("{}\n", t.render()))
+                .unwrap_or_default(),
+            node_agent::doctor::readiness_line(status)
+        )
     })
 }
 

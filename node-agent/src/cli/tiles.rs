@@ -31,6 +31,16 @@ pub async fn run(cmd: TilesCmd) -> Result<(), Failure> {
             progress::finish();
             println!("seeded {source}: {}", report(&r)?);
         }
+        TilesCmd::Sample { file } => {
+            std::fs::write(&file, node_agent::sample_tiles::sample_pmtiles())
+                .with_context(|| format!("writing {}", file.display()))
+                .map_err(Failure::from)?;
+            println!(
+                "wrote the sample map to {} (PNG tiles; view {})",
+                file.display(),
+                node_agent::sample_tiles::sample_view()
+            );
+        }
         TilesCmd::Import {
             file,
             source,

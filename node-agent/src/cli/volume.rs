@@ -93,14 +93,23 @@ mod tests {
                         rack: "b".into(),
                         generation: Some(7),
                         lag_s: Some(0.4),
+                        bytes_waiting: 0,
+                        push_bytes_per_s: Some(1e6),
+                        eta_s: Some(0.0),
                     },
                     ReplicaStatus {
                         rack: "c".into(),
                         generation: None,
                         lag_s: None,
+                        bytes_waiting: 3 << 20,
+                        push_bytes_per_s: None,
+                        eta_s: None,
                     },
                 ],
                 rpo_s: Some(2.0),
+                bytes_waiting: Some(3 << 20),
+                eta_s: None,
+                snapshot_interval_s: Some(2.0),
                 generations_held: vec![6, 7],
                 image: Some("/data/volumes/db/live.img".into()),
                 transfer: Some("pushing to c".into()),
@@ -112,6 +121,9 @@ mod tests {
                 size_bytes: 512,
                 replicas: Vec::new(),
                 rpo_s: None,
+                bytes_waiting: None,
+                eta_s: None,
+                snapshot_interval_s: None,
                 generations_held: Vec::new(),
                 image: None,
                 transfer: None,
@@ -120,7 +132,7 @@ mod tests {
         assert_eq!(
             render_status("a", &volumes),
             "VOLUME           OWNER       GEN       SIZE      RPO  replicas\n\
-             db               a             7       4.0G     2.0s  b@7 (lag 0s), c@-  [pushing to c]\n\
+             db               a             7       4.0G     2.0s  b@7 (lag 0s), c@- (3.0M waiting)  [pushing to c]\n\
              scratch          ?             -       512B        -  \n"
         );
     }

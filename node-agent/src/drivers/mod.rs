@@ -51,7 +51,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 pub use health::check_health;
-pub use qemu::Accel;
+pub use qemu::{Accel, Capture, CaptureKind};
 
 /// Size of an appliance's log before it is rotated to `<name>.log.1`.
 pub const LOG_CAP: u64 = 8 << 20;
@@ -159,6 +159,22 @@ pub enum DriverError {
     /// A QEMU-only operation on a process appliance.
     #[error("appliance {0:?} is not a QEMU VM")]
     NotQemu(String),
+    /// `qemu-img` (creating a capture target, mapping what it holds) failed.
+    #[error("qemu-img {what}: {reason}")]
+    QemuImg {
+        /// What it was asked to do, with the file.
+        what: String,
+        /// Its exit and the end of its stderr.
+        reason: String,
+    },
+    /// `qemu-img map` answered something the capture cannot trust.
+    #[error("capture target {path}: {source}")]
+    Map {
+        /// The qcow2 target.
+        path: PathBuf,
+        /// What is wrong with the map.
+        source: qemu::bitmap::MapError,
+    },
     /// `capture` of a volume the appliance does not have.
     #[error("appliance {appliance:?} has no volume {volume:?}")]
     UnknownVolume {
@@ -468,6 +484,36 @@ impl Capturer {
     /// [`DriverError::UnknownVolume`], QMP and block-job errors, I/O on `dest`.
     pub async fn capture(&self, volume: &str, dest: &Path) -> Result<(), DriverError> {
         self.vm.capture(&self.name, volume, dest).await
+    }
+
+    /// A capture of `volume` into files in `dir`: only what changed since
+    /// `latest` (the store's newest generation of it) when the drive's
+    /// dirty bitmap is provably clean against it, else a full copy;
+    /// `Ok(None)` when nothing was written since `latest`. Tell the outcome
+    /// with [`Capturer::committed`] or [`Capturer::abandoned`] (until then,
+    /// the next capture is a full pass).
+    ///
+    /// # Errors
+    /// [`DriverError::UnknownVolume`], QMP, block-job and `qemu-img`
+    /// errors, I/O in `dir`.
+    pub async fn capture_since(
+        &self,
+        volume: &str,
+        dir: &Path,
+        latest: Option<u64>,
+    ) -> Result<Option<qemu::Capture>, DriverError> {
+        self.vm.capture_since(&self.name, volume, dir, latest).await
+    }
+
+    /// The store committed the last capture of `volume` as `generation`:
+    /// the next one may build on it.
+    pub fn committed(&self, volume: &str, generation: u64) {
+        self.vm.committed(volume, generation);
+    }
+
+    /// The store did not commit the last capture of `volume`.
+    pub fn abandoned(&self, volume: &str) {
+        self.vm.abandoned(volume);
     }
 }
 

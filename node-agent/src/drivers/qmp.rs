@@ -34,7 +34,9 @@ type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
 pub struct Qmp {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     waiters: Waiters,
-    events: broadcast::Sender<Value>,
+    /// The reader task holds the only strong sender, so subscribers see
+    /// the channel close when the connection does (QEMU gone).
+    events: broadcast::WeakSender<Value>,
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -124,11 +126,12 @@ impl Qmp {
         }
         let waiters: Waiters = Arc::default();
         let (events, _) = broadcast::channel(EVENT_QUEUE);
-        let reader = tokio::spawn(read_loop(r, waiters.clone(), events.clone()));
+        let weak = events.downgrade();
+        let reader = tokio::spawn(read_loop(r, waiters.clone(), events));
         Ok(Self {
             writer: tokio::sync::Mutex::new(w),
             waiters,
-            events,
+            events: weak,
             next_id: AtomicU64::new(1),
             reader,
         })
@@ -137,7 +140,14 @@ impl Qmp {
     /// Events from now on (`{"event": ..., "data": ..., "timestamp": ...}`).
     /// The channel closes when the connection does.
     pub fn subscribe(&self) -> broadcast::Receiver<Value> {
-        self.events.subscribe()
+        match self.events.upgrade() {
+            Some(tx) => tx.subscribe(),
+            None => {
+                // Already closed: a receiver that says so.
+                let (_, rx) = broadcast::channel(1);
+                rx
+            }
+        }
     }
 
     /// Run `cmd` with `args` (`Value::Null` or `{}` for none).

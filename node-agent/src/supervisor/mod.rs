@@ -54,6 +54,12 @@ pub use status::ApplianceStatus;
 /// Longest the supervisor waits between two plans when nothing wakes it
 /// (the plan names its own wake-ups; this bounds a missed one).
 const TICK: Duration = Duration::from_millis(500);
+
+/// Lease renewals in flight at once, at most. A renewal is waited for until
+/// its fence time (`lease_ms − fence_before_ms` after it left: five renewal
+/// periods by default), so about that many can be out over a link that
+/// lost them; past this bound a period's renewal is skipped.
+const MAX_RENEWALS_IN_FLIGHT: usize = 8;
 /// Reports from tasks to the supervisor. Every task sends at most two
 /// (an instance: launched, ended), and an appliance has at most four tasks
 /// (instance, probe, capture, handover or demotion), so this holds the
@@ -81,6 +87,18 @@ pub struct Supervisor {
     lease: watch::Sender<Lease>,
     /// What this rack reports of its appliances (next renewal, status).
     reports: Mutex<BTreeMap<String, AppReport>>,
+    /// A drill cut this rack's power: no renewal is sent or taken, so
+    /// every instance is fenced at once and nothing starts.
+    powered_off: std::sync::atomic::AtomicBool,
+    /// When a renewal last committed (a majority of voters answered): the
+    /// quorum override's proof that a majority is back. A leader named by
+    /// the control plane is no proof: after a restart it is the one
+    /// remembered from before.
+    committed_at: std::sync::Mutex<Option<Instant>>,
+    /// The proxy's share of the field's backhaul quota, asked for and
+    /// granted with the renewals (set once, by the agent, if it runs a
+    /// proxy).
+    backhaul: std::sync::OnceLock<Arc<dyn BackhaulQuota>>,
 }
 
 /// What a task tells the supervisor.
@@ -101,6 +119,9 @@ enum Report {
         /// Its volumes could not be prepared (retried, not a failure of
         /// the appliance).
         volumes: bool,
+        /// Other racks hold its volumes and this one none: reported
+        /// `failed`, so that placement moves it to a holder.
+        stranded: bool,
     },
     Ended {
         app: String,
@@ -160,13 +181,79 @@ impl Supervisor {
             run_root,
             lease: watch::Sender::new(Lease::default()),
             reports: Mutex::default(),
+            powered_off: std::sync::atomic::AtomicBool::new(false),
+            committed_at: std::sync::Mutex::new(None),
+            backhaul: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Carry `quota`'s asks with every renewal and hand it its grants.
+    pub fn attach_backhaul(&self, quota: Arc<dyn BackhaulQuota>) {
+        let _ = self.backhaul.set(quota);
+    }
+
+    /// Hands the proxy its grant of the field's quota as this rack's
+    /// state machine has it.
+    fn pass_backhaul_grant(&self) {
+        if let Some(q) = self.backhaul.get() {
+            let (day, granted) = {
+                let state = self.control.state().borrow().clone();
+                let l = &state.backhaul;
+                (l.day, l.granted(&self.rack, l.day))
+            };
+            q.granted(day, granted);
+        }
+    }
+
+    /// A drill's power cut (`true`) or its end: while cut, the lease is
+    /// dropped (every instance task fences its instance at once: SIGTERM,
+    /// SIGKILL after the fence grace) and no renewal is sent, so nothing
+    /// runs or starts here, as on a rack without power. Afterwards the
+    /// rack renews again and runs what is assigned to it then.
+    pub fn set_powered_off(&self, off: bool) {
+        use std::sync::atomic::Ordering;
+        self.powered_off.store(off, Ordering::SeqCst);
+        if off {
+            // The grant goes, the renewal time stays: every instance is
+            // fenced now, and its `appliance_fenced` event still says when
+            // the lease would have ended (the drill report's "old lease
+            // expired").
+            self.lease.send_modify(|l| match l.sent_at() {
+                Some(sent) => l.granted(sent, Vec::new()),
+                None => *l = Lease::default(),
+            });
+        }
+        tracing::warn!(powered_off = off, "drill power state");
+    }
+
+    fn is_powered_off(&self) -> bool {
+        self.powered_off.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The control plane.
     #[must_use]
     pub fn control(&self) -> &Arc<Control> {
         &self.control
+    }
+
+    /// Grant this rack, on its own authority, what its last applied field
+    /// state assigns it, as if a renewal sent now had been granted: only
+    /// for an operator's quorum override ([`crate::quorum_override`]),
+    /// never otherwise. A committed renewal sent later replaces it.
+    pub fn grant_locally(&self) {
+        let grants = self.control.state().borrow().grants(&self.rack);
+        let now = Instant::now();
+        self.lease.send_modify(|l| l.granted(now, grants));
+    }
+
+    /// Whether a renewal committed within `within`: a majority of voters
+    /// answered this rack lately.
+    #[must_use]
+    pub fn renewed_within(&self, within: std::time::Duration) -> bool {
+        self.committed_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|at| at.elapsed() <= within)
     }
 
     /// Run until `cancel`, then stop every appliance.
@@ -250,31 +337,61 @@ impl Supervisor {
             },
             apps: self.reports.lock().expect("reports lock").clone(),
             at_ms: unix_ms(),
+            backhaul: self.backhaul.get().and_then(|q| q.ask()),
         }
     }
 
-    /// Renew every `renew_every`; each grant goes straight to the instance
-    /// tasks (a `watch` write: nothing awaited). A renewal that fails or
-    /// is late changes no deadline.
+    /// Renew every `renew_every`, each renewal on its own: one that is slow
+    /// (a satellite hop) or lost (a dropped packet, a fade) does not hold
+    /// back the next, which leaves on time. Each grant goes straight to the
+    /// instance tasks (a `watch` write: nothing awaited); a grant answered
+    /// after a newer one is ignored ([`Lease::granted`]). A renewal that
+    /// fails or is late changes no deadline, and one is waited for only
+    /// until its own fence time, after which its grant could extend
+    /// nothing.
     async fn renew_loop(self: Arc<Self>, cancel: CancellationToken) {
         let cfg = self.control.lease_config();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_RENEWALS_IN_FLIGHT));
+        let mut renewals = tokio::task::JoinSet::new();
+        let mut next = Instant::now();
         loop {
-            let report = self.report().await;
-            let sent = Instant::now();
-            let cmd = Command::Renew {
-                rack: self.rack.clone(),
-                report,
-            };
-            match self.control.propose(cmd, cfg.renew_every * 2).await {
-                Ok(Response::Granted(g)) => {
-                    self.lease.send_modify(|l| l.granted(sent, g));
+            while renewals.try_join_next().is_some() {}
+            match slots.clone().try_acquire_owned() {
+                Ok(_) if self.is_powered_off() => {}
+                Ok(slot) => {
+                    let report = self.report().await;
+                    let sent = Instant::now();
+                    let me = self.clone();
+                    renewals.spawn(async move {
+                        let _slot = slot;
+                        let cmd = Command::Renew {
+                            rack: me.rack.clone(),
+                            report,
+                        };
+                        let useful_for = cfg.lease.saturating_sub(cfg.fence_before);
+                        match me.control.propose(cmd, useful_for).await {
+                            Ok(Response::Granted(g)) if !me.is_powered_off() => {
+                                *me.committed_at
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                                    Some(Instant::now());
+                                me.lease.send_modify(|l| l.granted(sent, g));
+                                me.pass_backhaul_grant();
+                            }
+                            Ok(Response::Granted(_)) => {}
+                            Ok(other) => tracing::warn!(?other, "unexpected renewal answer"),
+                            Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
+                        }
+                    });
                 }
-                Ok(other) => tracing::warn!(?other, "unexpected renewal answer"),
-                Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
+                Err(_) => tracing::debug!("every renewal slot busy; skipping one"),
             }
-            let next = sent + cfg.renew_every;
+            next = (next + cfg.renew_every).max(Instant::now());
             tokio::select! {
-                () = cancel.cancelled() => return,
+                () = cancel.cancelled() => {
+                    renewals.abort_all();
+                    return;
+                }
                 () = tokio::time::sleep_until(next.into()) => {}
             }
         }
@@ -305,6 +422,16 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// The field's backhaul quota as the renewals carry it: what this rack's
+/// uplink used and asks for, and what the field granted it
+/// ([`control::backhaul`]).
+pub trait BackhaulQuota: Send + Sync {
+    /// The ask for the next renewal; `None`: nothing to ask.
+    fn ask(&self) -> Option<control::backhaul::BackhaulUse>;
+    /// The grant for UTC day `day` (`None`: none for that day).
+    fn granted(&self, day: u64, granted: Option<u64>);
 }
 
 /// The supervisor loop's own state: owned by that loop alone, never
@@ -585,6 +712,7 @@ impl Shell {
                 epoch,
                 error,
                 volumes,
+                stranded,
             } => {
                 self.handles.remove(&app);
                 if self.last_error.get(&app) != Some(&error) {
@@ -601,6 +729,9 @@ impl Shell {
                 };
                 let stopped = matches!(s.task, Task::Stopping { .. });
                 s.task = Task::Idle;
+                if stranded {
+                    s.set(AppState::Failed, unix_ms());
+                }
                 if volumes || stopped {
                     s.not_before = Some(now + plan::RETRY_AFTER);
                 } else if let Some(spec) = spec {

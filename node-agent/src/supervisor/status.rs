@@ -26,7 +26,8 @@ pub struct ApplianceStatus {
 }
 
 /// The rows of `status.appliances`: the owner's state as it reported it,
-/// or, for appliances owned here, this rack's own latest view (`local`).
+/// or, for appliances owned here, this rack's own latest view (`local`;
+/// `starting` while it has none).
 #[must_use]
 pub fn rows(
     state: &FieldState,
@@ -44,12 +45,15 @@ pub fn rows(
                 .and_then(|o| state.racks.get(o))
                 .and_then(|r| r.apps.get(&a.spec.name))
                 .filter(|r| r.epoch == a.epoch);
-            let mine = if a.owner.as_deref() == Some(rack) {
+            // On its owner only the supervisor's own view counts: the
+            // field's copy of this rack's last report may predate a
+            // restart (an agent restarted while cut off keeps its
+            // appliances stopped, though its last report said `running`).
+            let r = if a.owner.as_deref() == Some(rack) {
                 local.get(&a.spec.name).filter(|r| r.epoch == a.epoch)
             } else {
-                None
+                report
             };
-            let r = mine.or(report);
             let state_word = match (&r, a.running) {
                 (_, false) => "stopped",
                 (Some(r), true) => r.state.as_str(),
@@ -67,4 +71,72 @@ pub fn rows(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use control::{AppRecord, AppState, RackReport};
+    use deploy::appliance::parse_manifest;
+
+    use super::*;
+
+    fn field(owner: &str, reported: AppState) -> FieldState {
+        let spec = parse_manifest(
+            "[[appliance]]\nname = \"x\"\ndriver = \"process\"\ncommand = [\"true\"]\n",
+        )
+        .unwrap()
+        .remove(0);
+        let mut state = FieldState::default();
+        state.apps.insert(
+            "x".into(),
+            AppRecord {
+                spec,
+                running: true,
+                owner: Some(owner.into()),
+                epoch: 3,
+                transfer: None,
+                move_to: None,
+            },
+        );
+        let report = AppReport {
+            epoch: 3,
+            state: reported,
+            since_ms: 1_000,
+        };
+        state.racks.insert(
+            owner.into(),
+            RackReport {
+                apps: BTreeMap::from([("x".to_owned(), report)]),
+                ..RackReport::default()
+            },
+        );
+        state
+    }
+
+    #[test]
+    fn another_racks_appliance_is_as_its_owner_reported_it() {
+        let rows = rows(&field("b", AppState::Running), "a", &BTreeMap::new(), 2_000);
+        assert_eq!(rows[0].state, "running");
+        assert_eq!(rows[0].owner.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn on_its_owner_only_the_local_view_counts() {
+        // Restarted while cut off: the field still holds "running" from
+        // before, the supervisor runs nothing.
+        let state = field("a", AppState::Running);
+        assert_eq!(
+            rows(&state, "a", &BTreeMap::new(), 2_000)[0].state,
+            "starting"
+        );
+        let local = BTreeMap::from([(
+            "x".to_owned(),
+            AppReport {
+                epoch: 3,
+                state: AppState::Fenced,
+                since_ms: 1_500,
+            },
+        )]);
+        assert_eq!(rows(&state, "a", &local, 2_000)[0].state, "fenced");
+    }
 }

@@ -383,6 +383,7 @@ impl Field {
                         id: self.racks[j].id,
                         peer_id: format!("peer-{}", self.racks[j].id),
                         rack: Some(self.racks[j].name.clone()),
+                        site: None,
                         state: if self.reachable(i, j) {
                             State::Alive
                         } else {
@@ -514,8 +515,10 @@ impl Field {
                         &format!("{} added as a learner while revoked or foreign", node.rack),
                     );
                 }
-                let accepts = match &self.racks[j].formation {
-                    Some(fj) => fj.refusal(Some(me), &self.racks[j].known).is_none(),
+                let now = self.now;
+                let rack = &mut self.racks[j];
+                let accepts = match rack.formation.as_mut() {
+                    Some(fj) => fj.refusal(Some(me), &rack.known, now).is_none(),
                     None => false,
                 };
                 if !accepts {

@@ -64,6 +64,16 @@ pub enum PushError {
         "our copy of chunk {0} is corrupt (the replica caught it); dropped, scrub will repair it"
     )]
     CorruptLocal(ChunkId),
+    /// The replica predates protocol version 2 (manifest deltas) and
+    /// refused the offer: push again on a new stream with
+    /// [`crate::replicate::push::push_v1_with_progress`].
+    #[error("the replica speaks only push protocol version 1")]
+    OldReplica,
+    /// The owner's manifest delta did not rebuild the manifest it
+    /// announced (damaged, a lying peer, or a base that differs): nothing
+    /// was staged.
+    #[error("bad manifest delta: {0}")]
+    ManifestDelta(#[source] crate::manifest::delta::DeltaError),
 }
 
 impl From<std::io::Error> for PushError {
@@ -73,6 +83,15 @@ impl From<std::io::Error> for PushError {
 }
 
 impl PushError {
+    /// Whether the stream itself failed (the connection was lost or
+    /// replaced), as opposed to either side refusing or failing locally:
+    /// the replica kept the whole frames that arrived, so a new push
+    /// resumes where this one stopped.
+    #[must_use]
+    pub fn is_cut(&self) -> bool {
+        matches!(self, Self::Wire(WireError::Io(_)))
+    }
+
     /// Whether the local disk (or quota) is full: free space and retry.
     #[must_use]
     pub fn is_disk_full(&self) -> bool {
@@ -89,11 +108,14 @@ impl PushError {
     /// store): the peer is then told why with an abort. A wire failure is
     /// the peer's or the link's and needs no explanation.
     pub(super) fn is_local(&self) -> bool {
-        !matches!(self, Self::Wire(_) | Self::CorruptLocal(_))
+        !matches!(
+            self,
+            Self::Wire(_) | Self::CorruptLocal(_) | Self::OldReplica
+        )
     }
 
     /// Whether our own store or its sync thread failed.
     pub(super) fn is_store(&self) -> bool {
-        self.is_local() && !matches!(self, Self::BadData(_))
+        self.is_local() && !matches!(self, Self::BadData(_) | Self::ManifestDelta(_))
     }
 }
