@@ -163,6 +163,8 @@ pub struct BudgetCore {
     field_grant: Option<(u64, u64)>,
     /// `used_today` at the last [`BudgetCore::field_ask`].
     used_at_ask: u64,
+    /// Since when (Unix seconds) the uplink is down, as the renewals saw.
+    down_since: Option<u64>,
     /// A fetch was refused for want of a grant since the last ask.
     starved: bool,
 }
@@ -179,8 +181,13 @@ pub struct FieldAsk {
     pub used_today_bytes: u64,
     /// Bytes to add to its grant (0: it holds enough).
     pub want_bytes: u64,
+    /// The uplink is down: give back what is unused of the grant.
+    pub release: bool,
 }
 
+/// How long an uplink stays down before it gives back the unused part of
+/// its grant of the field's quota ([`BudgetCore::field_release`]).
+pub const RELEASE_AFTER_SECS: u64 = 5;
 /// The least a rack keeps in hand of the field's quota (more: see
 /// [`BudgetCore::field_ask`]).
 pub const MIN_GRANT_WANTED: u64 = 64 * 1024;
@@ -218,6 +225,7 @@ impl BudgetCore {
             other_uplinks: 0,
             field_grant: None,
             used_at_ask: 0,
+            down_since: None,
             starved: false,
         };
         c.set_rate();
@@ -289,6 +297,7 @@ impl BudgetCore {
     /// none of the field's bytes.
     pub fn field_ask(&mut self, unix_secs: u64, proven: bool) -> Option<FieldAsk> {
         self.roll(unix_secs);
+        self.down_since = None;
         let starved = std::mem::take(&mut self.starved);
         if self.field_quota == 0 || !(proven || starved) {
             return None;
@@ -312,6 +321,33 @@ impl BudgetCore {
             } else {
                 0
             },
+            release: false,
+        })
+    }
+
+    /// What to tell the control plane with the next renewal while the
+    /// uplink is down: once it has been down for [`RELEASE_AFTER_SECS`]
+    /// (a link that flaps keeps its grant), the unused part of the grant
+    /// goes back to the field and is no longer ours to spend; `None`
+    /// before that, and without a field quota.
+    pub fn field_release(&mut self, unix_secs: u64) -> Option<FieldAsk> {
+        self.roll(unix_secs);
+        let since = *self.down_since.get_or_insert(unix_secs);
+        if self.field_quota == 0 || unix_secs.saturating_sub(since) < RELEASE_AFTER_SECS {
+            return None;
+        }
+        if let Some((d, g)) = self.field_grant {
+            if d == self.day {
+                self.field_grant = Some((d, g.min(self.used_today)));
+            }
+        }
+        self.used_at_ask = self.used_today;
+        Some(FieldAsk {
+            day: self.day,
+            field_quota_bytes: self.field_quota,
+            used_today_bytes: self.used_today,
+            want_bytes: 0,
+            release: true,
         })
     }
 
@@ -480,6 +516,12 @@ impl Budget {
             .lock()
             .expect("lock")
             .set_field_grant(day, granted);
+    }
+
+    /// See [`BudgetCore::field_release`].
+    pub fn field_release(&self) -> Option<FieldAsk> {
+        let now = (self.clock)();
+        self.core.lock().expect("lock").field_release(now)
     }
 
     /// See [`BudgetCore::field_ask`].
@@ -709,6 +751,37 @@ mod tests {
         assert_eq!(d.field_ask(t, false), None);
         // Without a field quota there is nothing to ask.
         assert_eq!(BudgetCore::with_field(0, 0, 0, 0).field_ask(t, true), None);
+    }
+
+    #[test]
+    fn a_down_uplink_gives_back_its_unused_grant() {
+        let t = 1_700_000_000;
+        let day = t / 86_400;
+        let now = Instant::now();
+        let mut c = BudgetCore::with_field(0, 0, 0, 1 << 20);
+        c.field_ask(t, true).unwrap();
+        c.set_field_grant(day, Some(5_000));
+        c.try_take(Class::Interactive, 1_200, now, t).unwrap();
+        // A link down for less than RELEASE_AFTER_SECS keeps its grant.
+        assert_eq!(c.field_release(t), None);
+        assert_eq!(c.field_release(t + RELEASE_AFTER_SECS - 1), None);
+        assert!(c.may_start(Class::Interactive, t).is_ok());
+        let t = t + RELEASE_AFTER_SECS;
+        let ask = c.field_release(t).expect("a field quota: it tells");
+        assert!(ask.release);
+        assert_eq!((ask.want_bytes, ask.used_today_bytes), (0, 1_200));
+        // What it gave back is no longer its to spend.
+        assert!(c.may_start(Class::Interactive, t).is_err());
+        // Back up: it asks again.
+        assert!(c.field_ask(t, true).unwrap().want_bytes > 0);
+        assert_eq!(
+            c.field_release(t + 1),
+            None,
+            "up again: the clock starts over"
+        );
+        let mut none = BudgetCore::with_field(0, 0, 0, 0);
+        none.field_release(t);
+        assert_eq!(none.field_release(t + RELEASE_AFTER_SECS), None);
     }
 
     #[test]

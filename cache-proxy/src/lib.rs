@@ -215,12 +215,13 @@ impl ProxyHandle {
 
     /// What this rack's uplink used of the field's backhaul quota and asks
     /// for, for the control plane (call once per renewal); `None` without
-    /// a field quota or while the uplink is down (see
-    /// [`budget::BudgetCore::field_ask`]).
+    /// a field quota. While the uplink is down it gives back the unused
+    /// part of its grant instead (see [`budget::BudgetCore::field_ask`] and
+    /// [`budget::BudgetCore::field_release`]).
     pub fn field_ask(&self) -> Option<budget::FieldAsk> {
         let h = &self.engine.health;
         if h.state() == health::UplinkState::Down {
-            return None;
+            return self.engine.budget.field_release();
         }
         self.engine.budget.field_ask(h.srtt().is_some())
     }

@@ -26,6 +26,10 @@
 //!   around midnight a rack whose clock is a little behind waits those
 //!   seconds (a clock a day off is what `fieldrack doctor`'s clock check
 //!   is for).
+//! - **Dead uplinks.** A rack whose uplink has been down for a few seconds
+//!   gives back the unused part of its grant with its renewals (`release`),
+//!   so a quota held by a rack whose satellite link died goes to the racks
+//!   whose links work; it asks again once its uplink is back.
 //! - **Partitions.** A rack cut off from the majority gets no new grant
 //!   (its renewals do not commit): it spends what it holds, then refuses
 //!   misses with the quota's 503 until it is back.
@@ -53,6 +57,10 @@ pub struct BackhaulUse {
     pub used_today_bytes: u64,
     /// Bytes it asks to be added to its grant (0: it holds enough).
     pub want_bytes: u64,
+    /// Its uplink is down: it gives back what it holds of its grant and
+    /// did not use, so the racks whose uplinks work can have it.
+    #[serde(default)]
+    pub release: bool,
 }
 
 /// One rack's grant for the ledger's day.
@@ -100,6 +108,10 @@ impl BackhaulLedger {
         let holders = self.racks.len() as u64 + u64::from(!self.racks.contains_key(rack));
         let entry = self.racks.entry(rack.to_owned()).or_default();
         entry.used = entry.used.max(ask.used_today_bytes);
+        if ask.release {
+            entry.granted = entry.granted.min(entry.used);
+            return;
+        }
         if ask.want_bytes == 0 {
             return;
         }
@@ -142,7 +154,32 @@ mod tests {
             field_quota_bytes: quota,
             used_today_bytes: used,
             want_bytes: want,
+            release: false,
         }
+    }
+
+    #[test]
+    fn a_rack_whose_uplink_died_gives_back_what_it_did_not_use() {
+        let mut l = BackhaulLedger::default();
+        // a, alone and busy, ends up holding nearly all of a small quota.
+        for _ in 0..20 {
+            l.renewed("a", &ask(1, 2_500, 100, 64 * 1024));
+        }
+        assert!(l.granted("a", 1).unwrap() > 2_400);
+        l.renewed("b", &ask(1, 2_500, 0, 64 * 1024));
+        assert!(l.granted("b", 1).unwrap() < 64, "little is left for b");
+        // a's uplink dies: it keeps what it used, gives back the rest.
+        l.renewed(
+            "a",
+            &BackhaulUse {
+                release: true,
+                ..ask(1, 2_500, 300, 0)
+            },
+        );
+        assert_eq!(l.granted("a", 1), Some(300));
+        l.renewed("b", &ask(1, 2_500, 0, 64 * 1024));
+        assert!(l.granted("b", 1).unwrap() >= 500, "{l:?}");
+        assert!(l.held() <= 2_500);
     }
 
     #[test]

@@ -347,6 +347,7 @@ impl crate::supervisor::BackhaulQuota for cache_proxy::ProxyHandle {
             field_quota_bytes: a.field_quota_bytes,
             used_today_bytes: a.used_today_bytes,
             want_bytes: a.want_bytes,
+            release: a.release,
         })
     }
 
