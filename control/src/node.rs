@@ -29,7 +29,7 @@ use crate::lease::{LeaseConfig, LeaseWatch};
 use crate::net::{
     read_frame, write_frame, Net, NetworkFactory, ProposeReply, Reply, Request, RAFT_PROTOCOL,
 };
-use crate::placement::{plan, RackView};
+use crate::placement::{self, plan, RackView};
 use crate::store::{open_db, Applies, LogStore, StateMachine};
 use crate::view::{self, FieldView, PeerFacts, ViewInputs, ViewTiming};
 use crate::{node_id, NodeId, RackNode, TypeConfig};
@@ -386,12 +386,18 @@ impl Control {
         self.settings.lease
     }
 
+    /// The term this rack leads in, if it leads right now.
+    fn leader_term(&self) -> Option<u64> {
+        let m = self.raft().metrics();
+        let m = m.borrow();
+        (m.state == ServerState::Leader && m.current_leader == Some(self.id))
+            .then_some(m.current_term)
+    }
+
     /// Whether this rack leads right now.
     #[must_use]
     pub fn is_leader(&self) -> bool {
-        let m = self.raft().metrics();
-        let m = m.borrow();
-        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+        self.leader_term().is_some()
     }
 
     /// Status for `fieldrack status`.
@@ -1214,22 +1220,6 @@ impl Control {
         view
     }
 
-    /// Placement's racks: those the replicated state holds a report of,
-    /// up or down by the field view's one rule.
-    async fn rack_views(&self, state: &FieldState) -> Vec<RackView> {
-        self.view_of(state)
-            .await
-            .racks
-            .into_iter()
-            .filter(|r| state.racks.contains_key(&r.name))
-            .map(|r| RackView {
-                name: r.name,
-                up: r.up,
-                down_since_ms: r.down_since_ms,
-            })
-            .collect()
-    }
-
     async fn election_guard_loop(self: Arc<Self>, cancel: CancellationToken) {
         loop {
             tokio::select! {
@@ -1242,17 +1232,53 @@ impl Control {
 
     async fn placement_loop(self: Arc<Self>, cancel: CancellationToken) {
         let mut state_rx = self.applies.state.clone();
+        // At most half a lease: an owner that died with the old leader is
+        // then failed over no later than its lease alone would allow.
+        let settle = self.settings.lease.lease / 2;
+        // The term this rack leads in, and since when: a new term, even
+        // one this rack wins again, follows a time nobody could renew.
+        let mut leading: Option<(u64, Instant)> = None;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(self.settings.plan_every) => {}
                 _ = state_rx.changed() => {}
             }
-            if !self.is_leader() {
+            let Some(term) = self.leader_term() else {
+                leading = None;
+                continue;
+            };
+            if leading.is_none_or(|(t, _)| t != term) {
+                leading = Some((term, Instant::now()));
+            }
+            let since = leading.map_or_else(Instant::now, |(_, at)| at);
+            let state = self.applies.state.borrow().clone();
+            let view = self.view_of(&state).await;
+            let racks: Vec<(bool, bool)> = view
+                .racks
+                .iter()
+                .filter(|r| {
+                    state
+                        .racks
+                        .get(&r.name)
+                        .is_some_and(|x| x.role == deploy::Role::Rack)
+                })
+                // Possibly alive: not known dead. A rack this leader has no
+                // membership state of yet (it has just started) may well be.
+                .map(|r| {
+                    let maybe_alive = !r.revoked
+                        && r.membership
+                            .is_none_or(|m| m != mesh::membership::State::Dead);
+                    (maybe_alive, r.up)
+                })
+                .collect();
+            if !placement::settled_after_election(since.elapsed(), settle, &racks) {
+                tracing::debug!(
+                    "new leader: waiting for the reachable racks to renew before placing"
+                );
                 continue;
             }
-            let state = self.applies.state.borrow().clone();
-            let views = self.rack_views(&state).await;
+            let views = rack_views(&state, view);
             for cmd in plan(&state, &views, unix_ms()) {
                 if let Command::Assign {
                     name,
@@ -1283,6 +1309,20 @@ impl Control {
             }
         }
     }
+}
+
+/// Placement's racks: those the replicated state holds a report of, up
+/// or down by the field view's one rule.
+fn rack_views(state: &FieldState, view: FieldView) -> Vec<RackView> {
+    view.racks
+        .into_iter()
+        .filter(|r| state.racks.contains_key(&r.name))
+        .map(|r| RackView {
+            name: r.name,
+            up: r.up,
+            down_since_ms: r.down_since_ms,
+        })
+        .collect()
 }
 
 fn refused(r: Response) -> Result<Response, ControlError> {

@@ -197,6 +197,26 @@ impl<'a> Planner<'a> {
     }
 }
 
+/// Whether a leader elected `leading_for` ago may plan yet. While the
+/// field had no leader nobody could renew, so right after an election
+/// every rack's renewal looks old and only those that renewed with the
+/// new leader count as up: planning then would pass over a live rack that
+/// holds an appliance's volumes and pick one that holds none (a second
+/// move and a whole lease later, the appliance would run where its data
+/// is, or a rack that kept running it would be fenced for nothing). So the
+/// new leader waits until every rack that may be alive (`racks`: not known
+/// dead in the mesh, and up) has renewed with it, or until `settle` has
+/// passed, whichever comes first; a rack the mesh knows dead holds
+/// nothing up.
+#[must_use]
+pub fn settled_after_election(
+    leading_for: std::time::Duration,
+    settle: std::time::Duration,
+    racks: &[(bool, bool)],
+) -> bool {
+    leading_for >= settle || racks.iter().all(|&(maybe_alive, up)| up || !maybe_alive)
+}
+
 /// The assignments the leader should propose now. Each carries the epoch
 /// it was decided against, so one decided on stale state is refused.
 #[must_use]

@@ -710,3 +710,77 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_new_leader_places_once_every_reachable_rack_renewed_or_the_settle_passed() {
+    use std::time::Duration;
+    let settle = Duration::from_secs(4);
+    let early = Duration::from_millis(300);
+    // (maybe alive, up): a rack that may be alive and has not renewed
+    // with the new leader yet holds planning back; a known dead one does
+    // not.
+    assert!(!settled_after_election(
+        early,
+        settle,
+        &[(true, true), (true, false), (false, false)]
+    ));
+    assert!(settled_after_election(
+        early,
+        settle,
+        &[(true, true), (true, true), (false, false)]
+    ));
+    // Never longer than the settle time.
+    assert!(settled_after_election(settle, settle, &[(true, false)]));
+    assert!(settled_after_election(early, settle, &[]));
+}
+
+/// The failure the settle prevents: right after an election only the
+/// racks that already renewed with the new leader are up, and a live
+/// holder of the volume that has not renewed yet is passed over.
+#[test]
+fn a_holder_not_yet_renewed_is_passed_over_which_is_why_a_new_leader_settles() {
+    let spec = app("logger", "", &["logger-data"]);
+    let mut st = FieldState::default();
+    let mut holder = rack(4);
+    holder.volumes.insert("logger-data".into(), 3);
+    st.racks.insert("a".into(), holder);
+    st.racks.insert("b".into(), rack(4));
+    st.racks.insert("c".into(), rack(4));
+    st.apply(&Command::Deploy { specs: vec![spec] });
+    let view = |name: &str, up: bool| RackView {
+        name: name.into(),
+        up,
+        down_since_ms: (!up).then_some(1),
+    };
+    // c owned it and is gone.
+    let owner_c = Command::Assign {
+        name: "logger".into(),
+        owner: Some("c".into()),
+        expect_epoch: 0,
+        transfer: Transfer {
+            from: None,
+            reason: "placed".into(),
+            planned: false,
+            released: None,
+            detected_ms: None,
+            decided_ms: 0,
+        },
+    };
+    st.apply(&owner_c);
+    let to = |racks: &[RackView]| {
+        plan(&st, racks, 10).into_iter().find_map(|c| match c {
+            Command::Assign { owner, .. } => owner,
+            _ => None,
+        })
+    };
+    // a has not renewed with the new leader yet: b, which holds nothing.
+    assert_eq!(
+        to(&[view("a", false), view("b", true), view("c", false)]).as_deref(),
+        Some("b")
+    );
+    // Once a renewed: a, which holds the volume.
+    assert_eq!(
+        to(&[view("a", true), view("b", true), view("c", false)]).as_deref(),
+        Some("a")
+    );
+}
