@@ -98,12 +98,23 @@ function renderRacks(st) {
   }).join('');
 }
 
+// The move target an operator picked, per appliance: the table is drawn
+// again on every update, and must not undo the choice.
+const moveChoice = {};
+document.addEventListener('change', (e) => {
+  const s = e.target.closest('select[data-move-to]');
+  if (s) moveChoice[s.dataset.moveTo] = s.value;
+});
+
 function renderApps(st) {
+  // Not while the operator has a move target list open: drawing the
+  // table again would close it under their pointer.
+  if (document.activeElement && document.activeElement.matches('#apps select')) return;
   const racks = racksOf(st).filter((r) => r.role !== 'witness').map((r) => r.rack);
   const apps = st.appliances || [];
   const op = role === 'operator';
   const rows = apps.map((a) => {
-    const moveTo = racks.filter((r) => r !== a.owner).map((r) => `<option>${esc(r)}</option>`).join('');
+    const moveTo = racks.filter((r) => r !== a.owner).map((r) => `<option${moveChoice[a.name] === r ? ' selected' : ''}>${esc(r)}</option>`).join('');
     const actions = op ? `<td class="actions">
       <button data-act="${a.state === 'stopped' ? 'start' : 'stop'}" data-app="${esc(a.name)}">${a.state === 'stopped' ? 'Start' : 'Stop'}</button>
       <select data-move-to="${esc(a.name)}" aria-label="Move ${esc(a.name)} to">${moveTo}</select>

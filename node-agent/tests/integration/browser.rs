@@ -158,6 +158,25 @@ impl Driver {
         }
     }
 
+    /// Picks the option labelled `value` of the list `css`, as a user's click
+    /// does (the page sees a change event); finds the list again if a
+    /// live update replaced it meanwhile.
+    async fn select(&self, css: &str, value: &str) {
+        let mut tries = 0;
+        loop {
+            let e = self.c.find(Locator::Css(css)).await.unwrap();
+            match e.select_by_label(value).await {
+                Ok(()) => return,
+                Err(err) if tries < 5 => {
+                    tries += 1;
+                    eprintln!("select {value} in {css}: {err}; finding it again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => panic!("select {value} in {css}: {err}"),
+            }
+        }
+    }
+
     /// Replaces the field's text with `text`.
     async fn type_into(&self, css: &str, text: &str) {
         let e = self.c.find(Locator::Css(css)).await.unwrap();
@@ -515,8 +534,17 @@ async fn the_map_and_the_console_work_in_a_real_browser() {
     )
     .await;
     d.screenshot("console-laptop").await;
-    d.js("document.querySelector('select[data-move-to=registry]').value = 'c'; return true;")
-        .await;
+    // The operator picks c and clicks Move, as a person would, while the
+    // table is drawn again every second: the choice must survive that.
+    d.select("select[data-move-to=registry]", "c").await;
+    d.js("document.activeElement.blur(); return true;").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        d.js("return document.querySelector('select[data-move-to=registry]').value;")
+            .await,
+        json!("c"),
+        "the operator's choice survives the live updates"
+    );
     d.click("button[data-act=move][data-app=registry]").await;
     d.wait_js(
         Duration::from_secs(30),
@@ -560,13 +588,39 @@ async fn the_map_and_the_console_work_in_a_real_browser() {
     // healthy (the rack that took over records it). Placement picks the
     // rack holding the volume's replica, before the preferred b.
     d.window(1366, 768).await;
-    let apps = f.client("a").apps().await.unwrap();
-    let new_owner = apps
-        .iter()
-        .find(|a| a.name == "registry")
-        .and_then(|a| a.owner.clone())
-        .expect("registry has an owner after the failover");
-    assert_ne!(new_owner, "c", "{apps:?}");
+    // The rack it runs on now, as that rack itself says.
+    let new_owner = std::sync::Mutex::new(String::new());
+    wait_until(
+        Duration::from_secs(60),
+        "registry running after the failover",
+        || {
+            let (fc, new_owner) = (&f, &new_owner);
+            async move {
+                let Some(owner) = fc
+                    .client("a")
+                    .apps()
+                    .await
+                    .ok()
+                    .and_then(|apps| apps.into_iter().find(|a| a.name == "registry"))
+                    .and_then(|a| a.owner)
+                    .filter(|o| o != "c")
+                else {
+                    return false;
+                };
+                let running = status(&fc.client(&owner)).await.is_some_and(|s| {
+                    s.appliances.iter().any(|a| {
+                        a.name == "registry"
+                            && a.owner.as_deref() == Some(&owner)
+                            && a.state == "running"
+                    })
+                });
+                *new_owner.lock().unwrap() = owner;
+                running
+            }
+        },
+    )
+    .await;
+    let new_owner = new_owner.into_inner().unwrap();
     let i = ["a", "b", "c"]
         .iter()
         .position(|r| *r == new_owner)
