@@ -613,13 +613,24 @@ async fn a_dying_rack_hands_its_appliance_over_before_the_battery_runs_out() {
         },
     )
     .await;
-    // The same view is served alone at /api/v1/field.
-    let (code, body) = client("a")
-        .request(hyper::Method::GET, "/api/v1/field", None)
-        .await
-        .unwrap();
-    assert_eq!(code, 200);
-    let view: control::FieldView = serde_json::from_slice(&body).unwrap();
+    // The same view is served alone at /api/v1/field. a's own view has
+    // its report once a has applied the entry that carries it (a follower
+    // applies what the leader committed a moment later).
+    let field_of_a = || async {
+        let (code, body) = client("a")
+            .request(hyper::Method::GET, "/api/v1/field", None)
+            .await
+            .unwrap();
+        assert_eq!(code, 200);
+        serde_json::from_slice::<control::FieldView>(&body).unwrap()
+    };
+    common::wait_until(
+        Duration::from_secs(10),
+        "a's own view has its report",
+        || async { field_of_a().await.rack("a").is_some_and(|a| a.reported) },
+    )
+    .await;
+    let view = field_of_a().await;
     let a = view.rack("a").expect("a in its own view");
     assert!(a.local && a.up && a.admitted && a.reachable, "{a:?}");
     assert!(
