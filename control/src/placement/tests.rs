@@ -753,20 +753,7 @@ fn a_holder_not_yet_renewed_is_passed_over_which_is_why_a_new_leader_settles() {
         down_since_ms: (!up).then_some(1),
     };
     // c owned it and is gone.
-    let owner_c = Command::Assign {
-        name: "logger".into(),
-        owner: Some("c".into()),
-        expect_epoch: 0,
-        transfer: Transfer {
-            from: None,
-            reason: "placed".into(),
-            planned: false,
-            released: None,
-            detected_ms: None,
-            decided_ms: 0,
-        },
-    };
-    st.apply(&owner_c);
+    place(&mut st, "logger", "c");
     let to = |racks: &[RackView]| {
         plan(&st, racks, 10).into_iter().find_map(|c| match c {
             Command::Assign { owner, .. } => owner,
