@@ -143,36 +143,42 @@ impl Driver {
     /// be replaced before the click lands (a stale reference): find it
     /// again, a few times.
     async fn click(&self, css: &str) {
-        let mut tries = 0;
-        loop {
-            let e = self.c.find(Locator::Css(css)).await.unwrap();
-            match e.click().await {
-                Ok(()) => return,
-                Err(err) if tries < 5 => {
-                    tries += 1;
-                    eprintln!("click {css}: {err}; finding it again");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(err) => panic!("click {css}: {err}"),
-            }
-        }
+        self.on_element(css, "click", |e| async move { e.click().await })
+            .await;
     }
 
     /// Picks the option labelled `value` of the list `css`, as a user's click
     /// does (the page sees a change event); finds the list again if a
     /// live update replaced it meanwhile.
     async fn select(&self, css: &str, value: &str) {
+        let what = format!("select {value} in");
+        self.on_element(
+            css,
+            &what,
+            |e| async move { e.select_by_label(value).await },
+        )
+        .await;
+    }
+
+    /// Runs `act` on the element `css`; when a live update replaced the
+    /// element meanwhile (the action fails), finds it again, 5 times at
+    /// most.
+    async fn on_element<F, Fut>(&self, css: &str, what: &str, act: F)
+    where
+        F: Fn(fantoccini::elements::Element) -> Fut,
+        Fut: std::future::Future<Output = Result<(), fantoccini::error::CmdError>>,
+    {
         let mut tries = 0;
         loop {
             let e = self.c.find(Locator::Css(css)).await.unwrap();
-            match e.select_by_label(value).await {
+            match act(e).await {
                 Ok(()) => return,
                 Err(err) if tries < 5 => {
                     tries += 1;
-                    eprintln!("select {value} in {css}: {err}; finding it again");
+                    eprintln!("{what} {css}: {err}; finding it again");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(err) => panic!("select {value} in {css}: {err}"),
+                Err(err) => panic!("{what} {css}: {err}"),
             }
         }
     }
