@@ -4,6 +4,8 @@
 //! Layout:
 //! - [`netns`]: [`Field`], one namespace per rack on a virtual switch, with
 //!   faults (`cut`, `cut_oneway`, `isolate`, `heal_all`) and probes;
+//! - [`owner_lock`]: which harness process's namespaces are still in use
+//!   (a lock each process holds), for the sweep of stale ones;
 //! - [`control_watch`]: leader changes, terms, lease renewal gaps and
 //!   appliance moves, sampled from the racks' status;
 //! - [`history`]: the history checker: from the recorders' shared witness
@@ -34,6 +36,7 @@ pub mod drill;
 pub mod history;
 pub mod linkem;
 pub mod netns;
+pub mod owner_lock;
 pub mod proxy_client;
 
 use std::sync::{Mutex, MutexGuard};

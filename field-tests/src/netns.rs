@@ -39,9 +39,11 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+
+use crate::owner_lock;
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -675,63 +677,20 @@ fn owner_pid(ns: &str) -> Option<u32> {
     ns.strip_prefix(NS_PREFIX)?.split('-').next()?.parse().ok()
 }
 
-/// Whether process `pid` exists, is not a zombie, and started before
-/// namespace `ns` was created (else the pid was reused by another process).
-fn owner_alive(pid: u32, ns: &str) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // Fields after the parenthesised command: state is field 3, starttime
-    // (clock ticks after boot) field 22.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    if matches!(fields.first(), Some(&"Z") | Some(&"X") | None) {
-        return false;
-    }
-    let started = fields.get(19).and_then(|t| t.parse::<u64>().ok());
-    let created = std::fs::metadata(format!("/run/netns/{ns}")).and_then(|m| m.modified());
-    match (started, boot_time(), created) {
-        (Some(ticks), Some(boot), Ok(created)) => {
-            let started = boot + Duration::from_secs_f64(ticks as f64 / clock_ticks());
-            // Slack for the tick granularity and boot time rounding.
-            started <= created + Duration::from_secs(2)
-        }
-        // Cannot tell: assume alive rather than break a running harness.
-        _ => true,
-    }
-}
-
-/// When the machine booted, from `btime` in /proc/stat.
-fn boot_time() -> Option<SystemTime> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let secs = stat
-        .lines()
-        .find_map(|l| l.strip_prefix("btime "))?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
-}
-
-/// Clock ticks per second, the unit of /proc/<pid>/stat times.
-fn clock_ticks() -> f64 {
-    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
-        Ok(Some(t)) if t > 0 => t as f64,
-        _ => 100.0,
-    }
-}
-
 /// Deletes `fr-<pid>-...` namespaces whose creating process is gone (left
-/// by a run that was killed before its Drop guards ran, or whose pid now
-/// belongs to a younger process), killing whatever
-/// still runs in them. Returns the names removed.
+/// by a run that was killed before its Drop guards ran; see
+/// [`owner_lock`]), killing whatever still runs in them. Returns the names
+/// removed.
 pub fn sweep_stale() -> Result<Vec<String>> {
+    sweep(|pid| owner_lock::Liveness::of(pid) == owner_lock::Liveness::Stale)
+}
+
+/// Deletes the harness namespaces whose owner pid `stale` says is gone.
+fn sweep(stale: impl Fn(u32) -> bool) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for ns in list_namespaces()? {
         let Some(pid) = owner_pid(&ns) else { continue };
-        if owner_alive(pid, &ns) {
+        if !stale(pid) {
             continue;
         }
         kill_all_in(&ns);
@@ -741,13 +700,24 @@ pub fn sweep_stale() -> Result<Vec<String>> {
     Ok(removed)
 }
 
+/// Takes this process's liveness lock and sweeps, once, before the process
+/// creates its first namespace. Namespaces already named after this pid
+/// were left by an earlier process that had the same pid.
 fn sweep_once() {
-    SWEPT.get_or_init(|| match sweep_stale() {
-        Ok(removed) if !removed.is_empty() => {
-            eprintln!("field-tests: removed stale namespaces {removed:?}");
+    SWEPT.get_or_init(|| {
+        if let Err(e) = owner_lock::hold_own() {
+            eprintln!("field-tests: {e}: other runs may take this run's namespaces for stale");
         }
-        Ok(_) => {}
-        Err(e) => eprintln!("field-tests: sweeping stale namespaces: {e:#}"),
+        let me = std::process::id();
+        match sweep(|pid| pid == me || owner_lock::Liveness::of(pid) == owner_lock::Liveness::Stale)
+        {
+            Ok(removed) if !removed.is_empty() => {
+                eprintln!("field-tests: removed stale namespaces {removed:?}");
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("field-tests: sweeping stale namespaces: {e:#}"),
+        }
+        owner_lock::remove_stale_locks();
     });
 }
 

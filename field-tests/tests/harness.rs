@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use field_tests::{netns, Field};
+use field_tests::{netns, owner_lock, Field};
 
 /// Skips (returns `Ok`) when namespaces cannot be created here.
 macro_rules! require_netns {
@@ -164,5 +164,51 @@ fn sweep_removes_namespaces_of_dead_runs() -> Result<()> {
     }
     ensure!(removed.contains(&stale), "sweep removed {removed:?}");
     ensure!(!still_there, "{stale} still exists after sweep");
+    Ok(())
+}
+
+#[test]
+fn sweep_keeps_namespaces_of_live_runs_whatever_the_clocks() -> Result<()> {
+    require_netns!();
+    let _serial = field_tests::serial();
+    // Another harness process: it holds the lock named after its pid
+    // (as `owner_lock::hold_own` does) and has a namespace.
+    let lock_dir = owner_lock::lock_path(0);
+    let lock_dir = lock_dir.parent().expect("lock dir");
+    std::fs::create_dir_all(lock_dir)?;
+    let mut other = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec 9>{}/$$.lock && flock -x 9 && echo locked && exec sleep 60",
+            lock_dir.display()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(other.stdout.take().expect("stdout")),
+        &mut line,
+    )?;
+    ensure!(
+        line.trim() == "locked",
+        "the other run did not lock: {line:?}"
+    );
+    let ns = format!("{}{}-0-r0", netns::NS_PREFIX, other.id());
+    let st = Command::new("ip").args(["netns", "add", &ns]).status()?;
+    ensure!(st.success(), "creating {ns}");
+    // The namespace is younger than its process here; with a wall clock
+    // that steps, it may look older: the sweep looks at the lock only.
+    let kept = !netns::sweep_stale()?.contains(&ns);
+    let _ = other.kill();
+    let _ = other.wait();
+    let removed_after_exit = netns::sweep_stale()?.contains(&ns);
+    if netns::list_namespaces()?.contains(&ns) {
+        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    }
+    ensure!(kept, "the sweep removed {ns} while its run was alive");
+    ensure!(
+        removed_after_exit,
+        "the sweep kept {ns} after its run exited"
+    );
     Ok(())
 }
