@@ -81,7 +81,7 @@ pub use chunk_store::{
 pub use id::{hash_many, is_zero, ChunkId, ParseChunkIdError, MAX_HASH_THREADS};
 pub use manifest::Manifest;
 pub use volume::{
-    validate_name, CaptureMethod, DirtyTracking, ImportSource, NoPause, PauseHooks, SnapshotReport,
-    SourceError, VolumeInfo, VolumeStore, VolumeStoreInfo, VolumeStoreOptions, CHUNK_SIZE,
-    DEFAULT_KEEP,
+    kept::KeptCopy, validate_name, CaptureMethod, DirtyTracking, ImportSource, NoPause, PauseHooks,
+    SnapshotReport, SourceError, VolumeInfo, VolumeStore, VolumeStoreInfo, VolumeStoreOptions,
+    CHUNK_SIZE, DEFAULT_KEEP,
 };

@@ -38,6 +38,7 @@ pub mod extents;
 pub mod fsinfo;
 pub mod image;
 pub mod incremental;
+pub mod kept;
 pub mod names;
 mod preclone;
 pub mod source;
@@ -461,6 +462,14 @@ pub enum ExportError {
         name: String,
         /// Generation.
         generation: u64,
+    },
+    /// No kept copy of the volume was kept at that time.
+    #[error("no kept copy of volume {name} kept at {kept_ms} (fieldrack volume kept lists them)")]
+    NoSuchKept {
+        /// Volume.
+        name: String,
+        /// When it would have been kept (ms since the Unix epoch).
+        kept_ms: u64,
     },
     /// Reading chunks or writing the image failed.
     #[error(transparent)]
@@ -1934,6 +1943,11 @@ impl VolumeStore {
                 live.extend(Self::decode_manifest(&name, &v)?.chunks.iter().flatten())
                     .map_err(StoreError::from)?;
             }
+        }
+        // Kept copies (see [`kept`]) hold their chunks until dropped.
+        for m in self.kept_manifests() {
+            live.extend(m?.chunks.iter().flatten())
+                .map_err(StoreError::from)?;
         }
         self.commit(batch)?;
         report.gc = self.chunks.gc(live).map_err(StoreError::from)?;

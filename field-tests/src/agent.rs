@@ -533,6 +533,18 @@ impl Drop for Agent {
     }
 }
 
+/// One of `volumes_kept` in the status: a copy of a volume this rack kept
+/// when another rack took it over.
+#[derive(Clone, Debug, Deserialize)]
+pub struct KeptCopy {
+    /// The volume.
+    pub volume: String,
+    /// Its generation here when kept.
+    pub generation: u64,
+    /// When it was kept (its identity, with `volume`).
+    pub kept_ms: u64,
+}
+
 /// `fieldrack status --json`. Unknown fields are ignored: the status grows.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Status {
@@ -555,6 +567,9 @@ pub struct Status {
     /// Volumes held here (owned or replicated).
     #[serde(default)]
     pub volumes: Vec<VolumeStatus>,
+    /// Copies this rack kept of volumes another rack took over.
+    #[serde(default)]
+    pub volumes_kept: Vec<KeptCopy>,
     /// The control plane as this rack sees it; `None` before it starts.
     #[serde(default)]
     pub control: Option<ControlStatus>,

@@ -760,6 +760,54 @@ fn partition_owner_minority() -> Result<()> {
             "the new owner's image holds {} records of epoch {e1}, but it had written {written} before the heal",
             last + 1 - first
         );
+        // The old owner gave its copy up but kept its last state: the
+        // records of epoch e0 that the new owner's replica lacked (those
+        // written while the owner was cut off) are in it.
+        let mut kept = None;
+        wait_until(
+            Duration::from_secs(30),
+            "the old owner keeps its copy",
+            || {
+                kept = scene
+                    .status(&owner)?
+                    .volumes_kept
+                    .into_iter()
+                    .find(|k| k.volume == VOLUME);
+                Ok(kept.is_some())
+            },
+        )?;
+        let kept = kept.expect("found");
+        let to = scene.fleet.dir().join(format!("{owner}-kept.img"));
+        scene.fleet.cli(
+            &scene.field,
+            &owner,
+            &[
+                "volume",
+                "export",
+                VOLUME,
+                "--to",
+                &to.to_string_lossy(),
+                "--kept",
+                &kept.kept_ms.to_string(),
+            ],
+        )?;
+        let in_kept = check_records(&to)?;
+        let written_e0 = check_history(&scene.witness, APP)?.of(APP)[0].records;
+        let (k_first, k_last, _) = in_kept.epochs[&e0];
+        println!(
+            "{owner} kept generation {} of {VOLUME}: {} records of epoch {e0} (the witness counted {written_e0}; {new}'s image has {})",
+            kept.generation,
+            k_last + 1 - k_first,
+            records.epochs[&e0].1 + 1 - records.epochs[&e0].0,
+        );
+        // The recorder writes a record into the image before it logs it to
+        // the witness, and the old owner captured its image once more
+        // after the appliance stopped: every record the witness saw is in.
+        ensure!(
+            k_last + 1 - k_first >= written_e0,
+            "the kept copy holds {} records of epoch {e0}, the witness saw {written_e0}",
+            k_last + 1 - k_first
+        );
         Ok(())
     })
 }

@@ -105,6 +105,10 @@ impl Rack {
     pub async fn status(&self) -> Result<Status, mesh::MeshError> {
         let m = self.mesh.status().await?;
         let volumes = self.volumes.status().await;
+        let volumes_kept = self.volumes.kept().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "listing kept copies");
+            Vec::new()
+        });
         let field = self.appliances.control().field_view().await;
         let peers = m
             .peers
@@ -149,6 +153,7 @@ impl Rack {
             peers,
             power: self.power.borrow().clone(),
             volumes,
+            volumes_kept,
             volume_store: Some(self.volumes.store_info()),
             cache: self
                 .proxy

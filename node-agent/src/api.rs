@@ -245,7 +245,9 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> ErrorClass {
     }
     if let Some(e) = e.downcast_ref::<ExportError>() {
         return match e {
-            ExportError::NoSnapshot(_) | ExportError::NoSuchGeneration { .. } => NOT_FOUND,
+            ExportError::NoSnapshot(_)
+            | ExportError::NoSuchGeneration { .. }
+            | ExportError::NoSuchKept { .. } => NOT_FOUND,
             ExportError::Store(e) => classify(e),
             _ => INTERNAL,
         };
@@ -595,6 +597,10 @@ async fn handle(req: Request<Incoming>, rack: &Rack, token: &str) -> Response<Bo
                 Err(e) => error_reply(&e),
             }
         }
+        (Method::GET, paths::VOLUMES_KEPT) => match rack.volumes.kept().await {
+            Ok(k) => json(StatusCode::OK, &k),
+            Err(e) => error_reply(&e),
+        },
         (Method::POST, paths::VOLUMES_SCRUB) => {
             let (corrupt, repaired) = rack.volumes.scrub_now().await;
             json(
@@ -819,6 +825,8 @@ async fn volume_action(req: Request<Incoming>, rack: &Rack, path: &str) -> Respo
         from: Option<std::path::PathBuf>,
         to: Option<std::path::PathBuf>,
         generation: Option<u64>,
+        /// A kept copy (export, drop-kept).
+        kept_ms: Option<u64>,
     }
     let args: Args = if body.is_empty() {
         Args::default()
@@ -847,10 +855,19 @@ async fn volume_action(req: Request<Incoming>, rack: &Rack, path: &str) -> Respo
                     })
                 }
                 ("export", _, Some(to)) => stream_operation(None, move |progress| async move {
-                    volumes
-                        .export(name, args.generation, to.clone(), progress)
-                        .await
-                        .map(|()| serde_json::json!({ "to": to }))
+                    match args.kept_ms {
+                        Some(kept_ms) => {
+                            volumes
+                                .export_kept(name, kept_ms, to.clone(), progress)
+                                .await
+                        }
+                        None => {
+                            volumes
+                                .export(name, args.generation, to.clone(), progress)
+                                .await
+                        }
+                    }
+                    .map(|()| serde_json::json!({ "to": to }))
                 }),
                 ("import", None, _) => error(
                     StatusCode::BAD_REQUEST,
@@ -860,6 +877,15 @@ async fn volume_action(req: Request<Incoming>, rack: &Rack, path: &str) -> Respo
                     StatusCode::BAD_REQUEST,
                     "export needs {\"to\": \"/path/to/out.img\"}",
                 ),
+            }
+        }
+        "drop-kept" => {
+            let Some(kept_ms) = args.kept_ms else {
+                return error(StatusCode::BAD_REQUEST, "drop-kept needs {\"kept_ms\": N}");
+            };
+            match rack.volumes.drop_kept(name, kept_ms).await {
+                Ok(k) => json(StatusCode::OK, &k),
+                Err(e) => error_reply(&e),
             }
         }
         _ => error(

@@ -181,6 +181,47 @@ impl AgentClient {
         self.post_job(&path, &body, on_event).await
     }
 
+    /// `POST /api/v1/volumes/{name}/export` of the kept copy kept at
+    /// `kept_ms` to an absolute path on the rack, reporting bytes written.
+    ///
+    /// # Errors
+    /// See [`ClientError`]; 404 if there is no such copy.
+    pub async fn volume_export_kept(
+        &self,
+        name: &str,
+        kept_ms: u64,
+        to: &Path,
+        on_event: impl FnMut(JobEvent),
+    ) -> Result<VolumeExported, ClientError> {
+        let path = paths::volume(name, VolumeAction::Export);
+        let body = serde_json::json!({ "to": to, "kept_ms": kept_ms });
+        self.post_job(&path, &body, on_event).await
+    }
+
+    /// `GET /api/v1/volumes/kept`: the kept copies of volumes this rack
+    /// stopped owning while it held writes their new owner may lack.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn volumes_kept(&self) -> Result<Vec<datastore::KeptCopy>, ClientError> {
+        self.get_json(paths::VOLUMES_KEPT).await
+    }
+
+    /// `POST /api/v1/volumes/{name}/drop-kept`: drop the kept copy kept
+    /// at `kept_ms`.
+    ///
+    /// # Errors
+    /// See [`ClientError`]; 404 if there is no such copy.
+    pub async fn volume_drop_kept(
+        &self,
+        name: &str,
+        kept_ms: u64,
+    ) -> Result<datastore::KeptCopy, ClientError> {
+        let path = paths::volume(name, VolumeAction::DropKept);
+        let body = serde_json::json!({ "kept_ms": kept_ms });
+        self.post_json(&path, Some(&body), StatusCode::OK).await
+    }
+
     /// `POST /api/v1/volumes/scrub`: verify every chunk now.
     ///
     /// # Errors

@@ -37,6 +37,10 @@ pub struct Status {
     /// Volumes held here (owned or replicas).
     #[serde(default)]
     pub volumes: Vec<crate::volumes::VolumeStatus>,
+    /// Copies this rack kept of volumes another rack took over while this
+    /// one held writes the new owner may lack (`fieldrack volume kept`).
+    #[serde(default)]
+    pub volumes_kept: Vec<datastore::KeptCopy>,
     /// The volume store's filesystem, whether it can reflink, and so how
     /// snapshots find what changed (`extents`: cost follows the writes;
     /// `full_read`: every snapshot of a written volume reads all of it).
@@ -211,6 +215,15 @@ pub fn render_table(s: &Status) -> String {
         }
     }
     out.push_str(&render_volumes(&s.volumes));
+    if !s.volumes_kept.is_empty() {
+        let names: std::collections::BTreeSet<&str> =
+            s.volumes_kept.iter().map(|k| k.volume.as_str()).collect();
+        out.push_str(&format!(
+            "kept copies: {} of {} (writes their new owner may lack; fieldrack volume kept)\n",
+            s.volumes_kept.len(),
+            names.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
     for r in &s.revoked {
         let _ = writeln!(out, "revoked: {} ({}) — {}", r.rack, r.peer_id, r.reason);
     }

@@ -155,20 +155,94 @@ impl VolumeService {
         Ok((self.store.image_path(name), how))
     }
 
-    /// Stop owning `name`: another rack is its primary now. The local copy
+    /// Stop owning `name`: another rack is its primary now. The volume
     /// (live image and generations) is dropped, so the new owner's
     /// generations replace it without conflict; shared chunks stay until
     /// the next prune and are not resent.
     ///
+    /// The appliance is stopped here by now, so its live image is captured
+    /// one last time first. Unless that capture is exactly generation
+    /// `shipped` (what a planned handover gave the new owner), this rack may
+    /// hold writes the new owner never got (a failover from an older
+    /// replica): the capture is then kept ([`volume::kept`]) for an
+    /// operator to export or drop. Returns the copy kept, if any.
+    ///
     /// # Errors
     /// [`VolumeError::Store`].
-    pub async fn demote(&self, name: &str) -> Result<(), VolumeError> {
+    pub async fn demote(
+        &self,
+        name: &str,
+        shipped: Option<u64>,
+    ) -> Result<Option<crate::KeptCopy>, VolumeError> {
         self.set_pause_hooks(name, None);
         let (st, n) = (self.store.clone(), name.to_owned());
-        blocking(move || st.delete(&n)).await?;
+        let kept = blocking(move || -> Result<_, VolumeError> {
+            let last = match st.snapshot(&n, &crate::NoPause, &mut |_, _| {}) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(volume = %n, error = %e, "last capture before demotion failed; keeping the newest generation");
+                    st.latest(&n)?
+                }
+            };
+            let given = match (&last, shipped) {
+                (None, _) => true,
+                (Some(m), Some(g)) => st.manifest(&n, g)?.is_some_and(|s| s.chunks == m.chunks),
+                (Some(_), None) => false,
+            };
+            if given {
+                st.delete(&n)?;
+                Ok(None)
+            } else {
+                Ok(st.keep_and_delete(&n, util::time::unix_ms())?)
+            }
+        })
+        .await?;
         self.records.forget(name);
         self.backlogs.lock().expect("backlogs lock").forget(name);
-        tracing::info!(volume = %name, "demoted: another rack owns it now");
+        tracing::info!(volume = %name, kept = kept.is_some(), "demoted: another rack owns it now");
+        Ok(kept)
+    }
+
+    /// Every kept copy on this rack ([`volume::kept`]).
+    ///
+    /// # Errors
+    /// [`VolumeError::Store`].
+    pub async fn kept(&self) -> Result<Vec<crate::KeptCopy>, VolumeError> {
+        let st = self.store.clone();
+        Ok(blocking(move || st.kept()).await?)
+    }
+
+    /// Write kept copy (`name`, `kept_ms`) to `to` as a raw image.
+    ///
+    /// # Errors
+    /// [`VolumeError::Export`].
+    pub async fn export_kept(
+        &self,
+        name: String,
+        kept_ms: u64,
+        to: PathBuf,
+        progress: impl FnMut(u64, u64) + Send + 'static,
+    ) -> Result<(), VolumeError> {
+        let st = self.store.clone();
+        let mut progress = progress;
+        blocking(move || {
+            st.export_kept(&name, kept_ms, &to, &mut progress)
+                .map(|_| ())
+        })
+        .await?;
         Ok(())
+    }
+
+    /// Drop kept copy (`name`, `kept_ms`).
+    ///
+    /// # Errors
+    /// [`VolumeError::Store`] (`NotFound` if there is no such copy).
+    pub async fn drop_kept(
+        &self,
+        name: String,
+        kept_ms: u64,
+    ) -> Result<crate::KeptCopy, VolumeError> {
+        let st = self.store.clone();
+        Ok(blocking(move || st.drop_kept(&name, kept_ms)).await?)
     }
 }

@@ -333,7 +333,12 @@ async fn a_shipped_volume_is_promoted_by_its_new_owner() {
         Some(g),
         "published before ship returns"
     );
-    a.service.demote("vol").await.unwrap();
+    let kept = a.service.demote("vol", Some(g)).await.unwrap();
+    assert_eq!(
+        kept, None,
+        "the new owner got exactly this state: nothing to keep"
+    );
+    assert!(a.service.kept().await.unwrap().is_empty());
     assert!(!a.service.owns("vol").await.unwrap());
     assert_eq!(held(&a, "vol").await, None);
 
@@ -349,6 +354,96 @@ async fn a_shipped_volume_is_promoted_by_its_new_owner() {
     let (_, again) = b.service.ensure_owned("vol", 4 * MIB, None).await.unwrap();
     assert_eq!(again, "owned");
     cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demoted_owner_keeps_the_writes_its_successor_never_got() {
+    let fabric = Arc::new(Fabric::default());
+    let a = rack(&fabric, "a", "s1", 1);
+    owned_volume(&a, "vol", MIB as usize, 5).await;
+    let g = a.service.snapshot("vol".into()).await.unwrap().generation;
+    // Writes after the last generation a replica could have: the owner was
+    // cut off and fenced before it captured them, and another rack took
+    // the appliance over from generation `g`.
+    let path = a.service.store.image_path("vol");
+    let mut last = std::fs::read(&path).unwrap();
+    last[3 * MIB as usize..3 * MIB as usize + 4096].fill(0xAB);
+    std::fs::write(&path, &last).unwrap();
+
+    let kept = a.service.demote("vol", None).await.unwrap().expect("kept");
+    assert_eq!(kept.volume, "vol");
+    assert!(
+        kept.generation > g,
+        "the last capture, with the late writes"
+    );
+    assert!(!a.service.owns("vol").await.unwrap());
+    assert_eq!(held(&a, "vol").await, None, "the volume itself is gone");
+    assert_eq!(a.service.kept().await.unwrap(), vec![kept.clone()]);
+
+    // Garbage collection leaves the kept copy whole.
+    a.service.store.prune(1).unwrap();
+    let to = a._dir.path().join("kept.img");
+    a.service
+        .export_kept("vol".into(), kept.kept_ms, to.clone(), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&to).unwrap(),
+        last,
+        "bit for bit what the owner last had"
+    );
+    let e = a
+        .service
+        .export_kept("vol".into(), kept.kept_ms + 1, to.clone(), |_, _| {})
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no kept copy of volume vol"), "{e}");
+
+    // Dropped, its chunks go at the next prune.
+    let chunks_before = a.service.store.chunks().stats().unwrap().chunks;
+    assert_eq!(
+        a.service
+            .drop_kept("vol".into(), kept.kept_ms)
+            .await
+            .unwrap(),
+        kept
+    );
+    assert!(a.service.kept().await.unwrap().is_empty());
+    a.service.store.prune(1).unwrap();
+    assert!(a.service.store.chunks().stats().unwrap().chunks < chunks_before);
+    assert!(a
+        .service
+        .drop_kept("vol".into(), kept.kept_ms)
+        .await
+        .is_err());
+}
+
+#[test]
+fn at_most_three_kept_copies_per_volume_the_oldest_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = crate::VolumeStore::open(dir.path()).unwrap();
+    for round in 0..5u64 {
+        st.create("vol", 4 * MIB).unwrap();
+        let path = st.image_path("vol");
+        let mut image = std::fs::read(&path).unwrap();
+        image[..8].copy_from_slice(&round.to_le_bytes());
+        std::fs::write(&path, &image).unwrap();
+        st.snapshot("vol", &crate::NoPause, &mut |_, _| {}).unwrap();
+        // The same clock reading each time: kept copies never overwrite.
+        st.keep_and_delete("vol", 1_000).unwrap().unwrap();
+    }
+    let kept = st.kept().unwrap();
+    assert_eq!(
+        kept.iter().map(|k| k.kept_ms).collect::<Vec<_>>(),
+        vec![1_002, 1_003, 1_004]
+    );
+    let to = dir.path().join("newest.img");
+    st.export_kept("vol", 1_004, &to, &mut |_, _| {}).unwrap();
+    assert_eq!(std::fs::read(&to).unwrap()[..8], 4u64.to_le_bytes());
+    // A volume never snapshotted has nothing to keep.
+    st.create("empty", 4 * MIB).unwrap();
+    assert_eq!(st.keep_and_delete("empty", 2_000).unwrap(), None);
+    assert_eq!(st.kept().unwrap().len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,8 @@ pub const REVOCATIONS: &str = v1!("revocations");
 pub const EVENTS: &str = v1!("events");
 /// `GET` the volumes held here; `POST` creates one.
 pub const VOLUMES: &str = v1!("volumes");
+/// `GET` the kept copies of volumes this rack stopped owning.
+pub const VOLUMES_KEPT: &str = v1!("volumes/kept");
 /// `POST`: scrub every chunk now.
 pub const VOLUMES_SCRUB: &str = v1!("volumes/scrub");
 /// Prefix of `/api/v1/volumes/{name}/{action}` (see [`VolumeAction`]).
@@ -59,8 +61,10 @@ pub enum VolumeAction {
     Snapshot,
     /// Import an image (NDJSON answer).
     Import,
-    /// Export a generation (NDJSON answer).
+    /// Export a generation or a kept copy (NDJSON answer).
     Export,
+    /// Drop a kept copy (`{"kept_ms": N}`).
+    DropKept,
 }
 
 impl VolumeAction {
@@ -71,6 +75,7 @@ impl VolumeAction {
             Self::Snapshot => "snapshot",
             Self::Import => "import",
             Self::Export => "export",
+            Self::DropKept => "drop-kept",
         }
     }
 }

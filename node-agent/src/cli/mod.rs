@@ -282,7 +282,7 @@ pub enum VolumeCmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Export a generation (the newest by default) as a raw image.
+    /// Export a generation (the newest by default), or a kept copy, as a raw image.
     Export {
         /// Volume name.
         name: String,
@@ -290,8 +290,11 @@ pub enum VolumeCmd {
         #[arg(long)]
         to: PathBuf,
         /// Which generation.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "kept")]
         generation: Option<u64>,
+        /// The kept copy kept at this time (`KEPT_MS` of `volume kept`).
+        #[arg(long, value_name = "KEPT_MS")]
+        kept: Option<u64>,
         /// The rack.toml of the agent to ask.
         #[arg(long)]
         config: PathBuf,
@@ -300,6 +303,25 @@ pub enum VolumeCmd {
     Snapshot {
         /// Volume name.
         name: String,
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Copies this rack kept of volumes another rack took over (writes their new owner may lack).
+    Kept {
+        /// The rack.toml of the agent to ask.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop a kept copy (after exporting what it holds, or deciding it is not needed).
+    DropKept {
+        /// Volume name.
+        name: String,
+        /// Its `KEPT_MS`, from `volume kept`.
+        kept_ms: u64,
         /// The rack.toml of the agent to ask.
         #[arg(long)]
         config: PathBuf,

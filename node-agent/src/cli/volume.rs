@@ -32,24 +32,51 @@ pub async fn run(cmd: VolumeCmd) -> Result<(), Failure> {
             name,
             to,
             generation,
+            kept,
             config,
         } => {
             let client = client_for(&config)?;
             let to = absolute(to)?;
-            client
-                .volume_export(
-                    &name,
-                    &to,
-                    generation,
-                    progress::printer("export", progress::bytes),
-                )
-                .await?;
+            let progress = progress::printer("export", progress::bytes);
+            match kept {
+                Some(kept_ms) => {
+                    client
+                        .volume_export_kept(&name, kept_ms, &to, progress)
+                        .await?
+                }
+                None => {
+                    client
+                        .volume_export(&name, &to, generation, progress)
+                        .await?
+                }
+            };
             progress::finish();
             println!("exported {name} to {}", to.display());
         }
         VolumeCmd::Snapshot { name, config } => {
             let r = client_for(&config)?.volume_snapshot(&name).await?;
             println!("{name}: generation {}", r.generation);
+        }
+        VolumeCmd::Kept { config, json } => {
+            let kept = client_for(&config)?.volumes_kept().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&kept)?);
+            } else {
+                print!("{}", render_kept(&kept));
+            }
+        }
+        VolumeCmd::DropKept {
+            name,
+            kept_ms,
+            config,
+        } => {
+            let k = client_for(&config)?
+                .volume_drop_kept(&name, kept_ms)
+                .await?;
+            println!(
+                "dropped the kept copy of {} (generation {}, kept at {})",
+                k.volume, k.generation, k.kept_ms
+            );
         }
         VolumeCmd::Status { config, json } => {
             let status = client_for(&config)?.status().await?;
@@ -61,6 +88,29 @@ pub async fn run(cmd: VolumeCmd) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// `volume kept`: one line per kept copy, or a line saying there are none.
+fn render_kept(kept: &[datastore::KeptCopy]) -> String {
+    if kept.is_empty() {
+        return "no kept copies\n".into();
+    }
+    let mut out = format!(
+        "{:<24} {:>10} {:>15} {:>12}  {}\n",
+        "VOLUME", "GENERATION", "KEPT_MS", "SIZE", "CAPTURED"
+    );
+    for k in kept {
+        out += &format!(
+            "{:<24} {:>10} {:>15} {:>12}  {} s before it was kept\n",
+            k.volume,
+            k.generation,
+            k.kept_ms,
+            k.size,
+            k.kept_ms.saturating_sub(k.captured_ms) / 1000
+        );
+    }
+    out += "export one: fieldrack volume export NAME --to FILE --kept KEPT_MS; drop it: fieldrack volume drop-kept NAME KEPT_MS\n";
+    out
 }
 
 /// `volume status`: the volume table of `fieldrack status`, or a line

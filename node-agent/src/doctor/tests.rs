@@ -166,6 +166,7 @@ fn status(peers: &[mesh::membership::State], majority: bool, volumes: serde_json
         revoked: Vec::new(),
         store: Default::default(),
         volumes: serde_json::from_value(volumes).unwrap(),
+        volumes_kept: Vec::new(),
         volume_store: None,
         cache: None,
         appliances: Vec::new(),

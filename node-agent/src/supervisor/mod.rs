@@ -565,13 +565,14 @@ impl Shell {
                 app,
                 epoch,
                 volumes,
+                shipped,
             } => {
                 self.chores.busy.insert(app.clone());
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
                     for v in &volumes {
                         if sup.owns(v).await {
-                            if let Err(e) = sup.volumes.demote(v).await {
+                            if let Err(e) = sup.volumes.demote(v, shipped.get(v).copied()).await {
                                 tracing::warn!(volume = %v, error = %e, "demote failed");
                             }
                         }

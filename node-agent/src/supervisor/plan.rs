@@ -236,6 +236,10 @@ pub enum Action {
         epoch: u64,
         /// Volumes the new owner reports.
         volumes: Vec<String>,
+        /// The generations this rack shipped to the new owner in a planned
+        /// handover (empty after a failover): a volume whose last state is
+        /// exactly that generation is dropped, any other is kept.
+        shipped: BTreeMap<String, u64>,
     },
     /// Run one health probe.
     Probe {
@@ -417,10 +421,17 @@ fn chore(v: &View<'_>, a: &AppRecord, p: &mut Plan) -> Option<Action> {
                 .contains(&(name.clone(), a.epoch, vol.clone()))
         })
         .collect();
+    let shipped = a
+        .transfer
+        .as_ref()
+        .filter(|t| t.planned && t.from.as_deref() == Some(v.rack))
+        .and_then(|t| t.released.clone())
+        .unwrap_or_default();
     (!volumes.is_empty()).then(|| Action::Demote {
         app: name.clone(),
         epoch: a.epoch,
         volumes,
+        shipped,
     })
 }
 

@@ -108,6 +108,23 @@ async fn typed_calls_answer_typed_values_and_refusals_keep_status_and_field() {
     );
     assert_eq!(c.volume_scrub().await.unwrap().corrupt, 0);
 
+    // Kept copies: none on a rack that never gave a volume up; asking for
+    // one is a 404 naming it, for export and for drop.
+    assert!(c.volumes_kept().await.unwrap().is_empty());
+    assert!(c.status().await.unwrap().volumes_kept.is_empty());
+    let gone = c.volume_drop_kept("img", 1234).await.unwrap_err();
+    assert_eq!(gone.status(), Some(StatusCode::NOT_FOUND), "{gone}");
+    match c
+        .volume_export_kept("img", 1234, &out, |_| {})
+        .await
+        .unwrap_err()
+    {
+        ClientError::Answer { message, .. } => {
+            assert!(message.contains("no kept copy of volume img"), "{message}")
+        }
+        other => panic!("expected the job's error, got {other:?}"),
+    }
+
     // Appliances: none deployed; an unknown one is 404 (or 503 while the
     // one-rack control plane elects itself).
     assert!(c.apps().await.unwrap().is_empty());

@@ -96,6 +96,26 @@ impl World {
         self
     }
 
+    /// Rack `rack` reports running `app` at `epoch` with its volume.
+    fn running_on(mut self, rack: &str, app: &str, epoch: u64) -> Self {
+        self.field.racks.insert(
+            rack.into(),
+            RackReport {
+                apps: BTreeMap::from([(
+                    app.into(),
+                    AppReport {
+                        epoch,
+                        state: AppState::Running,
+                        since_ms: 0,
+                    },
+                )]),
+                volumes: BTreeMap::from([(format!("{app}-data"), 1)]),
+                ..RackReport::default()
+            },
+        );
+        self
+    }
+
     fn plan_at(&self, after: Duration) -> Plan {
         plan(&View {
             now: self.t0 + after,
@@ -109,6 +129,24 @@ impl World {
             chores: &self.chores,
             capture_every: Duration::from_secs(10),
         })
+    }
+}
+
+/// `x` moved to `b` at epoch 2 by `t`, and runs there.
+fn moved_to_b(t: Transfer) -> World {
+    World::new()
+        .app(record("x", Some("b"), 2, Some(t)))
+        .granted(&[])
+        .running_on("b", "x", 2)
+}
+
+/// Give `x`'s volume up to `b`'s epoch 2.
+fn demote_x(shipped: BTreeMap<String, u64>) -> Action {
+    Action::Demote {
+        app: "x".into(),
+        epoch: 2,
+        volumes: vec!["x-data".into()],
+        shipped,
     }
 }
 
@@ -291,6 +329,20 @@ fn table() {
                 epoch: 2,
                 to: "b".into(),
             }],
+            vec![],
+        ),
+        (
+            "after a handover, the volume is given up naming the generation shipped",
+            moved_to_b(transfer(Some(RACK), true, Some(7))),
+            S(1),
+            vec![demote_x(BTreeMap::from([("x-data".into(), 7)]))],
+            vec![],
+        ),
+        (
+            "after a failover, nothing was shipped: the volume is given up and kept",
+            moved_to_b(transfer(Some(RACK), false, None)),
+            S(1),
+            vec![demote_x(BTreeMap::new())],
             vec![],
         ),
     ];
