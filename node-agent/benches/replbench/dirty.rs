@@ -284,8 +284,10 @@ pub fn run(o: &Opts) -> anyhow::Result<Vec<Row>> {
     );
     let mut rows = Vec::new();
     // Room for the image, the chunk store's copy of it, the small volume's
-    // pair, clones and metadata.
-    let fs_size = (2 * o.alloc + 2 * SMALL / 5 + 2 * GIB).div_ceil(GIB) * GIB;
+    // pair, clones and metadata, and a GiB per round for the chunks the
+    // rounds rewrite (on ext4 a snapshot takes tens of seconds, and every
+    // 4 KiB write meanwhile makes a whole new chunk).
+    let fs_size = (2 * o.alloc + 2 * SMALL / 5 + (2 + o.rounds as u64) * GIB).div_ceil(GIB) * GIB;
     for kind in ["xfs", "ext4"] {
         let Some(fs) = LoopFs::new(kind, &o.dir, fs_size)? else {
             continue;
