@@ -2,7 +2,10 @@
 //! namespaces: measured one-way delay, loss and delivered rate must be
 //! within 10 % of the profile (loss: or 3.3 standard deviations of the
 //! estimate, when a few seconds of probes cannot resolve 10 %; see
-//! `SelfTest::loss_tolerance`). Fades cut the link and it comes back.
+//! `SelfTest::loss_tolerance`). Fades cut the link and it comes back. On
+//! a virtual machine whose host steals CPU time during a measurement, a
+//! failed measurement is taken once more (and printed): late wake-ups of
+//! the emulator's threads read as link delay.
 //!
 //! Needs root (namespaces, TUN devices); skips with `SKIP:` otherwise. The
 //! quick tests take about 50 s in all:
@@ -23,22 +26,51 @@ fn profile(spec: &str) -> Profile {
     spec.parse().expect("a valid profile")
 }
 
-/// Runs the self-test a -> b on a symmetric link with `spec`.
+/// CPU time the hypervisor took from this machine's CPUs so far (the
+/// `steal` column of /proc/stat, in clock ticks; 0 on bare metal).
+fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let cpu = s.lines().next()?.split_whitespace().collect::<Vec<_>>();
+            cpu.get(8)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Runs the self-test a -> b on a symmetric link with `spec`. A
+/// measurement the host disturbed (CPU time stolen by the hypervisor while
+/// it ran: the emulator's threads then wake late, which reads as link
+/// delay) is taken once more, on a new link, and that one must pass.
 fn self_test(spec: &str, plan: Plan) -> Result<()> {
-    let field = Field::new(["a", "b"])?;
     let p = profile(spec);
-    let link = EmulatedLink::between(&field, "a", "b", LinkProfile::symmetric(p.clone()), 42)?;
-    let test = SelfTest::run(&field, "a", "b", &p, plan)?;
-    let stats = link.stats(Direction::AToB);
-    println!("{spec}: {test}");
-    println!("{spec}: emulator counters a -> b: {stats:?}");
-    ensure!(
-        stats.dropped_in_flight == 0 && stats.write_errors == 0,
-        "{spec}: the shell lost packets the model delivered: {stats:?}"
-    );
-    let failures = test.failures();
-    ensure!(failures.is_empty(), "{spec}: {failures:?}");
-    Ok(())
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let field = Field::new(["a", "b"])?;
+        let link = EmulatedLink::between(&field, "a", "b", LinkProfile::symmetric(p.clone()), 42)?;
+        let steal_before = steal_ticks();
+        let test = SelfTest::run(&field, "a", "b", &p, plan)?;
+        let stolen = steal_ticks().saturating_sub(steal_before);
+        let stats = link.stats(Direction::AToB);
+        println!("{spec}: {test}");
+        println!("{spec}: emulator counters a -> b: {stats:?}");
+        ensure!(
+            stats.dropped_in_flight == 0 && stats.write_errors == 0,
+            "{spec}: the shell lost packets the model delivered: {stats:?}"
+        );
+        let failures = test.failures();
+        if failures.is_empty() {
+            return Ok(());
+        }
+        if attempt == 1 && stolen > 0 {
+            println!(
+                "{spec}: {failures:?} while the hypervisor took {stolen} ticks of CPU time: measuring again"
+            );
+            continue;
+        }
+        anyhow::bail!("{spec}: {failures:?} (attempt {attempt}, {stolen} ticks stolen)");
+    }
 }
 
 #[test]
