@@ -14,7 +14,10 @@
 //!   long as the agent: Linux sends the parent-death signal when the
 //!   *thread* that forked the child exits, so spawning from a runtime worker
 //!   or a blocking-pool thread would kill appliances when that thread is
-//!   retired. The signal covers the appliance's main process (a VM is one
+//!   retired. setpriv arms the signal just before it execs the program, so
+//!   a launch returns only once the process runs the program, no longer
+//!   setpriv ([`wait_past_wrapper`]): an agent killed after that never
+//!   leaves it behind. The signal covers the appliance's main process (a VM is one
 //!   process); processes *it* forks are killed with the whole group on every
 //!   orderly path, and [`kill_leftover`] kills a stale group at the next start.
 //! - **The appliance is its process group.** It runs in a new group
@@ -705,6 +708,10 @@ pub(crate) async fn spawn_appliance(
 
     // From here on a failure must not leave the child running.
     let mut guard = util::process::GroupKillGuard::new(Some(pid));
+    // setpriv arms the parent-death signal only just before it execs the
+    // appliance: an agent that died before then would leave the appliance
+    // running without it. The appliance counts as started once it has.
+    wait_past_wrapper(pid, &setpriv).await;
     let header = format!(
         "=== fieldrack: {name} epoch {} on rack {}: started pid {pid}: {} ===\n",
         l.epoch,
@@ -727,6 +734,34 @@ pub(crate) async fn spawn_appliance(
         log_pump,
         log_path,
     })
+}
+
+/// How long [`wait_past_wrapper`] waits for `setpriv` to exec; far more
+/// than the milliseconds it takes on a loaded machine.
+const WRAPPER_EXEC_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until process `pid` no longer runs `wrapper` (`setpriv` has set
+/// the parent-death signal and exec'd the appliance), or it exited (its
+/// exit is seen as usual), or [`WRAPPER_EXEC_WAIT`] passed (logged).
+async fn wait_past_wrapper(pid: u32, wrapper: &Path) {
+    let wrapper = std::fs::canonicalize(wrapper).unwrap_or_else(|_| wrapper.to_path_buf());
+    let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+    let deadline = tokio::time::Instant::now() + WRAPPER_EXEC_WAIT;
+    loop {
+        match std::fs::read_link(&exe) {
+            Ok(p) if p == wrapper => {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(
+                        pid,
+                        "setpriv has not exec'd the appliance after {WRAPPER_EXEC_WAIT:?}"
+                    );
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Used when the agent's own environment has no PATH.
