@@ -68,6 +68,19 @@ fn kept_key(name: &str, kept_ms: u64) -> Vec<u8> {
     k
 }
 
+/// A kept copy's record (key `key`) that fails its checks.
+fn damaged_kept(key: &[u8]) -> StoreError {
+    StoreError::Damaged {
+        what: "kept copy",
+        name: String::from_utf8_lossy(key).into_owned(),
+    }
+}
+
+/// The manifest stored under kept-copy key `key`.
+fn decode_kept(key: &[u8], v: &[u8]) -> Result<Manifest, StoreError> {
+    Manifest::decode(v).map_err(|_| damaged_kept(key))
+}
+
 /// `kept_ms` from a key of [`kept_prefix`]`(name)`.
 fn kept_ms_of(key: &[u8], prefix_len: usize) -> Option<u64> {
     Some(u64::from_be_bytes(key.get(prefix_len..)?.try_into().ok()?))
@@ -129,56 +142,43 @@ impl VolumeStore {
     /// # Errors
     /// [`StoreError`].
     pub fn kept(&self) -> Result<Vec<KeptCopy>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.meta.scan_prefix(KEPT_PREFIX) {
-            let (k, v) = kv?;
-            out.push(Self::decode_kept(&k, &v)?);
-        }
-        Ok(out)
+        self.scan_kept(KEPT_PREFIX)
     }
 
     /// The kept copies of `name`, oldest first.
     fn kept_of(&self, name: &str) -> Result<Vec<KeptCopy>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.meta.scan_prefix(kept_prefix(name)) {
-            let (k, v) = kv?;
-            out.push(Self::decode_kept(&k, &v)?);
-        }
-        Ok(out)
+        self.scan_kept(&kept_prefix(name))
     }
 
-    fn decode_kept(k: &[u8], v: &[u8]) -> Result<KeptCopy, StoreError> {
-        let damaged = || StoreError::Damaged {
-            what: "kept copy",
-            name: String::from_utf8_lossy(k).into_owned(),
-        };
-        let m = Manifest::decode(v).map_err(|_| damaged())?;
-        let ms = kept_ms_of(k, kept_prefix(&m.volume).len()).ok_or_else(damaged)?;
-        Ok(KeptCopy::of(&m, ms))
+    /// The kept copies whose keys start with `prefix`.
+    fn scan_kept(&self, prefix: &[u8]) -> Result<Vec<KeptCopy>, StoreError> {
+        self.meta
+            .scan_prefix(prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let m = decode_kept(&k, &v)?;
+                let ms =
+                    kept_ms_of(&k, kept_prefix(&m.volume).len()).ok_or_else(|| damaged_kept(&k))?;
+                Ok(KeptCopy::of(&m, ms))
+            })
+            .collect()
     }
 
     /// The manifest of a kept copy.
     fn kept_manifest(&self, name: &str, kept_ms: u64) -> Result<Option<Manifest>, StoreError> {
         validate_name(name)?;
-        match self.meta.get(kept_key(name, kept_ms))? {
-            Some(v) => Manifest::decode(&v)
-                .map(Some)
-                .map_err(|_| StoreError::Damaged {
-                    what: "kept copy",
-                    name: name.to_owned(),
-                }),
-            None => Ok(None),
-        }
+        let key = kept_key(name, kept_ms);
+        self.meta
+            .get(&key)?
+            .map(|v| decode_kept(&key, &v))
+            .transpose()
     }
 
     /// The chunks of every kept copy, for garbage collection's live set.
     pub(super) fn kept_manifests(&self) -> impl Iterator<Item = Result<Manifest, StoreError>> + '_ {
         self.meta.scan_prefix(KEPT_PREFIX).map(|kv| {
             let (k, v) = kv?;
-            Manifest::decode(&v).map_err(|_| StoreError::Damaged {
-                what: "kept copy",
-                name: String::from_utf8_lossy(&k).into_owned(),
-            })
+            decode_kept(&k, &v)
         })
     }
 
