@@ -66,11 +66,19 @@ pub const CHECK_EVERY: Duration = Duration::from_millis(500);
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a member that answered it is in this rack's cluster is not
-/// asked again. In a field of 32 racks, 24 of them learners, asking every
-/// member every check was most of an idle agent's CPU; a member that
-/// leaves for another cluster is seen within this (and the racks of that
-/// cluster that are not members are asked every check as before).
-pub const SAME_CLUSTER_RECHECK: Duration = Duration::from_secs(5);
+/// asked again while the cluster has a leader. In a field of 32 racks, 24
+/// of them learners, asking every member every check was most of an idle
+/// agent's CPU, and asking each every 5 s still a large part of it; a
+/// member that leaves for another cluster is seen within this (the racks
+/// of that cluster that are not members are asked every check as before).
+pub const SAME_CLUSTER_RECHECK: Duration = Duration::from_secs(30);
+
+/// [`SAME_CLUSTER_RECHECK`] while this rack's cluster has no leader, as
+/// when the others left it behind for another cluster: they are seen to
+/// have moved within this. Not every check: at first boot every cluster
+/// is leaderless a while, and 32 racks asking each other twice a second
+/// overload a small machine.
+pub const SAME_CLUSTER_RECHECK_LEADERLESS: Duration = Duration::from_secs(5);
 
 /// How long one membership change (add a learner, promote, remove) may
 /// take before the loop gives up and decides again on a fresh view. A
@@ -130,6 +138,24 @@ pub struct RaftView {
     pub last_append: Instant,
     /// Its membership.
     pub membership: Membership,
+    /// Its cluster's id (`None`: in none).
+    pub cluster: Option<u64>,
+}
+
+impl RaftView {
+    /// Whether a peer that answered `hello` is in this rack's cluster
+    /// (`me`). By cluster id when both know theirs. Voter lists alone
+    /// cannot tell: a rack that left a cluster stays listed there until it
+    /// is taken out, so a rival cluster may list this rack among its
+    /// voters. A rack too old to send its id is in ours when it lists the
+    /// same voters or lists us.
+    #[must_use]
+    pub fn same_cluster(&self, me: NodeId, hello: &Hello) -> bool {
+        match (self.cluster, hello.cluster) {
+            (Some(ours), Some(theirs)) => ours == theirs,
+            _ => hello.voters == self.membership.voters || hello.voters.contains(&me),
+        }
+    }
 }
 
 /// A Raft membership: who votes, who replicates.
@@ -198,6 +224,8 @@ pub struct Hello {
     pub initialized: bool,
     /// Its cluster's voters (empty when in none).
     pub voters: BTreeSet<NodeId>,
+    /// Its cluster's id (`None`: in none, or a rack too old to say).
+    pub cluster: Option<u64>,
 }
 
 /// The answers of the peers asked this check; a peer absent did not answer.
@@ -419,27 +447,31 @@ impl Formation {
         }
         peers
             .into_iter()
-            .filter(|id| !self.known_same_cluster(*id, obs.now))
+            .filter(|id| !self.known_same_cluster(*id, obs.now, leaderless))
             .map(|id| (id, Route::AnyPath))
             .collect()
     }
 
     /// A member that answered, less than [`SAME_CLUSTER_RECHECK`] ago, that
     /// it is in this rack's cluster.
-    fn known_same_cluster(&self, id: NodeId, now: Instant) -> bool {
+    fn known_same_cluster(&self, id: NodeId, now: Instant, leaderless: bool) -> bool {
+        let recheck = if leaderless {
+            SAME_CLUSTER_RECHECK_LEADERLESS
+        } else {
+            SAME_CLUSTER_RECHECK
+        };
         self.same_cluster
             .get(&id)
-            .is_some_and(|t| now.saturating_duration_since(*t) < SAME_CLUSTER_RECHECK)
+            .is_some_and(|t| now.saturating_duration_since(*t) < recheck)
     }
 
     /// Remember which members answered they are in this rack's cluster
     /// (its voters, or voters that include this rack); forget the others.
     fn note_same_cluster(&mut self, obs: &Observation, answers: &Answers) {
         let members = &obs.raft.membership.nodes;
-        let ours = &obs.raft.membership.voters;
         self.same_cluster.retain(|id, _| members.contains_key(id));
         for (id, h) in answers {
-            let same = h.initialized && (h.voters == *ours || h.voters.contains(&self.me));
+            let same = h.initialized && obs.raft.same_cluster(self.me, h);
             if same && members.contains_key(id) {
                 self.same_cluster.insert(*id, obs.now);
             } else {
@@ -517,13 +549,19 @@ impl Formation {
                 continue;
             };
             let theirs = &hello.voters;
-            // Another cluster: it is in none of ours and we are in none of
-            // its. (Racks that already moved over sit in both lists: they
-            // count for neither side.)
-            if theirs.is_empty() || theirs.contains(&self.me) {
+            // Another cluster (racks that already moved over sit in both
+            // lists: they count for neither side).
+            if theirs.is_empty() || obs.raft.same_cluster(self.me, hello) {
                 continue;
             }
-            if wins(theirs, ours) && winner.is_none_or(|w| wins(theirs, w)) {
+            // The same voters under another id (two clusters formed from
+            // the same racks): the lower id wins.
+            let beats_ours = if theirs == ours {
+                hello.cluster < obs.raft.cluster
+            } else {
+                wins(theirs, ours)
+            };
+            if beats_ours && winner.is_none_or(|w| wins(theirs, w)) {
                 winner = Some(theirs);
             }
         }
@@ -574,11 +612,16 @@ impl Formation {
                 });
             }
             // Only a rack in no cluster, or one of ours that was taken out
-            // while it was dead (its stale voters overlap ours): a rack of
+            // while it was dead (its cluster id is ours; from a rack too
+            // old to send it, its stale voters overlap ours): a rack of
             // another cluster would refuse our calls (it leaves its
             // cluster first if ours wins).
+            let ours = |h: &Hello| match (obs.raft.cluster, h.cluster) {
+                (Some(a), Some(b)) => a == b,
+                _ => !h.voters.is_disjoint(voters),
+            };
             match answers.get(&peer.id) {
-                Some(h) if h.voters.is_empty() || !h.voters.is_disjoint(voters) => {
+                Some(h) if h.voters.is_empty() || ours(h) => {
                     return Some(Action::AddLearner {
                         id: peer.id,
                         node: RackNode {

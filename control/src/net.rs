@@ -111,6 +111,9 @@ pub enum Reply {
         /// candidate whose log is older ([`crate::formation::election_gate`]).
         #[serde(default)]
         last_log: Option<openraft::LogId<NodeId>>,
+        /// Its cluster's id (`None`: in none; absent from older racks).
+        #[serde(default)]
+        cluster: Option<u64>,
     },
     /// The call could not be served (relay target unreachable...).
     Error(String),
@@ -196,12 +199,19 @@ pub struct Net {
 /// four a second); voters are not paced, so commits are not slower.
 pub const LEARNER_APPEND_EVERY: Duration = Duration::from_millis(250);
 
-/// How long an append to a learner waits at `now`, its last one sent at
-/// `last`.
+/// Shortest time between two appends to a voter. Unpaced, a field of N
+/// racks sent every voter about N appends a second (one per renewal), each
+/// a stream of its own; paced, an append carries the renewals that
+/// gathered meanwhile. A commit waits at most this much longer: nothing
+/// next to the lease (8 s) or a failover's timers.
+pub const VOTER_APPEND_EVERY: Duration = Duration::from_millis(100);
+
+/// How long an append waits at `now`, the last one to the same node sent
+/// at `last`, appends to it being at least `every` apart.
 #[must_use]
-pub fn learner_wait(last: Option<Instant>, now: Instant) -> Duration {
+pub fn append_wait(every: Duration, last: Option<Instant>, now: Instant) -> Duration {
     last.map_or(Duration::ZERO, |t| {
-        LEARNER_APPEND_EVERY.saturating_sub(now.saturating_duration_since(t))
+        every.saturating_sub(now.saturating_duration_since(t))
     })
 }
 
@@ -390,7 +400,7 @@ pub struct Conn {
     net: Arc<Net>,
     target: NodeId,
     peer: Option<PeerId>,
-    /// When the last append to it was sent (learners are paced).
+    /// When the last append to it was sent (appends are paced).
     last_append: Option<Instant>,
 }
 
@@ -443,12 +453,15 @@ impl RaftNetwork<TypeConfig> for Conn {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
         let mut ttl = option.hard_ttl();
-        if self.net.is_learner(self.target) {
-            let wait = learner_wait(self.last_append, Instant::now()).min(ttl / 2);
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-                ttl = ttl.saturating_sub(wait);
-            }
+        let every = if self.net.is_learner(self.target) {
+            LEARNER_APPEND_EVERY
+        } else {
+            VOTER_APPEND_EVERY
+        };
+        let wait = append_wait(every, self.last_append, Instant::now()).min(ttl / 2);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+            ttl = ttl.saturating_sub(wait);
         }
         self.last_append = Some(Instant::now());
         match self.call(Request::Append(rpc), ttl).await? {
@@ -488,22 +501,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn appends_to_a_learner_are_at_least_learner_append_every_apart() {
+    fn appends_to_a_node_are_at_least_their_pace_apart() {
         let t0 = Instant::now();
-        assert_eq!(super::learner_wait(None, t0), Duration::ZERO);
-        assert_eq!(
-            super::learner_wait(Some(t0), t0),
-            super::LEARNER_APPEND_EVERY
-        );
-        let later = t0 + super::LEARNER_APPEND_EVERY / 5;
-        assert_eq!(
-            super::learner_wait(Some(t0), later),
-            super::LEARNER_APPEND_EVERY - super::LEARNER_APPEND_EVERY / 5
-        );
-        assert_eq!(
-            super::learner_wait(Some(t0), t0 + super::LEARNER_APPEND_EVERY * 3),
-            Duration::ZERO
-        );
+        for every in [super::LEARNER_APPEND_EVERY, super::VOTER_APPEND_EVERY] {
+            assert_eq!(super::append_wait(every, None, t0), Duration::ZERO);
+            assert_eq!(super::append_wait(every, Some(t0), t0), every);
+            let later = t0 + every / 5;
+            assert_eq!(
+                super::append_wait(every, Some(t0), later),
+                every - every / 5
+            );
+            assert_eq!(
+                super::append_wait(every, Some(t0), t0 + every * 3),
+                Duration::ZERO
+            );
+        }
+        assert!(super::VOTER_APPEND_EVERY < super::LEARNER_APPEND_EVERY);
     }
 
     #[tokio::test]

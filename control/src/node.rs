@@ -581,6 +581,7 @@ impl Control {
                 leader: self.raft().current_leader().await,
                 voters: self.voters().into_iter().collect(),
                 last_log: self.last_log_id().await,
+                cluster: self.net.cluster(),
             },
             Request::Relay { to, request } => {
                 if matches!(*request, Request::Relay { .. }) {
@@ -734,6 +735,7 @@ impl Control {
                 leader: self.is_leader(),
                 last_append: *self.last_append.lock().expect("last_append lock"),
                 membership: self.membership(),
+                cluster: self.net.cluster(),
             },
             admitted,
             mesh,
@@ -769,12 +771,14 @@ impl Control {
                     Ok(Reply::Hello {
                         initialized,
                         voters,
+                        cluster,
                         ..
                     }) => Some((
                         id,
                         Hello {
                             initialized,
                             voters: voters.into_iter().collect(),
+                            cluster,
                         },
                     )),
                     Ok(_) => None,
@@ -1074,9 +1078,16 @@ impl Control {
             .map(|(id, peer)| async move {
                 let timeout = self.net.timeout_for(&peer, floor);
                 match self.net.call(peer, &Request::Hello, timeout).await {
+                    // A voter that moved to another cluster since is not
+                    // reached: it would not vote here.
                     Ok(Reply::Hello {
-                        leader, last_log, ..
-                    }) => Some((id, leader, last_log > mine)),
+                        leader,
+                        last_log,
+                        cluster,
+                        ..
+                    }) if cluster.is_none() || cluster == self.net.cluster() => {
+                        Some((id, leader, last_log > mine))
+                    }
                     _ => None,
                 }
             });

@@ -40,10 +40,20 @@ fn peer(id: NodeId, state: State) -> PeerSeen {
     }
 }
 
+/// The answer of a rack too old to send its cluster id.
 fn hello(voters: &[NodeId]) -> Hello {
     Hello {
         initialized: !voters.is_empty(),
         voters: voters.iter().copied().collect(),
+        cluster: None,
+    }
+}
+
+/// The answer of a rack in cluster `cluster`.
+fn hello_in(cluster: u64, voters: &[NodeId]) -> Hello {
+    Hello {
+        cluster: Some(cluster),
+        ..hello(voters)
     }
 }
 
@@ -60,6 +70,7 @@ fn lonely(now: Instant, admitted: &[NodeId]) -> Observation {
             leader: false,
             last_append: now,
             membership: Membership::default(),
+            cluster: None,
         },
         admitted: admitted
             .iter()
@@ -73,8 +84,12 @@ fn lonely(now: Instant, admitted: &[NodeId]) -> Observation {
     }
 }
 
+/// The cluster id of every [`InCluster`] observation.
+const OUR_CLUSTER: u64 = 0xc1;
+
 /// An observation of a rack in a cluster of `voters` (+ `learners`), all
 /// of `alive` alive in the mesh and admitted.
+#[derive(Clone)]
 struct InCluster {
     now: Instant,
     leader: bool,
@@ -117,6 +132,7 @@ impl InCluster {
                     voters: self.voters.iter().copied().collect(),
                     nodes,
                 },
+                cluster: Some(OUR_CLUSTER),
             },
             admitted: self
                 .peers
@@ -322,6 +338,103 @@ fn merge_table() {
     }
 }
 
+/// With cluster ids, "same cluster" is exact: a rival that still lists
+/// this rack among its voters (it was added there, then joined another
+/// cluster before its first append arrived) is a rival all the same, and
+/// a member whose voters differ from ours (a change under way) is ours.
+/// Seen at 32 racks: a rack sat for minutes in a cluster whose other
+/// voters had all moved to the winner, which listed it too, each side
+/// taking the other for its own.
+#[test]
+fn merge_table_by_cluster_id() {
+    let t0 = Instant::now();
+    let me = 5;
+    // (name, our voters, peer 8's cluster and voters, leaves?)
+    type Case<'a> = (&'a str, Vec<NodeId>, u64, Vec<NodeId>, bool);
+    let cases: Vec<Case> = vec![
+        (
+            "a rival that lists us is still a rival",
+            vec![5, 6, 7],
+            0xd2,
+            vec![5, 6, 8, 9, 10, 11, 12],
+            true,
+        ),
+        (
+            "a rival that lists us and loses is left behind",
+            vec![5, 6, 7, 13],
+            0xd2,
+            vec![5, 8],
+            false,
+        ),
+        (
+            "our cluster whatever its voters",
+            vec![5, 6],
+            OUR_CLUSTER,
+            vec![6, 8, 9, 10],
+            false,
+        ),
+        (
+            "the same voters under a lower id win",
+            vec![5, 8],
+            0x01,
+            vec![5, 8],
+            true,
+        ),
+        (
+            "the same voters under a higher id lose",
+            vec![5, 8],
+            0xff,
+            vec![5, 8],
+            false,
+        ),
+    ];
+    for (name, ours, cluster, theirs, leaves) in cases {
+        let mut f = machine(me, t0);
+        // Leaderless (no append for 10 s), so voters of ours are asked too:
+        // two clusters that list the same voters cannot both lead.
+        let mut c = InCluster::new(at(t0, 10_000), &ours);
+        c.last_append = t0;
+        c.leader = false;
+        c.peers = vec![peer(8, State::Alive)];
+        let a = Answers::from([(8, hello_in(cluster, &theirs))]);
+        let mut left = false;
+        for _ in 0..settings().merge_confirmations() {
+            left |= f
+                .decide(&c.obs(), &a)
+                .iter()
+                .any(|a| matches!(a, Action::Leave { .. }));
+        }
+        assert_eq!(left, leaves, "{name}");
+    }
+}
+
+/// A leader adds a rack of another cluster as a learner never, even one
+/// whose voters overlap ours (racks that moved over sit in both lists):
+/// it would refuse our calls and sit listed in two clusters. It adds a
+/// rack of its own cluster back.
+#[test]
+fn grow_adds_no_rack_of_another_cluster() {
+    let t0 = Instant::now();
+    let f = machine(5, t0);
+    let mut c = InCluster::new(t0, &[5, 6]);
+    c.peers = vec![peer(6, State::Alive), peer(8, State::Alive)];
+    let rival = Answers::from([(8, hello_in(0xd2, &[6, 8]))]);
+    assert_eq!(f.grow(&c.obs(), &rival), None);
+    let old = Answers::from([(8, hello(&[6, 8]))]);
+    assert!(
+        matches!(
+            f.grow(&c.obs(), &old),
+            Some(Action::AddLearner { id: 8, .. })
+        ),
+        "a rack too old to say is judged by its voters"
+    );
+    let ours = Answers::from([(8, hello_in(OUR_CLUSTER, &[6, 8]))]);
+    assert!(matches!(
+        f.grow(&c.obs(), &ours),
+        Some(Action::AddLearner { id: 8, .. })
+    ));
+}
+
 #[test]
 fn merge_asks_only_outsiders_unless_leaderless() {
     let t0 = Instant::now();
@@ -362,6 +475,16 @@ fn members_known_to_be_in_our_cluster_are_asked_only_every_recheck() {
         BTreeSet::from([8, 9]),
         "7 rests; a member in another cluster and a non-member are asked every check"
     );
+    // A follower whose leader fell silent asks them again sooner.
+    let mut silent = c.clone();
+    silent.leader = false;
+    let soon = u64::try_from(SAME_CLUSTER_RECHECK_LEADERLESS.as_millis()).unwrap();
+    silent.now = at(t0, 10_000 + soon - 1);
+    silent.last_append = at(t0, 10_000 + soon - 1 - 751);
+    assert!(!ids(f.asks(&silent.obs())).contains(&7));
+    silent.now = at(t0, 10_000 + soon);
+    silent.last_append = at(t0, 10_000 + soon - 751);
+    assert!(ids(f.asks(&silent.obs())).contains(&7));
     let recheck = u64::try_from(SAME_CLUSTER_RECHECK.as_millis()).unwrap();
     c.now = at(t0, 10_000 + recheck - 1);
     assert!(!ids(f.asks(&c.obs())).contains(&7));
