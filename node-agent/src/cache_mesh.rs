@@ -37,7 +37,7 @@ use bytes::Bytes;
 use cache_proxy::mesh::PeerError;
 use cache_proxy::{
     ForwardRequest, ForwardResponse, Gateways, KeyDigest, KeyHash, ObjectMeta, PeerDirectory,
-    PeerObject, ProxyHandle, Replicator, TunnelOpen, UplinkReport,
+    PeerObject, ProxyHandle, Replicator, TunnelOpen, UplinkReport, UplinkState,
 };
 use futures::future::BoxFuture;
 use futures::{AsyncReadExt, AsyncWriteExt};
@@ -81,6 +81,13 @@ pub const DIGEST_REFRESH: Duration = Duration::from_secs(20);
 /// changed one within a [`PEERS_REFRESH`]): one lost report still leaves
 /// the peer a fresh one ([`cache_proxy::gateway::REPORT_MAX_AGE`]).
 pub const UPLINK_REFRESH: Duration = Duration::from_secs(4);
+/// An unchanged report of a `down` uplink is sent again after this. Most
+/// racks have no uplink, and nothing reads the age of a `down` report (it
+/// is never a gateway, and its bytes used today count whatever its age),
+/// so it is refreshed only against a lost message: at 32 racks, a
+/// refresh every [`UPLINK_REFRESH`] was 8 streams a second from every
+/// rack and as many into it.
+pub const UPLINK_DOWN_REFRESH: Duration = Duration::from_secs(30);
 /// Largest digest accepted: 16 MiB covers ~13 M keys at 1 %.
 pub const MAX_DIGEST_BYTES: usize = 16 << 20;
 /// Largest object moved between racks (tiles are KBs; web objects a few MB).
@@ -436,7 +443,12 @@ impl CacheMesh {
                     let peers = self.admitted_peers();
                     self.uplinks.write().expect("uplinks lock").retain(|p, _| peers.contains(p));
                     self.note_field_budget(&proxy);
-                    let due = lock(&uplink_sent).due(&peers, &report, Instant::now());
+                    let refresh = if report.state == UplinkState::Down {
+                        UPLINK_DOWN_REFRESH
+                    } else {
+                        UPLINK_REFRESH
+                    };
+                    let due = lock(&uplink_sent).due_within(&peers, &report, Instant::now(), refresh);
                     let body = serde_json::to_vec(&report).expect("report serializes");
                     for peer in due {
                         let send = self.send_once(peer, UPLINK_PROTOCOL, body.clone(), Some(PEERS_REFRESH));

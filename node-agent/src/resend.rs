@@ -30,12 +30,26 @@ impl<P: Eq + Hash + Clone, V: PartialEq + Clone> Resend<P, V> {
     /// peers last sent something else, peers last sent it `refresh` ago.
     /// They are recorded as sent; peers no longer listed are forgotten.
     pub fn due(&mut self, peers: &[P], value: &V, now: Instant) -> Vec<P> {
+        self.due_within(peers, value, now, self.refresh)
+    }
+
+    /// Like [`Resend::due`], an unchanged `value` going out again after
+    /// `refresh` rather than the usual period (a value whose age nobody
+    /// reads needs refreshing only against a lost message).
+    pub fn due_within(
+        &mut self,
+        peers: &[P],
+        value: &V,
+        now: Instant,
+        refresh: Duration,
+    ) -> Vec<P> {
         self.sent.retain(|p, _| peers.contains(p));
         let mut out = Vec::new();
         for p in peers {
-            let fresh = self.sent.get(p).is_some_and(|(v, at)| {
-                v == value && now.saturating_duration_since(*at) < self.refresh
-            });
+            let fresh = self
+                .sent
+                .get(p)
+                .is_some_and(|(v, at)| v == value && now.saturating_duration_since(*at) < refresh);
             if !fresh {
                 self.sent.insert(p.clone(), (value.clone(), now));
                 out.push(p.clone());
@@ -94,6 +108,27 @@ mod tests {
             vec!["a"],
             "a peer that left and came back is new"
         );
+    }
+
+    #[test]
+    fn a_longer_refresh_holds_an_unchanged_value_longer_and_a_change_still_goes_at_once() {
+        let t0 = Instant::now();
+        let long = REFRESH * 5;
+        let mut r = Resend::new(REFRESH);
+        assert_eq!(r.due_within(&["a"], &1, t0, long), vec!["a"]);
+        assert!(r.due_within(&["a"], &1, t0 + REFRESH * 2, long).is_empty());
+        assert_eq!(
+            r.due(&["a"], &1, t0 + REFRESH * 2),
+            vec!["a"],
+            "the usual period still applies to a call that asks for it"
+        );
+        assert_eq!(
+            r.due_within(&["a"], &2, t0 + REFRESH * 2, long),
+            vec!["a"],
+            "a change goes at once"
+        );
+        assert!(r.due_within(&["a"], &2, t0 + REFRESH * 6, long).is_empty());
+        assert_eq!(r.due_within(&["a"], &2, t0 + REFRESH * 7, long), vec!["a"]);
     }
 
     proptest! {

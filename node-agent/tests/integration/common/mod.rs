@@ -85,12 +85,17 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(config: &Path, log: &Path) -> Agent {
+        Agent::start_bin(BIN, config, log)
+    }
+
+    /// Like [`Agent::start`], with the agent binary at `bin`.
+    pub fn start_bin(bin: &str, config: &Path, log: &Path) -> Agent {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(bin)
             .arg("agent")
             .arg("--config")
             .arg(config)
