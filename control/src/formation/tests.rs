@@ -322,20 +322,23 @@ fn merge_table() {
         ),
     ];
     for (name, ours, theirs, leaves) in cases {
-        let mut f = machine(me, t0);
         let mut c = InCluster::new(t0, &ours);
         c.leader = false;
         c.peers = vec![peer(8, State::Alive)];
-        let a = answers(&[(8, &theirs)]);
-        let mut left = false;
-        for _ in 0..settings().merge_confirmations() {
-            left |= f
-                .decide(&c.obs(), &a)
-                .iter()
-                .any(|a| matches!(a, Action::Leave { .. }));
-        }
+        let left = leaves_within_confirmations(machine(me, t0), &c, &answers(&[(8, &theirs)]));
         assert_eq!(left, leaves, "{name}");
     }
+}
+
+/// Whether `f`, observing `c` and hearing `a` for a merge's worth of
+/// checks, leaves its cluster.
+fn leaves_within_confirmations(mut f: Formation, c: &InCluster, a: &Answers) -> bool {
+    (0..settings().merge_confirmations()).fold(false, |left, _| {
+        left | f
+            .decide(&c.obs(), a)
+            .iter()
+            .any(|a| matches!(a, Action::Leave { .. }))
+    })
 }
 
 /// With cluster ids, "same cluster" is exact: a rival that still lists
@@ -389,7 +392,7 @@ fn merge_table_by_cluster_id() {
         ),
     ];
     for (name, ours, cluster, theirs, leaves) in cases {
-        let mut f = machine(me, t0);
+        let f = machine(me, t0);
         // Leaderless (no append for 10 s), so voters of ours are asked too:
         // two clusters that list the same voters cannot both lead.
         let mut c = InCluster::new(at(t0, 10_000), &ours);
@@ -397,14 +400,7 @@ fn merge_table_by_cluster_id() {
         c.leader = false;
         c.peers = vec![peer(8, State::Alive)];
         let a = Answers::from([(8, hello_in(cluster, &theirs))]);
-        let mut left = false;
-        for _ in 0..settings().merge_confirmations() {
-            left |= f
-                .decide(&c.obs(), &a)
-                .iter()
-                .any(|a| matches!(a, Action::Leave { .. }));
-        }
-        assert_eq!(left, leaves, "{name}");
+        assert_eq!(leaves_within_confirmations(f, &c, &a), leaves, "{name}");
     }
 }
 
