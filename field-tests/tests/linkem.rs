@@ -91,6 +91,20 @@ fn radio_poor_measures_as_its_profile() -> Result<()> {
     self_test("radio-poor", Plan::QUICK)
 }
 
+/// 1 Gbit/s through a userspace forwarder takes most of a 2-core
+/// machine: beside the suite's other lanes it measures the machine, not
+/// the emulator (in a suite run: 867 Mbit/s, 0.74 ms mean delay), so it
+/// runs alone: `cargo test -p field-tests --test linkem -- --ignored lan_`.
+#[test]
+#[ignore = "needs the machine to itself: cargo test -p field-tests --test linkem -- --ignored lan_"]
+fn lan_measures_as_its_profile() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let _guard = serial();
+    self_test("lan", Plan::QUICK)
+}
+
 #[test]
 fn lossy_measures_as_its_profile() -> Result<()> {
     if skip() {
@@ -226,7 +240,7 @@ fn long_self_test_of_every_profile() -> Result<()> {
         return Ok(());
     }
     let _guard = serial();
-    for spec in ["radio-good", "radio-poor", "lossy", "satellite"] {
+    for spec in ["lan", "radio-good", "radio-poor", "lossy", "satellite"] {
         self_test(spec, Plan::LONG)?;
     }
     Ok(())
