@@ -321,13 +321,16 @@ fn read_loop(
             Ok(n) => n,
             Err(_) if stop.is_trigger() => return,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            // A super-packet the splitter refuses (not IP, a bad header):
-            // lost on the link, as a real one would be.
+            // A super-packet the splitter refuses (not IP, a bad header:
+            // errors of its own, with no OS error code): lost on the link,
+            // as a real one would be. An error from the device itself ends
+            // the loop below, never spins it.
             Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Other
-                ) =>
+                if e.raw_os_error().is_none()
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Other
+                    ) =>
             {
                 shared.lock().unwrap().unsplittable += 1;
                 continue;
