@@ -196,7 +196,8 @@ pub struct Net {
 /// stream of its own: with 24 learners at 32 racks that traffic was most
 /// of the field's idle CPU. A learner does not count toward a commit, so
 /// its appends wait for this and carry what gathered meanwhile (at most
-/// four a second); voters are not paced, so commits are not slower.
+/// four a second); voters are paced less ([`VOTER_APPEND_EVERY`]), since
+/// a commit waits for them.
 pub const LEARNER_APPEND_EVERY: Duration = Duration::from_millis(250);
 
 /// Shortest time between two appends to a voter. Unpaced, a field of N
