@@ -151,10 +151,15 @@ impl RaftView {
     /// same voters or lists us.
     #[must_use]
     pub fn same_cluster(&self, me: NodeId, hello: &Hello) -> bool {
-        match (self.cluster, hello.cluster) {
-            (Some(ours), Some(theirs)) => ours == theirs,
-            _ => hello.voters == self.membership.voters || hello.voters.contains(&me),
-        }
+        self.same_id(hello)
+            .unwrap_or_else(|| hello.voters == self.membership.voters || hello.voters.contains(&me))
+    }
+
+    /// Whether `hello` carries this rack's cluster id; `None` when either
+    /// side has no id to compare.
+    #[must_use]
+    pub fn same_id(&self, hello: &Hello) -> Option<bool> {
+        Some(self.cluster? == hello.cluster?)
     }
 }
 
@@ -616,9 +621,10 @@ impl Formation {
             // old to send it, its stale voters overlap ours): a rack of
             // another cluster would refuse our calls (it leaves its
             // cluster first if ours wins).
-            let ours = |h: &Hello| match (obs.raft.cluster, h.cluster) {
-                (Some(a), Some(b)) => a == b,
-                _ => !h.voters.is_disjoint(voters),
+            let ours = |h: &Hello| {
+                obs.raft
+                    .same_id(h)
+                    .unwrap_or_else(|| !h.voters.is_disjoint(voters))
             };
             match answers.get(&peer.id) {
                 Some(h) if h.voters.is_empty() || ours(h) => {
