@@ -467,14 +467,19 @@ impl Flights {
     /// Joins the flight for `key`, or creates it, subscribed from the start
     /// (atomically: nothing can be trimmed in between). Returns the flight,
     /// the subscription and whether the caller is its leader (and so must
-    /// start the fetch and eventually call [`Flights::remove`]).
+    /// start the fetch and eventually call [`Flights::remove`]). A flight
+    /// that already failed is not joined: its leader has yet to take it out
+    /// of the table, and a client that retries at once must get a fetch of
+    /// its own, not the same failure again.
     pub fn join(&self, key: &KeyHash) -> (Arc<Flight>, Subscriber, bool) {
         let mut map = self.map.lock().expect("lock");
         if let Some(f) = map.get(key) {
             let mut st = f.state.lock().expect("lock");
-            st.joiners += 1;
-            let sub = f.subscribe_locked(&mut st);
-            return (f.clone(), sub, false);
+            if !matches!(st.head, Some(Head::Failed(_))) {
+                st.joiners += 1;
+                let sub = f.subscribe_locked(&mut st);
+                return (f.clone(), sub, false);
+            }
         }
         let f = Arc::new(Flight::new(self.budget.clone()));
         map.insert(*key, f.clone());
@@ -554,6 +559,25 @@ mod tests {
         assert!(flights.is_empty());
         drop(early);
         assert_eq!(flights.bytes_held(), 0, "nobody needs the chunks any more");
+    }
+
+    #[tokio::test]
+    async fn a_failed_flight_still_in_the_table_is_not_joined() {
+        let flights = Arc::new(Flights::default());
+        let key = [3u8; 16];
+        let (failed, mut first, leader) = flights.join(&key);
+        assert!(leader);
+        failed.set_head(Head::Failed(FailKind::WrongContent));
+        assert!(matches!(first.head().await, Head::Failed(_)));
+        // Its leader has not removed it yet: a retry leads a new flight.
+        let (retry, _sub, leader) = flights.join(&key);
+        assert!(leader, "a retry must fetch again");
+        assert!(!Arc::ptr_eq(&failed, &retry));
+        // The old leader's removal leaves the new flight in place.
+        flights.remove(&key, &failed);
+        assert!(flights.contains(&key));
+        flights.remove(&key, &retry);
+        assert!(flights.is_empty());
     }
 
     #[tokio::test]
