@@ -71,7 +71,7 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
 /// agent's CPU, and asking each every 5 s still a large part of it; a
 /// member that leaves for another cluster is seen within this (the racks
 /// of that cluster that are not members are asked every check as before).
-pub const SAME_CLUSTER_RECHECK: Duration = Duration::from_secs(30);
+pub const SAME_CLUSTER_RECHECK: Duration = Duration::from_secs(60);
 
 /// [`SAME_CLUSTER_RECHECK`] while this rack's cluster has no leader, as
 /// when the others left it behind for another cluster: they are seen to

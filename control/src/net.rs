@@ -196,16 +196,19 @@ pub struct Net {
 /// stream of its own: with 24 learners at 32 racks that traffic was most
 /// of the field's idle CPU. A learner does not count toward a commit, so
 /// its appends wait for this and carry what gathered meanwhile (at most
-/// four a second); voters are paced less ([`VOTER_APPEND_EVERY`]), since
-/// a commit waits for them.
-pub const LEARNER_APPEND_EVERY: Duration = Duration::from_millis(250);
+/// two a second); voters are paced less ([`VOTER_APPEND_EVERY`]), since
+/// a commit waits for them. A learner's view of the field is this much
+/// older at most: it delays what it learns (an appliance assigned to it
+/// starts up to this much later), never what it may do, since its own
+/// start gate counts from when it applied the old owner's renewal.
+pub const LEARNER_APPEND_EVERY: Duration = Duration::from_millis(500);
 
 /// Shortest time between two appends to a voter. Unpaced, a field of N
 /// racks sent every voter about N appends a second (one per renewal), each
 /// a stream of its own; paced, an append carries the renewals that
 /// gathered meanwhile. A commit waits at most this much longer: nothing
 /// next to the lease (8 s) or a failover's timers.
-pub const VOTER_APPEND_EVERY: Duration = Duration::from_millis(100);
+pub const VOTER_APPEND_EVERY: Duration = Duration::from_millis(200);
 
 /// How long an append waits at `now`, the last one to the same node sent
 /// at `last`, appends to it being at least `every` apart.

@@ -73,10 +73,12 @@ pub const DIGEST_INTERVAL: Duration = Duration::from_secs(5);
 /// Target false-positive rate of digests (a wasted peer ask).
 pub const DIGEST_FP: f64 = 0.01;
 /// A peer's digest older than this is ignored (the peer went quiet).
-pub const DIGEST_MAX_AGE: Duration = Duration::from_secs(60);
+pub const DIGEST_MAX_AGE: Duration = Duration::from_secs(180);
 /// An unchanged digest is sent to a peer again after this (a changed one
-/// at the next [`DIGEST_INTERVAL`]): well inside [`DIGEST_MAX_AGE`].
-pub const DIGEST_REFRESH: Duration = Duration::from_secs(20);
+/// at the next [`DIGEST_INTERVAL`]): well inside [`DIGEST_MAX_AGE`]. Every
+/// rack sends one to every other, so at 32 racks a refresh every 20 s was
+/// three streams a second into and out of every rack.
+pub const DIGEST_REFRESH: Duration = Duration::from_secs(60);
 /// An unchanged uplink report is sent to a peer again after this (a
 /// changed one within a [`PEERS_REFRESH`]): one lost report still leaves
 /// the peer a fresh one ([`cache_proxy::gateway::REPORT_MAX_AGE`]).
@@ -87,7 +89,7 @@ pub const UPLINK_REFRESH: Duration = Duration::from_secs(4);
 /// so it is refreshed only against a lost message: at 32 racks, a
 /// refresh every [`UPLINK_REFRESH`] was 8 streams a second from every
 /// rack and as many into it.
-pub const UPLINK_DOWN_REFRESH: Duration = Duration::from_secs(30);
+pub const UPLINK_DOWN_REFRESH: Duration = Duration::from_secs(60);
 /// Largest digest accepted: 16 MiB covers ~13 M keys at 1 %.
 pub const MAX_DIGEST_BYTES: usize = 16 << 20;
 /// Largest object moved between racks (tiles are KBs; web objects a few MB).

@@ -23,6 +23,7 @@
 //! - [`order`]: shutdown stops appliances before those they start `after`.
 //! - [`status`]: the rows of `status.appliances`.
 
+mod cadence;
 mod effects;
 pub mod instance;
 pub mod order;
@@ -341,7 +342,8 @@ impl Supervisor {
         }
     }
 
-    /// Renew every `renew_every`, each renewal on its own: one that is slow
+    /// Renew every `renew_every` (every [`cadence::idle_every`] while the
+    /// rack has nothing to run or tell: [`cadence`]), each renewal on its own: one that is slow
     /// (a satellite hop) or lost (a dropped packet, a fade) does not hold
     /// back the next, which leaves on time. Each grant goes straight to the
     /// instance tasks (a `watch` write: nothing awaited); a grant answered
@@ -353,14 +355,34 @@ impl Supervisor {
         let cfg = self.control.lease_config();
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_RENEWALS_IN_FLIGHT));
         let mut renewals = tokio::task::JoinSet::new();
+        let idle_every = cadence::idle_every(&cfg);
+        let mut cadence = cadence::Cadence::default();
         let mut next = Instant::now();
         loop {
             while renewals.try_join_next().is_some() {}
-            match slots.clone().try_acquire_owned() {
-                Ok(_) if self.is_powered_off() => {}
-                Ok(slot) => {
-                    let report = self.report().await;
+            let report = if self.is_powered_off() {
+                None
+            } else {
+                let report = self.report().await;
+                let assigned = !self.control.state().borrow().grants(&self.rack).is_empty();
+                let granted_sent = self.lease.borrow().sent_at();
+                let now = Instant::now();
+                cadence
+                    .due(
+                        now,
+                        &report,
+                        assigned,
+                        granted_sent,
+                        cfg.renew_every,
+                        idle_every,
+                    )
+                    .then_some(report)
+            };
+            match report.map(|r| (r, slots.clone().try_acquire_owned())) {
+                None => {}
+                Some((report, Ok(slot))) => {
                     let sent = Instant::now();
+                    cadence.sent(sent, report.clone());
                     let me = self.clone();
                     renewals.spawn(async move {
                         let _slot = slot;
@@ -384,7 +406,7 @@ impl Supervisor {
                         }
                     });
                 }
-                Err(_) => tracing::debug!("every renewal slot busy; skipping one"),
+                Some((_, Err(_))) => tracing::debug!("every renewal slot busy; skipping one"),
             }
             next = (next + cfg.renew_every).max(Instant::now());
             tokio::select! {
