@@ -20,6 +20,7 @@ pub mod filter;
 pub mod membership;
 pub mod node;
 pub mod protocol;
+pub mod stale;
 
 #[cfg(test)]
 mod fuzz_seeds;

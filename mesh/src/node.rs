@@ -21,7 +21,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
-use libp2p::{connection_limits, identify, ping, Multiaddr, PeerId, StreamProtocol, Swarm};
+use libp2p::{connection_limits, identify, Multiaddr, PeerId, StreamProtocol, Swarm};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -156,7 +156,7 @@ pub struct PeerStatus {
     pub state: State,
     /// Its incarnation.
     pub incarnation: u64,
-    /// Round trip of the last direct probe (or libp2p ping).
+    /// Round trip of the last direct SWIM probe.
     pub rtt: Option<Duration>,
     /// Time since we last heard from it directly.
     pub last_seen: Option<Duration>,
@@ -517,7 +517,6 @@ pub enum SetFilterError {
 struct Behaviour {
     limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
-    ping: ping::Behaviour,
     admit: request_response::cbor::Behaviour<AdmitRequest, AdmitResponse>,
     rpc: request_response::cbor::Behaviour<Rpc, RpcReply>,
     stream: libp2p_stream::Behaviour,
@@ -641,18 +640,19 @@ pub async fn start(
     Ok((handle, task))
 }
 
-/// How often libp2p's ping runs on every connection. Pings close a
-/// connection that stopped carrying packets (a SIGKILLed peer) within
-/// `PING_EVERY + PING_TIMEOUT`, so requests stop being routed onto it;
-/// liveness itself is SWIM's job. Every rack pings every other one, so
-/// this is the field's largest idle traffic: at 32 racks a ping every 2 s
-/// (with QUIC's keep-alive beside it) was about 200 packets a second per
-/// rack and most of an idle agent's CPU.
-pub const PING_EVERY: Duration = Duration::from_secs(5);
+/// QUIC's keep-alive on a quiet mesh connection: a PING frame when nothing
+/// else was sent for this long, well inside the idle timeout and NAT/UDP
+/// state lifetimes. There is no libp2p ping: every rack would ping every
+/// other one, which at 32 racks was the largest idle traffic of the field
+/// and most of an idle agent's CPU. A connection that stopped carrying
+/// packets is closed by SWIM (a peer it declares dead is disconnected), by
+/// a fresh connection from a peer held suspect or dead, by a restarted
+/// peer's stateless reset, or at the idle timeout.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-/// How long a ping waits for its answer: five round trips of the 600 ms
-/// satellite hop.
-pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often identify runs again on a connection (it runs once as the
+/// connection opens): listen addresses seldom change in a field.
+pub const IDENTIFY_EVERY: Duration = Duration::from_secs(600);
 
 fn build_swarm(s: &MeshSettings) -> Result<Swarm<Behaviour>, StartError> {
     let idle_ms = u32::try_from(s.idle_timeout.as_millis()).unwrap_or(u32::MAX);
@@ -665,9 +665,7 @@ fn build_swarm(s: &MeshSettings) -> Result<Swarm<Behaviour>, StartError> {
         .with_tokio()
         .with_quic_config(|mut c| {
             c.max_idle_timeout = idle_ms;
-            // libp2p's pings keep a healthy connection busy; QUIC's own
-            // keep-alive only covers the time between them.
-            c.keep_alive_interval = (PING_EVERY * 2).min(s.idle_timeout / 2);
+            c.keep_alive_interval = KEEP_ALIVE.min(s.idle_timeout / 2);
             c
         })
         .with_behaviour(|key| Behaviour {
@@ -675,12 +673,7 @@ fn build_swarm(s: &MeshSettings) -> Result<Swarm<Behaviour>, StartError> {
             identify: identify::Behaviour::new(
                 identify::Config::new("/fieldrack/id/1".into(), key.public())
                     .with_agent_version(format!("fieldrack/{}", env!("CARGO_PKG_VERSION")))
-                    .with_interval(Duration::from_secs(60)),
-            ),
-            ping: ping::Behaviour::new(
-                ping::Config::new()
-                    .with_interval(PING_EVERY)
-                    .with_timeout(PING_TIMEOUT),
+                    .with_interval(IDENTIFY_EVERY),
             ),
             admit: request_response::cbor::Behaviour::new(
                 [(StreamProtocol::new(ADMIT_PROTOCOL), ProtocolSupport::Full)],
@@ -695,7 +688,7 @@ fn build_swarm(s: &MeshSettings) -> Result<Swarm<Behaviour>, StartError> {
             stream: libp2p_stream::Behaviour::new(),
         })
         .map_err(|e| StartError::Build(e.to_string()))?
-        // Keep-alive is SWIM's and ping's business; never drop a quiet but
+        // Keep-alive is SWIM's and QUIC's business; never drop a quiet but
         // healthy link to a fellow rack.
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
         .build();
@@ -729,16 +722,15 @@ struct Actor {
     admission: Admission,
     membership: Membership<RackInfo>,
     rng: StdRng,
-    /// Open connections per peer, oldest first.
-    connections: HashMap<PeerId, Vec<ConnectionId>>,
+    /// Open connections per peer, oldest first, with when each was
+    /// established.
+    connections: HashMap<PeerId, Vec<(ConnectionId, Instant)>>,
     /// Remote addresses we are connected to (to skip bootstrap redials).
     connected_addrs: HashMap<ConnectionId, Multiaddr>,
     /// Where each known fleet peer can be dialled.
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
     /// Rack names learned from certificates (kept after disconnect).
     rack_names: HashMap<PeerId, String>,
-    /// Latest libp2p ping RTT per peer.
-    ping_rtt: HashMap<PeerId, Duration>,
     /// Reconnect schedule per bootstrap address.
     bootstrap_backoff: Vec<(Multiaddr, Backoff)>,
     /// Reconnect schedule per known peer.
@@ -828,7 +820,6 @@ impl Actor {
             connected_addrs: HashMap::new(),
             addresses: HashMap::new(),
             rack_names: HashMap::new(),
-            ping_rtt: HashMap::new(),
             bootstrap_backoff,
             peer_backoff: HashMap::new(),
             redials: HashMap::new(),
@@ -957,7 +948,6 @@ impl Actor {
                 }
                 self.addresses.remove(&peer);
                 self.peer_backoff.remove(&peer);
-                self.ping_rtt.remove(&peer);
                 let targets: Vec<PeerId> = self
                     .admission
                     .admitted_peers()
@@ -1004,7 +994,7 @@ impl Actor {
                     .get(p)?
                     .iter()
                     .rev()
-                    .find_map(|c| self.connected_addrs.get(c).and_then(ip_of))?;
+                    .find_map(|(c, _)| self.connected_addrs.get(c).and_then(ip_of))?;
                 Some((*p, SocketAddr::new(ip, port)))
             })
             .collect();
@@ -1129,9 +1119,6 @@ impl Actor {
                 let _ = self.events.send(MeshEvent::Rejected { peer, reason });
             }
             Verdict::Quiet => tracing::debug!(%peer, %reason, "{what} (again)"),
-        }
-        if !self.admission.is_admitted(&peer) && self.membership.member(&peer).is_none() {
-            self.ping_rtt.remove(&peer);
         }
     }
 
@@ -1266,19 +1253,23 @@ impl Actor {
                     self.remember_addrs(peer_id, [endpoint.get_remote_address().clone()]);
                 }
                 // A fresh connection to a peer we hold suspect or dead means
-                // it restarted or a link healed: older connections are stale
-                // (they would swallow messages until they time out).
-                let stale_peer = matches!(
-                    self.membership.member(&peer_id).map(|m| m.state),
-                    Some(State::Dead | State::Suspect)
-                );
+                // it restarted or a link healed: connections older than the
+                // suspicion are stale (they would swallow messages until
+                // they time out); see `stale`.
+                let suspected_since = self
+                    .membership
+                    .member(&peer_id)
+                    .filter(|m| matches!(m.state, State::Dead | State::Suspect))
+                    .map(|m| m.since);
                 let conns = self.connections.entry(peer_id).or_default();
-                if stale_peer {
-                    for old in conns.drain(..) {
-                        self.swarm.close_connection(old);
+                if let Some(since) = suspected_since {
+                    let old = crate::stale::stale(conns, since);
+                    conns.retain(|(c, _)| !old.contains(c));
+                    for c in old {
+                        self.swarm.close_connection(c);
                     }
                 }
-                conns.push(connection_id);
+                conns.push((connection_id, Instant::now()));
                 self.sync_bulk_addrs();
                 self.offer_certificate(peer_id);
             }
@@ -1290,7 +1281,7 @@ impl Actor {
             } => {
                 self.connected_addrs.remove(&connection_id);
                 if let Some(c) = self.connections.get_mut(&peer_id) {
-                    c.retain(|id| *id != connection_id);
+                    c.retain(|(id, _)| *id != connection_id);
                 }
                 self.sync_bulk_addrs();
                 if num_established == 0 {
@@ -1299,10 +1290,6 @@ impl Actor {
                     self.admission.disconnected(&peer_id);
                     self.sync_admitted();
                     self.pending_acks.retain(|(p, _), _| *p != peer_id);
-                    if self.membership.member(&peer_id).is_none() {
-                        // Never a fleet member: nothing will show its RTT.
-                        self.ping_rtt.remove(&peer_id);
-                    }
                 }
             }
             SwarmEvent::OutgoingConnectionError {
@@ -1327,24 +1314,6 @@ impl Actor {
                     .collect();
                 self.remember_addrs(peer_id, addrs);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
-                peer,
-                connection,
-                result,
-            })) => match result {
-                Ok(rtt) => {
-                    // Kept also before admission (the first ping runs as the
-                    // connection opens, the next one 15 s later): an entry
-                    // lives only while its peer is connected or a member and
-                    // goes when it is rejected, so the map is bounded by the
-                    // connection limit.
-                    self.ping_rtt.insert(peer, rtt);
-                }
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "ping failed: closing connection");
-                    self.swarm.close_connection(connection);
-                }
-            },
             _ => {}
         }
     }
@@ -1669,7 +1638,7 @@ impl Actor {
                 rack: self.rack_name(&m.id),
                 state: m.state,
                 incarnation: m.incarnation,
-                rtt: m.rtt.or_else(|| self.ping_rtt.get(&m.id).copied()),
+                rtt: m.rtt,
                 last_seen: m.last_seen.map(|t| now.saturating_duration_since(t)),
                 since: now.saturating_duration_since(m.since),
                 connected: self.swarm.is_connected(&m.id),

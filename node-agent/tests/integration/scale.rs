@@ -205,6 +205,7 @@ async fn thirty_two_racks_converge_keep_seven_voters_and_fail_over() {
         .and_then(|s| s.appliances.into_iter().find(|a| a.name == "clinic"))
         .unwrap()
         .epoch;
+    let leader_then = control(&fleet, &names[0]).await.and_then(|c| c.leader);
     agents
         .iter_mut()
         .find(|(r, _)| *r == victim)
@@ -212,22 +213,38 @@ async fn thirty_two_racks_converge_keep_seven_voters_and_fail_over() {
         .1
         .sigkill();
     let killed = Instant::now();
+    // The phases, as r01 sees them: reassigned (a new epoch), running.
+    let reassigned = std::sync::Mutex::new(None::<(Duration, Option<String>)>);
     let failover = wait_until(Duration::from_secs(120), "clinic failed over", || async {
-        status(&fleet.client(&names[0]))
+        let row = status(&fleet.client(&names[0]))
             .await
-            .and_then(|s| s.appliances.into_iter().find(|a| a.name == "clinic"))
-            .is_some_and(|a| {
-                a.state == "running"
-                    && a.epoch > epoch
-                    && a.owner.as_deref() != Some(victim.as_str())
-            })
+            .and_then(|s| s.appliances.into_iter().find(|a| a.name == "clinic"));
+        let Some(a) = row else { return false };
+        if a.epoch > epoch {
+            let mut r = reassigned.lock().unwrap();
+            if r.is_none() {
+                *r = Some((killed.elapsed(), a.owner.clone()));
+            }
+        }
+        a.state == "running" && a.epoch > epoch && a.owner.as_deref() != Some(victim.as_str())
     })
     .await;
+    let (assigned_after, new_owner) = reassigned.into_inner().unwrap().unwrap_or_default();
     println!(
-        "SIGKILL of voter {victim} running clinic: running elsewhere {:.1} s later (target {} s): {}",
+        "SIGKILL of voter {victim} ({}) running clinic: running elsewhere {:.1} s later (target {} s): {}",
+        if leader_then.as_deref() == Some(victim.as_str()) {
+            "the leader"
+        } else {
+            "not the leader"
+        },
         failover.as_secs_f64(),
         FAILOVER_TARGET.as_secs(),
         verdict(failover <= FAILOVER_TARGET)
+    );
+    println!(
+        "  reassigned to {} {:.1} s after the kill (as r01 saw it)",
+        new_owner.as_deref().unwrap_or("?"),
+        assigned_after.as_secs_f64()
     );
     wait_until(Duration::from_secs(180), "a learner promoted", || async {
         control(&fleet, &names[0]).await.is_some_and(|c| {

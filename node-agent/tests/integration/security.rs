@@ -229,7 +229,7 @@ fn absurd_config_values_exit_64_naming_the_field() {
     let cases: Vec<(String, &str)> = vec![
         (
             good.replace(
-                "admission_timeout_ms = 3000",
+                "admission_timeout_ms = 10000",
                 &format!("admission_timeout_ms = {max}"),
             ),
             "mesh.admission_timeout_ms",
