@@ -397,6 +397,24 @@ impl Fleet {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Prints, for every rack, the last `lines` log lines that contain
+    /// one of `words`, each cut at 220 characters, to stderr: what a failed
+    /// test's reader needs first when the whole tails would be cut short.
+    pub fn dump_log_lines_with(&self, words: &[&str], lines: usize) {
+        for rack in self.racks() {
+            let text = std::fs::read_to_string(self.log_path(rack)).unwrap_or_default();
+            let hits: Vec<&str> = text
+                .lines()
+                .filter(|l| words.iter().any(|w| l.contains(w)))
+                .collect();
+            eprintln!("----- rack {rack}: last {lines} log lines with {words:?} -----");
+            for l in &hits[hits.len().saturating_sub(lines)..] {
+                let cut = l.char_indices().nth(220).map_or(l.len(), |(i, _)| i);
+                eprintln!("{}", &l[..cut]);
+            }
+        }
+    }
+
     /// Prints the tail of every rack's log to stderr (for failed tests).
     pub fn dump_logs(&self, lines: usize) {
         for rack in self.racks() {

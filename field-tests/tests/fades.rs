@@ -52,9 +52,21 @@ const RADIO: &str = "radio-good";
 /// room for the renewal in flight when it began and the one after it ends.
 const SHORT_FADE: Duration = Duration::from_secs(3);
 
-/// A fade longer than the lease (8 s) plus the new owner's gate (1 s) and
-/// its start.
+/// The shortest long fade: longer than the lease (8 s) plus the new
+/// owner's gate (1 s) and its start.
 const LONG_FADE: Duration = Duration::from_secs(16);
+
+/// The longest long fade: when the faded rack also led the control plane,
+/// the others first elect a leader (the election timer, the pre-vote, the
+/// vote: several seconds), which then waits for the racks to renew with it
+/// (at most half a lease) before it places anything. The fade lasts until
+/// the appliance runs elsewhere plus [`AFTER_FAILOVER`], at least
+/// [`LONG_FADE`], at most this.
+const LONG_FADE_MAX: Duration = Duration::from_secs(40);
+
+/// How long the fade goes on once the appliance failed over: a second
+/// move, or a copy back on the faded rack, would show in it.
+const AFTER_FAILOVER: Duration = Duration::from_secs(2);
 
 /// How long the field is watched after a fade ends.
 const AFTER_FADE: Duration = Duration::from_secs(6);
@@ -80,6 +92,21 @@ const RESUMED_BYTES: u64 = 256 << 10;
 /// move again: the figure's resolution, independent of how long a status
 /// call takes on a loaded machine.
 const RESUME_SAMPLE: Duration = Duration::from_millis(10);
+
+/// What a failure report picks out of the agents' logs first: elections,
+/// placements, fencing and the mesh's verdicts.
+const CONTROL_WORDS: &[&str] = &[
+    "new candidate",
+    "become leader",
+    "elections ",
+    "placement",
+    "fencing",
+    "appliance started",
+    "appliance ended",
+    "rack suspect",
+    "rack dead",
+    "rack alive",
+];
 
 /// Status calls that may fail in a row while watching (a busy machine).
 const STATUS_ERRORS_TOLERATED: u32 = 3;
@@ -221,7 +248,8 @@ impl Scene {
                     Err(e) => eprintln!("{rack}: status failed: {e:#}"),
                 }
             }
-            self.fleet.dump_logs(60);
+            self.fleet.dump_log_lines_with(CONTROL_WORDS, 40);
+            self.fleet.dump_logs(30);
             self.fleet.keep();
         }
         result
@@ -252,6 +280,14 @@ fn app_on(all: &[Status], rack: &str) -> Option<(Option<String>, u64, String)> {
         .find(|s| s.rack == rack)
         .and_then(|s| s.appliance(APP))
         .map(|a| (a.owner.clone(), a.epoch, a.state.clone()))
+}
+
+/// The control-plane leader `rack` follows, by rack name.
+fn leader_seen_by(all: &[Status], rack: &str) -> Option<String> {
+    all.iter()
+        .find(|s| s.rack == rack)
+        .and_then(|s| s.control.as_ref())
+        .and_then(|c| c.leader.clone())
 }
 
 #[test]
@@ -309,12 +345,18 @@ fn fades_shorter_than_the_lease_move_nothing_and_a_long_one_fails_over_once() ->
 
         // A long fade: one failover to a rack of the majority.
         let mut w = ControlWatch::default();
+        let led = leader_seen_by(&scene.statuses(&field)?, "a");
         for l in &links {
             l.set_down(true);
         }
         let faded = Instant::now();
         let mut failed_over = None;
-        while faded.elapsed() < LONG_FADE {
+        while faded.elapsed() < LONG_FADE_MAX
+            && (faded.elapsed() < LONG_FADE
+                || failed_over
+                    .as_ref()
+                    .is_none_or(|(_, _, t)| faded.elapsed() < *t + AFTER_FAILOVER))
+        {
             let all = scene.statuses(&field)?;
             w.sample(&all);
             if failed_over.is_none() {
@@ -326,11 +368,17 @@ fn fades_shorter_than_the_lease_move_nothing_and_a_long_one_fails_over_once() ->
             }
             std::thread::sleep(POLL);
         }
-        let (new_owner, new_epoch, took) = failed_over
-            .ok_or_else(|| anyhow!("{APP} did not fail over during a {LONG_FADE:?} fade"))?;
+        let faded_for = faded.elapsed();
+        let (new_owner, new_epoch, took) = failed_over.ok_or_else(|| {
+            anyhow!(
+                "{APP} did not fail over during a {faded_for:?} fade (leader before it: {led:?})"
+            )
+        })?;
         println!(
-            "[long fade] {APP} running on {new_owner} at epoch {new_epoch} {:.1} s into the fade",
-            took.as_secs_f64()
+            "[long fade] {APP} running on {new_owner} at epoch {new_epoch} {:.1} s into a {:.1} s fade (leader before it: {})",
+            took.as_secs_f64(),
+            faded_for.as_secs_f64(),
+            led.as_deref().unwrap_or("none"),
         );
         for l in &links {
             l.set_down(false);
