@@ -50,6 +50,28 @@ impl Backoff {
     }
 }
 
+/// How long the side with the higher peer id waits before its first dial
+/// of a peer it has just learned of (times a jitter in `[0.5, 1.5)`).
+/// Racks that start together learn of each other at about the same time:
+/// if both dialled at once, every pair would make two connections, two TLS
+/// handshakes and two admissions, and then close one; at 32 racks that
+/// doubled the CPU of a cold start, which is what delayed convergence. The
+/// lower id dials at once; the higher one only if no connection came by
+/// then (the lower side may not know its address, or cannot reach it).
+pub const FIRST_DIAL_DEFER: Duration = Duration::from_secs(2);
+
+/// How long to wait before the first dial of `peer`, learned of just now,
+/// from `local`: nothing for the lower id, [`FIRST_DIAL_DEFER`] times
+/// `jitter` (clamped to `[0.5, 1.5)`) for the higher one. Later dials (the
+/// peer was connected before) follow the reconnect backoff alone.
+pub fn first_dial_delay<T: Ord>(local: &T, peer: &T, jitter: f64) -> Duration {
+    if local < peer {
+        Duration::ZERO
+    } else {
+        FIRST_DIAL_DEFER.mul_f64(jitter.clamp(0.5, 1.5))
+    }
+}
+
 /// First hold-off after a peer failed admission (in either direction: we
 /// refused its certificate or it refused ours). Redialling sooner cannot
 /// help: a certificate does not become valid by itself, and an operator who
@@ -159,6 +181,20 @@ impl<K: Hash + Eq + Copy> Rejections<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_lower_id_dials_a_new_peer_at_once() {
+        assert_eq!(first_dial_delay(&1, &2, 1.0), Duration::ZERO);
+        assert_eq!(first_dial_delay(&2, &1, 1.0), FIRST_DIAL_DEFER);
+        // Exactly one side of every pair waits, and the wait is jittered
+        // within bounds.
+        for (a, b) in [(3, 9), (9, 3), (5, 6)] {
+            let waits = [first_dial_delay(&a, &b, 0.7), first_dial_delay(&b, &a, 0.7)];
+            assert_eq!(waits.iter().filter(|w| w.is_zero()).count(), 1);
+        }
+        assert_eq!(first_dial_delay(&2, &1, 0.0), FIRST_DIAL_DEFER / 2);
+        assert_eq!(first_dial_delay(&2, &1, 9.0), FIRST_DIAL_DEFER.mul_f64(1.5));
+    }
 
     #[test]
     fn rejected_peers_hold_off_and_warn_once_per_step() {

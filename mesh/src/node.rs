@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use util::time::unix_secs;
 
 use crate::admission::{Admission, RevokeOutcome};
-use crate::backoff::{Backoff, Rejections, Verdict};
+use crate::backoff::{first_dial_delay, Backoff, Rejections, Verdict};
 use crate::bulk::plane::Wiring;
 use crate::bulk::{BindError, BulkAddrs, BulkPlane, BulkSettings, MeshStream};
 use crate::discovery::{self, Discovered};
@@ -794,19 +794,25 @@ impl Actor {
             StdRng::seed_from_u64(settings.seed),
             now,
         );
+        let mut rng = StdRng::seed_from_u64(settings.seed ^ 0x5eed);
+        // A bootstrap address naming its peer is dialled at once by the
+        // lower id of the two only (see FIRST_DIAL_DEFER).
         let bootstrap_backoff = settings
             .bootstrap
             .iter()
             .map(|a| {
+                let first = p2p_of(a).map_or(now, |peer| {
+                    now + first_dial_delay(&local, &peer, rng.gen_range(0.5..1.5))
+                });
                 (
                     a.clone(),
-                    Backoff::new(settings.reconnect_initial, settings.reconnect_max, now),
+                    Backoff::new(settings.reconnect_initial, settings.reconnect_max, first),
                 )
             })
             .collect();
         Self {
             shared,
-            rng: StdRng::seed_from_u64(settings.seed ^ 0x5eed),
+            rng,
             settings,
             swarm,
             listen_addrs,
@@ -1001,19 +1007,30 @@ impl Actor {
         *self.shared.bulk_addrs.write().expect("bulk addrs lock") = fresh;
     }
 
+    /// The reconnect schedule of `peer`, made if it is new: its first
+    /// dial is deferred on the higher id's side ([`first_dial_delay`]).
+    fn peer_backoff_of(&mut self, peer: PeerId, now: Instant) -> &mut Backoff {
+        if !self.peer_backoff.contains_key(&peer) {
+            let j = self.jitter();
+            let first = now + first_dial_delay(&self.membership.local_id(), &peer, j);
+            self.peer_backoff.insert(
+                peer,
+                Backoff::new(
+                    self.settings.reconnect_initial,
+                    self.settings.reconnect_max,
+                    first,
+                ),
+            );
+        }
+        self.peer_backoff.get_mut(&peer).expect("inserted above")
+    }
+
     fn on_discovered(&mut self, found: Discovered) {
         if self.admission.is_revoked(&found.peer) {
             return;
         }
         self.remember_addrs(found.peer, found.addrs);
-        let now = Instant::now();
-        self.peer_backoff.entry(found.peer).or_insert_with(|| {
-            Backoff::new(
-                self.settings.reconnect_initial,
-                self.settings.reconnect_max,
-                now,
-            )
-        });
+        self.peer_backoff_of(found.peer, Instant::now());
     }
 
     fn remember_addrs(&mut self, peer: PeerId, addrs: impl IntoIterator<Item = Multiaddr>) {
@@ -1353,16 +1370,7 @@ impl Actor {
                             self.sync_admitted();
                             tracing::info!(rack = %body.rack, %peer, "peer admitted");
                             let now = Instant::now();
-                            self.peer_backoff
-                                .entry(peer)
-                                .or_insert_with(|| {
-                                    Backoff::new(
-                                        self.settings.reconnect_initial,
-                                        self.settings.reconnect_max,
-                                        now,
-                                    )
-                                })
-                                .reset(now);
+                            self.peer_backoff_of(peer, now).reset(now);
                             let revs: Vec<Revocation> = self
                                 .admission
                                 .revocations()
@@ -1535,14 +1543,7 @@ impl Actor {
                         // treats this as a lost message; the redial loop
                         // reconnects.
                         if !self.swarm.is_connected(&to) && !self.admission.is_revoked(&to) {
-                            let now = Instant::now();
-                            self.peer_backoff.entry(to).or_insert_with(|| {
-                                Backoff::new(
-                                    self.settings.reconnect_initial,
-                                    self.settings.reconnect_max,
-                                    now,
-                                )
-                            });
+                            self.peer_backoff_of(to, Instant::now());
                         }
                         continue;
                     }
@@ -1591,16 +1592,8 @@ impl Actor {
                         // all, it reconnects and refutes.
                         let _ = self.swarm.disconnect_peer_id(id);
                     }
-                    if !self.peer_backoff.contains_key(&id) && !self.admission.is_revoked(&id) {
-                        let now = Instant::now();
-                        self.peer_backoff.insert(
-                            id,
-                            Backoff::new(
-                                self.settings.reconnect_initial,
-                                self.settings.reconnect_max,
-                                now,
-                            ),
-                        );
+                    if !self.admission.is_revoked(&id) {
+                        self.peer_backoff_of(id, Instant::now());
                     }
                     let _ = self.events.send(MeshEvent::StateChanged {
                         peer: id,

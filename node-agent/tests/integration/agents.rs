@@ -19,6 +19,17 @@ async fn three_racks_form_a_full_mesh_quickly() {
     })
     .await;
     eprintln!("full mesh formed in {took:?}");
+    // Round trips come from SWIM's probes, one peer per protocol period.
+    wait_until(
+        Duration::from_secs(5),
+        "a round trip to every peer",
+        || async {
+            status(&fleet.client("a"))
+                .await
+                .is_some_and(|s| s.peers.iter().all(|p| p.rtt_ms.is_some()))
+        },
+    )
+    .await;
     let s = status(&fleet.client("a")).await.unwrap();
     assert_eq!(s.rack, "a");
     assert_eq!(s.peers.len(), 2);
