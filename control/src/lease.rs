@@ -16,16 +16,20 @@
 //! [`LeaseWatch::gate`]. Only monotonic clocks and durations are used;
 //! wall clocks never decide anything.
 //!
-//! The owner side is [`Lease`]: an appliance may run while the latest
+//! The owner side is [`Lease`]: an appliance may start while the latest
 //! granted renewal lists it at its current epoch and the lease has more
-//! than `fence_before` left; past that the rack stops (fences) it, so it is
-//! down before any other rack may start it.
+//! than `fence_before` left. Once running, it may go on until the fence
+//! time of the latest grant that listed it at that epoch, even if a newer
+//! grant dropped it (it was moved or failed over): that grant is at the
+//! latest the old owner's last renewal before the reassignment, which is
+//! what every new owner's gate counts from. Past that the rack stops
+//! (fences) it, so it is down before any other rack may start it.
 //!
 //! # Why fencing always ends before the lease
 //!
 //! Each running instance is stopped by a task of its own whose only
 //! deadline is [`Lease::deadline`] (the *fence time* `sent + lease −
-//! fence_before` of the latest grant listing it): SIGTERM, at most
+//! fence_before` of the latest grant listing it at its epoch): SIGTERM, at most
 //! `fence_grace`, then SIGKILL, which takes effect and is reaped within
 //! [`KILL_REAP`]. Instances are fenced concurrently, so their number does
 //! not add up, and nothing else (a renewal, a transfer, a health probe)
@@ -131,6 +135,9 @@ impl LeaseConfig {
 pub struct Lease {
     sent_at: Option<Instant>,
     grants: BTreeMap<String, u64>,
+    /// Per appliance, the epoch and send time of the latest grant that
+    /// listed it: what it may keep running on (see [`Lease::deadline`]).
+    listed: BTreeMap<String, (u64, Instant)>,
 }
 
 impl Lease {
@@ -142,6 +149,12 @@ impl Lease {
         }
         self.sent_at = Some(sent_at);
         self.grants = grants.into_iter().collect();
+        for (app, epoch) in &self.grants {
+            self.listed.insert(app.clone(), (*epoch, sent_at));
+        }
+        // An appliance no grant listed for long has no deadline left.
+        self.listed
+            .retain(|_, (_, s)| sent_at.saturating_duration_since(*s) < PRUNE_LISTED_AFTER);
     }
 
     /// When the lease ends (none: never granted).
@@ -162,16 +175,29 @@ impl Lease {
         self.grants.get(app) == Some(&epoch) && self.fence_at(cfg).is_some_and(|f| now < f)
     }
 
-    /// The instant by which `app` at `epoch` must be stopped: the fence
-    /// time of the latest grant listing it; `None` if that grant does not
-    /// list it (stop now). Only a newer grant moves it.
+    /// The instant by which `app` at `epoch`, running, must be stopped:
+    /// the fence time of the latest grant that listed it at that epoch,
+    /// even when a newer grant no longer does; `None` if none did (stop
+    /// now). A newer grant that drops it (it moved) leaves the deadline
+    /// where it was: a new owner starts only after that grant's lease
+    /// (module doc), so the rack may go on until then, which leaves it
+    /// time to learn of the move from its log and hand the appliance over
+    /// rather than fence it (the answer to its renewal often arrives
+    /// first). Only a newer grant listing it moves the deadline later.
     #[must_use]
     pub fn deadline(&self, app: &str, epoch: u64, cfg: &LeaseConfig) -> Option<Instant> {
-        if self.grants.get(app) == Some(&epoch) {
-            self.fence_at(cfg)
-        } else {
-            None
+        match self.listed.get(app) {
+            Some((e, sent)) if *e == epoch => Some(*sent + cfg.lease - cfg.fence_before),
+            _ => None,
         }
+    }
+
+    /// Whether `app` at `epoch`, already running, may go on at `now`:
+    /// before its [`Lease::deadline`]. Starting needs more
+    /// ([`Lease::may_run`]: the latest grant lists it).
+    #[must_use]
+    pub fn covers(&self, app: &str, epoch: u64, now: Instant, cfg: &LeaseConfig) -> bool {
+        self.deadline(app, epoch, cfg).is_some_and(|d| now < d)
     }
 
     /// When the latest grant was sent (none: never granted).
@@ -192,6 +218,10 @@ impl Lease {
         &self.grants
     }
 }
+
+/// How long an appliance no grant listed any more is remembered: longer
+/// than any lease, so its deadline is long past.
+const PRUNE_LISTED_AFTER: Duration = Duration::from_secs(3600);
 
 /// What one rack learns, by applying the log, about when other racks'
 /// leases certainly ended. Kept in memory only: after a restart or a
@@ -428,10 +458,53 @@ mod tests {
         // A late answer to an older renewal changes nothing.
         l.granted(t0 - Duration::from_secs(1), vec![("a".into(), 1)]);
         assert_eq!(l.deadline("a", 1, &c), Some(d0));
-        // Another epoch, or a grant without it: stop now.
+        // Another epoch: stop now.
         assert_eq!(l.deadline("a", 2, &c), None);
-        l.granted(t0 + Duration::from_secs(1), vec![]);
+        // A grant without it (it moved): it may go on until the fence time
+        // of the last grant that listed it, no later; it may not start.
+        let t1 = t0 + Duration::from_secs(1);
+        l.granted(t1, vec![]);
+        assert_eq!(l.deadline("a", 1, &c), Some(d0));
+        assert!(l.covers("a", 1, t1, &c));
+        assert!(!l.covers("a", 1, d0, &c));
+        assert!(!l.may_run("a", 1, t1, &c));
+        // Listed again at a new epoch: the old one has no deadline left.
+        l.granted(t0 + Duration::from_secs(2), vec![("a".into(), 3)]);
         assert_eq!(l.deadline("a", 1, &c), None);
+        assert!(l.covers("a", 3, t1, &c));
+    }
+
+    /// The safety chain holds for the deadline a dropped appliance keeps:
+    /// a new owner's gate counts from its own apply of the old owner's
+    /// last renewal before the move, which listed the appliance, so it
+    /// is after that grant's fencing ends.
+    #[test]
+    fn a_dropped_appliance_is_dead_before_any_new_owner_may_start_it() {
+        let c = cfg();
+        let t0 = Instant::now();
+        let mut l = Lease::default();
+        let mut w = LeaseWatch::new(c, t0);
+        // Renewals sent at 0, 1, 2 s, each applied on the new owner 300 ms
+        // later; the move is applied between the second and the third.
+        for (i, listed) in [(0u64, true), (1, true), (2, false)] {
+            let sent = t0 + Duration::from_secs(i);
+            if !listed {
+                w.assignment_applied("app", 2, Some("old"));
+            }
+            w.renew_applied("old", sent + Duration::from_millis(300));
+            let grants = if listed {
+                vec![("app".into(), 1)]
+            } else {
+                vec![]
+            };
+            l.granted(sent, grants);
+        }
+        let deadline = l.deadline("app", 1, &c).expect("kept");
+        assert_eq!(
+            deadline,
+            t0 + Duration::from_secs(1) + c.lease - c.fence_before
+        );
+        assert!(c.fencing_ends(deadline) + c.gate_margin() <= w.gate("app", 2));
     }
 
     #[test]

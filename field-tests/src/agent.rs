@@ -742,6 +742,16 @@ impl Status {
         self.peer(rack).map(|p| p.state)
     }
 
+    /// Whether this rack's field view has every one of `racks` up: they
+    /// reported and renew, so placement may choose them.
+    pub fn sees_up(&self, racks: &[&str]) -> bool {
+        self.field.as_ref().is_some_and(|f| {
+            racks
+                .iter()
+                .all(|r| f.racks.iter().any(|x| x.name == *r && x.up))
+        })
+    }
+
     /// The appliance `name`, if this rack knows it.
     pub fn appliance(&self, name: &str) -> Option<&ApplianceStatus> {
         self.appliances.iter().find(|a| a.name == name)

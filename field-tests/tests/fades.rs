@@ -148,14 +148,10 @@ impl Scene {
             CONTROL_TIMEOUT,
             "a control plane of every rack, all up",
             || {
-                Ok(self.statuses(field)?.iter().all(|s| {
-                    s.has_control_of(RACKS.len())
-                        && s.field.as_ref().is_some_and(|f| {
-                            RACKS
-                                .iter()
-                                .all(|r| f.racks.iter().any(|x| x.name == *r && x.up))
-                        })
-                }))
+                Ok(self
+                    .statuses(field)?
+                    .iter()
+                    .all(|s| s.has_control_of(RACKS.len()) && s.sees_up(&RACKS)))
             },
         )?;
         println!(

@@ -101,10 +101,13 @@ impl Scene {
 
     /// Waits until every rack sees one control plane of all racks as
     /// voters, with a leader; how long that took.
+    /// Waits until every rack has a control plane of all and sees all of
+    /// them up (reported and renewing): placement then may choose any.
     fn control_of_all(&self, within: Duration) -> Result<Duration> {
-        wait_until(within, "a control plane of every rack", || {
+        wait_until(within, "a control plane of every rack, all up", || {
             for rack in RACKS {
-                if !self.status(rack)?.has_control_of(RACKS.len()) {
+                let s = self.status(rack)?;
+                if !(s.has_control_of(RACKS.len()) && s.sees_up(&RACKS)) {
                     return Ok(false);
                 }
             }

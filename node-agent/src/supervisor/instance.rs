@@ -66,8 +66,9 @@ impl Guard {
         self.cfg.fence_grace.min(self.stop_grace)
     }
 
-    /// When fencing must begin: the deadline of the latest grant, or, once
-    /// a grant no longer lists it, the moment that was first seen.
+    /// When fencing must begin: the deadline of the latest grant that
+    /// listed it at its epoch ([`control::Lease::deadline`]), or, when
+    /// none did, the moment that was first seen.
     fn deadline(&self, revoked_at: &mut Option<Instant>) -> Instant {
         if let Some(t) = *revoked_at {
             return t;

@@ -298,7 +298,10 @@ pub fn plan(v: &View<'_>) -> Plan {
         }
         let rec = v.field.apps.get(name);
         let mine = rec.is_some_and(|a| ours(a, v.rack) && a.epoch == s.epoch);
-        let leased = v.lease.may_run(name, s.epoch, v.now, v.cfg);
+        // Running on: until the last grant that listed it ends (a move is
+        // then handed over once the log shows it, not fenced because the
+        // renewal's answer came first); starting needs more (step 4).
+        let leased = v.lease.covers(name, s.epoch, v.now, v.cfg);
         if !leased {
             p.actions.push(Action::Fence {
                 app: name.clone(),

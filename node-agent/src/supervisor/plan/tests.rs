@@ -86,6 +86,15 @@ impl World {
         self
     }
 
+    /// A newer renewal, sent `after` the first grant, granted these.
+    fn granted_later(mut self, after: Duration, grants: &[(&str, u64)]) -> Self {
+        self.lease.granted(
+            self.t0 + after,
+            grants.iter().map(|(a, e)| ((*a).to_owned(), *e)).collect(),
+        );
+        self
+    }
+
     fn slot(mut self, name: &str, epoch: u64, task: Task) -> Self {
         let mut s = Slot::new(epoch, self.t0, 0);
         s.task = task;
@@ -224,6 +233,52 @@ fn table() {
                 .granted(&[])
                 .slot("x", 1, Task::Starting),
             S(1),
+            vec![fence("x", 1)],
+            vec![],
+        ),
+        (
+            "a running instance a newer grant dropped runs on until the log shows why",
+            World::new()
+                .app(record("x", Some(RACK), 1, None))
+                .granted(&[("x", 1)])
+                .granted_later(S(1), &[])
+                .slot("x", 1, Task::Running),
+            S(2),
+            vec![],
+            vec![
+                fence("x", 1),
+                Action::Stop {
+                    app: "x".into(),
+                    epoch: 1,
+                    grace: Duration::from_millis(3_000),
+                    why: StopWhy::Unassigned,
+                },
+            ],
+        ),
+        (
+            "a running instance a newer grant dropped is stopped politely once it moved",
+            World::new()
+                .app(record("x", Some("b"), 2, None))
+                .granted(&[("x", 1)])
+                .granted_later(S(1), &[])
+                .slot("x", 1, Task::Running),
+            S(2),
+            vec![Action::Stop {
+                app: "x".into(),
+                epoch: 1,
+                grace: Duration::from_millis(3_000),
+                why: StopWhy::Unassigned,
+            }],
+            vec![fence("x", 1)],
+        ),
+        (
+            "a dropped instance is fenced at the fence time of the last grant that listed it",
+            World::new()
+                .app(record("x", Some(RACK), 1, None))
+                .granted(&[("x", 1)])
+                .granted_later(S(1), &[])
+                .slot("x", 1, Task::Running),
+            fence_time,
             vec![fence("x", 1)],
             vec![],
         ),
@@ -519,7 +574,7 @@ proptest! {
         let now = w.t0 + after;
         for (name, s) in &w.slots {
             let unfenced = matches!(s.task, Task::Starting | Task::Running | Task::Stopping { fenced: false });
-            if unfenced && !w.lease.may_run(name, s.epoch, now, &w.cfg) {
+            if unfenced && !w.lease.covers(name, s.epoch, now, &w.cfg) {
                 prop_assert!(p.actions.contains(&fence(name, s.epoch)), "{name} not fenced: {p:?}");
             }
         }
