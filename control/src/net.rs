@@ -182,9 +182,9 @@ pub struct Net {
     timeouts: Mutex<CallTimeouts<PeerId>>,
     /// The longest any call may be given (the Raft call timeout).
     ceiling: Duration,
-    /// This rack's control-plane cluster (0: none yet), sent with every
-    /// Raft call ([`Request::InCluster`]).
-    cluster: std::sync::atomic::AtomicU64,
+    /// This rack's control-plane cluster, sent with every Raft call
+    /// ([`Request::InCluster`]), and the Raft instance it belongs to.
+    cluster: Mutex<ClusterSlot>,
     /// The voters of its membership as last observed (empty: unknown,
     /// every target treated as a voter).
     voters: Mutex<std::collections::BTreeSet<NodeId>>,
@@ -228,7 +228,7 @@ impl Net {
             direct_failed: Mutex::default(),
             timeouts: Mutex::default(),
             ceiling,
-            cluster: std::sync::atomic::AtomicU64::new(0),
+            cluster: Mutex::default(),
             voters: Mutex::default(),
         }
     }
@@ -250,16 +250,25 @@ impl Net {
     /// This rack's control-plane cluster, if it is in one.
     #[must_use]
     pub fn cluster(&self) -> Option<u64> {
-        match self.cluster.load(std::sync::atomic::Ordering::SeqCst) {
-            0 => None,
-            id => Some(id),
-        }
+        self.cluster.lock().expect("cluster lock").cluster
     }
 
-    /// This rack joined `cluster` (or left every cluster: `None`).
+    /// The current Raft instance joined `cluster` (`None`: none).
     pub fn set_cluster(&self, cluster: Option<u64>) {
-        self.cluster
-            .store(cluster.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+        self.cluster.lock().expect("cluster lock").cluster = cluster;
+    }
+
+    /// The rack left its cluster: a new Raft instance, in no cluster yet,
+    /// replaces the old one. Returns the new instance's number, for its
+    /// [`NetworkFactory`].
+    pub fn leave_cluster(&self) -> u64 {
+        self.cluster.lock().expect("cluster lock").leave()
+    }
+
+    /// The current Raft instance's number.
+    #[must_use]
+    pub fn instance(&self) -> u64 {
+        self.cluster.lock().expect("cluster lock").instance
     }
 
     /// How long a direct call to `peer` should be given: what its answered
@@ -397,11 +406,48 @@ impl Net {
 #[derive(Clone)]
 pub struct NetworkFactory {
     pub(crate) net: Arc<Net>,
+    /// The Raft instance it serves ([`Net::instance`]).
+    pub(crate) instance: u64,
+}
+
+/// The cluster a Raft instance's calls carry. When a rack leaves its
+/// cluster (formation found a winning one), its old Raft instance is shut
+/// down, but a call of one of its replication streams may still be on its
+/// way out; read after the leave, the cluster would be none, and the call
+/// would go out as a rack in no cluster may send one: a vote or an append
+/// that a rack of the winning cluster still listing the sender accepts,
+/// with the old cluster's log (that made one rack's Raft core panic on
+/// entries it had applied and no longer held). So each instance has a
+/// number, and a call of a replaced instance is never sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterSlot {
+    /// The current Raft instance (0 at start, one more per leave).
+    pub instance: u64,
+    /// Its cluster, once it is in one.
+    pub cluster: Option<u64>,
+}
+
+impl ClusterSlot {
+    /// Leave: a new instance in no cluster.
+    pub fn leave(&mut self) -> u64 {
+        self.instance += 1;
+        self.cluster = None;
+        self.instance
+    }
+
+    /// The cluster a call of `instance` carries; `None` if that instance
+    /// was replaced (the call must not go out).
+    #[must_use]
+    pub fn for_instance(&self, instance: u64) -> Option<Option<u64>> {
+        (instance == self.instance).then_some(self.cluster)
+    }
 }
 
 /// Raft's connection to one node.
 pub struct Conn {
     net: Arc<Net>,
+    /// The Raft instance that made it.
+    instance: u64,
     target: NodeId,
     peer: Option<PeerId>,
     /// When the last append to it was sent (appends are paced).
@@ -414,6 +460,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     async fn new_client(&mut self, target: NodeId, node: &RackNode) -> Conn {
         Conn {
             net: self.net.clone(),
+            instance: self.instance,
             target,
             peer: node.peer_id.parse().ok(),
             last_append: None,
@@ -428,7 +475,18 @@ impl Conn {
         let peer = self.peer.ok_or_else(|| {
             Unreachable::new(&NetError::Io(format!("node {} has no PeerId", self.target)))
         })?;
-        let req = match self.net.cluster() {
+        let cluster = self
+            .net
+            .cluster
+            .lock()
+            .expect("cluster lock")
+            .for_instance(self.instance);
+        let Some(cluster) = cluster else {
+            return Err(Unreachable::new(&NetError::Io(
+                "this Raft instance was replaced: the rack left its cluster".into(),
+            )));
+        };
+        let req = match cluster {
             Some(cluster) => Request::InCluster {
                 cluster,
                 request: Box::new(req),
@@ -503,6 +561,29 @@ impl RaftNetwork<TypeConfig> for Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replaced_raft_instance_sends_nothing_not_even_without_a_cluster() {
+        let mut slot = super::ClusterSlot::default();
+        assert_eq!(
+            slot.for_instance(0),
+            Some(None),
+            "a new rack calls as one in no cluster"
+        );
+        slot.cluster = Some(7);
+        assert_eq!(slot.for_instance(0), Some(Some(7)));
+        let next = slot.leave();
+        assert_eq!(next, 1);
+        assert_eq!(
+            slot.for_instance(0),
+            None,
+            "the old instance's calls stay home"
+        );
+        assert_eq!(slot.for_instance(1), Some(None));
+        slot.cluster = Some(9);
+        assert_eq!(slot.for_instance(1), Some(Some(9)));
+        assert_eq!(slot.for_instance(0), None);
+    }
 
     #[test]
     fn appends_to_a_node_are_at_least_their_pace_apart() {

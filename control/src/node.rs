@@ -295,7 +295,10 @@ impl Control {
         let raft = Raft::new(
             id,
             config.clone(),
-            NetworkFactory { net: net.clone() },
+            NetworkFactory {
+                net: net.clone(),
+                instance: net.instance(),
+            },
             log,
             sm,
         )
@@ -987,7 +990,7 @@ impl Control {
             tracing::warn!(error = %e, "raft shutdown");
         }
         crate::store::leave_incarnation(&self.db).map_err(|e| ControlError::Store(e.into()))?;
-        self.net.set_cluster(None);
+        let instance = self.net.leave_cluster();
         let log = LogStore::new(&self.db).map_err(|e| ControlError::Store(e.into()))?;
         let (sm, _) =
             StateMachine::open(&self.db, self.applies.leases.clone(), self.state_tx.clone())?;
@@ -996,6 +999,7 @@ impl Control {
             self.config.clone(),
             NetworkFactory {
                 net: self.net.clone(),
+                instance,
             },
             log,
             sm,
