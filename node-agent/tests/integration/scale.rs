@@ -36,6 +36,39 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 /// CPU time (user + system) of `pid` so far, in clock ticks.
+/// The hypervisor's share of this machine's CPU time over a window (the
+/// `steal` column of /proc/stat): on a shared VM the figures above move
+/// with it, so each is printed beside it.
+struct Steal {
+    at: Instant,
+    ticks: u64,
+}
+
+impl Steal {
+    fn now() -> Steal {
+        Steal {
+            at: Instant::now(),
+            ticks: steal_ticks(),
+        }
+    }
+
+    /// A sentence on the steal since `now()`.
+    fn since(&self) -> String {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let ticks = steal_ticks().saturating_sub(self.ticks);
+        let share = ticks as f64 / 100.0 / (self.at.elapsed().as_secs_f64() * cpus) * 100.0;
+        format!("(the hypervisor took {share:.1} % of the machine's CPU time meanwhile)")
+    }
+}
+
+/// CPU time taken by the hypervisor so far, in clock ticks (0 on bare metal).
+fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().next()?.split_whitespace().nth(8)?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn cpu_ticks(pid: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command's closing parenthesis: state is field 3,
@@ -94,6 +127,7 @@ async fn thirty_two_racks_converge_keep_seven_voters_and_fail_over() {
     let bin = std::env::var("FIELDRACK_AGENT_BIN").unwrap_or_else(|_| BIN.to_owned());
     println!("agents: {bin}");
     let mut agents: Vec<(String, Agent)> = Vec::new();
+    let start_steal = Steal::now();
     for r in &names {
         let log = fleet.dir.path().join(format!("{r}.log"));
         agents.push((r.clone(), Agent::start_bin(&bin, &fleet.config(r), &log)));
@@ -109,6 +143,7 @@ async fn thirty_two_racks_converge_keep_seven_voters_and_fail_over() {
         CONVERGE_TARGET.as_secs(),
         verdict(took <= CONVERGE_TARGET)
     );
+    println!("  {}", start_steal.since());
 
     // The control plane: a leader, at most 7 voters, every rack a member.
     wait_until(
@@ -129,9 +164,11 @@ async fn thirty_two_racks_converge_keep_seven_voters_and_fail_over() {
     tokio::time::sleep(IDLE_SETTLE).await;
     let leader = control(&fleet, &names[0]).await.and_then(|c| c.leader);
     let window = Duration::from_secs(30);
+    let idle_steal = Steal::now();
     let before: Vec<u64> = agents.iter().map(|(_, a)| cpu_ticks(a.pid())).collect();
     tokio::time::sleep(window).await;
     let after: Vec<u64> = agents.iter().map(|(_, a)| cpu_ticks(a.pid())).collect();
+    let idle_steal = idle_steal.since();
     let tick = 100.0; // USER_HZ on Linux
     let per_agent: Vec<f64> = before
         .iter()
@@ -146,6 +183,7 @@ async fn thirty_two_racks_converge_keep_seven_voters_and_fail_over() {
         IDLE_SETTLE.as_secs(),
         verdict(mean <= IDLE_CPU_TARGET)
     );
+    println!("  {idle_steal}");
     let role_mean = |pick: &dyn Fn(&str) -> bool| {
         let v: Vec<f64> = agents
             .iter()
