@@ -166,6 +166,17 @@ fn fence(app: &str, epoch: u64) -> Action {
     }
 }
 
+/// The polite stop of an instance now assigned elsewhere (the default
+/// 3 s grace).
+fn unassigned_stop(app: &str, epoch: u64) -> Action {
+    Action::Stop {
+        app: app.into(),
+        epoch,
+        grace: Duration::from_millis(3_000),
+        why: StopWhy::Unassigned,
+    }
+}
+
 fn start(app: &str, epoch: u64) -> Action {
     Action::Start {
         app: app.into(),
@@ -245,15 +256,7 @@ fn table() {
                 .slot("x", 1, Task::Running),
             S(2),
             vec![],
-            vec![
-                fence("x", 1),
-                Action::Stop {
-                    app: "x".into(),
-                    epoch: 1,
-                    grace: Duration::from_millis(3_000),
-                    why: StopWhy::Unassigned,
-                },
-            ],
+            vec![fence("x", 1), unassigned_stop("x", 1)],
         ),
         (
             "a running instance a newer grant dropped is stopped politely once it moved",
@@ -263,12 +266,7 @@ fn table() {
                 .granted_later(S(1), &[])
                 .slot("x", 1, Task::Running),
             S(2),
-            vec![Action::Stop {
-                app: "x".into(),
-                epoch: 1,
-                grace: Duration::from_millis(3_000),
-                why: StopWhy::Unassigned,
-            }],
+            vec![unassigned_stop("x", 1)],
             vec![fence("x", 1)],
         ),
         (
@@ -299,12 +297,7 @@ fn table() {
                 .granted(&[("x", 1)])
                 .slot("x", 1, Task::Running),
             S(1),
-            vec![Action::Stop {
-                app: "x".into(),
-                epoch: 1,
-                grace: Duration::from_millis(3_000),
-                why: StopWhy::Unassigned,
-            }],
+            vec![unassigned_stop("x", 1)],
             vec![fence("x", 1)],
         ),
         (
