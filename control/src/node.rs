@@ -358,6 +358,23 @@ impl Control {
         self.raft.read().expect("raft lock").clone()
     }
 
+    /// Why this rack's Raft core is dead, if it is: it panicked or its
+    /// storage failed (a normal stop, at shutdown or while leaving a
+    /// cluster, is not a failure). A rack in that state takes no part in
+    /// the control plane until its agent restarts: the systemd watchdog is
+    /// no longer fed ([`Control::core_failure`] is its health check), and
+    /// the membership loop logs it.
+    #[must_use]
+    pub fn core_failure(&self) -> Option<String> {
+        let raft = self.raft();
+        let m = raft.metrics();
+        let state = m.borrow().running_state.clone();
+        match state {
+            Ok(()) | Err(openraft::error::Fatal::Stopped) => None,
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
     /// Stop Raft.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft().shutdown().await {
@@ -659,10 +676,21 @@ impl Control {
 
     /// The membership loop: every [`CHECK_EVERY`], one formation check.
     async fn membership_loop(self: Arc<Self>, cancel: CancellationToken) {
+        let mut failure_logged = false;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(CHECK_EVERY) => {}
+            }
+            if let Some(why) = self.core_failure() {
+                if !failure_logged {
+                    tracing::error!(
+                        %why,
+                        "the control plane's Raft core stopped: this rack takes no part in it until the agent restarts (systemd's watchdog restarts it)"
+                    );
+                    failure_logged = true;
+                }
+                continue;
             }
             self.formation_check().await;
         }

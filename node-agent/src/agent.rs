@@ -533,8 +533,10 @@ pub async fn run(
         }
     };
     if let Some(n) = &notifier {
+        let health = control.clone();
         tasks.spawn(crate::sd_notify::ready_and_feed(
             n.clone(),
+            move || health.core_failure(),
             cancel.child_token(),
         ));
     }

@@ -60,18 +60,39 @@ impl Notifier {
 /// until `cancel`. Called once the API listens and every component has
 /// started; a rack waiting for peers is still "ready" (it serves status
 /// and waits for a majority on its own).
-pub async fn ready_and_feed(notifier: Arc<Notifier>, cancel: CancellationToken) {
+///
+/// `failure` is the agent's health check: while it names a failure (the
+/// control plane's Raft core died), the watchdog is not fed, so systemd
+/// restarts the agent within `WatchdogSec`.
+pub async fn ready_and_feed(
+    notifier: Arc<Notifier>,
+    failure: impl Fn() -> Option<String> + Send + 'static,
+    cancel: CancellationToken,
+) {
     if let Err(e) = notifier.notify("READY=1\nSTATUS=serving") {
         tracing::warn!(error = %e, "cannot notify systemd");
     }
-    let Some(every) = watchdog_interval() else {
-        return;
-    };
+    if let Some(every) = watchdog_interval() {
+        feed(&notifier, every, failure, cancel).await;
+    }
+}
+
+/// `WATCHDOG=1` every `every` while `failure` names none, until `cancel`.
+async fn feed(
+    notifier: &Notifier,
+    every: Duration,
+    failure: impl Fn() -> Option<String>,
+    cancel: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             _ = tick.tick() => {
+                if let Some(why) = failure() {
+                    tracing::error!(%why, "not feeding the systemd watchdog: the agent is unhealthy");
+                    continue;
+                }
                 if let Err(e) = notifier.notify("WATCHDOG=1") {
                     tracing::warn!(error = %e, "cannot feed the systemd watchdog");
                 }
@@ -106,6 +127,48 @@ pub fn interval_from(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The watchdog is fed while the agent is healthy and starved once
+    /// its health check names a failure (then systemd restarts it).
+    #[tokio::test]
+    async fn an_unhealthy_agent_stops_feeding_the_watchdog() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("notify");
+        let server = UnixDatagram::bind(&path).unwrap();
+        server.set_nonblocking(true).unwrap();
+        let n = Arc::new(Notifier::connect(&path.to_string_lossy()).unwrap());
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn({
+            let (n, failed, cancel) = (n.clone(), failed.clone(), cancel.clone());
+            async move {
+                let check = move || {
+                    failed
+                        .load(std::sync::atomic::Ordering::SeqCst)
+                        .then(|| "raft core panicked".to_owned())
+                };
+                feed(&n, Duration::from_millis(20), check, cancel).await;
+            }
+        });
+        let count = |server: &UnixDatagram| {
+            let mut buf = [0u8; 64];
+            let mut k = 0;
+            while let Ok(len) = server.recv(&mut buf) {
+                assert_eq!(&buf[..len], b"WATCHDOG=1");
+                k += 1;
+            }
+            k
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(count(&server) >= 3, "a healthy agent feeds the watchdog");
+        failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        count(&server);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(count(&server), 0, "an unhealthy agent does not");
+        cancel.cancel();
+        task.await.unwrap();
+    }
 
     #[test]
     fn messages_arrive_on_a_real_datagram_socket() {
