@@ -265,6 +265,16 @@ impl Net {
         self.cluster.lock().expect("cluster lock").leave()
     }
 
+    /// The cluster a call of Raft instance `instance` carries; `None` if
+    /// that instance was replaced ([`ClusterSlot::for_instance`]).
+    #[must_use]
+    pub fn cluster_for(&self, instance: u64) -> Option<Option<u64>> {
+        self.cluster
+            .lock()
+            .expect("cluster lock")
+            .for_instance(instance)
+    }
+
     /// The current Raft instance's number.
     #[must_use]
     pub fn instance(&self) -> u64 {
@@ -475,13 +485,7 @@ impl Conn {
         let peer = self.peer.ok_or_else(|| {
             Unreachable::new(&NetError::Io(format!("node {} has no PeerId", self.target)))
         })?;
-        let cluster = self
-            .net
-            .cluster
-            .lock()
-            .expect("cluster lock")
-            .for_instance(self.instance);
-        let Some(cluster) = cluster else {
+        let Some(cluster) = self.net.cluster_for(self.instance) else {
             return Err(Unreachable::new(&NetError::Io(
                 "this Raft instance was replaced: the rack left its cluster".into(),
             )));
