@@ -15,12 +15,12 @@
 
 use std::io::BufRead;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clap::{Parser, Subcommand};
 use field_tests::drill::{self, KillRack};
-use field_tests::linkem::measure::{Plan, SelfTest};
+use field_tests::linkem::measure::{self, Plan, SelfTest};
 use field_tests::linkem::{EmulatedLink, LinkProfile, Profile};
 use field_tests::{netns, Field};
 
@@ -182,6 +182,12 @@ fn linkem(
     let reverse = reverse.map(|r| r.parse::<Profile>()).transpose()?;
     let profiles = LinkProfile::asymmetric(profile.clone(), reverse.unwrap_or(profile));
     let field = Field::new(["a", "b"])?;
+    // The bare path's own latency, which the self-test takes off.
+    let baselines = if measure {
+        measure::path_latency(&field, "a", "b", &profiles)?
+    } else {
+        [Duration::ZERO; 2]
+    };
     let link = EmulatedLink::between(&field, "a", "b", profiles.clone(), seed)?;
     for (rack, dev) in [("a", link.device(0)), ("b", link.device(1))] {
         println!(
@@ -203,8 +209,9 @@ fn linkem(
     }
     let plan = if long { Plan::LONG } else { Plan::QUICK };
     let mut ok = true;
-    for (from, to, profile) in [("a", "b", &profiles.a_to_b), ("b", "a", &profiles.b_to_a)] {
-        let test = SelfTest::run(&field, from, to, profile, plan)?;
+    let directions = [("a", "b", &profiles.a_to_b), ("b", "a", &profiles.b_to_a)];
+    for ((from, to, profile), baseline) in directions.into_iter().zip(baselines) {
+        let test = SelfTest::run(&field, from, to, profile, baseline, plan)?;
         println!("{from} -> {to}: {test}");
         for failure in test.failures() {
             println!("  out of tolerance: {failure}");

@@ -15,7 +15,8 @@
 //! kernel's offloads (virtio-net headers, TSO and USO): one read brings a
 //! TCP or UDP super-packet of up to 64 KiB, which is split so that the core
 //! still judges every packet, and the packets due together are coalesced
-//! again into one write. One packet per system call carried about 190
+//! again into one write, when the last of them is due (a packet is never
+//! written early). One packet per system call carried about 190
 //! Mbit/s; `lan` asks for 1 Gbit/s. Plain threads rather
 //! than tokio: tokio's timers have millisecond granularity, a fifth of
 //! `radio-good`'s 5 ms delay, while `thread::sleep` is good to about 0.1 ms.
@@ -60,10 +61,10 @@ const MAX_SPLIT_PACKET: usize = 9216;
 /// write that carries it.
 const HEADROOM: usize = VIRTIO_NET_HDR_LEN;
 
-/// A packet due this soon is written with the ones due now rather than
-/// slept for: a writer waking once per packet could not keep up with
-/// 1 Gbit/s, and 50 µs is a tenth of the shortest delay a radio profile
-/// asks for (`lan`'s 0.1 ms is within the self-test's 0.3 ms floor).
+/// Packets due this close together are written together, when the last
+/// of them is due: a writer waking once per packet could not keep up with
+/// 1 Gbit/s. A packet is never written early, and late by at most this,
+/// as a network card's interrupt moderation would hold it.
 const BATCH_SLACK: Duration = Duration::from_micros(50);
 
 /// `SCHED_FIFO` priority of the emulator's threads: above every ordinary
@@ -355,8 +356,8 @@ fn read_loop(
     }
 }
 
-/// Writes packets into `to` at their delivery times, until stopped: those
-/// due within [`BATCH_SLACK`] of each other go in one batch, coalesced
+/// Writes packets into `to` at their delivery times, never early, until
+/// stopped: those due within [`BATCH_SLACK`] of each other go in one batch, coalesced
 /// into super-packets where they belong to one flow.
 fn write_loop(
     to: &SyncDevice,
@@ -382,14 +383,17 @@ fn write_loop(
         if stop.is_trigger() {
             return;
         }
-        let wait = at.saturating_sub(start.elapsed());
-        if wait > BATCH_SLACK {
-            std::thread::sleep(wait);
-        }
+        // The batch: this packet and those due within BATCH_SLACK of it
+        // (read by the time it is due), written when the last is due.
+        wait_until(start, at);
+        let mut due = at;
         batch.push(packet);
         while batch.len() < IDEAL_BATCH_SIZE {
             match rx.try_recv() {
-                Ok((at, p)) if at <= start.elapsed() + BATCH_SLACK => batch.push(p),
+                Ok((next, p)) if next <= at + BATCH_SLACK => {
+                    due = due.max(next);
+                    batch.push(p);
+                }
                 Ok(item) => {
                     held = Some(item);
                     break;
@@ -397,6 +401,7 @@ fn write_loop(
                 Err(_) => break,
             }
         }
+        wait_until(start, due);
         if to
             .send_multiple_intr(&mut gro, &mut batch, HEADROOM, stop)
             .is_err()
@@ -404,6 +409,14 @@ fn write_loop(
             shared.lock().unwrap().write_errors += 1;
         }
         batch.clear();
+    }
+}
+
+/// Returns at `at` (time since `start`), never before.
+fn wait_until(start: Instant, at: Duration) {
+    let wait = at.saturating_sub(start.elapsed());
+    if !wait.is_zero() {
+        std::thread::sleep(wait);
     }
 }
 

@@ -63,6 +63,17 @@ impl ProbeReport {
         total / self.delays.len().max(1) as u32
     }
 
+    /// The mean of the middle `1 − 2 × TRIM` of the one-way delays: the
+    /// mean of a symmetric jitter, not moved by the few probes whose sender
+    /// the scheduler paused between stamping and sending them.
+    pub fn trimmed_mean_delay(&self) -> Duration {
+        let mut sorted = self.delays.clone();
+        sorted.sort_unstable();
+        let cut = (sorted.len() as f64 * TRIM) as usize;
+        let middle = &sorted[cut..sorted.len() - cut];
+        middle.iter().sum::<Duration>() / middle.len().max(1) as u32
+    }
+
     /// The median one-way delay: unlike the mean, not moved by the odd
     /// probe whose sender the scheduler paused.
     pub fn median_delay(&self) -> Duration {
@@ -402,13 +413,31 @@ const PROBE_SHARE: f64 = 0.3;
 /// queue never runs dry while the sender is paused by the scheduler.
 const FLOOD_OVERLOAD: f64 = 1.3;
 
+/// Share of the probes cut from each end of the delays before their
+/// mean is taken ([`ProbeReport::trimmed_mean_delay`]). A scheduler that
+/// pauses the probe sender between its time stamp and its send adds
+/// milliseconds to the probes of the pause, a few in a hundred when the
+/// machine is busy.
+pub const TRIM: f64 = 0.05;
+
+/// The delay of the reference link [`path_latency`] measures. Not zero:
+/// with no delay, the emulator's writer thread wakes for each packet as it
+/// comes, which a link with a delay hides within it (every profile's
+/// delay is at least 0.1 ms), and the path would seem some 15 µs slower
+/// than it is.
+pub const REFERENCE_DELAY: Duration = Duration::from_micros(50);
+
+/// How long [`path_latency`] probes the bare path.
+const BASELINE_FOR: Duration = Duration::from_secs(1);
+
 /// Relative tolerance of the self-test: 10 % of the profile.
 pub const TOLERANCE: f64 = 0.10;
 
-/// Floor of the delay tolerance: the emulator's own scheduling (a thread
-/// waking from `sleep`, two TUN hops) adds up to this, which only matters
-/// for `lan`'s 0.1 ms.
-pub const DELAY_FLOOR: Duration = Duration::from_micros(300);
+/// Floor of the delay tolerance: a thread waking from `sleep` some
+/// microseconds late, and the spread between two runs of the path's own
+/// latency; only `lan`'s 0.1 ms has a tenth below it.
+pub const DELAY_FLOOR: Duration = Duration::from_micros(DELAY_FLOOR_US);
+const DELAY_FLOOR_US: u64 = 15;
 
 /// Standard deviations a measured loss ratio may stray from the profile's
 /// when that is wider than [`TOLERANCE`]: 3.3 σ fails a correct emulator
@@ -443,25 +472,71 @@ impl Plan {
 #[derive(Clone, Debug)]
 pub struct SelfTest {
     pub profile: super::Profile,
+    /// The path's own one-way latency beside the link's ([`path_latency`]).
+    pub baseline: Duration,
     pub probe: ProbeReport,
     pub flood: FloodReport,
 }
 
+/// Probes per second and how many, for a probe stream of `duration` over
+/// a link of `profile`: [`PROBE_SHARE`] of its rate, at most
+/// [`MAX_PROBES_PER_SEC`].
+fn probe_pace(profile: &super::Profile, duration: Duration) -> (u64, u64) {
+    let probe_bits = ((PROBE_PAYLOAD + IP_UDP_OVERHEAD) * 8) as f64;
+    let per_sec =
+        ((profile.rate_bps as f64 * PROBE_SHARE / probe_bits) as u64).clamp(1, MAX_PROBES_PER_SEC);
+    ((per_sec as f64 * duration.as_secs_f64()) as u64, per_sec)
+}
+
+/// The one-way latency of the path itself, `a` → `b` and `b` → `a`: what
+/// the emulator's two TUN hops and the measuring sockets cost beside the
+/// link's delay. Measured through an emulated link with `profiles`' rates,
+/// [`REFERENCE_DELAY`] and nothing else ([`super::Profile::bare`]), which
+/// it builds and removes, as the trimmed mean of [`BASELINE_FOR`] of
+/// probes less that delay. A self-test takes it off what it measures
+/// before comparing with the profile's delay. Call it while `a` and `b`
+/// have no emulated link.
+pub fn path_latency(
+    field: &Field,
+    a: &str,
+    b: &str,
+    profiles: &super::LinkProfile,
+) -> Result<[Duration; 2]> {
+    let bare = super::LinkProfile::asymmetric(
+        profiles.a_to_b.bare(REFERENCE_DELAY),
+        profiles.b_to_a.bare(REFERENCE_DELAY),
+    );
+    let _link = super::EmulatedLink::between(field, a, b, bare, 0)?;
+    let mut latency = [Duration::ZERO; 2];
+    let directions = [(a, b, &profiles.a_to_b), (b, a, &profiles.b_to_a)];
+    for (slot, (from, to, profile)) in latency.iter_mut().zip(directions) {
+        let (count, per_sec) = probe_pace(profile, BASELINE_FOR);
+        let drain = profile.queue + Duration::from_millis(300);
+        let report = probe(field, from, to, count, per_sec, PROBE_PAYLOAD, drain)?;
+        ensure!(
+            report.received * 2 > count,
+            "{from} -> {to}: {} of {count} probes crossed a link without loss",
+            report.received
+        );
+        *slot = report.trimmed_mean_delay().saturating_sub(REFERENCE_DELAY);
+    }
+    Ok(latency)
+}
+
 impl SelfTest {
     /// Measures the direction `from` → `to` of an emulated link with
-    /// `profile`: a probe stream, then a flood.
+    /// `profile`: a probe stream, then a flood. `baseline`: the path's own
+    /// latency that way ([`path_latency`]).
     pub fn run(
         field: &Field,
         from: &str,
         to: &str,
         profile: &super::Profile,
+        baseline: Duration,
         plan: Plan,
     ) -> Result<SelfTest> {
         let drain = profile.queue + profile.delay + profile.jitter + Duration::from_millis(300);
-        let probe_bits = ((PROBE_PAYLOAD + IP_UDP_OVERHEAD) * 8) as f64;
-        let per_sec = ((profile.rate_bps as f64 * PROBE_SHARE / probe_bits) as u64)
-            .clamp(1, MAX_PROBES_PER_SEC);
-        let count = (per_sec as f64 * plan.probe_for.as_secs_f64()) as u64;
+        let (count, per_sec) = probe_pace(profile, plan.probe_for);
         let probe = probe(field, from, to, count, per_sec, PROBE_PAYLOAD, drain)?;
         let offered = (profile.rate_bps as f64 * FLOOD_OVERLOAD) as u64;
         let flood = flood(
@@ -475,15 +550,24 @@ impl SelfTest {
         )?;
         Ok(SelfTest {
             profile: profile.clone(),
+            baseline,
             probe,
             flood,
         })
     }
 
-    /// The one-way delay a probe should see: propagation plus its own
-    /// serialisation.
+    /// The one-way delay the link adds to a probe beyond the bare path's
+    /// (which has its serialisation too): the profile's delay.
     pub fn expected_delay(&self) -> Duration {
-        self.profile.delay + self.profile.tx_time(PROBE_PAYLOAD + IP_UDP_OVERHEAD)
+        self.profile.delay
+    }
+
+    /// The one-way delay the link added to the probes: their trimmed mean
+    /// less the bare path's.
+    pub fn added_delay(&self) -> Duration {
+        self.probe
+            .trimmed_mean_delay()
+            .saturating_sub(self.baseline)
     }
 
     /// The rate a saturated link should deliver: lost packets used the link
@@ -509,10 +593,10 @@ impl SelfTest {
         let mut out = Vec::new();
         let expected = self.expected_delay();
         let delay_tol = expected.mul_f64(TOLERANCE).max(DELAY_FLOOR);
-        let mean = self.probe.mean_delay();
-        if mean.abs_diff(expected) > delay_tol {
+        let added = self.added_delay();
+        if added.abs_diff(expected) > delay_tol {
             out.push(format!(
-                "mean one-way delay {mean:.2?}, expected {expected:.2?} ± {delay_tol:.2?}"
+                "added one-way delay {added:.2?}, expected {expected:.2?} ± {delay_tol:.2?}"
             ));
         }
         let (loss, p, tol) = (
@@ -544,11 +628,14 @@ impl std::fmt::Display for SelfTest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "delay mean {:.2?} (expected {:.2?}, median {:.2?}, min {:.2?}, max {:.2?}); \
-             loss {:.3} % of {} probes (expected {:.3} % ± {:.3} %); \
+            "delay {:.2?} over a {:.2?} path (expected {:.2?}; trimmed mean {:.2?}, mean {:.2?}, \
+             median {:.2?}, min {:.2?}, max {:.2?}); loss {:.3} % of {} probes (expected {:.3} % ± {:.3} %); \
              rate {:.3} Mbit/s (expected {:.3}, offered {:.3}) -> {}",
-            self.probe.mean_delay(),
+            self.added_delay(),
+            self.baseline,
             self.expected_delay(),
+            self.probe.trimmed_mean_delay(),
+            self.probe.mean_delay(),
             self.probe.median_delay(),
             self.probe.min_delay(),
             self.probe.max_delay(),
@@ -604,9 +691,62 @@ mod tests {
     }
 
     #[test]
+    fn the_trimmed_mean_drops_the_paused_senders_probes() {
+        // 40 probes at 10 ms and two that a paused sender stamped 500 ms
+        // early: 5 % of 42 is 2 cut at each end.
+        let mut delays = vec![10; 40];
+        delays.extend([500, 500]);
+        let seqs: Vec<u64> = (0..42).collect();
+        let r = report(42, &seqs, &delays);
+        assert_eq!(r.trimmed_mean_delay(), Duration::from_millis(10));
+        assert!(r.mean_delay() > Duration::from_millis(30));
+        // Too few to cut: the plain mean.
+        assert_eq!(
+            report(2, &[0, 1], &[10, 30]).trimmed_mean_delay(),
+            Duration::from_millis(20)
+        );
+    }
+
+    #[test]
+    fn the_delay_judged_is_what_the_link_adds_to_the_bare_path() {
+        let flood = FloodReport {
+            offered_bps: 1.3e9,
+            delivered_bps: 1e9,
+            sent: 0,
+            received: 0,
+        };
+        let test = |probe_us: u64, baseline_us: u64| SelfTest {
+            profile: "lan".parse().unwrap(),
+            baseline: Duration::from_micros(baseline_us),
+            probe: ProbeReport {
+                sent: 100,
+                received: 100,
+                delays: vec![Duration::from_micros(probe_us); 100],
+                seqs: (0..100).collect(),
+            },
+            flood,
+        };
+        // 0.1 ms over a 25 µs path: 125 µs measured.
+        assert!(test(125, 25).failures().is_empty());
+        assert_eq!(test(125, 25).added_delay(), Duration::from_micros(100));
+        // Within the floor, not within a tenth of 0.1 ms.
+        assert!(test(139, 25).failures().is_empty());
+        let late = test(145, 25).failures();
+        assert_eq!(late.len(), 1, "{late:?}");
+        assert!(
+            late[0].starts_with("added one-way delay 120.00µs"),
+            "{late:?}"
+        );
+        // Early is as wrong as late; a path slower than the link is not negative.
+        assert_eq!(test(105, 25).failures().len(), 1);
+        assert_eq!(test(20, 25).added_delay(), Duration::ZERO);
+    }
+
+    #[test]
     fn loss_tolerance_is_ten_percent_or_the_sampling_error() {
         let test = |spec: &str, sent: u64| SelfTest {
             profile: spec.parse().unwrap(),
+            baseline: Duration::ZERO,
             probe: report(sent, &[], &[]),
             flood: FloodReport {
                 offered_bps: 0.0,

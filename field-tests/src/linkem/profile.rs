@@ -221,6 +221,18 @@ impl Profile {
         Ok(())
     }
 
+    /// This profile's rate and queue with `delay`, and no jitter, loss or
+    /// fades: the reference `measure::path_latency` measures.
+    pub fn bare(&self, delay: Duration) -> Profile {
+        Profile {
+            delay,
+            jitter: Duration::ZERO,
+            loss: Loss::None,
+            fade: None,
+            ..self.clone()
+        }
+    }
+
     fn validate(&self) -> Result<(), ProfileError> {
         let invalid =
             |key: &'static str, reason: &'static str| ProfileError::Invalid { key, reason };
