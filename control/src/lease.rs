@@ -2,15 +2,21 @@
 //!
 //! A rack renews its lease by committing [`Command::Renew`] through Raft.
 //! The lease counts from the moment the rack *sent* the renewal, which is
-//! before the quorum committed it, so:
+//! before the leader put it in its log, before any rack received that
+//! entry, and before any rack applied it, so:
 //!
 //! ```text
-//! owner's lease ends  ≤  sent_at + lease  ≤  commit + lease  ≤  apply on any rack + lease
+//! owner's lease ends  ≤  sent_at + lease  ≤  seen on any rack + lease
 //! ```
+//!
+//! where a rack *sees* an entry when it first receives it into its log
+//! ([`Receipts`]) or, failing a record of that, when it applies it. The
+//! two differ most when the leader dies: its followers then apply its
+//! last entries only once a new leader commits, an election later.
 //!
 //! A renewal applied after the appliance was reassigned does not cover it
 //! (the grant list is computed at apply time, in log order). Hence a new
-//! owner that starts no earlier than *its own* apply time of the previous
+//! owner that starts no earlier than the moment *it* saw the previous
 //! owner's last renewal before the reassignment, plus the lease, plus a
 //! margin for clock-rate drift, never overlaps the old owner. That is
 //! [`LeaseWatch::gate`]. Only monotonic clocks and durations are used;
@@ -35,14 +41,14 @@
 //! not add up, and nothing else (a renewal, a transfer, a health probe)
 //! runs in that task. [`LeaseConfig::validate`] requires
 //! `fence_grace + KILL_REAP < fence_before`, which gives, for the old
-//! owner's last renewal sent at `sent` and applied on the new owner at
-//! `apply`:
+//! owner's last renewal sent at `sent` and seen by the new owner at
+//! `seen`:
 //!
 //! ```text
 //! fencing ends ≤ sent + lease − fence_before + fence_grace + KILL_REAP   (one task per instance)
 //!              < sent + lease                                            (validate)
-//!              ≤ apply + lease                                           (sent before commit ≤ apply)
-//!              < apply + lease + drift_margin = gate                     (the new owner's start)
+//!              ≤ seen + lease                                            (sent before any receipt)
+//!              < seen + lease + drift_margin = gate                      (the new owner's start)
 //! ```
 //!
 //! so the new owner starts at least `fence_before − fence_grace −
@@ -247,9 +253,12 @@ impl LeaseWatch {
         }
     }
 
-    /// A renewal of `rack` was applied at `now`.
-    pub fn renew_applied(&mut self, rack: &str, now: Instant) {
-        self.last_renew.insert(rack.to_owned(), now);
+    /// A renewal of `rack`, which this rack saw at `seen` (its first
+    /// receipt, else its apply: module doc), was applied. Renewals apply
+    /// in log order; the latest applied counts, and never moves earlier.
+    pub fn renew_applied(&mut self, rack: &str, seen: Instant) {
+        let last = self.last_renew.entry(rack.to_owned()).or_insert(seen);
+        *last = (*last).max(seen);
     }
 
     /// The assignment of `app` moved from `from` under the new `epoch`
@@ -307,13 +316,81 @@ impl LeaseWatch {
         &self.cfg
     }
 
-    /// How long ago `rack`'s last renewal was applied here (none: not
-    /// since `horizon`).
+    /// How long ago this rack saw `rack`'s last renewal that it applied
+    /// (none: not since `horizon`).
     #[must_use]
     pub fn renew_age(&self, rack: &str, now: Instant) -> Option<Duration> {
         self.last_renew
             .get(rack)
             .map(|t| now.saturating_duration_since(*t))
+    }
+}
+
+/// Most receipts [`Receipts`] keeps: far more than a log holds received
+/// but not yet applied. Past it the oldest is forgotten, and its renewal
+/// counts from its apply, which only makes a gate later.
+pub const MAX_RECEIPTS: usize = 65_536;
+
+/// When this rack first received each renewal entry now in its log, by
+/// index, with the entry's id `I` (a Raft log id: index and term). The
+/// log store records an entry as it is appended (on the leader: as it is
+/// proposed), the state machine takes the record as it applies the entry
+/// ([`LeaseWatch::renew_applied`]). In memory only: after a restart an
+/// entry counts from its apply, which only makes a gate later.
+#[derive(Debug)]
+pub struct Receipts<I> {
+    by_index: BTreeMap<u64, (I, Instant)>,
+}
+
+impl<I> Default for Receipts<I> {
+    fn default() -> Self {
+        Self {
+            by_index: BTreeMap::new(),
+        }
+    }
+}
+
+impl<I: Copy + Eq> Receipts<I> {
+    /// Entry `id` arrived at `index` at `now`. The same entry received again
+    /// (a leader resending it) keeps its first receipt; another entry at
+    /// that index (the log was truncated and rewritten) replaces it.
+    pub fn received(&mut self, index: u64, id: I, now: Instant) {
+        match self.by_index.get(&index) {
+            Some((known, _)) if *known == id => {}
+            _ => {
+                self.by_index.insert(index, (id, now));
+            }
+        }
+        while self.by_index.len() > MAX_RECEIPTS {
+            self.by_index.pop_first();
+        }
+    }
+
+    /// The log lost its entries from `index` on.
+    pub fn truncated(&mut self, index: u64) {
+        self.by_index.split_off(&index);
+    }
+
+    /// Entry `id` at `index` is applied: when it was received, if recorded
+    /// for that very entry. Forgets every receipt up to `index`.
+    pub fn applied(&mut self, index: u64, id: I) -> Option<Instant> {
+        let later = self.by_index.split_off(&(index + 1));
+        let upto = std::mem::replace(&mut self.by_index, later);
+        upto.get(&index)
+            .filter(|(known, _)| *known == id)
+            .map(|(_, at)| *at)
+    }
+
+    /// How many receipts are kept.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.by_index.len()
+    }
+
+    /// Whether none is kept.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.by_index.is_empty()
     }
 }
 
@@ -505,6 +582,82 @@ mod tests {
             t0 + Duration::from_secs(1) + c.lease - c.fence_before
         );
         assert!(c.fencing_ends(deadline) + c.gate_margin() <= w.gate("app", 2));
+    }
+
+    #[test]
+    fn a_receipt_is_the_first_of_that_very_entry() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut r = Receipts::default();
+        r.received(5, (1, 5), at(0));
+        r.received(6, (1, 6), at(10));
+        // The leader sends entry 5 again: its first receipt stands.
+        r.received(5, (1, 5), at(20));
+        // Entry 6 of term 1 is truncated away, term 2 writes another.
+        r.truncated(6);
+        assert_eq!(r.len(), 1);
+        r.received(6, (2, 6), at(30));
+        r.received(7, (2, 7), at(40));
+        assert_eq!(r.applied(5, (1, 5)), Some(at(0)));
+        // Applying a different entry than the one received finds nothing.
+        assert_eq!(r.applied(6, (1, 6)), None);
+        assert_eq!(r.len(), 1, "everything up to an applied index is forgotten");
+        assert_eq!(r.applied(7, (2, 7)), Some(at(40)));
+        assert!(r.is_empty());
+        // Entries applied after a restart were never received here.
+        assert_eq!(r.applied(8, (2, 8)), None);
+    }
+
+    #[test]
+    fn receipts_are_bounded_and_forget_the_oldest() {
+        let t0 = Instant::now();
+        let mut r = Receipts::default();
+        for i in 0..(MAX_RECEIPTS as u64 + 10) {
+            r.received(i, i, t0);
+        }
+        assert_eq!(r.len(), MAX_RECEIPTS);
+        assert_eq!(r.applied(3, 3), None, "forgotten: counts from its apply");
+        assert_eq!(r.applied(20, 20), Some(t0));
+    }
+
+    #[test]
+    fn the_latest_renewal_counts_and_never_moves_earlier() {
+        let c = cfg();
+        let t0 = Instant::now();
+        let mut w = LeaseWatch::new(c, t0);
+        w.renew_applied("old", t0 + Duration::from_secs(5));
+        // An entry later in the log, seen earlier (its receipt was kept,
+        // the one before it was forgotten): the later instant stands.
+        w.renew_applied("old", t0 + Duration::from_secs(4));
+        w.assignment_applied("app", 2, Some("old"));
+        assert_eq!(
+            w.gate("app", 2),
+            t0 + Duration::from_secs(5) + c.lease + c.drift_margin
+        );
+    }
+
+    /// The leader dies: its followers received the old owner's last
+    /// renewal at once but apply it only after the election. The gate
+    /// counts from the receipt, an election earlier, and still after
+    /// the old owner's copy is dead, whatever the delays.
+    #[test]
+    fn a_gate_from_a_receipt_is_still_after_the_old_owner_is_dead() {
+        let c = cfg();
+        let t0 = Instant::now();
+        for (receipt_ms, apply_ms) in [(0u64, 0u64), (1, 6000), (40, 9000), (2000, 2500)] {
+            let mut l = Lease::default();
+            let mut w = LeaseWatch::new(c, t0);
+            let sent = t0 + Duration::from_secs(1);
+            l.granted(sent, vec![("app".into(), 1)]);
+            let seen = (sent + Duration::from_millis(receipt_ms))
+                .min(sent + Duration::from_millis(apply_ms));
+            w.renew_applied("old", seen);
+            w.assignment_applied("app", 2, Some("old"));
+            let gate = w.gate("app", 2);
+            assert_eq!(gate, seen + c.lease + c.drift_margin);
+            let deadline = l.deadline("app", 1, &c).expect("listed");
+            assert!(c.fencing_ends(deadline) + c.gate_margin() <= gate);
+        }
     }
 
     #[test]

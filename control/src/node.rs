@@ -260,7 +260,7 @@ impl Control {
         let now = Instant::now();
         let (state_tx, _) = watch::channel(Arc::new(FieldState::default()));
         let leases = Arc::new(Mutex::new(LeaseWatch::new(settings.lease, now)));
-        let (sm, applies) = StateMachine::open(&db, leases, state_tx.clone())?;
+        let (sm, applies) = StateMachine::open(&db, leases, log.receipts(), state_tx.clone())?;
         // openraft's heartbeat_interval is the timeout of every append:
         // the Raft call timeout. Its own heartbeats and elections are off
         // (see crate::election); its election timeouts only set the leader
@@ -1020,8 +1020,12 @@ impl Control {
         crate::store::leave_incarnation(&self.db).map_err(|e| ControlError::Store(e.into()))?;
         let instance = self.net.leave_cluster();
         let log = LogStore::new(&self.db).map_err(|e| ControlError::Store(e.into()))?;
-        let (sm, _) =
-            StateMachine::open(&self.db, self.applies.leases.clone(), self.state_tx.clone())?;
+        let (sm, _) = StateMachine::open(
+            &self.db,
+            self.applies.leases.clone(),
+            log.receipts(),
+            self.state_tx.clone(),
+        )?;
         let raft = Raft::new(
             self.id,
             self.config.clone(),

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::field::{Command, FieldState, Response};
-use crate::lease::LeaseWatch;
+use crate::lease::{LeaseWatch, Receipts};
 use crate::{NodeId, RackNode, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -307,7 +307,13 @@ pub fn store_cluster(db: &sled::Db, id: u64) -> Result<(), OpenError> {
 pub struct LogStore {
     log: sled::Tree,
     meta: sled::Tree,
+    receipts: SharedReceipts,
 }
+
+/// When this rack first received each renewal now in its log, shared by
+/// the log store that records and the state machine that takes them
+/// ([`crate::lease::Receipts`]).
+pub type SharedReceipts = Arc<Mutex<Receipts<LogId<NodeId>>>>;
 
 impl LogStore {
     /// On `db`.
@@ -319,7 +325,15 @@ impl LogStore {
         Ok(Self {
             log: db.open_tree(tree_name(TREES[0], n))?,
             meta: db.open_tree(tree_name(TREES[1], n))?,
+            receipts: SharedReceipts::default(),
         })
+    }
+
+    /// When this store received the renewals in its log: hand it to the
+    /// state machine ([`StateMachine::open`]).
+    #[must_use]
+    pub fn receipts(&self) -> SharedReceipts {
+        self.receipts.clone()
     }
 
     async fn flush(&self) -> StorageResult<()> {
@@ -401,8 +415,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let now = Instant::now();
         let mut batch = sled::Batch::default();
         for e in entries {
+            if is_renewal(&e) {
+                self.receipts.lock().expect("receipts lock").received(
+                    e.log_id.index,
+                    e.log_id,
+                    now,
+                );
+            }
             batch.insert(&e.log_id.index.to_be_bytes(), encode(&e)?);
         }
         self.log.apply_batch(batch).map_err(io_err)?;
@@ -412,6 +434,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.receipts
+            .lock()
+            .expect("receipts lock")
+            .truncated(log_id.index);
         let keys: Vec<_> = self
             .log
             .range(log_id.index.to_be_bytes()..)
@@ -438,6 +464,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         Ok(())
     }
+}
+
+/// Whether `e` renews a rack's lease.
+fn is_renewal(e: &Entry<TypeConfig>) -> bool {
+    matches!(&e.payload, EntryPayload::Normal(Command::Renew { .. }))
 }
 
 /// A log entry's id, read without decoding its payload.
@@ -476,6 +507,7 @@ pub struct StateMachine {
     applied: Applied,
     tx: watch::Sender<Arc<FieldState>>,
     leases: Arc<Mutex<LeaseWatch>>,
+    receipts: SharedReceipts,
     snapshot_seq: u64,
     /// When the applied state was last written (none: not since open).
     persisted_at: Option<Instant>,
@@ -500,10 +532,13 @@ impl StateMachine {
     /// [`OpenError`] if sled cannot be read or the applied state is corrupt
     /// (it is then not applied: the node does not start).
     /// `tx` publishes every applied state (it gets the resumed one at
-    /// once); `leases` learns from the apply order.
+    /// once); `leases` learns from the apply order, counting each renewal
+    /// from when the log store took it in (`receipts`, from
+    /// [`LogStore::receipts`]).
     pub fn open(
         db: &sled::Db,
         leases: Arc<Mutex<LeaseWatch>>,
+        receipts: SharedReceipts,
         tx: watch::Sender<Arc<FieldState>>,
     ) -> Result<(Self, Applies), OpenError> {
         let n = incarnation(db)?;
@@ -517,6 +552,7 @@ impl StateMachine {
                 applied,
                 tx,
                 leases: leases.clone(),
+                receipts,
                 snapshot_seq: 0,
                 persisted_at: None,
             },
@@ -541,7 +577,9 @@ impl StateMachine {
                 .is_none_or(|t| now.saturating_duration_since(t) >= PERSIST_RENEWALS_EVERY)
     }
 
-    fn apply_one(&mut self, cmd: &Command, now: Instant) -> Response {
+    /// Applies `cmd`, which this rack saw at `seen`: its first receipt if
+    /// it is a renewal received since start, else now.
+    fn apply_one(&mut self, cmd: &Command, seen: Instant) -> Response {
         let before = match cmd {
             Command::Assign { name, .. } => {
                 self.applied.state.apps.get(name).map(|a| a.owner.clone())
@@ -559,7 +597,7 @@ impl StateMachine {
         let r = self.applied.state.apply(cmd);
         let mut leases = self.leases.lock().expect("lease watch lock");
         match (cmd, &r) {
-            (Command::Renew { rack, .. }, _) => leases.renew_applied(rack, now),
+            (Command::Renew { rack, .. }, _) => leases.renew_applied(rack, seen),
             (Command::Assign { name, .. }, Response::Ok) => {
                 let epoch = self.applied.state.apps[name].epoch;
                 leases.assignment_applied(name, epoch, before.flatten().as_deref());
@@ -567,7 +605,7 @@ impl StateMachine {
             (Command::Adopt { .. }, Response::Ok) => {
                 for name in adopted {
                     let epoch = self.applied.state.apps[&name].epoch;
-                    leases.adopted(&name, epoch, now);
+                    leases.adopted(&name, epoch, seen);
                 }
             }
             _ => {}
@@ -626,10 +664,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut only_renewals = true;
         for e in entries {
             self.applied.last_applied = Some(e.log_id);
-            only_renewals &= matches!(&e.payload, EntryPayload::Normal(Command::Renew { .. }));
+            let received = self
+                .receipts
+                .lock()
+                .expect("receipts lock")
+                .applied(e.log_id.index, e.log_id);
+            only_renewals &= is_renewal(&e);
+            let seen = received.map_or(now, |r| r.min(now));
             out.push(match e.payload {
                 EntryPayload::Blank => Response::Ok,
-                EntryPayload::Normal(cmd) => self.apply_one(&cmd, now),
+                EntryPayload::Normal(cmd) => self.apply_one(&cmd, seen),
                 EntryPayload::Membership(m) => {
                     self.applied.membership = StoredMembership::new(Some(e.log_id), m);
                     Response::Ok

@@ -29,16 +29,7 @@ pub fn recorder_script() -> PathBuf {
 /// record is also logged to `witness`.
 #[must_use]
 pub fn recorder_manifest(name: &str, tier: u8, witness: &Path) -> String {
-    Recorder {
-        name,
-        tier,
-        witness,
-        stop_grace_ms: Some(1000),
-        ignore_term: false,
-        size: "64M",
-        prefer: None,
-    }
-    .manifest()
+    Recorder::new(name, tier, witness).manifest()
 }
 
 /// A recorder appliance's manifest, with its knobs.
@@ -60,7 +51,22 @@ pub struct Recorder<'a> {
     pub prefer: Option<&'a str>,
 }
 
-impl Recorder<'_> {
+impl<'a> Recorder<'a> {
+    /// The usual recorder: stops within a second of SIGTERM, a 64 MiB
+    /// volume, placed anywhere.
+    #[must_use]
+    pub fn new(name: &'a str, tier: u8, witness: &'a Path) -> Recorder<'a> {
+        Recorder {
+            name,
+            tier,
+            witness,
+            stop_grace_ms: Some(1000),
+            ignore_term: false,
+            size: "64M",
+            prefer: None,
+        }
+    }
+
     /// The `[[appliance]]` table.
     #[must_use]
     pub fn manifest(&self) -> String {

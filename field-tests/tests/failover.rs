@@ -1,8 +1,9 @@
 //! Appliance failover on real `fieldrack` agents, one network namespace per
 //! rack (3 racks, mDNS, the default non-`--local` config with volumes
 //! snapshotted every second): a tier-0 recorder appliance (see
-//! `field_tests::appliance`) is deployed, then its owner is killed, cut off
-//! from the majority, or loses one link. The fencing tests run many
+//! `field_tests::appliance`) is deployed, then its owner is killed (also
+//! while it leads the control plane), cut off from the majority, or loses
+//! one link. The fencing tests run many
 //! appliances on rack a (eight recorders that ignore SIGTERM, two QEMU VMs,
 //! or a recorder next to an appliance being handed over through a 1 MB/s
 //! link) and cut a off: every one must be dead before a's lease ends (the
@@ -33,7 +34,7 @@
 //! created. `FIELDTESTS_KEEP=1` keeps configs, logs and the witness; a
 //! failing test keeps them anyway and prints the logs' tails.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -161,13 +162,36 @@ impl Scene {
     /// runs and a replica holds a few generations. Returns its owner and
     /// epoch.
     fn deploy(&self) -> Result<(String, u64)> {
+        self.deploy_preferring(None)
+    }
+
+    /// The leader of the control plane, as every rack sees it.
+    fn leader(&self) -> Result<String> {
+        let mut seen = BTreeSet::new();
+        for rack in RACKS {
+            let s = self.status(rack)?;
+            seen.insert(s.control.as_ref().and_then(|c| c.leader.clone()));
+        }
+        match Vec::from_iter(seen).as_slice() {
+            [Some(leader)] => Ok(leader.clone()),
+            other => Err(anyhow!("the racks see leaders {other:?}")),
+        }
+    }
+
+    /// [`Scene::deploy`], with placement preferring `prefer`.
+    fn deploy_preferring(&self, prefer: Option<&str>) -> Result<(String, u64)> {
         let took = self.control_of_all(CONTROL_TIMEOUT)?;
         println!(
             "control plane of 3 voters after {:.1} s",
             took.as_secs_f64()
         );
         let manifest = self.fleet.dir().join(format!("{APP}.toml"));
-        std::fs::write(&manifest, recorder_manifest(APP, 0, &self.witness))?;
+        let text = Recorder {
+            prefer,
+            ..Recorder::new(APP, 0, &self.witness)
+        }
+        .manifest();
+        std::fs::write(&manifest, text)?;
         let manifest = manifest.to_str().context("temp path is UTF-8")?;
         wait_until(Duration::from_secs(30), "app deploy accepted", || {
             self.fleet
@@ -645,19 +669,42 @@ fn others<'a>(rack: &str) -> Vec<&'a str> {
 fn kill_owner() -> Result<()> {
     scenario(|scene| {
         let (owner, e0) = scene.deploy()?;
-        let survivors = others(&owner);
-        scene.agent(&owner)?.kill()?;
-        println!("SIGKILL of {owner}'s agent");
-        let (new, e1, took) = scene.failover(&survivors, e0)?;
-        println!(
-            "SIGKILL of {owner} -> {APP} running on {new} at epoch {e1}: {:.1} s",
-            took.as_secs_f64()
-        );
-        // Let the new copy write, then check it.
-        std::thread::sleep(Duration::from_secs(2));
-        scene.check_moved(&owner, e0, &new, e1)?;
-        Ok(())
+        kill_and_fail_over(scene, &owner, e0, "")
     })
+}
+
+/// The slowest failover: the killed rack ran the appliance and led the
+/// control plane, so the survivors elect a leader before anything moves.
+#[test]
+fn kill_owner_that_leads() -> Result<()> {
+    scenario(|scene| {
+        scene.control_of_all(CONTROL_TIMEOUT)?;
+        let leader = scene.leader()?;
+        let (owner, e0) = scene.deploy_preferring(Some(&leader))?;
+        ensure!(
+            owner == leader && scene.leader()? == leader,
+            "{APP} runs on {owner}, the leader is {leader}: not the case this test is for"
+        );
+        kill_and_fail_over(scene, &owner, e0, " (owner and leader)")
+    })
+}
+
+/// SIGKILLs `owner`'s agent (running the recorder at epoch `e0`), waits
+/// for a survivor to run it, prints how long that took and checks the
+/// history.
+fn kill_and_fail_over(scene: &mut Scene, owner: &str, e0: u64, what: &str) -> Result<()> {
+    let survivors = others(owner);
+    scene.agent(owner)?.kill()?;
+    println!("SIGKILL of {owner}'s agent{what}");
+    let (new, e1, took) = scene.failover(&survivors, e0)?;
+    println!(
+        "SIGKILL of {owner}{what} -> {APP} running on {new} at epoch {e1}: {:.1} s",
+        took.as_secs_f64()
+    );
+    // Let the new copy write, then check it.
+    std::thread::sleep(Duration::from_secs(2));
+    scene.check_moved(owner, e0, &new, e1)?;
+    Ok(())
 }
 
 #[test]

@@ -23,10 +23,25 @@ use super::*;
 use crate::field::{RackReport, Transfer};
 use crate::lease::LeaseConfig;
 
-/// A state machine on `db` with its own publication channel.
+/// A state machine on `db` with its own publication channel, and no log
+/// store telling it when renewals were received.
 fn open_sm(db: &sled::Db, leases: LeaseWatch) -> Result<(StateMachine, Applies), OpenError> {
+    open_sm_for(db, leases, &SharedReceipts::default())
+}
+
+/// A state machine on `db` that learns from `receipts` (a log store's).
+fn open_sm_for(
+    db: &sled::Db,
+    leases: LeaseWatch,
+    receipts: &SharedReceipts,
+) -> Result<(StateMachine, Applies), OpenError> {
     let (tx, _) = tokio::sync::watch::channel(std::sync::Arc::new(crate::FieldState::default()));
-    StateMachine::open(db, std::sync::Arc::new(std::sync::Mutex::new(leases)), tx)
+    StateMachine::open(
+        db,
+        std::sync::Arc::new(std::sync::Mutex::new(leases)),
+        receipts.clone(),
+        tx,
+    )
 }
 
 fn cfg() -> LeaseConfig {
@@ -120,7 +135,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Builder {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = open_db(dir.path()).map_err(io_err)?;
         let log = LogStore::new(&db).map_err(io_err)?;
-        let (sm, _) = open_sm(&db, LeaseWatch::new(cfg(), Instant::now())).map_err(io_err)?;
+        let (sm, _) = open_sm_for(&db, LeaseWatch::new(cfg(), Instant::now()), &log.receipts())
+            .map_err(io_err)?;
         Ok((dir, log, sm))
     }
 }
@@ -265,6 +281,53 @@ async fn the_lease_watch_learns_renewals_and_assignments_in_apply_order() {
     );
 }
 
+/// A follower whose leader died applies the leader's last entries only
+/// after an election: the old owner's renewal among them counts from
+/// when the follower received it, not from the apply.
+#[tokio::test]
+async fn a_renewal_counts_from_its_receipt_into_the_log() {
+    use openraft::storage::RaftLogStorageExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let c = cfg();
+    let t0 = Instant::now();
+    let mut log = LogStore::new(&db).unwrap();
+    let (mut sm, applies) = open_sm_for(&db, LeaseWatch::new(c, t0), &log.receipts()).unwrap();
+    let first = [
+        normal(1, 1, deploy_cmd(&["db"])),
+        normal(1, 2, assign_cmd("db", "a", 0)),
+    ];
+    log.blocking_append(first.clone()).await.unwrap();
+    sm.apply(first).await.unwrap();
+    // a's renewal arrives; a stale entry 4 arrives too, and is truncated
+    // and replaced by the next leader's.
+    let before_receipt = Instant::now();
+    log.blocking_append([normal(1, 3, renew_cmd("a")), normal(1, 4, renew_cmd("a"))])
+        .await
+        .unwrap();
+    let after_receipt = Instant::now();
+    log.truncate(log_id(1, 1, 4)).await.unwrap();
+    // The election.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let next = [normal(2, 4, assign_cmd("db", "b", 1))];
+    log.blocking_append(next.clone()).await.unwrap();
+    let before_apply = Instant::now();
+    sm.apply([normal(1, 3, renew_cmd("a"))]).await.unwrap();
+    sm.apply(next).await.unwrap();
+    let w = applies.leases.lock().unwrap();
+    let gate = w.gate("db", 2);
+    assert!(gate >= before_receipt + c.lease + c.drift_margin);
+    assert!(
+        gate <= after_receipt + c.lease + c.drift_margin,
+        "the gate counts from the apply, {:?} after the receipt",
+        before_apply - after_receipt
+    );
+    assert!(
+        log.receipts().lock().unwrap().is_empty(),
+        "applied receipts are forgotten"
+    );
+}
+
 /// A network for a cluster of one: never used.
 #[derive(Clone)]
 struct NoNet;
@@ -311,7 +374,8 @@ impl RaftNetwork<TypeConfig> for NoNet {
 
 async fn single_node(db: &sled::Db) -> (Raft<TypeConfig>, Applies) {
     let log = LogStore::new(db).unwrap();
-    let (sm, applies) = open_sm(db, LeaseWatch::new(cfg(), Instant::now())).unwrap();
+    let (sm, applies) =
+        open_sm_for(db, LeaseWatch::new(cfg(), Instant::now()), &log.receipts()).unwrap();
     let config = Config {
         heartbeat_interval: 50,
         election_timeout_min: 150,
