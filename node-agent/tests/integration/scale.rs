@@ -8,6 +8,8 @@
 //! while): `cargo test -p node-agent --test integration scale:: -- --ignored --nocapture`.
 //! The agents are the test build's `fieldrack`, or the binary
 //! `FIELDRACK_AGENT_BIN` names (a release build: what a rack runs).
+//! The voter killed is the first other than r01, or with
+//! `SCALE_KILL_LEADER=1` the leader (unless r01 leads).
 //! It prints each figure against its target with PASS / FAIL and fails
 //! only when something does not happen at all.
 
@@ -208,9 +210,14 @@ async fn thirty_two_racks_converge_keep_seven_voters_and_fail_over() {
         "[[appliance]]\nname = \"clinic\"\ndriver = \"process\"\ncommand = [\"sleep\", \"3600\"]\ntier = 0\nmemory_mb = 64\n",
     )
     .unwrap();
+    // r01 answers the benchmark's commands, so it is never the victim.
+    // `SCALE_KILL_LEADER=1`: the leader, the slowest case (an election
+    // comes first), unless r01 leads.
+    let wants_leader = std::env::var_os("SCALE_KILL_LEADER").is_some_and(|v| v == "1");
     let victim = voters
         .iter()
-        .find(|v| **v != names[0])
+        .find(|v| wants_leader && leader.as_deref() == Some(v.as_str()) && **v != names[0])
+        .or_else(|| voters.iter().find(|v| **v != names[0]))
         .expect("a voter other than r01")
         .clone();
     // A loaded field answers slowly: a command may time out and is retried.
