@@ -11,8 +11,12 @@
 //! - **Quota.** Bytes per UTC day. A fetch may *start* only while its class
 //!   is under its share of the quota (all of it for interactive,
 //!   [`SEEDING_QUOTA_SHARE`] for seeding, [`SYNC_QUOTA_SHARE`] for sync, so
-//!   background work can never eat the last of the day's bytes); a download
-//!   that started within quota finishes. The day rolls over at 00:00 UTC.
+//!   background work can never eat the last of the day's bytes). A response
+//!   that declares its length is *reserved* before its body is fetched
+//!   ([`BudgetCore::reserve`]): refused if the bytes used, those declared
+//!   by responses still arriving and its own would take the class past its
+//!   share. A response of unknown length that started within quota
+//!   finishes. The day rolls over at 00:00 UTC.
 //!
 //! - **The field's budget.** `field_daily_quota_bytes` and
 //!   `field_bytes_per_sec` hold for the field's uplinks as a whole. The
@@ -96,6 +100,16 @@ pub const MAX_WAIT_SLICE: Duration = Duration::from_millis(100);
 #[error("daily backhaul quota used up for {0:?} traffic")]
 pub struct QuotaExhausted(pub Class);
 
+/// A response declares more bytes than are left of its class's share of
+/// today's quota ([`BudgetCore::reserve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a response of {declared} bytes does not fit in the {left} bytes left of today's backhaul quota for {class:?} traffic")]
+pub struct TooLarge {
+    pub class: Class,
+    pub declared: u64,
+    pub left: u64,
+}
+
 /// Budget figures for status and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct BudgetStats {
@@ -167,6 +181,9 @@ pub struct BudgetCore {
     down_since: Option<u64>,
     /// A fetch was refused for want of a grant since the last ask.
     starved: bool,
+    /// Bytes that responses under way declared and have not delivered
+    /// yet ([`BudgetCore::reserve`]); they count against the quotas.
+    reserved: u64,
 }
 
 /// What this rack's uplink used of the field's quota and asks for more
@@ -227,6 +244,7 @@ impl BudgetCore {
             used_at_ask: 0,
             down_since: None,
             starved: false,
+            reserved: 0,
         };
         c.set_rate();
         c.tokens = c.burst;
@@ -359,7 +377,7 @@ impl BudgetCore {
             return true;
         }
         let allowed = (self.field_quota as f64 * class.quota_share()) as u64;
-        if self.used_today + self.others_used >= allowed {
+        if self.used_today + self.others_used + self.reserved >= allowed {
             return false;
         }
         matches!(self.field_grant, Some((d, g)) if d == self.day && self.used_today < g)
@@ -396,10 +414,58 @@ impl BudgetCore {
             return Ok(());
         }
         let allowed = (self.quota as f64 * class.quota_share()) as u64;
-        if self.used_today >= allowed {
+        if self.used_today + self.reserved >= allowed {
             return Err(QuotaExhausted(class));
         }
         Ok(())
+    }
+
+    /// What is left of `class`'s share today, after the bytes used and
+    /// those reserved: of the rack's quota and of the field's as the
+    /// reports tell it, whichever is less; `None` without a quota.
+    #[must_use]
+    pub fn left_for(&mut self, class: Class, unix_secs: u64) -> Option<u64> {
+        self.roll(unix_secs);
+        let share = |quota: u64| (quota as f64 * class.quota_share()) as u64;
+        let rack = (self.quota > 0)
+            .then(|| share(self.quota).saturating_sub(self.used_today + self.reserved));
+        let field = (self.field_quota > 0).then(|| {
+            share(self.field_quota)
+                .saturating_sub(self.used_today + self.others_used + self.reserved)
+        });
+        match (rack, field) {
+            (Some(r), Some(f)) => Some(r.min(f)),
+            (r, f) => r.or(f),
+        }
+    }
+
+    /// Reserves `declared` bytes for a response of `class` whose body is
+    /// about to be fetched: refused, with what is left, if they do not
+    /// fit in [`BudgetCore::left_for`]. The bytes count against the quotas
+    /// until they arrive ([`BudgetCore::release`] as they are charged) or
+    /// the fetch ends. The field's grants are not asked for them: a grant
+    /// covers seconds of the uplink, and a large response is charged to
+    /// the next grants as it arrives.
+    ///
+    /// # Errors
+    /// [`TooLarge`] when they do not fit.
+    pub fn reserve(&mut self, class: Class, declared: u64, unix_secs: u64) -> Result<(), TooLarge> {
+        if let Some(left) = self.left_for(class, unix_secs) {
+            if declared > left {
+                return Err(TooLarge {
+                    class,
+                    declared,
+                    left,
+                });
+            }
+        }
+        self.reserved += declared;
+        Ok(())
+    }
+
+    /// `n` reserved bytes arrived (and were charged) or will not come.
+    pub fn release(&mut self, n: u64) {
+        self.reserved = self.reserved.saturating_sub(n);
     }
 
     /// Tries to take `n` bytes for `class`. `Ok(())` when taken (the bytes
@@ -539,6 +605,23 @@ impl Budget {
         self.core.lock().expect("lock").may_start(class, now)
     }
 
+    /// See [`BudgetCore::reserve`]: the reservation lasts as long as the
+    /// returned [`Reservation`], which releases what did not arrive.
+    ///
+    /// # Errors
+    /// [`TooLarge`] when the bytes do not fit.
+    pub fn reserve(&self, class: Class, declared: u64) -> Result<Reservation, TooLarge> {
+        let now = (self.clock)();
+        self.core
+            .lock()
+            .expect("lock")
+            .reserve(class, declared, now)?;
+        Ok(Reservation {
+            core: self.core.clone(),
+            left: declared,
+        })
+    }
+
     /// Charges `n` bytes to `class`, waiting for the rate cap. Cancel-safe
     /// (a cancelled wait charges nothing).
     pub async fn consume(&self, class: Class, n: u64) {
@@ -573,6 +656,36 @@ impl Budget {
     pub fn stats(&self) -> BudgetStats {
         let now = (self.clock)();
         self.core.lock().expect("lock").stats(now)
+    }
+}
+
+/// Bytes a response under way declared and has not delivered yet
+/// ([`Budget::reserve`]); dropping it releases the rest.
+#[derive(Debug)]
+pub struct Reservation {
+    core: Arc<Mutex<BudgetCore>>,
+    left: u64,
+}
+
+impl Reservation {
+    /// `n` bytes of the response arrived (charge them with
+    /// [`Budget::consume`]): that much is no longer reserved.
+    pub fn arrived(&mut self, n: u64) {
+        let n = n.min(self.left);
+        if n > 0 {
+            self.left -= n;
+            self.core.lock().expect("lock").release(n);
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.left > 0 {
+            if let Ok(mut c) = self.core.lock() {
+                c.release(self.left);
+            }
+        }
     }
 }
 
@@ -656,6 +769,70 @@ mod tests {
         assert!(c.may_start(Class::Sync, t + 86_400).is_ok());
         assert_eq!(c.stats(t + 86_400).left_today_bytes, Some(1000));
         assert_eq!(BudgetCore::new(0, 0).stats(t).left_today_bytes, None);
+    }
+
+    #[test]
+    fn a_declared_length_is_reserved_against_the_quota_and_released() {
+        let t = 1_700_000_000;
+        let now = Instant::now();
+        let mut c = BudgetCore::new(0, 1000);
+        c.try_take(Class::Interactive, 300, now, t).unwrap();
+        assert_eq!(c.left_for(Class::Interactive, t), Some(700));
+        // Seeding may use 80 %: 500 left of its share.
+        assert_eq!(c.left_for(Class::Seeding, t), Some(500));
+        let e = c.reserve(Class::Seeding, 501, t).unwrap_err();
+        assert_eq!((e.declared, e.left), (501, 500));
+        c.reserve(Class::Interactive, 600, t).unwrap();
+        // Two responses under way cannot both take the last bytes.
+        assert_eq!(c.left_for(Class::Interactive, t), Some(100));
+        assert!(c.reserve(Class::Interactive, 101, t).is_err());
+        assert!(
+            c.may_start(Class::Seeding, t).is_err(),
+            "900 of 1000 spoken for"
+        );
+        // 400 arrive (charged, released); the rest is cut short.
+        c.try_take(Class::Interactive, 400, now, t).unwrap();
+        c.release(400);
+        assert_eq!(c.left_for(Class::Interactive, t), Some(100));
+        c.release(200);
+        assert_eq!(c.left_for(Class::Interactive, t), Some(300));
+        assert!(c.may_start(Class::Seeding, t).is_ok());
+        // Without a quota anything fits, and nothing is left to say.
+        let mut free = BudgetCore::new(0, 0);
+        assert_eq!(free.left_for(Class::Interactive, t), None);
+        free.reserve(Class::Sync, u64::MAX / 2, t).unwrap();
+    }
+
+    #[test]
+    fn the_field_quota_bounds_a_reservation_but_not_the_grant() {
+        let t = 1_700_000_000;
+        let day = t / 86_400;
+        let mut c = BudgetCore::with_field(0, 0, 0, 1000);
+        c.set_field_grant(day, Some(100));
+        c.note_peers(&[peer(day, 600, true)], t);
+        assert_eq!(c.left_for(Class::Interactive, t), Some(400));
+        // Larger than the grant, within the field's quota.
+        c.reserve(Class::Interactive, 300, t).unwrap();
+        assert!(c.reserve(Class::Interactive, 101, t).is_err());
+        // A rack quota tighter than the field's wins.
+        let mut both = BudgetCore::with_field(0, 200, 0, 1000);
+        both.set_field_grant(day, Some(1000));
+        assert_eq!(both.left_for(Class::Interactive, t), Some(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reservation_releases_what_did_not_arrive_when_dropped() {
+        let b = Budget::new(0, 1000, clock(1_700_000_000));
+        let mut r = b.reserve(Class::Interactive, 800).unwrap();
+        assert!(b.reserve(Class::Interactive, 300).is_err());
+        b.consume(Class::Interactive, 100).await;
+        r.arrived(100);
+        // 100 used, 700 still reserved.
+        assert!(b.reserve(Class::Interactive, 201).is_err());
+        drop(r);
+        let again = b.reserve(Class::Interactive, 900).unwrap();
+        drop(again);
+        assert_eq!(b.stats().left_today_bytes, Some(900));
     }
 
     fn peer(day: u64, used: u64, in_use: bool) -> PeerUse {

@@ -194,6 +194,14 @@ fn to_stored(m: &ObjectMeta) -> Stored {
     }
 }
 
+/// The 503 for a response whose declared length does not fit in what is
+/// left of the day's backhaul quota.
+fn too_large_message(declared: u64, left: u64) -> String {
+    format!(
+        "503 Service Unavailable: this response is {declared} bytes, more than the {left} bytes left of today's satellite backhaul quota; it was not fetched."
+    )
+}
+
 fn hv(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
@@ -597,6 +605,11 @@ impl Engine {
                         "503 Service Unavailable: today's satellite backhaul quota is used up; only cached content is available.",
                         cs,
                     ),
+                    FailKind::TooLarge { declared, left } => self.error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &too_large_message(declared, left),
+                        cs,
+                    ),
                     FailKind::Refused(r) => crate::server::refused(self, r, &req.target.authority()),
                     FailKind::WrongContent => self.error_response(
                         StatusCode::BAD_GATEWAY,
@@ -961,6 +974,22 @@ impl Engine {
             if declared.is_some_and(|n| n > MAX_OBJECT_BYTES) {
                 storing = false;
             }
+            // What it declared counts against the quota until it arrives;
+            // one that does not fit is not fetched (dropping the body
+            // closes the connection).
+            let mut reservation = match self.budget.reserve(req.class, declared.unwrap_or(0) as u64)
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    Self::inc(&self.counters.too_large_for_quota);
+                    tracing::info!(target = %req.target.authority(), error = %e, "response not fetched");
+                    flight.set_head(Head::Failed(FailKind::TooLarge {
+                        declared: e.declared,
+                        left: e.left,
+                    }));
+                    return;
+                }
+            };
             flight.set_head(Head::Response {
                 status,
                 headers: headers.clone(),
@@ -991,6 +1020,7 @@ impl Engine {
                             continue;
                         };
                         self.budget.consume(req.class, data.len() as u64).await;
+                        reservation.arrived(data.len() as u64);
                         self.counters
                             .upstream_bytes
                             .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -1182,6 +1212,34 @@ impl Engine {
             tokio::spawn(async move { store.remove(k).await });
         }
         let (mut parts, body) = resp.into_parts();
+        // The body of a GET that does not fit in what is left of the quota
+        // is not fetched. Any other method has done its work upstream by
+        // now: its answer is delivered whatever its size.
+        let declared = if method == Method::GET {
+            parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let reservation = match self.budget.reserve(Class::Interactive, declared) {
+            Ok(r) => Arc::new(std::sync::Mutex::new(r)),
+            Err(e) => {
+                Self::inc(&self.counters.too_large_for_quota);
+                tracing::info!(target = %target.authority(), error = %e, "response not fetched");
+                return self.error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &too_large_message(e.declared, e.left),
+                    CacheStatus {
+                        fwd: Some(fwd),
+                        ..Default::default()
+                    },
+                );
+            }
+        };
         http_cache::strip_hop_by_hop(&mut parts.headers);
         if !parts.headers.contains_key(header::AGE) {
             parts
@@ -1201,13 +1259,17 @@ impl Engine {
             .append(header::VIA, hv(&format!("1.1 {}", self.name)));
         let this = self.clone();
         let metered = BodyStream::new(body).then(move |frame| {
-            let this = this.clone();
+            let (this, reservation) = (this.clone(), reservation.clone());
             async move {
                 let frame = frame.map_err(|e| Box::new(e) as BoxError)?;
                 if let Some(d) = frame.data_ref() {
                     this.budget
                         .consume(Class::Interactive, d.len() as u64)
                         .await;
+                    reservation
+                        .lock()
+                        .expect("reservation lock")
+                        .arrived(d.len() as u64);
                     this.counters
                         .upstream_bytes
                         .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);

@@ -82,6 +82,9 @@ pub enum FailKind {
     Upstream,
     /// The daily backhaul quota for this class is used up.
     Quota,
+    /// The response declared more bytes than are left of the class's
+    /// share of today's quota; its body was not fetched.
+    TooLarge { declared: u64, left: u64 },
     /// The upstream answered with something that is not what we asked
     /// for (a tile source returning HTML: a captive portal).
     WrongContent,

@@ -59,6 +59,9 @@ pub struct Counters {
     /// Upstream fetches abandoned because nobody waited for an object that
     /// would not be stored.
     pub abandoned_fetches: AtomicU64,
+    /// Responses not fetched because the length they declared did not fit
+    /// in what was left of the day's backhaul quota.
+    pub too_large_for_quota: AtomicU64,
     /// Responses that were to be stored but were not (too big for the
     /// in-flight byte budget, cut short, or a store error).
     pub not_stored: AtomicU64,
@@ -157,6 +160,8 @@ pub struct Snapshot {
     /// See [`Counters`].
     pub abandoned_fetches: u64,
     /// See [`Counters`].
+    pub too_large_for_quota: u64,
+    /// See [`Counters`].
     pub not_stored: u64,
     /// See [`Counters`].
     pub deadline_stale: u64,
@@ -224,6 +229,7 @@ impl Snapshot {
             over_rack_share: l(&c.over_rack_share),
             idle_closed: l(&c.idle_closed),
             abandoned_fetches: l(&c.abandoned_fetches),
+            too_large_for_quota: l(&c.too_large_for_quota),
             not_stored: l(&c.not_stored),
             deadline_stale: l(&c.deadline_stale),
             deadline_504: l(&c.deadline_504),
@@ -496,6 +502,12 @@ impl Snapshot {
             "counter",
             "Upstream fetches stopped because no client waited for an uncacheable body.",
             self.abandoned_fetches.to_string(),
+        );
+        m(
+            "too_large_for_quota_total",
+            "counter",
+            "Responses not fetched: their declared length did not fit in what was left of the day's backhaul quota.",
+            self.too_large_for_quota.to_string(),
         );
         m(
             "not_stored_total",

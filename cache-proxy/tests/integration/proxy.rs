@@ -882,6 +882,56 @@ async fn stats_and_prometheus() {
     p.stop().await;
 }
 
+/// A response that declares more than is left of the day's quota is not
+/// fetched: the client gets a 503 naming both sizes and the quota is not
+/// spent; one that fits is fetched and charged. A POST has done its work
+/// upstream before its answer comes: that is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_larger_than_the_quota_left_is_not_fetched() {
+    let o = origin().await;
+    let mut c = base_config(&o);
+    c.proxy.backhaul.daily_quota_bytes = 100_000;
+    let p = start(c, Deps::default()).await;
+    let r = get(p.addr, &o.url("/big/500000")).await;
+    assert_eq!(r.status, 503);
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(
+        text.contains("500000 bytes") && text.contains("100000 bytes left"),
+        "{text}"
+    );
+    p.settle().await;
+    assert_eq!(p.handle.status().budget_left_bytes, Some(100_000));
+    let snap = p.handle.snapshot();
+    assert_eq!(snap.too_large_for_quota, 1);
+    let prom = p.handle.prometheus();
+    assert!(
+        prom.contains("fieldrack_cache_too_large_for_quota_total 1"),
+        "{prom}"
+    );
+    // 60 kB fits; then 50 kB no longer does, not even uncached.
+    let r = get(p.addr, &o.url("/big/60000")).await;
+    assert_eq!((r.status.as_u16(), r.body.len()), (200, 60_000));
+    p.settle().await;
+    let left = p.handle.status().budget_left_bytes.expect("a quota");
+    assert!(left <= 40_000, "{left}");
+    let r = get(p.addr, &o.url("/big/50000")).await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    let r = request(
+        p.addr,
+        "GET",
+        &o.url("/big/50000"),
+        &[("cache-control", "no-store")],
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    p.settle().await;
+    assert_eq!(p.handle.status().budget_left_bytes, Some(left));
+    assert_eq!(p.handle.snapshot().too_large_for_quota, 3);
+    let r = request(p.addr, "POST", &o.url("/big/30000"), &[]).await;
+    assert_eq!((r.status.as_u16(), r.body.len()), (200, 30_000));
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_the_cache() {
     let o = origin().await;

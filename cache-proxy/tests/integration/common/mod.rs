@@ -180,6 +180,19 @@ async fn origin_handle(
             tile_body(&path, version),
         );
     }
+    if let Some(n) = path.strip_prefix("/big/") {
+        // N bytes, with their Content-Length.
+        let n: usize = n.parse().unwrap_or(0);
+        return resp(
+            200,
+            &[
+                ("content-type", "application/octet-stream".into()),
+                ("cache-control", "max-age=600".into()),
+                ("date", date),
+            ],
+            Bytes::from(vec![b'x'; n]),
+        );
+    }
     if let Some(rest) = path.strip_prefix("/slow/") {
         // Head after 300 ms, then 5 chunks 100 ms apart.
         let _ = rest;
