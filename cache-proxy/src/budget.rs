@@ -377,7 +377,12 @@ impl BudgetCore {
             return true;
         }
         let allowed = (self.field_quota as f64 * class.quota_share()) as u64;
-        if self.used_today + self.others_used + self.reserved >= allowed {
+        if self
+            .used_today
+            .saturating_add(self.others_used)
+            .saturating_add(self.reserved)
+            >= allowed
+        {
             return false;
         }
         matches!(self.field_grant, Some((d, g)) if d == self.day && self.used_today < g)
@@ -414,7 +419,7 @@ impl BudgetCore {
             return Ok(());
         }
         let allowed = (self.quota as f64 * class.quota_share()) as u64;
-        if self.used_today + self.reserved >= allowed {
+        if self.used_today.saturating_add(self.reserved) >= allowed {
             return Err(QuotaExhausted(class));
         }
         Ok(())
@@ -427,11 +432,10 @@ impl BudgetCore {
     pub fn left_for(&mut self, class: Class, unix_secs: u64) -> Option<u64> {
         self.roll(unix_secs);
         let share = |quota: u64| (quota as f64 * class.quota_share()) as u64;
-        let rack = (self.quota > 0)
-            .then(|| share(self.quota).saturating_sub(self.used_today + self.reserved));
+        let spoken = self.used_today.saturating_add(self.reserved);
+        let rack = (self.quota > 0).then(|| share(self.quota).saturating_sub(spoken));
         let field = (self.field_quota > 0).then(|| {
-            share(self.field_quota)
-                .saturating_sub(self.used_today + self.others_used + self.reserved)
+            share(self.field_quota).saturating_sub(spoken.saturating_add(self.others_used))
         });
         match (rack, field) {
             (Some(r), Some(f)) => Some(r.min(f)),
@@ -459,7 +463,7 @@ impl BudgetCore {
                 });
             }
         }
-        self.reserved += declared;
+        self.reserved = self.reserved.saturating_add(declared);
         Ok(())
     }
 
@@ -797,10 +801,19 @@ mod tests {
         c.release(200);
         assert_eq!(c.left_for(Class::Interactive, t), Some(300));
         assert!(c.may_start(Class::Seeding, t).is_ok());
-        // Without a quota anything fits, and nothing is left to say.
+        // Without a quota anything fits, and nothing is left to say;
+        // lying lengths do not overflow the books.
         let mut free = BudgetCore::new(0, 0);
         assert_eq!(free.left_for(Class::Interactive, t), None);
-        free.reserve(Class::Sync, u64::MAX / 2, t).unwrap();
+        for _ in 0..3 {
+            free.reserve(Class::Sync, u64::MAX, t).unwrap();
+        }
+        assert!(free.may_start(Class::Interactive, t).is_ok());
+        // With one, a lying length is refused.
+        assert_eq!(
+            c.reserve(Class::Interactive, u64::MAX, t).unwrap_err().left,
+            300
+        );
     }
 
     #[test]
