@@ -373,12 +373,20 @@ impl<I: Copy + Eq> Receipts<I> {
 
     /// Entry `id` at `index` is applied: when it was received, if recorded
     /// for that very entry. Forgets every receipt up to `index`.
+    /// Costs the receipts it forgets, not the ones still waiting: a
+    /// follower catching up holds many.
     pub fn applied(&mut self, index: u64, id: I) -> Option<Instant> {
-        let later = self.by_index.split_off(&(index + 1));
-        let upto = std::mem::replace(&mut self.by_index, later);
-        upto.get(&index)
-            .filter(|(known, _)| *known == id)
-            .map(|(_, at)| *at)
+        let mut found = None;
+        while let Some(first) = self.by_index.first_entry() {
+            if *first.key() > index {
+                break;
+            }
+            let (at, (known, received)) = first.remove_entry();
+            if at == index && known == id {
+                found = Some(received);
+            }
+        }
+        found
     }
 
     /// How many receipts are kept.

@@ -436,8 +436,7 @@ pub const TOLERANCE: f64 = 0.10;
 /// Floor of the delay tolerance: a thread waking from `sleep` some
 /// microseconds late, and the spread between two runs of the path's own
 /// latency; only `lan`'s 0.1 ms has a tenth below it.
-pub const DELAY_FLOOR: Duration = Duration::from_micros(DELAY_FLOOR_US);
-const DELAY_FLOOR_US: u64 = 15;
+pub const DELAY_FLOOR: Duration = Duration::from_micros(15);
 
 /// Standard deviations a measured loss ratio may stray from the profile's
 /// when that is wider than [`TOLERANCE`]: 3.3 σ fails a correct emulator
@@ -515,7 +514,7 @@ pub fn path_latency(
         let report = probe(field, from, to, count, per_sec, PROBE_PAYLOAD, drain)?;
         ensure!(
             report.received * 2 > count,
-            "{from} -> {to}: {} of {count} probes crossed a link without loss",
+            "{from} -> {to}: only {} of {count} probes crossed a link without loss",
             report.received
         );
         *slot = report.trimmed_mean_delay().saturating_sub(REFERENCE_DELAY);
