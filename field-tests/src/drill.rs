@@ -617,13 +617,8 @@ pub fn operator_run(words: &[String], duration_s: u64, keep: bool) -> Result<boo
     })?;
     let manifest = rig.fleet.dir().join(format!("{APP}.toml"));
     let recorder = crate::appliance::Recorder {
-        name: APP,
-        tier: 0,
-        witness: &rig.witness,
-        stop_grace_ms: Some(1000),
-        ignore_term: false,
-        size: "64M",
         prefer: Some("b"),
+        ..crate::appliance::Recorder::new(APP, 0, &rig.witness)
     };
     std::fs::write(&manifest, recorder.manifest())?;
     let manifest = manifest.to_str().context("temp path is UTF-8")?;

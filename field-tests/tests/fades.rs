@@ -160,13 +160,8 @@ impl Scene {
         );
         let manifest = self.fleet.dir().join(format!("{APP}.toml"));
         let text = Recorder {
-            name: APP,
-            tier: 0,
-            witness: &self.witness,
-            stop_grace_ms: Some(1000),
-            ignore_term: false,
-            size: "64M",
             prefer: Some(REMOTE),
+            ..Recorder::new(APP, 0, &self.witness)
         }
         .manifest();
         std::fs::write(&manifest, text)?;

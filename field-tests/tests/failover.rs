@@ -362,13 +362,11 @@ fn stubborn(scene: &Scene, names: &[String], prefer: &str) -> String {
         .iter()
         .map(|n| {
             Recorder {
-                name: n,
-                tier: 0,
-                witness: &scene.witness,
                 stop_grace_ms: None,
                 ignore_term: true,
                 size: "4M",
                 prefer: Some(prefer),
+                ..Recorder::new(n, 0, &scene.witness)
             }
             .manifest()
         })

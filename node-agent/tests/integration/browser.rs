@@ -523,13 +523,9 @@ async fn the_map_and_the_console_work_in_a_real_browser() {
     // ---- An appliance: deployed on b, moved to c from the page.
     let witness = f.dir.path().join("witness.log");
     let manifest = Recorder {
-        name: "registry",
-        tier: 0,
-        witness: &witness,
-        stop_grace_ms: Some(1000),
-        ignore_term: false,
         size: "16M",
         prefer: Some("b"),
+        ..Recorder::new("registry", 0, &witness)
     }
     .manifest();
     f.client("a").app_deploy(&manifest).await.unwrap();
